@@ -1,0 +1,1 @@
+//! Split-precision quantized KV cache.

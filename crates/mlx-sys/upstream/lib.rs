@@ -1,0 +1,1 @@
+// Intentionally empty: this manifest only exists to fetch a package.
