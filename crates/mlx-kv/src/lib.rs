@@ -1,1 +1,15 @@
-//! Split-precision quantized KV cache.
+//! Split-precision quantized KV cache: keys and values stored at independent bit widths and
+//! group sizes, and the attention that reads them without dequantizing the whole window.
+
+pub mod attention;
+pub mod backend;
+pub mod cache;
+pub mod error;
+pub mod rotation;
+pub mod spec;
+pub mod store;
+
+pub use backend::Backend;
+pub use cache::{CacheBytes, CacheOptions, KvCache};
+pub use error::{KvError, Result};
+pub use spec::{KeyLayout, KvSpec, LayerOverrides, QuantSpec, Rotation};

@@ -1,0 +1,248 @@
+//! Attention over a cache made of segments (sinks, quantized body, full-precision tail).
+//!
+//! The quantized-versus-dense choice is made here and nowhere else:
+//! - every segment in float → MLX's fused `scaled_dot_product_attention`;
+//! - otherwise scores come from `quantized_matmul` on the packed keys (key bits) and outputs from
+//!   `quantized_matmul` on the packed values (value bits). Nothing is dequantized.
+//!
+//! GQA is folded to 3-D (`[B*Hkv, rep*L, D]`) because MLX 0.32.2's CUDA `quantized_matmul` is
+//! wrong for 4-D/5-D inputs ([`crate::Backend::max_qmm_rank`]). Long prefill chunks walk the
+//! cache in blocks with an online-softmax merge, so peak memory is one block of scores, not
+//! `L × T`.
+
+use crate::error::Result;
+use crate::store::{Packed, TokenAxis};
+use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::ops::{
+    broadcast_to, concatenate, exp, matmul, maximum, quantized_matmul, select, softmax_axis,
+};
+use mlx_rs::{Array, Dtype};
+
+/// Tokens per block when a chunk's scores would be large.
+pub const BLOCK_TOKENS: usize = 2048;
+/// Above this many score elements per KV head, attention goes block by block.
+const SINGLE_PASS_ELEMENTS: usize = 1 << 20;
+/// Masked logits; finite so that an all-masked block cannot produce NaN in the merge.
+const MASKED: f32 = -1e30;
+
+/// One of K or V for a run of tokens.
+pub enum Tensor {
+    /// `[B, Hkv, T, D]`.
+    Float(Array),
+    /// Packed; `Rows` is `[B, Hkv, T, D*b/32]`, `Cols` is `[B, Hkv, D, T*b/32]`.
+    Quant { p: Packed, bits: u8, group: usize, axis: TokenAxis },
+}
+
+/// A run of `len` cached tokens.
+pub struct Segment {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub len: usize,
+}
+
+/// Which keys each query may see.
+pub enum Mask {
+    /// Every key (decode without a window).
+    None,
+    /// Query `i` of `L` sees keys `0..=T-L+i`.
+    Causal,
+    /// Boolean `[L, T]`, true where visible, in segment order.
+    Visible(Array),
+}
+
+fn fold3(x: &Array, b: i32, hkv: i32) -> Result<Array> {
+    let s = x.shape();
+    Ok(x.reshape(&[b * hkv, s[2], s[3]])?)
+}
+
+/// `[B, Hkv, a, c]` packed triplet → 3-D.
+fn fold_packed(p: &Packed, b: i32, hkv: i32) -> Result<Packed> {
+    Ok(Packed {
+        w: fold3(&p.w, b, hkv)?,
+        scales: fold3(&p.scales, b, hkv)?,
+        biases: fold3(&p.biases, b, hkv)?,
+    })
+}
+
+fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
+    let (ai, zi) = (a as i32, z as i32);
+    match t {
+        Tensor::Float(x) => Tensor::Float(x.index((.., .., ai..zi, ..))),
+        Tensor::Quant { p, bits, group, axis } => {
+            let p = match axis {
+                TokenAxis::Rows => Packed {
+                    w: p.w.index((.., .., ai..zi, ..)),
+                    scales: p.scales.index((.., .., ai..zi, ..)),
+                    biases: p.biases.index((.., .., ai..zi, ..)),
+                },
+                TokenAxis::Cols => {
+                    let b = *bits as usize;
+                    let (wa, wz) = ((a * b / 32) as i32, (z * b / 32) as i32);
+                    let (ga, gz) = ((a / group) as i32, (z / group) as i32);
+                    Packed {
+                        w: p.w.index((.., .., .., wa..wz)),
+                        scales: p.scales.index((.., .., .., ga..gz)),
+                        biases: p.biases.index((.., .., .., ga..gz)),
+                    }
+                }
+            };
+            Tensor::Quant { p, bits: *bits, group: *group, axis: *axis }
+        }
+    }
+}
+
+/// Scores `[B*Hkv, rep*L, T]` of folded queries against one run of keys.
+fn scores(q3: &Array, k: &Tensor, b: i32, hkv: i32) -> Result<Array> {
+    Ok(match k {
+        Tensor::Float(k) => matmul(q3, fold3(k, b, hkv)?.swap_axes(1, 2)?)?,
+        Tensor::Quant { p, bits, group, axis } => {
+            let p = fold_packed(p, b, hkv)?;
+            let transpose = *axis == TokenAxis::Rows;
+            quantized_matmul(q3, &p.w, &p.scales, &p.biases, transpose, *group as i32, *bits as i32)?
+        }
+    })
+}
+
+/// `probs [B*Hkv, rep*L, T] @ V` for one run of values.
+fn weighted(p3: &Array, v: &Tensor, b: i32, hkv: i32) -> Result<Array> {
+    Ok(match v {
+        Tensor::Float(v) => matmul(p3, fold3(v, b, hkv)?)?,
+        Tensor::Quant { p, bits, group, .. } => {
+            let p = fold_packed(p, b, hkv)?;
+            quantized_matmul(p3, &p.w, &p.scales, &p.biases, false, *group as i32, *bits as i32)?
+        }
+    })
+}
+
+/// Boolean `[L, T]` for `Mask::Causal`.
+pub fn causal_visible(l: usize, t: usize) -> Result<Array> {
+    let kpos = Array::arange::<_, i32>(None, t as i32, None)?;
+    let qpos = Array::arange::<_, i32>((t - l) as i32, t as i32, None)?;
+    Ok(kpos.expand_dims(0)?.le(qpos.expand_dims(1)?)?)
+}
+
+/// Applies an `[L, T]` visibility mask to scores `[B*Hkv, rep*L, T]`.
+fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
+    let sh = s.shape();
+    let s4 = s.reshape(&[sh[0], rep, l, sh[2]])?;
+    let neg = Array::from_f32(MASKED).as_dtype(s.dtype())?;
+    Ok(select(visible, &s4, &neg)?.reshape(&[sh[0], rep * l, sh[2]])?)
+}
+
+/// Attention of `q` (`[B, Hq, L, D]`) over `segments`; returns `[B, Hq, L, D]`.
+/// `sinks` are optional learned per-head sink logits (`[Hq]`).
+pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    let all_float = segments
+        .iter()
+        .all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_))));
+    if all_float {
+        return dense(q, segments, mask, scale, sinks);
+    }
+    let qs = q.shape();
+    let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let hkv = match &segments[0].k {
+        Tensor::Float(k) => k.shape()[1],
+        Tensor::Quant { p, .. } => p.w.shape()[1],
+    };
+    let rep = hq / hkv;
+    let total: usize = segments.iter().map(|s| s.len).sum();
+    let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[b * hkv, rep * l, d])?;
+    let visible = match mask {
+        Mask::None => None,
+        Mask::Causal => Some(causal_visible(l as usize, total)?),
+        Mask::Visible(m) => Some(m.clone()),
+    };
+    let sink_col = match sinks {
+        Some(s) => {
+            let s = s.as_dtype(q.dtype())?.reshape(&[1, hkv, rep, 1, 1])?;
+            Some(broadcast_to(&s, &[b, hkv, rep, l, 1])?.reshape(&[b * hkv, rep * l, 1])?)
+        }
+        None => None,
+    };
+
+    // Runs of keys/values: whole segments, or blocks of them for long chunks.
+    let per_head = (rep * l) as usize * total;
+    let block = if per_head <= SINGLE_PASS_ELEMENTS { usize::MAX } else { BLOCK_TOKENS };
+    let mut runs = Vec::new();
+    let mut start = 0usize;
+    for seg in segments {
+        let mut a = 0;
+        while a < seg.len {
+            let z = (a + block).min(seg.len);
+            runs.push((slice_tokens(&seg.k, a, z), slice_tokens(&seg.v, a, z), start + a, start + z));
+            a = z;
+        }
+        start += seg.len;
+    }
+    let masked_scores = |k: &Tensor, a: usize, z: usize| -> Result<Array> {
+        let s = scores(&q3, k, b, hkv)?;
+        match &visible {
+            Some(m) => apply_mask(&s, &m.index((.., a as i32..z as i32)), rep, l),
+            None => Ok(s),
+        }
+    };
+
+    let out3 = if block == usize::MAX {
+        // One softmax over all runs: fewest ops, which is what decode needs.
+        let mut cols: Vec<Array> = runs.iter().map(|(k, _, a, z)| masked_scores(k, *a, *z)).collect::<Result<_>>()?;
+        if let Some(c) = &sink_col {
+            cols.push(c.clone());
+        }
+        let p = softmax_axis(concatenate(&cols, 2)?, 2, true)?.as_dtype(q.dtype())?;
+        let mut out: Option<Array> = None;
+        for (_, v, a, z) in &runs {
+            let o = weighted(&p.index((.., .., *a as i32..*z as i32)), v, b, hkv)?;
+            out = Some(match out {
+                Some(acc) => acc + o,
+                None => o,
+            });
+        }
+        out.expect("a cache with tokens has at least one run")
+    } else {
+        // Online softmax: running max m, running denominator den, running numerator acc.
+        let (mut m, mut den) = match &sink_col {
+            Some(c) => (c.as_dtype(Dtype::Float32)?, Array::ones::<f32>(c.shape())?),
+            None => (Array::from_f32(MASKED), Array::from_f32(0.0)),
+        };
+        let mut acc: Option<Array> = None;
+        for (k, v, a, z) in &runs {
+            let s = masked_scores(k, *a, *z)?.as_dtype(Dtype::Float32)?;
+            let m_new = maximum(&m, s.max_axis(2, true)?)?;
+            let p = exp(&(&s - &m_new))?;
+            let alpha = exp(&(&m - &m_new))?;
+            den = &den * &alpha + p.sum_axis(2, true)?;
+            let o = weighted(&p.as_dtype(q.dtype())?, v, b, hkv)?.as_dtype(Dtype::Float32)?;
+            acc = Some(match acc {
+                Some(prev) => prev * &alpha + o,
+                None => o,
+            });
+            m = m_new;
+        }
+        (acc.expect("a cache with tokens has at least one run") / &den).as_dtype(q.dtype())?
+    };
+    Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
+}
+
+/// All-float caches: the fused kernel on the concatenated segments.
+fn dense(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    let pick = |f: fn(&Segment) -> &Tensor| -> Result<Array> {
+        let parts: Vec<&Array> = segments
+            .iter()
+            .map(|s| match f(s) {
+                Tensor::Float(x) => x,
+                Tensor::Quant { .. } => unreachable!("dense() is only called on float segments"),
+            })
+            .collect();
+        Ok(if parts.len() == 1 { parts[0].clone() } else { concatenate(&parts, 2)? })
+    };
+    let k = pick(|s| &s.k)?;
+    let v = pick(|s| &s.v)?;
+    let sinks = sinks.map(|s| s.as_dtype(q.dtype())).transpose()?;
+    let out = match mask {
+        Mask::None => scaled_dot_product_attention(q, &k, &v, scale, None, sinks.as_ref())?,
+        Mask::Causal => scaled_dot_product_attention(q, &k, &v, scale, ScaledDotProductAttentionMask::Causal, sinks.as_ref())?,
+        Mask::Visible(m) => scaled_dot_product_attention(q, &k, &v, scale, ScaledDotProductAttentionMask::Array(m), sinks.as_ref())?,
+    };
+    Ok(out)
+}

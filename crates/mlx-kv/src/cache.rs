@@ -1,0 +1,411 @@
+//! One layer's KV cache: attention sinks, a body (float or split-quantized, optionally a ring
+//! for `--max-kv-size`), and a full-precision tail of the newest tokens.
+//!
+//! Token flow: the first `sinks` tokens stay in float forever; every later token enters the tail;
+//! once the cache holds `quantized_kv_start` tokens, tail tokens older than the newest
+//! `residual` move to the body in whole blocks (one token, or one key group for per-channel
+//! keys). K and V bodies are separate stores with their own bits and group size. With 16/16 the
+//! body is a plain float buffer, so a dense cache is the same type with no quantized store.
+
+use crate::attention::{attend, Mask, Segment, Tensor};
+use crate::error::{KvError, Result};
+use crate::rotation::hadamard;
+use crate::spec::{KeyLayout, KvSpec, QuantSpec, Rotation};
+use crate::store::{FloatStore, QuantStore, TokenAxis};
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+
+/// Resident bytes, split the way users ask about them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheBytes {
+    pub k_packed: usize,
+    pub k_scales: usize,
+    pub v_packed: usize,
+    pub v_scales: usize,
+    /// Float tokens: dense bodies, sinks, residual tail.
+    pub k_float: usize,
+    pub v_float: usize,
+}
+
+impl CacheBytes {
+    pub fn k(&self) -> usize {
+        self.k_packed + self.k_scales + self.k_float
+    }
+    pub fn v(&self) -> usize {
+        self.v_packed + self.v_scales + self.v_float
+    }
+    pub fn total(&self) -> usize {
+        self.k() + self.v()
+    }
+}
+
+impl std::ops::Add for CacheBytes {
+    type Output = CacheBytes;
+    fn add(self, o: CacheBytes) -> CacheBytes {
+        CacheBytes {
+            k_packed: self.k_packed + o.k_packed,
+            k_scales: self.k_scales + o.k_scales,
+            v_packed: self.v_packed + o.v_packed,
+            v_scales: self.v_scales + o.v_scales,
+            k_float: self.k_float + o.k_float,
+            v_float: self.v_float + o.v_float,
+        }
+    }
+}
+
+enum Body {
+    Float(FloatStore),
+    Quant(QuantStore),
+}
+
+impl Body {
+    fn new(q: &QuantSpec, axis: TokenAxis) -> Self {
+        if q.is_quantized() {
+            Body::Quant(QuantStore::new(q.bits, q.group, axis))
+        } else {
+            Body::Float(FloatStore::default())
+        }
+    }
+
+    fn write(&mut self, slot: usize, x: &Array) -> Result<()> {
+        match self {
+            Body::Float(s) => s.write(slot, x),
+            Body::Quant(s) => s.write(slot, x),
+        }
+    }
+
+    fn tensor(&self, slots: usize) -> Option<Tensor> {
+        match self {
+            Body::Float(s) => s.slots(0, slots).map(Tensor::Float),
+            Body::Quant(s) => s.slice(0, slots).map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis }),
+        }
+    }
+
+    /// (packed, scales, float) bytes.
+    fn bytes(&self) -> (usize, usize, usize) {
+        match self {
+            Body::Float(s) => (0, 0, s.resident_bytes()),
+            Body::Quant(s) => {
+                let (p, m) = s.resident_bytes();
+                (p, m, 0)
+            }
+        }
+    }
+}
+
+/// Construction options that are not part of the precision setting.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheOptions {
+    /// Keep at most this many tokens visible (`--max-kv-size`, sliding-window layers).
+    pub max_size: Option<usize>,
+    /// Largest chunk `update` will be given; a ring keeps this much slack so a chunk never
+    /// overwrites keys its own first queries still need.
+    pub max_chunk: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions { max_size: None, max_chunk: 512 }
+    }
+}
+
+pub struct KvCache {
+    spec: KvSpec,
+    opts: CacheOptions,
+    sink_k: FloatStore,
+    sink_v: FloatStore,
+    body_k: Body,
+    body_v: Body,
+    /// Position of the token in each body slot (a ring reuses slots).
+    body_pos: Vec<i32>,
+    /// Next body slot to write (equals the body length without a ring).
+    body_head: usize,
+    tail_k: FloatStore,
+    tail_v: FloatStore,
+    offset: usize,
+    rotation: Option<Array>,
+    head_dim: usize,
+}
+
+impl KvCache {
+    pub fn new(spec: KvSpec, head_dim: usize, opts: CacheOptions) -> Result<Self> {
+        spec.validate(head_dim)?;
+        if let Some(w) = opts.max_size {
+            if w <= spec.sinks {
+                return Err(KvError::InvalidSpec {
+                    flag: "--max-kv-size",
+                    message: format!("max size {w} must exceed the {} sink tokens (--kv-sinks)", spec.sinks),
+                });
+            }
+            let block = spec.block_tokens();
+            if (w - spec.sinks) % block != 0 {
+                return Err(KvError::InvalidSpec {
+                    flag: "--max-kv-size",
+                    message: format!(
+                        "with per-channel keys, max size minus sinks ({}) must be a multiple of the key group {block}",
+                        w - spec.sinks
+                    ),
+                });
+            }
+        }
+        let k_axis = match spec.key_layout {
+            KeyLayout::PerToken => TokenAxis::Rows,
+            KeyLayout::PerChannel => TokenAxis::Cols,
+        };
+        let rotation = match spec.rotation {
+            Rotation::None => None,
+            _ => Some(hadamard(head_dim, Dtype::Float32)?),
+        };
+        Ok(KvCache {
+            body_k: Body::new(&spec.k, k_axis),
+            body_v: Body::new(&spec.v, TokenAxis::Rows),
+            spec,
+            opts,
+            sink_k: FloatStore::default(),
+            sink_v: FloatStore::default(),
+            body_pos: Vec::new(),
+            body_head: 0,
+            tail_k: FloatStore::default(),
+            tail_v: FloatStore::default(),
+            offset: 0,
+            rotation,
+            head_dim,
+        })
+    }
+
+    pub fn spec(&self) -> &KvSpec {
+        &self.spec
+    }
+
+    /// Tokens seen so far; the RoPE offset of the next token.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Tokens held (may be fewer than `offset` with a ring).
+    pub fn len(&self) -> usize {
+        self.sink_k.len() + self.body_pos.len() + self.tail_k.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn ring_slots(&self) -> Option<usize> {
+        self.opts.max_size.map(|w| {
+            let block = self.spec.block_tokens();
+            (w - self.spec.sinks + self.opts.max_chunk).div_ceil(block) * block
+        })
+    }
+
+    fn rotate(&self, x: &Array) -> Result<Array> {
+        match &self.rotation {
+            Some(h) => Ok(mlx_rs::ops::matmul(x, h.as_dtype(x.dtype())?)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Appends `k`, `v` (`[B, Hkv, L, D]`, RoPE already applied).
+    pub fn update(&mut self, k: &Array, v: &Array) -> Result<()> {
+        let l = k.shape()[2] as usize;
+        if self.opts.max_size.is_some() && l > self.opts.max_chunk {
+            return Err(KvError::Capacity { requested: l, capacity: self.opts.max_chunk });
+        }
+        let k = self.rotate(k)?;
+        let v = if self.spec.rotation == Rotation::KeysAndValues { self.rotate(v)? } else { v.clone() };
+        let mut from = 0usize;
+        if self.sink_k.len() < self.spec.sinks {
+            let n = (self.spec.sinks - self.sink_k.len()).min(l);
+            self.sink_k.append(&k.index((.., .., 0..n as i32, ..)))?;
+            self.sink_v.append(&v.index((.., .., 0..n as i32, ..)))?;
+            from = n;
+        }
+        let start_pos = self.offset + from;
+        self.offset += l;
+        if from == l {
+            return Ok(());
+        }
+        let (k, v) = if from > 0 {
+            (k.index((.., .., from as i32.., ..)), v.index((.., .., from as i32.., ..)))
+        } else {
+            (k, v)
+        };
+        let n_new = l - from;
+        let flushable = |pending: usize, total: usize, spec: &KvSpec| {
+            if total < spec.quantized_kv_start || pending < spec.residual + spec.block_tokens() {
+                0
+            } else {
+                (pending - spec.residual) / spec.block_tokens() * spec.block_tokens()
+            }
+        };
+        let pending = self.tail_k.len() + n_new;
+        let n_flush = flushable(pending, self.offset, &self.spec);
+        if self.tail_k.is_empty() && n_flush == n_new {
+            // Common decode case: the new tokens go straight to the body, no tail copy.
+            return self.write_body(&k, &v, start_pos);
+        }
+        let tail_start = start_pos - self.tail_k.len();
+        self.tail_k.append(&k)?;
+        self.tail_v.append(&v)?;
+        if n_flush > 0 {
+            let fk = self.tail_k.slice(0, n_flush).unwrap();
+            let fv = self.tail_v.slice(0, n_flush).unwrap();
+            self.write_body(&fk, &fv, tail_start)?;
+            self.tail_k.drop_front(n_flush)?;
+            self.tail_v.drop_front(n_flush)?;
+        }
+        Ok(())
+    }
+
+    fn write_body(&mut self, k: &Array, v: &Array, first_pos: usize) -> Result<()> {
+        let n = k.shape()[2] as usize;
+        let ring = self.ring_slots();
+        let mut done = 0;
+        while done < n {
+            let slot = match ring {
+                Some(r) => self.body_head % r,
+                None => self.body_head,
+            };
+            let room = ring.map_or(n - done, |r| (r - slot).min(n - done));
+            let (a, z) = (done as i32, (done + room) as i32);
+            let (kp, vp) = if room == n {
+                (k.clone(), v.clone())
+            } else {
+                (k.index((.., .., a..z, ..)), v.index((.., .., a..z, ..)))
+            };
+            self.body_k.write(slot, &kp)?;
+            self.body_v.write(slot, &vp)?;
+            for i in 0..room {
+                let pos = (first_pos + done + i) as i32;
+                if slot + i < self.body_pos.len() {
+                    self.body_pos[slot + i] = pos;
+                } else {
+                    self.body_pos.push(pos);
+                }
+            }
+            self.body_head += room;
+            done += room;
+        }
+        Ok(())
+    }
+
+    /// Key positions in segment order: sinks, body slots, tail.
+    fn key_positions(&self) -> Vec<i32> {
+        let tail_start = (self.offset - self.tail_k.len()) as i32;
+        (0..self.sink_k.len() as i32)
+            .chain(self.body_pos.iter().copied())
+            .chain(tail_start..self.offset as i32)
+            .collect()
+    }
+
+    /// The visibility mask for the last `l` queries, or a cheaper equivalent.
+    fn mask(&self, l: usize) -> Result<Mask> {
+        let Some(w) = self.opts.max_size else {
+            return Ok(if l > 1 { Mask::Causal } else { Mask::None });
+        };
+        let window = (w - self.spec.sinks) as i32;
+        let kpos = self.key_positions();
+        let first_q = (self.offset - l) as i32;
+        let oldest_needed = first_q - window + 1;
+        if l == 1 && kpos.iter().skip(self.sink_k.len()).all(|&p| p >= oldest_needed) {
+            return Ok(Mask::None);
+        }
+        let n_sinks = self.sink_k.len() as i32;
+        let t = kpos.len() as i32;
+        let kp = Array::from_slice(&kpos, &[1, t]);
+        let qp = Array::arange::<_, i32>(first_q, self.offset as i32, None)?.reshape(&[l as i32, 1])?;
+        let is_sink = Array::arange::<_, i32>(None, t, None)?.lt(Array::from_int(n_sinks))?.reshape(&[1, t])?;
+        let in_window = kp.gt(&(&qp - Array::from_int(window)))?;
+        let visible = kp.le(&qp)?.logical_and(&is_sink.logical_or(&in_window)?)?;
+        Ok(Mask::Visible(visible))
+    }
+
+    fn segments(&self) -> Vec<Segment> {
+        let mut segs = Vec::with_capacity(3);
+        if let (Some(k), Some(v)) = (self.sink_k.view(), self.sink_v.view()) {
+            segs.push(Segment { k: Tensor::Float(k), v: Tensor::Float(v), len: self.sink_k.len() });
+        }
+        let slots = self.body_pos.len();
+        if let (Some(k), Some(v)) = (self.body_k.tensor(slots), self.body_v.tensor(slots)) {
+            segs.push(Segment { k, v, len: slots });
+        }
+        if let (Some(k), Some(v)) = (self.tail_k.view(), self.tail_v.view()) {
+            segs.push(Segment { k: Tensor::Float(k), v: Tensor::Float(v), len: self.tail_k.len() });
+        }
+        segs
+    }
+
+    /// Attention of `q` (`[B, Hq, L, D]`, the newest `L` tokens, already in the cache).
+    pub fn attend(&self, q: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        let l = q.shape()[2] as usize;
+        if self.is_empty() {
+            return Err(KvError::Shape("attend called on an empty cache".into()));
+        }
+        let q = self.rotate(q)?;
+        let out = attend(&q, &self.segments(), &self.mask(l)?, scale, sinks)?;
+        if self.spec.rotation == Rotation::KeysAndValues {
+            self.rotate(&out)
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// `update` then `attend`: what an attention layer calls.
+    pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        self.update(k, v)?;
+        self.attend(q, scale, sinks)
+    }
+
+    /// Removes the newest `n` tokens where possible; returns how many were removed. A ring that
+    /// has wrapped, and quantized per-channel groups, cannot be trimmed.
+    pub fn trim(&mut self, n: usize) -> usize {
+        let from_tail = n.min(self.tail_k.len());
+        self.tail_k.truncate(self.tail_k.len() - from_tail);
+        self.tail_v.truncate(self.tail_v.len() - from_tail);
+        let mut done = from_tail;
+        let wrapped = self.ring_slots().is_some_and(|r| self.body_head > r);
+        let body_trimmable = !wrapped && self.spec.block_tokens() == 1;
+        if done < n && body_trimmable {
+            let m = (n - done).min(self.body_pos.len());
+            self.body_head -= m;
+            self.body_pos.truncate(self.body_pos.len() - m);
+            done += m;
+        }
+        self.offset -= done;
+        done
+    }
+
+    pub fn reset(&mut self) {
+        *self = KvCache::new(self.spec.clone(), self.head_dim, self.opts).expect("spec was valid at construction");
+    }
+
+    pub fn bytes(&self) -> CacheBytes {
+        let (kp, ks, kf) = self.body_k.bytes();
+        let (vp, vs, vf) = self.body_v.bytes();
+        CacheBytes {
+            k_packed: kp,
+            k_scales: ks,
+            v_packed: vp,
+            v_scales: vs,
+            k_float: kf + self.sink_k.resident_bytes() + self.tail_k.resident_bytes(),
+            v_float: vf + self.sink_v.resident_bytes() + self.tail_v.resident_bytes(),
+        }
+    }
+
+    /// The float tail and sinks concatenated with the dequantized body: tests only.
+    #[doc(hidden)]
+    pub fn dequantized_keys(&self) -> Result<Option<Array>> {
+        let mut parts = Vec::new();
+        if let Some(s) = self.sink_k.view() {
+            parts.push(s);
+        }
+        let slots = self.body_pos.len();
+        match &self.body_k {
+            Body::Float(s) => parts.extend(s.slots(0, slots)),
+            Body::Quant(s) => parts.extend(s.dequantize(0, slots, Dtype::Float32)?),
+        }
+        parts.extend(self.tail_k.view());
+        Ok(if parts.is_empty() { None } else { Some(concatenate(&parts, 2)?) })
+    }
+}

@@ -1,0 +1,26 @@
+//! Errors of the KV cache crate. Messages name the flag or value that was wrong.
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// A user-facing setting is invalid; `flag` is the CLI flag that set it.
+    #[error("{flag}: {message}")]
+    InvalidSpec { flag: &'static str, message: String },
+
+    #[error("head_dim {head_dim} is not divisible by the {which} group size {group} (--kv-group-size)")]
+    GroupMismatch {
+        which: &'static str,
+        head_dim: usize,
+        group: usize,
+    },
+
+    #[error("requested length {requested} exceeds capacity {capacity}")]
+    Capacity { requested: usize, capacity: usize },
+
+    #[error("cache shape mismatch: {0}")]
+    Shape(String),
+
+    #[error(transparent)]
+    Mlx(#[from] mlx_rs::error::Exception),
+}
+
+pub type Result<T> = std::result::Result<T, KvError>;

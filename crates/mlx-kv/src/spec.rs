@@ -1,0 +1,391 @@
+//! `KvSpec`: the K/V precision setting a user gives (`--kv 8,4`, presets, groups, layout,
+//! residual, sinks, rotation, per-layer overrides) and its validation.
+
+use crate::error::{KvError, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Bit widths MLX's affine quantization supports; 16 means "keep in the float dtype".
+pub const VALID_BITS: [u8; 7] = [2, 3, 4, 5, 6, 8, 16];
+pub const VALID_GROUPS: [usize; 3] = [32, 64, 128];
+pub const DEFAULT_GROUP: usize = 64;
+
+/// Precision of one tensor (K or V): bits and group size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSpec {
+    pub bits: u8,
+    pub group: usize,
+}
+
+impl QuantSpec {
+    pub fn is_quantized(&self) -> bool {
+        self.bits < 16
+    }
+    /// Stored bits per element, counting one 16-bit scale and one 16-bit bias per group.
+    pub fn bits_per_element(&self) -> f64 {
+        if self.is_quantized() {
+            self.bits as f64 + 32.0 / self.group as f64
+        } else {
+            16.0
+        }
+    }
+}
+
+/// How key quantization groups are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyLayout {
+    /// Groups run along head_dim, one scale per token and group (mlx-lm, llama.cpp).
+    #[default]
+    PerToken,
+    /// Groups run along the token axis, so an outlier channel gets its own scale (KIVI).
+    PerChannel,
+}
+
+impl FromStr for KeyLayout {
+    type Err = KvError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "per-token" => Ok(KeyLayout::PerToken),
+            "per-channel" => Ok(KeyLayout::PerChannel),
+            _ => Err(invalid("--kv-key-layout", format!("expected per-token or per-channel, got '{s}'"))),
+        }
+    }
+}
+
+/// Which tensors get the Hadamard rotation (QuaRot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rotation {
+    #[default]
+    None,
+    Keys,
+    KeysAndValues,
+}
+
+impl FromStr for Rotation {
+    type Err = KvError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Rotation::None),
+            "k" | "keys" => Ok(Rotation::Keys),
+            "kv" | "keys-values" => Ok(Rotation::KeysAndValues),
+            _ => Err(invalid("--kv-rotate", format!("expected none, k or kv, got '{s}'"))),
+        }
+    }
+}
+
+/// The full setting for one layer's cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSpec {
+    pub k: QuantSpec,
+    pub v: QuantSpec,
+    pub key_layout: KeyLayout,
+    /// Newest tokens kept in full precision, quantized in blocks as they age.
+    pub residual: usize,
+    /// First tokens kept in full precision forever (attention sinks).
+    pub sinks: usize,
+    pub rotation: Rotation,
+    /// Quantization starts once the cache holds this many tokens.
+    pub quantized_kv_start: usize,
+}
+
+impl Default for KvSpec {
+    fn default() -> Self {
+        KvSpec::dense()
+    }
+}
+
+fn invalid(flag: &'static str, message: String) -> KvError {
+    KvError::InvalidSpec { flag, message }
+}
+
+fn parse_bits(s: &str, flag: &'static str) -> Result<u8> {
+    let bits = match s.trim() {
+        "fp16" | "f16" | "bf16" | "16" => 16,
+        other => other
+            .parse::<u8>()
+            .map_err(|_| invalid(flag, format!("'{other}' is not a bit width; use one of {VALID_BITS:?}")))?,
+    };
+    if !VALID_BITS.contains(&bits) {
+        return Err(invalid(flag, format!("unsupported bit width {bits}; use one of {VALID_BITS:?}")));
+    }
+    Ok(bits)
+}
+
+/// Parses `K,V`, a single width for both, or a preset (`fp16`, `k8v8`, `k8v4`, `k4v8`, ...).
+pub fn parse_bits_pair(s: &str, flag: &'static str) -> Result<(u8, u8)> {
+    let s = s.trim().to_ascii_lowercase();
+    if let Some(rest) = s.strip_prefix('k') {
+        if let Some((k, v)) = rest.split_once('v') {
+            return Ok((parse_bits(k, flag)?, parse_bits(v, flag)?));
+        }
+    }
+    match s.split_once(',') {
+        Some((k, v)) => Ok((parse_bits(k, flag)?, parse_bits(v, flag)?)),
+        None => {
+            let b = parse_bits(&s, flag)?;
+            Ok((b, b))
+        }
+    }
+}
+
+/// Parses `--kv-group-size`: one size for both, or `K,V`.
+pub fn parse_groups(s: &str) -> Result<(usize, usize)> {
+    let one = |x: &str| -> Result<usize> {
+        let g = x
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| invalid("--kv-group-size", format!("'{x}' is not a number")))?;
+        if !VALID_GROUPS.contains(&g) {
+            return Err(invalid("--kv-group-size", format!("unsupported group size {g}; use one of {VALID_GROUPS:?}")));
+        }
+        Ok(g)
+    };
+    match s.split_once(',') {
+        Some((k, v)) => Ok((one(k)?, one(v)?)),
+        None => {
+            let g = one(s)?;
+            Ok((g, g))
+        }
+    }
+}
+
+impl KvSpec {
+    /// No quantization: a plain float cache.
+    pub fn dense() -> Self {
+        KvSpec {
+            k: QuantSpec { bits: 16, group: DEFAULT_GROUP },
+            v: QuantSpec { bits: 16, group: DEFAULT_GROUP },
+            key_layout: KeyLayout::PerToken,
+            residual: 0,
+            sinks: 0,
+            rotation: Rotation::None,
+            quantized_kv_start: 0,
+        }
+    }
+
+    /// `k_bits`/`v_bits` at the default group size, every other setting at its default.
+    pub fn bits(k_bits: u8, v_bits: u8) -> Self {
+        let mut spec = KvSpec::dense();
+        spec.k.bits = k_bits;
+        spec.v.bits = v_bits;
+        spec
+    }
+
+    /// Parses `--kv` (e.g. `8,4`, `fp16`, `k8v4`).
+    pub fn parse(kv: &str) -> Result<Self> {
+        let (k, v) = parse_bits_pair(kv, "--kv")?;
+        Ok(KvSpec::bits(k, v))
+    }
+
+    pub fn is_dense(&self) -> bool {
+        !self.k.is_quantized() && !self.v.is_quantized()
+    }
+
+    /// Tokens a quantization block spans: per-channel keys need a whole group of tokens.
+    pub fn block_tokens(&self) -> usize {
+        if self.k.is_quantized() && self.key_layout == KeyLayout::PerChannel {
+            self.k.group
+        } else {
+            1
+        }
+    }
+
+    /// Checks the setting against the model's head_dim; errors name the offending flag.
+    pub fn validate(&self, head_dim: usize) -> Result<()> {
+        let per_token_k = self.key_layout == KeyLayout::PerToken;
+        if self.k.is_quantized() && per_token_k && head_dim % self.k.group != 0 {
+            return Err(KvError::GroupMismatch { which: "key", head_dim, group: self.k.group });
+        }
+        if self.v.is_quantized() && head_dim % self.v.group != 0 {
+            return Err(KvError::GroupMismatch { which: "value", head_dim, group: self.v.group });
+        }
+        let block = self.block_tokens();
+        if self.residual % block != 0 {
+            return Err(invalid(
+                "--kv-residual",
+                format!("residual {} must be a multiple of the key group size {block} with per-channel keys", self.residual),
+            ));
+        }
+        if self.rotation != Rotation::None && !head_dim.is_power_of_two() {
+            return Err(invalid("--kv-rotate", format!("Hadamard rotation needs a power-of-two head_dim, got {head_dim}")));
+        }
+        Ok(())
+    }
+
+    /// Bytes per cached token per KV head, K and V, as the closed-form formula gives them.
+    pub fn bytes_per_token_per_head(&self, head_dim: usize, float_bytes: usize) -> (f64, f64) {
+        let per = |q: &QuantSpec| {
+            if q.is_quantized() {
+                head_dim as f64 * q.bits_per_element() / 8.0
+            } else {
+                (head_dim * float_bytes) as f64
+            }
+        };
+        (per(&self.k), per(&self.v))
+    }
+}
+
+impl fmt::Display for KvSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_dense() {
+            return write!(f, "fp16");
+        }
+        let b = |q: &QuantSpec| if q.is_quantized() { q.bits.to_string() } else { "16".into() };
+        write!(f, "k{}v{}", b(&self.k), b(&self.v))?;
+        if self.k.group != DEFAULT_GROUP || self.v.group != DEFAULT_GROUP {
+            write!(f, "-g{},{}", self.k.group, self.v.group)?;
+        }
+        if self.key_layout == KeyLayout::PerChannel {
+            write!(f, "-pc")?;
+        }
+        if self.residual > 0 {
+            write!(f, "-r{}", self.residual)?;
+        }
+        if self.sinks > 0 {
+            write!(f, "-s{}", self.sinks)?;
+        }
+        match self.rotation {
+            Rotation::None => {}
+            Rotation::Keys => write!(f, "-rotk")?,
+            Rotation::KeysAndValues => write!(f, "-rotkv")?,
+        }
+        Ok(())
+    }
+}
+
+/// One `--kv-layers` entry: a layer selector and the bits it gets.
+#[derive(Debug, Clone, PartialEq)]
+enum LayerSelector {
+    First(usize),
+    Last(usize),
+    Range(usize, usize),
+}
+
+/// Per-layer bit overrides, e.g. `first:2=8,8;last:2=fp16;10-12=4,4`. Later entries win.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerOverrides {
+    entries: Vec<(LayerSelector, u8, u8)>,
+}
+
+impl LayerOverrides {
+    pub fn parse(s: &str) -> Result<Self> {
+        const FLAG: &str = "--kv-layers";
+        let mut entries = Vec::new();
+        for item in s.split(';').map(str::trim).filter(|x| !x.is_empty()) {
+            let (sel, bits) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(FLAG, format!("'{item}' needs the form SELECTOR=K,V")))?;
+            let num = |x: &str| {
+                x.trim()
+                    .parse::<usize>()
+                    .map_err(|_| invalid(FLAG, format!("'{x}' in '{item}' is not a layer number")))
+            };
+            let sel = sel.trim();
+            let selector = if let Some(n) = sel.strip_prefix("first:") {
+                LayerSelector::First(num(n)?)
+            } else if let Some(n) = sel.strip_prefix("last:") {
+                LayerSelector::Last(num(n)?)
+            } else if let Some((a, b)) = sel.split_once('-') {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(invalid(FLAG, format!("empty layer range {a}-{b}")));
+                }
+                LayerSelector::Range(a, b)
+            } else {
+                let i = num(sel)?;
+                LayerSelector::Range(i, i)
+            };
+            let (k, v) = parse_bits_pair(bits, FLAG)?;
+            entries.push((selector, k, v));
+        }
+        Ok(LayerOverrides { entries })
+    }
+
+    /// The spec for `layer` of `n_layers`, starting from `base`.
+    pub fn apply(&self, base: &KvSpec, layer: usize, n_layers: usize) -> KvSpec {
+        let mut spec = base.clone();
+        for (sel, k, v) in &self.entries {
+            let hit = match *sel {
+                LayerSelector::First(n) => layer < n,
+                LayerSelector::Last(n) => layer + n >= n_layers,
+                LayerSelector::Range(a, b) => (a..=b).contains(&layer),
+            };
+            if hit {
+                spec.k.bits = *k;
+                spec.v.bits = *v;
+            }
+        }
+        spec
+    }
+
+    /// Layers named beyond the model's depth are a user error, not something to ignore.
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
+        for (sel, _, _) in &self.entries {
+            let bad = match *sel {
+                LayerSelector::First(n) | LayerSelector::Last(n) => n > n_layers,
+                LayerSelector::Range(_, b) => b >= n_layers,
+            };
+            if bad {
+                return Err(invalid("--kv-layers", format!("{sel:?} is outside the model's {n_layers} layers")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pairs_presets_and_dense() {
+        assert_eq!(KvSpec::parse("8,4").unwrap(), KvSpec::bits(8, 4));
+        assert_eq!(KvSpec::parse("k4v8").unwrap(), KvSpec::bits(4, 8));
+        assert!(KvSpec::parse("fp16").unwrap().is_dense());
+        assert!(KvSpec::parse("16").unwrap().is_dense());
+        assert_eq!(KvSpec::parse("4").unwrap(), KvSpec::bits(4, 4));
+        assert_eq!(KvSpec::parse("8,4").unwrap().to_string(), "k8v4");
+    }
+
+    #[test]
+    fn rejects_unknown_bits_naming_the_flag() {
+        let err = KvSpec::parse("7,4").unwrap_err().to_string();
+        assert!(err.starts_with("--kv:") && err.contains('7'), "{err}");
+        assert!(KvSpec::parse("8;4").is_err());
+        assert!(parse_groups("48").unwrap_err().to_string().contains("--kv-group-size"));
+    }
+
+    #[test]
+    fn validation_names_group_and_residual_problems() {
+        let mut spec = KvSpec::bits(8, 4);
+        spec.k.group = 128;
+        assert!(spec.validate(64).unwrap_err().to_string().contains("head_dim 64"));
+        let mut spec = KvSpec::bits(4, 4);
+        spec.key_layout = KeyLayout::PerChannel;
+        spec.residual = 40;
+        assert!(spec.validate(64).unwrap_err().to_string().starts_with("--kv-residual"));
+        spec.residual = 128;
+        spec.validate(64).unwrap();
+    }
+
+    #[test]
+    fn layer_overrides_select_first_last_and_ranges() {
+        let o = LayerOverrides::parse("first:2=8,8; last:1=fp16; 5-6=k4v2").unwrap();
+        let base = KvSpec::bits(4, 4);
+        assert_eq!(o.apply(&base, 0, 10).k.bits, 8);
+        assert_eq!(o.apply(&base, 2, 10), base);
+        assert_eq!(o.apply(&base, 6, 10).v.bits, 2);
+        assert!(o.apply(&base, 9, 10).is_dense());
+        assert!(o.validate(10).is_ok());
+        assert!(o.validate(5).is_err());
+        assert!(LayerOverrides::parse("first=8").is_err());
+    }
+
+    #[test]
+    fn formula_matches_the_issue_ratio_for_k8v4() {
+        // (8 + 32/64) + (4 + 32/64) = 13 bits vs 32 for a 16-bit K+V pair: 13/32.
+        let (k, v) = KvSpec::bits(8, 4).bytes_per_token_per_head(64, 2);
+        let (dk, dv) = KvSpec::dense().bytes_per_token_per_head(64, 2);
+        assert!(((k + v) / (dk + dv) - 13.0 / 32.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,303 @@
+//! Token-axis storage for one of K or V: a float buffer, or a packed quantized triplet.
+//!
+//! Both grow in steps of [`STEP`] tokens and are written by slice. Growing on every token
+//! would concatenate (copy) the whole cache each step; a step of 256 bounds the copies to one per
+//! 256 tokens while wasting at most 255 slots.
+
+use crate::error::Result;
+use mlx_rs::ops::indexing::{IndexMutOp, IndexOp};
+use mlx_rs::ops::{concatenate, dequantize, quantize, zeros_dtype};
+use mlx_rs::{Array, Dtype};
+
+pub const STEP: usize = 256;
+
+fn round_up(n: usize, step: usize) -> usize {
+    n.div_ceil(step) * step
+}
+
+fn nbytes(a: &Option<Array>) -> usize {
+    a.as_ref().map_or(0, |a| a.nbytes())
+}
+
+/// Float tokens, `[B, H, cap, D]`; slots `[head, end)` are valid.
+///
+/// `head` lets the residual tail drop its oldest tokens without copying on every step; the
+/// buffer is compacted once `head` passes a whole [`STEP`].
+#[derive(Default)]
+pub struct FloatStore {
+    data: Option<Array>,
+    head: usize,
+    end: usize,
+}
+
+impl FloatStore {
+    pub fn len(&self) -> usize {
+        self.end - self.head
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.head
+    }
+
+    /// Writes `x` (`[B, H, L, D]`) at raw slot `at` (ring users pass slots; appends pass `end`).
+    pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
+        let l = x.shape()[2] as usize;
+        let need = at + l;
+        let cap = self.data.as_ref().map_or(0, |d| d.shape()[2] as usize);
+        if need > cap {
+            let sh = x.shape();
+            let grow = round_up(need, STEP) - cap;
+            let fresh = zeros_dtype(&[sh[0], sh[1], grow as i32, sh[3]], x.dtype())?;
+            self.data = Some(match self.data.take() {
+                Some(old) => concatenate(&[old, fresh], 2)?,
+                None => fresh,
+            });
+        }
+        let data = self.data.as_mut().unwrap();
+        data.index_mut((.., .., at as i32..need as i32, ..), x);
+        self.end = self.end.max(need);
+        Ok(())
+    }
+
+    pub fn append(&mut self, x: &Array) -> Result<()> {
+        self.write(self.end, x)
+    }
+
+    /// Raw slots `[start, end)` of the buffer.
+    pub fn slots(&self, start: usize, end: usize) -> Option<Array> {
+        let d = self.data.as_ref()?;
+        (end > start).then(|| d.index((.., .., start as i32..end as i32, ..)))
+    }
+
+    /// Valid tokens `[start, end)`, counted from the oldest valid token.
+    pub fn slice(&self, start: usize, end: usize) -> Option<Array> {
+        self.slots(self.head + start, self.head + end)
+    }
+
+    pub fn view(&self) -> Option<Array> {
+        self.slots(self.head, self.end)
+    }
+
+    /// Drops the oldest `n` valid tokens.
+    pub fn drop_front(&mut self, n: usize) -> Result<()> {
+        self.head = (self.head + n).min(self.end);
+        if self.head == self.end {
+            // Keep the buffer: the next append reuses it from slot 0.
+            self.head = 0;
+            self.end = 0;
+        } else if self.head >= STEP {
+            let rest = self.view();
+            self.clear();
+            if let Some(rest) = rest {
+                self.append(&rest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the oldest `len` valid tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.end = self.end.min(self.head + len);
+    }
+
+    pub fn clear(&mut self) {
+        self.data = None;
+        self.head = 0;
+        self.end = 0;
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        nbytes(&self.data)
+    }
+}
+
+/// One packed quantized tensor: data `u32`, scales and biases as 16-bit floats.
+pub struct Packed {
+    pub w: Array,
+    pub scales: Array,
+    pub biases: Array,
+}
+
+impl Packed {
+    /// Quantizes along the last axis. MLX's CUDA `quantize` is wrong on transposed views, so
+    /// callers pass row-major data and we make sure it is contiguous.
+    pub fn quantize(x: &Array, group: usize, bits: u8) -> Result<Packed> {
+        let x = x.contiguous()?;
+        let (w, scales, biases) = quantize(&x, group as i32, bits as i32)?;
+        Ok(Packed {
+            w,
+            scales: scales.as_dtype(Dtype::Float16)?,
+            biases: biases.as_dtype(Dtype::Float16)?,
+        })
+    }
+
+    pub fn dequantize(&self, group: usize, bits: u8, dtype: Dtype) -> Result<Array> {
+        let s = self.scales.as_dtype(dtype)?;
+        let b = self.biases.as_dtype(dtype)?;
+        Ok(dequantize(&self.w, &s, &b, group as i32, bits as i32)?)
+    }
+}
+
+/// Which axis of a `[B, H, a, b]` layout holds tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAxis {
+    /// `[B, H, T, D/el]`: groups along head_dim (per-token scales).
+    Rows,
+    /// `[B, H, D, T/el]`: groups along tokens (per-channel scales); writes are whole groups.
+    Cols,
+}
+
+/// Packed quantized tokens with capacity in steps; `len` tokens are valid.
+pub struct QuantStore {
+    pub bits: u8,
+    pub group: usize,
+    pub axis: TokenAxis,
+    packed: Option<Packed>,
+    len: usize,
+}
+
+impl QuantStore {
+    pub fn new(bits: u8, group: usize, axis: TokenAxis) -> Self {
+        QuantStore { bits, group, axis, packed: None, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Columns of a packed row holding `tokens` tokens along the last axis.
+    fn packed_cols(&self, tokens: usize) -> usize {
+        tokens * self.bits as usize / 32
+    }
+
+    fn cap(&self) -> usize {
+        let Some(p) = &self.packed else { return 0 };
+        match self.axis {
+            TokenAxis::Rows => p.w.shape()[2] as usize,
+            TokenAxis::Cols => p.scales.shape()[3] as usize * self.group,
+        }
+    }
+
+    /// Quantizes `x` (`[B, H, L, D]`) and writes it at token slot `at`.
+    pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
+        let l = x.shape()[2] as usize;
+        let (g, bits) = (self.group, self.bits);
+        let q = match self.axis {
+            TokenAxis::Rows => Packed::quantize(x, g, bits)?,
+            // Transposed in the graph, then made contiguous inside `quantize` (see there).
+            TokenAxis::Cols => Packed::quantize(&x.swap_axes(2, 3)?, g, bits)?,
+        };
+        let need = at + l;
+        if need > self.cap() {
+            self.grow(round_up(need, STEP), &q)?;
+        }
+        let p = self.packed.as_mut().unwrap();
+        let (a, b) = (at as i32, need as i32);
+        match self.axis {
+            TokenAxis::Rows => {
+                p.w.index_mut((.., .., a..b, ..), &q.w);
+                p.scales.index_mut((.., .., a..b, ..), &q.scales);
+                p.biases.index_mut((.., .., a..b, ..), &q.biases);
+            }
+            TokenAxis::Cols => {
+                let (wa, wb) = ((at * bits as usize / 32) as i32, (need * bits as usize / 32) as i32);
+                let (ga, gb) = ((at / g) as i32, (need / g) as i32);
+                p.w.index_mut((.., .., .., wa..wb), &q.w);
+                p.scales.index_mut((.., .., .., ga..gb), &q.scales);
+                p.biases.index_mut((.., .., .., ga..gb), &q.biases);
+            }
+        }
+        self.len = self.len.max(need);
+        Ok(())
+    }
+
+    pub fn append(&mut self, x: &Array) -> Result<()> {
+        self.write(self.len, x)
+    }
+
+    fn grow(&mut self, new_cap: usize, like: &Packed) -> Result<()> {
+        let old_cap = self.cap();
+        let extra = new_cap - old_cap;
+        let ws = like.w.shape();
+        let ss = like.scales.shape();
+        let (w_shape, s_shape, axis) = match self.axis {
+            TokenAxis::Rows => ([ws[0], ws[1], extra as i32, ws[3]], [ss[0], ss[1], extra as i32, ss[3]], 2),
+            TokenAxis::Cols => (
+                [ws[0], ws[1], ws[2], self.packed_cols(extra) as i32],
+                [ss[0], ss[1], ss[2], (extra / self.group) as i32],
+                3,
+            ),
+        };
+        let fresh = Packed {
+            w: zeros_dtype(&w_shape, Dtype::Uint32)?,
+            scales: zeros_dtype(&s_shape, Dtype::Float16)?,
+            biases: zeros_dtype(&s_shape, Dtype::Float16)?,
+        };
+        self.packed = Some(match self.packed.take() {
+            None => fresh,
+            Some(old) => Packed {
+                w: concatenate(&[old.w, fresh.w], axis)?,
+                scales: concatenate(&[old.scales, fresh.scales], axis)?,
+                biases: concatenate(&[old.biases, fresh.biases], axis)?,
+            },
+        });
+        Ok(())
+    }
+
+    /// The packed tokens `[start, end)`; with `Cols` both must be multiples of the group.
+    pub fn slice(&self, start: usize, end: usize) -> Option<Packed> {
+        let p = self.packed.as_ref()?;
+        if end <= start {
+            return None;
+        }
+        let (a, b) = (start as i32, end as i32);
+        Some(match self.axis {
+            TokenAxis::Rows => Packed {
+                w: p.w.index((.., .., a..b, ..)),
+                scales: p.scales.index((.., .., a..b, ..)),
+                biases: p.biases.index((.., .., a..b, ..)),
+            },
+            TokenAxis::Cols => {
+                let (wa, wb) = (self.packed_cols(start) as i32, self.packed_cols(end) as i32);
+                let g = self.group;
+                let (ga, gb) = ((start / g) as i32, (end / g) as i32);
+                Packed {
+                    w: p.w.index((.., .., .., wa..wb)),
+                    scales: p.scales.index((.., .., .., ga..gb)),
+                    biases: p.biases.index((.., .., .., ga..gb)),
+                }
+            }
+        })
+    }
+
+    /// Dequantized tokens `[start, end)` as `[B, H, L, D]` — one block at a time, never the
+    /// whole window (prefill attention and tests use this).
+    pub fn dequantize(&self, start: usize, end: usize, dtype: Dtype) -> Result<Option<Array>> {
+        let Some(p) = self.slice(start, end) else { return Ok(None) };
+        let x = p.dequantize(self.group, self.bits, dtype)?;
+        Ok(Some(match self.axis {
+            TokenAxis::Rows => x,
+            TokenAxis::Cols => x.swap_axes(2, 3)?,
+        }))
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn clear(&mut self) {
+        self.packed = None;
+        self.len = 0;
+    }
+
+    /// (packed data bytes, scale + bias bytes) actually allocated.
+    pub fn resident_bytes(&self) -> (usize, usize) {
+        self.packed
+            .as_ref()
+            .map_or((0, 0), |p| (p.w.nbytes(), p.scales.nbytes() + p.biases.nbytes()))
+    }
+}
