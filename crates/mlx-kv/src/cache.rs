@@ -82,6 +82,13 @@ impl Body {
         }
     }
 
+    fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Body::Float(s) => s.arrays(),
+            Body::Quant(s) => s.arrays(),
+        }
+    }
+
     /// (packed, scales, float) bytes.
     fn bytes(&self) -> (usize, usize, usize) {
         match self {
@@ -378,6 +385,20 @@ impl KvCache {
 
     pub fn reset(&mut self) {
         *self = KvCache::new(self.spec.clone(), self.head_dim, self.opts).expect("spec was valid at construction");
+    }
+
+    /// Every array the cache holds, for `eval`/`async_eval` by the caller.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut all = self.body_k.arrays();
+        all.extend(self.body_v.arrays());
+        for s in [&self.sink_k, &self.sink_v, &self.tail_k, &self.tail_v] {
+            all.extend(s.arrays());
+        }
+        all
+    }
+
+    pub fn eval(&self) -> Result<()> {
+        Ok(mlx_rs::transforms::eval(self.arrays())?)
     }
 
     pub fn bytes(&self) -> CacheBytes {

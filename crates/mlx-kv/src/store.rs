@@ -109,6 +109,10 @@ impl FloatStore {
     pub fn resident_bytes(&self) -> usize {
         nbytes(&self.data)
     }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.data.iter().collect()
+    }
 }
 
 /// One packed quantized tensor: data `u32`, scales and biases as 16-bit floats.
@@ -292,6 +296,10 @@ impl QuantStore {
     pub fn clear(&mut self) {
         self.packed = None;
         self.len = 0;
+    }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        self.packed.iter().flat_map(|p| [&p.w, &p.scales, &p.biases]).collect()
     }
 
     /// (packed data bytes, scale + bias bytes) actually allocated.
