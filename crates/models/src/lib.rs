@@ -1,1 +1,2 @@
 //! Model families.
+pub mod gguf;
