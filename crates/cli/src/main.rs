@@ -1,5 +1,32 @@
-fn main() {
-    let a = mlx_rs::Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]);
-    let b = a.multiply(&a).unwrap();
-    println!("{:?}", b);
+//! `kvsplit-mlx`: LLM inference on MLX with keys and values cached at different precisions.
+
+// mod generate;
+mod info;
+mod kv_args;
+mod model_args;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kvsplit-mlx", version, about = "LLM inference on MLX with a split-precision (K/V) quantized KV cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the MLX version, backend, device, libmlx path and memory figures.
+    Info,
+    // Generate text from a prompt.
+    // Generate(generate::GenerateArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info => info::run(),
+        // Command::Generate(a) => generate::run(a),
+    }
 }

@@ -1,0 +1,137 @@
+//! `kvsplit-mlx generate`: stream a completion through the split-precision cache.
+
+use crate::kv_args::KvArgs;
+use crate::model_args::{load, ModelArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use models::chat::{render, Message};
+use models::generate::{generate, GenerateOptions};
+use models::sample::SamplerSettings;
+use models::tokenizer::{StreamDecoder, Tokenizer};
+use std::io::{Read, Write};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// Prompt text; `-` reads it from stdin.
+    #[arg(long, default_value = "The capital of France is")]
+    pub prompt: String,
+    /// Read the prompt from this file instead of --prompt.
+    #[arg(long)]
+    pub prompt_file: Option<std::path::PathBuf>,
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 100)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Drop tokens less likely than min-p times the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalty for tokens among the last 20 (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_step: usize,
+    /// Apply the model's chat template to the prompt (default: plain completion).
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt, used with --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print the summary lines after the text (`--verbose false` prints only the text).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub verbose: bool,
+}
+
+fn read_prompt(a: &GenerateArgs) -> Result<String> {
+    if let Some(f) = &a.prompt_file {
+        return std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()));
+    }
+    if a.prompt == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("--prompt -: reading stdin")?;
+        return Ok(s);
+    }
+    Ok(a.prompt.clone())
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.prefill_step == 0 {
+        bail!("--prefill-step: must be at least 1");
+    }
+    let cache = a.kv.settings()?;
+    let sampler = SamplerSettings {
+        temp: a.temp,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        ..Default::default()
+    };
+    sampler.validate()?;
+    let loaded = load(&a.model)?;
+    let tok = Tokenizer::from_gguf(&loaded.gguf).with_context(|| format!("--model {}: tokenizer", loaded.path.display()))?;
+    let mut text = read_prompt(&a)?;
+    if a.chat {
+        let template = tok.chat_template().with_context(|| format!("--chat: {} has no chat template", loaded.path.display()))?;
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message { role: "system".into(), content: s.clone() });
+        }
+        msgs.push(Message { role: "user".into(), content: text });
+        text = render(template, &msgs, &tok.bos_text(), &tok.eos_text(), true)?;
+    }
+    let prompt = tok.encode(&text, !a.chat)?;
+    if prompt.is_empty() {
+        bail!("--prompt: the prompt encodes to no tokens");
+    }
+    let opts = GenerateOptions { max_tokens: a.max_tokens, prefill_step: a.prefill_step, sampler, cache: cache.clone(), eos: tok.eos_ids().to_vec() };
+    let mut out = std::io::stdout().lock();
+    let mut stream = StreamDecoder::new(&tok);
+    let mut produced = String::new();
+    let stats = generate(&loaded.model, &prompt, &opts, |id| {
+        let piece = stream.push(id);
+        produced.push_str(&piece);
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+        !a.stop.iter().any(|s| produced.contains(s.as_str()))
+    })?;
+    let rest = stream.finish();
+    let _ = out.write_all(rest.as_bytes());
+    writeln!(out)?;
+    if a.verbose {
+        let gb = |b: usize| b as f64 / 1e9;
+        let kv = stats.kv_bytes;
+        println!("==========");
+        println!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, stats.prompt_tps());
+        println!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generation_tokens, stats.generation_tps());
+        println!("Peak memory: {:.3} GB", gb(stats.peak_memory));
+        println!(
+            "KV cache: {:.3} MB ({}; K {:.3} MB, V {:.3} MB) [{} backend]",
+            kv.total() as f64 / 1e6,
+            cache.spec,
+            kv.k() as f64 / 1e6,
+            kv.v() as f64 / 1e6,
+            mlx_kv::Backend::current().name()
+        );
+    }
+    Ok(())
+}

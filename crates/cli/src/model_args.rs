@@ -1,0 +1,64 @@
+//! `--model`: where weights come from, and loading them.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mlx_rs::Dtype;
+use models::llama::Model;
+use std::path::PathBuf;
+
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a `.gguf` file, a local MLX/HF directory, or `default` (SmolLM2-135M-Instruct
+    /// Q4_1, fetched by scripts/setup.sh).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+}
+
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("KVSPLIT_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kvsplit-mlx"),
+    }
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        if self.model == "default" {
+            let p = cache_dir().join("models").join(DEFAULT_MODEL_FILE);
+            if !p.exists() {
+                bail!("--model default: {} is missing; run scripts/setup.sh to fetch it", p.display());
+            }
+            return Ok(p);
+        }
+        let p = PathBuf::from(&self.model);
+        if !p.exists() {
+            bail!("--model: '{}' does not exist", self.model);
+        }
+        Ok(p)
+    }
+}
+
+/// The dtype this backend computes in (f32 on CPU, f16 on GPU).
+pub fn compute_dtype() -> Dtype {
+    mlx_kv::Backend::current().compute_dtype()
+}
+
+pub struct Loaded {
+    pub model: Model,
+    pub gguf: models::gguf::GgufFile,
+    pub path: PathBuf,
+}
+
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let path = args.path()?;
+    if path.is_dir() {
+        bail!("--model {}: MLX/HF directories are not supported yet; pass a .gguf file", path.display());
+    }
+    let dtype = compute_dtype();
+    let (cfg, weights, gguf) = models::gguf_load::load(&path, dtype).with_context(|| format!("--model {}", path.display()))?;
+    let model = Model::new(cfg, weights, dtype).with_context(|| format!("--model {}", path.display()))?;
+    mlx_rs::transforms::eval(model.arrays())?;
+    Ok(Loaded { model, gguf, path })
+}

@@ -1,0 +1,169 @@
+//! Loaded tensors keyed by checkpoint (Hugging Face) names, and the layers built from them.
+//!
+//! Loading is strict: a model lists the keys it expects, and [`WeightMap::check`] reports every
+//! missing and every unexpected key at once, naming the file.
+
+use crate::error::{ModelError, Result};
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
+use mlx_rs::{Array, Dtype};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
+pub enum Weight {
+    Dense(Array),
+    Quant { w: Array, scales: Array, biases: Array, bits: i32, group: i32 },
+}
+
+impl Weight {
+    /// Logical (unpacked) shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Weight::Dense(a) => a.shape().iter().map(|&d| d as usize).collect(),
+            Weight::Quant { w, bits, .. } => {
+                let mut s: Vec<usize> = w.shape().iter().map(|&d| d as usize).collect();
+                let last = s.len() - 1;
+                s[last] = s[last] * 32 / *bits as usize;
+                s
+            }
+        }
+    }
+
+    pub fn to_dense(&self, dtype: Dtype) -> Result<Array> {
+        Ok(match self {
+            Weight::Dense(a) => a.as_dtype(dtype)?,
+            Weight::Quant { w, scales, biases, bits, group } => {
+                dequantize(w, scales, biases, *group, *bits)?.as_dtype(dtype)?
+            }
+        })
+    }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Weight::Dense(a) => vec![a],
+            Weight::Quant { w, scales, biases, .. } => vec![w, scales, biases],
+        }
+    }
+}
+
+/// All tensors of a checkpoint, by name.
+pub struct WeightMap {
+    pub source: PathBuf,
+    tensors: BTreeMap<String, Weight>,
+}
+
+impl WeightMap {
+    pub fn new(source: PathBuf) -> Self {
+        WeightMap { source, tensors: BTreeMap::new() }
+    }
+
+    pub fn insert(&mut self, name: String, w: Weight) {
+        self.tensors.insert(name, w);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    /// Fails listing every expected key that is absent and every present key not expected.
+    pub fn check(&self, expected: &[String]) -> Result<()> {
+        let missing: Vec<String> = expected.iter().filter(|k| !self.tensors.contains_key(*k)).cloned().collect();
+        let unexpected: Vec<String> = self.tensors.keys().filter(|k| !expected.contains(k)).cloned().collect();
+        if missing.is_empty() && unexpected.is_empty() {
+            return Ok(());
+        }
+        Err(ModelError::Keys { path: self.source.clone(), missing, unexpected })
+    }
+
+    pub fn take(&mut self, name: &str) -> Result<Weight> {
+        self.tensors.remove(name).ok_or_else(|| ModelError::Keys {
+            path: self.source.clone(),
+            missing: vec![name.to_string()],
+            unexpected: vec![],
+        })
+    }
+
+    /// Takes a tensor and checks its logical shape.
+    pub fn take_shaped(&mut self, name: &str, want: &[usize]) -> Result<Weight> {
+        let w = self.take(name)?;
+        let got = w.shape();
+        if got != want {
+            return Err(ModelError::Shape { path: self.source.clone(), tensor: name.into(), got, want: want.to_vec() });
+        }
+        Ok(w)
+    }
+
+    pub fn take_dense(&mut self, name: &str, dtype: Dtype) -> Result<Array> {
+        self.take(name)?.to_dense(dtype)
+    }
+}
+
+/// `y = x W^T (+ b)`, with W dense or quantized; quantized weights are never dequantized.
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = match &self.weight {
+            Weight::Dense(w) => matmul(x, w.t())?,
+            Weight::Quant { w, scales, biases, bits, group } => {
+                quantized_matmul(x, w, scales, biases, true, *group, *bits)?
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y + b,
+            None => y,
+        })
+    }
+}
+
+/// Token embedding; also the output head when embeddings are tied.
+pub struct Embedding {
+    pub weight: Weight,
+}
+
+impl Embedding {
+    /// Rows for `ids` (`[B, L]` int32) → `[B, L, H]`; quantized tables dequantize only those rows.
+    pub fn forward(&self, ids: &Array, dtype: Dtype) -> Result<Array> {
+        let sh = ids.shape().to_vec();
+        let flat = ids.reshape(&[-1])?;
+        let rows = match &self.weight {
+            Weight::Dense(w) => w.index(&flat).as_dtype(dtype)?,
+            Weight::Quant { w, scales, biases, bits, group } => dequantize(
+                w.index(&flat),
+                scales.index(&flat),
+                &biases.index(&flat),
+                *group,
+                *bits,
+            )?
+            .as_dtype(dtype)?,
+        };
+        let h = rows.shape()[1];
+        Ok(rows.reshape(&[sh[0], sh[1], h])?)
+    }
+
+    /// Logits against the embedding table (tied output head).
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        Linear { weight: clone_weight(&self.weight), bias: None }.forward(x)
+    }
+}
+
+fn clone_weight(w: &Weight) -> Weight {
+    match w {
+        Weight::Dense(a) => Weight::Dense(a.clone()),
+        Weight::Quant { w, scales, biases, bits, group } => Weight::Quant {
+            w: w.clone(),
+            scales: scales.clone(),
+            biases: biases.clone(),
+            bits: *bits,
+            group: *group,
+        },
+    }
+}

@@ -1,0 +1,80 @@
+//! Behaviour on real weights: the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+//! Token ids are looked up in the GGUF vocabulary directly, so these tests do not depend on
+//! the BPE implementation.
+
+use mlx_kv::{CacheOptions, KvCache, KvSpec};
+use mlx_rs::ops::indexing::argmax_axis;
+use mlx_rs::{Array, Dtype};
+use models::gguf::GgufFile;
+use models::llama::Model;
+use std::path::PathBuf;
+
+fn model_path() -> PathBuf {
+    let cache = std::env::var_os("KVSPLIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kvsplit-mlx"));
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+fn ids(g: &GgufFile, pieces: &[&str]) -> Vec<u32> {
+    let vocab = g.get_str_array("tokenizer.ggml.tokens").unwrap();
+    pieces
+        .iter()
+        .map(|p| vocab.iter().position(|t| t == p).unwrap_or_else(|| panic!("'{p}' not in vocab")) as u32)
+        .collect()
+}
+
+fn caches(model: &Model, spec: &KvSpec) -> Vec<KvCache> {
+    (0..model.n_layers()).map(|_| KvCache::new(spec.clone(), model.cfg.head_dim(), CacheOptions::default()).unwrap()).collect()
+}
+
+fn last_logits(model: &Model, prompt: &[u32], spec: &KvSpec, chunk: usize) -> Vec<f32> {
+    let mut c = caches(model, spec);
+    let mut out = None;
+    for part in prompt.chunks(chunk) {
+        let x = Array::from_slice(part, &[1, part.len() as i32]).as_dtype(Dtype::Int32).unwrap();
+        out = Some(model.forward(&x, &mut c, true).unwrap());
+    }
+    let out = out.unwrap().as_dtype(Dtype::Float32).unwrap();
+    out.eval().unwrap();
+    out.as_slice::<f32>().to_vec()
+}
+
+fn load() -> (Model, GgufFile) {
+    let (cfg, w, g) = models::gguf_load::load(&model_path(), Dtype::Float32).unwrap();
+    (Model::new(cfg, w, Dtype::Float32).unwrap(), g)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+}
+
+#[test]
+fn capital_of_france_is_paris_with_dense_and_k8v4_caches() {
+    let (model, g) = load();
+    assert_eq!(model.cfg.num_hidden_layers, 30);
+    assert_eq!((model.cfg.num_attention_heads, model.cfg.num_key_value_heads, model.cfg.head_dim()), (9, 3, 64));
+    let prompt = ids(&g, &["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]);
+    let paris = ids(&g, &["ĠParis"])[0] as usize;
+    let dense = last_logits(&model, &prompt, &KvSpec::dense(), 512);
+    assert_eq!(argmax(&dense), paris, "dense cache: greedy next token is not ' Paris'");
+    // Chunked prefill through the cache must give the same answer as one pass.
+    let chunked = last_logits(&model, &prompt, &KvSpec::dense(), 2);
+    let d = dense.iter().zip(&chunked).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-3, "chunked prefill differs from one pass by {d}");
+    let k8v4 = last_logits(&model, &prompt, &KvSpec::bits(8, 4), 2);
+    assert_eq!(argmax(&k8v4), paris, "k8v4 cache: greedy next token is not ' Paris'");
+    let _ = argmax_axis(Array::from_slice(&[0f32], &[1]), 0, None);
+}
+
+#[test]
+fn loading_is_strict_about_missing_and_unexpected_keys() {
+    let (cfg, mut w, _) = models::gguf_load::load(&model_path(), Dtype::Float32).unwrap();
+    let _ = w.take("model.layers.3.mlp.up_proj.weight").unwrap();
+    w.insert("model.layers.3.mlp.extra.weight".into(), models::weights::Weight::Dense(Array::from_f32(0.0)));
+    let err = Model::new(cfg, w, Dtype::Float32).err().expect("a broken checkpoint must not load").to_string();
+    assert!(err.contains("model.layers.3.mlp.up_proj.weight") && err.contains("model.layers.3.mlp.extra.weight"), "{err}");
+    assert!(err.contains("SmolLM2-135M-Instruct.Q4_1.gguf"), "error must name the file: {err}");
+}
