@@ -178,6 +178,14 @@ fn quantize_read(w: &Array, count: usize, group: i32, bits: i32) -> Res<Triplet>
     }
     let codes = r::unpack_codes(&words, bits, count);
     let (s, b) = (read(&scales)?, read(&biases)?);
+    let groups = count / group as usize;
+    if s.len() != groups || b.len() != groups {
+        return Err(format!(
+            "quantize returned {} scales and {} biases for {groups} groups",
+            s.len(),
+            b.len()
+        ));
+    }
     Ok(Triplet {
         packed,
         scales,
