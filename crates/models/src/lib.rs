@@ -1,12 +1,3 @@
-//! Model families, weight loading (GGUF, MLX/HF safetensors), tokenizer, sampling, generation.
-
-pub mod chat;
-pub mod config;
-pub mod error;
-pub mod generate;
-pub mod gguf_load;
-pub mod llama;
-pub mod sample;
-pub mod weights;
+//! Model families.
 pub mod gguf;
 pub mod tokenizer;

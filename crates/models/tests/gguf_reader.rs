@@ -41,7 +41,7 @@ fn reads_smollm2_header_and_tensors() {
     let mut ranges: Vec<_> = f.tensors().iter().map(|t| t.byte_range.clone()).collect();
     ranges.sort_by_key(|r| r.start);
     assert!(ranges.windows(2).all(|w| w[0].end <= w[1].start));
-    assert!(ranges.iter().all(|r| r.start >= f.data_offset() && (r.start - f.data_offset()) % f.alignment() == 0));
+    assert!(ranges.iter().all(|r| r.start >= f.data_offset() && (r.start - f.data_offset()).is_multiple_of(f.alignment())));
     assert_eq!(f.tensor_bytes(emb).len() as u64, emb.n_bytes());
 }
 

@@ -71,8 +71,8 @@ pub fn to_mlx_affine(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Re
         GgmlType::Q8_0 => 8,
         _ => return Err(DequantError::NotAffine(ty)),
     };
-    let n_elements = rows.checked_mul(cols).unwrap_or(usize::MAX);
-    if cols % MLX_GROUP_SIZE != 0 {
+    let n_elements = rows.saturating_mul(cols);
+    if !cols.is_multiple_of(MLX_GROUP_SIZE) {
         return Err(DequantError::PartialBlock { ty, n_elements: cols, block: MLX_GROUP_SIZE });
     }
     let type_size = ty.type_size();

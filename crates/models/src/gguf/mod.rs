@@ -280,7 +280,7 @@ impl GgufFile {
     pub fn to_mlx_affine(&self, name: &str) -> Result<MlxAffine> {
         let info = self.tensor(name)?;
         let cols = info.row_len();
-        let rows = if cols == 0 { 0 } else { info.n_elements() as usize / cols };
+        let rows = (info.n_elements() as usize).checked_div(cols).unwrap_or(0);
         to_mlx_affine(info.ggml_type, self.tensor_bytes(info), rows, cols).map_err(|source| GgufError::Dequant {
             path: self.path.clone(),
             tensor: name.into(),

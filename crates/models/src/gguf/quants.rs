@@ -16,7 +16,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, DequantError> {
     use GgmlType::*;
     let (block, type_size) = ty.block_geometry();
-    if n_elements % block != 0 {
+    if !n_elements.is_multiple_of(block) {
         return Err(DequantError::PartialBlock { ty, n_elements, block });
     }
     let expected = n_elements / block * type_size;
