@@ -1,3 +1,12 @@
-//! Model families.
+//! Model families, weight loading (GGUF, MLX/HF safetensors), tokenizer, sampling, generation.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf_load;
+pub mod llama;
+pub mod sample;
+pub mod weights;
 pub mod gguf;
 pub mod tokenizer;
