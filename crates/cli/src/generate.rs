@@ -7,7 +7,7 @@ use clap::Args;
 use models::chat::{render, Message};
 use models::generate::{generate, GenerateOptions};
 use models::sample::SamplerSettings;
-use models::tokenizer::{StreamDecoder, Tokenizer};
+use models::tokenizer::Tokenizer;
 use std::io::{Read, Write};
 
 #[derive(Args, Debug)]
@@ -97,15 +97,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             msgs.push(Message { role: "system".into(), content: s.clone() });
         }
         msgs.push(Message { role: "user".into(), content: text });
-        text = render(template, &msgs, &tok.bos_text(), &tok.eos_text(), true)?;
+        let name = |id: Option<u32>| id.and_then(|i| tok.token(i)).unwrap_or("").to_string();
+        text = render(template, &msgs, &name(tok.bos_id()), &name(tok.eos_ids().first().copied()), true)?;
     }
-    let prompt = tok.encode(&text, !a.chat)?;
+    // A rendered chat template already holds its special tokens (BOS included where wanted).
+    let prompt = tok.encode(&text, !a.chat);
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
     let opts = GenerateOptions { max_tokens: a.max_tokens, prefill_step: a.prefill_step, sampler, cache: cache.clone(), eos: tok.eos_ids().to_vec() };
     let mut out = std::io::stdout().lock();
-    let mut stream = StreamDecoder::new(&tok);
+    let mut stream = tok.stream_decoder();
     let mut produced = String::new();
     let stats = generate(&loaded.model, &prompt, &opts, |id| {
         let piece = stream.push(id);

@@ -1,6 +1,6 @@
 //! `kvsplit-mlx`: LLM inference on MLX with keys and values cached at different precisions.
 
-// mod generate;
+mod generate;
 mod info;
 mod kv_args;
 mod model_args;
@@ -19,14 +19,14 @@ struct Cli {
 enum Command {
     /// Print the MLX version, backend, device, libmlx path and memory figures.
     Info,
-    // Generate text from a prompt.
-    // Generate(generate::GenerateArgs),
+    /// Generate text from a prompt.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info => info::run(),
-        // Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }
