@@ -7,7 +7,6 @@ use clap::Args;
 use models::chat::{render, Message};
 use models::generate::{generate, GenerateOptions};
 use models::sample::SamplerSettings;
-use models::tokenizer::Tokenizer;
 use std::io::{Read, Write};
 
 #[derive(Args, Debug)]
@@ -87,11 +86,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     sampler.validate()?;
-    let loaded = load(&a.model)?;
-    let tok = Tokenizer::from_gguf(&loaded.gguf).with_context(|| format!("--model {}: tokenizer", loaded.path.display()))?;
+    let (loaded, path) = load(&a.model)?;
+    let tok = &loaded.tokenizer;
     let mut text = read_prompt(&a)?;
     if a.chat {
-        let template = tok.chat_template().with_context(|| format!("--chat: {} has no chat template", loaded.path.display()))?;
+        let template = tok.chat_template().with_context(|| format!("--chat: {} has no chat template", path.display()))?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message { role: "system".into(), content: s.clone() });
@@ -109,7 +108,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut stream = tok.stream_decoder();
     let mut produced = String::new();
-    let stats = generate(&loaded.model, &prompt, &opts, |id| {
+    let stats = generate(loaded.model.as_ref(), &prompt, &opts, |id| {
         let piece = stream.push(id);
         produced.push_str(&piece);
         let _ = out.write_all(piece.as_bytes());

@@ -3,7 +3,6 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mlx_rs::Dtype;
-use models::llama::Model;
 use std::path::PathBuf;
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -45,20 +44,9 @@ pub fn compute_dtype() -> Dtype {
     mlx_kv::Backend::current().compute_dtype()
 }
 
-pub struct Loaded {
-    pub model: Model,
-    pub gguf: models::gguf::GgufFile,
-    pub path: PathBuf,
-}
-
-pub fn load(args: &ModelArgs) -> Result<Loaded> {
+/// Loads the model named by `--model` in the backend's compute dtype.
+pub fn load(args: &ModelArgs) -> Result<(models::model::Loaded, PathBuf)> {
     let path = args.path()?;
-    if path.is_dir() {
-        bail!("--model {}: MLX/HF directories are not supported yet; pass a .gguf file", path.display());
-    }
-    let dtype = compute_dtype();
-    let (cfg, weights, gguf) = models::gguf_load::load(&path, dtype).with_context(|| format!("--model {}", path.display()))?;
-    let model = Model::new(cfg, weights, dtype).with_context(|| format!("--model {}", path.display()))?;
-    mlx_rs::transforms::eval(model.arrays())?;
-    Ok(Loaded { model, gguf, path })
+    let loaded = models::model::load(&path, compute_dtype()).with_context(|| format!("--model {}", path.display()))?;
+    Ok((loaded, path))
 }

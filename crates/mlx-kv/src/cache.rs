@@ -146,7 +146,7 @@ impl KvCache {
                 });
             }
             let block = spec.block_tokens();
-            if (w - spec.sinks) % block != 0 {
+            if !(w - spec.sinks).is_multiple_of(block) {
                 return Err(KvError::InvalidSpec {
                     flag: "--max-kv-size",
                     message: format!(

@@ -193,14 +193,14 @@ impl KvSpec {
     /// Checks the setting against the model's head_dim; errors name the offending flag.
     pub fn validate(&self, head_dim: usize) -> Result<()> {
         let per_token_k = self.key_layout == KeyLayout::PerToken;
-        if self.k.is_quantized() && per_token_k && head_dim % self.k.group != 0 {
+        if self.k.is_quantized() && per_token_k && !head_dim.is_multiple_of(self.k.group) {
             return Err(KvError::GroupMismatch { which: "key", head_dim, group: self.k.group });
         }
-        if self.v.is_quantized() && head_dim % self.v.group != 0 {
+        if self.v.is_quantized() && !head_dim.is_multiple_of(self.v.group) {
             return Err(KvError::GroupMismatch { which: "value", head_dim, group: self.v.group });
         }
         let block = self.block_tokens();
-        if self.residual % block != 0 {
+        if !self.residual.is_multiple_of(block) {
             return Err(invalid(
                 "--kv-residual",
                 format!("residual {} must be a multiple of the key group size {block} with per-channel keys", self.residual),

@@ -2,7 +2,7 @@
 //! is queued with `async_eval` before the host reads the current token).
 
 use crate::error::{ModelError, Result};
-use crate::llama::Model;
+use crate::model::LanguageModel;
 use crate::sample::{Sampler, SamplerSettings};
 use mlx_kv::{CacheBytes, CacheOptions, KvCache, KvSpec, LayerOverrides};
 use mlx_rs::transforms::{async_eval, eval};
@@ -19,23 +19,30 @@ pub struct CacheSettings {
 
 impl CacheSettings {
     /// One cache per layer, each with its own (possibly overridden) spec.
-    pub fn build(&self, model: &Model, max_chunk: usize) -> Result<Vec<KvCache>> {
+    pub fn build(&self, model: &dyn LanguageModel, max_chunk: usize) -> Result<Vec<KvCache>> {
         let n = model.n_layers();
         self.layers.validate(n)?;
-        let opts = CacheOptions { max_size: self.max_kv_size, max_chunk };
         (0..n)
-            .map(|i| Ok(KvCache::new(self.layers.apply(&self.spec, i, n), model.cfg.head_dim(), opts)?))
+            .map(|i| {
+                // A sliding-window layer never needs more than its window, whatever the user asked.
+                let max_size = match (self.max_kv_size, model.layer_window(i)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let opts = CacheOptions { max_size, max_chunk };
+                Ok(KvCache::new(self.layers.apply(&self.spec, i, n), model.head_dim(), opts)?)
+            })
             .collect()
     }
 
     /// Closed-form bytes one token costs across all layers (K and V, scales and biases).
-    pub fn bytes_per_token(&self, model: &Model) -> f64 {
+    pub fn bytes_per_token(&self, model: &dyn LanguageModel) -> f64 {
         let n = model.n_layers();
-        let float_bytes = if model.dtype == mlx_rs::Dtype::Float32 { 4 } else { 2 };
+        let float_bytes = if model.dtype() == mlx_rs::Dtype::Float32 { 4 } else { 2 };
         (0..n)
             .map(|i| {
-                let (k, v) = self.layers.apply(&self.spec, i, n).bytes_per_token_per_head(model.cfg.head_dim(), float_bytes);
-                (k + v) * model.cfg.num_key_value_heads as f64
+                let (k, v) = self.layers.apply(&self.spec, i, n).bytes_per_token_per_head(model.head_dim(), float_bytes);
+                (k + v) * model.n_kv_heads() as f64
             })
             .sum()
     }
@@ -80,7 +87,7 @@ pub fn available_memory() -> Option<u64> {
 
 /// Fails before any work when `tokens` cannot fit: the model's trained context (unless a window
 /// bounds the cache) or the memory the cache would need. The message says what would fit.
-pub fn check_context(model: &Model, cache: &CacheSettings, tokens: usize) -> Result<()> {
+pub fn check_context(model: &dyn LanguageModel, cache: &CacheSettings, tokens: usize) -> Result<()> {
     let per_token = cache.bytes_per_token(model);
     let held = cache.max_kv_size.map_or(tokens, |w| w.min(tokens));
     if let Some(avail) = available_memory() {
@@ -96,7 +103,7 @@ pub fn check_context(model: &Model, cache: &CacheSettings, tokens: usize) -> Res
             });
         }
     }
-    let max = model.cfg.max_position_embeddings;
+    let max = model.max_context();
     if tokens > max {
         let fits = available_memory().map_or(String::new(), |a| format!("; memory would hold about {} tokens with {}", (a as f64 / per_token) as usize, cache.spec));
         return Err(ModelError::Context {
@@ -114,7 +121,7 @@ fn eval_caches(caches: &[KvCache], extra: &Array) -> Result<()> {
 }
 
 /// Prefills `prompt` in chunks of `step`; returns the logits of the last position.
-pub fn prefill(model: &Model, caches: &mut [KvCache], prompt: &[u32], step: usize) -> Result<Array> {
+pub fn prefill(model: &dyn LanguageModel, caches: &mut [KvCache], prompt: &[u32], step: usize) -> Result<Array> {
     let step = step.max(1);
     let mut logits = None;
     for (i, chunk) in prompt.chunks(step).enumerate() {
@@ -133,7 +140,7 @@ pub fn prefill(model: &Model, caches: &mut [KvCache], prompt: &[u32], step: usiz
 }
 
 /// Runs generation; `on_token` gets each token and returns false to stop.
-pub fn generate(model: &Model, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
+pub fn generate(model: &dyn LanguageModel, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
     check_context(model, &opts.cache, prompt.len() + opts.max_tokens)?;
     let mut caches = opts.cache.build(model, opts.prefill_step)?;
     let mut sampler = Sampler::new(opts.sampler.clone())?;

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf_load;
 pub mod llama;
+pub mod model;
 pub mod sample;
 pub mod weights;
 pub mod gguf;

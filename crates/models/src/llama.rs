@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::model::LanguageModel;
 use crate::weights::{Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::fast::{rms_norm, rope};
@@ -229,12 +230,10 @@ impl Model {
         Ok(Model { cfg, dtype, embed_tokens, layers, norm, lm_head })
     }
 
-    pub fn n_layers(&self) -> usize {
-        self.layers.len()
-    }
+}
 
-    /// Logits `[B, L, V]` for `ids` (`[B, L]` int32), or `[B, 1, V]` with `last_only`.
-    pub fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
+impl LanguageModel for Model {
+    fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
         let mut x = self.embed_tokens.forward(ids, self.dtype)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
@@ -250,8 +249,31 @@ impl Model {
         }
     }
 
-    /// Every weight array, to evaluate after loading.
-    pub fn arrays(&self) -> Vec<&Array> {
+    fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.cfg.head_dim()
+    }
+
+    fn n_kv_heads(&self) -> usize {
+        self.cfg.num_key_value_heads
+    }
+
+    fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn family(&self) -> &str {
+        &self.cfg.model_type
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
         let mut v = self.embed_tokens.weight.arrays();
         v.push(&self.norm);
         if let Some(h) = &self.lm_head {

@@ -7,6 +7,7 @@ use mlx_rs::ops::indexing::argmax_axis;
 use mlx_rs::{Array, Dtype};
 use models::gguf::GgufFile;
 use models::llama::Model;
+use models::model::LanguageModel;
 use std::path::PathBuf;
 
 fn model_path() -> PathBuf {

@@ -1,0 +1,56 @@
+//! What every model family offers the engine, and loading a model by path.
+
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use mlx_kv::KvCache;
+use mlx_rs::{Array, Dtype};
+use std::path::Path;
+
+/// A causal language model whose KV cache is passed in.
+pub trait LanguageModel {
+    /// Logits `[B, L, V]` for `ids` (`[B, L]` int32), or `[B, 1, V]` with `last_only`.
+    fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array>;
+    fn n_layers(&self) -> usize;
+    fn head_dim(&self) -> usize;
+    fn n_kv_heads(&self) -> usize;
+    /// The trained context length.
+    fn max_context(&self) -> usize;
+    fn dtype(&self) -> Dtype;
+    /// Sliding-window layers return their window; they get a rotating cache of that size.
+    fn layer_window(&self, _layer: usize) -> Option<usize> {
+        None
+    }
+    /// Every weight array, to evaluate after loading.
+    fn arrays(&self) -> Vec<&Array>;
+    /// A short family name for reports (`llama`, `qwen2`, ...).
+    fn family(&self) -> &str;
+}
+
+/// A loaded model with its tokenizer.
+pub struct Loaded {
+    pub model: Box<dyn LanguageModel>,
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads a `.gguf` file (weights, config and tokenizer from one file).
+pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
+    let (cfg, weights, gguf) = crate::gguf_load::load(path, dtype)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: format!("tokenizer: {e}"),
+    })?;
+    let model: Box<dyn LanguageModel> = Box::new(crate::llama::Model::new(cfg, weights, dtype)?);
+    mlx_rs::transforms::eval(model.arrays())?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// Loads a model from a `.gguf` file or a local model directory.
+pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
+    if path.is_dir() {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            reason: "MLX/HF model directories are not supported yet; pass a .gguf file".into(),
+        });
+    }
+    load_gguf(path, dtype)
+}
