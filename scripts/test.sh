@@ -4,6 +4,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
-if [ -x "$ROOT/scripts/fetch-test-data.sh" ]; then "$ROOT/scripts/fetch-test-data.sh"; fi
+"$ROOT/scripts/fetch-test-data.sh"
+# Extra real models (Gemma 3, Qwen2.5) for family tests, once fetch-models.sh exists.
+if [ -x "$ROOT/scripts/fetch-models.sh" ]; then "$ROOT/scripts/fetch-models.sh"; fi
 cd "$ROOT"
 cargo test --release --workspace
