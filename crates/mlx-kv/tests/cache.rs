@@ -12,28 +12,40 @@ const SCALE: f64 = 0.125; // 1/sqrt(64)
 
 /// Feeds `k`,`v` in chunks, then checks the attention of each chunk's queries.
 fn run_and_check(spec: &KvSpec, opts: CacheOptions, chunks: &[usize], visible: &dyn Fn(usize, usize) -> bool, seed: u64) {
+    check_heads(spec, opts, chunks, visible, seed, (4, 2, D));
+}
+
+/// As `run_and_check`, for `(query heads, kv heads, head_dim)`.
+fn check_heads(
+    spec: &KvSpec,
+    opts: CacheOptions,
+    chunks: &[usize],
+    visible: &dyn Fn(usize, usize) -> bool,
+    seed: u64,
+    (hq, hkv, d): (usize, usize, usize),
+) {
     let t: usize = chunks.iter().sum();
-    let (hq, hkv) = (4, 2);
-    let q = Host::random([1, hq, t, D], seed);
-    let k = Host::random([1, hkv, t, D], seed + 1);
-    let v = Host::random([1, hkv, t, D], seed + 2);
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = Host::random([1, hq, t, d], seed);
+    let k = Host::random([1, hkv, t, d], seed + 1);
+    let v = Host::random([1, hkv, t, d], seed + 2);
     let (kb, vb) = (spec.k.bits, spec.v.bits);
     let (qh, kh) = match spec.rotation {
         Rotation::None => (q.tokens(0, t), k.tokens(0, t)),
         _ => (rotate(&q), rotate(&k)),
     };
     let vh = if spec.rotation == Rotation::KeysAndValues { rotate(&v) } else { v.tokens(0, t) };
-    let bound = attention_bound(q_l1_max(&qh) , SCALE, kh.max_abs(), vh.max_abs(), kb, vb)
+    let bound = attention_bound(q_l1_max(&qh), scale, kh.max_abs(), vh.max_abs(), kb, vb)
         // Rotating the output back sums D terms of the per-element error, each weighted 1/sqrt(D).
-        * if spec.rotation == Rotation::KeysAndValues { (D as f64).sqrt() } else { 1.0 };
-    let mut cache = KvCache::new(spec.clone(), D, opts).unwrap();
+        * if spec.rotation == Rotation::KeysAndValues { (d as f64).sqrt() } else { 1.0 };
+    let mut cache = KvCache::new(spec.clone(), d, opts).unwrap();
     let mut at = 0;
     for &n in chunks {
         let (a, z) = (at, at + n);
         let out = cache
-            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), scale as f32, None)
             .unwrap();
-        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, visible);
+        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), scale, visible);
         let err = max_abs_diff(&to_vec(&out), &want);
         assert!(err <= bound, "{spec} chunk {a}..{z}: max error {err:.3e} exceeds bound {bound:.3e}");
         at = z;
@@ -42,7 +54,7 @@ fn run_and_check(spec: &KvSpec, opts: CacheOptions, chunks: &[usize], visible: &
 }
 
 fn rotate(x: &Host) -> Host {
-    let h = mlx_kv::rotation::hadamard(D, Dtype::Float32).unwrap();
+    let h = mlx_kv::rotation::hadamard(x.shape[3], Dtype::Float32).unwrap();
     let r = mlx_rs::ops::matmul(x.array(), &h).unwrap();
     Host { data: to_vec(&r), shape: x.shape }
 }
@@ -193,3 +205,47 @@ fn per_channel_and_rotation_beat_per_token_on_outlier_channels() {
     assert!(rotated < per_token, "rotation {rotated} should beat per-token {per_token}");
 }
 
+
+#[test]
+fn trim_and_reset_rewind_the_offset() {
+    let k = Host::random([1, 2, 40, D], 21);
+    let mut cache = KvCache::new(KvSpec::bits(8, 4), D, CacheOptions::default()).unwrap();
+    cache.update(&k.array(), &k.array()).unwrap();
+    assert_eq!(cache.trim(5), 5);
+    assert_eq!((cache.offset(), cache.len()), (35, 35));
+    let again = k.tokens(35, 40).array();
+    cache.update(&again, &again).unwrap();
+    let full = to_vec(&cache.dequantized_keys().unwrap().unwrap());
+    let mut fresh = KvCache::new(KvSpec::bits(8, 4), D, CacheOptions::default()).unwrap();
+    fresh.update(&k.array(), &k.array()).unwrap();
+    assert_eq!(full, to_vec(&fresh.dequantized_keys().unwrap().unwrap()), "trim then re-append must equal a straight fill");
+    cache.reset();
+    assert_eq!((cache.offset(), cache.len(), cache.bytes().total()), (0, 0, 0));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BITS: [u8; 7] = [2, 3, 4, 5, 6, 8, 16];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn random_shapes_offsets_and_settings_stay_within_bound(
+            kb in 0usize..7, vb in 0usize..7,
+            hkv in 1usize..4, rep in 1usize..4, d in prop::sample::select(vec![32usize, 64, 128]),
+            chunks in prop::collection::vec(1usize..40, 1..6),
+            residual in prop::sample::select(vec![0usize, 8, 32]),
+            sinks in 0usize..5,
+            seed in 0u64..1000,
+        ) {
+            let mut spec = KvSpec::bits(BITS[kb], BITS[vb]);
+            spec.k.group = 32;
+            spec.v.group = 32;
+            spec.residual = residual;
+            spec.sinks = sinks;
+            check_heads(&spec, CacheOptions::default(), &chunks, &causal, seed, (hkv * rep, hkv, d));
+        }
+    }
+}
