@@ -1,9 +1,15 @@
 //! `kvsplit-mlx`: LLM inference on MLX with keys and values cached at different precisions.
 
+mod bench;
+mod bench_attention;
+mod compare;
 mod generate;
 mod info;
 mod kv_args;
 mod model_args;
+mod plot;
+mod ppl;
+mod results;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -15,18 +21,32 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up, so variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print the MLX version, backend, device, libmlx path and memory figures.
     Info,
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Benchmark whole-model prefill/decode over K/V settings and depths (`bench attention`: one attention call).
+    Bench(bench::BenchCmd),
+    /// Draw PNG/SVG figures from bench and ppl result files.
+    Plot(plot::PlotArgs),
+    /// Perplexity, KL divergence and top-1 agreement of K/V settings (WikiText-2 or a file).
+    Ppl(ppl::PplArgs),
+    /// Quick side-by-side of fp16, k8v8, k8v4, k4v8, k4v4: KV bytes, decode speed, quality.
+    Compare(compare::CompareArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info => info::run(),
         Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Plot(a) => plot::run(a),
+        Command::Ppl(a) => ppl::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

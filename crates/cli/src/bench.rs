@@ -1,0 +1,392 @@
+//! `kvsplit-mlx bench`: llama-bench-style whole-model throughput over K/V settings × context
+//! depth, plus `bench attention` (one attention call, no model; see bench_attention.rs).
+//!
+//! Each row: fresh caches, `depth` tokens prefilled untimed, then a timed prefill of `n_prompt`
+//! tokens (TTFT = that prefill plus the argmax of its last logits), then `n_gen` greedy decode
+//! steps, each synchronised by evaluating the token it produced; decode tok/s is steps over the
+//! whole loop's time. The model is loaded once and every K/V setting is warmed up first.
+
+use crate::kv_args::KvArgs;
+use crate::model_args::{load, ModelArgs};
+use crate::results::{human_bytes, markdown_table, parse_size, stats, write_rows, Env, ModelRow};
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mlx_kv::KvCache;
+use mlx_rs::ops::indexing::argmax_axis;
+use mlx_rs::transforms::eval;
+use mlx_rs::{Array, Dtype};
+use models::generate::{available_memory, prefill, CacheSettings};
+use models::model::LanguageModel;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCmd {
+    #[command(subcommand)]
+    pub sub: Option<BenchSub>,
+    #[command(flatten)]
+    pub args: Box<BenchArgs>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchSub {
+    /// Time one attention call (decode step and prefill chunk) on random data, no model.
+    Attention(Box<crate::bench_attention::AttentionArgs>),
+}
+
+/// `KvArgs` with `--kv` repeatable and list-valued, so one run sweeps several settings.
+#[derive(Debug, Clone)]
+pub struct SweepKv {
+    pub list: Vec<String>,
+    pub rest: KvArgs,
+}
+
+const KV_HELP: &str = "K/V settings to sweep: presets comma-separated (`fp16,k8v4`) or repeated \
+    `--kv` flags (`--kv fp16 --kv 8,4`); a value like `8,4` is one setting (K8V4)";
+
+impl FromArgMatches for SweepKv {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let raw: Vec<String> = m.get_many::<String>("kv").map(|v| v.cloned().collect()).unwrap_or_default();
+        Ok(SweepKv { list: split_kv_list(&raw), rest: KvArgs::from_arg_matches(m)? })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for SweepKv {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        KvArgs::augment_args(cmd).mut_arg("kv", |a| a.action(ArgAction::Append).default_value("fp16,k8v4").help(KV_HELP))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// `fp16,k8v4` is a list; `8,4` (numbers only) is one K,V pair.
+pub fn split_kv_list(values: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in values {
+        let parts: Vec<&str> = v.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+        if parts.len() > 1 && parts.iter().all(|p| p.chars().any(|c| c.is_ascii_alphabetic())) {
+            out.extend(parts.iter().map(|p| p.to_string()));
+        } else {
+            out.push(v.trim().to_string());
+        }
+    }
+    out
+}
+
+/// Parses a comma-separated list of counts for `flag`.
+pub fn parse_list(s: &str, flag: &str) -> Result<Vec<usize>> {
+    let v = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("{flag}: '{x}' is not a whole number")))
+        .collect::<Result<Vec<_>>>()?;
+    if v.is_empty() {
+        bail!("{flag}: give at least one value");
+    }
+    Ok(v)
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: SweepKv,
+    /// Context depths, comma-separated: tokens already in the cache before measuring (llama-bench -d).
+    #[arg(short = 'd', long, default_value = "0,1024,4096,16384")]
+    pub depth: String,
+    /// Prompt tokens whose prefill is timed.
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Greedy decode steps timed after the prompt.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub n_gen: usize,
+    /// Repeats per row; rows report median, min and max.
+    #[arg(short = 'r', long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Tokens per prefill chunk (depth and prompt alike).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_step: usize,
+    /// Text whose tokens feed the model (repeated when too short).
+    #[arg(long, default_value = "../shared/data/wikitext-2-raw/wiki.test.raw")]
+    pub text: PathBuf,
+    /// Directory for the CSV, JSON and Markdown results.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// File stem of the results (default: bench-model-<UTC date and time>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Memory budget (e.g. `8G`, `512M`, `16GB`): print, per K/V setting, the longest context
+    /// whose KV cache plus model weights fit it (closed-form estimate, activations excluded).
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd.sub {
+        Some(BenchSub::Attention(a)) => crate::bench_attention::run(*a),
+        None => run_model(*cmd.args),
+    }
+}
+
+/// Longest context whose KV cache fits `budget` beside `weights`; None when the weights alone
+/// do not fit.
+pub fn max_context_for_budget(budget: u64, weights: u64, bytes_per_token: f64) -> Option<u64> {
+    if weights > budget || bytes_per_token <= 0.0 {
+        return None;
+    }
+    Some(((budget - weights) as f64 / bytes_per_token).floor() as u64)
+}
+
+/// About `n` tokens of the text, from its start, repeated when the text is shorter.
+fn text_tokens(path: &Path, tok: &models::tokenizer::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--text {}", path.display()))?;
+    // ~4 bytes per token for English BPE; take 8 per token so one pass usually suffices.
+    let mut end = (n * 8).min(text.len());
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    let ids = tok.encode(&text[..end], false);
+    if ids.is_empty() {
+        bail!("--text {}: encodes to no tokens", path.display());
+    }
+    Ok(ids.iter().copied().cycle().take(n).collect())
+}
+
+struct Sample {
+    prefill_tps: f64,
+    decode_tps: f64,
+    ttft_ms: f64,
+    kv_bytes: usize,
+    peak: usize,
+}
+
+fn greedy(logits: &Array) -> Result<Array> {
+    let v = *logits.shape().last().unwrap_or(&1);
+    Ok(argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
+}
+
+fn eval_step(caches: &[KvCache], y: &Array) -> Result<()> {
+    let mut arrays: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
+    arrays.push(y);
+    Ok(eval(arrays)?)
+}
+
+/// One measurement: depth untimed, then prompt prefill and `n_gen` decode steps timed.
+fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize) -> Result<Sample> {
+    let mut caches = settings.build(model, step)?;
+    if depth > 0 {
+        prefill(model, &mut caches, &ids[..depth], step)?;
+    }
+    mlx_rs::memory::reset_peak_memory()?;
+    let t0 = Instant::now();
+    let logits = prefill(model, &mut caches, &ids[depth..depth + n_prompt], step)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut y = greedy(&logits)?;
+    eval([&y])?;
+    let ttft_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..n_gen {
+        let input = y.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?;
+        let logits = model.forward(&input, &mut caches, true)?;
+        y = greedy(&logits)?;
+        eval_step(&caches, &y)?;
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(Sample {
+        prefill_tps: n_prompt as f64 / prefill_s.max(1e-9),
+        decode_tps: if n_gen == 0 { f64::NAN } else { n_gen as f64 / decode_s.max(1e-9) },
+        ttft_ms: ttft_s * 1e3,
+        kv_bytes: caches.iter().map(|c| c.bytes().total()).sum(),
+        peak: mlx_rs::memory::peak_memory()?,
+    })
+}
+
+pub fn weights_bytes(model: &dyn LanguageModel) -> u64 {
+    model.arrays().iter().map(|a| a.nbytes() as u64).sum()
+}
+
+fn run_model(a: BenchArgs) -> Result<()> {
+    let depths = parse_list(&a.depth, "--depth")?;
+    if a.n_prompt == 0 {
+        bail!("--n-prompt: must be at least 1 (TTFT needs a prompt)");
+    }
+    if a.repeats == 0 {
+        bail!("--repeats: must be at least 1");
+    }
+    if a.prefill_step == 0 {
+        bail!("--prefill-step: must be at least 1");
+    }
+    let settings: Vec<(String, CacheSettings)> = a
+        .kv
+        .list
+        .iter()
+        .map(|kv| Ok((kv.clone(), a.kv.rest.settings_for(kv).with_context(|| format!("--kv {kv}"))?)))
+        .collect::<Result<_>>()?;
+    let budget = a.memory_budget.as_deref().map(|b| parse_size(b, "--memory-budget")).transpose()?;
+    let (loaded, path) = load(&a.model)?;
+    let model = loaded.model.as_ref();
+    let model_name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let weights = weights_bytes(model);
+
+    if let Some(b) = budget {
+        println!("Memory budget {} ({b} bytes), model weights {}: longest context whose KV cache fits (closed-form bytes/token, activations not counted):", human_bytes(b as f64), human_bytes(weights as f64));
+        for (_, s) in &settings {
+            let per = s.bytes_per_token(model);
+            match max_context_for_budget(b, weights, per) {
+                Some(n) => {
+                    let note = if n as usize > model.max_context() { format!(" (beyond the model's trained {} tokens)", model.max_context()) } else { String::new() };
+                    println!("  {:>8}: {n} tokens at {per:.0} bytes/token{note}", s.spec.to_string());
+                }
+                None => println!("  {:>8}: the weights alone exceed the budget", s.spec),
+            }
+        }
+    }
+
+    let max_depth = *depths.iter().max().unwrap_or(&0);
+    let ids = text_tokens(&a.text, &loaded.tokenizer, max_depth + a.n_prompt)?;
+    let avail = available_memory();
+    let mut plan = Vec::new();
+    for (kv, s) in &settings {
+        for &d in &depths {
+            let tokens = d + a.n_prompt + a.n_gen;
+            let need = s.bytes_per_token(model) * tokens as f64;
+            if avail.is_some_and(|m| need > m as f64) {
+                eprintln!("skip: {} at depth {d}: its KV cache ({}) exceeds available memory", s.spec, human_bytes(need));
+                continue;
+            }
+            if tokens > model.max_context() {
+                eprintln!("note: {} at depth {d}: {tokens} tokens exceed the model's trained {} (speed only)", s.spec, model.max_context());
+            }
+            plan.push((kv.clone(), s.clone(), d));
+        }
+    }
+
+    // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
+    for (_, s) in &settings {
+        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step)?;
+    }
+    let env = Env::detect();
+    let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} runs [{elapsed_precise}<{eta_precise}] {msg}")?);
+    let mut rows = Vec::new();
+    for (_, s, depth) in &plan {
+        let mut samples = Vec::new();
+        for r in 0..a.repeats {
+            bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
+            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step)?);
+            mlx_rs::memory::clear_cache()?;
+            bar.inc(1);
+        }
+        let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
+        let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
+        let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
+        let tokens = depth + a.n_prompt + a.n_gen;
+        rows.push(ModelRow {
+            kind: "model".into(),
+            machine: env.machine.clone(),
+            backend: env.backend.clone(),
+            device: env.device.clone(),
+            mlx_version: env.mlx_version.clone(),
+            model: model_name.clone(),
+            kv: s.spec.to_string(),
+            depth: *depth,
+            n_prompt: a.n_prompt,
+            n_gen: a.n_gen,
+            repeats: a.repeats,
+            prefill_tps_median: pm,
+            prefill_tps_min: pmin,
+            prefill_tps_max: pmax,
+            decode_tps_median: dm,
+            decode_tps_min: dmin,
+            decode_tps_max: dmax,
+            ttft_ms: ttft,
+            kv_bytes_measured: samples.iter().map(|x| x.kv_bytes as u64).max().unwrap_or(0),
+            kv_bytes_formula: (s.bytes_per_token(model) * tokens as f64).round() as u64,
+            peak_memory: samples.iter().map(|x| x.peak as u64).max().unwrap_or(0),
+            commit: env.commit.clone(),
+            date: env.date.clone(),
+        });
+    }
+    bar.finish_and_clear();
+
+    let table = model_table(&rows);
+    print!("{table}");
+    let stem = a.name.clone().unwrap_or_else(|| format!("bench-model-{}", env.date.replace([':', '-'], "").trim_end_matches('Z')));
+    let (c, j) = write_rows(&a.out, &stem, &rows)?;
+    let md = a.out.join(format!("{stem}.md"));
+    let header = format!(
+        "# Whole-model benchmark\n\nmodel `{model_name}`, backend {} ({}), MLX {}, machine {}, commit {}, {}.\n\
+         Prefill tok/s: `-p` tokens after `depth` cached tokens; decode tok/s: `-n` greedy steps, each evaluated; \
+         median [min–max] over {} repeats after a warm-up. KV measured = resident bytes of all layers' caches after the run \
+         (allocation grows in 256-token steps); formula = closed-form bytes/token × tokens. The fp16 setting is stored in the \
+         compute dtype ({:?}).\n\n",
+        env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, a.repeats, model.dtype()
+    );
+    std::fs::write(&md, header + &table).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("wrote {}, {}, {}", c.display(), j.display(), md.display());
+    Ok(())
+}
+
+pub fn model_table(rows: &[ModelRow]) -> String {
+    let header = ["kv", "depth", "n_prompt", "n_gen", "prefill tok/s", "decode tok/s", "ttft ms", "KV measured", "KV formula", "peak mem"];
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.kv.clone(),
+                r.depth.to_string(),
+                r.n_prompt.to_string(),
+                r.n_gen.to_string(),
+                format!("{:.1} [{:.1}–{:.1}]", r.prefill_tps_median, r.prefill_tps_min, r.prefill_tps_max),
+                format!("{:.2} [{:.2}–{:.2}]", r.decode_tps_median, r.decode_tps_min, r.decode_tps_max),
+                format!("{:.0}", r.ttft_ms),
+                human_bytes(r.kv_bytes_measured as f64),
+                human_bytes(r.kv_bytes_formula as f64),
+                human_bytes(r.peak_memory as f64),
+            ]
+        })
+        .collect();
+    markdown_table(&header, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        b: BenchArgs,
+    }
+
+    #[test]
+    fn budget_is_weights_plus_whole_tokens() {
+        // 1 GiB budget, 100 MiB weights, 1 KiB per token: (1024-100) MiB / 1 KiB tokens.
+        let per = 1024.0;
+        assert_eq!(max_context_for_budget(1 << 30, 100 << 20, per), Some((924u64 << 20) / 1024));
+        // A budget one byte short of a token rounds down.
+        assert_eq!(max_context_for_budget(100 + 2047, 100, per), Some(1));
+        assert_eq!(max_context_for_budget(99, 100, per), None);
+        assert_eq!(max_context_for_budget(100, 100, per), Some(0));
+    }
+
+    #[test]
+    fn kv_lists_and_repeated_flags() {
+        let t = T::try_parse_from(["x", "--kv", "fp16,k8v4", "--kv", "8,4", "-d", "0,16", "-p", "8"]).unwrap();
+        assert_eq!(t.b.kv.list, vec!["fp16", "k8v4", "8,4"]);
+        assert_eq!(t.b.n_prompt, 8);
+        assert_eq!(parse_list(&t.b.depth, "--depth").unwrap(), vec![0, 16]);
+        let d = T::try_parse_from(["x"]).unwrap();
+        assert_eq!(d.b.kv.list, vec!["fp16", "k8v4"]);
+        assert_eq!(d.b.kv.rest.kv_group_size, "64");
+        assert!(parse_list("1,x", "--depth").unwrap_err().to_string().contains("--depth"));
+    }
+}

@@ -1,0 +1,399 @@
+//! Result rows shared by `bench`, `bench attention` and `plot`: the row schemas, the
+//! environment every row records, CSV/JSON files and the human tables printed beside them.
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where and with what a row was measured; copied into every row so rows stand alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Env {
+    pub machine: String,
+    pub backend: String,
+    pub device: String,
+    pub mlx_version: String,
+    pub commit: String,
+    pub date: String,
+}
+
+impl Env {
+    pub fn detect() -> Env {
+        Env {
+            machine: machine(),
+            backend: mlx_kv::Backend::current().name().to_string(),
+            device: format!("{}", mlx_rs::Device::default()),
+            mlx_version: mlx_version(),
+            commit: git_commit(),
+            date: utc_now(),
+        }
+    }
+}
+
+pub fn mlx_version() -> String {
+    // SAFETY: mlx_version fills a string we own and free; the data pointer is a C string valid
+    // until the free.
+    unsafe {
+        let mut s = mlx_sys::mlx_string_new();
+        mlx_sys::mlx_version(&mut s);
+        let v = std::ffi::CStr::from_ptr(mlx_sys::mlx_string_data(s)).to_string_lossy().into_owned();
+        mlx_sys::mlx_string_free(s);
+        v
+    }
+}
+
+/// CPU model, core count and memory: enough to tell two machines' rows apart.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| std::env::consts::ARCH.to_string(), |(_, v)| v.split_whitespace().collect::<Vec<_>>().join(" "));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(String::new(), |kb| format!(" / {:.0} GiB", kb as f64 / (1u64 << 20) as f64));
+    format!("{cpu} / {cores} cores{mem}")
+}
+
+/// Short HEAD hash, with `-dirty` when tracked files differ from it (the binary may then not
+/// be exactly that commit).
+fn git_commit() -> String {
+    let run = |args: &[&str]| Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match run(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(h) => {
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{h}-dirty")
+            } else {
+                h
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` from the system clock, without a date crate.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (proleptic Gregorian), eras of 400 years.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// One whole-model row (`kind = model`); the field order is the CSV column order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelRow {
+    pub kind: String,
+    pub machine: String,
+    pub backend: String,
+    pub device: String,
+    pub mlx_version: String,
+    pub model: String,
+    pub kv: String,
+    pub depth: usize,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub repeats: usize,
+    pub prefill_tps_median: f64,
+    pub prefill_tps_min: f64,
+    pub prefill_tps_max: f64,
+    pub decode_tps_median: f64,
+    pub decode_tps_min: f64,
+    pub decode_tps_max: f64,
+    pub ttft_ms: f64,
+    pub kv_bytes_measured: u64,
+    pub kv_bytes_formula: u64,
+    pub peak_memory: u64,
+    pub commit: String,
+    pub date: String,
+}
+
+/// One attention-only row (`kind = attention`). Shares the environment, `model` (here the
+/// synthetic shape), `kv`, `depth` (context tokens already cached), `repeats`,
+/// `kv_bytes_measured`/`kv_bytes_formula` and `peak_memory` with [`ModelRow`]; the rest is
+/// specific to one attention call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttentionRow {
+    pub kind: String,
+    pub machine: String,
+    pub backend: String,
+    pub device: String,
+    pub mlx_version: String,
+    pub model: String,
+    pub kv: String,
+    pub depth: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Queries in the prefill measurement.
+    pub chunk: usize,
+    pub repeats: usize,
+    /// Dtype of queries and of the dense ("fp16") cache: f32 on CPU.
+    pub compute_dtype: String,
+    pub decode_ms_median: f64,
+    pub decode_ms_min: f64,
+    pub decode_ms_max: f64,
+    pub prefill_ms_median: f64,
+    pub prefill_ms_min: f64,
+    pub prefill_ms_max: f64,
+    /// Bytes one decode step must read: packed K and V plus scales and biases (or the dense
+    /// K and V) for `depth` tokens.
+    pub bytes_read: u64,
+    /// Resident KV bytes with `depth` tokens cached (allocation rounded up to whole steps).
+    pub kv_bytes_measured: u64,
+    pub kv_bytes_formula: u64,
+    /// Peak MLX memory during one decode step (cache included).
+    pub peak_memory: u64,
+    /// Peak MLX memory during one prefill chunk (cache included).
+    pub prefill_peak_memory: u64,
+    /// Ratios to the fp16 row of the same context (empty where there is none).
+    pub decode_vs_fp16: Option<f64>,
+    pub prefill_vs_fp16: Option<f64>,
+    pub bytes_vs_fp16: Option<f64>,
+    pub prefill_peak_vs_fp16: Option<f64>,
+    pub commit: String,
+    pub date: String,
+}
+
+/// A perplexity row as written by `ppl`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PplRow {
+    pub model: String,
+    pub kv: String,
+    pub ctx: usize,
+    pub chunk: usize,
+    pub score_all: String,
+    pub windows: usize,
+    pub tokens_scored: usize,
+    pub ppl: f64,
+    pub ppl_stderr: f64,
+    pub kld_mean: Option<f64>,
+    pub kld_p99: Option<f64>,
+    pub top1_agree: Option<f64>,
+    pub kv_bytes_per_token: f64,
+    pub backend: String,
+    pub mlx_version: String,
+    pub commit: String,
+    pub date: String,
+}
+
+/// Median, min and max of samples (median of an even count is the mean of the middle two).
+pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    (median, s[0], s[n - 1])
+}
+
+/// Writes `<dir>/<stem>.csv` and `<dir>/<stem>.json`; returns both paths.
+pub fn write_rows<T: Serialize>(dir: &Path, stem: &str, rows: &[T]) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot create the directory", dir.display()))?;
+    let csv_path = dir.join(format!("{stem}.csv"));
+    let json_path = dir.join(format!("{stem}.json"));
+    let mut w = csv::Writer::from_path(&csv_path).with_context(|| format!("writing {}", csv_path.display()))?;
+    for r in rows {
+        w.serialize(r).with_context(|| format!("writing {}", csv_path.display()))?;
+    }
+    w.flush().with_context(|| format!("writing {}", csv_path.display()))?;
+    let json = serde_json::to_string_pretty(rows)?;
+    std::fs::write(&json_path, json + "\n").with_context(|| format!("writing {}", json_path.display()))?;
+    Ok((csv_path, json_path))
+}
+
+/// The header line of a CSV file, or the keys of the first object of a JSON file.
+pub fn columns(path: &Path) -> Result<Vec<String>> {
+    if is_json(path) {
+        let v: serde_json::Value = serde_json::from_str(&read(path)?).with_context(|| format!("{}: not JSON", path.display()))?;
+        let first = json_rows(v).into_iter().next();
+        Ok(first.and_then(|r| r.as_object().map(|o| o.keys().cloned().collect())).unwrap_or_default())
+    } else {
+        let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(r.headers().with_context(|| format!("{}: no CSV header", path.display()))?.iter().map(String::from).collect())
+    }
+}
+
+/// Reads rows of one schema from a `.csv` or `.json` file (a JSON array, or `{"rows": [...]}`).
+pub fn read_rows<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if is_json(path) {
+        let v: serde_json::Value = serde_json::from_str(&read(path)?).with_context(|| format!("{}: not JSON", path.display()))?;
+        json_rows(v)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| serde_json::from_value(r).with_context(|| format!("{}: row {}", path.display(), i + 1)))
+            .collect()
+    } else {
+        let mut r = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
+        r.deserialize()
+            .enumerate()
+            .map(|(i, row)| row.with_context(|| format!("{}: data row {}", path.display(), i + 1)))
+            .collect()
+    }
+}
+
+fn is_json(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn json_rows(v: serde_json::Value) -> Vec<serde_json::Value> {
+    match v {
+        serde_json::Value::Array(a) => a,
+        serde_json::Value::Object(mut o) => match o.remove("rows") {
+            Some(serde_json::Value::Array(a)) => a,
+            _ => vec![serde_json::Value::Object(o)],
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// A Markdown table (also readable in a terminal) with right-aligned columns.
+pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len()).map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0)).collect();
+    let line = |cells: Vec<String>| format!("| {} |\n", cells.iter().zip(&widths).map(|(c, w)| format!("{c:>w$}")).collect::<Vec<_>>().join(" | "));
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    out.push_str(&format!("|{}|\n", widths.iter().map(|w| format!("{}:", "-".repeat(w + 1))).collect::<Vec<_>>().join("|")));
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+/// Parses a byte count with an optional suffix: `K`/`M`/`G`/`T` and `KiB`/`MiB`/... are powers
+/// of 1024, `KB`/`MB`/`GB`/`TB` powers of 1000 (`8G` = 8 GiB; `1.5GB` = 1.5e9).
+pub fn parse_size(s: &str, flag: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| anyhow::anyhow!("{flag}: '{s}' does not start with a number"))?;
+    let mult: f64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => bail!("{flag}: unknown size suffix '{other}' in '{s}'; use K, M, G, T (powers of 1024) or KB, MB, GB, TB"),
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 1.0 {
+        bail!("{flag}: '{s}' is not a positive size");
+    }
+    Ok(bytes as u64)
+}
+
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.2} {}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_model_row(kv: &str, depth: usize) -> ModelRow {
+        ModelRow {
+            kind: "model".into(),
+            machine: "test cpu, with comma / 2 cores".into(),
+            backend: "cpu".into(),
+            device: "Device(cpu, 0)".into(),
+            mlx_version: "0.32.2".into(),
+            model: "m.gguf".into(),
+            kv: kv.into(),
+            depth,
+            n_prompt: 512,
+            n_gen: 64,
+            repeats: 3,
+            prefill_tps_median: 101.25,
+            prefill_tps_min: 99.5,
+            prefill_tps_max: 103.0,
+            decode_tps_median: 12.5,
+            decode_tps_min: 12.0,
+            decode_tps_max: 13.0,
+            ttft_ms: 5.056_f64 * depth as f64,
+            kv_bytes_measured: 1 << 20,
+            kv_bytes_formula: 1_000_000,
+            peak_memory: 123_456_789,
+            commit: "abc".into(),
+            date: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn csv_and_json_round_trip_model_and_attention_rows() {
+        let dir = std::env::temp_dir().join(format!("kvsplit-results-{}", std::process::id()));
+        let rows = vec![sample_model_row("fp16", 0), sample_model_row("k8v4", 4096)];
+        let (c, j) = write_rows(&dir, "m", &rows).unwrap();
+        assert_eq!(read_rows::<ModelRow>(&c).unwrap(), rows);
+        assert_eq!(read_rows::<ModelRow>(&j).unwrap(), rows);
+        let cols = columns(&c).unwrap();
+        assert_eq!(cols.first().map(String::as_str), Some("kind"));
+        assert_eq!(cols.len(), 23);
+
+        let a = AttentionRow { kind: "attention".into(), kv: "k4v2".into(), depth: 1024, decode_ms_median: 0.75, decode_vs_fp16: Some(0.5), ..Default::default() };
+        let b = AttentionRow { decode_vs_fp16: None, ..a.clone() };
+        let (c, j) = write_rows(&dir, "a", &[a.clone(), b.clone()]).unwrap();
+        assert_eq!(read_rows::<AttentionRow>(&c).unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(read_rows::<AttentionRow>(&j).unwrap(), vec![a, b]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn size_suffixes() {
+        assert_eq!(parse_size("8G", "--memory-budget").unwrap(), 8 << 30);
+        assert_eq!(parse_size("8GiB", "--memory-budget").unwrap(), 8 << 30);
+        assert_eq!(parse_size("1.5GB", "--memory-budget").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("512m", "--memory-budget").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096", "--memory-budget").unwrap(), 4096);
+        for bad in ["", "G", "8X", "-1G", "0"] {
+            let e = parse_size(bad, "--memory-budget").unwrap_err().to_string();
+            assert!(e.contains("--memory-budget"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn stats_and_dates() {
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(stats(&[4.0, 1.0]), (2.5, 1.0, 4.0));
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+        assert_eq!(format_utc(1_709_251_199), "2024-02-29T23:59:59Z");
+    }
+}
