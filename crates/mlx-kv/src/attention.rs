@@ -30,8 +30,9 @@ const MASKED: f32 = -1e30;
 pub enum Tensor {
     /// `[B, Hkv, T, D]`.
     Float(Array),
-    /// Packed; `Rows` is `[B, Hkv, T, D*b/32]`, `Cols` is `[B, Hkv, D, T*b/32]`.
-    Quant { p: Packed, bits: u8, group: usize, axis: TokenAxis },
+    /// Packed; `Rows` is `[B, Hkv, T, D*b/32]`, `Cols` is `[B, Hkv, D, T*b/32]`. `full` is the
+    /// whole buffer and its capacity, for the fused kernel.
+    Quant { p: Packed, bits: u8, group: usize, axis: TokenAxis, full: Option<(Packed, usize)> },
 }
 
 /// A run of `len` cached tokens.
@@ -69,7 +70,7 @@ fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
     let (ai, zi) = (a as i32, z as i32);
     match t {
         Tensor::Float(x) => Tensor::Float(x.index((.., .., ai..zi, ..))),
-        Tensor::Quant { p, bits, group, axis } => {
+        Tensor::Quant { p, bits, group, axis, .. } => {
             let p = match axis {
                 TokenAxis::Rows => Packed {
                     w: p.w.index((.., .., ai..zi, ..)),
@@ -87,7 +88,7 @@ fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
                     }
                 }
             };
-            Tensor::Quant { p, bits: *bits, group: *group, axis: *axis }
+            Tensor::Quant { p, bits: *bits, group: *group, axis: *axis, full: None }
         }
     }
 }
@@ -96,7 +97,7 @@ fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
 fn scores(q3: &Array, k: &Tensor, b: i32, hkv: i32) -> Result<Array> {
     Ok(match k {
         Tensor::Float(k) => matmul(q3, fold3(k, b, hkv)?.swap_axes(1, 2)?)?,
-        Tensor::Quant { p, bits, group, axis } => {
+        Tensor::Quant { p, bits, group, axis, .. } => {
             let p = fold_packed(p, b, hkv)?;
             let transpose = *axis == TokenAxis::Rows;
             quantized_matmul(q3, &p.w, &p.scales, &p.biases, transpose, *group as i32, *bits as i32)?
@@ -148,6 +149,9 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     let rep = hq / hkv;
     let total: usize = segments.iter().map(|s| s.len).sum();
     let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[b * hkv, rep * l, d])?;
+    if let Some(out3) = try_fused(&q3, segments, mask, sinks)? {
+        return Ok(out3.as_dtype(q.dtype())?.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?);
+    }
     let visible = match mask {
         Mask::None => None,
         Mask::Causal => Some(causal_visible(l as usize, total)?),
@@ -224,7 +228,27 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// All-float caches: the fused kernel on the concatenated segments.
+/// The fused GPU kernel, where it covers the case: one quantized row-layout body, no mask, no
+/// learned sinks, power-of-two bits.
+fn try_fused(q3: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Result<Option<Array>> {
+    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return Ok(None) };
+    let (
+        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, cap)), .. },
+        Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
+    ) = (&seg.k, &seg.v)
+    else {
+        return Ok(None);
+    };
+    let s = q3.shape();
+    if !crate::fused::applies(*kb, *vb, s[2] as usize, s[1] as usize) {
+        return Ok(None);
+    }
+    let k = crate::fused::FusedOperand { full: kf, bits: *kb, group: *kg };
+    let v = crate::fused::FusedOperand { full: vf, bits: *vb, group: *vg };
+    Ok(Some(crate::fused::decode_attention(q3, k, v, seg.len, *cap)?))
+}
+
+/// All-float caches: MLX's fused attention on the concatenated segments.
 fn dense(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
     let pick = |f: fn(&Segment) -> &Tensor| -> Result<Array> {
         let parts: Vec<&Array> = segments

@@ -78,7 +78,9 @@ impl Body {
     fn tensor(&self, slots: usize) -> Option<Tensor> {
         match self {
             Body::Float(s) => s.slots(0, slots).map(Tensor::Float),
-            Body::Quant(s) => s.slice(0, slots).map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis }),
+            Body::Quant(s) => s
+                .slice(0, slots)
+                .map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis, full: s.full() }),
         }
     }
 
@@ -414,19 +416,29 @@ impl KvCache {
         }
     }
 
-    /// The float tail and sinks concatenated with the dequantized body: tests only.
+    /// Keys in token order (sinks, dequantized body, tail), in the stored (rotated) frame:
+    /// for tests and checks, never on the decode path.
     #[doc(hidden)]
     pub fn dequantized_keys(&self) -> Result<Option<Array>> {
+        self.dequantized(&self.sink_k, &self.body_k, &self.tail_k)
+    }
+
+    /// Values in token order, as [`Self::dequantized_keys`].
+    #[doc(hidden)]
+    pub fn dequantized_values(&self) -> Result<Option<Array>> {
+        self.dequantized(&self.sink_v, &self.body_v, &self.tail_v)
+    }
+
+    fn dequantized(&self, sinks: &FloatStore, body: &Body, tail: &FloatStore) -> Result<Option<Array>> {
         let mut parts = Vec::new();
-        if let Some(s) = self.sink_k.view() {
-            parts.push(s);
-        }
+        parts.extend(sinks.view());
         let slots = self.body_pos.len();
-        match &self.body_k {
+        match body {
             Body::Float(s) => parts.extend(s.slots(0, slots)),
             Body::Quant(s) => parts.extend(s.dequantize(0, slots, Dtype::Float32)?),
         }
-        parts.extend(self.tail_k.view());
+        parts.extend(tail.view());
+        let parts: Vec<Array> = parts.into_iter().map(|p| p.as_dtype(Dtype::Float32)).collect::<std::result::Result<_, _>>()?;
         Ok(if parts.is_empty() { None } else { Some(concatenate(&parts, 2)?) })
     }
 }

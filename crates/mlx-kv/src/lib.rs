@@ -5,6 +5,7 @@ pub mod attention;
 pub mod backend;
 pub mod cache;
 pub mod error;
+pub mod fused;
 pub mod rotation;
 pub mod spec;
 pub mod store;

@@ -116,6 +116,7 @@ impl FloatStore {
 }
 
 /// One packed quantized tensor: data `u32`, scales and biases as 16-bit floats.
+#[derive(Clone)]
 pub struct Packed {
     pub w: Array,
     pub scales: Array,
@@ -276,6 +277,15 @@ impl QuantStore {
                 }
             }
         })
+    }
+
+    /// The whole allocated buffers and their token capacity (for kernels that index rows
+    /// themselves); row-layout stores only.
+    pub fn full(&self) -> Option<(Packed, usize)> {
+        match (self.axis, &self.packed) {
+            (TokenAxis::Rows, Some(p)) => Some((p.clone(), self.cap())),
+            _ => None,
+        }
     }
 
     /// Dequantized tokens `[start, end)` as `[B, H, L, D]` — one block at a time, never the
