@@ -46,6 +46,27 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// GGUF tensor name → HF name for `arch`; families differ from Llama only in a few modules.
+pub fn hf_name_for(arch: &str, gguf: &str) -> Option<String> {
+    let module = |hf: &str| -> Option<String> {
+        let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
+        let (_, kind) = rest.rsplit_once('.')?;
+        Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    };
+    let rest = gguf.strip_prefix("blk.").and_then(|r| r.split_once('.')).map(|(_, r)| r);
+    let name = rest.and_then(|r| r.rsplit_once('.')).map(|(m, _)| m);
+    match (arch, name) {
+        // Gemma 3 normalizes before and after both sub-blocks; `ffn_norm` is the pre-MLP one.
+        ("gemma3", Some("post_attention_norm")) => module("post_attention_layernorm"),
+        ("gemma3", Some("ffn_norm")) => module("pre_feedforward_layernorm"),
+        ("gemma3", Some("post_ffw_norm")) => module("post_feedforward_layernorm"),
+        ("phi3", Some("attn_qkv")) => module("self_attn.qkv_proj"),
+        // Phi-3's fused [gate; up] projection is stored as `ffn_up` with 2 * n_ff rows.
+        ("phi3", Some("ffn_up")) => module("mlp.gate_up_proj"),
+        _ => hf_name(gguf),
+    }
+}
+
 fn cfg_err(path: &Path, reason: String) -> ModelError {
     ModelError::Config { path: path.to_path_buf(), reason }
 }
@@ -133,11 +154,14 @@ fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype) -> Result<Weight> {
     Ok(Weight::Dense(Array::from_slice(&data, &shape).as_dtype(dtype)?))
 }
 
-/// Opens a GGUF model: config plus every tensor under its HF name.
+/// Opens a GGUF model of the Llama family: config plus every tensor under its HF name.
 pub fn load(path: &Path, dtype: Dtype) -> Result<(Config, WeightMap, GgufFile)> {
-    let g = GgufFile::open(path)?;
+    load_llama(GgufFile::open(path)?, dtype)
+}
+
+fn load_llama(g: GgufFile, dtype: Dtype) -> Result<(Config, WeightMap, GgufFile)> {
     let cfg = config(&g)?;
-    let mut map = WeightMap::new(path.to_path_buf());
+    let mut map = WeightMap::new(g.path().to_path_buf());
     let permuted = cfg.model_type == "llama" || cfg.model_type == "mistral";
     for info in g.tensors() {
         let Some(hf) = hf_name(&info.name) else {
@@ -155,6 +179,134 @@ pub fn load(path: &Path, dtype: Dtype) -> Result<(Config, WeightMap, GgufFile)> 
     Ok((cfg, map, g))
 }
 
+/// A GGUF model's config, by family.
+pub enum ArchConfig {
+    Llama(Config),
+    Gemma3(crate::gemma3::Config),
+    Phi3(crate::phi3::Config),
+}
+
+/// Opens a GGUF model of any supported family.
+pub fn load_any(path: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap, GgufFile)> {
+    let g = GgufFile::open(path)?;
+    let arch = g.get_str("general.architecture")?.to_string();
+    let cfg = match arch.as_str() {
+        "gemma3" => ArchConfig::Gemma3(gemma3_config(&g)?),
+        "phi3" => ArchConfig::Phi3(phi3_config(&g)?),
+        _ => {
+            let (cfg, map, g) = load_llama(g, dtype)?;
+            return Ok((ArchConfig::Llama(cfg), map, g));
+        }
+    };
+    let mut map = WeightMap::new(path.to_path_buf());
+    for info in g.tensors() {
+        let hf = hf_name_for(&arch, &info.name);
+        let mut w = load_tensor(&g, &info.name, dtype)?;
+        // llama.cpp's Gemma converter stores RMSNorm weights as `1 + w`; keep HF's `w`.
+        if arch == "gemma3" && hf.as_deref().is_some_and(|n| n.ends_with("norm.weight")) {
+            if let Weight::Dense(a) = w {
+                w = Weight::Dense(a - Array::from_f32(1.0).as_dtype(dtype)?);
+            }
+        }
+        // Unmapped tensors keep their GGUF name so the strict key check reports them.
+        map.insert(hf.unwrap_or_else(|| info.name.clone()), w);
+    }
+    Ok((cfg, map, g))
+}
+
+fn arch_u32(g: &GgufFile, arch: &str, key: &str) -> Result<usize> {
+    Ok(g.get_u32(&format!("{arch}.{key}"))? as usize)
+}
+
+fn arch_opt_u32(g: &GgufFile, arch: &str, key: &str) -> Result<Option<usize>> {
+    Ok(g.optional(&format!("{arch}.{key}"), |g, k| g.get_u32(k))?.map(|x| x as usize))
+}
+
+fn arch_opt_f32(g: &GgufFile, arch: &str, key: &str) -> Result<Option<f32>> {
+    Ok(g.optional(&format!("{arch}.{key}"), |g, k| g.get_f32(k))?)
+}
+
+/// Gemma 3 config from GGUF metadata, with llama.cpp's defaults where keys are absent:
+/// every 6th layer global, local RoPE base 10 000.
+pub fn gemma3_config(g: &GgufFile) -> Result<crate::gemma3::Config> {
+    use crate::gguf::{MetaArray, MetaValue};
+    let a = "gemma3";
+    let (hidden, n_heads, n_layers) = (arch_u32(g, a, "embedding_length")?, arch_u32(g, a, "attention.head_count")?, arch_u32(g, a, "block_count")?);
+    if n_heads == 0 {
+        return Err(cfg_err(g.path(), "gemma3.attention.head_count is 0".into()));
+    }
+    let head_dim = arch_opt_u32(g, a, "attention.key_length")?.unwrap_or(hidden / n_heads);
+    let sliding_window = arch_opt_u32(g, a, "attention.sliding_window")?.filter(|&w| w > 0);
+    let pattern_key = format!("{a}.attention.sliding_window_pattern");
+    let (pattern, layer_types) = match g.get(&pattern_key) {
+        None => (6, None),
+        Some(MetaValue::Array(MetaArray::Bool(v))) if v.len() == n_layers => {
+            let types = v.iter().map(|&swa| if swa { "sliding_attention" } else { "full_attention" }.to_string()).collect();
+            (6, Some(types))
+        }
+        Some(v) => match v.as_i128() {
+            Some(n) if n >= 0 => (n as usize, None),
+            _ => return Err(cfg_err(g.path(), format!("{pattern_key}: expected a count or {n_layers} booleans, got {}", v.type_name()))),
+        },
+    };
+    let rope_scaling = match g.optional(&format!("{a}.rope.scaling.type"), |g, k| g.get_str(k))? {
+        None | Some("none") => None,
+        Some("linear") => Some(crate::gemma3::RopeScaling {
+            rope_type: "linear".into(),
+            factor: arch_opt_f32(g, a, "rope.scaling.factor")?.unwrap_or(1.0),
+        }),
+        Some(other) => return Err(ModelError::Unsupported { path: g.path().into(), reason: format!("gemma3 rope scaling '{other}'") }),
+    };
+    Ok(crate::gemma3::Config {
+        hidden_size: hidden,
+        num_hidden_layers: n_layers,
+        intermediate_size: arch_u32(g, a, "feed_forward_length")?,
+        num_attention_heads: n_heads,
+        num_key_value_heads: arch_opt_u32(g, a, "attention.head_count_kv")?.unwrap_or(n_heads),
+        head_dim,
+        rms_norm_eps: g.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+        vocab_size: g.tensor("token_embd.weight")?.shape()[0],
+        rope_theta: arch_opt_f32(g, a, "rope.freq_base")?.unwrap_or(1_000_000.0),
+        rope_local_base_freq: arch_opt_f32(g, a, "rope.freq_base_swa")?.unwrap_or(10_000.0),
+        // As llama.cpp (after gemma_pytorch): 27B scales by hidden/heads, the others by head_dim.
+        query_pre_attn_scalar: if n_layers == 62 { (hidden / n_heads) as f32 } else { head_dim as f32 },
+        sliding_window,
+        sliding_window_pattern: pattern,
+        layer_types,
+        max_position_embeddings: arch_u32(g, a, "context_length")?,
+        rope_scaling,
+        final_logit_softcapping: arch_opt_f32(g, a, "final_logit_softcapping")?.filter(|&c| c > 0.0),
+        attn_logit_softcapping: arch_opt_f32(g, a, "attn_logit_softcapping")?.filter(|&c| c > 0.0),
+    })
+}
+
+/// Phi-3 config from GGUF metadata; LongRoPE factor tensors become a `rope_scaling` entry so
+/// the model refuses them by name.
+pub fn phi3_config(g: &GgufFile) -> Result<crate::phi3::Config> {
+    let a = "phi3";
+    let (hidden, n_heads) = (arch_u32(g, a, "embedding_length")?, arch_u32(g, a, "attention.head_count")?);
+    if n_heads == 0 || hidden % n_heads != 0 {
+        return Err(cfg_err(g.path(), format!("head count {n_heads} does not divide hidden size {hidden}")));
+    }
+    let head_dim = hidden / n_heads;
+    let rope_dims = arch_opt_u32(g, a, "rope.dimension_count")?.unwrap_or(head_dim);
+    let has = |name: &str| g.tensors().iter().any(|t| t.name == name);
+    Ok(crate::phi3::Config {
+        hidden_size: hidden,
+        num_hidden_layers: arch_u32(g, a, "block_count")?,
+        intermediate_size: arch_u32(g, a, "feed_forward_length")?,
+        num_attention_heads: n_heads,
+        num_key_value_heads: arch_opt_u32(g, a, "attention.head_count_kv")?.unwrap_or(n_heads),
+        rms_norm_eps: g.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+        rope_theta: arch_opt_f32(g, a, "rope.freq_base")?.unwrap_or(10_000.0),
+        vocab_size: g.tensor("token_embd.weight")?.shape()[0],
+        max_position_embeddings: arch_u32(g, a, "context_length")?,
+        tie_word_embeddings: !has("output.weight"),
+        partial_rotary_factor: rope_dims as f32 / head_dim as f32,
+        rope_scaling: has("rope_factors_long.weight").then(|| serde_json::json!({"type": "longrope"})),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +317,18 @@ mod tests {
         assert_eq!(hf_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn family_names_override_only_their_modules() {
+        assert_eq!(hf_name_for("gemma3", "blk.2.ffn_norm.weight").unwrap(), "model.layers.2.pre_feedforward_layernorm.weight");
+        assert_eq!(hf_name_for("gemma3", "blk.2.post_ffw_norm.weight").unwrap(), "model.layers.2.post_feedforward_layernorm.weight");
+        assert_eq!(hf_name_for("gemma3", "blk.0.post_attention_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(hf_name_for("gemma3", "blk.0.attn_q_norm.weight").unwrap(), "model.layers.0.self_attn.q_norm.weight");
+        assert_eq!(hf_name_for("phi3", "blk.1.attn_qkv.weight").unwrap(), "model.layers.1.self_attn.qkv_proj.weight");
+        assert_eq!(hf_name_for("phi3", "blk.1.ffn_up.weight").unwrap(), "model.layers.1.mlp.gate_up_proj.weight");
+        assert_eq!(hf_name_for("llama", "blk.1.ffn_up.weight").unwrap(), "model.layers.1.mlp.up_proj.weight");
+        assert_eq!(hf_name_for("llama", "blk.1.ffn_norm.weight").unwrap(), "model.layers.1.post_attention_layernorm.weight");
     }
 
     #[test]

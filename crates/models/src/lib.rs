@@ -3,10 +3,12 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf_load;
 pub mod llama;
 pub mod model;
+pub mod phi3;
 pub mod sample;
 pub mod weights;
 pub mod gguf;

@@ -34,12 +34,17 @@ pub struct Loaded {
 
 /// Loads a `.gguf` file (weights, config and tokenizer from one file).
 pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    let (cfg, weights, gguf) = crate::gguf_load::load(path, dtype)?;
+    let (cfg, weights, gguf) = crate::gguf_load::load_any(path, dtype)?;
     let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| ModelError::Config {
         path: path.to_path_buf(),
         reason: format!("tokenizer: {e}"),
     })?;
-    let model: Box<dyn LanguageModel> = Box::new(crate::llama::Model::new(cfg, weights, dtype)?);
+    use crate::gguf_load::ArchConfig;
+    let model: Box<dyn LanguageModel> = match cfg {
+        ArchConfig::Llama(cfg) => Box::new(crate::llama::Model::new(cfg, weights, dtype)?),
+        ArchConfig::Gemma3(cfg) => Box::new(crate::gemma3::Model::new(cfg, weights, dtype)?),
+        ArchConfig::Phi3(cfg) => Box::new(crate::phi3::Model::new(cfg, weights, dtype)?),
+    };
     mlx_rs::transforms::eval(model.arrays())?;
     Ok(Loaded { model, tokenizer })
 }

@@ -1,0 +1,379 @@
+//! The Gemma 3 family (text decoder: 270M, 1B, 4B, 12B, 27B).
+//!
+//! Differences from Llama, all visible in the forward pass below: the embedding is scaled by
+//! sqrt(hidden); RMSNorm multiplies by `1 + weight`; q and k are normalized per head; every
+//! sub-block is normalized both before and after (four norms per layer); the MLP is GELU-tanh
+//! gated; the query is scaled by `query_pre_attn_scalar^-1/2`; and most layers attend only to a
+//! sliding window, with their own RoPE base (local layers 10 000, global layers `rope_theta`).
+//! Embeddings are tied.
+//!
+//! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); the GGUF
+//! loader undoes llama.cpp's converter, which stores `1 + weight`.
+
+use crate::error::{ModelError, Result};
+use crate::model::LanguageModel;
+use crate::weights::{Embedding, Linear, WeightMap};
+use mlx_kv::KvCache;
+use mlx_rs::fast::{rms_norm, rope};
+use mlx_rs::nn::gelu_approximate;
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    pub factor: f32,
+}
+
+/// `config.json` of a Gemma 3 text model (`model_type: gemma3_text`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub vocab_size: usize,
+    /// RoPE base of the global (full-attention) layers.
+    pub rope_theta: f32,
+    /// RoPE base of the sliding-window layers.
+    #[serde(default = "default_local_base")]
+    pub rope_local_base_freq: f32,
+    pub query_pre_attn_scalar: f32,
+    /// `None`: every layer is global.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Every `sliding_window_pattern`-th layer is global (older configs).
+    #[serde(default = "default_pattern")]
+    pub sliding_window_pattern: usize,
+    /// Per-layer `sliding_attention` / `full_attention` (newer configs); wins over the pattern.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// Applies to global layers only, as in the reference implementation.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f32>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f32>,
+}
+
+fn default_local_base() -> f32 {
+    10_000.0
+}
+
+fn default_pattern() -> usize {
+    6
+}
+
+fn default_ctx() -> usize {
+    32_768
+}
+
+impl Config {
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        if self.sliding_window.is_none() {
+            return false;
+        }
+        match &self.layer_types {
+            Some(t) => t.get(layer).is_some_and(|s| s == "sliding_attention"),
+            None => self.sliding_window_pattern == 0 || layer % self.sliding_window_pattern < self.sliding_window_pattern - 1,
+        }
+    }
+}
+
+/// Keys a checkpoint of this config must contain, exactly.
+pub fn expected_keys(cfg: &Config) -> Vec<String> {
+    let mut keys = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for name in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
+            keys.push(format!("{p}.self_attn.{name}.weight"));
+        }
+        for name in ["gate_proj", "up_proj", "down_proj"] {
+            keys.push(format!("{p}.mlp.{name}.weight"));
+        }
+        for name in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+            keys.push(format!("{p}.{name}.weight"));
+        }
+    }
+    keys
+}
+
+/// Gemma's RMSNorm scales by `1 + weight`; folded once at load time.
+fn norm_weight(w: &mut WeightMap, name: &str, dtype: Dtype) -> Result<Array> {
+    Ok(w.take_dense(name, dtype)? + Array::from_f32(1.0).as_dtype(dtype)?)
+}
+
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Array,
+    k_norm: Array,
+    n_heads: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+    eps: f32,
+    scale: f32,
+    rope_base: f32,
+    rope_scale: f32,
+}
+
+impl Attention {
+    fn new(cfg: &Config, w: &mut WeightMap, p: &str, layer: usize, dtype: Dtype) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear { weight: w.take_shaped(&format!("{p}.self_attn.{name}.weight"), &[out, inp])?, bias: None })
+        };
+        let q_proj = lin("q_proj", nq * d, h)?;
+        let k_proj = lin("k_proj", nkv * d, h)?;
+        let v_proj = lin("v_proj", nkv * d, h)?;
+        let o_proj = lin("o_proj", h, nq * d)?;
+        let sliding = cfg.is_sliding(layer);
+        let (rope_base, rope_scale) = match (&cfg.rope_scaling, sliding) {
+            (_, true) => (cfg.rope_local_base_freq, 1.0),
+            (Some(s), false) => (cfg.rope_theta, 1.0 / s.factor),
+            (None, false) => (cfg.rope_theta, 1.0),
+        };
+        Ok(Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm: norm_weight(w, &format!("{p}.self_attn.q_norm.weight"), dtype)?,
+            k_norm: norm_weight(w, &format!("{p}.self_attn.k_norm.weight"), dtype)?,
+            n_heads: nq as i32,
+            n_kv_heads: nkv as i32,
+            head_dim: d as i32,
+            eps: cfg.rms_norm_eps,
+            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+            rope_base,
+            rope_scale,
+        })
+    }
+
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let (b, l) = (x.shape()[0], x.shape()[1]);
+        let heads = |y: Array, n: i32, norm: Option<&Array>| -> Result<Array> {
+            let y = y.reshape(&[b, l, n, self.head_dim])?;
+            let y = match norm {
+                Some(wn) => rms_norm(&y, Some(wn), self.eps)?,
+                None => y,
+            };
+            Ok(y.transpose_axes(&[0, 2, 1, 3])?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.n_heads, Some(&self.q_norm))?;
+        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads, Some(&self.k_norm))?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads, None)?;
+        let offset = cache.offset() as i32;
+        let q = rope(&q, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
+        let k = rope(&k, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
+        let out = cache.update_and_attend(&q, &k, &v, self.scale, None)?;
+        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        self.o_proj.forward(&out)
+    }
+}
+
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, w: &mut WeightMap, p: &str) -> Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear { weight: w.take_shaped(&format!("{p}.mlp.{name}.weight"), &[out, inp])?, bias: None })
+        };
+        Ok(Mlp { gate_proj: lin("gate_proj", f, h)?, up_proj: lin("up_proj", f, h)?, down_proj: lin("down_proj", h, f)? })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let g = gelu_approximate(self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?))
+    }
+}
+
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Array,
+    post_attention_layernorm: Array,
+    pre_feedforward_layernorm: Array,
+    post_feedforward_layernorm: Array,
+    eps: f32,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let norm = |y: &Array, w: &Array| rms_norm(y, Some(w), self.eps);
+        let r = self.self_attn.forward(&norm(x, &self.input_layernorm)?, cache)?;
+        let h = x + norm(&r, &self.post_attention_layernorm)?;
+        let r = self.mlp.forward(&norm(&h, &self.pre_feedforward_layernorm)?)?;
+        Ok(h + norm(&r, &self.post_feedforward_layernorm)?)
+    }
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub dtype: Dtype,
+    embed_tokens: Embedding,
+    embed_scale: f32,
+    layers: Vec<DecoderLayer>,
+    norm: Array,
+}
+
+impl Model {
+    /// Builds the model from `w`, which must hold exactly [`expected_keys`].
+    pub fn new(cfg: Config, mut w: WeightMap, dtype: Dtype) -> Result<Self> {
+        if let Some(cap) = cfg.attn_logit_softcapping {
+            return Err(ModelError::Unsupported {
+                path: w.source.clone(),
+                reason: format!("Gemma attention logit softcapping ({cap}) is not implemented by the KV cache"),
+            });
+        }
+        w.check(&expected_keys(&cfg))?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = Embedding { weight: w.take_shaped("model.embed_tokens.weight", &[v, h])? };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut norm = |name: &str| norm_weight(&mut w, &format!("{p}.{name}.weight"), dtype);
+            let (input_layernorm, post_attention_layernorm) = (norm("input_layernorm")?, norm("post_attention_layernorm")?);
+            let (pre_feedforward_layernorm, post_feedforward_layernorm) =
+                (norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?);
+            layers.push(DecoderLayer {
+                self_attn: Attention::new(&cfg, &mut w, &p, i, dtype)?,
+                mlp: Mlp::new(&cfg, &mut w, &p)?,
+                input_layernorm,
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
+                eps: cfg.rms_norm_eps,
+            });
+        }
+        let norm = norm_weight(&mut w, "model.norm.weight", dtype)?;
+        // f32 sqrt as llama.cpp does; HF and mlx-lm round it to the weight dtype (bf16: 25.25
+        // instead of 25.30 for the 270M), a 0.2% difference that later norms mostly absorb.
+        let embed_scale = (h as f32).sqrt();
+        Ok(Model { cfg, dtype, embed_tokens, embed_scale, layers, norm })
+    }
+}
+
+impl LanguageModel for Model {
+    fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
+        let mut x = self.embed_tokens.forward(ids, self.dtype)? * Array::from_f32(self.embed_scale).as_dtype(self.dtype)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            x = layer.forward(&x, cache)?;
+        }
+        if last_only {
+            let l = x.shape()[1];
+            x = x.index((.., l - 1..l, ..));
+        }
+        let x = rms_norm(&x, Some(&self.norm), self.cfg.rms_norm_eps)?;
+        let logits = self.embed_tokens.as_linear(&x)?;
+        Ok(match self.cfg.final_logit_softcapping {
+            Some(cap) if cap > 0.0 => {
+                let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
+                mlx_rs::ops::tanh(&(logits / &cap))? * cap
+            }
+            _ => logits,
+        })
+    }
+
+    fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.cfg.head_dim
+    }
+
+    fn n_kv_heads(&self) -> usize {
+        self.cfg.num_key_value_heads
+    }
+
+    fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.cfg.sliding_window.filter(|_| self.cfg.is_sliding(layer))
+    }
+
+    fn family(&self) -> &str {
+        "gemma3"
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v = self.embed_tokens.weight.arrays();
+        v.push(&self.norm);
+        for l in &self.layers {
+            let a = &l.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                v.extend(lin.weight.arrays());
+            }
+            v.extend([&a.q_norm, &a.k_norm]);
+            v.extend([&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm]);
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(layer_types: Option<Vec<String>>) -> Config {
+        Config {
+            hidden_size: 8,
+            num_hidden_layers: 12,
+            intermediate_size: 16,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-6,
+            vocab_size: 10,
+            rope_theta: 1e6,
+            rope_local_base_freq: 1e4,
+            query_pre_attn_scalar: 4.0,
+            sliding_window: Some(4),
+            sliding_window_pattern: 6,
+            layer_types,
+            max_position_embeddings: 64,
+            rope_scaling: None,
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+        }
+    }
+
+    #[test]
+    fn every_sixth_layer_is_global() {
+        let c = cfg(None);
+        let global: Vec<usize> = (0..12).filter(|&i| !c.is_sliding(i)).collect();
+        assert_eq!(global, vec![5, 11]);
+    }
+
+    #[test]
+    fn layer_types_win_over_the_pattern() {
+        let types = (0..12).map(|i| if i == 0 { "full_attention" } else { "sliding_attention" }.to_string()).collect();
+        let c = cfg(Some(types));
+        assert!(!c.is_sliding(0) && c.is_sliding(5) && c.is_sliding(11));
+        let no_window = Config { sliding_window: None, ..cfg(None) };
+        assert!((0..12).all(|i| !no_window.is_sliding(i)));
+    }
+}

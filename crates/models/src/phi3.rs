@@ -1,0 +1,386 @@
+//! The Phi-3 family (Phi-3/3.5-mini, Phi-4-mini): a Llama-shaped decoder whose checkpoints fuse
+//! the q/k/v projections into one `qkv_proj` and the gate/up projections into one
+//! `gate_up_proj` (gate rows first), and which may rotate only part of each head
+//! (`partial_rotary_factor`).
+//!
+//! LongRoPE (`rope_scaling` of type `longrope`/`su`, the 128k variants) is refused at load time
+//! rather than run with the wrong positions. Phi-3's `sliding_window` is ignored, as llama.cpp
+//! does: the released models were trained with it wider than their 4k context.
+
+use crate::error::{ModelError, Result};
+use crate::model::LanguageModel;
+use crate::weights::{Embedding, Linear, WeightMap};
+use mlx_kv::KvCache;
+use mlx_rs::fast::{rms_norm, rope};
+use mlx_rs::nn::silu;
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+use serde::{Deserialize, Serialize};
+
+/// `config.json` of a Phi-3 model (`model_type: phi3`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    pub vocab_size: usize,
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_partial")]
+    pub partial_rotary_factor: f32,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+fn default_theta() -> f32 {
+    10_000.0
+}
+
+fn default_ctx() -> usize {
+    4096
+}
+
+fn default_partial() -> f32 {
+    1.0
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Leading dimensions of each head that RoPE rotates.
+    pub fn rope_dims(&self) -> usize {
+        (self.head_dim() as f32 * self.partial_rotary_factor) as usize
+    }
+}
+
+/// Keys a checkpoint of this config must contain, exactly.
+pub fn expected_keys(cfg: &Config) -> Vec<String> {
+    let mut keys = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    if !cfg.tie_word_embeddings {
+        keys.push("lm_head.weight".into());
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        keys.push(format!("{p}.self_attn.qkv_proj.weight"));
+        keys.push(format!("{p}.self_attn.o_proj.weight"));
+        keys.push(format!("{p}.mlp.gate_up_proj.weight"));
+        keys.push(format!("{p}.mlp.down_proj.weight"));
+        keys.push(format!("{p}.input_layernorm.weight"));
+        keys.push(format!("{p}.post_attention_layernorm.weight"));
+    }
+    keys
+}
+
+pub struct Attention {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    n_heads: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+    rope_dims: i32,
+    theta: f32,
+}
+
+impl Attention {
+    fn new(cfg: &Config, w: &mut WeightMap, p: &str) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let qkv = w.take_shaped(&format!("{p}.self_attn.qkv_proj.weight"), &[(nq + 2 * nkv) * d, h])?;
+        let o = w.take_shaped(&format!("{p}.self_attn.o_proj.weight"), &[h, nq * d])?;
+        Ok(Attention {
+            qkv_proj: Linear { weight: qkv, bias: None },
+            o_proj: Linear { weight: o, bias: None },
+            n_heads: nq as i32,
+            n_kv_heads: nkv as i32,
+            head_dim: d as i32,
+            rope_dims: cfg.rope_dims() as i32,
+            theta: cfg.rope_theta,
+        })
+    }
+
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let (b, l) = (x.shape()[0], x.shape()[1]);
+        let qkv = self.qkv_proj.forward(x)?;
+        let (nq, nkv, d) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.head_dim);
+        let heads = |y: Array, n: i32| -> Result<Array> { Ok(y.reshape(&[b, l, n, d])?.transpose_axes(&[0, 2, 1, 3])?) };
+        let q = heads(qkv.index((.., .., 0..nq)), self.n_heads)?;
+        let k = heads(qkv.index((.., .., nq..nq + nkv)), self.n_kv_heads)?;
+        let v = heads(qkv.index((.., .., nq + nkv..)), self.n_kv_heads)?;
+        let offset = cache.offset() as i32;
+        // fast::rope rotates the first `rope_dims` features and passes the rest through.
+        let q = rope(&q, self.rope_dims, false, self.theta, 1.0, offset, None)?;
+        let k = rope(&k, self.rope_dims, false, self.theta, 1.0, offset, None)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = cache.update_and_attend(&q, &k, &v, scale, None)?;
+        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        self.o_proj.forward(&out)
+    }
+}
+
+pub struct Mlp {
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    ff: i32,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, w: &mut WeightMap, p: &str) -> Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_up = w.take_shaped(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * f, h])?;
+        let down = w.take_shaped(&format!("{p}.mlp.down_proj.weight"), &[h, f])?;
+        Ok(Mlp { gate_up_proj: Linear { weight: gate_up, bias: None }, down_proj: Linear { weight: down, bias: None }, ff: f as i32 })
+    }
+
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let gu = self.gate_up_proj.forward(x)?;
+        let gate = silu(gu.index((.., .., 0..self.ff)))?;
+        self.down_proj.forward(&(gate * gu.index((.., .., self.ff..))))
+    }
+}
+
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Array,
+    post_attention_layernorm: Array,
+    eps: f32,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let h = x + self.self_attn.forward(&rms_norm(x, Some(&self.input_layernorm), self.eps)?, cache)?;
+        let m = self.mlp.forward(&rms_norm(&h, Some(&self.post_attention_layernorm), self.eps)?)?;
+        Ok(h + m)
+    }
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub dtype: Dtype,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: Array,
+    lm_head: Option<Linear>,
+}
+
+impl Model {
+    /// Builds the model from `w`, which must hold exactly [`expected_keys`].
+    pub fn new(cfg: Config, mut w: WeightMap, dtype: Dtype) -> Result<Self> {
+        if let Some(s) = &cfg.rope_scaling {
+            return Err(ModelError::Unsupported {
+                path: w.source.clone(),
+                reason: format!("Phi-3 rope_scaling {s} (LongRoPE) is not implemented"),
+            });
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 || cfg.rope_dims() % 2 != 0 {
+            return Err(ModelError::Config {
+                path: w.source.clone(),
+                reason: format!(
+                    "hidden size {} with {} heads and partial rotary factor {} gives no valid head/RoPE size",
+                    cfg.hidden_size, cfg.num_attention_heads, cfg.partial_rotary_factor
+                ),
+            });
+        }
+        w.check(&expected_keys(&cfg))?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = Embedding { weight: w.take_shaped("model.embed_tokens.weight", &[v, h])? };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear { weight: w.take_shaped("lm_head.weight", &[v, h])?, bias: None })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                self_attn: Attention::new(&cfg, &mut w, &p)?,
+                mlp: Mlp::new(&cfg, &mut w, &p)?,
+                input_layernorm: w.take_dense(&format!("{p}.input_layernorm.weight"), dtype)?,
+                post_attention_layernorm: w.take_dense(&format!("{p}.post_attention_layernorm.weight"), dtype)?,
+                eps: cfg.rms_norm_eps,
+            });
+        }
+        let norm = w.take_dense("model.norm.weight", dtype)?;
+        Ok(Model { cfg, dtype, embed_tokens, layers, norm, lm_head })
+    }
+}
+
+impl LanguageModel for Model {
+    fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
+        let mut x = self.embed_tokens.forward(ids, self.dtype)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            x = layer.forward(&x, cache)?;
+        }
+        if last_only {
+            let l = x.shape()[1];
+            x = x.index((.., l - 1..l, ..));
+        }
+        let x = rms_norm(&x, Some(&self.norm), self.cfg.rms_norm_eps)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => self.embed_tokens.as_linear(&x),
+        }
+    }
+
+    fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn head_dim(&self) -> usize {
+        self.cfg.head_dim()
+    }
+
+    fn n_kv_heads(&self) -> usize {
+        self.cfg.num_key_value_heads
+    }
+
+    fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn family(&self) -> &str {
+        "phi3"
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v = self.embed_tokens.weight.arrays();
+        v.push(&self.norm);
+        if let Some(h) = &self.lm_head {
+            v.extend(h.weight.arrays());
+        }
+        for l in &self.layers {
+            for lin in [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj] {
+                v.extend(lin.weight.arrays());
+            }
+            v.push(&l.input_layernorm);
+            v.push(&l.post_attention_layernorm);
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Weight;
+    use mlx_kv::{CacheOptions, KvSpec};
+    use std::path::PathBuf;
+
+    fn tiny(partial: f32) -> Config {
+        Config {
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            intermediate_size: 48,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            vocab_size: 50,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+            partial_rotary_factor: partial,
+            rope_scaling: None,
+        }
+    }
+
+    /// Random weights of the right shapes (norm weights near 1, so activations stay O(1)).
+    fn random_weights(cfg: &Config, seed: u64) -> WeightMap {
+        let d = cfg.head_dim();
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d;
+        let mut key = mlx_rs::random::key(seed).unwrap();
+        let mut w = WeightMap::new(PathBuf::from("<random phi3>"));
+        for name in expected_keys(cfg) {
+            let shape: Vec<usize> = match name.rsplit('.').nth(1).unwrap() {
+                "embed_tokens" | "lm_head" => vec![cfg.vocab_size, h],
+                "qkv_proj" => vec![qkv, h],
+                "o_proj" => vec![h, cfg.num_attention_heads * d],
+                "gate_up_proj" => vec![2 * f, h],
+                "down_proj" => vec![h, f],
+                _ => vec![h],
+            };
+            let (k1, k2) = mlx_rs::random::split(&key, 2).unwrap();
+            key = k1;
+            let dims: Vec<i32> = shape.iter().map(|&x| x as i32).collect();
+            let (loc, scale) = if shape.len() == 1 { (1.0, 0.1) } else { (0.0, (shape[1] as f32).powf(-0.5)) };
+            let a = mlx_rs::random::normal::<f32>(&dims[..], loc, scale, &k2).unwrap();
+            w.insert(name, Weight::Dense(a));
+        }
+        w
+    }
+
+    fn caches(model: &Model) -> Vec<KvCache> {
+        (0..model.n_layers())
+            .map(|_| KvCache::new(KvSpec::dense(), model.head_dim(), CacheOptions::default()).unwrap())
+            .collect()
+    }
+
+    fn logits(model: &Model, ids: &[i32], chunk: usize) -> Vec<f32> {
+        let mut c = caches(model);
+        let mut all = Vec::new();
+        for part in ids.chunks(chunk) {
+            let x = Array::from_slice(part, &[1, part.len() as i32]);
+            let y = model.forward(&x, &mut c, false).unwrap();
+            y.eval().unwrap();
+            all.extend_from_slice(y.as_slice::<f32>());
+        }
+        all
+    }
+
+    /// f32 sums over a few dozen terms, compared across two evaluation orders.
+    const F32_REORDER_TOL: f32 = 1e-4;
+
+    #[test]
+    fn one_pass_and_token_by_token_decode_agree() {
+        for partial in [1.0, 0.5] {
+            let cfg = tiny(partial);
+            let model = Model::new(cfg.clone(), random_weights(&cfg, 7), Dtype::Float32).unwrap();
+            let ids: Vec<i32> = (0..12).map(|i| (i * 7 + 3) % cfg.vocab_size as i32).collect();
+            let full = logits(&model, &ids, ids.len());
+            assert_eq!(full.len(), ids.len() * cfg.vocab_size);
+            for chunk in [1, 5] {
+                let stepped = logits(&model, &ids, chunk);
+                let d = full.iter().zip(&stepped).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < F32_REORDER_TOL, "partial {partial}, chunk {chunk}: max |Δlogit| {d}");
+            }
+            // Causality: the first position's logits do not depend on later tokens.
+            let first = logits(&model, &ids[..1], 1);
+            let d = first.iter().zip(&full[..cfg.vocab_size]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < F32_REORDER_TOL, "partial {partial}: first position differs by {d}");
+        }
+    }
+
+    #[test]
+    fn partial_rotary_leaves_the_tail_of_each_head_unrotated() {
+        let cfg = tiny(0.5);
+        assert_eq!((cfg.head_dim(), cfg.rope_dims()), (8, 4));
+        let x = mlx_rs::random::normal::<f32>(&[1, 1, 3, 8], None, None, &mlx_rs::random::key(1).unwrap()).unwrap();
+        let y = rope(&x, cfg.rope_dims() as i32, false, cfg.rope_theta, 1.0, 5, None).unwrap();
+        let max_diff = |a: Array, b: Array| (a - b).abs().unwrap().max(None).unwrap().item_exact::<f32>();
+        let tail = max_diff(x.index((.., .., .., 4..)), y.index((.., .., .., 4..)));
+        let head = max_diff(x.index((.., .., .., ..4)), y.index((.., .., .., ..4)));
+        assert_eq!(tail, 0.0, "the unrotated tail changed");
+        assert!(head > 1e-3, "the rotated head did not change ({head})");
+    }
+
+    #[test]
+    fn longrope_is_refused_with_the_file_named() {
+        let mut cfg = tiny(1.0);
+        cfg.rope_scaling = Some(serde_json::json!({"type": "longrope"}));
+        let err = Model::new(cfg.clone(), random_weights(&cfg, 1), Dtype::Float32).err().unwrap().to_string();
+        assert!(err.contains("<random phi3>") && err.contains("LongRoPE"), "{err}");
+    }
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Reference logits from llama.cpp for crates/models/tests/llamacpp_logits.rs.
+
+For one GGUF model and a fixed text, llama.cpp (llama-cpp-python, fp16 KV cache) tokenizes the
+text itself and evaluates the first --n-tokens tokens in one batch with logits for every
+position. The fixture keeps, per position, the top-k logits (ids and values) and the mean and
+standard deviation of the full logit vector, which is enough to compare top-1 agreement and
+logit differences without storing 128 x vocab floats. It also keeps every token id of the whole
+text, so our tokenizer can be checked against llama.cpp's on the same string.
+
+Run with the llama.cpp venv's python, e.g.
+  ~/.cache/kvsplit-mlx/tools/llamacpp-venv/bin/python scripts/llamacpp-reference.py \\
+      --model ~/.cache/kvsplit-mlx/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --out tests/fixtures/llamacpp-smollm2-135m.json
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+
+DEFAULT_TEXT = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="GGUF model file")
+    ap.add_argument("--out", required=True, help="JSON fixture to write (under tests/fixtures/)")
+    ap.add_argument("--text-file", default=DEFAULT_TEXT, help=f"source text (default: {DEFAULT_TEXT})")
+    ap.add_argument("--text-offset", type=int, default=0, help="first character of the text to use (default 0)")
+    ap.add_argument("--text-chars", type=int, default=1200, help="characters of text to take (default 1200)")
+    ap.add_argument("--n-tokens", type=int, default=128, help="tokens to evaluate (default 128)")
+    ap.add_argument("--top-k", type=int, default=20, help="logits kept per position (default 20)")
+    args = ap.parse_args()
+
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import Llama
+
+    with open(args.text_file, encoding="utf-8") as f:
+        text = f.read()[args.text_offset : args.text_offset + args.text_chars]
+
+    llm = Llama(
+        model_path=args.model,
+        n_ctx=512,
+        n_batch=512,
+        n_ubatch=512,
+        logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F16,
+        type_v=llama_cpp.GGML_TYPE_F16,
+        n_threads=2,
+        seed=0,
+        verbose=False,
+    )
+    # add_bos=True asks for the model's special tokens; llama.cpp adds BOS only where the
+    # GGUF says the model wants it (Gemma yes, SmolLM2/Qwen2 no).
+    all_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    if len(all_ids) < args.n_tokens:
+        sys.exit(f"text of {args.text_chars} characters gives only {len(all_ids)} tokens; raise --text-chars")
+    ids = all_ids[: args.n_tokens]
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    if not np.all(np.isfinite(logits)):
+        sys.exit("llama.cpp returned non-finite logits")
+
+    top_ids, top_vals = [], []
+    for row in logits:
+        order = np.argsort(-row, kind="stable")[: args.top_k]
+        top_ids.append([int(i) for i in order])
+        top_vals.append([round(float(row[i]), 5) for i in order])
+
+    fixture = {
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+        "llama_cpp_python": llama_cpp.__version__,
+        "model_file": os.path.basename(args.model),
+        "model_sha256": sha256(args.model),
+        "kv_cache": "f16",
+        "n_ctx": 512,
+        "text_file": os.path.basename(args.text_file),
+        "text_offset": args.text_offset,
+        "text": text,
+        "text_ids": [int(i) for i in all_ids],
+        "ids": [int(i) for i in ids],
+        "vocab_size": int(logits.shape[1]),
+        "top_k": args.top_k,
+        "top_ids": top_ids,
+        "top_logits": top_vals,
+        "mean": [round(float(x), 5) for x in logits.mean(axis=1)],
+        "std": [round(float(x), 5) for x in logits.std(axis=1)],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(fixture, f, separators=(",", ":"))
+        f.write("\n")
+    print(f"{args.out}: {len(ids)} positions, top-{args.top_k}, {os.path.getsize(args.out)} bytes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
