@@ -3,6 +3,7 @@
 mod bench;
 mod bench_attention;
 mod compare;
+mod convert;
 mod generate;
 mod info;
 mod kv_args;
@@ -37,10 +38,13 @@ enum Command {
     Ppl(ppl::PplArgs),
     /// Quick side-by-side of fp16, k8v8, k8v4, k4v8, k4v4: KV bytes, decode speed, quality.
     Compare(compare::CompareArgs),
+    /// Write an MLX model directory (safetensors, config, tokenizer) from a GGUF file or HF directory.
+    Convert(convert::ConvertArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Convert(a) => convert::run(a),
         Command::Info => info::run(),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),

@@ -9,7 +9,8 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model: a `.gguf` file, a local MLX/HF directory, or `default` (SmolLM2-135M-Instruct
+    /// Model: a `.gguf` file, a local MLX/HF directory, a Hub id (owner/name, fetched into the
+    /// HF cache; honours HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE), or `default` (SmolLM2-135M-Instruct
     /// Q4_1, fetched by scripts/setup.sh).
     #[arg(long, default_value = "default")]
     pub model: String,
@@ -32,6 +33,9 @@ impl ModelArgs {
             return Ok(p);
         }
         let p = PathBuf::from(&self.model);
+        if !p.exists() && models::hub::looks_like_repo_id(&self.model) {
+            return models::hub::resolve(&self.model, true).with_context(|| format!("--model {}", self.model));
+        }
         if !p.exists() {
             bail!("--model: '{}' does not exist", self.model);
         }

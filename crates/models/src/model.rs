@@ -52,10 +52,19 @@ pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
 /// Loads a model from a `.gguf` file or a local model directory.
 pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
     if path.is_dir() {
-        return Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            reason: "MLX/HF model directories are not supported yet; pass a .gguf file".into(),
-        });
+        return load_dir(path, dtype);
     }
     load_gguf(path, dtype)
+}
+
+/// Loads an MLX/HF model directory (config.json, safetensors, tokenizer.json).
+pub fn load_dir(path: &Path, dtype: Dtype) -> Result<Loaded> {
+    let (cfg, weights) = crate::safetensors_load::load_dir(path, dtype)?;
+    let tokenizer = crate::tokenizer_json::load(path, cfg.eos_token_id.as_ref()).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: format!("tokenizer: {e}"),
+    })?;
+    let model: Box<dyn LanguageModel> = Box::new(crate::llama::Model::new(cfg, weights, dtype)?);
+    mlx_rs::transforms::eval(model.arrays())?;
+    Ok(Loaded { model, tokenizer })
 }

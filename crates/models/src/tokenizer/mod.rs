@@ -61,6 +61,32 @@ enum Model {
     Bpe { bpe: Box<Bpe>, pre: PreTokenizer, ignore_merges: bool },
     /// SentencePiece BPE over scores.
     Spm { scores: Vec<f32>, byte_tokens: Vec<Option<u32>> },
+    /// An HF `tokenizer.json` run by the `tokenizers` crate; `bytes` decodes byte-level vocabularies.
+    Hf { hf: Box<tokenizers::Tokenizer>, bytes: Option<Box<Bpe>> },
+}
+
+/// The pre-tokenizer regexes of a `tokenizer.ggml.pre` value (for writing `tokenizer.json`).
+pub(crate) fn pre_patterns(pre: &str) -> Option<Vec<&'static str>> {
+    pretokenize::patterns(pre)
+}
+
+/// Whether a `tokenizer.ggml.pre` vocabulary looks whole words up before merging.
+pub(crate) fn pre_ignores_merges(pre: &str) -> bool {
+    pretokenize::ignores_merges(pre)
+}
+
+/// What [`crate::tokenizer_json`] reads from an HF tokenizer directory.
+pub(crate) struct HfParts {
+    pub tokens: Vec<String>,
+    pub types: Vec<TokenType>,
+    pub hf: Box<tokenizers::Tokenizer>,
+    pub byte_level: bool,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    pub unk: Option<u32>,
+    pub add_bos: bool,
+    pub add_space_prefix: bool,
+    pub chat_template: Option<String>,
 }
 
 /// Names of end-of-generation tokens used by common chat templates; each counts as EOS when it
@@ -185,6 +211,51 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer whose text is encoded by an HF `tokenizer.json`; special tokens, EOS and
+    /// decoding work as for GGUF vocabularies.
+    pub(crate) fn from_hf_parts(p: HfParts) -> Self {
+        let mut ids = HashMap::with_capacity(p.tokens.len());
+        for (i, t) in p.tokens.iter().enumerate() {
+            if !t.is_empty() {
+                ids.entry(t.clone()).or_insert(i as u32);
+            }
+        }
+        let mut eos = p.eos;
+        for name in EOG_NAMES {
+            if let Some(&id) = ids.get(*name) {
+                let special = matches!(p.types[id as usize], TokenType::Control | TokenType::UserDefined);
+                if special && !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        let mut specials: HashMap<u8, Vec<u32>> = HashMap::new();
+        for (i, t) in p.tokens.iter().enumerate() {
+            if matches!(p.types[i], TokenType::Control | TokenType::UserDefined) && !t.is_empty() {
+                specials.entry(t.as_bytes()[0]).or_default().push(i as u32);
+            }
+        }
+        for list in specials.values_mut() {
+            list.sort_by_key(|&id| std::cmp::Reverse(p.tokens[id as usize].len()));
+        }
+        // An empty merge list still gives the byte <-> char table.
+        let bytes = if p.byte_level { Bpe::new(&[]).ok().map(Box::new) } else { None };
+        Self {
+            tokens: p.tokens,
+            types: p.types,
+            ids,
+            model: Model::Hf { hf: p.hf, bytes },
+            specials,
+            bos: p.bos,
+            eos,
+            unk: p.unk,
+            add_bos: p.add_bos,
+            add_eos: false,
+            add_space_prefix: p.add_space_prefix,
+            chat_template: p.chat_template,
+        }
+    }
+
     /// Encodes `text`, recognizing special tokens written in it (so "<|im_start|>" is one id).
     /// `add_special` adds BOS (and EOS) where the vocabulary asks for them.
     pub fn encode(&self, text: &str, add_special: bool) -> Vec<u32> {
@@ -272,6 +343,8 @@ impl Tokenizer {
                 let escaped = format!("{prefix}{text}").replace(' ', "\u{2581}");
                 spm::tokenize(&escaped, &self.ids, scores, |b| byte_tokens[b as usize], self.unk, out);
             }
+            // Encoding errors come only from padding/truncation settings, which we never set.
+            Model::Hf { hf, .. } => out.extend(hf.encode(text, false).map(|e| e.get_ids().to_vec()).unwrap_or_default()),
         }
     }
 
@@ -286,7 +359,12 @@ impl Tokenizer {
                 Ok(b) => out.push(b),
                 Err(_) => out.extend(tok.as_bytes()),
             },
-            (_, Model::Bpe { bpe, .. }) => bpe.decode_chars(tok, out),
+            (_, Model::Bpe { bpe, .. } | Model::Hf { bytes: Some(bpe), .. }) => bpe.decode_chars(tok, out),
+            (TokenType::Byte, Model::Hf { .. }) => match u8::from_str_radix(tok.trim_start_matches("<0x").trim_end_matches('>'), 16) {
+                Ok(b) => out.push(b),
+                Err(_) => out.extend(tok.as_bytes()),
+            },
+            (_, Model::Hf { .. }) => out.extend(tok.replace('\u{2581}', " ").as_bytes()),
             (_, Model::Spm { .. }) => out.extend(tok.replace('\u{2581}', " ").as_bytes()),
         }
     }
@@ -307,7 +385,7 @@ impl Tokenizer {
 
     /// Whether decoded text starts with a space the encoder added (SentencePiece prefix).
     fn strips_leading_space(&self) -> bool {
-        self.add_space_prefix && matches!(self.model, Model::Spm { .. })
+        self.add_space_prefix && matches!(self.model, Model::Spm { .. } | Model::Hf { bytes: None, .. })
     }
 
     /// A streaming decoder for generated ids.

@@ -13,7 +13,7 @@ const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|
 
 /// The regexes for a `tokenizer.ggml.pre` value, or `None` if it is not supported. A missing key
 /// means "default" (GPT-2's regex), as in llama.cpp.
-fn patterns(pre: &str) -> Option<Vec<&'static str>> {
+pub(crate) fn patterns(pre: &str) -> Option<Vec<&'static str>> {
     Some(match pre {
         "default" | "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion" | "phi-2" => vec![GPT2],
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" | "pixtral" => vec![LLAMA3],

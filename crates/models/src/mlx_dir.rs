@@ -1,0 +1,410 @@
+//! Writing MLX model directories (the mlx-community layout): `config.json` with a
+//! `quantization` block, `model.safetensors` (sharded with an index above a size limit), and the
+//! tokenizer files, from a GGUF file or an HF/MLX directory.
+//!
+//! GGUF Q4_0/Q4_1/Q8_0 tensors already are MLX affine triplets (group 32), so they are carried
+//! over bit for bit unless another quantization is asked for; their scales and biases are stored
+//! as f16 when that is exact (it is for every real file: they are f16 in GGUF, and Q4_0/Q8_0
+//! biases are those times a power of two) and as f32 otherwise.
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgmlType;
+use crate::safetensors_load::{self, QuantSpec, Quantization, INDEX_FILE, SINGLE_FILE};
+use crate::weights::Weight;
+use mlx_rs::ops::{dequantize, quantize};
+use mlx_rs::{Array, Dtype};
+use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Tokenizer and generation files copied from an HF directory when present.
+const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+/// What to convert: config, tensors (HF names, stored dtypes) and the small text files.
+pub struct Source {
+    pub config: Value,
+    pub weights: Vec<(String, Weight)>,
+    pub files: Vec<(String, String)>,
+}
+
+/// How to write the output.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Dtype of dense float tensors; `None` keeps each tensor's source precision.
+    pub dtype: Option<Dtype>,
+    /// Quantize every 2-D weight to this setting (re-quantizing quantized ones that differ).
+    pub quantize: Option<QuantSpec>,
+    /// Write every weight dense.
+    pub dequantize: bool,
+    /// Shard when the tensors exceed this many bytes.
+    pub max_shard_bytes: u64,
+    /// Replace an existing output.
+    pub force: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub tensors: usize,
+    pub quantized: usize,
+    pub shards: usize,
+    pub bytes: u64,
+}
+
+fn cfg_err(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Config { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// A GGUF file as a conversion source: HF names, Q/K rows in HF order, F16/BF16 tensors in
+/// their own dtype, everything else dequantized to f32 (exact) or kept as a triplet.
+pub fn source_from_gguf(path: &Path) -> Result<Source> {
+    let (cfg, mut map, gguf) = crate::gguf_load::load(path, Dtype::Float32)?;
+    let native: HashMap<String, Dtype> = gguf
+        .tensors()
+        .iter()
+        .filter_map(|t| {
+            let d = match t.ggml_type {
+                GgmlType::F16 => Dtype::Float16,
+                GgmlType::BF16 => Dtype::Bfloat16,
+                _ => return None,
+            };
+            Some((crate::gguf_load::hf_name(&t.name).unwrap_or_else(|| t.name.clone()), d))
+        })
+        .collect();
+    let names: Vec<String> = map.names().cloned().collect();
+    let mut weights = Vec::with_capacity(names.len());
+    for name in names {
+        let w = match (map.take(&name)?, native.get(&name)) {
+            (Weight::Dense(a), Some(&d)) => Weight::Dense(a.as_dtype(d)?),
+            (w, _) => w,
+        };
+        weights.push((name, w));
+    }
+    let config = serde_json::to_value(&cfg).map_err(|e| cfg_err(path, e.to_string()))?;
+    let files = crate::tokenizer_json::files_from_gguf(&gguf)
+        .map_err(|e| cfg_err(path, format!("tokenizer: {e}")))?;
+    Ok(Source { config, weights, files })
+}
+
+/// An HF or MLX directory as a conversion source (tensors in their stored dtypes).
+pub fn source_from_dir(dir: &Path) -> Result<Source> {
+    let (_, _, mut map) = safetensors_load::load_dir_as(dir, None)?;
+    let cfg_path = dir.join(safetensors_load::CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), source })?;
+    let mut config: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&cfg_path, e.to_string()))?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("quantization");
+        obj.remove("quantization_config");
+    }
+    let names: Vec<String> = map.names().cloned().collect();
+    let weights = names.into_iter().map(|n| map.take(&n).map(|w| (n, w))).collect::<Result<_>>()?;
+    let mut files = Vec::new();
+    for f in TOKENIZER_FILES {
+        let p = dir.join(f);
+        if p.exists() {
+            files.push((f.to_string(), std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p, source })?));
+        }
+    }
+    Ok(Source { config, weights, files })
+}
+
+/// Stores `a` as f16 when that round-trips exactly, else as f32.
+fn exact_half(a: &Array) -> Result<Array> {
+    let a32 = a.as_dtype(Dtype::Float32)?;
+    let h = a32.as_dtype(Dtype::Float16)?;
+    let same = h.as_dtype(Dtype::Float32)?.eq_values(&a32)?;
+    Ok(if same { h } else { a32 })
+}
+
+/// Output tensors for one weight, and its quantization if it has one.
+fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<(Vec<(String, Array)>, Option<QuantSpec>)> {
+    let module = name.strip_suffix(".weight");
+    let quantizable = |shape: &[usize], spec: QuantSpec| {
+        module.is_some() && shape.len() == 2 && shape[1] % spec.group as usize == 0
+    };
+    let dense_out = |a: Array| -> Result<Array> {
+        Ok(match opts.dtype {
+            Some(d) if matches!(a.dtype(), Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32) => a.as_dtype(d)?,
+            _ => a,
+        })
+    };
+    let triplet = |m: &str, w: Array, s: Array, b: Array, spec: QuantSpec| {
+        (vec![(format!("{m}.weight"), w), (format!("{m}.scales"), s), (format!("{m}.biases"), b)], Some(spec))
+    };
+    let shape = w.shape();
+    match w {
+        Weight::Quant { w, scales, biases, bits, group } => {
+            let spec = QuantSpec { bits, group };
+            let keep = !opts.dequantize && opts.quantize.is_none_or(|q| q == spec);
+            if keep {
+                let m = module.ok_or_else(|| cfg_err(Path::new(name), "quantized tensor not named *.weight"))?;
+                return Ok(triplet(m, w, exact_half(&scales)?, exact_half(&biases)?, spec));
+            }
+            let dense = dequantize(&w, &scales, &biases, group, bits)?;
+            let dense = match opts.dtype {
+                Some(d) => dense.as_dtype(d)?,
+                None => dense.as_dtype(scales.dtype())?,
+            };
+            convert_weight(name, Weight::Dense(dense), opts)
+        }
+        Weight::Dense(a) => {
+            let a = dense_out(a)?;
+            match (opts.quantize, module) {
+                (Some(spec), Some(m)) if !opts.dequantize && quantizable(&shape, spec) => {
+                    let (qw, s, b) = quantize(&a, spec.group, spec.bits)?;
+                    Ok(triplet(m, qw, s, b, spec))
+                }
+                _ => Ok((vec![(name.to_string(), a)], None)),
+            }
+        }
+    }
+}
+
+/// The config's `quantization` block: the most common setting, with per-module overrides.
+fn quantization_block(specs: &BTreeMap<String, QuantSpec>) -> Option<Quantization> {
+    let mut counts: BTreeMap<(i32, i32), usize> = BTreeMap::new();
+    for s in specs.values() {
+        *counts.entry((s.bits, s.group)).or_default() += 1;
+    }
+    let (&(bits, group), _) = counts.iter().max_by_key(|(_, &c)| c)?;
+    let default = QuantSpec { bits, group };
+    let overrides = specs.iter().filter(|(_, s)| **s != default).map(|(m, s)| (m.clone(), Some(*s))).collect();
+    Some(Quantization { default, overrides })
+}
+
+struct Bytes {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &Bytes {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn le_bytes<T: mlx_rs::ArrayElement + Copy, const N: usize>(a: &Array, f: impl Fn(T) -> [u8; N]) -> Result<Vec<u8>> {
+    let s = a.try_as_slice::<T>().map_err(|e| ModelError::Mlx(mlx_rs::error::Exception::custom(e.to_string())))?;
+    Ok(s.iter().flat_map(|&x| f(x)).collect())
+}
+
+/// Evaluates `a` and returns its row-major little-endian bytes.
+fn array_bytes(name: &str, a: &Array) -> Result<Bytes> {
+    use safetensors::Dtype as S;
+    let a = a.contiguous()?;
+    a.eval()?;
+    let (dtype, data) = match a.dtype() {
+        Dtype::Float32 => (S::F32, le_bytes(&a, f32::to_le_bytes)?),
+        Dtype::Float16 => (S::F16, le_bytes(&a, |x: half::f16| x.to_le_bytes())?),
+        Dtype::Bfloat16 => (S::BF16, le_bytes(&a, |x: half::bf16| x.to_le_bytes())?),
+        Dtype::Uint32 => (S::U32, le_bytes(&a, u32::to_le_bytes)?),
+        Dtype::Int32 => (S::I32, le_bytes(&a, i32::to_le_bytes)?),
+        Dtype::Uint8 => (S::U8, le_bytes(&a, u8::to_le_bytes)?),
+        other => return Err(cfg_err(Path::new(name), format!("cannot write dtype {other:?}"))),
+    };
+    Ok(Bytes { dtype, shape: a.shape().iter().map(|&d| d as usize).collect(), data })
+}
+
+/// Groups tensors (in name order) into shards of at most `max` bytes; a larger tensor gets a
+/// shard of its own.
+fn plan_shards(sizes: &[(String, u64)], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current = 0u64;
+    for (i, (_, n)) in sizes.iter().enumerate() {
+        match shards.last_mut() {
+            Some(last) if current + n <= max => last.push(i),
+            _ => {
+                shards.push(vec![i]);
+                current = 0;
+            }
+        }
+        current += n;
+    }
+    shards
+}
+
+/// Fails unless `out` can be (re)placed.
+pub fn check_output(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        return Err(ModelError::Invalid { flag: "--out", message: format!("{} exists; pass --force to replace it", out.display()) });
+    }
+    Ok(())
+}
+
+/// Converts `src` and writes it to `out` atomically: everything goes to a temporary directory
+/// beside `out`, which is renamed into place only when complete. `progress` is called once per
+/// source tensor converted and once per shard written.
+pub fn write(src: Source, out: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    check_output(out, opts.force)?;
+    let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
+    let mut specs: BTreeMap<String, QuantSpec> = BTreeMap::new();
+    for (name, w) in src.weights {
+        let (arrays, spec) = convert_weight(&name, w, opts)?;
+        if let Some(s) = spec {
+            specs.insert(name.trim_end_matches(".weight").to_string(), s);
+        }
+        for (n, a) in arrays {
+            a.eval()?;
+            tensors.insert(n, a);
+        }
+        progress(&name);
+    }
+    let mut config = src.config;
+    let obj = config.as_object_mut().ok_or_else(|| cfg_err(out, "config is not a JSON object"))?;
+    if let Some(q) = quantization_block(&specs) {
+        obj.insert("quantization".into(), q.to_json());
+        obj.insert("quantization_config".into(), q.to_json());
+    }
+
+    let name = out.file_name().ok_or_else(|| cfg_err(out, "--out has no directory name"))?.to_string_lossy().into_owned();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|source| ModelError::Io { path: parent.into(), source })?;
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = write_contents(&tmp, &config, &tensors, &src.files, opts.max_shard_bytes, progress);
+    let (shards, bytes) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(io(out))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+        removed.map_err(io(&old))?;
+    } else {
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+    }
+    Ok(Report { tensors: tensors.len(), quantized: specs.len(), shards, bytes })
+}
+
+fn write_contents(
+    dir: &Path,
+    config: &Value,
+    tensors: &BTreeMap<String, Array>,
+    files: &[(String, String)],
+    max_shard_bytes: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(usize, u64)> {
+    let write_text = |file: &str, text: &str| -> Result<()> {
+        let p = dir.join(file);
+        std::fs::write(&p, text).map_err(|source| ModelError::Io { path: p, source })
+    };
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    write_text(safetensors_load::CONFIG_FILE, &pretty(config))?;
+    for (f, text) in files {
+        write_text(f, text)?;
+    }
+    let sizes: Vec<(String, u64)> = tensors.iter().map(|(n, a)| (n.clone(), a.nbytes() as u64)).collect();
+    let total: u64 = sizes.iter().map(|(_, n)| n).sum();
+    let shards = plan_shards(&sizes, max_shard_bytes.max(1));
+    let arrays: Vec<&Array> = tensors.values().collect();
+    let metadata: Option<HashMap<String, String>> = Some([("format".to_string(), "mlx".to_string())].into());
+    let mut weight_map = serde_json::Map::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if shards.len() == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, shards.len())
+        };
+        let mut data = Vec::with_capacity(shard.len());
+        for &i in shard {
+            let name = &sizes[i].0;
+            data.push((name.clone(), array_bytes(name, arrays[i])?));
+            weight_map.insert(name.clone(), Value::String(file.clone()));
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(data.iter().map(|(n, b)| (n.as_str(), b)), metadata.clone(), &path)
+            .map_err(|e| cfg_err(&path, format!("writing safetensors: {e}")))?;
+        progress(&file);
+    }
+    if shards.len() > 1 {
+        let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        write_text(INDEX_FILE, &pretty(&index))?;
+    }
+    Ok((shards.len(), total))
+}
+
+/// Parses sizes like `5GB`, `500MB`, `1.5GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().ok()?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        _ => return None,
+    };
+    (n.is_finite() && n > 0.0).then(|| (n * mult) as u64)
+}
+
+/// Whether `path` looks like an MLX/HF model directory.
+pub fn is_model_dir(path: &Path) -> bool {
+    path.join(safetensors_load::CONFIG_FILE).is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
+        assert_eq!(parse_size("1.5 MiB"), Some(1_572_864));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("5XB"), None);
+        assert_eq!(parse_size("-1GB"), None);
+    }
+
+    #[test]
+    fn shards_respect_the_limit_and_keep_big_tensors_whole() {
+        let sizes: Vec<(String, u64)> = [40, 40, 30, 200, 10].iter().enumerate().map(|(i, &n)| (i.to_string(), n)).collect();
+        let plan = plan_shards(&sizes, 100);
+        assert_eq!(plan, vec![vec![0, 1], vec![2], vec![3], vec![4]]);
+        for shard in &plan {
+            let total: u64 = shard.iter().map(|&i| sizes[i].1).sum();
+            assert!(shard.len() == 1 || total <= 100);
+        }
+    }
+
+    #[test]
+    fn block_takes_the_most_common_setting() {
+        let q4 = QuantSpec { bits: 4, group: 32 };
+        let q8 = QuantSpec { bits: 8, group: 32 };
+        let specs: BTreeMap<String, QuantSpec> =
+            [("a".into(), q4), ("b".into(), q4), ("c".into(), q8)].into_iter().collect();
+        let q = quantization_block(&specs).unwrap();
+        assert_eq!(q.default, q4);
+        assert_eq!(q.for_module("c"), Some(q8));
+        assert_eq!(q.overrides.len(), 1);
+    }
+}
