@@ -57,13 +57,16 @@ fn fold3(x: &Array, b: i32, hkv: i32) -> Result<Array> {
     Ok(x.reshape(&[b * hkv, s[2], s[3]])?)
 }
 
-/// `[B, Hkv, a, c]` packed triplet → 3-D.
+/// `[B, Hkv, a, c]` packed triplet → 3-D. MLX 0.32.2's CUDA `quantized_matmul` has no kernel
+/// for a strided (sliced-from-capacity) weight, so on the GPU the slice is made contiguous; the
+/// fused kernel, which indexes the full buffer, avoids that copy.
 fn fold_packed(p: &Packed, b: i32, hkv: i32) -> Result<Packed> {
-    Ok(Packed {
-        w: fold3(&p.w, b, hkv)?,
-        scales: fold3(&p.scales, b, hkv)?,
-        biases: fold3(&p.biases, b, hkv)?,
-    })
+    let gpu = crate::Backend::current() == crate::Backend::Gpu;
+    let f = |a: &Array| -> Result<Array> {
+        let x = fold3(a, b, hkv)?;
+        Ok(if gpu { x.contiguous()? } else { x })
+    };
+    Ok(Packed { w: f(&p.w)?, scales: f(&p.scales)?, biases: f(&p.biases)? })
 }
 
 fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {

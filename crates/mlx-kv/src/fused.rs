@@ -43,35 +43,43 @@ const CUDA_SOURCE: &str = r#"
     float qv[REP][DPL];
     float m[REP], l[REP], acc[REP][DPL];
     for (int r = 0; r < REP; ++r) {
-        m[r] = -inf; l[r] = 0.f;
+        m[r] = -KV_INF; l[r] = 0.f;
         for (int i = 0; i < DPL; ++i) {
             qv[r][i] = q[(bh * REP + r) * D + d0 + i];
             acc[r][i] = 0.f;
         }
     }
-    for (int t = t0 + warp; t < t1; t += WARPS) {
-        const size_t row = (size_t)bh * CAP + t;
-        const unsigned* krow = kw + row * KW;
-        const unsigned* vrow = vw + row * VW;
-        float kd[DPL], vd[DPL];
-        for (int i = 0; i < DPL; ++i) {
-            const int j = d0 + i;
-            const int kb_ = j * BK, vb_ = j * BV;
-            const float kq = (float)((krow[kb_ >> 5] >> (kb_ & 31)) & KMASK);
-            const float vq = (float)((vrow[vb_ >> 5] >> (vb_ & 31)) & VMASK);
-            kd[i] = __half2float(ks[row * KG + j / GK]) * kq + __half2float(kb[row * KG + j / GK]);
-            vd[i] = __half2float(vs[row * VG + j / GV]) * vq + __half2float(vb[row * VG + j / GV]);
+    // Two tokens per iteration: their loads are independent, which keeps more memory requests
+    // in flight per warp (the loop is latency-bound otherwise).
+    for (int t = t0 + warp; t < t1; t += 2 * WARPS) {
+        const bool two = t + WARPS < t1;
+        float kd[2][DPL], vd[2][DPL];
+        for (int u = 0; u < 2; ++u) {
+            const int tt = (u == 0 || two) ? t + u * WARPS : t;
+            const size_t row = (size_t)bh * CAP + tt;
+            const unsigned* krow = kw + row * KW;
+            const unsigned* vrow = vw + row * VW;
+            for (int i = 0; i < DPL; ++i) {
+                const int j = d0 + i;
+                const int kb_ = j * BK, vb_ = j * BV;
+                const float kq = (float)((krow[kb_ >> 5] >> (kb_ & 31)) & KMASK);
+                const float vq = (float)((vrow[vb_ >> 5] >> (vb_ & 31)) & VMASK);
+                kd[u][i] = __half2float(ks[row * KG + j / GK]) * kq + __half2float(kb[row * KG + j / GK]);
+                vd[u][i] = __half2float(vs[row * VG + j / GV]) * vq + __half2float(vb[row * VG + j / GV]);
+            }
         }
-        for (int r = 0; r < REP; ++r) {
-            float s = 0.f;
-            for (int i = 0; i < DPL; ++i) s += qv[r][i] * kd[i];
-            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-            const float m_new = fmaxf(m[r], s);
-            const float alpha = __expf(m[r] - m_new);
-            const float p = __expf(s - m_new);
-            l[r] = l[r] * alpha + p;
-            for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * vd[i];
-            m[r] = m_new;
+        for (int u = 0; u < (two ? 2 : 1); ++u) {
+            for (int r = 0; r < REP; ++r) {
+                float s = 0.f;
+                for (int i = 0; i < DPL; ++i) s += qv[r][i] * kd[u][i];
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+                const float m_new = fmaxf(m[r], s);
+                const float alpha = __expf(m[r] - m_new);
+                const float p = __expf(s - m_new);
+                l[r] = l[r] * alpha + p;
+                for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * vd[u][i];
+                m[r] = m_new;
+            }
         }
     }
     __shared__ float sm_m[WARPS][REP];
@@ -84,12 +92,12 @@ const CUDA_SOURCE: &str = r#"
     __syncthreads();
     if (warp == 0) {
         for (int r = 0; r < REP; ++r) {
-            float M = -inf;
+            float M = -KV_INF;
             for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
             float L = 0.f;
             float O[DPL];
             for (int i = 0; i < DPL; ++i) O[i] = 0.f;
-            if (M > -inf) {
+            if (M > -KV_INF) {
                 for (int w = 0; w < WARPS; ++w) {
                     const float c = __expf(sm_m[w][r] - M);
                     L += sm_l[w][r] * c;
@@ -214,14 +222,16 @@ fn check(rc: i32, what: &str) -> Result<()> {
 pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, cap: usize) -> Result<Array> {
     let s = q3.shape();
     let (bh, rows, d) = (s[0], s[1], s[2]);
-    // About two blocks per SM on a 132-SM card, but at least 64 tokens per split.
-    let n_split = ((264 + bh - 1) / bh).clamp(1, (t.div_ceil(64) as i32).max(1));
+    // About eight blocks per SM on a 132-SM card (the loop is latency-bound, so occupancy is
+    // what buys bandwidth), but at least 64 tokens per split.
+    let n_split = ((1056 + bh - 1) / bh).clamp(1, (t.div_ceil(64) as i32).max(1));
     let q = q3.as_dtype(Dtype::Float32)?;
     let meta = Array::from_slice(&[t as i32, cap as i32], &[2]);
     let inputs = [&q, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta];
     let name = CString::new("kvsplit_decode_attn").unwrap();
     let source = CString::new(CUDA_SOURCE).unwrap();
-    let header = CString::new("").unwrap();
+    // NVRTC sees no <cmath>: spell infinity by its bit pattern.
+    let header = CString::new("#define KV_INF __int_as_float(0x7f800000)\n").unwrap();
     let in_names = vec_string(&["q", "kw", "ks", "kb", "vw", "vs", "vb", "meta"]);
     let out_names = vec_string(&["out_o", "out_m", "out_l"]);
     let outputs = unsafe {
