@@ -118,11 +118,13 @@ fn exact_half(a: &Array) -> Result<Array> {
     Ok(if same { h } else { a32 })
 }
 
-/// Output tensors for one weight, and its quantization if it has one.
-fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<(Vec<(String, Array)>, Option<QuantSpec>)> {
+/// Output tensors of one source weight, with its quantization if it has one.
+type Converted = (Vec<(String, Array)>, Option<QuantSpec>);
+
+fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<Converted> {
     let module = name.strip_suffix(".weight");
     let quantizable = |shape: &[usize], spec: QuantSpec| {
-        module.is_some() && shape.len() == 2 && shape[1] % spec.group as usize == 0
+        module.is_some() && shape.len() == 2 && shape[1].is_multiple_of(spec.group as usize)
     };
     let dense_out = |a: Array| -> Result<Array> {
         Ok(match opts.dtype {
@@ -364,7 +366,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "GIB" => 1024f64.powi(3),
         _ => return None,
     };
-    (n.is_finite() && n > 0.0).then(|| (n * mult) as u64)
+    (n.is_finite() && n > 0.0).then_some((n * mult) as u64)
 }
 
 /// Whether `path` looks like an MLX/HF model directory.

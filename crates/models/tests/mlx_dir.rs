@@ -179,7 +179,7 @@ fn existing_output_is_refused_without_force_and_replaced_with_it() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("marker"), "old").unwrap();
     let src = mlx_dir::source_from_gguf(&model_path()).unwrap();
-    let e = mlx_dir::write(src, &out, &opts(), &mut |_| {}).err().expect("must refuse").to_string();
+    let e = mlx_dir::write(src, &out, &opts(), &mut |_| {}).expect_err("must refuse").to_string();
     assert!(e.contains("--force") && e.contains(&out.display().to_string()), "{e}");
     assert!(out.join("marker").exists());
     convert(&out, &ConvertOptions { force: true, ..opts() });
