@@ -2,12 +2,14 @@
 
 mod bench;
 mod bench_attention;
+mod compare;
 mod convert;
 mod generate;
 mod info;
 mod kv_args;
 mod model_args;
 mod plot;
+mod ppl;
 mod results;
 
 use anyhow::Result;
@@ -32,6 +34,10 @@ enum Command {
     Bench(bench::BenchCmd),
     /// Draw PNG/SVG figures from bench and ppl result files.
     Plot(plot::PlotArgs),
+    /// Perplexity, KL divergence and top-1 agreement of K/V settings (WikiText-2 or a file).
+    Ppl(ppl::PplArgs),
+    /// Quick side-by-side of fp16, k8v8, k8v4, k4v8, k4v4: KV bytes, decode speed, quality.
+    Compare(compare::CompareArgs),
     /// Write an MLX model directory (safetensors, config, tokenizer) from a GGUF file or HF directory.
     Convert(convert::ConvertArgs),
 }
@@ -43,6 +49,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Ppl(a) => ppl::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod hub;
 pub mod mlx_dir;
 pub mod model;
+pub mod perplexity;
 pub mod phi3;
 pub mod safetensors_load;
 pub mod sample;

@@ -1,0 +1,392 @@
+//! `kvsplit-mlx ppl`: perplexity, KL divergence and top-1 agreement of K/V settings against
+//! the unquantized cache, over WikiText-2 or any text file.
+//!
+//! KLD design (exact, bounded disk): the baseline's full distributions are needed at every
+//! scored token. A sweep runs window by window: the baseline window first (read from the
+//! bounded on-disk store when a previous run left it, else computed and offered to the store),
+//! then every setting on the same window, compared at once and dropped. So the baseline is
+//! computed at most once per sweep, and memory holds one window of rows per setting.
+
+use crate::kv_args::KvArgs;
+use crate::model_args::{cache_dir, load, ModelArgs};
+use crate::results::{markdown_table, read_rows, write_rows, Env, PplRow};
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
+use indicatif::{ProgressBar, ProgressStyle};
+use mlx_kv::KvSpec;
+use models::generate::{check_context, CacheSettings};
+use models::model::LanguageModel;
+use models::perplexity::{fnv1a, score_window, BaselineStore, PplOptions, PplResult, FNV_OFFSET};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct PplFlags {
+    /// Dataset: `wikitext` is the WikiText-2 raw test split, read from --data-dir (it is not
+    /// downloaded from the hub; place wiki.test.raw there). Omit it to use --file.
+    #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
+    pub dataset: Option<String>,
+    /// Score this UTF-8 text file instead of a dataset.
+    #[arg(long, conflicts_with = "dataset")]
+    pub file: Option<PathBuf>,
+    /// Directory holding wiki.test.raw (default: ../shared/data/wikitext-2-raw beside the
+    /// repository if present, else $KVSPLIT_CACHE/data/wikitext-2-raw).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// Score at most this many windows, from the start of the text (default: all).
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    /// Largest total size of the on-disk baseline store ($KVSPLIT_CACHE/ppl-baseline), in MiB;
+    /// 0 disables it. Windows that do not fit are recomputed, never approximated.
+    #[arg(long, default_value_t = 1024)]
+    pub baseline_cache_mb: u64,
+    /// Directory for ppl-<model>-<ctx>.csv/.json (rows of the same setting are replaced).
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+}
+
+/// The windowing flags, shared with `compare`.
+#[derive(Args, Debug, Clone)]
+pub struct WindowArgs {
+    /// Tokens per window; windows do not overlap and each starts from an empty cache.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Tokens per forward call: each chunk after the first attends to the quantized cache.
+    #[arg(long, default_value_t = 128)]
+    pub chunk: usize,
+    /// Score every token after the first of a window, not only the second half (the half
+    /// llama-perplexity scores).
+    #[arg(long)]
+    pub score_all: bool,
+}
+
+/// `ppl`'s flags with `--kv` made repeatable: `8,4` holds a comma, so a list of non-preset
+/// values needs one flag each (`--kv 8,4 --kv 4,2`).
+#[derive(Debug)]
+pub struct PplArgs {
+    pub flags: PplFlags,
+    pub kv_values: Vec<String>,
+}
+
+fn repeatable_kv(cmd: Command) -> Command {
+    cmd.mut_arg("kv", |a| {
+        a.action(ArgAction::Append).help(
+            "K/V settings to score: `K,V` (e.g. 8,4), one width, or a preset (fp16, k8v8, k8v4, k4v8, k4v4, k4v2). \
+             Repeat the flag for several, or give presets as one comma list (fp16,k8v4,k4v4). \
+             KLD and top-1 are against the unquantized cache, computed once per run",
+        )
+    })
+}
+
+impl FromArgMatches for PplArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut m.clone())
+    }
+    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
+        // Read every --kv before the derived parser takes the first one.
+        let kv_values = m.get_many::<String>("kv").map(|v| v.cloned().collect()).unwrap_or_default();
+        Ok(PplArgs { flags: PplFlags::from_arg_matches_mut(m)?, kv_values })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for PplArgs {
+    fn augment_args(cmd: Command) -> Command {
+        repeatable_kv(PplFlags::augment_args(cmd))
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        repeatable_kv(PplFlags::augment_args_for_update(cmd))
+    }
+}
+
+fn is_preset(s: &str) -> bool {
+    let s = s.trim().to_ascii_lowercase();
+    matches!(s.as_str(), "fp16" | "f16" | "bf16") || (s.starts_with('k') && s.contains('v') && KvSpec::parse(&s).is_ok())
+}
+
+/// Splits `fp16,k8v4` into presets; `8,4` (not all presets) stays one value.
+pub fn expand_kv_list(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| {
+            let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+            if parts.len() > 1 && parts.iter().all(|p| is_preset(p)) {
+                parts.into_iter().map(String::from).collect()
+            } else {
+                vec![v.trim().to_string()]
+            }
+        })
+        .collect()
+}
+
+/// One setting of a sweep and the name its row gets.
+pub struct Entry {
+    pub name: String,
+    pub settings: CacheSettings,
+}
+
+pub fn entries(kv: &KvArgs, values: &[String]) -> Result<Vec<Entry>> {
+    let mut out: Vec<Entry> = Vec::new();
+    for v in expand_kv_list(values) {
+        let settings = kv.settings_for(&v)?;
+        let mut name = settings.spec.to_string();
+        if !kv.kv_layers.is_empty() {
+            name = format!("{name}-layers[{}]", kv.kv_layers);
+        }
+        if let Some(w) = settings.max_kv_size {
+            name = format!("{name}-win{w}");
+        }
+        if out.iter().any(|e| e.name == name) {
+            bail!("--kv: '{v}' repeats the setting {name}");
+        }
+        out.push(Entry { name, settings });
+    }
+    Ok(out)
+}
+
+/// Where wiki.test.raw is looked for, in order.
+fn wikitext_candidates(data_dir: Option<&Path>) -> Vec<PathBuf> {
+    match data_dir {
+        Some(d) => vec![d.to_path_buf()],
+        None => vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/wikitext-2-raw"), cache_dir().join("data/wikitext-2-raw")],
+    }
+}
+
+/// Reads the text; returns it with a description for the header. CRLF becomes LF (the shipped
+/// file has CRLF endings; the hub's text has LF), nothing else changes.
+pub fn read_text(dataset: Option<&str>, file: Option<&Path>, data_dir: Option<&Path>) -> Result<(String, String, String)> {
+    let (path, label, stem) = match (dataset, file) {
+        (_, Some(f)) => {
+            let stem = f.file_stem().map_or("text".into(), |s| s.to_string_lossy().into_owned());
+            (f.to_path_buf(), format!("file {}", f.display()), stem)
+        }
+        _ => {
+            let dirs = wikitext_candidates(data_dir);
+            let found = dirs.iter().map(|d| d.join("wiki.test.raw")).find(|f| f.is_file());
+            let Some(path) = found else {
+                let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+                bail!("--data-dir: no wiki.test.raw in {list}; put the WikiText-2 raw test split there (hub downloads are not supported)");
+            };
+            let label = format!("WikiText-2 raw test split ({})", path.display());
+            (path, label, String::new())
+        }
+    };
+    let flag = if file.is_some() { "--file" } else { "--data-dir" };
+    let raw = std::fs::read_to_string(&path).with_context(|| format!("{flag} {}", path.display()))?;
+    Ok((raw.replace("\r\n", "\n"), label, stem))
+}
+
+/// The store key: everything but the window's tokens that the baseline rows depend on.
+fn baseline_key(model_path: &Path, opts: &PplOptions, base: &CacheSettings) -> String {
+    let meta = std::fs::metadata(model_path).ok();
+    let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let canon = model_path.canonicalize().unwrap_or_else(|_| model_path.to_path_buf());
+    let desc = format!(
+        "{}|{}|{mtime}|{}|{:?}|{}|{}|{}|{:?}",
+        canon.display(),
+        meta.map_or(0, |m| m.len()),
+        mlx_kv::Backend::current().name(),
+        crate::model_args::compute_dtype(),
+        opts.ctx,
+        opts.chunk,
+        opts.score_all,
+        base.max_kv_size
+    );
+    format!("{:016x}", fnv1a(desc.as_bytes(), FNV_OFFSET))
+}
+
+/// The reference every setting is compared to: the unquantized cache with the same window.
+pub fn baseline_settings(max_kv_size: Option<usize>) -> CacheSettings {
+    CacheSettings { spec: KvSpec::dense(), layers: Default::default(), max_kv_size }
+}
+
+fn is_baseline(s: &CacheSettings, base: &CacheSettings) -> bool {
+    s.spec == base.spec && s.layers == base.layers && s.max_kv_size == base.max_kv_size
+}
+
+/// Scores every entry window by window against the baseline; returns the baseline's result
+/// and one result per entry.
+pub fn sweep(model: &dyn LanguageModel, tokens: &[u32], entries: &[Entry], base: &CacheSettings, opts: &PplOptions, store: Option<&BaselineStore>) -> Result<(PplResult, Vec<PplResult>)> {
+    let n = opts.n_windows(tokens.len());
+    if n == 0 {
+        bail!("--ctx: the text has {} tokens, fewer than one window of {}", tokens.len(), opts.ctx);
+    }
+    for e in entries {
+        check_context(model, &e.settings, opts.ctx).with_context(|| format!("--kv {}", e.name))?;
+    }
+    let runs = entries.iter().filter(|e| !is_baseline(&e.settings, base)).count() + 1;
+    let bar = ProgressBar::new((n * runs) as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} window runs [{elapsed_precise}<{eta_precise}] {msg}")?);
+    let mut base_result = PplResult::default();
+    let mut results = vec![PplResult::default(); entries.len()];
+    let (mut hits, mut stored) = (0, 0);
+    for w in 0..n {
+        let window = opts.window(tokens, w);
+        bar.set_message(format!("window {}/{n}: baseline", w + 1));
+        let cached = store.and_then(|s| s.load(window, &window[opts.scored_targets()]));
+        hits += usize::from(cached.is_some());
+        let baseline = match cached {
+            Some(b) => b,
+            None => {
+                let b = score_window(model, window, base, opts)?;
+                if let Some(s) = store {
+                    // A full disk only costs a recomputation next time.
+                    stored += usize::from(s.save(window, &b).unwrap_or(false));
+                }
+                b
+            }
+        };
+        bar.inc(1);
+        base_result.add(&baseline, Some(&baseline))?;
+        for (e, r) in entries.iter().zip(results.iter_mut()) {
+            if is_baseline(&e.settings, base) {
+                r.add(&baseline, Some(&baseline))?;
+                continue;
+            }
+            bar.set_message(format!("window {}/{n}: {}", w + 1, e.name));
+            let s = score_window(model, window, &e.settings, opts).with_context(|| format!("--kv {}", e.name))?;
+            r.add(&s, Some(&baseline))?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(s) = store {
+        println!("baseline store {}: {hits} of {n} windows read, {stored} written", s.dir().display());
+    }
+    Ok((base_result, results))
+}
+
+pub fn options(w: &WindowArgs, max_windows: Option<usize>) -> Result<PplOptions> {
+    let o = PplOptions { ctx: w.ctx, chunk: w.chunk, score_all: w.score_all, max_windows };
+    o.validate()?;
+    Ok(o)
+}
+
+pub fn store_for(model_path: &Path, opts: &PplOptions, base: &CacheSettings, cap_mb: u64) -> Option<BaselineStore> {
+    (cap_mb > 0).then(|| BaselineStore::new(&cache_dir().join("ppl-baseline"), &baseline_key(model_path, opts, base), cap_mb << 20))
+}
+
+pub fn protocol(opts: &PplOptions, n: usize, total: usize) -> String {
+    let scored = opts.scored_targets();
+    let which = if opts.score_all { "every token after the first" } else { "the second half (llama-perplexity)" };
+    format!(
+        "{n} of {total} non-overlapping windows of {} tokens, fresh cache per window, fed in chunks of {} \
+         (each chunk after the first attends to the quantized cache of the earlier ones); scored: {which}, \
+         {} tokens/window; log-softmax in f32; KLD = KL(baseline || setting) in nats",
+        opts.ctx,
+        opts.chunk,
+        scored.len()
+    )
+}
+
+pub fn run(a: PplArgs) -> Result<()> {
+    let f = &a.flags;
+    let opts = options(&f.window, f.max_windows)?;
+    let values = if a.kv_values.is_empty() { vec![f.kv.kv.clone()] } else { a.kv_values.clone() };
+    let entries = entries(&f.kv, &values)?;
+    let base = baseline_settings(f.kv.max_kv_size);
+    let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
+    let (loaded, path) = load(&f.model)?;
+    let model = loaded.model.as_ref();
+    // No BOS unless the tokenizer's metadata asks for one (add_special follows it).
+    let t = std::time::Instant::now();
+    let tokens = loaded.tokenizer.encode_with(&text, true, false);
+    let tokenize_s = t.elapsed().as_secs_f64();
+    let total = tokens.len() / opts.ctx;
+    let n = opts.n_windows(tokens.len());
+    let bos = if loaded.tokenizer.add_bos() { "BOS prepended (tokenizer asks for it)" } else { "no BOS" };
+    println!("text:     {label}: {} bytes, CRLF -> LF, no other normalization", text.len());
+    println!("tokens:   {} ({bos}; special-token text not parsed; tokenized in {tokenize_s:.1} s)", tokens.len());
+    println!("model:    {} [{} backend, {:?}]", path.display(), mlx_kv::Backend::current().name(), model.dtype());
+    println!("protocol: {}", protocol(&opts, n, total));
+    println!("baseline: unquantized cache (the fp16 row; {:?} on this backend), full distributions, exact", model.dtype());
+    let store = store_for(&path, &opts, &base, f.baseline_cache_mb);
+    let (base_r, results) = sweep(model, &tokens, &entries, &base, &opts, store.as_ref())?;
+    let model_name = path.file_name().map_or(String::new(), |s| s.to_string_lossy().into_owned());
+    let rows = to_rows(model, &model_name, &entries, &results, &opts, &Env::detect());
+    print_table(&rows, &base_r);
+    let model_stem = path.file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned());
+    let stem = if file_stem.is_empty() { format!("ppl-{model_stem}-{}", opts.ctx) } else { format!("ppl-{model_stem}-{file_stem}-{}", opts.ctx) };
+    let (csv, json) = save_rows(&f.out, &stem, rows)?;
+    println!("wrote {} and {}", csv.display(), json.display());
+    Ok(())
+}
+
+fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], results: &[PplResult], opts: &PplOptions, env: &Env) -> Vec<PplRow> {
+    entries
+        .iter()
+        .zip(results)
+        .map(|(e, r)| PplRow {
+            model: model_name.to_string(),
+            kv: e.name.clone(),
+            ctx: opts.ctx,
+            chunk: opts.chunk,
+            score_all: opts.score_all.to_string(),
+            windows: r.windows,
+            tokens_scored: r.tokens(),
+            ppl: r.ppl(),
+            ppl_stderr: r.ppl_stderr(),
+            kld_mean: r.has_baseline().then(|| r.kld_mean()),
+            kld_p99: r.has_baseline().then(|| r.kld_p99()),
+            top1_agree: r.has_baseline().then(|| r.top1_agree()),
+            kv_bytes_per_token: e.settings.bytes_per_token(model),
+            backend: env.backend.clone(),
+            mlx_version: env.mlx_version.clone(),
+            commit: env.commit.clone(),
+            date: env.date.clone(),
+        })
+        .collect()
+}
+
+fn print_table(rows: &[PplRow], base: &PplResult) {
+    let opt = |x: Option<f64>, p: usize| x.map_or("-".into(), |v| format!("{v:.p$}"));
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.kv.clone(),
+                format!("{:.4} ± {:.4}", r.ppl, r.ppl_stderr),
+                format!("{:+.3}", 100.0 * (r.ppl / base.ppl() - 1.0)),
+                opt(r.kld_mean, 6),
+                opt(r.kld_p99, 5),
+                opt(r.top1_agree, 2),
+                format!("{:.0}", r.kv_bytes_per_token),
+            ]
+        })
+        .collect();
+    println!("baseline ppl {:.4} ± {:.4} over {} tokens in {} windows", base.ppl(), base.ppl_stderr(), base.tokens(), base.windows);
+    print!("{}", markdown_table(&["kv", "ppl ± se", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "KV B/token"], &table));
+}
+
+/// Merges into an existing file pair: a row measured the same way (model, kv, ctx, chunk,
+/// scoring, windows) is replaced, others are kept.
+fn save_rows(dir: &Path, stem: &str, rows: Vec<PplRow>) -> Result<(PathBuf, PathBuf)> {
+    let json = dir.join(format!("{stem}.json"));
+    let same = |a: &PplRow, b: &PplRow| (&a.model, &a.kv, a.ctx, a.chunk, &a.score_all, a.windows) == (&b.model, &b.kv, b.ctx, b.chunk, &b.score_all, b.windows);
+    let mut all: Vec<PplRow> = if json.is_file() { read_rows(&json).with_context(|| format!("--out {}", dir.display()))? } else { Vec::new() };
+    all.retain(|old| !rows.iter().any(|r| same(old, r)));
+    all.extend(rows);
+    write_rows(dir, stem, &all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_lists_split_only_when_every_element_is_a_preset() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(expand_kv_list(&v(&["fp16,k8v8,k4v2"])), v(&["fp16", "k8v8", "k4v2"]));
+        assert_eq!(expand_kv_list(&v(&["8,4"])), v(&["8,4"]));
+        assert_eq!(expand_kv_list(&v(&["8,4", "k4v4"])), v(&["8,4", "k4v4"]));
+        assert_eq!(expand_kv_list(&v(&["k8v4,4"])), v(&["k8v4,4"]), "a non-preset element keeps the value whole");
+    }
+}
