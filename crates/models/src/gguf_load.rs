@@ -141,7 +141,8 @@ fn take_rows(w: Weight, idx: &Array) -> Result<Weight> {
 fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype) -> Result<Weight> {
     let info = g.tensor(name)?;
     let shape: Vec<i32> = info.shape().iter().map(|&d| d as i32).collect();
-    if matches!(info.ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && shape.len() == 2 {
+    let affine = matches!(info.ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && shape.len() == 2;
+    if affine && !crate::weights::dense_weights_preferred() {
         let a = g.to_mlx_affine(name)?;
         let (rows, cols) = (a.rows as i32, a.cols as i32);
         let w = Array::from_slice(&a.weight, &[rows, cols * a.bits as i32 / 32]);

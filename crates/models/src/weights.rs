@@ -10,6 +10,19 @@ use mlx_rs::{Array, Dtype};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Whether GGUF Q4_0/Q4_1/Q8_0 weights are dequantized to the compute dtype at load instead of
+/// kept as MLX affine triplets. `KVSPLIT_WEIGHTS=dense|quantized` chooses; the default is dense
+/// on the CPU backend, where MLX 0.32.2's `quantized_matmul` is scalar code (measured 5x slower
+/// than an OpenBLAS f32 matmul for SmolLM2's layer shapes, and far slower for prefill chunks;
+/// see crates/models/examples/decode_profile.rs), and quantized on the GPU.
+pub fn dense_weights_preferred() -> bool {
+    match std::env::var("KVSPLIT_WEIGHTS").as_deref() {
+        Ok("dense") => true,
+        Ok("quantized") => false,
+        _ => mlx_kv::Backend::current() == mlx_kv::Backend::Cpu,
+    }
+}
+
 /// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
 pub enum Weight {
     Dense(Array),
