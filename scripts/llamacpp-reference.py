@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--text-offset", type=int, default=0, help="first character of the text to use (default 0)")
     ap.add_argument("--text-chars", type=int, default=1200, help="characters of text to take (default 1200)")
     ap.add_argument("--n-tokens", type=int, default=128, help="tokens to evaluate (default 128)")
+    ap.add_argument("--n-ctx", type=int, default=512, help="llama.cpp context size (default 512)")
     ap.add_argument("--top-k", type=int, default=20, help="logits kept per position (default 20)")
     ap.add_argument("--dequantize", action="store_true", help="run llama.cpp on an F32-dequantized copy (see above)")
     ap.add_argument(
@@ -126,9 +127,9 @@ def main():
 
     llm = Llama(
         model_path=run_path,
-        n_ctx=512,
-        n_batch=512,
-        n_ubatch=512,
+        n_ctx=args.n_ctx,
+        n_batch=args.n_ctx,
+        n_ubatch=args.n_ctx,
         logits_all=True,
         type_k=llama_cpp.GGML_TYPE_F16,
         type_v=llama_cpp.GGML_TYPE_F16,
@@ -162,7 +163,7 @@ def main():
         "model_sha256": sha256(args.model),
         "weights": "dequantized to F32 for llama.cpp" if args.dequantize else "as stored",
         "kv_cache": "f16",
-        "n_ctx": 512,
+        "n_ctx": args.n_ctx,
         "text_file": os.path.basename(args.text_file),
         "text_offset": args.text_offset,
         "text": text,

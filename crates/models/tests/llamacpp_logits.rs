@@ -108,19 +108,28 @@ struct Agreement {
     token_mismatches: usize,
 }
 
-/// Our logits `[L * V]` for `ids`, in one batch.
-fn our_logits(loaded: &Loaded, ids: &[u32]) -> Vec<f32> {
+/// Our logits `[(L - from) * V]` for positions `from..` of `ids`. The first `from` tokens are
+/// prefilled without their logits, so the large output head runs only where we compare.
+fn our_logits(loaded: &Loaded, ids: &[u32], from: usize) -> Vec<f32> {
     let model = loaded.model.as_ref();
     // Default settings: an unquantized cache, sliding-window layers get their rotating cache.
-    let mut caches = CacheSettings::default().build(model, 512).unwrap();
-    let x = Array::from_slice(ids, &[1, ids.len() as i32]).as_dtype(Dtype::Int32).unwrap();
-    let logits = model.forward(&x, &mut caches, false).unwrap().as_dtype(Dtype::Float32).unwrap();
-    logits.eval().unwrap();
-    assert_eq!(logits.shape()[..2], [1, ids.len() as i32]);
+    let mut caches = CacheSettings::default().build(model, ids.len()).unwrap();
+    let run = |part: &[u32], caches: &mut [mlx_kv::KvCache], last_only: bool| {
+        let x = Array::from_slice(part, &[1, part.len() as i32]).as_dtype(Dtype::Int32).unwrap();
+        let y = model.forward(&x, caches, last_only).unwrap().as_dtype(Dtype::Float32).unwrap();
+        y.eval().unwrap();
+        y
+    };
+    if from > 0 {
+        run(&ids[..from], &mut caches, true);
+    }
+    let logits = run(&ids[from..], &mut caches, false);
+    assert_eq!(logits.shape()[..2], [1, (ids.len() - from) as i32]);
     logits.as_slice::<f32>().to_vec()
 }
 
-fn compare(fx: &Fixture, fixture_name: &str, loaded: &Loaded, all: &[f32], reference: Reference) -> Agreement {
+/// Compares positions `from..` with the fixture's; `all` holds our logits from `from` on.
+fn compare(fx: &Fixture, fixture_name: &str, loaded: &Loaded, all: &[f32], from: usize, reference: Reference) -> Agreement {
 
     // Tokenizer: the same ids as llama.cpp for the whole passage.
     let ours = loaded.tokenizer.encode(&fx.text, true);
@@ -131,11 +140,11 @@ fn compare(fx: &Fixture, fixture_name: &str, loaded: &Loaded, all: &[f32], refer
     }
 
     let v = fx.vocab_size;
-    assert_eq!(all.len(), fx.ids.len() * v, "{fixture_name}: vocabulary size differs from llama.cpp's");
+    assert_eq!(all.len(), (fx.ids.len() - from) * v, "{fixture_name}: vocabulary size differs from llama.cpp's");
 
     let (mut delta_sum, mut delta_n, mut mismatches) = (0f64, 0usize, Vec::new());
-    for (pos, (top, vals)) in fx.top_ids.iter().zip(&fx.top_logits).enumerate() {
-        let row = &all[pos * v..(pos + 1) * v];
+    for (pos, (top, vals)) in fx.top_ids.iter().zip(&fx.top_logits).enumerate().skip(from) {
+        let row = &all[(pos - from) * v..(pos - from + 1) * v];
         let ours_top = row.iter().enumerate().fold(0, |b, (i, x)| if *x > row[b] { i } else { b });
         if ours_top != top[0] {
             let rank = top.iter().position(|&i| i == ours_top);
@@ -147,8 +156,8 @@ fn compare(fx: &Fixture, fixture_name: &str, loaded: &Loaded, all: &[f32], refer
             delta_n += 1;
         }
     }
-    let spread = fx.std.iter().map(|&s| s as f64).sum::<f64>() / fx.std.len() as f64;
-    let n = fx.ids.len();
+    let spread = fx.std[from..].iter().map(|&s| s as f64).sum::<f64>() / (fx.std.len() - from) as f64;
+    let n = fx.ids.len() - from;
     let a = Agreement {
         top1: (n - mismatches.len()) as f64 / n as f64,
         mean_abs_delta: delta_sum / delta_n as f64,
@@ -157,7 +166,7 @@ fn compare(fx: &Fixture, fixture_name: &str, loaded: &Loaded, all: &[f32], refer
         token_mismatches,
     };
     eprintln!(
-        "{fixture_name}: top-1 agreement {:.4} ({}/{n}), mean |Δlogit| over llama.cpp's top-20 {:.4} (bound {:.4}, mean logit std {spread:.3}), tokenizer mismatches {} of {}\n  reference: {}",
+        "{fixture_name} from position {from}: top-1 agreement {:.4} ({}/{n}), mean |Δlogit| over llama.cpp's top-20 {:.4} (bound {:.4}, mean logit std {spread:.3}), tokenizer mismatches {} of {}\n  reference: {}",
         a.top1,
         n - a.mismatches.len(),
         a.mean_abs_delta,
@@ -177,14 +186,14 @@ fn check(model: &str) {
     let (exact_fx, stored_fx) = (fixture(&exact_name), fixture(&stored_name));
     assert_eq!(exact_fx.ids, stored_fx.ids, "{model}: the two references tokenized differently");
     let loaded = load(&stored_fx.model_file);
-    let logits = our_logits(&loaded, &stored_fx.ids);
+    let logits = our_logits(&loaded, &stored_fx.ids, 0);
 
-    let exact = compare(&exact_fx, &exact_name, &loaded, &logits, Reference::DequantizedF32);
+    let exact = compare(&exact_fx, &exact_name, &loaded, &logits, 0, Reference::DequantizedF32);
     assert_eq!(exact.token_mismatches, 0, "{model}: our tokenizer disagrees with llama.cpp");
     assert!(exact.top1 >= MIN_TOP1_AGREEMENT, "{model} vs llama.cpp (F32 weights): top-1 agreement {:.4} < {MIN_TOP1_AGREEMENT}", exact.top1);
     assert!(exact.mean_abs_delta <= exact.bound, "{model} vs llama.cpp (F32 weights): mean |Δlogit| {:.4} > {:.4}", exact.mean_abs_delta, exact.bound);
 
-    let stored = compare(&stored_fx, &stored_name, &loaded, &logits, Reference::AsStored);
+    let stored = compare(&stored_fx, &stored_name, &loaded, &logits, 0, Reference::AsStored);
     assert!(stored.mean_abs_delta <= stored.bound, "{model} vs llama.cpp: mean |Δlogit| {:.4} > {:.4}", stored.mean_abs_delta, stored.bound);
     for m in &stored.mismatches {
         assert!(
@@ -211,4 +220,20 @@ fn qwen2_5_coder_0_5b_matches_llamacpp() {
 #[test]
 fn gemma3_270m_matches_llamacpp() {
     check("gemma3-270m");
+}
+
+/// 640 tokens, so the last 128 positions need Gemma's 512-token sliding window (llama.cpp's
+/// standard SWA: a query sees keys less than 512 positions back) on 15 of its 18 layers.
+#[test]
+fn gemma3_270m_past_the_sliding_window_matches_llamacpp() {
+    let name = "llamacpp-f32-gemma3-270m-640.json";
+    let fx = fixture(name);
+    let loaded = load(&fx.model_file);
+    let window = loaded.model.layer_window(0).expect("layer 0 of Gemma 3 is a sliding-window layer");
+    assert!(fx.ids.len() > window, "the fixture must be longer than the window");
+    let logits = our_logits(&loaded, &fx.ids, window);
+    let a = compare(&fx, name, &loaded, &logits, window, Reference::DequantizedF32);
+    assert_eq!(a.token_mismatches, 0, "gemma3: our tokenizer disagrees with llama.cpp");
+    assert!(a.top1 >= MIN_TOP1_AGREEMENT, "gemma3 past the window: top-1 agreement {:.4} < {MIN_TOP1_AGREEMENT}", a.top1);
+    assert!(a.mean_abs_delta <= a.bound, "gemma3 past the window: mean |Δlogit| {:.4} > {:.4}", a.mean_abs_delta, a.bound);
 }
