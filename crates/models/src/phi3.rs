@@ -181,7 +181,7 @@ impl Model {
                 reason: format!("Phi-3 rope_scaling {s} (LongRoPE) is not implemented"),
             });
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 || cfg.rope_dims() % 2 != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) || !cfg.rope_dims().is_multiple_of(2) {
             return Err(ModelError::Config {
                 path: w.source.clone(),
                 reason: format!(
