@@ -21,8 +21,8 @@ pub struct CompareArgs {
     /// be in the list).
     #[arg(long, default_value = "fp16,k8v8,k8v4,k4v8,k4v4")]
     pub kv: String,
-    /// Context depth: WikiText tokens prefilled before decode is timed; KV bytes are reported
-    /// at this depth.
+    /// Context depth: WikiText tokens prefilled before decode is timed; KV bytes are read
+    /// after the timed run (depth plus the decoded tokens).
     #[arg(long, default_value_t = 1024)]
     pub depth: usize,
     /// Greedy decode steps timed after the prefill (a short warm-up run is excluded).
