@@ -189,8 +189,13 @@ fn baseline_key(model_path: &Path, opts: &PplOptions, base: &CacheSettings) -> S
     let meta = std::fs::metadata(model_path).ok();
     let mtime = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let canon = model_path.canonicalize().unwrap_or_else(|_| model_path.to_path_buf());
+    // The build matters too: a change in the engine (weight handling, attention) changes the
+    // baseline's logits, and a stale baseline would skew every KLD.
+    let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok());
+    let build = exe.map_or(String::new(), |m| format!("{}:{:?}", m.len(), m.modified().ok()));
     let desc = format!(
-        "{}|{}|{mtime}|{}|{:?}|{}|{}|{}|{:?}",
+        "{build}|{:?}|{}|{}|{mtime}|{}|{:?}|{}|{}|{}|{:?}",
+        std::env::var("KVSPLIT_WEIGHTS").ok(),
         canon.display(),
         meta.map_or(0, |m| m.len()),
         mlx_kv::Backend::current().name(),
