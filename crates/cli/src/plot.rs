@@ -4,7 +4,7 @@
 //! measured the same way: throughput series share model, prompt and decode lengths; perplexity
 //! deltas compare against the fp16 row of the same model, context, chunk and scoring.
 
-use crate::results::{columns, human_bytes, read_rows, AttentionRow, ModelRow, PplRow};
+use crate::results::{columns, num_label, read_rows, si_bytes, AttentionRow, ModelRow, PplRow};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use plotters::coord::Shift;
@@ -65,12 +65,9 @@ pub struct Data {
     pub ppl: Vec<PplRow>,
 }
 
+/// The same rows given twice (a stem's .csv and .json) are kept once.
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, rows: Vec<T>) {
-    for r in rows {
-        if !v.contains(&r) {
-            v.push(r);
-        }
-    }
+    rows.into_iter().for_each(|r| if !v.contains(&r) { v.push(r) });
 }
 
 pub fn load(inputs: &[PathBuf]) -> Result<Data> {
@@ -137,12 +134,15 @@ fn legend(c: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
     move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
 }
 
+/// Axis ticks fall on round decimal numbers, so labels use powers of 1000.
 fn tokens_label(x: f64) -> String {
-    if x >= 1024.0 {
-        format!("{}K", (x / 1024.0).round())
-    } else {
-        format!("{x:.0}")
-    }
+    if x.abs() >= 1000.0 { format!("{}k", num_label(x / 1000.0)) } else { num_label(x) }
+}
+
+/// Earlier (less compressed) series are drawn wider, so a later series on the same line
+/// (k8v4 and k4v8 cost the same bytes) leaves the earlier colour visible at its edges.
+fn width(i: usize) -> u32 {
+    (6 - i.min(4)) as u32
 }
 
 /// A padded range around the values for a log axis.
@@ -171,6 +171,7 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
+    let root = root.titled("KV cache vs context: closed form (lines), measured resident bytes (dots)", (FONT, 18))?;
     // group -> kv -> (bytes/token, measured points)
     let mut groups: BTreeMap<String, BTreeMap<String, PerToken>> = BTreeMap::new();
     for r in &d.model {
@@ -190,24 +191,24 @@ where
         let xs = [1024.0, 131072.0];
         let y = log_range(kvs.values().flat_map(|(per, pts)| xs.iter().map(move |x| x * per).chain(pts.iter().map(|p| p.1))));
         let mut chart = ChartBuilder::on(&area)
-            .caption(format!("KV cache vs context: {name}"), (FONT, 16))
+            .caption(name, (FONT, 14))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(80)
-            .build_cartesian_2d((768f64..180_000f64).log_scale(), y.log_scale())?;
+            .build_cartesian_2d(log_range(xs.into_iter().chain(kvs.values().flat_map(|v| v.1.iter().map(|p| p.0)))).log_scale(), y.log_scale())?;
         chart
             .configure_mesh()
             .x_desc("context tokens")
             .y_desc("KV bytes")
             .x_label_formatter(&|x| tokens_label(*x))
-            .y_label_formatter(&|y| human_bytes(*y))
+            .y_label_formatter(&|y| si_bytes(*y))
             .label_style((FONT, 13))
             .draw()?;
-        for kv in sorted_kvs(kvs.keys().map(String::as_str)) {
+        for (i, kv) in sorted_kvs(kvs.keys().map(String::as_str)).into_iter().enumerate() {
             let (per, pts) = &kvs[&kv];
             let c = color(&kv);
             let line: Vec<(f64, f64)> = (10..=17).map(|p| ((1u64 << p) as f64, (1u64 << p) as f64 * per)).collect();
-            chart.draw_series(LineSeries::new(line, c.stroke_width(2)))?.label(format!("{kv} ({per:.0} B/token)")).legend(legend(c));
+            chart.draw_series(LineSeries::new(line, c.stroke_width(width(i))))?.label(format!("{kv} ({per:.0} B/token)")).legend(legend(c));
             chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, c.filled())))?;
         }
         chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 13)).draw()?;
@@ -282,12 +283,12 @@ where
                 .x_label_area_size(36)
                 .y_label_area_size(60)
                 .build_cartesian_2d(x.log_scale(), y.log_scale())?;
-            chart.configure_mesh().x_desc("context tokens").y_desc(*title).x_label_formatter(&|x| tokens_label(*x)).y_label_formatter(&|y| format!("{y:.3}")).label_style((FONT, 12)).draw()?;
-            for kv in sorted_kvs(sel.iter().map(|r| r.kv.as_str())) {
+            chart.configure_mesh().x_desc("context tokens").y_desc(*title).x_labels(5).x_label_formatter(&|x| tokens_label(*x)).y_label_formatter(&|y| num_label(*y)).label_style((FONT, 12)).draw()?;
+            for (i, kv) in sorted_kvs(sel.iter().map(|r| r.kv.as_str())).into_iter().enumerate() {
                 let mut pts: Vec<&&AttentionRow> = sel.iter().filter(|r| r.kv == kv).collect();
                 pts.sort_by_key(|r| r.depth);
                 let c = color(&kv);
-                chart.draw_series(LineSeries::new(pts.iter().map(|r| (r.depth as f64, m(r).1)), c.stroke_width(2)))?.label(kv.clone()).legend(legend(c));
+                chart.draw_series(LineSeries::new(pts.iter().map(|r| (r.depth as f64, m(r).1)), c.stroke_width(width(i))))?.label(kv.clone()).legend(legend(c));
                 chart.draw_series(pts.iter().map(|r| Circle::new((r.depth as f64, m(r).1), 3, c.filled())))?;
             }
             chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 12)).draw()?;
@@ -422,7 +423,7 @@ where
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d(x, y)?;
-    chart.configure_mesh().x_desc("KV bytes per token (all layers)").y_desc("Δ perplexity vs fp16").x_label_formatter(&|v| human_bytes(*v)).label_style((FONT, 13)).draw()?;
+    chart.configure_mesh().x_desc("KV bytes per token (all layers)").y_desc("Δ perplexity vs fp16").x_label_formatter(&|v| si_bytes(*v)).label_style((FONT, 13)).draw()?;
     let mut sorted = pts.clone();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut front = Vec::new();
@@ -436,8 +437,9 @@ where
     chart.draw_series(LineSeries::new(front, BLACK.mix(0.5).stroke_width(2)))?.label("Pareto frontier").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5).stroke_width(2)));
     for &(bx, dy, kv) in &pts {
         let c = color(kv);
-        chart.draw_series([Circle::new((bx, dy), 6, c.filled())])?;
-        chart.draw_series([Text::new(kv.to_string(), (bx, dy), (FONT, 14).into_font().color(&c))])?;
+        // Label offset from the dot so neither hides the other or the frontier line.
+        let marker = EmptyElement::at((bx, dy)) + Circle::new((0, 0), 6, c.filled()) + Text::new(kv.to_string(), (8, -20), (FONT, 15).into_font().color(&c));
+        chart.draw_series([marker])?;
     }
     chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 13)).draw()?;
     root.present()?;

@@ -324,6 +324,20 @@ pub fn human_bytes(b: f64) -> String {
     }
 }
 
+/// Up to three significant digits without trailing zeros (`1.5`, `20`, `0.012`).
+pub fn num_label(v: f64) -> String {
+    let a = v.abs();
+    let digits = if a >= 100.0 || a == 0.0 { 0 } else if a >= 10.0 { 1 } else if a >= 1.0 { 2 } else { (2.0 - a.log10().floor()) as usize };
+    let s = format!("{v:.digits$}");
+    if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+}
+
+/// Bytes in powers of 1000 (axis ticks fall on round decimal numbers).
+pub fn si_bytes(v: f64) -> String {
+    let (d, unit) = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")].into_iter().find(|(d, _)| v.abs() >= *d).unwrap_or((1.0, "B"));
+    format!("{} {unit}", num_label(v / d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +407,8 @@ mod tests {
         assert_eq!(stats(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
         assert_eq!(stats(&[4.0, 1.0]), (2.5, 1.0, 4.0));
         assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!((num_label(3000.0), num_label(1.5), num_label(0.0125), num_label(20.0)), ("3000".into(), "1.5".into(), "0.0125".into(), "20".into()));
+        assert_eq!(si_bytes(1e9), "1 GB");
         assert_eq!(format_utc(951_782_400 + 3661), "2000-02-29T01:01:01Z");
         assert_eq!(format_utc(1_709_251_199), "2024-02-29T23:59:59Z");
     }
