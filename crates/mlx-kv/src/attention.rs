@@ -213,17 +213,37 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
             None => (Array::from_f32(MASKED), Array::from_f32(0.0)),
         };
         let mut acc: Option<Array> = None;
+        // On the CPU, MLX's quantized_matmul is scalar code, so a long chunk is faster through
+        // one dequantized block at a time and BLAS; only one block is ever dequantized.
+        let cpu = crate::Backend::current() == crate::Backend::Cpu;
+        let block_float = |t: &Tensor| -> Result<Tensor> {
+            Ok(match t {
+                Tensor::Quant { p, bits, group, axis, .. } if cpu => {
+                    let x = p.dequantize(*group, *bits, q.dtype())?;
+                    Tensor::Float(if *axis == TokenAxis::Cols { x.swap_axes(2, 3)? } else { x })
+                }
+                Tensor::Quant { p, bits, group, axis, .. } => {
+                    Tensor::Quant { p: p.clone(), bits: *bits, group: *group, axis: *axis, full: None }
+                }
+                Tensor::Float(x) => Tensor::Float(x.clone()),
+            })
+        };
         for (k, v, a, z) in &runs {
+            let (k, v) = (&block_float(k)?, &block_float(v)?);
             let s = masked_scores(k, *a, *z)?.as_dtype(Dtype::Float32)?;
             let m_new = maximum(&m, s.max_axis(2, true)?)?;
             let p = exp(&(&s - &m_new))?;
             let alpha = exp(&(&m - &m_new))?;
             den = &den * &alpha + p.sum_axis(2, true)?;
             let o = weighted(&p.as_dtype(q.dtype())?, v, b, hkv)?.as_dtype(Dtype::Float32)?;
-            acc = Some(match acc {
+            let next = match acc {
                 Some(prev) => prev * &alpha + o,
                 None => o,
-            });
+            };
+            // Evaluating the running state per block bounds peak memory to one block's scores;
+            // left lazy, MLX may keep every block's temporaries alive at once.
+            mlx_rs::transforms::eval([&next, &den, &m_new])?;
+            acc = Some(next);
             m = m_new;
         }
         (acc.expect("a cache with tokens has at least one run") / &den).as_dtype(q.dtype())?

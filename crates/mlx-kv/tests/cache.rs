@@ -249,3 +249,12 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn long_prefill_chunks_take_the_blockwise_path_within_bound() {
+    // 2 x 512 x 3000 score elements per KV head exceed the single-pass limit, so attention walks
+    // the cache in blocks with the online-softmax merge (dequantizing one block at a time on CPU).
+    for (kb, vb) in [(8, 4), (4, 4), (16, 16)] {
+        run_and_check(&KvSpec::bits(kb, vb), CacheOptions::default(), &[2488, 512], &causal, 40);
+    }
+}

@@ -138,11 +138,12 @@ fn take_rows(w: Weight, idx: &Array) -> Result<Weight> {
     })
 }
 
-fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype) -> Result<Weight> {
+/// `dense` dequantizes Q4_0/Q4_1/Q8_0 instead of keeping them as MLX triplets.
+fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype, dense: bool) -> Result<Weight> {
     let info = g.tensor(name)?;
     let shape: Vec<i32> = info.shape().iter().map(|&d| d as i32).collect();
     let affine = matches!(info.ggml_type, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && shape.len() == 2;
-    if affine && !crate::weights::dense_weights_preferred() {
+    if affine && !dense {
         let a = g.to_mlx_affine(name)?;
         let (rows, cols) = (a.rows as i32, a.cols as i32);
         let w = Array::from_slice(&a.weight, &[rows, cols * a.bits as i32 / 32]);
@@ -155,22 +156,23 @@ fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype) -> Result<Weight> {
     Ok(Weight::Dense(Array::from_slice(&data, &shape).as_dtype(dtype)?))
 }
 
-/// Opens a GGUF model of the Llama family: config plus every tensor under its HF name.
+/// Opens a GGUF model of the Llama family: config plus every tensor under its HF name, with
+/// Q4_0/Q4_1/Q8_0 kept as lossless MLX triplets whatever the backend (`convert` relies on it).
 pub fn load(path: &Path, dtype: Dtype) -> Result<(Config, WeightMap, GgufFile)> {
-    load_llama(GgufFile::open(path)?, dtype)
+    load_llama(GgufFile::open(path)?, dtype, false)
 }
 
-fn load_llama(g: GgufFile, dtype: Dtype) -> Result<(Config, WeightMap, GgufFile)> {
+fn load_llama(g: GgufFile, dtype: Dtype, dense: bool) -> Result<(Config, WeightMap, GgufFile)> {
     let cfg = config(&g)?;
     let mut map = WeightMap::new(g.path().to_path_buf());
     let permuted = cfg.model_type == "llama" || cfg.model_type == "mistral";
     for info in g.tensors() {
         let Some(hf) = hf_name(&info.name) else {
             // Kept under its GGUF name so the strict key check reports it as unexpected.
-            map.insert(info.name.clone(), load_tensor(&g, &info.name, dtype)?);
+            map.insert(info.name.clone(), load_tensor(&g, &info.name, dtype, dense)?);
             continue;
         };
-        let mut w = load_tensor(&g, &info.name, dtype)?;
+        let mut w = load_tensor(&g, &info.name, dtype, dense)?;
         if permuted && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
             let rows = info.shape()[0];
             w = take_rows(w, &unpermute_rows(rows, cfg.head_dim()))?;
@@ -187,22 +189,24 @@ pub enum ArchConfig {
     Phi3(crate::phi3::Config),
 }
 
-/// Opens a GGUF model of any supported family.
+/// Opens a GGUF model of any supported family for inference: quantized weights follow
+/// [`crate::weights::dense_weights_preferred`] (dense f32 on the CPU backend).
 pub fn load_any(path: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap, GgufFile)> {
+    let dense = crate::weights::dense_weights_preferred();
     let g = GgufFile::open(path)?;
     let arch = g.get_str("general.architecture")?.to_string();
     let cfg = match arch.as_str() {
         "gemma3" => ArchConfig::Gemma3(gemma3_config(&g)?),
         "phi3" => ArchConfig::Phi3(phi3_config(&g)?),
         _ => {
-            let (cfg, map, g) = load_llama(g, dtype)?;
+            let (cfg, map, g) = load_llama(g, dtype, dense)?;
             return Ok((ArchConfig::Llama(cfg), map, g));
         }
     };
     let mut map = WeightMap::new(path.to_path_buf());
     for info in g.tensors() {
         let hf = hf_name_for(&arch, &info.name);
-        let mut w = load_tensor(&g, &info.name, dtype)?;
+        let mut w = load_tensor(&g, &info.name, dtype, dense)?;
         // llama.cpp's Gemma converter stores RMSNorm weights as `1 + w`; keep HF's `w`.
         if arch == "gemma3" && hf.as_deref().is_some_and(|n| n.ends_with("norm.weight")) {
             if let Weight::Dense(a) = w {

@@ -59,7 +59,11 @@ pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
 
 /// Loads an MLX/HF model directory (config.json, safetensors, tokenizer.json).
 pub fn load_dir(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    let (cfg, weights) = crate::safetensors_load::load_dir(path, dtype)?;
+    let (cfg, mut weights) = crate::safetensors_load::load_dir(path, dtype)?;
+    // Same weight policy as GGUF loading, so both formats run the same arithmetic.
+    if crate::weights::dense_weights_preferred() {
+        weights.dequantize_all(dtype)?;
+    }
     let tokenizer = crate::tokenizer_json::load(path, cfg.eos_token_id.as_ref()).map_err(|e| ModelError::Config {
         path: path.to_path_buf(),
         reason: format!("tokenizer: {e}"),

@@ -111,6 +111,16 @@ impl WeightMap {
         Ok(w)
     }
 
+    /// Replaces every quantized tensor by its dequantized values in `dtype`.
+    pub fn dequantize_all(&mut self, dtype: Dtype) -> Result<()> {
+        for w in self.tensors.values_mut() {
+            if matches!(w, Weight::Quant { .. }) {
+                *w = Weight::Dense(w.to_dense(dtype)?);
+            }
+        }
+        Ok(())
+    }
+
     pub fn take_dense(&mut self, name: &str, dtype: Dtype) -> Result<Array> {
         self.take(name)?.to_dense(dtype)
     }
