@@ -194,7 +194,7 @@ pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
         && crate::Backend::current() == crate::Backend::Gpu
         && pow2(k_bits)
         && pow2(v_bits)
-        && head_dim % 32 == 0
+        && head_dim.is_multiple_of(32)
         && (32..=256).contains(&head_dim)
         && (1..=8).contains(&rows)
 }
