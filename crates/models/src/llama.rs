@@ -9,11 +9,10 @@
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::LanguageModel;
-use crate::weights::{Embedding, Linear, WeightMap};
+use crate::weights::{output_logits, Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::fast::{rms_norm, rope};
 use mlx_rs::nn::silu;
-use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
 /// Keys a checkpoint of this config must contain, exactly.
@@ -238,15 +237,7 @@ impl LanguageModel for Model {
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
         }
-        if last_only {
-            let l = x.shape()[1];
-            x = x.index((.., l - 1..l, ..));
-        }
-        let x = rms_norm(&x, Some(&self.norm), self.cfg.rms_norm_eps)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => self.embed_tokens.as_linear(&x),
-        }
+        output_logits(x, &self.norm, self.cfg.rms_norm_eps, self.lm_head.as_ref(), &self.embed_tokens, last_only)
     }
 
     fn n_layers(&self) -> usize {

@@ -190,3 +190,20 @@ fn clone_weight(w: &Weight) -> Weight {
         },
     }
 }
+
+/// What every decoder-only family does after its layer stack: keep only the last position when
+/// asked (generation needs no other logits), apply the final RMSNorm, then the output head, which
+/// is the embedding table itself when embeddings are tied.
+pub fn output_logits(x: Array, norm: &Array, eps: f32, lm_head: Option<&Linear>, embed: &Embedding, last_only: bool) -> Result<Array> {
+    let x = if last_only {
+        let l = x.shape()[1];
+        x.index((.., l - 1..l, ..))
+    } else {
+        x
+    };
+    let x = mlx_rs::fast::rms_norm(&x, Some(norm), eps)?;
+    match lm_head {
+        Some(head) => head.forward(&x),
+        None => embed.as_linear(&x),
+    }
+}
