@@ -1,115 +1,48 @@
-//! Fused split-precision decode attention on the GPU (flash-decoding style).
+//! Fused split-precision decode attention on the GPU (flash-decoding style), in two kernels.
 //!
 //! Through MLX ops a decode step over a quantized cache is several kernels that each stream the
-//! cache (scores, softmax, weighted sum). This kernel reads packed keys at `BK` bits and packed
-//! values at `BV` bits with their 16-bit scales and biases once: each warp walks tokens, every
-//! lane owns `D/32` dims, dot products are reduced with warp shuffles, and an online softmax
-//! keeps a running max and denominator. The token axis is split across blocks for occupancy;
-//! a small merge in MLX ops combines the splits.
+//! cache (scores, softmax, weighted sum). Here pass 1 ([`kernels/decode_partial.cu`]) reads the
+//! packed keys at `BK` bits and packed values at `BV` bits with their 16-bit scales and biases
+//! once: the token axis is split across blocks (one block per split and KV head, all GQA query
+//! rows of the head in the block so each loaded key and value serves every row); inside a
+//! block each lane owns whole tokens for the scores (16-byte loads of its key row, no per-token
+//! warp reduction), one warp max per 32-token tile feeds an online softmax, and lanes own dim
+//! slices for the weighted sum of values. Pass 2 ([`kernels/decode_merge.cu`]) merges the
+//! splits and writes the output in the query dtype, so a layer's decode attention is two
+//! launches and nothing else.
 //!
-//! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`). The Metal twin
-//! ([`METAL_SOURCE`]) has the same structure for `mlx_fast_metal_kernel_*`; nothing here can run
-//! Metal, so it is untested and not dispatched.
+//! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
+//! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. The Metal
+//! twin ([`METAL_SOURCE`]) still has the structure of the first, single-pass kernel (a warp per
+//! token, shuffle-reduced dot products); nothing here can run Metal, so it is untested and not
+//! dispatched.
 
 use crate::error::{KvError, Result};
 use crate::store::Packed;
-use mlx_rs::ops::exp;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
-/// Warps per block; each walks every `WARPS`-th token of the block's split.
+/// Warps per block of pass 1; each walks every `WARPS`-th 32-token tile of the block's split.
 const WARPS: i32 = 4;
+/// Blocks of pass 1 to aim for: about four per SM of a 132-SM H200 (the k8v4 kernel uses about
+/// 130 registers per thread, so four 128-thread blocks fit an SM). Splits are never shorter
+/// than one tile per warp.
+const TARGET_BLOCKS: usize = 528;
 
-const CUDA_SOURCE: &str = r#"
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int split = blockIdx.x;
-    const int bh = blockIdx.y;
-    const int n_split = gridDim.x;
-    const int T = meta[0];
-    const int CAP = meta[1];
-    const int per = (T + n_split - 1) / n_split;
-    const int t0 = split * per;
-    const int t1 = min(T, t0 + per);
-    constexpr int DPL = D / 32;
-    constexpr int KW = D * BK / 32;
-    constexpr int VW = D * BV / 32;
-    constexpr int KG = D / GK;
-    constexpr int VG = D / GV;
-    constexpr unsigned KMASK = (1u << BK) - 1u;
-    constexpr unsigned VMASK = (1u << BV) - 1u;
-    const int d0 = lane * DPL;
+const COMMON: &str = include_str!("kernels/decode_common.cuh");
+const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
+const MERGE: &str = include_str!("kernels/decode_merge.cu");
 
-    float qv[REP][DPL];
-    float m[REP], l[REP], acc[REP][DPL];
-    for (int r = 0; r < REP; ++r) {
-        m[r] = -KV_INF; l[r] = 0.f;
-        for (int i = 0; i < DPL; ++i) {
-            qv[r][i] = q[(bh * REP + r) * D + d0 + i];
-            acc[r][i] = 0.f;
-        }
-    }
-    // Two tokens per iteration: their loads are independent, which keeps more memory requests
-    // in flight per warp (the loop is latency-bound otherwise).
-    for (int t = t0 + warp; t < t1; t += 2 * WARPS) {
-        const bool two = t + WARPS < t1;
-        float kd[2][DPL], vd[2][DPL];
-        for (int u = 0; u < 2; ++u) {
-            const int tt = (u == 0 || two) ? t + u * WARPS : t;
-            const size_t row = (size_t)bh * CAP + tt;
-            const unsigned* krow = kw + row * KW;
-            const unsigned* vrow = vw + row * VW;
-            for (int i = 0; i < DPL; ++i) {
-                const int j = d0 + i;
-                const int kb_ = j * BK, vb_ = j * BV;
-                const float kq = (float)((krow[kb_ >> 5] >> (kb_ & 31)) & KMASK);
-                const float vq = (float)((vrow[vb_ >> 5] >> (vb_ & 31)) & VMASK);
-                kd[u][i] = __half2float(ks[row * KG + j / GK]) * kq + __half2float(kb[row * KG + j / GK]);
-                vd[u][i] = __half2float(vs[row * VG + j / GV]) * vq + __half2float(vb[row * VG + j / GV]);
-            }
-        }
-        for (int u = 0; u < (two ? 2 : 1); ++u) {
-            for (int r = 0; r < REP; ++r) {
-                float s = 0.f;
-                for (int i = 0; i < DPL; ++i) s += qv[r][i] * kd[u][i];
-                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-                const float m_new = fmaxf(m[r], s);
-                const float alpha = __expf(m[r] - m_new);
-                const float p = __expf(s - m_new);
-                l[r] = l[r] * alpha + p;
-                for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * vd[u][i];
-                m[r] = m_new;
-            }
-        }
-    }
-    __shared__ float sm_m[WARPS][REP];
-    __shared__ float sm_l[WARPS][REP];
-    __shared__ float sm_o[WARPS][REP][D];
-    for (int r = 0; r < REP; ++r) {
-        for (int i = 0; i < DPL; ++i) sm_o[warp][r][d0 + i] = acc[r][i];
-        if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = l[r]; }
-    }
-    __syncthreads();
-    if (warp == 0) {
-        for (int r = 0; r < REP; ++r) {
-            float M = -KV_INF;
-            for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
-            float L = 0.f;
-            float O[DPL];
-            for (int i = 0; i < DPL; ++i) O[i] = 0.f;
-            if (M > -KV_INF) {
-                for (int w = 0; w < WARPS; ++w) {
-                    const float c = __expf(sm_m[w][r] - M);
-                    L += sm_l[w][r] * c;
-                    for (int i = 0; i < DPL; ++i) O[i] += sm_o[w][r][d0 + i] * c;
-                }
-            }
-            const size_t o = ((size_t)bh * n_split + split) * REP + r;
-            for (int i = 0; i < DPL; ++i) out_o[o * D + d0 + i] = O[i];
-            if (lane == 0) { out_m[o] = M; out_l[o] = L; }
-        }
-    }
-"#;
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Fill the kernels' outputs with NaN before they run, so an element a kernel fails to write
+/// shows up as NaN (for correctness checks; it costs one fill per output, so it is off by
+/// default).
+pub fn poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
 
 /// The same algorithm for Metal (simdgroup = warp). Untested: no Mac runs our CI.
 pub const METAL_SOURCE: &str = r#"
@@ -186,7 +119,9 @@ pub struct FusedOperand<'a> {
 }
 
 /// Whether the fused kernel covers this case; otherwise the MLX-ops path runs.
-/// `KVSPLIT_FUSED=0` forces the MLX-ops path (for comparisons).
+/// `KVSPLIT_FUSED=0` forces the MLX-ops path (for comparisons). head_dim must be a power of two
+/// so that the lanes sharing a value dim slice are a power-of-two stride apart (they are
+/// summed with xor shuffles).
 pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
     let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
     cfg!(not(target_os = "macos"))
@@ -194,16 +129,37 @@ pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
         && crate::Backend::current() == crate::Backend::Gpu
         && pow2(k_bits)
         && pow2(v_bits)
-        && head_dim.is_multiple_of(32)
-        && (32..=256).contains(&head_dim)
+        && matches!(head_dim, 32 | 64 | 128 | 256)
         && (1..=8).contains(&rows)
+}
+
+/// Dims each lane owns in the value pass: a power of two with at most 64 bits of codes per
+/// lane and token (one 2-, 4- or 8-byte load) and at most 32 accumulators per lane
+/// (`rows * dims`, so the kernel stays near 130 registers), but enough that 32 lanes cover
+/// head_dim, at least 2 bytes of codes (the smallest load the kernel issues), and inside one value group (one scale and bias per lane and token).
+pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> usize {
+    let cap = (64 / v_bits as usize).min(32 / rows.max(1)).max(1);
+    let mut vd = 1;
+    while vd * 2 <= cap {
+        vd *= 2;
+    }
+    vd.max(head_dim / 32).max(16 / v_bits as usize).min(v_group).min(head_dim)
+}
+
+/// Token splits for `t` tokens over `heads` blocks rows: `(n_split, per)` with `per` a multiple
+/// of 32 (whole tiles), every split non-empty, and `n_split * per >= t`.
+pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
+    let tile = 32 * WARPS as usize;
+    let want = TARGET_BLOCKS.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
+    let per = t.div_ceil(want).div_ceil(32) * 32;
+    (t.div_ceil(per).max(1), per.max(32))
 }
 
 fn vec_string(names: &[&str]) -> mlx_sys::mlx_vector_string {
     unsafe {
         let v = mlx_sys::mlx_vector_string_new();
         for n in names {
-            let c = CString::new(*n).unwrap();
+            let c = CString::new(*n).expect("kernel argument names have no NUL");
             mlx_sys::mlx_vector_string_append_value(v, c.as_ptr());
         }
         v
@@ -217,67 +173,170 @@ fn check(rc: i32, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
-/// bodies. Returns `[BH, rows, D]` in f32.
-pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, cap: usize) -> Result<Array> {
-    let s = q3.shape();
-    let (bh, rows, d) = (s[0], s[1], s[2]);
-    // About eight blocks per SM on a 132-SM card (the loop is latency-bound, so occupancy is
-    // what buys bandwidth), but at least 64 tokens per split.
-    let n_split = ((1056 + bh - 1) / bh).clamp(1, (t.div_ceil(64) as i32).max(1));
-    let q = q3.as_dtype(Dtype::Float32)?;
-    let meta = Array::from_slice(&[t as i32, cap as i32], &[2]);
-    let inputs = [&q, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta];
-    let name = CString::new("kvsplit_decode_attn").unwrap();
-    let source = CString::new(CUDA_SOURCE).unwrap();
-    // NVRTC sees no <cmath>: spell infinity by its bit pattern.
-    let header = CString::new("#define KV_INF __int_as_float(0x7f800000)\n").unwrap();
-    let in_names = vec_string(&["q", "kw", "ks", "kb", "vw", "vs", "vb", "meta"]);
-    let out_names = vec_string(&["out_o", "out_m", "out_l"]);
-    let outputs = unsafe {
-        let kernel = mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), false, 0);
+/// Kernel names carry a hash of the source: MLX caches compiled kernels on disk by name
+/// (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run stale code.
+fn kernel_name(stem: &str, source: &str) -> &'static str {
+    static NAMES: OnceLock<std::sync::Mutex<Vec<(String, &'static str)>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().expect("kernel name table");
+    if let Some((_, n)) = names.iter().find(|(s, _)| s == stem) {
+        return n;
+    }
+    let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let name: &'static str = Box::leak(format!("{stem}_{hash:016x}").into_boxed_str());
+    names.push((stem.to_string(), name));
+    name
+}
+
+/// One output of a custom kernel.
+struct Out<'a> {
+    name: &'a str,
+    shape: &'a [i32],
+    dtype: Dtype,
+}
+
+/// Runs a custom CUDA kernel on the default GPU stream. `grid` counts threads (MLX divides it
+/// by `threads`), as in Metal's dispatchThreads.
+#[allow(clippy::too_many_arguments)]
+fn run_kernel(
+    stem: &str,
+    source: &str,
+    inputs: &[(&str, &Array)],
+    outputs: &[Out],
+    grid: (i32, i32),
+    threads: i32,
+    ints: &[(&str, i32)],
+    types: &[(&str, Dtype)],
+) -> Result<Vec<Array>> {
+    let name = CString::new(kernel_name(stem, source)).expect("kernel names have no NUL");
+    let source = CString::new(source).expect("kernel sources have no NUL");
+    let header = CString::new(COMMON).expect("kernel sources have no NUL");
+    let in_names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();
+    let out_names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
+    let (in_names, out_names) = (vec_string(&in_names), vec_string(&out_names));
+    let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
+    unsafe {
+        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is.
+        let kernel = mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, 0);
         let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
-        let o_shape = [bh, n_split, rows, d];
-        let m_shape = [bh, n_split, rows];
-        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o_shape.as_ptr(), 4, mlx_sys::mlx_dtype__MLX_FLOAT32), "output o")?;
-        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, m_shape.as_ptr(), 3, mlx_sys::mlx_dtype__MLX_FLOAT32), "output m")?;
-        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, m_shape.as_ptr(), 3, mlx_sys::mlx_dtype__MLX_FLOAT32), "output l")?;
-        check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, n_split * 32 * WARPS, bh, 1), "grid")?;
-        check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, 32 * WARPS, 1, 1), "thread group")?;
-        // Poison: an output element the kernel fails to write shows up as NaN.
-        check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
-        for (n, val) in [("D", d), ("BK", k.bits as i32), ("BV", v.bits as i32), ("GK", k.group as i32), ("GV", v.group as i32), ("REP", rows), ("WARPS", WARPS)] {
-            let c = CString::new(n).unwrap();
-            check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c.as_ptr(), val), "template arg")?;
-        }
-        let ins = mlx_sys::mlx_vector_array_new();
-        for a in inputs {
-            mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
-        }
-        let mut outs = mlx_sys::mlx_vector_array_new();
-        let stream = mlx_sys::mlx_default_gpu_stream_new();
-        let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel, ins, cfg, stream);
-        mlx_sys::mlx_stream_free(stream);
-        mlx_sys::mlx_vector_array_free(ins);
+        let result = (|| -> Result<Vec<Array>> {
+            for o in outputs {
+                check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
+            }
+            check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
+            check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
+            if POISON.load(Ordering::Relaxed) {
+                check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
+            }
+            for (n, val) in ints {
+                let c = CString::new(*n).expect("template names have no NUL");
+                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c.as_ptr(), *val), "template arg")?;
+            }
+            for (n, d) in types {
+                let c = CString::new(*n).expect("template names have no NUL");
+                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c.as_ptr(), dtype(*d)), "template dtype")?;
+            }
+            let ins = mlx_sys::mlx_vector_array_new();
+            for (_, a) in inputs {
+                mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
+            }
+            let mut outs = mlx_sys::mlx_vector_array_new();
+            let stream = mlx_sys::mlx_default_gpu_stream_new();
+            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel, ins, cfg, stream);
+            mlx_sys::mlx_stream_free(stream);
+            mlx_sys::mlx_vector_array_free(ins);
+            if rc != 0 {
+                mlx_sys::mlx_vector_array_free(outs);
+                return Err(KvError::Shape(format!("fused decode attention: {stem} kernel apply failed")));
+            }
+            let mut got = Vec::with_capacity(outputs.len());
+            for i in 0..outputs.len() {
+                let mut a = mlx_sys::mlx_array_new();
+                mlx_sys::mlx_vector_array_get(&mut a, outs, i);
+                got.push(Array::from_ptr(a));
+            }
+            mlx_sys::mlx_vector_array_free(outs);
+            Ok(got)
+        })();
         mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
         mlx_sys::mlx_fast_cuda_kernel_free(kernel);
         mlx_sys::mlx_vector_string_free(in_names);
         mlx_sys::mlx_vector_string_free(out_names);
-        check(rc, "kernel apply")?;
-        let mut got = Vec::new();
-        for i in 0..3 {
-            let mut a = mlx_sys::mlx_array_new();
-            mlx_sys::mlx_vector_array_get(&mut a, outs, i);
-            got.push(Array::from_ptr(a));
+        result
+    }
+}
+
+/// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
+/// bodies. Returns `[BH, rows, D]` in `q3`'s dtype.
+pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, cap: usize) -> Result<Array> {
+    let s = q3.shape();
+    let (bh, rows, d) = (s[0], s[1], s[2]);
+    if t == 0 || t > cap {
+        return Err(KvError::Capacity { requested: t, capacity: cap });
+    }
+    let (n_split, per) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
+    let meta = Array::from_slice(&[t as i32, cap as i32, per as i32, n_split as i32], &[4]);
+    let ns = n_split as i32;
+    let parts = run_kernel(
+        "kvsplit_attn_partial",
+        PARTIAL,
+        &[("q", q3), ("kw", &k.full.w), ("ks", &k.full.scales), ("kb", &k.full.biases), ("vw", &v.full.w), ("vs", &v.full.scales), ("vb", &v.full.biases), ("meta", &meta)],
+        &[
+            Out { name: "out_o", shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { name: "out_m", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { name: "out_l", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        ],
+        (ns * 32 * WARPS, bh),
+        32 * WARPS,
+        &[("D", d), ("BK", k.bits as i32), ("BV", v.bits as i32), ("GK", k.group as i32), ("GV", v.group as i32), ("REP", rows), ("WARPS", WARPS), ("VD", vd as i32)],
+        &[],
+    )?;
+    let out = run_kernel(
+        "kvsplit_attn_merge",
+        MERGE,
+        &[("part_o", &parts[0]), ("part_m", &parts[1]), ("part_l", &parts[2]), ("meta", &meta)],
+        &[Out { name: "out", shape: &[bh, rows, d], dtype: q3.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q3.dtype())],
+    )?;
+    Ok(out.into_iter().next().expect("the merge kernel has one output"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_plan_covers_every_token_once_in_whole_tiles() {
+        for heads in [1usize, 8, 32] {
+            for t in [1usize, 31, 32, 33, 127, 128, 129, 1000, 4096, 5000, 32768, 131072, 131073] {
+                let (n, per) = split_plan(t, heads);
+                assert_eq!(per % 32, 0, "t={t} heads={heads}");
+                assert!(n * per >= t, "t={t} heads={heads}: {n} x {per} misses tokens");
+                assert!((n - 1) * per < t, "t={t} heads={heads}: split {} is empty", n - 1);
+                assert!(n * heads <= TARGET_BLOCKS.max(heads) + heads, "t={t} heads={heads}: {n} splits");
+            }
         }
-        mlx_sys::mlx_vector_array_free(outs);
-        got
-    };
-    let (o, m, l) = (&outputs[0], &outputs[1], &outputs[2]);
-    // Merge the splits: weights exp(m_s - max m).
-    let mmax = m.max_axis(1, true)?;
-    let w = exp(&(m - &mmax))?;
-    let den = (l * &w).sum_axis(1, false)?;
-    let num = (o * w.expand_dims(-1)?).sum_axis(1, false)?;
-    Ok(num / den.expand_dims(-1)?)
+    }
+
+    #[test]
+    fn value_dims_fit_the_lanes_and_the_groups() {
+        for d in [32usize, 64, 128, 256] {
+            for bits in [2u8, 4, 8] {
+                for rows in 1..=8usize {
+                    for group in [32usize, 64, 128].into_iter().filter(|g| *g <= d) {
+                        let vd = value_dims(d, bits, rows, group);
+                        assert!(vd.is_power_of_two() && d % vd == 0, "d={d} vd={vd}");
+                        assert!(d / vd <= 32, "d={d} vd={vd}: more than 32 lanes per token");
+                        assert!(group % vd == 0, "vd={vd} straddles groups of {group}");
+                        let bytes = vd * bits as usize / 8;
+                        assert!(matches!(bytes, 2 | 4 | 8), "d={d} bits={bits} rows={rows}: {bytes}-byte value load");
+                        assert!(rows * vd <= 64, "d={d} rows={rows} vd={vd}: too many accumulators");
+                    }
+                }
+            }
+        }
+    }
 }

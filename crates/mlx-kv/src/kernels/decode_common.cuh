@@ -1,0 +1,60 @@
+// Helpers shared by the split-precision decode-attention kernels (prepended to each kernel's
+// source through the custom-kernel header; NVRTC sees no <cmath>, so infinity is spelled by
+// its bit pattern).
+#define KV_INF __int_as_float(0x7f800000)
+
+// `N` consecutive u32 words from a pointer aligned to the widest load that divides N: one
+// 16-byte load per 4 words keeps few, wide requests in flight per lane.
+template <int N>
+__device__ __forceinline__ void kv_load_words(const unsigned* p, unsigned* out) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      out[4 * i] = v.x; out[4 * i + 1] = v.y; out[4 * i + 2] = v.z; out[4 * i + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+      out[2 * i] = v.x; out[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = p[i];
+  }
+}
+
+// Element `e` (0-based, little end first, as MLX packs) of a word of B-bit codes, as a float.
+// The code is placed in the mantissa of 2^23 and 2^23 subtracted: exact, and cheaper than an
+// integer-to-float conversion, whose throughput is a quarter of an FMA's.
+template <int B>
+__device__ __forceinline__ float kv_code(unsigned w, int e) {
+  if constexpr (B == 8) {
+    return __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + e)) - 8388608.f;
+  } else {
+    return __uint_as_float(((w >> (e * B)) & ((1u << B) - 1u)) | 0x4b000000u) - 8388608.f;
+  }
+}
+
+__device__ __forceinline__ float kv_warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float kv_warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Dtype conversions that do not depend on the half types' implicit conversion operators
+// (which a translation unit may switch off).
+__device__ __forceinline__ float kv_to_float(float x) { return x; }
+__device__ __forceinline__ float kv_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float kv_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T kv_from_float(float x);
+template <> __device__ __forceinline__ float kv_from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half kv_from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 kv_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }

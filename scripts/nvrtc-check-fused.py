@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Compiles the fused decode-attention CUDA kernels with NVRTC here, without a GPU, so a
+syntax or type error costs no device time. It wraps each kernel body the way MLX 0.32.2's
+`fast::cuda_kernel` does (inputs as `const T*`, outputs as `T*`, template arguments as
+`constexpr int`), targets sm_90 (the H200) and prints ptxas' register and spill report.
+
+Needs NVRTC 13 and the CUDA headers, e.g. from the PyPI wheels nvidia-cuda-nvrtc==13.0.* and
+nvidia-cuda-runtime==13.0.* unpacked into a folder given as the first argument (the folder
+holding nvidia/cu13/{lib,include}).
+Usage: scripts/nvrtc-check-fused.py /tmp/nvrtc/x
+"""
+import ctypes, os, sys
+
+root = sys.argv[1]
+lib = ctypes.CDLL(os.path.join(root, "nvidia/cu13/lib/libnvrtc.so.13"))
+inc = os.path.join(root, "nvidia/cu13/include")
+kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/kernels")
+read = lambda n: open(os.path.join(kdir, n)).read()
+common, partial, merge = read("decode_common.cuh"), read("decode_partial.cu"), read("decode_merge.cu")
+
+PRELUDE = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\ntypedef unsigned int uint32_t;\ntypedef int int32_t;\n"
+
+
+def value_dims(d, bv, rep, gv):
+    # Mirrors fused.rs `value_dims`.
+    cap = min(64 // bv, 32 // rep)
+    vd = 1
+    while vd * 2 <= cap:
+        vd *= 2
+    return min(max(vd, d // 32, 16 // bv), gv, d)
+
+
+def program(name, body, params, consts):
+    c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
+    c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
+    return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
+
+
+def compile_one(label, src):
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=sm_90", ("--include-path=" + inc).encode(), b"--ptxas-options=-v"]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    text = log.value.decode(errors="replace")
+    info = [l.strip() for l in text.splitlines() if "registers" in l or "spill" in l]
+    print(f"{label}: {'ok' if rc == 0 else 'FAILED'}  {' | '.join(info)}")
+    if rc != 0:
+        print(text)
+    return rc == 0
+
+
+ok = True
+for qt in ["__half", "float"]:
+    for (d, bk, bv, rep) in [(128, 8, 4, 4), (128, 8, 8, 4), (128, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4), (128, 2, 2, 4),
+                            (64, 8, 4, 3), (256, 8, 4, 8), (64, 4, 8, 1), (32, 2, 2, 1), (128, 8, 4, 7)]:
+        g = 64 if d >= 64 else 32
+        vd = value_dims(d, bv, rep, g)
+        params = [f"const {qt}* q", "const uint32_t* kw", "const __half* ks", "const __half* kb", "const uint32_t* vw",
+                  "const __half* vs", "const __half* vb", "const int32_t* meta", "float* out_o", "float* out_m", "float* out_l"]
+        consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd)
+        ok &= compile_one(f"partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_partial", partial, params, consts))
+    params = ["const float* part_o", "const float* part_m", "const float* part_l", "const int32_t* meta", f"{qt}* out"]
+    ok &= compile_one(f"merge OT={qt}", program("kvsplit_merge", merge, params, dict(D=128, REP=4, OT=qt)))
+sys.exit(0 if ok else 1)
