@@ -122,6 +122,19 @@ pub struct BenchArgs {
     /// File stem of the results (default: bench-model-<UTC date and time>).
     #[arg(long)]
     pub name: Option<String>,
+    /// Speed runs only: instead of `--model`, a model of this architecture's shapes with random
+    /// weights drawn on the device (llama3.1-8b, qwen2.5-7b, tiny); token ids are synthetic.
+    #[arg(long, conflicts_with = "model")]
+    pub random_model: Option<String>,
+    /// Storage of `--random-model` weights: f16 (the compute dtype), q4 or q8 (group 64).
+    #[arg(long, default_value = "q4", requires = "random_model")]
+    pub random_weights: String,
+    /// How the `depth` tokens enter the cache: `prefill` runs the model over text (default);
+    /// `random` writes random keys and values of the cache's shape into every layer without a
+    /// forward pass (speed only: decode time does not depend on cache values, and a 32K
+    /// prefill per row costs far more than the decode it precedes).
+    #[arg(long, default_value = "prefill", value_parser = ["prefill", "random"])]
+    pub fill: String,
     /// Memory budget (e.g. `8G`, `512M`, `16GB`): print, per K/V setting, the longest context
     /// whose KV cache plus model weights fit it (closed-form estimate, activations excluded).
     #[arg(long)]
@@ -179,9 +192,12 @@ fn eval_step(caches: &[KvCache], y: &Array) -> Result<()> {
 }
 
 /// One measurement: depth untimed, then prompt prefill and `n_gen` decode steps timed.
-fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize) -> Result<Sample> {
+#[allow(clippy::too_many_arguments)]
+fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool) -> Result<Sample> {
     let mut caches = settings.build(model, step)?;
-    if depth > 0 {
+    if depth > 0 && random_fill {
+        fill_random(model, &mut caches, depth, step, settings.max_kv_size.is_some())?;
+    } else if depth > 0 {
         prefill(model, &mut caches, &ids[..depth], step)?;
     }
     mlx_rs::memory::reset_peak_memory()?;
@@ -208,6 +224,39 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     })
 }
 
+/// Writes `depth` tokens of random keys and values into every layer's cache (`--fill random`).
+/// One random chunk is reused for every write: only the cache's shape matters for speed.
+fn fill_random(model: &dyn LanguageModel, caches: &mut [KvCache], depth: usize, step: usize, ring: bool) -> Result<()> {
+    // Large writes keep this fast; a rotating cache accepts at most `step` tokens at once.
+    let chunk = if ring { step } else { 4096 }.min(depth) as i32;
+    let shape = [1, model.n_kv_heads() as i32, chunk, model.head_dim() as i32];
+    let k = mlx_rs::random::normal::<f32>(&shape, None, None, None)?.as_dtype(model.dtype())?;
+    let v = mlx_rs::random::normal::<f32>(&shape, None, None, None)?.as_dtype(model.dtype())?;
+    eval([&k, &v])?;
+    let mut done = 0;
+    while done < depth {
+        let n = (depth - done).min(chunk as usize) as i32;
+        let (kc, vc) = if n == chunk {
+            (k.clone(), v.clone())
+        } else {
+            use mlx_rs::ops::indexing::IndexOp;
+            (k.index((.., .., 0..n, ..)), v.index((.., .., 0..n, ..)))
+        };
+        for c in caches.iter_mut() {
+            c.update(&kc, &vc)?;
+        }
+        let arrays: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
+        eval(arrays)?;
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Synthetic token ids for a model without a tokenizer (`--random-model`).
+fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
 pub fn weights_bytes(model: &dyn LanguageModel) -> u64 {
     model.arrays().iter().map(|a| a.nbytes() as u64).sum()
 }
@@ -230,9 +279,23 @@ fn run_model(a: BenchArgs) -> Result<()> {
         .map(|kv| Ok((kv.clone(), a.kv.rest.settings_for(kv).with_context(|| format!("--kv {kv}"))?)))
         .collect::<Result<_>>()?;
     let budget = a.memory_budget.as_deref().map(|b| parse_size(b, "--memory-budget")).transpose()?;
-    let (loaded, path) = load(&a.model)?;
-    let model = loaded.model.as_ref();
-    let model_name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let (model_box, tokenizer, model_name, vocab): (Box<dyn LanguageModel>, _, String, usize) = match &a.random_model {
+        Some(preset) => {
+            let kind: models::random::RandomWeights = a.random_weights.parse()?;
+            let cfg = models::random::preset(preset)?;
+            let t = Instant::now();
+            let m = models::random::model(preset, kind, crate::model_args::compute_dtype(), 0)?;
+            eprintln!("built random {preset} ({} weights) in {:.1} s", a.random_weights, t.elapsed().as_secs_f64());
+            (Box::new(m), None, format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
+        }
+        None => {
+            let (loaded, path) = load(&a.model)?;
+            let name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+            (loaded.model, Some(loaded.tokenizer), name, 0)
+        }
+    };
+    let model = model_box.as_ref();
+    let random_fill = a.fill == "random";
     let weights = weights_bytes(model);
 
     if let Some(b) = budget {
@@ -250,7 +313,10 @@ fn run_model(a: BenchArgs) -> Result<()> {
     }
 
     let max_depth = *depths.iter().max().unwrap_or(&0);
-    let ids = text_tokens(&a.text, &loaded.tokenizer, max_depth + a.n_prompt)?;
+    let ids = match &tokenizer {
+        Some(tok) => text_tokens(&a.text, tok, max_depth + a.n_prompt)?,
+        None => synthetic_ids(max_depth + a.n_prompt, vocab),
+    };
     let avail = available_memory();
     let mut plan = Vec::new();
     for (kv, s) in &settings {
@@ -270,7 +336,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
     for (_, s) in &settings {
-        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step)?;
+        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false)?;
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -280,7 +346,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
         let mut samples = Vec::new();
         for r in 0..a.repeats {
             bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
-            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step)?);
+            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill)?);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }
@@ -323,11 +389,13 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let md = a.out.join(format!("{stem}.md"));
     let header = format!(
         "# Whole-model benchmark\n\nmodel `{model_name}`, backend {} ({}), MLX {}, machine {}, commit {}, {}.\n\
-         Prefill tok/s: `-p` tokens after `depth` cached tokens; decode tok/s: `-n` greedy steps, each evaluated; \
+         Depth tokens entered the cache by {}. Prefill tok/s: `-p` tokens after `depth` cached tokens; decode tok/s: `-n` greedy steps, each evaluated; \
          median [min–max] over {} repeats after a warm-up. KV measured = resident bytes of all layers' caches after the run \
          (allocation grows in 256-token steps); formula = closed-form bytes/token × tokens. The fp16 setting is stored in the \
          compute dtype ({:?}).\n\n",
-        env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, a.repeats, model.dtype()
+        env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date,
+        if random_fill { "random keys and values written into every layer (`--fill random`, speed only)" } else { "prefill over the text" },
+        a.repeats, model.dtype()
     );
     std::fs::write(&md, header + &table).with_context(|| format!("writing {}", md.display()))?;
     eprintln!("wrote {}, {}, {}", c.display(), j.display(), md.display());

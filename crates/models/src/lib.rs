@@ -12,6 +12,7 @@ pub mod mlx_dir;
 pub mod model;
 pub mod perplexity;
 pub mod phi3;
+pub mod random;
 pub mod safetensors_load;
 pub mod sample;
 pub mod weights;
