@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_rs::Dtype;
-use models::mlx_dir::{self, ConvertOptions};
+use models::mlx_dir::{self, ConvertOptions, MixedRecipe, QuantPlan};
 use models::safetensors_load::QuantSpec;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,12 +32,22 @@ pub struct ConvertArgs {
     /// Weights sharing one scale and bias with -q: 32, 64 or 128.
     #[arg(long, default_value_t = 64)]
     pub q_group_size: i32,
+    /// Mixed-precision recipe, as in mlx-lm: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6
+    /// (low_high bits: high for lm_head and for v_proj/down_proj in the first and last eighth
+    /// of the layers and every third layer between, low elsewhere; replaces --q-bits).
+    /// Implies -q.
+    #[arg(long)]
+    pub quant_predicate: Option<String>,
+    /// Bits for the token embedding and lm_head (2, 3, 4, 5, 6 or 8), which suffer most from
+    /// rounding; the rest follows --q-bits or --quant-predicate. Default: no exception. Implies -q.
+    #[arg(long)]
+    pub q_embed_bits: Option<i32>,
     /// Largest safetensors file before the weights are split into shards (with an index),
     /// e.g. 5GB, 500MB, 2GiB.
     #[arg(long, default_value = "5GB")]
     pub max_shard_size: String,
     /// Write every weight dense (dequantizing quantized ones).
-    #[arg(short = 'd', long, conflicts_with = "quantize")]
+    #[arg(short = 'd', long, conflicts_with_all = ["quantize", "quant_predicate", "q_embed_bits"])]
     pub dequantize: bool,
     /// Replace --out if it exists.
     #[arg(long)]
@@ -53,15 +63,26 @@ fn parse_dtype(s: &str) -> Result<Dtype> {
     })
 }
 
+const BITS: [i32; 6] = [2, 3, 4, 5, 6, 8];
+
 fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
-    let quantize = if a.quantize {
-        if ![2, 3, 4, 5, 6, 8].contains(&a.q_bits) {
+    let quantize = if a.quantize || a.quant_predicate.is_some() || a.q_embed_bits.is_some() {
+        if !BITS.contains(&a.q_bits) {
             bail!("--q-bits: {} is not one of 2, 3, 4, 5, 6, 8", a.q_bits);
         }
         if ![32, 64, 128].contains(&a.q_group_size) {
             bail!("--q-group-size: {} is not one of 32, 64, 128", a.q_group_size);
         }
-        Some(QuantSpec { bits: a.q_bits, group: a.q_group_size })
+        let mixed = match a.quant_predicate.as_deref() {
+            None => None,
+            Some(name) => Some(MixedRecipe::parse(name).with_context(|| {
+                format!("--quant-predicate: '{name}' is not one of {}", MixedRecipe::NAMES.join(", "))
+            })?),
+        };
+        if let Some(b) = a.q_embed_bits.filter(|b| !BITS.contains(b)) {
+            bail!("--q-embed-bits: {b} is not one of 2, 3, 4, 5, 6, 8");
+        }
+        Some(QuantPlan { base: QuantSpec { bits: a.q_bits, group: a.q_group_size }, mixed, embed_bits: a.q_embed_bits })
     } else {
         None
     };

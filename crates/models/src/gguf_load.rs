@@ -182,17 +182,22 @@ fn load_llama(g: GgufFile, dtype: Dtype, dense: bool) -> Result<(Config, WeightM
     Ok((cfg, map, g))
 }
 
-/// A GGUF model's config, by family.
-pub enum ArchConfig {
-    Llama(Config),
-    Gemma3(crate::gemma3::Config),
-    Phi3(crate::phi3::Config),
-}
+pub use crate::config::ArchConfig;
 
 /// Opens a GGUF model of any supported family for inference: quantized weights follow
 /// [`crate::weights::dense_weights_preferred`] (dense f32 on the CPU backend).
 pub fn load_any(path: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap, GgufFile)> {
-    let dense = crate::weights::dense_weights_preferred();
+    load_any_with(path, dtype, crate::weights::dense_weights_preferred())
+}
+
+/// Opens a GGUF model of any supported family with Q4_0/Q4_1/Q8_0 kept as lossless MLX
+/// triplets whatever the backend (for `convert`).
+pub fn load_any_lossless(path: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap, GgufFile)> {
+    load_any_with(path, dtype, false)
+}
+
+/// `dense` dequantizes Q4_0/Q4_1/Q8_0 instead of keeping them as MLX triplets.
+fn load_any_with(path: &Path, dtype: Dtype, dense: bool) -> Result<(ArchConfig, WeightMap, GgufFile)> {
     let g = GgufFile::open(path)?;
     let arch = g.get_str("general.architecture")?.to_string();
     let cfg = match arch.as_str() {

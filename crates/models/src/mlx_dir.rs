@@ -29,13 +29,87 @@ pub struct Source {
     pub files: Vec<(String, String)>,
 }
 
+/// mlx-lm's mixed-precision recipes (`--quant-predicate mixed_L_H`, after llama.cpp's Q4_K_M
+/// choices): `high` bits for `lm_head` and for the value and down projections of the first and
+/// last eighth of the layers and of every third layer between them, `low` bits elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MixedRecipe {
+    pub low: i32,
+    pub high: i32,
+}
+
+impl MixedRecipe {
+    /// The recipe names mlx-lm accepts.
+    pub const NAMES: &'static [&'static str] = &["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        let (low, high) = match name {
+            "mixed_2_6" => (2, 6),
+            "mixed_3_4" => (3, 4),
+            "mixed_3_6" => (3, 6),
+            "mixed_4_6" => (4, 6),
+            _ => return None,
+        };
+        Some(MixedRecipe { low, high })
+    }
+
+    /// Bits for `module` in a model of `n_layers` layers.
+    fn bits(&self, module: &str, n_layers: usize) -> i32 {
+        let parts: Vec<&str> = module.split('.').collect();
+        // The layer index follows "layers"; modules outside the stack count as layer 0.
+        let index = parts
+            .iter()
+            .position(|p| *p == "layers")
+            .and_then(|i| parts.get(i + 1))
+            .and_then(|p| p.parse::<i64>().ok())
+            .unwrap_or(0);
+        let (n, eighth) = (n_layers as i64, n_layers as i64 / 8);
+        let more = index < eighth || index >= 7 * n / 8 || (index - eighth).rem_euclid(3) == 2;
+        // Substring tests as in mlx-lm, so Phi-3's fused `qkv_proj` counts as a value projection.
+        if (more && (module.contains("v_proj") || module.contains("down_proj"))) || module.contains("lm_head") {
+            self.high
+        } else {
+            self.low
+        }
+    }
+}
+
+/// What `-q` asks for: one setting, optionally varied per module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantPlan {
+    /// Bits (unless a recipe decides) and group size of every quantized module.
+    pub base: QuantSpec,
+    /// A mixed-precision recipe; its bits replace `base.bits`.
+    pub mixed: Option<MixedRecipe>,
+    /// Bits for the embedding and the output head, which are the most sensitive to rounding.
+    pub embed_bits: Option<i32>,
+}
+
+impl QuantPlan {
+    /// Every module at `spec`.
+    pub fn uniform(spec: QuantSpec) -> Self {
+        QuantPlan { base: spec, mixed: None, embed_bits: None }
+    }
+
+    /// The setting of `module` (a weight name without `.weight`) in a model of `n_layers`.
+    pub fn spec_for(&self, module: &str, n_layers: usize) -> QuantSpec {
+        let mut bits = self.mixed.map_or(self.base.bits, |m| m.bits(module, n_layers));
+        if let Some(b) = self.embed_bits {
+            if module.ends_with("embed_tokens") || module.ends_with("lm_head") {
+                bits = b;
+            }
+        }
+        QuantSpec { bits, group: self.base.group }
+    }
+}
+
 /// How to write the output.
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     /// Dtype of dense float tensors; `None` keeps each tensor's source precision.
     pub dtype: Option<Dtype>,
-    /// Quantize every 2-D weight to this setting (re-quantizing quantized ones that differ).
-    pub quantize: Option<QuantSpec>,
+    /// Quantize every 2-D weight as planned (re-quantizing quantized ones that differ).
+    pub quantize: Option<QuantPlan>,
     /// Write every weight dense.
     pub dequantize: bool,
     /// Shard when the tensors exceed this many bytes.
@@ -60,7 +134,8 @@ fn cfg_err(path: &Path, reason: impl Into<String>) -> ModelError {
 /// A GGUF file as a conversion source: HF names, Q/K rows in HF order, F16/BF16 tensors in
 /// their own dtype, everything else dequantized to f32 (exact) or kept as a triplet.
 pub fn source_from_gguf(path: &Path) -> Result<Source> {
-    let (cfg, mut map, gguf) = crate::gguf_load::load(path, Dtype::Float32)?;
+    let (cfg, mut map, gguf) = crate::gguf_load::load_any_lossless(path, Dtype::Float32)?;
+    let arch = gguf.get_str("general.architecture")?;
     let native: HashMap<String, Dtype> = gguf
         .tensors()
         .iter()
@@ -70,7 +145,7 @@ pub fn source_from_gguf(path: &Path) -> Result<Source> {
                 GgmlType::BF16 => Dtype::Bfloat16,
                 _ => return None,
             };
-            Some((crate::gguf_load::hf_name(&t.name).unwrap_or_else(|| t.name.clone()), d))
+            Some((crate::gguf_load::hf_name_for(arch, &t.name).unwrap_or_else(|| t.name.clone()), d))
         })
         .collect();
     let names: Vec<String> = map.names().cloned().collect();
@@ -82,7 +157,7 @@ pub fn source_from_gguf(path: &Path) -> Result<Source> {
         };
         weights.push((name, w));
     }
-    let config = serde_json::to_value(&cfg).map_err(|e| cfg_err(path, e.to_string()))?;
+    let config = cfg.to_json();
     let files = crate::tokenizer_json::files_from_gguf(&gguf)
         .map_err(|e| cfg_err(path, format!("tokenizer: {e}")))?;
     Ok(Source { config, weights, files })
@@ -90,7 +165,7 @@ pub fn source_from_gguf(path: &Path) -> Result<Source> {
 
 /// An HF or MLX directory as a conversion source (tensors in their stored dtypes).
 pub fn source_from_dir(dir: &Path) -> Result<Source> {
-    let (_, _, mut map) = safetensors_load::load_dir_as(dir, None)?;
+    let mut map = safetensors_load::load_dir_as(dir, None)?.weights;
     let cfg_path = dir.join(safetensors_load::CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), source })?;
     let mut config: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&cfg_path, e.to_string()))?;
@@ -121,8 +196,9 @@ fn exact_half(a: &Array) -> Result<Array> {
 /// Output tensors of one source weight, with its quantization if it has one.
 type Converted = (Vec<(String, Array)>, Option<QuantSpec>);
 
-fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<Converted> {
+fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize) -> Result<Converted> {
     let module = name.strip_suffix(".weight");
+    let target = opts.quantize.map(|plan| plan.spec_for(module.unwrap_or(name), n_layers));
     let quantizable = |shape: &[usize], spec: QuantSpec| {
         module.is_some() && shape.len() == 2 && shape[1].is_multiple_of(spec.group as usize)
     };
@@ -139,7 +215,7 @@ fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<Conver
     match w {
         Weight::Quant { w, scales, biases, bits, group } => {
             let spec = QuantSpec { bits, group };
-            let keep = !opts.dequantize && opts.quantize.is_none_or(|q| q == spec);
+            let keep = !opts.dequantize && target.is_none_or(|q| q == spec);
             if keep {
                 let m = module.ok_or_else(|| cfg_err(Path::new(name), "quantized tensor not named *.weight"))?;
                 return Ok(triplet(m, w, exact_half(&scales)?, exact_half(&biases)?, spec));
@@ -149,11 +225,11 @@ fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions) -> Result<Conver
                 Some(d) => dense.as_dtype(d)?,
                 None => dense.as_dtype(scales.dtype())?,
             };
-            convert_weight(name, Weight::Dense(dense), opts)
+            convert_weight(name, Weight::Dense(dense), opts, n_layers)
         }
         Weight::Dense(a) => {
             let a = dense_out(a)?;
-            match (opts.quantize, module) {
+            match (target, module) {
                 (Some(spec), Some(m)) if !opts.dequantize && quantizable(&shape, spec) => {
                     let (qw, s, b) = quantize(&a, spec.group, spec.bits)?;
                     Ok(triplet(m, qw, s, b, spec))
@@ -176,13 +252,15 @@ fn quantization_block(specs: &BTreeMap<String, QuantSpec>) -> Option<Quantizatio
     Some(Quantization { default, overrides })
 }
 
-struct Bytes {
+/// One evaluated, row-contiguous tensor as safetensors bytes, borrowed from MLX's buffer: the
+/// shard is streamed to disk without a second copy of the weights in memory.
+struct TensorBytes<'a> {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    data: &'a [u8],
 }
 
-impl safetensors::View for &Bytes {
+impl safetensors::View for &TensorBytes<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype
     }
@@ -190,33 +268,54 @@ impl safetensors::View for &Bytes {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+        Cow::Borrowed(self.data)
     }
     fn data_len(&self) -> usize {
         self.data.len()
     }
 }
 
-fn le_bytes<T: mlx_rs::ArrayElement + Copy, const N: usize>(a: &Array, f: impl Fn(T) -> [u8; N]) -> Result<Vec<u8>> {
-    let s = a.try_as_slice::<T>().map_err(|e| ModelError::Mlx(mlx_rs::error::Exception::custom(e.to_string())))?;
-    Ok(s.iter().flat_map(|&x| f(x)).collect())
+fn raw_bytes<'a, T: mlx_rs::ArrayElement>(name: &str, a: &'a Array) -> Result<&'a [u8]> {
+    if a.size() == 0 {
+        return Ok(&[]);
+    }
+    let s = a.try_as_slice::<T>().map_err(|e| cfg_err(Path::new(name), format!("reading tensor data: {e}")))?;
+    // SAFETY: any initialized memory may be viewed as bytes; the length is the slice's size in
+    // bytes and the borrow keeps `a` (and so its buffer) alive.
+    Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) })
 }
 
-/// Evaluates `a` and returns its row-major little-endian bytes.
-fn array_bytes(name: &str, a: &Array) -> Result<Bytes> {
+/// Views an evaluated, row-contiguous array as safetensors data (little-endian, which is the
+/// memory order of every host MLX runs on).
+fn tensor_bytes<'a>(name: &str, a: &'a Array) -> Result<TensorBytes<'a>> {
     use safetensors::Dtype as S;
-    let a = a.contiguous()?;
-    a.eval()?;
+    if cfg!(target_endian = "big") {
+        return Err(cfg_err(Path::new(name), "writing safetensors needs a little-endian host"));
+    }
     let (dtype, data) = match a.dtype() {
-        Dtype::Float32 => (S::F32, le_bytes(&a, f32::to_le_bytes)?),
-        Dtype::Float16 => (S::F16, le_bytes(&a, |x: half::f16| x.to_le_bytes())?),
-        Dtype::Bfloat16 => (S::BF16, le_bytes(&a, |x: half::bf16| x.to_le_bytes())?),
-        Dtype::Uint32 => (S::U32, le_bytes(&a, u32::to_le_bytes)?),
-        Dtype::Int32 => (S::I32, le_bytes(&a, i32::to_le_bytes)?),
-        Dtype::Uint8 => (S::U8, le_bytes(&a, u8::to_le_bytes)?),
+        Dtype::Float32 => (S::F32, raw_bytes::<f32>(name, a)?),
+        Dtype::Float16 => (S::F16, raw_bytes::<half::f16>(name, a)?),
+        Dtype::Bfloat16 => (S::BF16, raw_bytes::<half::bf16>(name, a)?),
+        Dtype::Uint32 => (S::U32, raw_bytes::<u32>(name, a)?),
+        Dtype::Int32 => (S::I32, raw_bytes::<i32>(name, a)?),
+        Dtype::Uint8 => (S::U8, raw_bytes::<u8>(name, a)?),
         other => return Err(cfg_err(Path::new(name), format!("cannot write dtype {other:?}"))),
     };
-    Ok(Bytes { dtype, shape: a.shape().iter().map(|&d| d as usize).collect(), data })
+    Ok(TensorBytes { dtype, shape: a.shape().iter().map(|&d| d as usize).collect(), data })
+}
+
+/// Gives a written file or directory the usual modes (0644 / 0755). The safetensors crate
+/// writes through a private temporary file (mode 0600), which would leave shared model
+/// directories unreadable to other users.
+fn normal_permissions(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if path.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
 }
 
 /// Groups tensors (in name order) into shards of at most `max` bytes; a larger tensor gets a
@@ -252,12 +351,16 @@ pub fn write(src: Source, out: &Path, opts: &ConvertOptions, progress: &mut dyn 
     check_output(out, opts.force)?;
     let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
     let mut specs: BTreeMap<String, QuantSpec> = BTreeMap::new();
+    let n_layers = src.config.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0) as usize;
     for (name, w) in src.weights {
-        let (arrays, spec) = convert_weight(&name, w, opts)?;
+        let (arrays, spec) = convert_weight(&name, w, opts, n_layers)?;
         if let Some(s) = spec {
             specs.insert(name.trim_end_matches(".weight").to_string(), s);
         }
         for (n, a) in arrays {
+            // Row-contiguous so the shard writer can hand MLX's buffer to the file as is
+            // (a no-op for the already contiguous arrays quantize/convert produce).
+            let a = a.contiguous()?;
             a.eval()?;
             tensors.insert(n, a);
         }
@@ -312,8 +415,10 @@ fn write_contents(
 ) -> Result<(usize, u64)> {
     let write_text = |file: &str, text: &str| -> Result<()> {
         let p = dir.join(file);
-        std::fs::write(&p, text).map_err(|source| ModelError::Io { path: p, source })
+        std::fs::write(&p, text).map_err(|source| ModelError::Io { path: p.clone(), source })?;
+        normal_permissions(&p)
     };
+    normal_permissions(dir)?;
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
     write_text(safetensors_load::CONFIG_FILE, &pretty(config))?;
     for (f, text) in files {
@@ -334,12 +439,13 @@ fn write_contents(
         let mut data = Vec::with_capacity(shard.len());
         for &i in shard {
             let name = &sizes[i].0;
-            data.push((name.clone(), array_bytes(name, arrays[i])?));
+            data.push((name.clone(), tensor_bytes(name, arrays[i])?));
             weight_map.insert(name.clone(), Value::String(file.clone()));
         }
         let path = dir.join(&file);
         safetensors::serialize_to_file(data.iter().map(|(n, b)| (n.as_str(), b)), metadata.clone(), &path)
             .map_err(|e| cfg_err(&path, format!("writing safetensors: {e}")))?;
+        normal_permissions(&path)?;
         progress(&file);
     }
     if shards.len() > 1 {
@@ -396,6 +502,30 @@ mod tests {
             let total: u64 = shard.iter().map(|&i| sizes[i].1).sum();
             assert!(shard.len() == 1 || total <= 100);
         }
+    }
+
+    #[test]
+    fn mixed_recipe_picks_mlx_lm_layers() {
+        let plan = QuantPlan { base: QuantSpec { bits: 3, group: 64 }, mixed: MixedRecipe::parse("mixed_4_6"), embed_bits: None };
+        // 30 layers: the first and last eighth (0-2, 26-29) and every third layer from 5.
+        let high: Vec<usize> =
+            (0..30).filter(|i| plan.spec_for(&format!("model.layers.{i}.mlp.down_proj"), 30).bits == 6).collect();
+        assert_eq!(high, vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+        for i in 0..30 {
+            let v = plan.spec_for(&format!("model.layers.{i}.self_attn.v_proj"), 30);
+            assert_eq!(v.bits, if high.contains(&i) { 6 } else { 4 }, "layer {i}");
+            assert_eq!(plan.spec_for(&format!("model.layers.{i}.self_attn.q_proj"), 30).bits, 4);
+            assert_eq!(plan.spec_for(&format!("model.layers.{i}.mlp.gate_proj"), 30).bits, 4);
+        }
+        assert_eq!(plan.spec_for("lm_head", 30), QuantSpec { bits: 6, group: 64 });
+        // mlx-lm leaves the embedding at the low setting; --q-embed-bits raises it and lm_head.
+        assert_eq!(plan.spec_for("model.embed_tokens", 30).bits, 4);
+        let embed8 = QuantPlan { embed_bits: Some(8), ..plan };
+        assert_eq!((embed8.spec_for("model.embed_tokens", 30).bits, embed8.spec_for("lm_head", 30).bits), (8, 8));
+        assert!(MixedRecipe::parse("mixed_4_8").is_none());
+        let uniform = QuantPlan { embed_bits: Some(8), ..QuantPlan::uniform(QuantSpec { bits: 4, group: 32 }) };
+        assert_eq!(uniform.spec_for("model.layers.0.mlp.down_proj", 30).bits, 4);
+        assert_eq!(uniform.spec_for("model.embed_tokens", 30), QuantSpec { bits: 8, group: 32 });
     }
 
     #[test]

@@ -39,12 +39,7 @@ pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
         path: path.to_path_buf(),
         reason: format!("tokenizer: {e}"),
     })?;
-    use crate::gguf_load::ArchConfig;
-    let model: Box<dyn LanguageModel> = match cfg {
-        ArchConfig::Llama(cfg) => Box::new(crate::llama::Model::new(cfg, weights, dtype)?),
-        ArchConfig::Gemma3(cfg) => Box::new(crate::gemma3::Model::new(cfg, weights, dtype)?),
-        ArchConfig::Phi3(cfg) => Box::new(crate::phi3::Model::new(cfg, weights, dtype)?),
-    };
+    let model = cfg.build(weights, dtype)?;
     mlx_rs::transforms::eval(model.arrays())?;
     Ok(Loaded { model, tokenizer })
 }
@@ -59,16 +54,17 @@ pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
 
 /// Loads an MLX/HF model directory (config.json, safetensors, tokenizer.json).
 pub fn load_dir(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    let (cfg, mut weights) = crate::safetensors_load::load_dir(path, dtype)?;
+    let dir = crate::safetensors_load::load_dir_as(path, Some(dtype))?;
+    let mut weights = dir.weights;
     // Same weight policy as GGUF loading, so both formats run the same arithmetic.
     if crate::weights::dense_weights_preferred() {
         weights.dequantize_all(dtype)?;
     }
-    let tokenizer = crate::tokenizer_json::load(path, cfg.eos_token_id.as_ref()).map_err(|e| ModelError::Config {
+    let tokenizer = crate::tokenizer_json::load(path, dir.raw.get("eos_token_id")).map_err(|e| ModelError::Config {
         path: path.to_path_buf(),
         reason: format!("tokenizer: {e}"),
     })?;
-    let model: Box<dyn LanguageModel> = Box::new(crate::llama::Model::new(cfg, weights, dtype)?);
+    let model = dir.config.build(weights, dtype)?;
     mlx_rs::transforms::eval(model.arrays())?;
     Ok(Loaded { model, tokenizer })
 }

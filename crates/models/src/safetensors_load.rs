@@ -8,7 +8,7 @@
 //! become a [`WeightMap`] under the same names, after mlx-lm's `sanitize` rules; the model's
 //! strict key check then reports anything missing or left over.
 
-use crate::config::Config;
+use crate::config::ArchConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::{Weight, WeightMap};
 use mlx_rs::{Array, Dtype};
@@ -103,14 +103,28 @@ pub fn parse_quantization(cfg: &Value, path: &Path) -> Result<Option<Quantizatio
     Ok(Some(Quantization { default, overrides }))
 }
 
-/// Reads `config.json`: the model config and its quantization block.
-pub fn read_config(dir: &Path) -> Result<(Config, Option<Quantization>)> {
+/// A directory's `config.json`: the family config, the quantization block and the JSON itself.
+#[derive(Debug, Clone)]
+pub struct DirConfig {
+    pub config: ArchConfig,
+    pub quant: Option<Quantization>,
+    pub raw: Value,
+}
+
+/// Reads and parses `config.json`; an unsupported `model_type` is an error naming it.
+pub fn read_dir_config(dir: &Path) -> Result<DirConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    let value: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&path, format!("invalid JSON: {e}")))?;
-    let cfg: Config = serde_json::from_value(value.clone()).map_err(|e| cfg_err(&path, e.to_string()))?;
-    let quant = parse_quantization(&value, &path)?;
-    Ok((cfg, quant))
+    let raw: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&path, format!("invalid JSON: {e}")))?;
+    let config = ArchConfig::from_json(&raw).map_err(|reason| ModelError::Unsupported { path: path.clone(), reason })?;
+    let quant = parse_quantization(&raw, &path)?;
+    Ok(DirConfig { config, quant, raw })
+}
+
+/// Reads `config.json`: the model config and its quantization block.
+pub fn read_config(dir: &Path) -> Result<(ArchConfig, Option<Quantization>)> {
+    let c = read_dir_config(dir)?;
+    Ok((c.config, c.quant))
 }
 
 /// The safetensors files of a directory with, for sharded checkpoints, the tensor names the
@@ -184,9 +198,9 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Array)>> {
 }
 
 /// mlx-lm's `sanitize`: drops RoPE tables some checkpoints carry and a tied output head.
-fn sanitize(tensors: &mut BTreeMap<String, Array>, cfg: &Config) {
+fn sanitize(tensors: &mut BTreeMap<String, Array>, cfg: &ArchConfig) {
     tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
-    if cfg.tie_word_embeddings {
+    if cfg.tie_word_embeddings() {
         for suffix in ["weight", "scales", "biases"] {
             tensors.remove(&format!("lm_head.{suffix}"));
         }
@@ -279,22 +293,28 @@ pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Array>> {
 
 /// Opens an MLX/HF model directory: config plus every tensor under its checkpoint name, with
 /// float tensors (and quantization scales/biases) in `dtype`.
-pub fn load_dir(dir: &Path, dtype: Dtype) -> Result<(Config, WeightMap)> {
-    let (cfg, _, map) = load_dir_as(dir, Some(dtype))?;
-    Ok((cfg, map))
+pub fn load_dir(dir: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap)> {
+    let d = load_dir_as(dir, Some(dtype))?;
+    Ok((d.config, d.weights))
+}
+
+/// An opened model directory.
+pub struct LoadedDir {
+    pub config: ArchConfig,
+    pub quant: Option<Quantization>,
+    /// `config.json` as read (for fields no family config keeps, e.g. `eos_token_id`).
+    pub raw: Value,
+    pub weights: WeightMap,
 }
 
 /// Like [`load_dir`], with float tensors in their stored dtype when `dtype` is `None` (for
 /// conversion), and the quantization block.
-pub fn load_dir_as(dir: &Path, dtype: Option<Dtype>) -> Result<(Config, Option<Quantization>, WeightMap)> {
-    let (cfg, quant) = read_config(dir)?;
-    if !matches!(cfg.model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
-        return Err(ModelError::Unsupported { path: dir.join(CONFIG_FILE), reason: format!("model_type '{}'", cfg.model_type) });
-    }
+pub fn load_dir_as(dir: &Path, dtype: Option<Dtype>) -> Result<LoadedDir> {
+    let DirConfig { config, quant, raw } = read_dir_config(dir)?;
     let mut tensors = read_tensors(dir)?;
-    sanitize(&mut tensors, &cfg);
-    let map = build_map(dir, tensors, quant.as_ref(), dtype)?;
-    Ok((cfg, quant, map))
+    sanitize(&mut tensors, &config);
+    let weights = build_map(dir, tensors, quant.as_ref(), dtype)?;
+    Ok(LoadedDir { config, quant, raw, weights })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use mlx_rs::ops::dequantize;
 use mlx_rs::{Array, Dtype};
 use models::generate::{prefill, CacheSettings};
-use models::mlx_dir::{self, ConvertOptions};
+use models::mlx_dir::{self, ConvertOptions, QuantPlan};
 use models::model::{load_dir, load_gguf, Loaded};
 use models::safetensors_load::{self, QuantSpec};
 use models::weights::Weight;
@@ -110,13 +110,70 @@ fn lossless_conversion_gives_identical_logits_and_greedy_tokens() {
 #[test]
 fn config_records_the_carried_over_quantization() {
     let (cfg, quant) = safetensors_load::read_config(converted()).unwrap();
-    assert_eq!(cfg.num_hidden_layers, 30);
+    assert_eq!(cfg.num_hidden_layers(), 30);
     let q = quant.expect("a quantized checkpoint has a quantization block");
     assert_eq!(q.default.group, 32);
     assert!([4, 8].contains(&q.default.bits));
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors"] {
         assert!(converted().join(name).is_file(), "{name} missing");
     }
+}
+
+/// Files 0644, directories 0755: model directories are shared between users.
+#[cfg(unix)]
+fn assert_normal_permissions(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o755, "{}", dir.display());
+    let mut files = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p), 0o644, "{:o} for {}", mode(&p), p.display());
+        files += 1;
+    }
+    assert!(files >= 4, "only {files} files in {}", dir.display());
+}
+
+#[cfg(unix)]
+#[test]
+fn output_files_are_world_readable() {
+    assert_normal_permissions(converted());
+}
+
+#[test]
+fn mixed_bits_keep_embeddings_and_chosen_layers_higher_and_still_generate() {
+    let plan = QuantPlan {
+        base: QuantSpec { bits: 4, group: 64 },
+        mixed: mlx_dir::MixedRecipe::parse("mixed_4_6"),
+        embed_bits: Some(8),
+    };
+    let out = temp_dir("mixed").join("m");
+    convert(&out, &ConvertOptions { quantize: Some(plan), ..opts() });
+    let (_, quant) = safetensors_load::read_config(&out).unwrap();
+    let quant = quant.expect("quantization block");
+    assert_eq!(quant.default, QuantSpec { bits: 4, group: 64 });
+    // The block must say what each stored triplet is; the loader checks packed widths against it.
+    let (_, mut weights) = safetensors_load::load_dir(&out, Dtype::Float32).unwrap();
+    let names: Vec<String> = weights.names().cloned().collect();
+    let mut by_bits: std::collections::BTreeMap<i32, usize> = Default::default();
+    for name in names {
+        if let Weight::Quant { bits, group, .. } = weights.take(&name).unwrap() {
+            let module = name.trim_end_matches(".weight");
+            assert_eq!(QuantSpec { bits, group }, plan.spec_for(module, 30), "{module}");
+            assert_eq!(quant.for_module(module), Some(QuantSpec { bits, group }), "{module}");
+            *by_bits.entry(bits).or_default() += 1;
+        }
+    }
+    // 30 layers x 7 matrices + embedding: 14 layers x (v_proj, down_proj) at 6, embedding at 8.
+    assert_eq!(by_bits, [(4, 30 * 7 - 28), (6, 28), (8, 1)].into_iter().collect(), "{by_bits:?}");
+
+    let g = gguf_model();
+    let d = load_dir(&out, Dtype::Float32).unwrap();
+    let prompt = g.tokenizer.encode(PROMPT, true);
+    let (want, got) = (greedy(&g, &prompt, 1), greedy(&d, &prompt, GREEDY_TOKENS));
+    assert_eq!(got[0], want[0], "first greedy token: {:?} vs {:?}", d.tokenizer.decode(&got[..1]), g.tokenizer.decode(&want));
+    assert!(d.tokenizer.decode(&got).contains("Paris"), "{:?}", d.tokenizer.decode(&got));
+    std::fs::remove_dir_all(out.parent().unwrap()).ok();
 }
 
 #[test]
@@ -126,6 +183,8 @@ fn sharded_output_loads_to_the_same_logits() {
     assert!(report.shards > 1, "{report:?}");
     assert!(out.join(safetensors_load::INDEX_FILE).is_file());
     assert!(!out.join(safetensors_load::SINGLE_FILE).exists());
+    #[cfg(unix)]
+    assert_normal_permissions(&out);
     for (file, _) in safetensors_load::shard_files(&out).unwrap() {
         let len = std::fs::metadata(&file).unwrap().len();
         // A shard holds one tensor over the limit, or tensors adding up to at most the limit.
@@ -143,7 +202,7 @@ fn sharded_output_loads_to_the_same_logits() {
 fn requantized_weights_stay_within_the_affine_step_bound() {
     let spec = QuantSpec { bits: 8, group: 64 };
     let out = temp_dir("q8g64").join("m");
-    let report = convert(&out, &ConvertOptions { quantize: Some(spec), ..opts() });
+    let report = convert(&out, &ConvertOptions { quantize: Some(QuantPlan::uniform(spec)), ..opts() });
     assert!(report.quantized > 0);
     let (_, quant) = safetensors_load::read_config(&out).unwrap();
     assert_eq!(quant.unwrap().default, spec);
