@@ -69,28 +69,33 @@ fn fold_packed(p: &Packed, b: i32, hkv: i32) -> Result<Packed> {
     Ok(Packed { w: f(&p.w)?, scales: f(&p.scales)?, biases: f(&p.biases)? })
 }
 
-fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
+/// Tokens `[a, z)` of a packed operand in either layout.
+pub(crate) fn slice_packed(p: &Packed, bits: u8, group: usize, axis: TokenAxis, a: usize, z: usize) -> Packed {
     let (ai, zi) = (a as i32, z as i32);
+    match axis {
+        TokenAxis::Rows => Packed {
+            w: p.w.index((.., .., ai..zi, ..)),
+            scales: p.scales.index((.., .., ai..zi, ..)),
+            biases: p.biases.index((.., .., ai..zi, ..)),
+        },
+        TokenAxis::Cols => {
+            let b = bits as usize;
+            let (wa, wz) = ((a * b / 32) as i32, (z * b / 32) as i32);
+            let (ga, gz) = ((a / group) as i32, (z / group) as i32);
+            Packed {
+                w: p.w.index((.., .., .., wa..wz)),
+                scales: p.scales.index((.., .., .., ga..gz)),
+                biases: p.biases.index((.., .., .., ga..gz)),
+            }
+        }
+    }
+}
+
+fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
     match t {
-        Tensor::Float(x) => Tensor::Float(x.index((.., .., ai..zi, ..))),
+        Tensor::Float(x) => Tensor::Float(x.index((.., .., a as i32..z as i32, ..))),
         Tensor::Quant { p, bits, group, axis, .. } => {
-            let p = match axis {
-                TokenAxis::Rows => Packed {
-                    w: p.w.index((.., .., ai..zi, ..)),
-                    scales: p.scales.index((.., .., ai..zi, ..)),
-                    biases: p.biases.index((.., .., ai..zi, ..)),
-                },
-                TokenAxis::Cols => {
-                    let b = *bits as usize;
-                    let (wa, wz) = ((a * b / 32) as i32, (z * b / 32) as i32);
-                    let (ga, gz) = ((a / group) as i32, (z / group) as i32);
-                    Packed {
-                        w: p.w.index((.., .., .., wa..wz)),
-                        scales: p.scales.index((.., .., .., ga..gz)),
-                        biases: p.biases.index((.., .., .., ga..gz)),
-                    }
-                }
-            };
+            let p = slice_packed(p, *bits, *group, *axis, a, z);
             Tensor::Quant { p, bits: *bits, group: *group, axis: *axis, full: None }
         }
     }
@@ -127,7 +132,7 @@ pub fn causal_visible(l: usize, t: usize) -> Result<Array> {
 }
 
 /// Applies an `[L, T]` visibility mask to scores `[B*Hkv, rep*L, T]`.
-fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
+pub(crate) fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
     let sh = s.shape();
     let s4 = s.reshape(&[sh[0], rep, l, sh[2]])?;
     let neg = Array::from_f32(MASKED).as_dtype(s.dtype())?;
@@ -137,6 +142,9 @@ fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
 /// Attention of `q` (`[B, Hq, L, D]`) over `segments`; returns `[B, Hq, L, D]`.
 /// `sinks` are optional learned per-head sink logits (`[Hq]`).
 pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    if crate::Backend::current() == crate::Backend::Cpu {
+        return crate::cpu_attention::attend(q, segments, mask, scale, sinks);
+    }
     let all_float = segments
         .iter()
         .all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_))));
@@ -213,23 +221,7 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
             None => (Array::from_f32(MASKED), Array::from_f32(0.0)),
         };
         let mut acc: Option<Array> = None;
-        // On the CPU, MLX's quantized_matmul is scalar code, so a long chunk is faster through
-        // one dequantized block at a time and BLAS; only one block is ever dequantized.
-        let cpu = crate::Backend::current() == crate::Backend::Cpu;
-        let block_float = |t: &Tensor| -> Result<Tensor> {
-            Ok(match t {
-                Tensor::Quant { p, bits, group, axis, .. } if cpu => {
-                    let x = p.dequantize(*group, *bits, q.dtype())?;
-                    Tensor::Float(if *axis == TokenAxis::Cols { x.swap_axes(2, 3)? } else { x })
-                }
-                Tensor::Quant { p, bits, group, axis, .. } => {
-                    Tensor::Quant { p: p.clone(), bits: *bits, group: *group, axis: *axis, full: None }
-                }
-                Tensor::Float(x) => Tensor::Float(x.clone()),
-            })
-        };
         for (k, v, a, z) in &runs {
-            let (k, v) = (&block_float(k)?, &block_float(v)?);
             let s = masked_scores(k, *a, *z)?.as_dtype(Dtype::Float32)?;
             let m_new = maximum(&m, s.max_axis(2, true)?)?;
             let p = exp(&(&s - &m_new))?;

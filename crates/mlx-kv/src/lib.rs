@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+pub mod cpu_attention;
 pub mod error;
 pub mod fused;
 pub mod rotation;

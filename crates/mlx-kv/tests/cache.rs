@@ -94,8 +94,11 @@ fn residual_sinks_rotation_layout_and_start_stay_within_bound() {
     }
 }
 
+/// 16/16 stores floats, so the only differences from MLX's fused attention are rounding: on the
+/// CPU our softmax uses an exponential with relative error about 1.2e-5 (see
+/// `cpu_attention::exp_nonpositive`) and merges segments online; on the GPU it is the same op.
 #[test]
-fn split_16_16_equals_dense_attention_exactly() {
+fn split_16_16_matches_dense_attention() {
     let t = 50;
     let q = Host::random([1, 4, t, D], 3);
     let k = Host::random([1, 2, t, D], 4);
@@ -114,7 +117,13 @@ fn split_16_16_equals_dense_attention_exactly() {
         None,
     )
     .unwrap();
-    assert_eq!(to_vec(&out), to_vec(&dense));
+    let (got, want) = (to_vec(&out), to_vec(&dense));
+    let vmax = v.data.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0f64, f64::max);
+    // Each output is a convex combination of values: weights off by 1.2e-5 relative (twice:
+    // numerator and denominator) plus f32 accumulation over 50 terms.
+    let bound = (2.0 * 1.2e-5 + 50.0 * f32::EPSILON as f64) * vmax;
+    assert!(worst <= bound, "max |diff| {worst:e} > {bound:e}");
 }
 
 #[test]
