@@ -56,8 +56,10 @@ def compile_one(label, src):
 
 ok = True
 for qt in ["__half", "float"]:
-    for (d, bk, bv, rep) in [(128, 8, 4, 4), (128, 8, 8, 4), (128, 4, 4, 4), (128, 4, 2, 4), (128, 8, 2, 4), (128, 2, 2, 4),
-                            (64, 8, 4, 3), (256, 8, 4, 8), (64, 4, 8, 1), (32, 2, 2, 1), (128, 8, 4, 7)]:
+    # fused_check's correctness shapes x its bit pairs, and the whole-model presets.
+    cases = [(d, bk, bv, rep) for (d, rep) in [(128, 4), (64, 3), (256, 8), (64, 1)]
+             for (bk, bv) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]] + [(128, 8, 4, 7), (32, 2, 2, 1)]
+    for (d, bk, bv, rep) in cases:
         g = 64 if d >= 64 else 32
         vd = value_dims(d, bv, rep, g)
         params = [f"const {qt}* q", "const uint32_t* kw", "const __half* ks", "const __half* kb", "const uint32_t* vw",

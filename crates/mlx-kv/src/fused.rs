@@ -26,9 +26,9 @@ use std::sync::OnceLock;
 
 /// Warps per block of pass 1; each walks every `WARPS`-th 32-token tile of the block's split.
 const WARPS: i32 = 4;
-/// Blocks of pass 1 to aim for: about four per SM of a 132-SM H200 (the k8v4 kernel uses about
-/// 130 registers per thread, so four 128-thread blocks fit an SM). Splits are never shorter
-/// than one tile per warp.
+/// Blocks of pass 1 to aim for: four per SM of a 132-SM H200 (ptxas gives the D=128 kernels
+/// about 100 registers per thread, so four or five 128-thread blocks fit an SM at once).
+/// Splits are never shorter than one tile per warp.
 const TARGET_BLOCKS: usize = 528;
 
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
@@ -207,7 +207,7 @@ fn run_kernel(
     ints: &[(&str, i32)],
     types: &[(&str, Dtype)],
 ) -> Result<Vec<Array>> {
-    let name = CString::new(kernel_name(stem, source)).expect("kernel names have no NUL");
+    let name = CString::new(kernel_name(stem, &[COMMON, source].concat())).expect("kernel names have no NUL");
     let source = CString::new(source).expect("kernel sources have no NUL");
     let header = CString::new(COMMON).expect("kernel sources have no NUL");
     let in_names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Stages kvsplit-mlx (generate, ppl, bench, and the fused-kernel check) for the lent GPU, with
+# the default model, WikiText-2 and mlx-lm for comparisons. It does not touch the GPU; it ends
+# by printing the `run` calls to make. See ../shared/device/README.md for the two-part MLX
+# runtime; this adds the binaries and data to the same calls.
+#
+# One call carries at most 64 MiB (the working tree included), and the MLX CUDA library alone
+# is 65 MB compressed, so a cold machine takes two calls before anything runs, and a third if
+# the real model is needed (the 98 MB GGUF does not compress: it is split across the calls):
+#   A  .device/p1 (half the CUDA libmlx) + .device/m1 (model part 1)   -> moved to /tmp
+#   B  .device/p2 + .device/rt (binaries, env, data, wheels) + .device/m2 (model part 2)
+#      `source .device/rt/gpu-env.sh` assembles everything under /tmp and copies rt there, so
+#      later calls on the warm machine `source /tmp/kvrt/gpu-env.sh` and carry nothing.
+#   C  .device/m3 (model part 3), only for runs of the real model (generate, ppl, bench --model)
+# Random-weight speed runs (`bench --random-model`) need no model and can run in call B.
+#
+# Usage: scripts/gpu-run.sh        (builds with $CARGO_TARGET_DIR, default target/)
+set -euo pipefail
+root=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
+cd "$root"
+target=${CARGO_TARGET_DIR:-$root/target}
+cache=${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}
+model=$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+wiki=${KVSPLIT_WIKITEXT:-$root/../shared/data/wikitext-2-raw/wiki.test.raw}
+limit=$((64 * 1024 * 1024))
+margin=$((3 * 512 * 1024))
+
+"$root/scripts/setup.sh"
+../shared/device/stage-mlx-cuda.sh .device >/dev/null
+CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx -p mlx-kv --example fused_check
+for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check"; do
+  # An RPATH (old dtags) would be searched before LD_LIBRARY_PATH and load the CPU libmlx.so.
+  readelf -d "$b" | grep -q RUNPATH || { echo "gpu-run: $b has no RUNPATH" >&2; exit 1; }
+  strip -o ".device/rt/$(basename "$b")" "$b"
+done
+rm -f .device/rt/conformance
+mkdir -p .device/rt/whl .device/rt/data
+install -m 644 "$wiki" .device/rt/data/wiki.test.raw
+# MLX's Python package (linked against libmlx.so, which the CUDA runtime provides) and mlx-lm,
+# pure Python; both 0.32.2, the version of the staged library.
+if [ ! -f .device/rt/whl/.ok ]; then
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_35_x86_64 -d .device/rt/whl mlx==0.32.2
+  python3 -m pip download -q --no-deps -d .device/rt/whl mlx-lm==0.32.2
+  touch .device/rt/whl/.ok
+fi
+cp "$model" /dev/null # fail early if setup did not fetch it
+sha=$(sha256sum "$model" | cut -d' ' -f1)
+
+cat > .device/rt/gpu-env.sh <<ENV
+# Source on the GPU machine from the project root (call B), or /tmp/kvrt/gpu-env.sh later.
+here=\$(cd "\$(dirname "\${BASH_SOURCE[0]}")" && pwd)
+if [ "\$here" != /tmp/kvrt ]; then
+  source "\$here/env.sh" || return
+  rm -rf /tmp/kvrt && cp -r "\$here" /tmp/kvrt
+fi
+source /tmp/kvrt/env.sh 2>/dev/null || true
+export KVRT=/tmp/kvrt KVSPLIT_CACHE=/tmp/kvsplit
+mkdir -p /tmp/kvm \$KVSPLIT_CACHE/models \$KVSPLIT_CACHE/data/wikitext-2-raw
+for d in .device/m2 .device/m3; do [ -d \$d ] && cp \$d/* /tmp/kvm/ 2>/dev/null; done
+cp -n /tmp/kvrt/data/wiki.test.raw \$KVSPLIT_CACHE/data/wikitext-2-raw/
+m=\$KVSPLIT_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f \$m ] && [ -f /tmp/kvm/part.1 ] && [ -f /tmp/kvm/part.2 ] && [ -f /tmp/kvm/part.3 ]; then
+  cat /tmp/kvm/part.1 /tmp/kvm/part.2 /tmp/kvm/part.3 > \$m.tmp
+  echo "$sha  \$m.tmp" | sha256sum -c --quiet - && mv \$m.tmp \$m
+fi
+[ -f \$m ] && echo "gpu-env: default model ready" || echo "gpu-env: default model not (yet) assembled: make call C for real-model runs"
+if [ ! -d /tmp/site/mlx_lm ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/kvrt/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+ENV
+
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+size() { du -cb "$@" | tail -n 1 | cut -f1; }
+p1=$(size .device/p1); p2=$(size .device/p2); rt=$(size .device/rt)
+total=$(stat -c %s "$model")
+m1=$((limit - tree - p1 - margin))
+m2=$((limit - tree - p2 - rt - margin))
+if [ $m2 -lt 0 ]; then echo "gpu-run: call B is over 64 MiB without the model ($((tree + p2 + rt)) bytes)" >&2; exit 1; fi
+m3=$((total - m1 - m2))
+if [ $((m3 + tree + margin)) -gt $limit ]; then echo "gpu-run: model part 3 ($m3 bytes) does not fit one call" >&2; exit 1; fi
+rm -rf .device/m1 .device/m2 .device/m3 && mkdir -p .device/m1 .device/m2 .device/m3
+dd if="$model" of=.device/m1/part.1 bs=1M iflag=count_bytes count=$m1 status=none
+dd if="$model" of=.device/m2/part.2 bs=1M iflag=skip_bytes,count_bytes skip=$m1 count=$m2 status=none
+dd if="$model" of=.device/m3/part.3 bs=1M iflag=skip_bytes skip=$((m1 + m2)) status=none
+cat .device/m1/part.1 .device/m2/part.2 .device/m3/part.3 | sha256sum | grep -q "^$sha " || { echo "gpu-run: model parts do not reassemble" >&2; exit 1; }
+echo "gpu-run: staged; call A $((tree + p1 + m1)) bytes, B $((tree + p2 + rt + m2)), C $((tree + m3)) (limit $limit)"
+cat <<'CALLS'
+Make these calls back to back (the machine forgets /tmp about 30 s after a call):
+ A run(carry=[".device/p1", ".device/m1"], timeout_s=120,
+       command="mkdir -p /tmp/mlxcuda /tmp/kvm && mv .device/p1/* /tmp/mlxcuda/ && mv .device/m1/* /tmp/kvm/")
+ B run(carry=[".device/p2", ".device/rt", ".device/m2"], timeout_s=600,
+       command="source .device/rt/gpu-env.sh && $KVRT/fused_check 2>&1 | tee $OUT/fused.log")
+ C run(carry=[".device/m3"], timeout_s=600,
+       command="source /tmp/kvrt/gpu-env.sh && $KVRT/kvsplit-mlx generate --kv 8,4 --prompt 'The capital of France is' --max-tokens 32 2>&1 | tee $OUT/generate.log")
+Later calls on the warm machine: command="source /tmp/kvrt/gpu-env.sh && ...", no carry. Examples:
+  $KVRT/kvsplit-mlx ppl wikitext --kv fp16,k8v8,k8v4,k4v4 --ctx 512 --max-windows 8 --out $OUT
+  $KVRT/kvsplit-mlx bench --random-model llama3.1-8b --random-weights q4 --fill random --kv fp16,k8v4 -d 4096,16384,32768 -p 128 -n 64 -r 2 --out $OUT
+  python3 scripts/mlxlm-decode-bench.py
+CALLS
