@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Issue #8's evidence: one workload (the default SmolLM2-135M Q4_1 GGUF, a WikiText-2 prompt,
+# greedy decode) through kvsplit-mlx, llama.cpp and mlx-lm, one after another on this machine,
+# with a ratio table written to docs/cpu-side-by-side.md and raw rows to docs/data/.
+#
+#   scripts/cpu-side-by-side.sh [--prompt-tokens 4000] [--gen 64] [--repeats 1]
+#                               [--skip-llamacpp] [--skip-mlxlm] [--out docs]
+#
+# The peers are development tools, installed here into venvs under $KVSPLIT_CACHE/tools
+# (default ~/.cache/kvsplit-mlx), never project dependencies:
+#   llamacpp-venv  llama-cpp-python 0.3.36 (built from its sdist: about 10 minutes on 2 cores)
+#   mlxlm-venv     mlx 0.32.2 + mlx-cpu 0.32.2 (the MLX we link) + mlx-lm 0.32.2, with the wheel's
+#                  reference BLAS swapped for OpenBLAS exactly as setup.sh does for ours, so both
+#                  MLX users run on the same BLAS.
+# mlx-lm cannot read GGUF: it runs on our `convert --dequantize --dtype f32` of the same file.
+# The binary comes from $CARGO_TARGET_DIR (default target/).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+PY="${PYTHON:-python3}"
+TEXT="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
+MLX_VERSION=0.32.2
+MLXLM_VERSION=0.32.2
+LLAMACPP_VERSION=0.3.36
+say() { printf '[side-by-side] %s\n' "$*" >&2; }
+
+PROMPT=4000 GEN=64 REPEATS=1 OUT="$ROOT/docs" SKIP_LLAMA=0 SKIP_MLXLM=0
+COMMAND_LINE="scripts/cpu-side-by-side.sh $*"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prompt-tokens) PROMPT="${2:?--prompt-tokens needs a value}"; shift 2 ;;
+    --gen) GEN="${2:?--gen needs a value}"; shift 2 ;;
+    --repeats) REPEATS="${2:?--repeats needs a value}"; shift 2 ;;
+    --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
+    --skip-llamacpp) SKIP_LLAMA=1; shift ;;
+    --skip-mlxlm) SKIP_MLXLM=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "cpu-side-by-side: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+for v in "--prompt-tokens:$PROMPT" "--gen:$GEN" "--repeats:$REPEATS"; do
+  [[ "${v#*:}" =~ ^[1-9][0-9]*$ ]] || { echo "cpu-side-by-side: ${v%%:*} must be a positive whole number, got '${v#*:}'" >&2; exit 2; }
+done
+[ -f "$TEXT" ] || { echo "cpu-side-by-side: WikiText-2 not found at $TEXT" >&2; exit 2; }
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+
+# --- our engine --------------------------------------------------------------------------
+"$ROOT/scripts/setup.sh"
+say "building kvsplit-mlx (release) in $TARGET"
+(cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --release -q -p kvsplit-mlx)
+BIN="$TARGET/release/kvsplit-mlx"
+GGUF="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Which BLAS libmlx.so resolves to: setup.sh swaps OpenBLAS in under the wheel's file names,
+# so look for libopenblas among the resolved libraries.
+blas_of() { if ldd "$1" | grep -q libopenblas; then echo "OpenBLAS ($(ldd "$1" | grep -o '/[^ ]*libopenblas[^ ]*'))"; else echo "reference BLAS bundled with the mlx-cpu wheel"; fi; }
+OUR_BLAS="$(blas_of "$BIN")"
+
+# --- llama.cpp -----------------------------------------------------------------------------
+LLAMA_VENV="$CACHE/tools/llamacpp-venv"
+if [ "$SKIP_LLAMA" = 0 ] && ! "$LLAMA_VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMACPP_VERSION')" 2>/dev/null; then
+  say "creating $LLAMA_VENV with llama-cpp-python==$LLAMACPP_VERSION (builds llama.cpp from source: about 10 minutes)"
+  rm -rf "$LLAMA_VENV"
+  "$PY" -m venv "$LLAMA_VENV"
+  "$LLAMA_VENV/bin/pip" install -q --disable-pip-version-check "llama-cpp-python==$LLAMACPP_VERSION" numpy
+fi
+
+# --- mlx-lm on the same MLX, with OpenBLAS ------------------------------------------------
+MLXLM_VENV="$CACHE/tools/mlxlm-venv"
+MLX_DIR="$CACHE/models/SmolLM2-135M-Instruct-f32-mlx"
+if [ "$SKIP_MLXLM" = 0 ]; then
+  if ! "$MLXLM_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mlx-lm') != '$MLXLM_VERSION' or m.version('mlx-cpu') != '$MLX_VERSION')" 2>/dev/null; then
+    say "creating $MLXLM_VENV with mlx==$MLX_VERSION, mlx-cpu==$MLX_VERSION, mlx-lm==$MLXLM_VERSION"
+    rm -rf "$MLXLM_VENV"
+    "$PY" -m venv "$MLXLM_VENV"
+    "$MLXLM_VENV/bin/pip" install -q --disable-pip-version-check "mlx==$MLX_VERSION" "mlx-cpu==$MLX_VERSION" "mlx-lm==$MLXLM_VERSION"
+  fi
+  # The same swap as setup.sh: Debian's OpenBLAS under the wheel's BLAS/LAPACK file names
+  # (originals kept as *.orig), libopenblas.so.0 beside them for libblas.so.3's $ORIGIN RUNPATH.
+  LIBS="$(echo "$MLXLM_VENV"/lib/python3*/site-packages/mlx_cpu.libs)"
+  if [ ! -f "$LIBS/.openblas" ]; then
+    deb_dir="$CACHE/downloads/openblas"
+    if ! ls "$deb_dir"/libopenblas0-pthread_*.deb >/dev/null 2>&1; then
+      mkdir -p "$deb_dir"
+      (cd "$deb_dir" && apt-get download libopenblas0-pthread >/dev/null 2>&1) || true
+    fi
+    deb=$(ls "$deb_dir"/libopenblas0-pthread_*.deb 2>/dev/null | head -n1 || true)
+    if [ -n "$deb" ]; then
+      x="$(mktemp -d)" && dpkg-deb -x "$deb" "$x"
+      ob=$(dirname "$(find "$x" -path '*openblas-pthread/libblas.so.3' | head -n1)")
+      for kind in blas lapack; do
+        f=$(ls "$LIBS"/lib$kind-*.so.3.10.0 | head -n1)
+        [ -f "$f.orig" ] || cp "$f" "$f.orig"
+        cp "$ob/lib$kind.so.3" "$f"
+      done
+      cp -L "$ob/libopenblas.so.0" "$LIBS/libopenblas.so.0"
+      rm -rf "$x"
+      touch "$LIBS/.openblas"
+      say "mlx-lm's MLX now uses OpenBLAS ($(basename "$deb"))"
+    else
+      say "WARNING: could not fetch Debian's libopenblas0-pthread; mlx-lm keeps the reference BLAS (the report says so)"
+    fi
+  fi
+  # Converted on every run (about 2 s), so mlx-lm always reads what our current converter writes.
+  say "converting $GGUF to $MLX_DIR with our convert"
+  "$BIN" convert --from "$GGUF" --out "$MLX_DIR" --dequantize --dtype f32 --force >&2
+fi
+
+say "load average before: $(cat /proc/loadavg)"
+args=(report --text "$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")" --prompt-tokens "$PROMPT" --gen "$GEN"
+      --repeats "$REPEATS" --gguf "$GGUF" --mlx-dir "$MLX_DIR" --bin "$BIN" --our-blas "$OUR_BLAS"
+      --llamacpp-python "$LLAMA_VENV/bin/python" --mlxlm-python "$MLXLM_VENV/bin/python" --out "$OUT"
+      --command-line "$COMMAND_LINE")
+[ "$SKIP_LLAMA" = 1 ] && args+=(--skip-llamacpp)
+[ "$SKIP_MLXLM" = 1 ] && args+=(--skip-mlxlm)
+# mlx-lm's tokenizer stack (transformers) warns about missing torch etc.; keep its stderr
+# but not its telemetry or parallelism chatter.
+TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 "$PY" "$ROOT/scripts/side_by_side.py" "${args[@]}"
