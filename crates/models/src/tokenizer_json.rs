@@ -54,12 +54,33 @@ fn has_component(v: Option<&Value>, list_key: &str, kind: &str) -> bool {
     v.get(list_key).and_then(Value::as_array).is_some_and(|l| l.iter().any(|c| has_component(Some(c), list_key, kind)))
 }
 
+/// The parts of `tokenizer.json` read besides what the `tokenizers` crate builds. The
+/// vocabulary and merges (tens of MB for 256k vocabularies) are skipped, not built as JSON
+/// values a second time.
+#[derive(serde::Deserialize)]
+struct Layout {
+    #[serde(default)]
+    normalizer: Value,
+    #[serde(default)]
+    pre_tokenizer: Value,
+    #[serde(default)]
+    decoder: Value,
+    #[serde(default)]
+    model: ModelLayout,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ModelLayout {
+    #[serde(default)]
+    byte_fallback: Option<bool>,
+}
+
 /// Loads the tokenizer of an HF/MLX model directory. `config_eos` is `config.json`'s
 /// `eos_token_id`, one more source of end-of-generation ids.
 pub fn load(dir: &Path, config_eos: Option<&Value>) -> Result<Tokenizer, TokenizerError> {
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(|e| invalid(&path, e.to_string()))?;
-    let raw: Value = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("invalid JSON: {e}")))?;
+    let raw: Layout = serde_json::from_str(&text).map_err(|e| invalid(&path, format!("invalid JSON: {e}")))?;
     let hf: tokenizers::Tokenizer = text.parse().map_err(|e| invalid(&path, format!("{e}")))?;
     let tcfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
     let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
@@ -77,8 +98,8 @@ pub fn load(dir: &Path, config_eos: Option<&Value>) -> Result<Tokenizer, Tokeniz
             types[id as usize] = if added.special { TokenType::Control } else { TokenType::UserDefined };
         }
     }
-    let byte_level = has_component(raw.get("decoder"), "decoders", "ByteLevel");
-    if raw.pointer("/model/byte_fallback").and_then(Value::as_bool) == Some(true) {
+    let byte_level = has_component(Some(&raw.decoder), "decoders", "ByteLevel");
+    if raw.model.byte_fallback == Some(true) {
         for (i, t) in tokens.iter().enumerate() {
             if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') {
                 types[i] = TokenType::Byte;
@@ -103,8 +124,8 @@ pub fn load(dir: &Path, config_eos: Option<&Value>) -> Result<Tokenizer, Tokeniz
         }
     };
     let add_space_prefix = !byte_level
-        && (has_component(raw.get("normalizer"), "normalizers", "Prepend")
-            || has_component(raw.get("pre_tokenizer"), "pretokenizers", "Metaspace"));
+        && (has_component(Some(&raw.normalizer), "normalizers", "Prepend")
+            || has_component(Some(&raw.pre_tokenizer), "pretokenizers", "Metaspace"));
     let chat_template = match tcfg.get("chat_template") {
         Some(Value::String(s)) => Some(s.clone()),
         // A list of named templates: the default one.
