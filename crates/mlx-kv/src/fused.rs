@@ -26,8 +26,9 @@ use std::sync::OnceLock;
 
 /// Warps per block of pass 1; each walks every `WARPS`-th 32-token tile of the block's split.
 const WARPS: i32 = 4;
-/// Blocks of pass 1 to aim for: four per SM of a 132-SM H200 (ptxas gives the D=128 kernels
-/// about 100 registers per thread, so four or five 128-thread blocks fit an SM at once).
+/// Blocks of pass 1 to aim for on a 132-SM H200: every load of a tile is issued before its
+/// arithmetic, so ptxas gives the D=128 kernels 160-240 registers per thread and two
+/// 128-thread blocks fit an SM at once; 528 blocks are two full waves of equal work.
 /// Splits are never shorter than one tile per warp.
 const TARGET_BLOCKS: usize = 528;
 

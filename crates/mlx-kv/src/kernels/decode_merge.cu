@@ -1,19 +1,40 @@
 // Split-precision decode attention, pass 2: one block per (KV head, query row), one thread per
 // dim. Combines the splits' partial results with weights exp(m_s - max m) and writes the
 // normalised output in the query dtype (OT), so no further ops run per layer.
+// The per-split maxima and denominators are staged through shared memory by all threads at
+// once; a thread walking them one by one from global memory waits a full load latency per
+// split (ncu measured 21 us for 64 splits that way).
+constexpr int MAX_SPLITS = 1024;
+__shared__ float c_s[MAX_SPLITS];
+__shared__ float red[32];
 const int br = blockIdx.y;
 const int d = threadIdx.x;
 const int NS = meta[3];
 const size_t first = (size_t)(br / REP) * NS * REP + (br % REP);
-float M = -KV_INF;
-for (int s = 0; s < NS; ++s) M = fmaxf(M, part_m[first + (size_t)s * REP]);
-float L = 0.f, O = 0.f;
-for (int s = 0; s < NS; ++s) {
+float mx = -KV_INF;
+for (int s = d; s < NS; s += blockDim.x) {
   const float ms = part_m[first + (size_t)s * REP];
-  if (ms > -KV_INF) {
-    const float c = __expf(ms - M);
-    L += part_l[first + (size_t)s * REP] * c;
-    O += part_o[(first + (size_t)s * REP) * D + d] * c;
-  }
+  c_s[s] = ms;
+  mx = fmaxf(mx, ms);
 }
+mx = kv_warp_max(mx);
+if ((d & 31) == 0) red[d >> 5] = mx;
+__syncthreads();
+float M = -KV_INF;
+for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) M = fmaxf(M, red[w]);
+__syncthreads();
+float lsum = 0.f;
+for (int s = d; s < NS; s += blockDim.x) {
+  const float c = c_s[s] > -KV_INF ? __expf(c_s[s] - M) : 0.f;
+  c_s[s] = c;
+  lsum += part_l[first + (size_t)s * REP] * c;
+}
+lsum = kv_warp_sum(lsum);
+if ((d & 31) == 0) red[d >> 5] = lsum;
+__syncthreads();
+float L = 0.f;
+for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) L += red[w];
+float O = 0.f;
+#pragma unroll 8
+for (int s = 0; s < NS; ++s) O += part_o[(first + (size_t)s * REP) * D + d] * c_s[s];
 out[(size_t)br * D + d] = kv_from_float<OT>(O / L);

@@ -21,6 +21,7 @@ constexpr int LPT = D / VD;
 constexpr int TPW = 32 / LPT;
 constexpr int VB = VD * BV / 8;   // bytes of value codes per lane and token
 constexpr int VBW = VB >= 4 ? VB / 4 : 1;
+static_assert(32 % TPW == 0, "value steps must tile 32 tokens");
 
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -64,18 +65,52 @@ for (int r = 0; r < REP; ++r) {
   for (int i = 0; i < VD; ++i) acc[r][i] = 0.f;
 }
 
+constexpr int NV = 32 / TPW;   // value steps per tile
 for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   const int t = base + lane;
   const bool valid = t < t1;
-  float s[REP];
-#pragma unroll
-  for (int r = 0; r < REP; ++r) s[r] = -KV_INF;
+  const int nt = min(32, t1 - base);
+  // Issue every load of the tile before any arithmetic: keys (this lane's token) and values
+  // (this lane's dim slice of NV tokens), so one memory latency is paid per tile, not one per
+  // value step.
+  unsigned kwv[KW];
+  float ksc[KG], kbi[KG];
   if (valid) {
     const size_t row = (size_t)bh * CAP + t;
-    unsigned kwv[KW];
     kv_load_words<KW>(kw + row * KW, kwv);
 #pragma unroll
-    for (int r = 0; r < REP; ++r) s[r] = 0.f;
+    for (int g = 0; g < KG; ++g) {
+      ksc[g] = __half2float(ks[row * KG + g]);
+      kbi[g] = __half2float(kb[row * KG + g]);
+    }
+  }
+  unsigned vwv[NV][VBW];
+  float vsc[NV], vbi[NV];
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
+    vsc[n] = 0.f; vbi[n] = 0.f;
+#pragma unroll
+    for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
+    if (tt < nt) {
+      const size_t row = (size_t)bh * CAP + base + tt;
+      const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
+      if constexpr (VB == 8) {
+        const uint2 x = *reinterpret_cast<const uint2*>(vrow);
+        vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
+      } else if constexpr (VB == 4) {
+        vwv[n][0] = *reinterpret_cast<const unsigned*>(vrow);
+      } else {
+        vwv[n][0] = *reinterpret_cast<const unsigned short*>(vrow);
+      }
+      vsc[n] = __half2float(vs[row * VG + vgrp]);
+      vbi[n] = __half2float(vb[row * VG + vgrp]);
+    }
+  }
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) s[r] = valid ? 0.f : -KV_INF;
+  if (valid) {
 #pragma unroll
     for (int g = 0; g < KG; ++g) {
       float dot[REP];
@@ -91,10 +126,8 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
           for (int r = 0; r < REP; ++r) dot[r] = fmaf(q_s[r * D + j], c, dot[r]);
         }
       }
-      const float sc = __half2float(ks[row * KG + g]);
-      const float bi = __half2float(kb[row * KG + g]);
 #pragma unroll
-      for (int r = 0; r < REP; ++r) s[r] += sc * dot[r] + bi * qg_s[r * KG + g];
+      for (int r = 0; r < REP; ++r) s[r] += ksc[g] * dot[r] + kbi[g] * qg_s[r * KG + g];
     }
   }
   __syncwarp();
@@ -111,29 +144,18 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     m[r] = m_new;
   }
   __syncwarp();
-  const int nt = min(32, t1 - base);
-  for (int tt = sub; tt < nt; tt += TPW) {
-    const size_t row = (size_t)bh * CAP + base + tt;
-    const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
-    unsigned vwv[VBW];
-    if constexpr (VB == 8) {
-      const uint2 x = *reinterpret_cast<const uint2*>(vrow);
-      vwv[0] = x.x; vwv[VBW - 1] = x.y;
-    } else if constexpr (VB == 4) {
-      vwv[0] = *reinterpret_cast<const unsigned*>(vrow);
-    } else {
-      vwv[0] = *reinterpret_cast<const unsigned short*>(vrow);
-    }
-    const float sc = __half2float(vs[row * VG + vgrp]);
-    const float bi = __half2float(vb[row * VG + vgrp]);
+  // Tokens past the split's end were not loaded (their codes and scale are 0) and their p is 0.
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
       const float p = p_s[warp][r][tt];
-      const float ps = p * sc;
-      accb[r] = fmaf(p, bi, accb[r]);
+      const float ps = p * vsc[n];
+      accb[r] = fmaf(p, vbi[n], accb[r]);
 #pragma unroll
       for (int i = 0; i < VD; ++i) {
-        acc[r][i] = fmaf(ps, kv_code<BV>(vwv[(i * BV) >> 5], ((i * BV) & 31) / BV), acc[r][i]);
+        acc[r][i] = fmaf(ps, kv_code<BV>(vwv[n][(i * BV) >> 5], ((i * BV) & 31) / BV), acc[r][i]);
       }
     }
   }
