@@ -58,7 +58,7 @@ source /tmp/kvrt/env.sh 2>/dev/null || true
 export KVRT=/tmp/kvrt KVSPLIT_CACHE=/tmp/kvsplit
 mkdir -p /tmp/kvm \$KVSPLIT_CACHE/models \$KVSPLIT_CACHE/data/wikitext-2-raw
 for d in .device/m2 .device/m3; do [ -d \$d ] && cp \$d/* /tmp/kvm/ 2>/dev/null; done
-cp -n /tmp/kvrt/data/wiki.test.raw \$KVSPLIT_CACHE/data/wikitext-2-raw/
+[ -f \$KVSPLIT_CACHE/data/wikitext-2-raw/wiki.test.raw ] || cp /tmp/kvrt/data/wiki.test.raw \$KVSPLIT_CACHE/data/wikitext-2-raw/
 m=\$KVSPLIT_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f \$m ] && [ -f /tmp/kvm/part.1 ] && [ -f /tmp/kvm/part.2 ] && [ -f /tmp/kvm/part.3 ]; then
   cat /tmp/kvm/part.1 /tmp/kvm/part.2 /tmp/kvm/part.3 > \$m.tmp
@@ -97,5 +97,8 @@ Make these calls back to back (the machine forgets /tmp about 30 s after a call)
 Later calls on the warm machine: command="source /tmp/kvrt/gpu-env.sh && ...", no carry. Examples:
   $KVRT/kvsplit-mlx ppl wikitext --kv fp16,k8v8,k8v4,k4v4 --ctx 512 --max-windows 8 --out $OUT
   $KVRT/kvsplit-mlx bench --random-model llama3.1-8b --random-weights q4 --fill random --kv fp16,k8v4 -d 4096,16384,32768 -p 128 -n 64 -r 2 --out $OUT
-  python3 scripts/mlxlm-decode-bench.py
+  python3 scripts/mlxlm-decode-bench.py --quick
+First use of every kernel shape compiles it (NVRTC, seconds each; MLX's own quantized_matmul
+variants take longest), so budget minutes for the first run of each command on a fresh machine
+and wrap each in `timeout` with `| tee $OUT/...` so partial output comes back.
 CALLS

@@ -74,7 +74,9 @@ def attend(c, q, bits):
 def correctness():
     print("correctness of mlx-lm quantized attention on this backend (max |out - f32 ref over dequantized cache|):")
     for bits in (8, 4):
-        for t in (1000,) if QUICK else (1000, 5000):
+        # Multiples of mlx-lm's 256-token allocation step: at other lengths the cache is a
+        # slice of its buffer, for which MLX 0.32.2's CUDA quantized_matmul has no kernel.
+        for t in (1024,) if QUICK else (1024, 4096):
             c = make_cache(bits)
             fill_cache(c, t)
             q = mx.random.normal((1, HKV * REP, 1, D)).astype(mx.float16)
@@ -163,4 +165,8 @@ def model_speed():
 
 correctness()
 attention_speed()
-model_speed()
+try:
+    model_speed()
+except RuntimeError as e:
+    # Decode appends one token at a time, so the cache is a slice of its buffer at once.
+    print(f"whole-model decode with mlx-lm's quantized cache failed on this backend: {e}")
