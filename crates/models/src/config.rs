@@ -126,9 +126,13 @@ impl ArchConfig {
         };
         obj.insert("model_type".into(), model_type.into());
         obj.insert("architectures".into(), serde_json::json!([arch]));
-        if let ArchConfig::Gemma3(_) = self {
+        if let ArchConfig::Gemma3(c) = self {
             // Gemma 3 always ties its output head to the embedding.
             obj.insert("tie_word_embeddings".into(), true.into());
+            // transformers validates this field as an integer (a float fails mlx-lm's load).
+            if c.query_pre_attn_scalar.fract() == 0.0 {
+                obj.insert("query_pre_attn_scalar".into(), (c.query_pre_attn_scalar as i64).into());
+            }
         }
         serde_json::Value::Object(obj)
     }

@@ -269,7 +269,15 @@ pub fn files_from_gguf(g: &GgufFile) -> Result<Vec<(String, String)>, TokenizerE
         "decoder": decoder,
         "model": model_json,
     });
-    let decoder: serde_json::Map<String, Value> = added_ids.iter().map(|&i| (i.to_string(), added_token(i))).collect();
+    // tokenizer_config.json keys these by id and has no "id" field (transformers warns on one).
+    let decoder: serde_json::Map<String, Value> = added_ids
+        .iter()
+        .map(|&i| {
+            let mut t = added_token(i);
+            t.as_object_mut().map(|o| o.remove("id"));
+            (i.to_string(), t)
+        })
+        .collect();
     let mut tcfg = json!({
         "add_bos_token": add_bos, "add_eos_token": add_eos, "added_tokens_decoder": decoder,
         "bos_token": name(bos), "eos_token": name(eos), "unk_token": name(unk), "pad_token": name(pad),

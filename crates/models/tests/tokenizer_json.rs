@@ -72,6 +72,10 @@ fn check(model_file: &str, min_tokens: usize, extra: &[&str]) {
     assert_eq!(dir_tok.add_bos(), gguf_tok.add_bos());
     assert!(gguf_tok.eos_ids().iter().all(|id| dir_tok.is_eos(*id)), "{model_file}: EOS ids {:?}", gguf_tok.eos_ids());
     assert_eq!(dir_tok.chat_template(), gguf_tok.chat_template());
+    // transformers builds AddedToken(**entry) and warns on an "id" key.
+    let tcfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let decoder = tcfg["added_tokens_decoder"].as_object().unwrap();
+    assert!(!decoder.is_empty() && decoder.values().all(|t| t.get("id").is_none() && t["content"].is_string()));
     std::fs::remove_dir_all(&dir).ok();
 }
 
