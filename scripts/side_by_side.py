@@ -120,9 +120,9 @@ def run_llamacpp(a):
 def loaded_blas():
     """Which BLAS MLX mapped: the swapped OpenBLAS or the wheel's reference BLAS. Only the
     wheel's mlx_cpu.libs counts: numpy maps an OpenBLAS of its own that MLX does not call."""
-    import mlx
+    import mlx.core as mx
 
-    libs_dir = os.path.join(os.path.dirname(os.path.dirname(mlx.__file__)), "mlx_cpu.libs")
+    libs_dir = os.path.join(os.path.dirname(os.path.dirname(mx.__file__)), "mlx_cpu.libs")
     libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if libs_dir in line and "blas" in line})
     kind = "OpenBLAS" if any("openblas" in p for p in libs) else "reference BLAS (bundled with the mlx-cpu wheel)"
     return f"{kind} ({', '.join(os.path.basename(p) for p in libs)})"
@@ -212,7 +212,7 @@ def report(a):
     for r in ours:
         rows.append({"engine": "kvsplit-mlx", "cache": r["kv"], "prompt_tokens": r["n_prompt"], "gen_tokens": r["n_gen"],
                      "repeats": r["repeats"], "prefill_tps": r["prefill_tps_median"], "decode_tps": r["decode_tps_median"],
-                     "settings": "bench, prefill_step=512 (default); fp16 = f32 storage on CPU"})
+                     "settings": "bench, prefill_step=512 (default)" + ("; stored as f32 on CPU" if r["kv"] == "fp16" else "")})
     info["kvsplit"] = {"mlx": ours[0]["mlx_version"], "commit": ours[0]["commit"], "blas": a.our_blas}
 
     for mode, python, extra, skip in (("llamacpp", a.llamacpp_python, ["--gguf", a.gguf], a.skip_llamacpp),
@@ -284,7 +284,9 @@ def report(a):
     if loaded:
         md_lines += [f"**The machine was loaded by other jobs during this run** (load average {la_b:.2f} before, "
                      f"{la_a:.2f} after, on {cores} cores): every number below is pessimistic and noisy, "
-                     "and the engines did not necessarily see the same load.", ""]
+                     "and the engines did not necessarily see the same load. llama.cpp runs one thread per "
+                     "core and its threads wait for each other by spinning, so it likely loses the most to "
+                     "other jobs.", ""]
     md_lines += lines + ["", "Targets of issue #8:", ""] + targets + [
         "",
         "## How each number is measured",
