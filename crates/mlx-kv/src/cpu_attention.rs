@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{broadcast_to, matmul, maximum, stack};
+use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
 
@@ -29,7 +30,7 @@ const BLOCK_ELEMENTS: usize = 1 << 19;
 /// evaluated so that only one block's temporaries are alive (prefill chunks).
 const EVAL_PER_BLOCK_ELEMENTS: usize = 1 << 18;
 
-type Compiled = Box<dyn FnMut(&Array) -> std::result::Result<Array, mlx_rs::error::Exception>>;
+type Compiled = Box<dyn FnMut(&Array) -> std::result::Result<Array, Exception>>;
 
 thread_local! {
     static FAST_EXP: RefCell<Option<Compiled>> = const { RefCell::new(None) };
@@ -39,7 +40,7 @@ thread_local! {
 /// of `x/64 ∈ [-0.625, 0]`. Relative error about 1e-5 (the six squarings amplify the
 /// polynomial's rounding 64x); inputs below -40 give `exp(-40) ≈ 4e-18`, which no softmax over
 /// fewer than 1e12 tokens can notice. Only multiplies and adds, so the compiled loop vectorizes.
-fn exp_nonpositive_graph(x: &Array) -> std::result::Result<Array, mlx_rs::error::Exception> {
+fn exp_nonpositive_graph(x: &Array) -> std::result::Result<Array, Exception> {
     let c = Array::from_f32;
     let u = maximum(x, c(-40.0))? * c(1.0 / 64.0) + c(0.3125);
     let mut p = &u * c(1.0 / 5040.0) + c(1.0 / 720.0);
@@ -61,20 +62,12 @@ pub(crate) fn exp_nonpositive(x: &Array) -> Result<Array> {
     })
 }
 
-fn shift_and(bytes: &Array, shift: u8, mask: u8) -> Result<Array> {
-    let shifted = if shift == 0 { bytes.clone() } else { int_op(mlx_sys::mlx_right_shift, bytes, shift)? };
-    if mask == 0xff {
-        return Ok(shifted);
-    }
-    int_op(mlx_sys::mlx_bitwise_and, &shifted, mask)
-}
-
 /// mlx-rs 0.33 has no bitwise ops; mlx-c does.
 fn int_op(
     f: unsafe extern "C" fn(*mut mlx_sys::mlx_array, mlx_sys::mlx_array, mlx_sys::mlx_array, mlx_sys::mlx_stream) -> i32,
     a: &Array,
     k: u8,
-) -> Result<Array> {
+) -> std::result::Result<Array, Exception> {
     let k = Array::from_slice(&[k], &[1]);
     unsafe {
         let mut r = mlx_sys::mlx_array_new();
@@ -83,10 +76,42 @@ fn int_op(
         mlx_sys::mlx_stream_free(s);
         if rc != 0 {
             mlx_sys::mlx_array_free(r);
-            return Err(crate::KvError::Shape("bitwise op on packed codes failed".into()));
+            return Err(Exception::custom("bitwise op on packed KV codes failed"));
         }
         Ok(Array::from_ptr(r))
     }
+}
+
+/// The `8/bits` fields of packed bytes as f32, field `i` from bits `[i*bits, (i+1)*bits)`.
+fn unpack_graph(bits: u8, bytes: &Array) -> std::result::Result<Vec<Array>, Exception> {
+    let mask = ((1u16 << bits) - 1) as u8;
+    (0..8 / bits)
+        .map(|i| {
+            let shifted = if i == 0 { bytes.clone() } else { int_op(mlx_sys::mlx_right_shift, bytes, i * bits)? };
+            let field = if mask == 0xff { shifted } else { int_op(mlx_sys::mlx_bitwise_and, &shifted, mask)? };
+            field.as_dtype(Dtype::Float32)
+        })
+        .collect()
+}
+
+type CompiledMany = Box<dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>>;
+
+thread_local! {
+    /// Compiled unpackers for 2-, 4- and 8-bit codes.
+    static UNPACK: RefCell<[Option<CompiledMany>; 3]> = const { RefCell::new([None, None, None]) };
+}
+
+/// Shifts, masks and casts fused into one pass over the bytes (one loop writing every field)
+/// instead of three or four passes with u8 temporaries.
+fn unpack(bits: u8, bytes: &Array) -> Result<Vec<Array>> {
+    UNPACK.with(|u| {
+        let mut u = u.borrow_mut();
+        let slot = &mut u[bits.trailing_zeros() as usize - 1];
+        let compiled = slot.get_or_insert_with(|| {
+            Box::new(mlx_rs::transforms::compile::compile(move |x: &[Array]| unpack_graph(bits, &x[0]), Some(true)))
+        });
+        Ok(compiled(std::slice::from_ref(bytes))?)
+    })
 }
 
 /// One block of a packed row-layout operand, ready for BLAS: the codes of each bit field as f32
@@ -111,11 +136,7 @@ fn widen(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Option<Codes>> {
         Ok(x.reshape(&[bh, s[2], s[3]])?)
     };
     let bytes = fold(base.w.view_dtype(Dtype::Uint8)?.index((.., .., ai..zi, ..)))?;
-    let f = 8 / *bits;
-    let mask = ((1u16 << *bits) - 1) as u8;
-    let fields = (0..f)
-        .map(|i| Ok(shift_and(&bytes, i * *bits, mask)?.as_dtype(Dtype::Float32)?))
-        .collect::<Result<Vec<_>>>()?;
+    let fields = unpack(*bits, &bytes)?;
     let scales = fold(base.scales.index((.., .., ai..zi, ..)))?.as_dtype(Dtype::Float32)?;
     let biases = fold(base.biases.index((.., .., ai..zi, ..)))?.as_dtype(Dtype::Float32)?;
     let ng = scales.shape()[2];
