@@ -27,7 +27,7 @@ LLAMACPP_VERSION=0.3.36
 say() { printf '[side-by-side] %s\n' "$*" >&2; }
 
 PROMPT=4000 GEN=64 REPEATS=1 OUT="$ROOT/docs" SKIP_LLAMA=0 SKIP_MLXLM=0
-COMMAND_LINE="scripts/cpu-side-by-side.sh $*"
+COMMAND_LINE="scripts/cpu-side-by-side.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --prompt-tokens) PROMPT="${2:?--prompt-tokens needs a value}"; shift 2 ;;
@@ -53,8 +53,15 @@ say "building kvsplit-mlx (release) in $TARGET"
 BIN="$TARGET/release/kvsplit-mlx"
 GGUF="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Which BLAS libmlx.so resolves to: setup.sh swaps OpenBLAS in under the wheel's file names,
-# so look for libopenblas among the resolved libraries.
-blas_of() { if ldd "$1" | grep -q libopenblas; then echo "OpenBLAS ($(ldd "$1" | grep -o '/[^ ]*libopenblas[^ ]*'))"; else echo "reference BLAS bundled with the mlx-cpu wheel"; fi; }
+# so look for libopenblas among the resolved libraries. ldd's output is kept in a variable:
+# `ldd | grep -q` fails under pipefail when grep exits first and ldd gets SIGPIPE.
+blas_of() {
+  local libs; libs="$(ldd "$1")"
+  case "$libs" in
+    *libopenblas*) echo "OpenBLAS ($(grep -o '/[^ ]*libopenblas[^ ]*' <<<"$libs" | head -n1))" ;;
+    *) echo "reference BLAS bundled with the mlx-cpu wheel" ;;
+  esac
+}
 OUR_BLAS="$(blas_of "$BIN")"
 
 # --- llama.cpp -----------------------------------------------------------------------------
