@@ -248,7 +248,9 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
         Mask::Causal => total + 1 - l as usize,
         _ => 0,
     };
-    let block = (BLOCK_ELEMENTS / (bh * r) as usize).clamp(64, 16384);
+    // A multiple of 128 keeps every block boundary on a group boundary (groups are 32, 64 or
+    // 128 tokens) for per-channel keys, whose packed columns can only be cut between groups.
+    let block = (BLOCK_ELEMENTS / (bh * r) as usize / 128 * 128).clamp(128, 16384);
     let eval_each = (bh * r) as usize * block.min(total) > EVAL_PER_BLOCK_ELEMENTS;
 
     let mut state: Option<(Array, Array, Array)> = match sinks {

@@ -267,3 +267,16 @@ fn long_prefill_chunks_take_the_blockwise_path_within_bound() {
         run_and_check(&KvSpec::bits(kb, vb), CacheOptions::default(), &[2488, 512], &causal, 40);
     }
 }
+
+#[test]
+fn per_channel_keys_with_many_blocks() {
+    // Per-channel keys are packed along tokens, so blocks must end on group boundaries; a chunk
+    // of 128 queries over ~600 tokens makes blocks whose natural size (455 tokens) does not.
+    let mut s = KvSpec::bits(4, 4);
+    s.key_layout = KeyLayout::PerChannel;
+    // 9 query heads over 3 KV heads, as SmolLM2: 3 x 384 score rows per block.
+    check_heads(&s, CacheOptions::default(), &[200, 200, 128, 128], &causal, 20, (9, 3, D));
+    let mut r = s.clone();
+    r.residual = 64;
+    check_heads(&r, CacheOptions::default(), &[200, 200, 128, 128], &causal, 21, (9, 3, D));
+}
