@@ -175,6 +175,11 @@ pub fn generate(model: &dyn LanguageModel, prompt: &[u32], opts: &GenerateOption
         last_time = Instant::now();
         history.push(tok);
         if opts.eos.contains(&tok) || !on_token(tok) || !more {
+            // A step already handed to `async_eval` must finish before its arrays are dropped:
+            // leaving it running made the process hang at exit after an early stop (EOS).
+            if let Some(n) = &next {
+                eval([n])?;
+            }
             break;
         }
         y = match next {
