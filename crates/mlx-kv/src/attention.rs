@@ -124,6 +124,25 @@ fn weighted(p3: &Array, v: &Tensor, b: i32, hkv: i32) -> Result<Array> {
     })
 }
 
+impl Mask {
+    /// Boolean `[L, T]` visibility for `l` queries over `t` keys, or `None` when all are visible.
+    pub(crate) fn visible(&self, l: usize, t: usize) -> Result<Option<Array>> {
+        Ok(match self {
+            Mask::None => None,
+            Mask::Causal => Some(causal_visible(l, t)?),
+            Mask::Visible(m) => Some(m.clone()),
+        })
+    }
+}
+
+/// KV heads of a cache made of `segments`.
+pub(crate) fn kv_heads(segments: &[Segment]) -> i32 {
+    match &segments[0].k {
+        Tensor::Float(k) => k.shape()[1],
+        Tensor::Quant { p, .. } => p.w.shape()[1],
+    }
+}
+
 /// Boolean `[L, T]` for `Mask::Causal`.
 pub fn causal_visible(l: usize, t: usize) -> Result<Array> {
     let kpos = Array::arange::<_, i32>(None, t as i32, None)?;
@@ -153,21 +172,14 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     }
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
-    let hkv = match &segments[0].k {
-        Tensor::Float(k) => k.shape()[1],
-        Tensor::Quant { p, .. } => p.w.shape()[1],
-    };
+    let hkv = kv_heads(segments);
     let rep = hq / hkv;
     let total: usize = segments.iter().map(|s| s.len).sum();
     let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[b * hkv, rep * l, d])?;
     if let Some(out3) = try_fused(&q3, segments, mask, sinks)? {
         return Ok(out3.as_dtype(q.dtype())?.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?);
     }
-    let visible = match mask {
-        Mask::None => None,
-        Mask::Causal => Some(causal_visible(l as usize, total)?),
-        Mask::Visible(m) => Some(m.clone()),
-    };
+    let visible = mask.visible(l as usize, total)?;
     let sink_col = match sinks {
         Some(s) => {
             let s = s.as_dtype(q.dtype())?.reshape(&[1, hkv, rep, 1, 1])?;

@@ -12,7 +12,7 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use crate::attention::{apply_mask, causal_visible, Mask, Segment, Tensor};
+use crate::attention::{apply_mask, kv_heads, Mask, Segment, Tensor};
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
@@ -230,19 +230,12 @@ fn float_block(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Array> {
 pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
-    let hkv = match &segments[0].k {
-        Tensor::Float(k) => k.shape()[1],
-        Tensor::Quant { p, .. } => p.w.shape()[1],
-    };
+    let hkv = kv_heads(segments);
     let (rep, bh) = (hq / hkv, b * hkv);
     let r = rep * l;
     let q3 = (q.as_dtype(Dtype::Float32)? * Array::from_f32(scale)).reshape(&[bh, r, d])?;
     let total: usize = segments.iter().map(|s| s.len).sum();
-    let visible = match mask {
-        Mask::None => None,
-        Mask::Causal => Some(causal_visible(l as usize, total)?),
-        Mask::Visible(m) => Some(m.clone()),
-    };
+    let visible = mask.visible(l as usize, total)?;
     // Keys a causal chunk's first query already sees need no mask.
     let unmasked_below = match mask {
         Mask::Causal => total + 1 - l as usize,
