@@ -44,6 +44,8 @@ fn main() {
     let prefix = mlx_prefix(&cache, &target_os);
 
     let build = build_mlx_c(&cache, &mlx_c, prefix.as_deref(), &compat, &target_os);
+    // Before `link`: static libraries must precede the libmlx they call into.
+    build_ext(&build, &mlx_c, prefix.as_deref(), &compat, &target_os);
     link(&build, prefix.as_deref(), &target_os);
     generate_bindings(&cache, &mlx_c, prefix.as_deref(), &compat, &target_os);
 }
@@ -217,6 +219,38 @@ fn build_mlx_c(cache: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path,
     done
 }
 
+/// Our own MLX primitives (`ext/`): C++ against MLX's headers, linked with the stock libmlx.
+/// The kernels are compiled twice on x86-64, once for AVX2+FMA (chosen at run time when the
+/// CPU has them) and once for the baseline, so the binary runs on any x86-64.
+fn build_ext(build: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path, target_os: &str) {
+    let ext = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("ext");
+    for f in ["kvsplit_ext.h", "ext.cpp", "kernels.cpp", "kernels.h", "simd8.h"] {
+        println!("cargo:rerun-if-changed={}", ext.join(f).display());
+    }
+    let mlx_include = match prefix {
+        Some(p) => p.join("include"),
+        None => build.join("_deps/mlx-src"),
+    };
+    let x86 = env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true).std("c++20").opt_level(3).warnings(false).include(&ext).include(mlx_c).include(&mlx_include);
+        if target_os != "macos" {
+            b.flag("-include").flag(compat.to_str().expect("utf-8 path"));
+        }
+        b
+    };
+    let mut main = base();
+    main.file(ext.join("ext.cpp")).file(ext.join("kernels.cpp")).define("KV_NS", "generic");
+    if x86 {
+        main.define("KVSPLIT_HAVE_AVX2", None);
+    }
+    main.compile("kvsplit_ext");
+    if x86 {
+        base().file(ext.join("kernels.cpp")).define("KV_NS", "avx2").flag("-mavx2").flag("-mfma").compile("kvsplit_ext_avx2");
+    }
+}
+
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
@@ -314,6 +348,7 @@ fn generate_bindings(cache: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: 
     if target_os != "macos" {
         builder = builder.clang_arg("-include").clang_arg(compat.display().to_string());
     }
+    headers.push(PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("ext/kvsplit_ext.h"));
     for header in &headers {
         println!("cargo:rerun-if-changed={}", header.display());
         builder = builder.header(header.to_string_lossy());

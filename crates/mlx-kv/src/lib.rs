@@ -5,6 +5,7 @@ pub mod attention;
 pub mod backend;
 pub mod cache;
 pub mod cpu_attention;
+pub mod cpu_kernels;
 pub mod error;
 pub mod fused;
 pub mod rotation;

@@ -1,0 +1,140 @@
+//! Our CPU primitives against float64 references over the same dequantized values: the only
+//! differences left are float32 summation order and the polynomial exp, so the bounds are a few
+//! float32 ulps of the magnitudes involved, not quantization steps.
+
+mod common;
+
+use common::*;
+use mlx_kv::cpu_kernels::{decode_attention, quantized_matvec, PackedSide};
+use mlx_kv::store::Packed;
+use mlx_rs::ops::{concatenate, dequantize, quantize};
+use mlx_rs::{Array, Dtype};
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000;
+    eprintln!("seed {s}");
+    s
+}
+
+/// Dequantizing with f16 scales would round the values to f16; the kernels compute in f32.
+fn f32(a: &Array) -> Array {
+    a.as_dtype(Dtype::Float32).unwrap()
+}
+
+fn host_matrix(rows: usize, cols: usize, seed: u64) -> (Vec<f32>, Array) {
+    let h = Host::random([1, 1, rows, cols], seed);
+    let a = Array::from_slice(&h.data, &[rows as i32, cols as i32]);
+    (h.data, a)
+}
+
+#[test]
+fn matvec_matches_the_dequantized_product() {
+    let base = seed();
+    for (i, &(bits, group, rows, n, k, f16)) in [
+        (4u8, 32usize, 1usize, 96usize, 576usize, false),
+        (4, 64, 3, 40, 256, true),
+        (8, 32, 1, 33, 128, true),
+        (8, 128, 5, 17, 384, false),
+        (2, 32, 2, 50, 192, false),
+        (2, 64, 1, 9, 64, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (_, wf) = host_matrix(n, k, base + 10 * i as u64);
+        let (xh, x) = host_matrix(rows, k, base + 10 * i as u64 + 1);
+        let (w, mut s, mut b) = quantize(&wf, group as i32, bits as i32).unwrap();
+        if f16 {
+            s = s.as_dtype(Dtype::Float16).unwrap();
+            b = b.as_dtype(Dtype::Float16).unwrap();
+        }
+        let deq = to_vec(&dequantize(&w, &f32(&s), &f32(&b), group as i32, bits as i32).unwrap());
+        let y = to_vec(&quantized_matvec(&x, &w, &s, &b, group as i32, bits as i32).unwrap());
+        assert_eq!(y.len(), rows * n);
+        for m in 0..rows {
+            for r in 0..n {
+                let (mut want, mut mag) = (0.0f64, 0.0f64);
+                for e in 0..k {
+                    let p = xh[m * k + e] as f64 * deq[r * k + e] as f64;
+                    want += p;
+                    mag += p.abs();
+                }
+                let got = y[m * n + r] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-6,
+                    "bits {bits} group {group} row {m} col {r}: {got} vs {want} (sum |x w| {mag})"
+                );
+            }
+        }
+    }
+}
+
+/// A whole cache buffer of `cap` tokens whose tokens from `len` on are huge: a kernel that read
+/// past `len` would be dominated by them.
+fn poisoned_cache(h: &Host, cap: usize, group: usize, bits: u8, f16: bool) -> (Packed, Host) {
+    let [b, hk, len, d] = h.shape;
+    let tail = Array::from_slice(&vec![1.0e4f32; b * hk * (cap - len) * d], &[b as i32, hk as i32, (cap - len) as i32, d as i32]);
+    let full = concatenate(&[h.array(), tail], 2).unwrap();
+    let (w, mut s, mut bi) = quantize(&full, group as i32, bits as i32).unwrap();
+    if f16 {
+        s = s.as_dtype(Dtype::Float16).unwrap();
+        bi = bi.as_dtype(Dtype::Float16).unwrap();
+    }
+    let deq = dequantize(&w, &f32(&s), &f32(&bi), group as i32, bits as i32).unwrap();
+    let deq = Host { data: to_vec(&deq), shape: [b, hk, cap, d] }.tokens(0, len);
+    (Packed { w, scales: s, biases: bi }, deq)
+}
+
+#[test]
+fn decode_attention_matches_float64_over_the_dequantized_cache() {
+    let base = seed();
+    // (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales)
+    let cases = [
+        (9, 3, 1, 64, 4096, 4200, (8u8, 64usize), (4u8, 64usize), true),
+        (4, 2, 1, 128, 777, 800, (8, 64), (4, 32), false),
+        (8, 8, 1, 64, 33, 40, (4, 32), (2, 64), true),
+        (6, 1, 2, 128, 300, 300, (2, 64), (8, 128), false),
+        (3, 3, 1, 128, 1, 16, (8, 128), (8, 64), true),
+    ];
+    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, l, d], s);
+        let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
+        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let got = decode_attention(
+            &qs,
+            PackedSide { full: &kp, bits: kb, group: kg },
+            PackedSide { full: &vp, bits: vb, group: vg },
+            len,
+        )
+        .unwrap();
+        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
+        let got = to_vec(&got);
+        let want = reference_attention(&q, &kd, &vd, scale, &|_, _| true);
+        let err = max_abs_diff(&got, &want);
+        let bound = 2e-5 * vd.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, len {len}): max error {err} > {bound}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_not_crashes() {
+    let (_, wf) = host_matrix(8, 64, 1);
+    let (w, s, b) = quantize(&wf, 32, 4).unwrap();
+    let x = Array::ones::<f32>(&[1, 64]).unwrap();
+    let err = quantized_matvec(&x, &w, &s, &b, 32, 3).unwrap_err().to_string();
+    assert!(err.contains("bits must be 2, 4 or 8"), "{err}");
+    let err = quantized_matvec(&Array::ones::<f32>(&[1, 32]).unwrap(), &w, &s, &b, 32, 4).unwrap_err().to_string();
+    assert!(err.contains("K = 32"), "{err}");
+
+    let h = Host::random([1, 2, 10, 64], 3);
+    let (p, _) = poisoned_cache(&h, 10, 64, 8, true);
+    let q = Array::ones::<f32>(&[1, 4, 1, 64]).unwrap();
+    let side = || PackedSide { full: &p, bits: 8, group: 64 };
+    let err = decode_attention(&q, side(), side(), 11).unwrap_err().to_string();
+    assert!(err.contains("len 11 outside 1..10"), "{err}");
+    let err = decode_attention(&Array::ones::<f32>(&[1, 3, 1, 64]).unwrap(), side(), side(), 5).unwrap_err().to_string();
+    assert!(err.contains("multiple of KV heads"), "{err}");
+}

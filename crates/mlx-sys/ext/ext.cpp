@@ -1,0 +1,452 @@
+// MLX primitives for the CPU backend: a quantized matrix-vector product and decode attention
+// over a packed split-precision KV cache. MLX 0.32.2's own CPU `quantized_matmul` is scalar
+// code and its ops cannot read packed codes without widening whole blocks to f32 first; a
+// `Primitive` subclass is MLX's extension point for kernels of one's own (the mechanism of its
+// "Custom Extensions" guide), and it links against the stock libmlx.
+#include "kvsplit_ext.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/c/private/array.h"
+#include "mlx/c/private/stream.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace kvsplit {
+
+using mlx::core::array;
+using mlx::core::Primitive;
+using mlx::core::Stream;
+using mlx::core::UnaryPrimitive;
+
+// ---- element order of packed units (kernels.cpp explains it) ----
+
+void permute(const float* x, int n, int bits, float* out) {
+  const int per = 8 / bits, unit = 8 * per;
+  for (int e = 0; e < n; ++e) {
+    const int u = e / unit, w = e % unit;
+    out[u * unit + (w % per) * 8 + w / per] = x[e];
+  }
+}
+
+void unpermute(const float* x, int n, int bits, float* out) {
+  const int per = 8 / bits, unit = 8 * per;
+  for (int e = 0; e < n; ++e) {
+    const int u = e / unit, w = e % unit;
+    out[e] = x[u * unit + (w % per) * 8 + w / per];
+  }
+}
+
+namespace {
+
+bool use_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // KVSPLIT_CPU_GENERIC=1 forces the baseline build of the kernels (tests run both).
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("KVSPLIT_CPU_GENERIC") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int r0, int r1, float* y,
+            int64_t ldy) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::matvec(xp, xsum, rows, k, w, r0, r1, y, ldy);
+#endif
+  generic::matvec(xp, xsum, rows, k, w, r0, r1, y, ldy);
+}
+
+void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
+                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
+#endif
+  generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
+}
+
+// ---- a small thread pool ----
+// MLX runs one CPU task at a time per stream, so a kernel may use every core. Workers spin
+// briefly before sleeping: a decode step calls these kernels back to back with short MLX ops in
+// between, and waking a sleeping thread costs tens of microseconds.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool(thread_count());  // never destroyed: workers outlive main's statics
+    return *pool;
+  }
+
+  static int thread_count() {
+    if (const char* s = std::getenv("KVSPLIT_CPU_THREADS")) {
+      int n = std::atoi(s);
+      if (n >= 1) return std::min(n, 256);
+    }
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  void run(int n, const std::function<void(int)>& f) {
+    if (workers_.empty() || n <= 1) {
+      for (int i = 0; i < n; ++i) f(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &f;
+      njobs_ = n;
+      next_.store(0);
+      pending_.store(int(workers_.size()));
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    drain();
+    auto start = std::chrono::steady_clock::now();
+    while (pending_.load(std::memory_order_acquire) != 0) {
+      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
+        std::unique_lock<std::mutex> lock(mu_);
+        done_.wait(lock, [&] { return pending_.load() == 0; });
+        break;
+      }
+    }
+  }
+
+ private:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+    for (auto& w : workers_) w.detach();
+  }
+
+  void drain() {
+    for (int i; (i = next_.fetch_add(1)) < njobs_;) (*job_)(i);
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      while (gen_.load(std::memory_order_acquire) == seen &&
+             std::chrono::steady_clock::now() - start < std::chrono::microseconds(50)) {
+      }
+      if (gen_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return gen_.load() != seen; });
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      drain();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<int> next_{0};
+  int njobs_ = 0;
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> gen_{0};
+};
+
+// ---- checks shared by both primitives ----
+
+void check_bits_group(const char* what, int bits, int group, int len) {
+  if (bits != 2 && bits != 4 && bits != 8)
+    throw std::invalid_argument(std::string(what) + ": bits must be 2, 4 or 8, got " + std::to_string(bits));
+  const int unit = 64 / bits;  // elements in 8 packed bytes
+  if (group <= 0 || group % unit != 0 || len % group != 0)
+    throw std::invalid_argument(std::string(what) + ": group size " + std::to_string(group) +
+                                " must be a multiple of " + std::to_string(unit) + " and divide " +
+                                std::to_string(len));
+}
+
+void check_scale_dtype(const char* what, const array& s, const array& b) {
+  using mlx::core::float16;
+  using mlx::core::float32;
+  if (s.dtype() != b.dtype() || (s.dtype() != float32 && s.dtype() != float16))
+    throw std::invalid_argument(std::string(what) + ": scales and biases must both be float32 or float16");
+}
+
+// Every axis but the last may be strided (cache views); the last must be dense.
+void check_last_dense(const char* what, const array& a) {
+  if (a.ndim() > 0 && a.shape(-1) > 1 && a.strides()[a.ndim() - 1] != 1)
+    throw std::invalid_argument(std::string(what) + ": the last axis must be contiguous");
+}
+
+PackedRows packed_rows(const array& w, const array& s, const array& b, int group, int bits, int64_t w_off,
+                       int64_t sb_off, int token_axis) {
+  PackedRows p;
+  p.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>() + w_off);
+  p.row_bytes = int64_t(w.strides()[token_axis]) * 4;
+  p.f16 = s.dtype() == mlx::core::float16;
+  const size_t esize = p.f16 ? 2 : 4;
+  p.scales = static_cast<const char*>(s.data<void>()) + sb_off * esize;
+  p.biases = static_cast<const char*>(b.data<void>()) + sb_off * esize;
+  p.sb_stride = s.strides()[token_axis];
+  if (b.strides()[token_axis] != p.sb_stride || b.strides() != s.strides())
+    throw std::invalid_argument("scales and biases must share one layout");
+  p.group = group;
+  p.bits = bits;
+  return p;
+}
+
+// ---- y = x W^T ----
+
+class QuantizedMatVec : public UnaryPrimitive {
+ public:
+  QuantizedMatVec(Stream s, int group, int bits) : UnaryPrimitive(s), group_(group), bits_(bits) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array &x = in[0], &w = in[1], &s = in[2], &b = in[3];
+    for (const array* a : {&x, &w, &s, &b})
+      if (!a->flags().row_contiguous) throw std::invalid_argument("kvsplit quantized_matvec: inputs must be row-contiguous");
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int k = x.shape(-1), n = w.shape(0);
+    const int rows = int(x.size() / k);
+    PackedRows pw = packed_rows(w, s, b, group_, bits_, 0, 0, 0);
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    enc.set_input_array(x);
+    enc.set_output_array(out);
+    enc.dispatch([xd = x.data<float>(), y = out.data<float>(), pw, k, n, rows, group = group_, bits = bits_]() {
+      const int ng = k / group;
+      std::vector<float> xp(size_t(rows) * k), xsum(size_t(rows) * ng, 0.0f);
+      for (int m = 0; m < rows; ++m) {
+        const float* xm = xd + int64_t(m) * k;
+        permute(xm, k, bits, xp.data() + int64_t(m) * k);
+        for (int e = 0; e < k; ++e) xsum[m * ng + e / group] += xm[e];
+      }
+      Pool& pool = Pool::get();
+      const int chunk = std::max(16, (n + pool.size() * 8 - 1) / (pool.size() * 8));
+      const int items = (n + chunk - 1) / chunk;
+      pool.run(items, [&](int i) {
+        const int r0 = i * chunk, r1 = std::min(n, r0 + chunk);
+        matvec(xp.data(), xsum.data(), rows, k, pw, r0, r1, y, n);
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("kvsplit quantized_matvec runs on the CPU backend only");
+  }
+
+  const char* name() const override { return "KvsplitQuantizedMatVec"; }
+
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatVec&>(other);
+    return group_ == o.group_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_, bits_;
+};
+
+// ---- decode attention over a packed cache ----
+
+struct AttnParams {
+  int len, k_group, k_bits, v_group, v_bits;
+};
+
+class QuantizedDecodeAttention : public UnaryPrimitive {
+ public:
+  QuantizedDecodeAttention(Stream s, AttnParams p) : UnaryPrimitive(s), p_(p) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array& q = in[0];
+    if (!q.flags().row_contiguous) throw std::invalid_argument("kvsplit decode attention: q must be row-contiguous");
+    for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit decode attention: cache", in[i]);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
+    const int hkv = in[1].shape(1), rep = hq / hkv, rows = rep * l;
+    std::vector<PackedRows> ks, vs;  // one per (batch, kv head)
+    for (int bi = 0; bi < b; ++bi) {
+      for (int h = 0; h < hkv; ++h) {
+        auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
+        ks.push_back(packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2));
+        vs.push_back(packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2));
+      }
+    }
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    enc.set_input_array(q);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), ks = std::move(ks), vs = std::move(vs), p = p_, rows, d,
+                  bh = b * hkv]() {
+      Pool& pool = Pool::get();
+      const int64_t t = p.len;
+      // Enough blocks for every thread to get several, none longer than 2048 tokens.
+      int64_t per_head = std::max<int64_t>(1, (int64_t(pool.size()) * 4 + bh - 1) / bh);
+      per_head = std::min<int64_t>(per_head, (t + 63) / 64);
+      per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
+      const int64_t block = (t + per_head - 1) / per_head;
+      const int kng = d / p.k_group;
+      std::vector<float> qp(size_t(bh) * rows * d), qsum(size_t(bh) * rows * kng, 0.0f);
+      for (int64_t r = 0; r < int64_t(bh) * rows; ++r) {
+        const float* qr = qd + r * d;
+        permute(qr, d, p.k_bits, qp.data() + r * d);
+        for (int e = 0; e < d; ++e) qsum[r * kng + e / p.k_group] += qr[e];
+      }
+      const int stride = rows * (d + 2);  // per block: m, l, then out
+      std::vector<float> parts(size_t(bh) * per_head * stride);
+      pool.run(int(bh * per_head), [&](int item) {
+        const int h = int(item / per_head);
+        const int64_t t0 = (item % per_head) * block, t1 = std::min(t, t0 + block);
+        float* part = parts.data() + int64_t(item) * stride;
+        if (t0 >= t1) {
+          for (int r = 0; r < rows; ++r) part[r] = -INFINITY, part[rows + r] = 0.0f;
+          return;
+        }
+        thread_local std::vector<float> scratch;
+        scratch.resize(size_t(rows) * (2 * (t1 - t0) + d));
+        attend_block(qp.data() + int64_t(h) * rows * d, qsum.data() + int64_t(h) * rows * kng, rows, d, ks[h], vs[h],
+                     t0, t1, part, part + rows, part + 2 * rows, scratch.data());
+      });
+      std::vector<float> acc(d);
+      for (int h = 0; h < bh; ++h) {
+        for (int r = 0; r < rows; ++r) {
+          float mx = -INFINITY;
+          for (int64_t c = 0; c < per_head; ++c) mx = std::max(mx, parts[(h * per_head + c) * stride + r]);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          float den = 0.0f;
+          for (int64_t c = 0; c < per_head; ++c) {
+            const float* part = parts.data() + (h * per_head + c) * stride;
+            if (part[rows + r] == 0.0f) continue;
+            const float a = std::exp(part[r] - mx);
+            den += a * part[rows + r];
+            const float* po = part + 2 * rows + int64_t(r) * d;
+            for (int e = 0; e < d; ++e) acc[e] += a * po[e];
+          }
+          for (float& v : acc) v /= den;
+          unpermute(acc.data(), d, p.v_bits, o + (int64_t(h) * rows + r) * d);
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("kvsplit decode attention runs on the CPU backend only");
+  }
+
+  const char* name() const override { return "KvsplitQuantizedDecodeAttention"; }
+
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
+    return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
+           p_.v_bits == o.v_bits;
+  }
+
+ private:
+  AttnParams p_;
+};
+
+thread_local std::string last_error;
+
+template <class F>
+int guarded(F&& f) {
+  try {
+    f();
+    last_error.clear();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+}  // namespace
+}  // namespace kvsplit
+
+using namespace kvsplit;
+using mlx::core::array;
+
+extern "C" const char* kvsplit_ext_last_error(void) {
+  return kvsplit::last_error.c_str();
+}
+
+extern "C" int kvsplit_ext_cpu_threads(void) {
+  return Pool::get().size();
+}
+
+extern "C" int kvsplit_cpu_quantized_matvec(mlx_array* res, const mlx_array x_, const mlx_array w_,
+                                            const mlx_array scales_, const mlx_array biases_, int group_size, int bits,
+                                            const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit quantized_matvec";
+    const array &x = mlx_array_get_(x_), &w = mlx_array_get_(w_);
+    const array &s = mlx_array_get_(scales_), &b = mlx_array_get_(biases_);
+    const Stream st = mlx_stream_get_(s_);
+    require(x.ndim() >= 1 && w.ndim() == 2, std::string(what) + ": x must be [..., K] and w [N, K*bits/32]");
+    check_bits_group(what, bits, group_size, x.shape(-1));
+    const int k = x.shape(-1), n = w.shape(0);
+    require(w.dtype() == mlx::core::uint32 && int64_t(w.shape(1)) * 32 == int64_t(k) * bits,
+            std::string(what) + ": w must be uint32 [N, K*bits/32] for K = " + std::to_string(k));
+    require(s.shape() == b.shape() && s.ndim() == 2 && s.shape(0) == n && s.shape(1) == k / group_size,
+            std::string(what) + ": scales and biases must be [N, K/group]");
+    check_scale_dtype(what, s, b);
+    require(x.dtype() == mlx::core::float32, std::string(what) + ": x must be float32");
+    auto shape = x.shape();
+    shape.back() = n;
+    array xc = mlx::core::contiguous(x, false, st);
+    array out(shape, mlx::core::float32, std::make_shared<QuantizedMatVec>(st, group_size, bits), {xc, w, s, b});
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array kw_,
+                                                      const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
+                                                      const mlx_array vs_, const mlx_array vb_, int len, int k_group,
+                                                      int k_bits, int v_group, int v_bits, const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit decode attention";
+    const array& q = mlx_array_get_(q_);
+    const array &kw = mlx_array_get_(kw_), &ks = mlx_array_get_(ks_), &kb = mlx_array_get_(kb_);
+    const array &vw = mlx_array_get_(vw_), &vs = mlx_array_get_(vs_), &vb = mlx_array_get_(vb_);
+    const Stream st = mlx_stream_get_(s_);
+    require(q.ndim() == 4 && q.dtype() == mlx::core::float32, std::string(what) + ": q must be float32 [B, Hq, L, D]");
+    const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    check_bits_group("kvsplit decode attention (keys)", k_bits, k_group, d);
+    check_bits_group("kvsplit decode attention (values)", v_bits, v_group, d);
+    for (const array* w : {&kw, &vw})
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == b && w->shape(1) == kw.shape(1) &&
+                  w->shape(2) == kw.shape(2),
+              std::string(what) + ": packed cache buffers must be uint32 [B, Hkv, capacity, D*bits/32]");
+    require(int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits && int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
+            std::string(what) + ": packed width does not match D and bits");
+    const int hkv = kw.shape(1), cap = kw.shape(2);
+    require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    require(len >= 1 && len <= cap, std::string(what) + ": len " + std::to_string(len) + " outside 1.." +
+                                        std::to_string(cap));
+    for (auto [w, s, bi, g] : {std::tuple{&kw, &ks, &kb, k_group}, std::tuple{&vw, &vs, &vb, v_group}}) {
+      require(s->shape() == bi->shape() && s->ndim() == 4 && s->shape(0) == b && s->shape(1) == hkv &&
+                  s->shape(2) == cap && s->shape(3) == d / g,
+              std::string(what) + ": scales and biases must be [B, Hkv, capacity, D/group]");
+      check_scale_dtype(what, *s, *bi);
+      (void)w;
+    }
+    array qc = mlx::core::contiguous(q, false, st);
+    AttnParams p{len, k_group, k_bits, v_group, v_bits};
+    array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p),
+              {qc, kw, ks, kb, vw, vs, vb});
+    mlx_array_set_(*res, out);
+  });
+}

@@ -1,0 +1,196 @@
+// CPU kernels over MLX affine-quantized rows (bits 2, 4, 8; groups along a row), compiled once
+// per instruction set: KV_NS names the namespace (see kernels.h and build.rs).
+//
+// Packed order: MLX packs element e of a row into bits (e % (32/b)) * b of 32-bit word
+// e / (32/b), so byte i of a row holds elements i*p .. i*p+p-1 (p = 8/b codes per byte), one per
+// "phase" (shift j*b). A unit of 8 bytes therefore unpacks with one shift+mask per phase into 8
+// lanes: phase j gives elements i*p + j, i = 0..7. Queries/inputs are permuted into that order
+// once per call, so the inner loops are loads, shifts, converts and FMAs only.
+#include "kernels.h"
+
+#include <algorithm>
+
+#include "simd8.h"
+
+#ifndef KV_NS
+#error "build.rs defines KV_NS"
+#endif
+
+namespace kvsplit {
+namespace KV_NS {
+namespace {
+
+inline float scale_at(const PackedRows& w, int64_t r, int g) {
+  int64_t i = r * w.sb_stride + g;
+  return w.f16 ? half_to_float(static_cast<const uint16_t*>(w.scales)[i]) : static_cast<const float*>(w.scales)[i];
+}
+
+inline float bias_at(const PackedRows& w, int64_t r, int g) {
+  int64_t i = r * w.sb_stride + g;
+  return w.f16 ? half_to_float(static_cast<const uint16_t*>(w.biases)[i]) : static_cast<const float*>(w.biases)[i];
+}
+
+// Dot products of R permuted input rows with packed rows [r0, r1); y[m*ldy + (r - r0)].
+template <int B, int R>
+void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, int64_t r0, int64_t r1, float* y,
+              int64_t ldy) {
+  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  const int ng = k / w.group, upg = w.group / unit;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.w + r * w.row_bytes;
+    F8 acc[R];
+    float bacc[R];
+    for (int m = 0; m < R; ++m) {
+      acc[m] = F8::zero();
+      bacc[m] = 0.0f;
+    }
+    for (int g = 0; g < ng; ++g) {
+      // Two accumulators per row so consecutive FMAs do not wait on each other.
+      F8 ga[R][2];
+      for (int m = 0; m < R; ++m) ga[m][0] = ga[m][1] = F8::zero();
+      for (int u = 0; u < upg; ++u) {
+        const int unit_idx = g * upg + u;
+        const uint8_t* p = row + unit_idx * 8;
+        const float* xu = xp + unit_idx * unit;
+        for (int j = 0; j < per; ++j) {
+          F8 c = F8::codes(p, j * B, mask);
+          for (int m = 0; m < R; ++m) ga[m][(u * per + j) & 1] = fma(c, F8::load(xu + m * k + j * 8), ga[m][(u * per + j) & 1]);
+        }
+      }
+      const F8 s = F8::splat(scale_at(w, r, g));
+      const float b = bias_at(w, r, g);
+      for (int m = 0; m < R; ++m) {
+        acc[m] = fma(s, ga[m][0] + ga[m][1], acc[m]);
+        bacc[m] += b * xsum[m * ng + g];
+      }
+    }
+    for (int m = 0; m < R; ++m) y[m * ldy + (r - r0)] = acc[m].sum() + bacc[m];
+  }
+}
+
+template <int B>
+void dot_rows_any(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int64_t r0, int64_t r1,
+                  float* y, int64_t ldy) {
+  const int ng = k / w.group;
+  for (int m0 = 0; m0 < rows; m0 += 4) {
+    const float* x = xp + int64_t(m0) * k;
+    const float* xs = xsum + int64_t(m0) * ng;
+    float* out = y + m0 * ldy;
+    switch (std::min(4, rows - m0)) {
+      case 1: dot_rows<B, 1>(x, xs, k, w, r0, r1, out, ldy); break;
+      case 2: dot_rows<B, 2>(x, xs, k, w, r0, r1, out, ldy); break;
+      case 3: dot_rows<B, 3>(x, xs, k, w, r0, r1, out, ldy); break;
+      default: dot_rows<B, 4>(x, xs, k, w, r0, r1, out, ldy); break;
+    }
+  }
+}
+
+void dot_rows_bits(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int64_t r0, int64_t r1,
+                   float* y, int64_t ldy) {
+  switch (w.bits) {
+    case 2: dot_rows_any<2>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
+    case 4: dot_rows_any<4>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
+    default: dot_rows_any<8>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
+  }
+}
+
+// out[m*d + e] (values' permuted order) = sum_t wt[m*n + t] * code(t, e), for R rows; the
+// weights already carry the value scale of the group being summed.
+template <int B, int R>
+void weighted_codes(const float* wt, int n, int d, const PackedRows& v, int64_t t0, int g, float* out) {
+  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  const int upg = v.group / unit;
+  for (int u = 0; u < upg; ++u) {
+    const int unit_idx = g * upg + u;
+    F8 acc[R][per];
+    for (int m = 0; m < R; ++m)
+      for (int j = 0; j < per; ++j) acc[m][j] = F8::zero();
+    const uint8_t* p = v.w + t0 * v.row_bytes + unit_idx * 8;
+    for (int t = 0; t < n; ++t, p += v.row_bytes) {
+      F8 c[per];
+      for (int j = 0; j < per; ++j) c[j] = F8::codes(p, j * B, mask);
+      for (int m = 0; m < R; ++m) {
+        const F8 s = F8::splat(wt[m * n + t]);
+        for (int j = 0; j < per; ++j) acc[m][j] = fma(s, c[j], acc[m][j]);
+      }
+    }
+    for (int m = 0; m < R; ++m)
+      for (int j = 0; j < per; ++j) acc[m][j].store(out + m * d + unit_idx * unit + j * 8);
+  }
+}
+
+template <int B>
+void weighted_codes_any(const float* wt, int rows, int n, int d, const PackedRows& v, int64_t t0, int g, float* out) {
+  for (int m0 = 0; m0 < rows; m0 += 4) {
+    const float* w = wt + int64_t(m0) * n;
+    float* o = out + int64_t(m0) * d;
+    switch (std::min(4, rows - m0)) {
+      case 1: weighted_codes<B, 1>(w, n, d, v, t0, g, o); break;
+      case 2: weighted_codes<B, 2>(w, n, d, v, t0, g, o); break;
+      case 3: weighted_codes<B, 3>(w, n, d, v, t0, g, o); break;
+      default: weighted_codes<B, 4>(w, n, d, v, t0, g, o); break;
+    }
+  }
+}
+
+}  // namespace
+
+void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int r0, int r1, float* y,
+            int64_t ldy) {
+  dot_rows_bits(xp, xsum, rows, k, w, r0, r1, y + r0, ldy);
+}
+
+void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
+                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
+  const int n = int(t1 - t0);
+  float* s = scratch;          // rows x n scores, then probabilities
+  float* wt = scratch + rows * int64_t(n);  // rows x n probabilities times one group's value scale
+  dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + int64_t(r) * n;
+    int t = 0;
+    F8 mx = F8::splat(-INFINITY);
+    for (; t + 8 <= n; t += 8) mx = vmax(mx, F8::load(sr + t));
+    float mr = mx.max();
+    for (; t < n; ++t) mr = std::max(mr, sr[t]);
+    F8 sum = F8::zero();
+    const F8 mv = F8::splat(mr);
+    for (t = 0; t + 8 <= n; t += 8) {
+      F8 p = exp_nonpositive(F8::load(sr + t) - mv);
+      p.store(sr + t);
+      sum = sum + p;
+    }
+    float lr = sum.sum();
+    for (; t < n; ++t) {
+      sr[t] = std::exp(sr[t] - mr);
+      lr += sr[t];
+    }
+    m[r] = mr;
+    l[r] = lr;
+  }
+  const int vng = d / v.group;
+  for (int g = 0; g < vng; ++g) {
+    for (int r = 0; r < rows; ++r) {
+      const float* pr = s + int64_t(r) * n;
+      float* wr = wt + int64_t(r) * n;
+      float bsum = 0.0f;
+      for (int t = 0; t < n; ++t) {
+        wr[t] = pr[t] * scale_at(v, t0 + t, g);
+        bsum += pr[t] * bias_at(v, t0 + t, g);
+      }
+      // The bias term is the same for every element of the group: written first, added to below.
+      for (int e = 0; e < v.group; ++e) out[int64_t(r) * d + g * v.group + e] = bsum;
+    }
+    float* tmp = wt + int64_t(rows) * n;  // rows x d
+    switch (v.bits) {
+      case 2: weighted_codes_any<2>(wt, rows, n, d, v, t0, g, tmp); break;
+      case 4: weighted_codes_any<4>(wt, rows, n, d, v, t0, g, tmp); break;
+      default: weighted_codes_any<8>(wt, rows, n, d, v, t0, g, tmp); break;
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int e = g * v.group; e < (g + 1) * v.group; ++e) out[int64_t(r) * d + e] += tmp[int64_t(r) * d + e];
+  }
+}
+
+}  // namespace KV_NS
+}  // namespace kvsplit

@@ -1,0 +1,45 @@
+// Plain-pointer CPU kernels behind the primitives in ext.cpp. kernels.cpp is compiled once per
+// instruction set (namespaces `avx2` and `generic`); ext.cpp picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace kvsplit {
+
+// A packed affine-quantized matrix: row r's codes start at `w + r * row_bytes`; its scale and
+// bias for group g are at `(scales|biases)[r * sb_stride + g]`, as f32 or f16 bit patterns.
+struct PackedRows {
+  const uint8_t* w;
+  int64_t row_bytes;
+  const void* scales;
+  const void* biases;
+  int64_t sb_stride;
+  bool f16;
+  int group;
+  int bits;
+};
+
+// The element order `PackedRows` codes unpack in: per 8-byte unit, phase j of every byte first
+// (see kernels.cpp). `permute` writes x in that order so dot products need no shuffles.
+void permute(const float* x, int n, int bits, float* out);
+void unpermute(const float* x, int n, int bits, float* out);
+
+#define KVSPLIT_KERNELS(NS)                                                                 \
+  namespace NS {                                                                             \
+  /* y[m*ldy + r] = x_m . W_r for r in [r0, r1), m < rows. xp: permuted rows of x (K each), */ \
+  /* xsum: per row, per group sums of x. */                                                  \
+  void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRows& w,      \
+              int r0, int r1, float* y, int64_t ldy);                                         \
+  /* Softmax-weighted sum over tokens [t0, t1) of one KV head for `rows` query rows (qp:     */ \
+  /* permuted for the keys' bits, qsum: per-group sums). Writes the block's running max m,   */ \
+  /* denominator l and unnormalized output (in the values' permuted order) per row; scratch */ \
+  /* holds rows * (t1 - t0) floats. */                                                        \
+  void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
+                    const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
+                    float* out, float* scratch);                                              \
+  }
+
+KVSPLIT_KERNELS(avx2)
+KVSPLIT_KERNELS(generic)
+
+}  // namespace kvsplit

@@ -1,0 +1,62 @@
+/* kvsplit-mlx's own MLX primitives (C++ `mlx::core::Primitive` subclasses, MLX's documented
+ * extension point), exposed with mlx-c's calling convention: results through `res`, 0 on
+ * success. On failure the message is kept per thread for `kvsplit_ext_last_error`.
+ *
+ * They run on MLX's CPU backend only; their `eval_gpu` refuses, and callers route GPU work to
+ * MLX ops or to the custom CUDA/Metal kernels instead. */
+#ifndef KVSPLIT_EXT_H
+#define KVSPLIT_EXT_H
+
+#include "mlx/c/array.h"
+#include "mlx/c/stream.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The message of this thread's last failed call ("" if none). */
+const char* kvsplit_ext_last_error(void);
+
+/* How many threads the CPU kernels use (KVSPLIT_CPU_THREADS, else the hardware's count). */
+int kvsplit_ext_cpu_threads(void);
+
+/* y = x W^T for an MLX affine-quantized W: `x` [..., K] float32, `w` [N, K*bits/32] uint32,
+ * `scales`/`biases` [N, K/group] float32 or float16; y [..., N] float32. bits 2, 4 or 8. Meant
+ * for a few rows of x (decode); it reads W once per call whatever the row count. */
+int kvsplit_cpu_quantized_matvec(
+    mlx_array* res,
+    const mlx_array x,
+    const mlx_array w,
+    const mlx_array scales,
+    const mlx_array biases,
+    int group_size,
+    int bits,
+    const mlx_stream s);
+
+/* Decode attention over a packed per-token cache, never widening it beyond registers.
+ * `q` [B, Hq, L, D] float32 (already multiplied by the softmax scale); keys and values are
+ * whole cache buffers `*_w` [B, Hkv, cap, D*bits/32] uint32 with `*_scales`/`*_biases`
+ * [B, Hkv, cap, D/group] float16 or float32, of which the first `len` tokens are read. Every
+ * query sees every one of them (no mask); Hq is a multiple of Hkv (grouped-query attention).
+ * Returns [B, Hq, L, D] float32. Bits 2, 4 or 8 for each of K and V. */
+int kvsplit_cpu_quantized_decode_attention(
+    mlx_array* res,
+    const mlx_array q,
+    const mlx_array k_w,
+    const mlx_array k_scales,
+    const mlx_array k_biases,
+    const mlx_array v_w,
+    const mlx_array v_scales,
+    const mlx_array v_biases,
+    int len,
+    int k_group,
+    int k_bits,
+    int v_group,
+    int v_bits,
+    const mlx_stream s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

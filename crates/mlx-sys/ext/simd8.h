@@ -1,0 +1,149 @@
+// Eight f32 lanes, as AVX2 registers where the translation unit is compiled for AVX2 (the build
+// compiles kernels.cpp twice and picks at run time), else as plain arrays the compiler may
+// vectorize for the target (NEON on arm64).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KV_SIMD_AVX2 1
+#endif
+
+namespace kvsplit {
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {
+    // Subnormal half: value = man * 2^-24.
+    float f = float(man) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+#ifdef KV_SIMD_AVX2
+struct F8 {
+  __m256 v;
+  static F8 zero() { return {_mm256_setzero_ps()}; }
+  static F8 splat(float x) { return {_mm256_set1_ps(x)}; }
+  static F8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  // Lane i = (p[i] >> shift) & mask for 8 bytes p.
+  static F8 codes(const uint8_t* p, int shift, int mask) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(char(mask)));
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))};
+  }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float max() const {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+inline F8 fma(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline F8 operator+(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F8 vmax(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+
+// exp(x) for x <= 0 (softmax arguments): Cody-Waite reduction to r in [-ln2/2, ln2/2], a
+// degree-6 polynomial, and 2^n through the exponent bits; relative error ~2e-7. Inputs below
+// -87 flush to 0.
+inline F8 exp_nonpositive(F8 x) {
+  __m256 xv = _mm256_max_ps(x.v, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xv, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xv);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  // n = -126 and below would need a subnormal scale: flush those to 0 like the clamp above.
+  return {_mm256_and_ps(out, _mm256_cmp_ps(xv, _mm256_set1_ps(-87.0f), _CMP_GT_OQ))};
+}
+#else
+struct F8 {
+  float v[8];
+  static F8 zero() { return splat(0.0f); }
+  static F8 splat(float x) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = x;
+    return r;
+  }
+  static F8 load(const float* p) {
+    F8 r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  void store(float* p) const { std::memcpy(p, v, sizeof(v)); }
+  static F8 codes(const uint8_t* p, int shift, int mask) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = float((p[i] >> shift) & mask);
+    return r;
+  }
+  float sum() const {
+    float s = 0;
+    for (float x : v) s += x;
+    return s;
+  }
+  float max() const {
+    float m = v[0];
+    for (float x : v) m = x > m ? x : m;
+    return m;
+  }
+};
+inline F8 fma(F8 a, F8 b, F8 c) {
+  for (int i = 0; i < 8; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return c;
+}
+inline F8 operator+(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline F8 operator-(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i];
+  return a;
+}
+inline F8 operator*(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+inline F8 vmax(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] = b.v[i] > a.v[i] ? b.v[i] : a.v[i];
+  return a;
+}
+inline F8 exp_nonpositive(F8 x) {
+  for (int i = 0; i < 8; ++i) x.v[i] = std::exp(x.v[i]);
+  return x;
+}
+#endif
+
+}  // namespace kvsplit
