@@ -13,6 +13,7 @@
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
 use crate::attention::{apply_mask, kv_heads, Mask, Segment, Tensor};
+use crate::cpu_kernels;
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
@@ -228,6 +229,9 @@ fn float_block(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Array> {
 
 /// Attention of `q` (`[B, Hq, L, D]`) over `segments` on the CPU; returns `[B, Hq, L, D]`.
 pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    if let Some(out) = try_packed_kernel(q, segments, mask, scale, sinks)? {
+        return Ok(out);
+    }
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
     let hkv = kv_heads(segments);
@@ -300,4 +304,26 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     let (_, den, acc) = state.expect("a cache with tokens has at least one block");
     let out = (acc / den).as_dtype(q.dtype())?;
     Ok(out.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
+}
+
+/// Our CPU primitive, where it covers the case: one quantized row-layout body read in place, no
+/// mask (decode), no learned sinks, 2/4/8-bit codes. It streams the packed codes once, so it
+/// beats the block path whenever there are few query rows; prefill chunks keep BLAS.
+fn try_packed_kernel(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Option<Array>> {
+    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return Ok(None) };
+    let (
+        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, _)), .. },
+        Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
+    ) = (&seg.k, &seg.v)
+    else {
+        return Ok(None);
+    };
+    let d = q.shape()[3] as usize;
+    if !(cpu_kernels::supports(*kb, *kg, d) && cpu_kernels::supports(*vb, *vg, d)) {
+        return Ok(None);
+    }
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+    let k = cpu_kernels::PackedSide { full: kf, bits: *kb, group: *kg };
+    let v = cpu_kernels::PackedSide { full: vf, bits: *vb, group: *vg };
+    Ok(Some(cpu_kernels::decode_attention(&qs, k, v, seg.len)?.as_dtype(q.dtype())?))
 }

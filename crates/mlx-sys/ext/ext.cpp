@@ -53,6 +53,9 @@ void unpermute(const float* x, int n, int bits, float* out) {
 
 namespace {
 
+// Bytes a kernel call must read before it is worth waking the pool's workers.
+constexpr int64_t kParallelBytes = 512 * 1024;
+
 bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
   // KVSPLIT_CPU_GENERIC=1 forces the baseline build of the kernels (tests run both).
@@ -101,8 +104,10 @@ class Pool {
 
   int size() const { return int(workers_.size()) + 1; }
 
-  void run(int n, const std::function<void(int)>& f) {
-    if (workers_.empty() || n <= 1) {
+  // `parallel` false runs every item on the calling thread: below a few hundred KB of reads,
+  // waking the workers costs more than they save.
+  void run(int n, const std::function<void(int)>& f, bool parallel = true) {
+    if (workers_.empty() || n <= 1 || !parallel) {
       for (int i = 0; i < n; ++i) f(i);
       return;
     }
@@ -236,10 +241,13 @@ class QuantizedMatVec : public UnaryPrimitive {
       Pool& pool = Pool::get();
       const int chunk = std::max(16, (n + pool.size() * 8 - 1) / (pool.size() * 8));
       const int items = (n + chunk - 1) / chunk;
-      pool.run(items, [&](int i) {
-        const int r0 = i * chunk, r1 = std::min(n, r0 + chunk);
-        matvec(xp.data(), xsum.data(), rows, k, pw, r0, r1, y, n);
-      });
+      pool.run(
+          items,
+          [&](int i) {
+            const int r0 = i * chunk, r1 = std::min(n, r0 + chunk);
+            matvec(xp.data(), xsum.data(), rows, k, pw, r0, r1, y, n);
+          },
+          int64_t(n) * pw.row_bytes >= kParallelBytes);
     });
   }
 
@@ -304,6 +312,7 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
       }
       const int stride = rows * (d + 2);  // per block: m, l, then out
       std::vector<float> parts(size_t(bh) * per_head * stride);
+      const int64_t bytes = t * bh * (int64_t(d) * (p.k_bits + p.v_bits) / 8);
       pool.run(int(bh * per_head), [&](int item) {
         const int h = int(item / per_head);
         const int64_t t0 = (item % per_head) * block, t1 = std::min(t, t0 + block);
@@ -316,7 +325,7 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
         scratch.resize(size_t(rows) * (2 * (t1 - t0) + d));
         attend_block(qp.data() + int64_t(h) * rows * d, qsum.data() + int64_t(h) * rows * kng, rows, d, ks[h], vs[h],
                      t0, t1, part, part + rows, part + 2 * rows, scratch.data());
-      });
+      }, bytes >= kParallelBytes);
       std::vector<float> acc(d);
       for (int h = 0; h < bh; ++h) {
         for (int r = 0; r < rows; ++r) {

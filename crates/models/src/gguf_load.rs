@@ -185,7 +185,7 @@ fn load_llama(g: GgufFile, dtype: Dtype, dense: bool) -> Result<(Config, WeightM
 pub use crate::config::ArchConfig;
 
 /// Opens a GGUF model of any supported family for inference: quantized weights follow
-/// [`crate::weights::dense_weights_preferred`] (dense f32 on the CPU backend).
+/// [`crate::weights::dense_weights_preferred`] (quantized unless `KVSPLIT_WEIGHTS=dense`).
 pub fn load_any(path: &Path, dtype: Dtype) -> Result<(ArchConfig, WeightMap, GgufFile)> {
     load_any_with(path, dtype, crate::weights::dense_weights_preferred())
 }

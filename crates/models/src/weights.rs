@@ -11,17 +11,18 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Whether GGUF Q4_0/Q4_1/Q8_0 weights are dequantized to the compute dtype at load instead of
-/// kept as MLX affine triplets. `KVSPLIT_WEIGHTS=dense|quantized` chooses; the default is dense
-/// on the CPU backend, where MLX 0.32.2's `quantized_matmul` is scalar code (measured 5x slower
-/// than an OpenBLAS f32 matmul for SmolLM2's layer shapes, and far slower for prefill chunks;
-/// see crates/models/examples/decode_profile.rs), and quantized on the GPU.
+/// kept as MLX affine triplets. `KVSPLIT_WEIGHTS=dense|quantized` chooses; the default keeps
+/// them quantized on every backend. On the CPU, decode-sized products run our own quantized
+/// matvec primitive (`mlx_kv::cpu_kernels`) and larger ones dequantize one matrix at a time for
+/// BLAS ([`Linear::forward`]); MLX 0.32.2's own CPU `quantized_matmul` (scalar code) is never
+/// used there. Dense remains for measuring the difference.
 pub fn dense_weights_preferred() -> bool {
-    match std::env::var("KVSPLIT_WEIGHTS").as_deref() {
-        Ok("dense") => true,
-        Ok("quantized") => false,
-        _ => mlx_kv::Backend::current() == mlx_kv::Backend::Cpu,
-    }
+    matches!(std::env::var("KVSPLIT_WEIGHTS").as_deref(), Ok("dense"))
 }
+
+/// Rows of `x` up to which the CPU uses the quantized matvec (it reads the weights once for all
+/// rows, so a few rows cost about as much as one); beyond it, dequantize + BLAS.
+const CPU_MATVEC_MAX_ROWS: i32 = 8;
 
 /// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
 pub enum Weight {
@@ -137,7 +138,11 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(w) => matmul(x, w.t())?,
             Weight::Quant { w, scales, biases, bits, group } => {
-                quantized_matmul(x, w, scales, biases, true, *group, *bits)?
+                if mlx_kv::Backend::current() == mlx_kv::Backend::Cpu {
+                    cpu_quantized(x, w, scales, biases, *bits, *group)?
+                } else {
+                    quantized_matmul(x, w, scales, biases, true, *group, *bits)?
+                }
             }
         };
         Ok(match &self.bias {
@@ -145,6 +150,16 @@ impl Linear {
             None => y,
         })
     }
+}
+
+fn cpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32, group: i32) -> Result<Array> {
+    let k = *x.shape().last().expect("linear input has a feature axis");
+    let rows = x.size() as i32 / k.max(1);
+    if rows <= CPU_MATVEC_MAX_ROWS && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize) {
+        return Ok(mlx_kv::cpu_kernels::quantized_matvec(x, w, scales, biases, group, bits)?.as_dtype(x.dtype())?);
+    }
+    let dense = dequantize(w, &scales.as_dtype(x.dtype())?, &biases.as_dtype(x.dtype())?, group, bits)?;
+    Ok(matmul(x, dense.t())?)
 }
 
 /// Token embedding; also the output head when embeddings are tied.
