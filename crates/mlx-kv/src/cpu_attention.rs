@@ -1,9 +1,11 @@
 //! Attention on MLX's CPU backend, for every cache setting (dense included).
 //!
-//! Why not the ops the GPU uses: on x86 MLX's CPU `quantized_matmul` is scalar code, its `exp`
-//! costs about 17 ns per element (scalar libm-style code), and its `scaled_dot_product_attention`
-//! is a softmax over the whole `L × T` score matrix, which on this memory system is bandwidth-bound.
-//! MLX has no CPU custom-kernel extension point, so this path is made of ops that are fast there:
+//! Decode over a packed row-layout cache (one query position, no mask, 2/4/8-bit codes) runs our
+//! own primitive (`crate::cpu_kernels`, C++ in `crates/mlx-sys/ext/`): it reads the codes in
+//! place, once, on every core. Everything else (prefill chunks, masks, windows, per-channel keys,
+//! dense caches) takes the block path below, made of MLX ops that are fast on the CPU, because
+//! MLX's CPU `quantized_matmul` is scalar code, its `exp` costs about 17 ns per element, and its
+//! `scaled_dot_product_attention` is a softmax over the whole `L × T` score matrix:
 //! - quantized keys and values (2, 4 or 8 bits, per-token groups) are read as their packed bytes;
 //!   integer shifts/masks and a cast widen one block of codes to f32, and BLAS multiplies them.
 //!   Scales and biases are applied to the products (per group), never to the codes, and only one
@@ -310,7 +312,7 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
 /// mask (decode), no learned sinks, 2/4/8-bit codes. It streams the packed codes once, so it
 /// beats the block path whenever there are few query rows; prefill chunks keep BLAS.
 fn try_packed_kernel(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Option<Array>> {
-    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return Ok(None) };
+    let ([seg], Mask::None, None, true) = (segments, mask, sinks, cpu_kernels::enabled()) else { return Ok(None) };
     let (
         Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, _)), .. },
         Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },

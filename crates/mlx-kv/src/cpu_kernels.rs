@@ -8,6 +8,13 @@ use crate::store::Packed;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CStr;
 
+/// Whether the engine routes work to these primitives; `KVSPLIT_CPU_KERNELS=0` turns them off
+/// (MLX ops only), for measuring what they bring and for cross-checking results.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVSPLIT_CPU_KERNELS").map_or(true, |v| v != "0"))
+}
+
 /// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed
 /// bytes are whole multiples of 8 (`64 / bits` elements).
 pub fn supports(bits: u8, group: usize, len: usize) -> bool {

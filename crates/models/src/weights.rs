@@ -155,7 +155,7 @@ impl Linear {
 fn cpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32, group: i32) -> Result<Array> {
     let k = *x.shape().last().expect("linear input has a feature axis");
     let rows = x.size() as i32 / k.max(1);
-    if rows <= CPU_MATVEC_MAX_ROWS && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize) {
+    if rows <= CPU_MATVEC_MAX_ROWS && mlx_kv::cpu_kernels::enabled() && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize) {
         return Ok(mlx_kv::cpu_kernels::quantized_matvec(x, w, scales, biases, group, bits)?.as_dtype(x.dtype())?);
     }
     let dense = dequantize(w, &scales.as_dtype(x.dtype())?, &biases.as_dtype(x.dtype())?, group, bits)?;
