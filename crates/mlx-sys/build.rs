@@ -220,11 +220,11 @@ fn build_mlx_c(cache: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path,
 }
 
 /// Our own MLX primitives (`ext/`): C++ against MLX's headers, linked with the stock libmlx.
-/// The kernels are compiled twice on x86-64, once for AVX2+FMA (chosen at run time when the
+/// The kernels are compiled twice on x86-64, once for AVX2+FMA+F16C (chosen at run time when the
 /// CPU has them) and once for the baseline, so the binary runs on any x86-64.
 fn build_ext(build: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path, target_os: &str) {
     let ext = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("ext");
-    for f in ["kvsplit_ext.h", "ext.cpp", "kernels.cpp", "kernels.h", "simd8.h"] {
+    for f in ["kvsplit_ext.h", "ext_common.h", "ext.cpp", "norm_rope.cpp", "kernels.cpp", "kernels.h", "simd8.h"] {
         println!("cargo:rerun-if-changed={}", ext.join(f).display());
     }
     let mlx_include = match prefix {
@@ -241,13 +241,13 @@ fn build_ext(build: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path, t
         b
     };
     let mut main = base();
-    main.file(ext.join("ext.cpp")).file(ext.join("kernels.cpp")).define("KV_NS", "generic");
+    main.file(ext.join("ext.cpp")).file(ext.join("norm_rope.cpp")).file(ext.join("kernels.cpp")).define("KV_NS", "generic");
     if x86 {
         main.define("KVSPLIT_HAVE_AVX2", None);
     }
     main.compile("kvsplit_ext");
     if x86 {
-        base().file(ext.join("kernels.cpp")).define("KV_NS", "avx2").flag("-mavx2").flag("-mfma").compile("kvsplit_ext_avx2");
+        base().file(ext.join("kernels.cpp")).define("KV_NS", "avx2").flag("-mavx2").flag("-mfma").flag("-mf16c").compile("kvsplit_ext_avx2");
     }
 }
 

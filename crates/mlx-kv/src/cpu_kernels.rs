@@ -82,3 +82,18 @@ pub fn decode_attention(q: &Array, k: PackedSide, v: PackedSide, len: usize) -> 
         )
     })
 }
+
+/// RMSNorm over the last axis of a float32 `x` (MLX's `fast::rms_norm`, one op instead of its
+/// CPU fallback's dozen).
+pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+    let none = mlx_sys::mlx_array { ctx: std::ptr::null_mut() };
+    call(|out, s| unsafe { mlx_sys::kvsplit_cpu_rms_norm(out, x.as_ptr(), weight.map_or(none, |w| w.as_ptr()), eps, s) })
+}
+
+/// Rotary embedding of a float32 `x` (`[..., L, D]`) with MLX's `fast::rope` semantics, as one op.
+pub fn rope(x: &Array, dims: i32, traditional: bool, base: Option<f32>, scale: f32, offset: i32, freqs: Option<&Array>) -> Result<Array> {
+    let none = mlx_sys::mlx_array { ctx: std::ptr::null_mut() };
+    call(|out, s| unsafe {
+        mlx_sys::kvsplit_cpu_rope(out, x.as_ptr(), dims, traditional, base.unwrap_or(0.0), scale, offset, freqs.map_or(none, |f| f.as_ptr()), s)
+    })
+}

@@ -138,3 +138,41 @@ fn bad_arguments_are_errors_not_crashes() {
     let err = decode_attention(&Array::ones::<f32>(&[1, 3, 1, 64]).unwrap(), side(), side(), 5).unwrap_err().to_string();
     assert!(err.contains("multiple of KV heads"), "{err}");
 }
+
+fn max_diff(a: &Array, b: &Array) -> f32 {
+    let (a, b) = (to_vec(a), to_vec(b));
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn rms_norm_and_rope_match_mlx_fast() {
+    use mlx_kv::cpu_kernels::{rms_norm, rope};
+    let s = seed();
+    // A transposed view, as attention layers pass them, and a plain row-major array.
+    let x = Host::random([2, 5, 3, 64], s).array();
+    let xt = x.transpose_axes(&[0, 2, 1, 3]).unwrap();
+    let w = Host::random([1, 1, 1, 64], s + 1).array().reshape(&[64]).unwrap();
+    for (name, a) in [("row-major", &x), ("transposed", &xt)] {
+        let d = max_diff(&rms_norm(a, Some(&w), 1e-5).unwrap(), &mlx_rs::fast::rms_norm(a, Some(&w), 1e-5).unwrap());
+        assert!(d < 1e-5, "rms_norm {name}: {d}");
+        let d = max_diff(&rms_norm(a, None, 1e-6).unwrap(), &mlx_rs::fast::rms_norm(a, None, 1e-6).unwrap());
+        assert!(d < 1e-5, "rms_norm {name} without weight: {d}");
+        let freqs = Array::from_slice(&(0..16).map(|i| 10000f32.powf(i as f32 / 16.0) * 1.5).collect::<Vec<_>>(), &[16]);
+        for (traditional, dims, base, scale, offset, f) in [
+            (false, 64, Some(10000.0), 1.0, 0, None),
+            (false, 64, Some(500000.0), 1.0, 4093, None),
+            (true, 64, Some(10000.0), 0.5, 17, None),
+            (false, 32, Some(10000.0), 1.0, 300, None),
+            (false, 32, None, 1.0, 1234, Some(&freqs)),
+        ] {
+            let ours = rope(a, dims, traditional, base, scale, offset, f).unwrap();
+            let theirs = mlx_rs::fast::rope(a, dims, traditional, base, scale, offset, f).unwrap();
+            let d = max_diff(&ours, &theirs);
+            // Angles of up to ~4000 rad in float32: both round the same products, but sin/cos
+            // implementations may differ by an ulp of the angle (~2.4e-4 rad at 4096).
+            let bound = if offset > 1000 { 1e-3 } else { 1e-5 };
+            assert!(d < bound, "rope {name} traditional={traditional} dims={dims} offset={offset}: {d}");
+        }
+    }
+}

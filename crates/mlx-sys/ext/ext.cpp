@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "ext_common.h"
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -60,6 +61,7 @@ bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
   // KVSPLIT_CPU_GENERIC=1 forces the baseline build of the kernels (tests run both).
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c") &&
                          std::getenv("KVSPLIT_CPU_GENERIC") == nullptr;
   return ok;
 #else
@@ -322,7 +324,7 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
           return;
         }
         thread_local std::vector<float> scratch;
-        scratch.resize(size_t(rows) * (2 * (t1 - t0) + d));
+        scratch.resize(size_t(rows) * (2 * (t1 - t0) + d) + 2 * size_t(t1 - t0));
         attend_block(qp.data() + int64_t(h) * rows * d, qsum.data() + int64_t(h) * rows * kng, rows, d, ks[h], vs[h],
                      t0, t1, part, part + rows, part + 2 * rows, scratch.data());
       }, bytes >= kParallelBytes);
@@ -364,32 +366,19 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
   AttnParams p_;
 };
 
-thread_local std::string last_error;
-
-template <class F>
-int guarded(F&& f) {
-  try {
-    f();
-    last_error.clear();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return 1;
-  }
-}
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
 }  // namespace
 }  // namespace kvsplit
 
 using namespace kvsplit;
 using mlx::core::array;
 
+std::string& kvsplit::last_error() {
+  thread_local std::string msg;
+  return msg;
+}
+
 extern "C" const char* kvsplit_ext_last_error(void) {
-  return kvsplit::last_error.c_str();
+  return kvsplit::last_error().c_str();
 }
 
 extern "C" int kvsplit_ext_cpu_threads(void) {

@@ -169,14 +169,28 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
     l[r] = lr;
   }
   const int vng = d / v.group;
+  float* vsc = wt + int64_t(rows) * n + int64_t(rows) * d;  // n value scales, then n biases
+  float* vbi = vsc + n;
   for (int g = 0; g < vng; ++g) {
+    // One conversion per token, shared by every query row.
+    for (int t = 0; t < n; ++t) {
+      vsc[t] = scale_at(v, t0 + t, g);
+      vbi[t] = bias_at(v, t0 + t, g);
+    }
     for (int r = 0; r < rows; ++r) {
       const float* pr = s + int64_t(r) * n;
       float* wr = wt + int64_t(r) * n;
-      float bsum = 0.0f;
-      for (int t = 0; t < n; ++t) {
-        wr[t] = pr[t] * scale_at(v, t0 + t, g);
-        bsum += pr[t] * bias_at(v, t0 + t, g);
+      F8 bacc = F8::zero();
+      int t = 0;
+      for (; t + 8 <= n; t += 8) {
+        const F8 p = F8::load(pr + t);
+        (p * F8::load(vsc + t)).store(wr + t);
+        bacc = fma(p, F8::load(vbi + t), bacc);
+      }
+      float bsum = bacc.sum();
+      for (; t < n; ++t) {
+        wr[t] = pr[t] * vsc[t];
+        bsum += pr[t] * vbi[t];
       }
       // The bias term is the same for every element of the group: written first, added to below.
       for (int e = 0; e < v.group; ++e) out[int64_t(r) * d + g * v.group + e] = bsum;

@@ -33,7 +33,7 @@ void unpermute(const float* x, int n, int bits, float* out);
   /* Softmax-weighted sum over tokens [t0, t1) of one KV head for `rows` query rows (qp:     */ \
   /* permuted for the keys' bits, qsum: per-group sums). Writes the block's running max m,   */ \
   /* denominator l and unnormalized output (in the values' permuted order) per row; scratch */ \
-  /* holds rows * (t1 - t0) floats. */                                                        \
+  /* holds rows * (2 (t1 - t0) + d) + 2 (t1 - t0) floats. */                                                        \
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
                     float* out, float* scratch);                                              \

@@ -10,6 +10,8 @@
 #include "mlx/c/array.h"
 #include "mlx/c/stream.h"
 
+#include <stdbool.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -53,6 +55,25 @@ int kvsplit_cpu_quantized_decode_attention(
     int k_bits,
     int v_group,
     int v_bits,
+    const mlx_stream s);
+
+/* RMSNorm over the last axis: x [..., H] float32 (any strides), optional `weight` [H]
+ * float32 (pass an empty mlx_array, ctx NULL, for none). Returns a contiguous float32 array. */
+int kvsplit_cpu_rms_norm(mlx_array* res, const mlx_array x, const mlx_array weight, float eps, const mlx_stream s);
+
+/* Rotary embedding with MLX's `fast::rope` semantics: x [..., L, D] float32 (any strides),
+ * positions offset..offset+L-1 times `scale`, the first `dims` features rotated (halves, or
+ * interleaved pairs when `traditional`), inverse frequencies base^(-2i/dims) or 1/freqs[i]
+ * when `freqs` [dims/2] is given (ctx NULL for none). Returns a contiguous float32 array. */
+int kvsplit_cpu_rope(
+    mlx_array* res,
+    const mlx_array x,
+    int dims,
+    bool traditional,
+    float base,
+    float scale,
+    int offset,
+    const mlx_array freqs,
     const mlx_stream s);
 
 #ifdef __cplusplus

@@ -24,6 +24,18 @@ fn median_ms(iters: usize, mut f: impl FnMut() -> Array) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU nanoseconds used so far by all threads of this process (scheduler statistics): a
+/// measure of work that other jobs on the machine disturb far less than wall time.
+fn cpu_ns() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .expect("Linux /proc")
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 fn main() {
     let depth: usize = std::env::args().nth(1).map_or(1024, |s| s.parse().expect("DEPTH must be a number"));
     let home = std::env::var("KVSPLIT_CACHE").unwrap_or_else(|_| format!("{}/.cache/kvsplit-mlx", std::env::var("HOME").unwrap()));
@@ -47,6 +59,42 @@ fn main() {
             tok.clone()
         });
         println!("{label}: prefill {:.1} tok/s, decode step {step:.2} ms ({:.1} tok/s)", depth as f64 / prefill, 1e3 / step);
+        // The same step split into building the graph (Rust + mlx-c, no computation) and
+        // evaluating it (MLX's scheduler and the kernels).
+        let (mut build, mut run) = (Vec::new(), Vec::new());
+        let c0 = cpu_ns();
+        for _ in 0..16 {
+            let t = Instant::now();
+            let logits = model.forward(&tok, &mut caches, true).unwrap();
+            let next = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None).unwrap().as_dtype(Dtype::Int32).unwrap();
+            build.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            next.eval().unwrap();
+            run.push(t.elapsed().as_secs_f64() * 1e3);
+            tok = next.reshape(&[1, 1]).unwrap();
+        }
+        let cpu = (cpu_ns() - c0) as f64 / 1e6 / 16.0;
+        build.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        run.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!("{label}: graph build {:.2} ms, eval {:.2} ms (medians); CPU time {cpu:.2} ms per step (all threads)", build[8], run[8]);
+        if let Ok(path) = std::env::var("DECODE_PROFILE_DOT") {
+            // One step's graph as Graphviz, to count the ops a decode step schedules.
+            let logits = model.forward(&tok, &mut caches, true).unwrap();
+            let path = std::ffi::CString::new(format!("{path}.{label}.dot")).unwrap();
+            unsafe {
+                extern "C" {
+                    fn fopen(p: *const std::ffi::c_char, m: *const std::ffi::c_char) -> *mut mlx_sys::FILE;
+                    fn fclose(f: *mut mlx_sys::FILE) -> i32;
+                }
+                let f = fopen(path.as_ptr(), c"w".as_ptr());
+                let outs = mlx_sys::mlx_vector_array_new();
+                mlx_sys::mlx_vector_array_append_value(outs, logits.as_ptr());
+                mlx_sys::mlx_export_to_dot(f, mlx_sys::mlx_node_namer_new(), outs);
+                mlx_sys::mlx_vector_array_free(outs);
+                fclose(f);
+            }
+            logits.eval().unwrap();
+        }
     }
 
     // The parts, with SmolLM2's shapes.

@@ -14,7 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::model::LanguageModel;
 use crate::weights::{Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
-use mlx_rs::fast::{rms_norm, rope};
+use crate::fast::{rms_norm, rope};
 use mlx_rs::nn::gelu_approximate;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};

@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fast;
 pub mod gemma3;
 pub mod generate;
 pub mod gguf_load;

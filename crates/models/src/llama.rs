@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::model::LanguageModel;
 use crate::weights::{output_logits, Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
-use mlx_rs::fast::{rms_norm, rope};
+use crate::fast::{rms_norm, rope};
 use mlx_rs::nn::silu;
 use mlx_rs::{Array, Dtype};
 

@@ -216,7 +216,7 @@ pub fn output_logits(x: Array, norm: &Array, eps: f32, lm_head: Option<&Linear>,
     } else {
         x
     };
-    let x = mlx_rs::fast::rms_norm(&x, Some(norm), eps)?;
+    let x = crate::fast::rms_norm(&x, Some(norm), eps)?;
     match lm_head {
         Some(head) => head.forward(&x),
         None => embed.as_linear(&x),
