@@ -223,8 +223,11 @@ class QuantizedMatVec : public UnaryPrimitive {
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array &x = in[0], &w = in[1], &s = in[2], &b = in[3];
-    for (const array* a : {&x, &w, &s, &b})
-      if (!a->flags().row_contiguous) throw std::invalid_argument("kvsplit quantized_matvec: inputs must be row-contiguous");
+    for (const array* a : {&w, &s, &b})
+      if (!a->flags().row_contiguous) throw std::invalid_argument("kvsplit quantized_matvec: weights must be row-contiguous");
+    // x may be any view: its few rows are gathered into the permuted copy anyway.
+    std::vector<int64_t> xrows = row_offsets(x);
+    const int64_t xlast = x.strides()[x.ndim() - 1];
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int k = x.shape(-1), n = w.shape(0);
     const int rows = int(x.size() / k);
@@ -232,12 +235,13 @@ class QuantizedMatVec : public UnaryPrimitive {
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
     enc.set_output_array(out);
-    enc.dispatch([xd = x.data<float>(), y = out.data<float>(), pw, k, n, rows, group = group_, bits = bits_]() {
+    enc.dispatch([xd = x.data<float>(), y = out.data<float>(), pw, k, n, rows, xrows = std::move(xrows), xlast,
+                  group = group_, bits = bits_]() {
       const int ng = k / group;
-      std::vector<float> xp(size_t(rows) * k), xsum(size_t(rows) * ng, 0.0f);
+      std::vector<float> xp(size_t(rows) * k), xsum(size_t(rows) * ng, 0.0f), xm(k);
       for (int m = 0; m < rows; ++m) {
-        const float* xm = xd + int64_t(m) * k;
-        permute(xm, k, bits, xp.data() + int64_t(m) * k);
+        for (int e = 0; e < k; ++e) xm[e] = xd[xrows[m] + e * xlast];
+        permute(xm.data(), k, bits, xp.data() + int64_t(m) * k);
         for (int e = 0; e < k; ++e) xsum[m * ng + e / group] += xm[e];
       }
       Pool& pool = Pool::get();
@@ -280,7 +284,8 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array& q = in[0];
-    if (!q.flags().row_contiguous) throw std::invalid_argument("kvsplit decode attention: q must be row-contiguous");
+    std::vector<int64_t> qrows = row_offsets(q);  // [B, Hq, L] rows of any view
+    const int64_t qlast = q.strides()[3];
     for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit decode attention: cache", in[i]);
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
@@ -297,6 +302,7 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
     enc.set_input_array(q);
     enc.set_output_array(out);
     enc.dispatch([qd = q.data<float>(), o = out.data<float>(), ks = std::move(ks), vs = std::move(vs), p = p_, rows, d,
+                  qrows = std::move(qrows), qlast,
                   bh = b * hkv]() {
       Pool& pool = Pool::get();
       const int64_t t = p.len;
@@ -307,8 +313,10 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
       const int64_t block = (t + per_head - 1) / per_head;
       const int kng = d / p.k_group;
       std::vector<float> qp(size_t(bh) * rows * d), qsum(size_t(bh) * rows * kng, 0.0f);
+      std::vector<float> qrow(d);
       for (int64_t r = 0; r < int64_t(bh) * rows; ++r) {
-        const float* qr = qd + r * d;
+        for (int e = 0; e < d; ++e) qrow[e] = qd[qrows[r] + e * qlast];
+        const float* qr = qrow.data();
         permute(qr, d, p.k_bits, qp.data() + r * d);
         for (int e = 0; e < d; ++e) qsum[r * kng + e / p.k_group] += qr[e];
       }
@@ -404,8 +412,7 @@ extern "C" int kvsplit_cpu_quantized_matvec(mlx_array* res, const mlx_array x_, 
     require(x.dtype() == mlx::core::float32, std::string(what) + ": x must be float32");
     auto shape = x.shape();
     shape.back() = n;
-    array xc = mlx::core::contiguous(x, false, st);
-    array out(shape, mlx::core::float32, std::make_shared<QuantizedMatVec>(st, group_size, bits), {xc, w, s, b});
+    array out(shape, mlx::core::float32, std::make_shared<QuantizedMatVec>(st, group_size, bits), {x, w, s, b});
     mlx_array_set_(*res, out);
   });
 }
@@ -441,10 +448,9 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
       check_scale_dtype(what, *s, *bi);
       (void)w;
     }
-    array qc = mlx::core::contiguous(q, false, st);
     AttnParams p{len, k_group, k_bits, v_group, v_bits};
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p),
-              {qc, kw, ks, kb, vw, vs, vb});
+              {q, kw, ks, kb, vw, vs, vb});
     mlx_array_set_(*res, out);
   });
 }

@@ -23,25 +23,6 @@ using mlx::core::Primitive;
 using mlx::core::Stream;
 using mlx::core::UnaryPrimitive;
 
-// Offsets of every row (all axes but the last) of a possibly strided array, in elements.
-std::vector<int64_t> row_offsets(const array& a) {
-  const int nd = int(a.ndim());
-  int64_t rows = 1;
-  for (int i = 0; i + 1 < nd; ++i) rows *= a.shape(i);
-  std::vector<int64_t> off(rows);
-  std::vector<int> idx(nd > 1 ? nd - 1 : 0, 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t o = 0;
-    for (int i = 0; i + 1 < nd; ++i) o += int64_t(idx[i]) * a.strides()[i];
-    off[r] = o;
-    for (int i = nd - 2; i >= 0; --i) {
-      if (++idx[i] < a.shape(i)) break;
-      idx[i] = 0;
-    }
-  }
-  return off;
-}
-
 class RmsNorm : public UnaryPrimitive {
  public:
   RmsNorm(Stream s, float eps, bool has_weight) : UnaryPrimitive(s), eps_(eps), has_weight_(has_weight) {}
