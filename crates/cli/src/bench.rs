@@ -178,6 +178,10 @@ struct Sample {
     ttft_ms: f64,
     kv_bytes: usize,
     peak: usize,
+    /// Seconds of the decode loop spent building the step's graph (forward and argmax, before
+    /// `eval`): host-side work, for telling it apart from what `eval` waits for.
+    decode_build_s: f64,
+    decode_s: f64,
 }
 
 fn greedy(logits: &Array) -> Result<Array> {
@@ -208,10 +212,13 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
+    let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
+        let tb = Instant::now();
         let input = y.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?;
         let logits = model.forward(&input, &mut caches, true)?;
         y = greedy(&logits)?;
+        decode_build_s += tb.elapsed().as_secs_f64();
         eval_step(&caches, &y)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
@@ -221,6 +228,8 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
         ttft_ms: ttft_s * 1e3,
         kv_bytes: caches.iter().map(|c| c.bytes().total()).sum(),
         peak: mlx_rs::memory::peak_memory()?,
+        decode_build_s,
+        decode_s,
     })
 }
 
@@ -353,6 +362,19 @@ fn run_model(a: BenchArgs) -> Result<()> {
         let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
+        if a.n_gen > 0 {
+            // Where a decode step's time goes: graph building on the host vs inside `eval`.
+            let per = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / (samples.len() * a.n_gen) as f64 * 1e3;
+            bar.suspend(|| {
+                eprintln!(
+                    "decode split {} depth {depth}: {:.3} ms/token, of which graph build {:.3} ms, eval {:.3} ms",
+                    s.spec,
+                    per(|x| x.decode_s),
+                    per(|x| x.decode_build_s),
+                    per(|x| x.decode_s - x.decode_build_s)
+                )
+            });
+        }
         let tokens = depth + a.n_prompt + a.n_gen;
         rows.push(ModelRow {
             kind: "model".into(),

@@ -174,50 +174,118 @@ fn check(rc: i32, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Kernel names carry a hash of the source: MLX caches compiled kernels on disk by name
-/// (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run stale code.
-fn kernel_name(stem: &str, source: &str) -> &'static str {
-    static NAMES: OnceLock<std::sync::Mutex<Vec<(String, &'static str)>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().expect("kernel name table");
-    if let Some((_, n)) = names.iter().find(|(s, _)| s == stem) {
-        return n;
+/// One custom kernel: its source body and argument names.
+struct KernelDef {
+    stem: &'static str,
+    /// Prepended to the body (`#define`s that pick a variant).
+    defines: &'static str,
+    body: &'static str,
+    inputs: &'static [&'static str],
+    outputs: &'static [&'static str],
+}
+
+const PARTIAL_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_attn_partial",
+    defines: "#define KV_STEP 0\n",
+    body: PARTIAL,
+    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "meta"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const MERGE_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_attn_merge",
+    defines: "#define KV_STEP 0\n",
+    body: MERGE,
+    inputs: &["part_o", "part_m", "part_l", "meta"],
+    outputs: &["out"],
+};
+const STEP_PARTIAL_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_partial",
+    defines: "#define KV_STEP 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const STEP_MERGE_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_merge",
+    defines: "#define KV_STEP 1\n",
+    body: MERGE,
+    inputs: &["part_o", "part_m", "part_l", "pos"],
+    outputs: &["out"],
+};
+
+/// A kernel object made once per definition and thread: `mlx_fast_cuda_kernel_new` scans the
+/// source for every argument name (shape parameters) and copies it, which a decode step
+/// should not pay twice per layer. Never freed: there are four, alive for the thread.
+#[derive(Clone, Copy)]
+struct KernelHandle {
+    raw: mlx_sys::mlx_fast_cuda_kernel,
+}
+
+fn kernel_handle(def: &KernelDef) -> KernelHandle {
+    thread_local! {
+        static KERNELS: std::cell::RefCell<Vec<(&'static str, KernelHandle)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let name: &'static str = Box::leak(format!("{stem}_{hash:016x}").into_boxed_str());
-    names.push((stem.to_string(), name));
-    name
+    KERNELS.with(|k| {
+        if let Some((_, h)) = k.borrow().iter().find(|(s, _)| *s == def.stem) {
+            return *h;
+        }
+        let source = [def.defines, def.body].concat();
+        // Kernel names carry a hash of the source: MLX caches compiled kernels on disk by
+        // name (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run
+        // stale code.
+        let hash = [COMMON, &source].concat().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let name = CString::new(format!("{}_{hash:016x}", def.stem)).expect("kernel names have no NUL");
+        let source = CString::new(source).expect("kernel sources have no NUL");
+        let header = CString::new(COMMON).expect("kernel sources have no NUL");
+        let (ins, outs) = (vec_string(def.inputs), vec_string(def.outputs));
+        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is
+        // (the step kernel writes into the cache buffers it is given, which are contiguous by
+        // construction: see `KvCache::fused_step`).
+        let raw = unsafe { mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), ins, outs, source.as_ptr(), header.as_ptr(), true, 0) };
+        unsafe {
+            mlx_sys::mlx_vector_string_free(ins);
+            mlx_sys::mlx_vector_string_free(outs);
+        }
+        let h = KernelHandle { raw };
+        k.borrow_mut().push((def.stem, h));
+        h
+    })
+}
+
+/// Template arguments by name; names are `'static` and turned into C strings once.
+fn c_name(n: &'static str) -> &'static std::ffi::CStr {
+    static NAMES: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static std::ffi::CStr)>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().expect("name table");
+    if let Some((_, c)) = names.iter().find(|(s, _)| *s == n) {
+        return c;
+    }
+    let c: &'static std::ffi::CStr = Box::leak(CString::new(n).expect("template names have no NUL").into_boxed_c_str());
+    names.push((n, c));
+    c
 }
 
 /// One output of a custom kernel.
 struct Out<'a> {
-    name: &'a str,
     shape: &'a [i32],
     dtype: Dtype,
 }
 
 /// Runs a custom CUDA kernel on the default GPU stream. `grid` counts threads (MLX divides it
-/// by `threads`), as in Metal's dispatchThreads.
-#[allow(clippy::too_many_arguments)]
+/// by `threads`), as in Metal's dispatchThreads. `inputs` and `outputs` follow `def`'s names.
 fn run_kernel(
-    stem: &str,
-    source: &str,
-    inputs: &[(&str, &Array)],
+    def: &KernelDef,
+    inputs: &[&Array],
     outputs: &[Out],
     grid: (i32, i32),
     threads: i32,
-    ints: &[(&str, i32)],
-    types: &[(&str, Dtype)],
+    ints: &[(&'static str, i32)],
+    types: &[(&'static str, Dtype)],
 ) -> Result<Vec<Array>> {
-    let name = CString::new(kernel_name(stem, &[COMMON, source].concat())).expect("kernel names have no NUL");
-    let source = CString::new(source).expect("kernel sources have no NUL");
-    let header = CString::new(COMMON).expect("kernel sources have no NUL");
-    let in_names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();
-    let out_names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
-    let (in_names, out_names) = (vec_string(&in_names), vec_string(&out_names));
+    debug_assert_eq!(inputs.len(), def.inputs.len());
+    debug_assert_eq!(outputs.len(), def.outputs.len());
+    let kernel = kernel_handle(def);
     let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
     unsafe {
-        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is.
-        let kernel = mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, 0);
         let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
         let result = (|| -> Result<Vec<Array>> {
             for o in outputs {
@@ -229,25 +297,23 @@ fn run_kernel(
                 check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
             }
             for (n, val) in ints {
-                let c = CString::new(*n).expect("template names have no NUL");
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c.as_ptr(), *val), "template arg")?;
+                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c_name(n).as_ptr(), *val), "template arg")?;
             }
             for (n, d) in types {
-                let c = CString::new(*n).expect("template names have no NUL");
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c.as_ptr(), dtype(*d)), "template dtype")?;
+                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c_name(n).as_ptr(), dtype(*d)), "template dtype")?;
             }
             let ins = mlx_sys::mlx_vector_array_new();
-            for (_, a) in inputs {
+            for a in inputs {
                 mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
             }
             let mut outs = mlx_sys::mlx_vector_array_new();
             let stream = mlx_sys::mlx_default_gpu_stream_new();
-            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel, ins, cfg, stream);
+            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel.raw, ins, cfg, stream);
             mlx_sys::mlx_stream_free(stream);
             mlx_sys::mlx_vector_array_free(ins);
             if rc != 0 {
                 mlx_sys::mlx_vector_array_free(outs);
-                return Err(KvError::Shape(format!("fused decode attention: {stem} kernel apply failed")));
+                return Err(KvError::Shape(format!("fused decode attention: {} kernel apply failed", def.stem)));
             }
             let mut got = Vec::with_capacity(outputs.len());
             for i in 0..outputs.len() {
@@ -259,11 +325,14 @@ fn run_kernel(
             Ok(got)
         })();
         mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
-        mlx_sys::mlx_fast_cuda_kernel_free(kernel);
-        mlx_sys::mlx_vector_string_free(in_names);
-        mlx_sys::mlx_vector_string_free(out_names);
         result
     }
+}
+
+/// The query scale as a template argument (its f32 bits): one value per model, so one
+/// compiled variant, and no multiply op per layer.
+fn scale_bits(scale: f32) -> i32 {
+    scale.to_bits() as i32
 }
 
 /// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
@@ -279,28 +348,97 @@ pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, 
     let meta = Array::from_slice(&[t as i32, cap as i32, per as i32, n_split as i32], &[4]);
     let ns = n_split as i32;
     let parts = run_kernel(
-        "kvsplit_attn_partial",
-        PARTIAL,
-        &[("q", q3), ("kw", &k.full.w), ("ks", &k.full.scales), ("kb", &k.full.biases), ("vw", &v.full.w), ("vs", &v.full.scales), ("vb", &v.full.biases), ("meta", &meta)],
+        &PARTIAL_DEF,
+        &[q3, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta],
         &[
-            Out { name: "out_o", shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
-            Out { name: "out_m", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
-            Out { name: "out_l", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
         ],
         (ns * 32 * WARPS, bh),
         32 * WARPS,
-        &[("D", d), ("BK", k.bits as i32), ("BV", v.bits as i32), ("GK", k.group as i32), ("GV", v.group as i32), ("REP", rows), ("WARPS", WARPS), ("VD", vd as i32)],
+        &[
+            ("D", d),
+            ("BK", k.bits as i32),
+            ("BV", v.bits as i32),
+            ("GK", k.group as i32),
+            ("GV", v.group as i32),
+            ("REP", rows),
+            ("WARPS", WARPS),
+            ("VD", vd as i32),
+            ("SCALE_BITS", scale_bits(1.0)),
+        ],
         &[],
     )?;
     let out = run_kernel(
-        "kvsplit_attn_merge",
-        MERGE,
-        &[("part_o", &parts[0]), ("part_m", &parts[1]), ("part_l", &parts[2]), ("meta", &meta)],
-        &[Out { name: "out", shape: &[bh, rows, d], dtype: q3.dtype() }],
+        &MERGE_DEF,
+        &[&parts[0], &parts[1], &parts[2], &meta],
+        &[Out { shape: &[bh, rows, d], dtype: q3.dtype() }],
         (d, bh * rows),
         d,
         &[("D", d), ("REP", rows)],
         &[("OT", q3.dtype())],
+    )?;
+    Ok(out.into_iter().next().expect("the merge kernel has one output"))
+}
+
+/// One decode step of a layer in two launches and no other op: the new token's key and value
+/// (`k_new`, `v_new`: `[B, Hkv, 1, D]`) are quantized on the GPU and written in place into
+/// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
+/// `q` (`[B, Hq, 1, D]`, unscaled) over the `t` tokens runs as in [`decode_attention`].
+///
+/// `pos` is a one-element int32 device array that must hold `t - 1`; the merge kernel adds
+/// one to it, so the step after needs no host-made array (a fresh host array per layer and
+/// step would be a managed-memory upload each time). Writing into arrays MLX treats as inputs
+/// is sound here because the cache owns them, nothing else reads them in the same graph, and
+/// MLX runs the step's launches in data order (every later reader depends on this step's
+/// output). Returns `[B, Hq, 1, D]` in `q`'s dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: FusedOperand, pos: &Array, t: usize, cap: usize, scale: f32) -> Result<Array> {
+    let s = q.shape();
+    let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
+    let hkv = k_new.shape()[1];
+    if l != 1 || hq % hkv != 0 {
+        return Err(KvError::Shape(format!("fused decode step: q {s:?} with {hkv} KV heads")));
+    }
+    if t == 0 || t > cap {
+        return Err(KvError::Capacity { requested: t, capacity: cap });
+    }
+    let (bh, rows) = (b * hkv, hq / hkv);
+    let (n_split, _) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
+    let ns = n_split as i32;
+    let parts = run_kernel(
+        &STEP_PARTIAL_DEF,
+        &[q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos],
+        &[
+            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        ],
+        (ns * 32 * WARPS, bh),
+        32 * WARPS,
+        &[
+            ("D", d),
+            ("BK", k.bits as i32),
+            ("BV", v.bits as i32),
+            ("GK", k.group as i32),
+            ("GV", v.group as i32),
+            ("REP", rows),
+            ("WARPS", WARPS),
+            ("VD", vd as i32),
+            ("SCALE_BITS", scale_bits(scale)),
+        ],
+        &[],
+    )?;
+    let out = run_kernel(
+        &STEP_MERGE_DEF,
+        &[&parts[0], &parts[1], &parts[2], pos],
+        &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q.dtype())],
     )?;
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }

@@ -12,6 +12,12 @@
 // dim of the group, so it is kept as one running sum per lane and query row.
 // Output per (head, split, row): unnormalised o, running max m, denominator l; the merge
 // kernel combines the splits.
+// KV_STEP (a decode step, fused.rs `decode_step`): the block whose split holds the new token
+// first quantizes it (`knew`, `vnew`, one row per KV head) the way MLX's affine quantize does
+// and writes codes, scales and biases in place into slot pos[0] of the cache buffers; the
+// block's own tile loads see those writes after the barrier below. T is pos[0] + 1, the
+// capacity comes from the key buffer's shape, and splits are even slices of T over the grid
+// (a trailing split may be empty). Queries are scaled by SCALE_BITS (an f32's bits) here.
 constexpr int KW = D * BK / 32;   // u32 words per key row
 constexpr int VW = D * BV / 32;
 constexpr int KG = D / GK;        // key groups per row
@@ -28,9 +34,15 @@ const int warp = threadIdx.x >> 5;
 const int split = blockIdx.x;
 const int bh = blockIdx.y;
 const int n_split = gridDim.x;
+#if KV_STEP
+const int T = pos[0] + 1;
+const int CAP = kw_shape[2];
+const int PER = ((T + n_split - 1) / n_split + 31) / 32 * 32;
+#else
 const int T = meta[0];
 const int CAP = meta[1];
 const int PER = meta[2];
+#endif
 const int t0 = split * PER;
 const int t1 = min(T, t0 + PER);
 
@@ -41,8 +53,22 @@ __shared__ float sm_m[WARPS][REP];
 __shared__ float sm_l[WARPS][REP];
 __shared__ float sm_o[WARPS][REP][D];
 
+#if KV_STEP
+__shared__ unsigned char code_s[2][D];
+if (split == (T - 1) / PER) {
+  const size_t row = (size_t)bh * CAP + (T - 1);
+  if (warp == 0) {
+    kv_quantize_row<D, GK, BK>(knew + (size_t)bh * D, const_cast<uint32_t*>(kw) + row * KW,
+                               const_cast<__half*>(ks) + row * KG, const_cast<__half*>(kb) + row * KG, code_s[0], lane);
+  } else if (warp == 1) {
+    kv_quantize_row<D, GV, BV>(vnew + (size_t)bh * D, const_cast<uint32_t*>(vw) + row * VW,
+                               const_cast<__half*>(vs) + row * VG, const_cast<__half*>(vb) + row * VG, code_s[1], lane);
+  }
+  __threadfence_block();
+}
+#endif
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]);
+  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
 }
 __syncthreads();
 for (int i = threadIdx.x; i < REP * KG; i += blockDim.x) {
