@@ -33,8 +33,8 @@ def value_dims(d, bv, rep, gv):
     return min(max(vd, d // 32, 16 // bv), gv, d)
 
 
-def program(name, body, params, consts, step=0):
-    body = f"#define KV_STEP {step}\n" + body
+def program(name, body, params, consts, step=0, fold=0):
+    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n" + body
     c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
     c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
     return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
@@ -74,6 +74,8 @@ for qt in ["__half", "float"]:
                 "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
                 "const int32_t* pos", "float* out_o", "float* out_m", "float* out_l"]
         ok &= compile_one(f"step partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_partial", partial, step, consts, 1))
+        fold = step + [f"{qt}* out"]
+        ok &= compile_one(f"step fold q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_fold", partial, fold, dict(consts, OT=qt), 1, 1))
     params = ["const float* part_o", "const float* part_m", "const float* part_l", "const int32_t* meta", f"{qt}* out"]
     ok &= compile_one(f"merge OT={qt}", program("kvsplit_merge", merge, params, dict(D=128, REP=4, OT=qt)))
     params = ["const float* part_o", "const float* part_m", "const __grid_constant__ Shape part_m_shape", "const float* part_l",

@@ -182,6 +182,10 @@ struct Sample {
     /// `eval`): host-side work, for telling it apart from what `eval` waits for.
     decode_build_s: f64,
     decode_s: f64,
+    /// With `KVSPLIT_HOST_PROFILE=1`: seconds of the decode loop in the caches'
+    /// `update_and_attend`, and in MLX's custom-kernel apply within it.
+    layer_host_s: f64,
+    apply_host_s: f64,
 }
 
 fn greedy(logits: &Array) -> Result<Array> {
@@ -211,6 +215,7 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     let mut y = greedy(&logits)?;
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
+    mlx_kv::fused::host_profile::take();
     let t1 = Instant::now();
     let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
@@ -222,6 +227,7 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
         eval_step(&caches, &y)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let (layer_host_s, apply_host_s) = mlx_kv::fused::host_profile::take();
     Ok(Sample {
         prefill_tps: n_prompt as f64 / prefill_s.max(1e-9),
         decode_tps: if n_gen == 0 { f64::NAN } else { n_gen as f64 / decode_s.max(1e-9) },
@@ -230,6 +236,8 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
         peak: mlx_rs::memory::peak_memory()?,
         decode_build_s,
         decode_s,
+        layer_host_s,
+        apply_host_s,
     })
 }
 
@@ -372,7 +380,14 @@ fn run_model(a: BenchArgs) -> Result<()> {
                     per(|x| x.decode_s),
                     per(|x| x.decode_build_s),
                     per(|x| x.decode_s - x.decode_build_s)
-                )
+                );
+                if mlx_kv::fused::host_profile::enabled() {
+                    eprintln!(
+                        "  host profile: update_and_attend {:.3} ms/token (custom-kernel apply {:.3} ms)",
+                        per(|x| x.layer_host_s),
+                        per(|x| x.apply_host_s)
+                    );
+                }
             });
         }
         let tokens = depth + a.n_prompt + a.n_gen;

@@ -128,10 +128,12 @@ fn last_rows(x: &[f32], hkv: usize, t: usize, d: usize) -> Vec<f32> {
 /// position counter advances), each new token as stored compared with what MLX's `quantize`
 /// stores on a twin cache (the write path the step replaces), and the last step's output with
 /// f64 attention over the dequantized cache, queries scaled in f64.
-fn step_correctness(seed: u64, quick: bool) -> bool {
+fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     let key = random::key(seed ^ 7).unwrap();
     let mut ok = true;
-    println!("fused decode step (seed {seed}): new token vs MLX quantize; max |out - f64 ref|");
+    std::env::set_var("KVSPLIT_FUSED_FOLD", if fold { "1" } else { "0" });
+    let launches = if fold { "one launch (merge folded)" } else { "two launches" };
+    println!("fused decode step, {launches} (seed {seed}): new token vs MLX quantize; max |out - f64 ref|");
     // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
     // buffer (768 = 3 x 256 filled before the steps).
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 771), (1, 8, 256, 300), (2, 1, 64, 5000), (2, 4, 128, 3)] {
@@ -275,7 +277,9 @@ fn main() {
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
     let mut ok = correctness(seed, with_ops, quick);
-    ok &= step_correctness(seed, quick);
+    ok &= step_correctness(seed, quick, false);
+    ok &= step_correctness(seed, quick, true);
+    std::env::remove_var("KVSPLIT_FUSED_FOLD");
     let bw = copy_bandwidth();
     println!("measured copy bandwidth: {:.0} GB/s", bw / 1e9);
     let depths: &[i32] = if quick { &[4096, 32768] } else { &[4096, 16384, 32768, 65536, 131072] };
@@ -310,12 +314,15 @@ fn main() {
             // fused step (write inside the kernel) and through the MLX-ops write + fused kernel.
             if matches!(label, "fp16" | "k8v4") {
                 let kv = random::normal::<f32>(&[1, hkv, 1, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let variants: &[(&str, &str)] = if label == "fp16" { &[("sdpa", "1")] } else { &[("fused-step", "1"), ("fused-opswrite", "0")] };
-                for &(path, step) in variants {
+                let variants: &[(&str, &str, &str)] =
+                    if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
+                for &(path, step, fold) in variants {
                     set_fused(true);
                     std::env::set_var("KVSPLIT_FUSED_STEP", step);
+                    std::env::set_var("KVSPLIT_FUSED_FOLD", fold);
                     let s = time_layer_steps(&mut caches, &q, &kv, scale, if quick { 5 } else { 10 });
                     std::env::remove_var("KVSPLIT_FUSED_STEP");
+                    std::env::remove_var("KVSPLIT_FUSED_FOLD");
                     println!("csv: {t},{label},{path},layer-step,{n_batch},{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 }
             }

@@ -366,6 +366,16 @@ impl KvCache {
 
     /// `update` then `attend`: what an attention layer calls.
     pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        if crate::fused::host_profile::enabled() {
+            let t0 = std::time::Instant::now();
+            let out = self.update_and_attend_inner(q, k, v, scale, sinks);
+            crate::fused::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
+            return out;
+        }
+        self.update_and_attend_inner(q, k, v, scale, sinks)
+    }
+
+    fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
         if sinks.is_none() {
             if let Some(out) = self.fused_step(q, k, v, scale)? {
                 return Ok(out);
@@ -407,9 +417,14 @@ impl KvCache {
         bv.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
         let pos = match self.step_pos.take() {
             Some((p, at)) if at == slot => p,
-            // Made on the device (an add, not a host array), large enough for a buffer of its
-            // own: the kernels read and advance it there every step.
-            _ => mlx_rs::ops::zeros_dtype(&[1024], Dtype::Int32)?.add(Array::from_int(slot as i32))?,
+            // Made on the device (an add of a host array, so the kernels' in-place updates hit a
+            // device buffer), large enough for a buffer of its own: pos[0] = slot, then the
+            // one-launch variant's arrival counters (see `fused::decode_step`).
+            _ => {
+                let mut init = vec![0i32; 1024];
+                init[0] = slot as i32;
+                Array::from_slice(&init, &[1024]).add(Array::from_int(0))?
+            }
         };
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
         let kop = crate::fused::FusedOperand { full: &kf, bits: bk.bits, group: bk.group };

@@ -38,6 +38,33 @@ const MERGE: &str = include_str!("kernels/decode_merge.cu");
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
+/// Host-side time spent in `KvCache::update_and_attend` and inside MLX's custom-kernel apply,
+/// when `KVSPLIT_HOST_PROFILE=1` (for telling graph-building cost apart by layer part).
+pub mod host_profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static LAYER_NS: AtomicU64 = AtomicU64::new(0);
+    static APPLY_NS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("KVSPLIT_HOST_PROFILE").is_ok_and(|v| v == "1"))
+    }
+
+    pub(crate) fn add_layer(ns: u64) {
+        LAYER_NS.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_apply(ns: u64) {
+        APPLY_NS.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// (seconds in update_and_attend, seconds in custom-kernel apply) since the last call.
+    pub fn take() -> (f64, f64) {
+        (LAYER_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9, APPLY_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9)
+    }
+}
+
 /// Fill the kernels' outputs with NaN before they run, so an element a kernel fails to write
 /// shows up as NaN (for correctness checks; it costs one fill per output, so it is off by
 /// default).
@@ -151,7 +178,10 @@ pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> u
 /// of 32 (whole tiles), every split non-empty, and `n_split * per >= t`.
 pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     let tile = 32 * WARPS as usize;
-    let want = TARGET_BLOCKS.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
+    // `KVSPLIT_FUSED_BLOCKS` overrides the target (for measuring split counts).
+    static TARGET: OnceLock<usize> = OnceLock::new();
+    let target = *TARGET.get_or_init(|| std::env::var("KVSPLIT_FUSED_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(TARGET_BLOCKS));
+    let want = target.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
     let per = t.div_ceil(want).div_ceil(32) * 32;
     (t.div_ceil(per).max(1), per.max(32))
 }
@@ -204,6 +234,13 @@ const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     body: PARTIAL,
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
     outputs: &["out_o", "out_m", "out_l"],
+};
+const STEP_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_fold",
+    defines: "#define KV_STEP 1\n#define KV_FOLD 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    outputs: &["out_o", "out_m", "out_l", "out"],
 };
 const STEP_MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_merge",
@@ -308,7 +345,11 @@ fn run_kernel(
             }
             let mut outs = mlx_sys::mlx_vector_array_new();
             let stream = mlx_sys::mlx_default_gpu_stream_new();
+            let t0 = host_profile::enabled().then(std::time::Instant::now);
             let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel.raw, ins, cfg, stream);
+            if let Some(t0) = t0 {
+                host_profile::add_apply(t0.elapsed().as_nanos() as u64);
+            }
             mlx_sys::mlx_stream_free(stream);
             mlx_sys::mlx_vector_array_free(ins);
             if rc != 0 {
@@ -328,6 +369,14 @@ fn run_kernel(
         result
     }
 }
+
+/// Whether the decode step merges its splits inside the attention launch (one launch per
+/// layer) instead of a second kernel: `KVSPLIT_FUSED_FOLD=0|1`.
+fn fold_merge() -> bool {
+    std::env::var("KVSPLIT_FUSED_FOLD").map_or(FOLD_DEFAULT, |v| v == "1")
+}
+
+const FOLD_DEFAULT: bool = false;
 
 /// The query scale as a template argument (its f32 bits): one value per model, so one
 /// compiled variant, and no multiply op per layer.
@@ -387,8 +436,8 @@ pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, 
 /// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
 /// `q` (`[B, Hq, 1, D]`, unscaled) over the `t` tokens runs as in [`decode_attention`].
 ///
-/// `pos` is a one-element int32 device array that must hold `t - 1`; the merge kernel adds
-/// one to it, so the step after needs no host-made array (a fresh host array per layer and
+/// `pos` is an int32 device array of 1024 elements: `pos[0]` must hold `t - 1`, the rest 0
+/// (arrival counters of the one-launch variant); the step adds one to `pos[0]`, so the step after needs no host-made array (a fresh host array per layer and
 /// step would be a managed-memory upload each time). Writing into arrays MLX treats as inputs
 /// is sound here because the cache owns them, nothing else reads them in the same graph, and
 /// MLX runs the step's launches in data order (every later reader depends on this step's
@@ -408,29 +457,39 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: 
     let (n_split, _) = split_plan(t, bh as usize);
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let ns = n_split as i32;
-    let parts = run_kernel(
-        &STEP_PARTIAL_DEF,
-        &[q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos],
-        &[
-            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
-            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
-            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
-        ],
-        (ns * 32 * WARPS, bh),
-        32 * WARPS,
-        &[
-            ("D", d),
-            ("BK", k.bits as i32),
-            ("BV", v.bits as i32),
-            ("GK", k.group as i32),
-            ("GV", v.group as i32),
-            ("REP", rows),
-            ("WARPS", WARPS),
-            ("VD", vd as i32),
-            ("SCALE_BITS", scale_bits(scale)),
-        ],
-        &[],
-    )?;
+    let ints = [
+        ("D", d),
+        ("BK", k.bits as i32),
+        ("BV", v.bits as i32),
+        ("GK", k.group as i32),
+        ("GV", v.group as i32),
+        ("REP", rows),
+        ("WARPS", WARPS),
+        ("VD", vd as i32),
+        ("SCALE_BITS", scale_bits(scale)),
+    ];
+    let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
+    let parts_out = [
+        Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+    ];
+    // One launch: the last block of each head merges its splits (split weights are staged in
+    // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
+    if fold_merge() && n_split <= (WARPS * d) as usize && bh < 1022 {
+        let [o, m, l] = parts_out;
+        let out = run_kernel(
+            &STEP_FOLD_DEF,
+            &inputs,
+            &[o, m, l, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+            (ns * 32 * WARPS, bh),
+            32 * WARPS,
+            &ints,
+            &[("OT", q.dtype())],
+        )?;
+        return Ok(out.into_iter().nth(3).expect("the fold kernel has four outputs"));
+    }
+    let parts = run_kernel(&STEP_PARTIAL_DEF, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
         &[&parts[0], &parts[1], &parts[2], pos],

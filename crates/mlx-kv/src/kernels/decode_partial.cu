@@ -34,6 +34,9 @@ const int warp = threadIdx.x >> 5;
 const int split = blockIdx.x;
 const int bh = blockIdx.y;
 const int n_split = gridDim.x;
+#ifndef KV_FOLD
+#define KV_FOLD 0
+#endif
 #if KV_STEP
 const int T = pos[0] + 1;
 const int CAP = kw_shape[2];
@@ -218,3 +221,61 @@ for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
   out_o[o * D + d] = O;
   if (d == 0) { out_m[o] = M; out_l[o] = L; }
 }
+
+#if KV_FOLD
+// The merge folded into this launch (fused.rs `decode_step` with fold): the last block of a
+// head to finish (an arrival counter per head in pos[1 + bh]) merges that head's splits as
+// decode_merge.cu does and writes `out` in the query dtype; the last head to be merged resets
+// the counters and advances pos[0] (every block has read it by then). Other blocks' partial
+// results are read through L2 (__ldcg) after the fences. Split weights are staged in sm_o,
+// free once the block's own warps are merged, so at most WARPS * D splits.
+{
+  __shared__ int kv_last;
+  __shared__ float kv_l[REP];
+  int32_t* ctr = const_cast<int32_t*>(pos);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) kv_last = atomicAdd(&ctr[1 + bh], 1) == n_split - 1;
+  __syncthreads();
+  if (kv_last) {
+    __threadfence();
+    constexpr int MAXS = WARPS * D;
+    float* c_s = &sm_o[0][0][0];
+    for (int r = warp; r < REP; r += WARPS) {
+      float mx = -KV_INF;
+      for (int s2 = lane; s2 < n_split; s2 += 32) {
+        const float ms = __ldcg(&out_m[((size_t)bh * n_split + s2) * REP + r]);
+        c_s[r * MAXS + s2] = ms;
+        mx = fmaxf(mx, ms);
+      }
+      mx = kv_warp_max(mx);
+      float ls = 0.f;
+      for (int s2 = lane; s2 < n_split; s2 += 32) {
+        const float c = c_s[r * MAXS + s2] > -KV_INF ? __expf(c_s[r * MAXS + s2] - mx) : 0.f;
+        c_s[r * MAXS + s2] = c;
+        ls += __ldcg(&out_l[((size_t)bh * n_split + s2) * REP + r]) * c;
+      }
+      ls = kv_warp_sum(ls);
+      if (lane == 0) kv_l[r] = ls;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+      const int r = i / D, dd = i % D;
+      float o = 0.f;
+#pragma unroll 8
+      for (int s2 = 0; s2 < n_split; ++s2) {
+        o += __ldcg(&out_o[(((size_t)bh * n_split + s2) * REP + r) * D + dd]) * c_s[r * MAXS + s2];
+      }
+      out[((size_t)bh * REP + r) * D + dd] = kv_from_float<OT>(o / kv_l[r]);
+    }
+    if (threadIdx.x == 0) {
+      ctr[1 + bh] = 0;
+      __threadfence();
+      if (atomicAdd(&ctr[1023], 1) == (int)gridDim.y - 1) {
+        ctr[1023] = 0;
+        ctr[0] += 1;
+      }
+    }
+  }
+}
+#endif
