@@ -74,7 +74,7 @@ for qt in ["__half", "float"]:
                 "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
                 "const int32_t* pos", "float* out_o", "float* out_m", "float* out_l"]
         ok &= compile_one(f"step partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_partial", partial, step, consts, 1))
-        fold = step + [f"{qt}* out"]
+        fold = step[:-3] + ["float* part", f"{qt}* out"]
         ok &= compile_one(f"step fold q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_fold", partial, fold, dict(consts, OT=qt), 1, 1))
     params = ["const float* part_o", "const float* part_m", "const float* part_l", "const int32_t* meta", f"{qt}* out"]
     ok &= compile_one(f"merge OT={qt}", program("kvsplit_merge", merge, params, dict(D=128, REP=4, OT=qt)))

@@ -28,9 +28,10 @@ use std::sync::OnceLock;
 const WARPS: i32 = 4;
 /// Blocks of pass 1 to aim for on a 132-SM H200: every load of a tile is issued before its
 /// arithmetic, so ptxas gives the D=128 kernels 160-240 registers per thread and two
-/// 128-thread blocks fit an SM at once; 528 blocks are two full waves of equal work.
-/// Splits are never shorter than one tile per warp.
-const TARGET_BLOCKS: usize = 528;
+/// 128-thread blocks fit an SM at once; 264 blocks are one full wave. Whole-model decode
+/// measured 264 faster than 528 (two waves) at 32K and 128K (docs/gpu-whole-model-h200.md):
+/// fewer splits also make the merge cheaper. Splits are never shorter than one tile per warp.
+const TARGET_BLOCKS: usize = 264;
 
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
@@ -240,7 +241,7 @@ const STEP_FOLD_DEF: KernelDef = KernelDef {
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n",
     body: PARTIAL,
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
-    outputs: &["out_o", "out_m", "out_l", "out"],
+    outputs: &["part", "out"],
 };
 const STEP_MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_merge",
@@ -272,8 +273,12 @@ fn kernel_handle(def: &KernelDef) -> KernelHandle {
         // stale code.
         let hash = [COMMON, &source].concat().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let name = CString::new(format!("{}_{hash:016x}", def.stem)).expect("kernel names have no NUL");
+        let (header, source) = match include_files(def, &source, hash) {
+            Some(small) => small,
+            None => (COMMON.to_string(), source),
+        };
         let source = CString::new(source).expect("kernel sources have no NUL");
-        let header = CString::new(COMMON).expect("kernel sources have no NUL");
+        let header = CString::new(header).expect("kernel sources have no NUL");
         let (ins, outs) = (vec_string(def.inputs), vec_string(def.outputs));
         // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is
         // (the step kernel writes into the cache buffers it is given, which are contiguous by
@@ -287,6 +292,31 @@ fn kernel_handle(def: &KernelDef) -> KernelHandle {
         k.borrow_mut().push((def.stem, h));
         h
     })
+}
+
+/// The kernel's header and body written to files once, and the `#include` lines that stand
+/// for them: MLX rebuilds a custom kernel's full source text (header + body, ~15 KB here) on
+/// every call, which costs host time twice per layer and decode step; NVRTC reads the files
+/// only when it compiles. The body line names the shape parameters the body uses, because
+/// MLX passes an input's shape only when the source text mentions `<input>_shape`.
+/// `None` (inline sources) if the files cannot be written.
+fn include_files(def: &KernelDef, source: &str, hash: u64) -> Option<(String, String)> {
+    let dir = std::env::temp_dir().join(format!("kvsplit-kernels-{hash:016x}"));
+    let write = |name: &str, text: &str| -> Option<String> {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+            std::fs::create_dir_all(&dir).ok()?;
+            let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, text).ok()?;
+            std::fs::rename(&tmp, &path).ok()?;
+        }
+        let path = path.to_str()?.to_string();
+        (!path.contains('"')).then_some(path)
+    };
+    let header = write("common.cuh", COMMON)?;
+    let body = write(&format!("{}.cu", def.stem), source)?;
+    let shapes: Vec<String> = def.inputs.iter().map(|n| format!("{n}_shape")).filter(|n| source.contains(n.as_str())).collect();
+    Some((format!("#include \"{header}\"\n"), format!("// uses: {}\n#include \"{body}\"\n", shapes.join(" "))))
 }
 
 /// Template arguments by name; names are `'static` and turned into C strings once.
@@ -376,7 +406,7 @@ fn fold_merge() -> bool {
     std::env::var("KVSPLIT_FUSED_FOLD").map_or(FOLD_DEFAULT, |v| v == "1")
 }
 
-const FOLD_DEFAULT: bool = false;
+const FOLD_DEFAULT: bool = true;
 
 /// The query scale as a template argument (its f32 bits): one value per model, so one
 /// compiled variant, and no multiply op per layer.
@@ -477,17 +507,16 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: 
     // One launch: the last block of each head merges its splits (split weights are staged in
     // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
     if fold_merge() && n_split <= (WARPS * d) as usize && bh < 1022 {
-        let [o, m, l] = parts_out;
         let out = run_kernel(
             &STEP_FOLD_DEF,
             &inputs,
-            &[o, m, l, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+            &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
             (ns * 32 * WARPS, bh),
             32 * WARPS,
             &ints,
             &[("OT", q.dtype())],
         )?;
-        return Ok(out.into_iter().nth(3).expect("the fold kernel has four outputs"));
+        return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
     let parts = run_kernel(&STEP_PARTIAL_DEF, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
     let out = run_kernel(
@@ -517,6 +546,18 @@ mod tests {
                 assert!(n * heads <= TARGET_BLOCKS.max(heads) + heads, "t={t} heads={heads}: {n} splits");
             }
         }
+    }
+
+    #[test]
+    fn kernel_sources_travel_as_include_lines_that_name_their_shape_parameters() {
+        let source = [STEP_PARTIAL_DEF.defines, STEP_PARTIAL_DEF.body].concat();
+        let (header, body) = include_files(&STEP_PARTIAL_DEF, &source, 1).expect("temp dir is writable");
+        assert!(header.starts_with("#include \"") && header.len() < 200, "{header}");
+        assert!(body.contains("kw_shape") && body.len() < 300, "{body}");
+        let path = body.split('"').nth(1).unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), source);
+        let (_, merge) = include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
+        assert!(merge.contains("part_m_shape"), "{merge}");
     }
 
     #[test]

@@ -37,6 +37,12 @@ const int n_split = gridDim.x;
 #ifndef KV_FOLD
 #define KV_FOLD 0
 #endif
+#if KV_FOLD
+// One scratch output for the splits' partial results (fewer buffers for MLX to allocate).
+float* const out_o = part;
+float* const out_m = part + (size_t)gridDim.y * gridDim.x * REP * D;
+float* const out_l = out_m + (size_t)gridDim.y * gridDim.x * REP;
+#endif
 #if KV_STEP
 const int T = pos[0] + 1;
 const int CAP = kw_shape[2];
