@@ -4,7 +4,8 @@
 //! Each row: fresh caches, `depth` tokens prefilled untimed, then a timed prefill of `n_prompt`
 //! tokens (TTFT = that prefill plus the argmax of its last logits), then `n_gen` greedy decode
 //! steps, each synchronised by evaluating the token it produced; decode tok/s is steps over the
-//! whole loop's time. The model is loaded once and every K/V setting is warmed up first.
+//! whole loop's time. The model is loaded once and every K/V setting is warmed up first;
+//! repeats run as rounds over all rows (fp16 and K8V4 samples alternate).
 
 use crate::kv_args::KvArgs;
 use crate::model_args::{load, ModelArgs};
@@ -359,14 +360,18 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} runs [{elapsed_precise}<{eta_precise}] {msg}")?);
     let mut rows = Vec::new();
-    for (_, s, depth) in &plan {
-        let mut samples = Vec::new();
-        for r in 0..a.repeats {
+    // Repeats are the outer loop, so every row's samples are spread over the whole run and a
+    // drift of the machine (clocks, other load) does not fall on one K/V setting only.
+    let mut all_samples: Vec<Vec<Sample>> = plan.iter().map(|_| Vec::new()).collect();
+    for r in 0..a.repeats {
+        for ((_, s, depth), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
             samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill)?);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }
+    }
+    for ((_, s, depth), samples) in plan.iter().zip(all_samples) {
         let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());

@@ -70,7 +70,7 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
 
 fn set_fused(on: bool) {
     mlx_kv::fused::poison_outputs(false);
-    std::env::set_var("KVSPLIT_FUSED", if on { "1" } else { "0" });
+    mlx_kv::fused::FUSED.set(on);
 }
 
 /// Bit pairs of the correctness checks; `--quick` keeps two (every variant is compiled on first
@@ -131,7 +131,7 @@ fn last_rows(x: &[f32], hkv: usize, t: usize, d: usize) -> Vec<f32> {
 fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     let key = random::key(seed ^ 7).unwrap();
     let mut ok = true;
-    std::env::set_var("KVSPLIT_FUSED_FOLD", if fold { "1" } else { "0" });
+    mlx_kv::fused::FOLD.set(fold);
     let launches = if fold { "one launch (merge folded)" } else { "two launches" };
     println!("fused decode step, {launches} (seed {seed}): new token vs MLX quantize; max |out - f64 ref|");
     // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
@@ -155,10 +155,8 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
                 mlx_kv::fused::poison_outputs(true);
                 out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
                 mlx_kv::fused::poison_outputs(false);
-                std::env::set_var("KVSPLIT_FUSED_STEP", "0");
                 twin.update(&kn, &vn).unwrap();
                 twin.eval().unwrap();
-                std::env::remove_var("KVSPLIT_FUSED_STEP");
                 let n = (t - 2 + i as i32) as usize;
                 for (a, b) in [
                     (cache.dequantized_keys().unwrap().unwrap(), twin.dequantized_keys().unwrap().unwrap()),
@@ -279,7 +277,7 @@ fn main() {
     let mut ok = correctness(seed, with_ops, quick);
     ok &= step_correctness(seed, quick, false);
     ok &= step_correctness(seed, quick, true);
-    std::env::remove_var("KVSPLIT_FUSED_FOLD");
+    mlx_kv::fused::FOLD.set(true);
     let bw = copy_bandwidth();
     println!("measured copy bandwidth: {:.0} GB/s", bw / 1e9);
     let depths: &[i32] = if quick { &[4096, 32768] } else { &[4096, 16384, 32768, 65536, 131072] };
@@ -318,11 +316,11 @@ fn main() {
                     if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
                 for &(path, step, fold) in variants {
                     set_fused(true);
-                    std::env::set_var("KVSPLIT_FUSED_STEP", step);
-                    std::env::set_var("KVSPLIT_FUSED_FOLD", fold);
+                    mlx_kv::fused::STEP.set(step == "1");
+                    mlx_kv::fused::FOLD.set(fold == "1");
                     let s = time_layer_steps(&mut caches, &q, &kv, scale, if quick { 5 } else { 10 });
-                    std::env::remove_var("KVSPLIT_FUSED_STEP");
-                    std::env::remove_var("KVSPLIT_FUSED_FOLD");
+                    mlx_kv::fused::STEP.set(true);
+                    mlx_kv::fused::FOLD.set(true);
                     println!("csv: {t},{label},{path},layer-step,{n_batch},{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 }
             }

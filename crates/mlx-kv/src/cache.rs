@@ -391,7 +391,7 @@ impl KvCache {
     /// (the MLX-ops write is a `quantize` and three slice updates each for K and V, and MLX's
     /// per-op cost dominates decode on the GPU). Applies to one new token going straight to a
     /// split-quantized per-token body: no sinks, residual tail, ring or rotation.
-    /// `KVSPLIT_FUSED_STEP=0` turns it off (for comparisons).
+    /// [`crate::fused::STEP`] (`KVSPLIT_FUSED_STEP=0`) turns it off (for comparisons).
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
@@ -403,7 +403,7 @@ impl KvCache {
             && self.opts.max_size.is_none()
             && self.tail_k.is_empty()
             && self.offset + 1 >= spec.quantized_kv_start;
-        if !direct || std::env::var("KVSPLIT_FUSED_STEP").is_ok_and(|v| v == "0") {
+        if !direct || !crate::fused::STEP.get() {
             return Ok(None);
         }
         let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { return Ok(None) };

@@ -147,14 +147,59 @@ pub struct FusedOperand<'a> {
     pub group: usize,
 }
 
-/// Whether the fused kernel covers this case; otherwise the MLX-ops path runs.
-/// `KVSPLIT_FUSED=0` forces the MLX-ops path (for comparisons). head_dim must be a power of two
+/// An on/off switch read from the environment once (`0` off, `1` on, else the default), which a
+/// process may also set (fused_check compares paths in one run). Read per layer and decode
+/// step, so it must not cost an environment lookup each time.
+pub struct Switch {
+    var: &'static str,
+    default: bool,
+    /// 0: not read yet, 1: off, 2: on.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl Switch {
+    const fn new(var: &'static str, default: bool) -> Self {
+        Switch { var, default, state: std::sync::atomic::AtomicU8::new(0) }
+    }
+
+    pub fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => {
+                let on = match std::env::var(self.var).as_deref() {
+                    Ok("0") => false,
+                    Ok("1") => true,
+                    _ => self.default,
+                };
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.state.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    }
+}
+
+/// `KVSPLIT_FUSED=0` forces the MLX-ops attention path (for comparisons).
+pub static FUSED: Switch = Switch::new("KVSPLIT_FUSED", true);
+/// `KVSPLIT_FUSED_STEP=0` turns the fused decode step off: the MLX-ops cache write, then the
+/// fused attention kernel ([`crate::KvCache::update_and_attend`]).
+pub static STEP: Switch = Switch::new("KVSPLIT_FUSED_STEP", true);
+/// `KVSPLIT_FUSED_FOLD=0` makes the decode step two launches (partial, then merge) instead of
+/// one (the last block of each head merges its splits).
+pub static FOLD: Switch = Switch::new("KVSPLIT_FUSED_FOLD", true);
+
+/// Whether the fused kernel covers this case; otherwise the MLX-ops path runs
+/// ([`FUSED`] off forces the MLX-ops path). head_dim must be a power of two
 /// so that the lanes sharing a value dim slice are a power-of-two stride apart (they are
 /// summed with xor shuffles).
 pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
     let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
     cfg!(not(target_os = "macos"))
-        && std::env::var("KVSPLIT_FUSED").map_or(true, |v| v != "0")
+        && FUSED.get()
         && crate::Backend::current() == crate::Backend::Gpu
         && pow2(k_bits)
         && pow2(v_bits)
@@ -352,23 +397,62 @@ fn run_kernel(
     debug_assert_eq!(outputs.len(), def.outputs.len());
     let kernel = kernel_handle(def);
     let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
+    let poison = POISON.load(Ordering::Relaxed);
+    // Launch configurations repeat from layer to layer and step to step (the split count
+    // changes rarely): build each once per thread.
+    let mut key: Vec<i64> = vec![def.stem.as_ptr() as i64, poison as i64, grid.0 as i64, grid.1 as i64, threads as i64];
+    key.extend(ints.iter().map(|(_, v)| *v as i64));
+    key.extend(types.iter().map(|(_, d)| *d as i64));
+    for o in outputs {
+        key.push(o.dtype as i64);
+        key.push(o.shape.len() as i64);
+        key.extend(o.shape.iter().map(|&x| x as i64));
+    }
+    thread_local! {
+        static CONFIGS: std::cell::RefCell<std::collections::HashMap<Vec<i64>, ConfigHandle>> = Default::default();
+    }
+    let cached = CONFIGS.with(|c| c.borrow().get(&key).copied());
     unsafe {
-        let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
-        let result = (|| -> Result<Vec<Array>> {
-            for o in outputs {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
+        let cfg = match cached {
+            Some(c) => c.raw,
+            None => {
+                let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
+                let built = (|| -> Result<()> {
+                    for o in outputs {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
+                    }
+                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
+                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
+                    if poison {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
+                    }
+                    for (n, val) in ints {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c_name(n).as_ptr(), *val), "template arg")?;
+                    }
+                    for (n, d) in types {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c_name(n).as_ptr(), dtype(*d)), "template dtype")?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = built {
+                    mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
+                    return Err(e);
+                }
+                CONFIGS.with(|c| {
+                    let mut c = c.borrow_mut();
+                    // Bounded: shapes that stop recurring (other depths, other models) are
+                    // dropped all at once.
+                    if c.len() >= 256 {
+                        for (_, old) in c.drain() {
+                            mlx_sys::mlx_fast_cuda_kernel_config_free(old.raw);
+                        }
+                    }
+                    c.insert(key, ConfigHandle { raw: cfg });
+                });
+                cfg
             }
-            check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
-            check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
-            if POISON.load(Ordering::Relaxed) {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
-            }
-            for (n, val) in ints {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c_name(n).as_ptr(), *val), "template arg")?;
-            }
-            for (n, d) in types {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c_name(n).as_ptr(), dtype(*d)), "template dtype")?;
-            }
+        };
+        {
             let ins = mlx_sys::mlx_vector_array_new();
             for a in inputs {
                 mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
@@ -394,19 +478,15 @@ fn run_kernel(
             }
             mlx_sys::mlx_vector_array_free(outs);
             Ok(got)
-        })();
-        mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
-        result
+        }
     }
 }
 
-/// Whether the decode step merges its splits inside the attention launch (one launch per
-/// layer) instead of a second kernel: `KVSPLIT_FUSED_FOLD=0|1`.
-fn fold_merge() -> bool {
-    std::env::var("KVSPLIT_FUSED_FOLD").map_or(FOLD_DEFAULT, |v| v == "1")
+/// A launch configuration kept for reuse (see [`run_kernel`]).
+#[derive(Clone, Copy)]
+struct ConfigHandle {
+    raw: mlx_sys::mlx_fast_cuda_kernel_config,
 }
-
-const FOLD_DEFAULT: bool = true;
 
 /// The query scale as a template argument (its f32 bits): one value per model, so one
 /// compiled variant, and no multiply op per layer.
@@ -506,7 +586,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: 
     ];
     // One launch: the last block of each head merges its splits (split weights are staged in
     // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
-    if fold_merge() && n_split <= (WARPS * d) as usize && bh < 1022 {
+    if FOLD.get() && n_split <= (WARPS * d) as usize && bh < 1022 {
         let out = run_kernel(
             &STEP_FOLD_DEF,
             &inputs,
