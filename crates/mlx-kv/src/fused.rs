@@ -11,6 +11,13 @@
 //! splits and writes the output in the query dtype, so a layer's decode attention is two
 //! launches and nothing else.
 //!
+//! The decode step ([`decode_step`], what `KvCache::update_and_attend` uses for one new token)
+//! goes further: pass 1 also quantizes the new token and writes it into the cache buffers in
+//! place, and by default the last block of each head merges the splits, so a layer's whole
+//! decode (cache write included) is one launch. On the GPU MLX's per-op host cost dominates
+//! decode, which is why fewer ops per layer matter as much as kernel time
+//! (docs/gpu-whole-model-h200.md).
+//!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. The Metal
 //! twin ([`METAL_SOURCE`]) still has the structure of the first, single-pass kernel (a warp per
