@@ -387,9 +387,9 @@ impl KvCache {
 
     /// One decode token through the fused GPU step, where it applies: the token's K and V are
     /// quantized and written into the body by the attention kernel itself
-    /// ([`crate::fused::decode_step`]), so a layer's decode is two launches and no other op
-    /// (the MLX-ops write is a `quantize` and three slice updates each for K and V, and MLX's
-    /// per-op cost dominates decode on the GPU). Applies to one new token going straight to a
+    /// ([`crate::fused::decode_step`]), so a layer's decode is one launch (two with
+    /// [`crate::fused::FOLD`] off) and no other op (the MLX-ops write is a `quantize` and three
+    /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU). Applies to one new token going straight to a
     /// split-quantized per-token body: no sinks, residual tail, ring or rotation.
     /// [`crate::fused::STEP`] (`KVSPLIT_FUSED_STEP=0`) turns it off (for comparisons).
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
