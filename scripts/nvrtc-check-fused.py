@@ -18,7 +18,10 @@ kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/kernels"
 read = lambda n: open(os.path.join(kdir, n)).read()
 common, partial, merge = read("decode_common.cuh"), read("decode_partial.cu"), read("decode_merge.cu")
 
-PRELUDE = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\ntypedef unsigned int uint32_t;\ntypedef int int32_t;\n"
+PRELUDE = ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\ntypedef unsigned int uint32_t;\ntypedef int int32_t;\n"
+           # MLX passes an input's shape by value (`const __grid_constant__ Shape x_shape`) when
+           # the body names it; a stand-in with the same indexing.
+           "struct Shape { int32_t v[8]; __device__ int32_t operator[](int i) const { return v[i]; } };\n")
 
 
 def value_dims(d, bv, rep, gv):
@@ -30,7 +33,8 @@ def value_dims(d, bv, rep, gv):
     return min(max(vd, d // 32, 16 // bv), gv, d)
 
 
-def program(name, body, params, consts):
+def program(name, body, params, consts, step=0, fold=0):
+    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n" + body
     c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
     c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
     return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
@@ -64,8 +68,17 @@ for qt in ["__half", "float"]:
         vd = value_dims(d, bv, rep, g)
         params = [f"const {qt}* q", "const uint32_t* kw", "const __half* ks", "const __half* kb", "const uint32_t* vw",
                   "const __half* vs", "const __half* vb", "const int32_t* meta", "float* out_o", "float* out_m", "float* out_l"]
-        consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd)
+        consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000)
         ok &= compile_one(f"partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_partial", partial, params, consts))
+        step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
+                "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
+                "const int32_t* pos", "float* out_o", "float* out_m", "float* out_l"]
+        ok &= compile_one(f"step partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_partial", partial, step, consts, 1))
+        fold = step[:-3] + ["float* part", f"{qt}* out"]
+        ok &= compile_one(f"step fold q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_fold", partial, fold, dict(consts, OT=qt), 1, 1))
     params = ["const float* part_o", "const float* part_m", "const float* part_l", "const int32_t* meta", f"{qt}* out"]
     ok &= compile_one(f"merge OT={qt}", program("kvsplit_merge", merge, params, dict(D=128, REP=4, OT=qt)))
+    params = ["const float* part_o", "const float* part_m", "const __grid_constant__ Shape part_m_shape", "const float* part_l",
+              "const int32_t* pos", f"{qt}* out"]
+    ok &= compile_one(f"step merge OT={qt}", program("kvsplit_step_merge", merge, params, dict(D=128, REP=4, OT=qt), 1))
 sys.exit(0 if ok else 1)

@@ -4,7 +4,8 @@
 //! Each row: fresh caches, `depth` tokens prefilled untimed, then a timed prefill of `n_prompt`
 //! tokens (TTFT = that prefill plus the argmax of its last logits), then `n_gen` greedy decode
 //! steps, each synchronised by evaluating the token it produced; decode tok/s is steps over the
-//! whole loop's time. The model is loaded once and every K/V setting is warmed up first.
+//! whole loop's time. The model is loaded once and every K/V setting is warmed up first;
+//! repeats run as rounds over all rows (fp16 and K8V4 samples alternate).
 
 use crate::kv_args::KvArgs;
 use crate::model_args::{load, ModelArgs};
@@ -178,6 +179,14 @@ struct Sample {
     ttft_ms: f64,
     kv_bytes: usize,
     peak: usize,
+    /// Seconds of the decode loop spent building the step's graph (forward and argmax, before
+    /// `eval`): host-side work, for telling it apart from what `eval` waits for.
+    decode_build_s: f64,
+    decode_s: f64,
+    /// With `KVSPLIT_HOST_PROFILE=1`: seconds of the decode loop in the caches'
+    /// `update_and_attend`, and in MLX's custom-kernel apply within it.
+    layer_host_s: f64,
+    apply_host_s: f64,
 }
 
 fn greedy(logits: &Array) -> Result<Array> {
@@ -207,20 +216,29 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     let mut y = greedy(&logits)?;
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
+    mlx_kv::fused::host_profile::take();
     let t1 = Instant::now();
+    let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
+        let tb = Instant::now();
         let input = y.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?;
         let logits = model.forward(&input, &mut caches, true)?;
         y = greedy(&logits)?;
+        decode_build_s += tb.elapsed().as_secs_f64();
         eval_step(&caches, &y)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let (layer_host_s, apply_host_s) = mlx_kv::fused::host_profile::take();
     Ok(Sample {
         prefill_tps: n_prompt as f64 / prefill_s.max(1e-9),
         decode_tps: if n_gen == 0 { f64::NAN } else { n_gen as f64 / decode_s.max(1e-9) },
         ttft_ms: ttft_s * 1e3,
         kv_bytes: caches.iter().map(|c| c.bytes().total()).sum(),
         peak: mlx_rs::memory::peak_memory()?,
+        decode_build_s,
+        decode_s,
+        layer_host_s,
+        apply_host_s,
     })
 }
 
@@ -342,17 +360,41 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} runs [{elapsed_precise}<{eta_precise}] {msg}")?);
     let mut rows = Vec::new();
-    for (_, s, depth) in &plan {
-        let mut samples = Vec::new();
-        for r in 0..a.repeats {
+    // Repeats are the outer loop, so every row's samples are spread over the whole run and a
+    // drift of the machine (clocks, other load) does not fall on one K/V setting only.
+    let mut all_samples: Vec<Vec<Sample>> = plan.iter().map(|_| Vec::new()).collect();
+    for r in 0..a.repeats {
+        for ((_, s, depth), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
             samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill)?);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }
+    }
+    for ((_, s, depth), samples) in plan.iter().zip(all_samples) {
         let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
+        if a.n_gen > 0 {
+            // Where a decode step's time goes: graph building on the host vs inside `eval`.
+            let per = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / (samples.len() * a.n_gen) as f64 * 1e3;
+            bar.suspend(|| {
+                eprintln!(
+                    "decode split {} depth {depth}: {:.3} ms/token, of which graph build {:.3} ms, eval {:.3} ms",
+                    s.spec,
+                    per(|x| x.decode_s),
+                    per(|x| x.decode_build_s),
+                    per(|x| x.decode_s - x.decode_build_s)
+                );
+                if mlx_kv::fused::host_profile::enabled() {
+                    eprintln!(
+                        "  host profile: update_and_attend {:.3} ms/token (custom-kernel apply {:.3} ms)",
+                        per(|x| x.layer_host_s),
+                        per(|x| x.apply_host_s)
+                    );
+                }
+            });
+        }
         let tokens = depth + a.n_prompt + a.n_gen;
         rows.push(ModelRow {
             kind: "model".into(),

@@ -10,9 +10,13 @@
 //!    and MLX's eval included: what a one-layer model would see); `batched` evaluates one call on
 //!    each of N distinct caches (like N layers) in one graph and divides by N, so fixed per-eval
 //!    costs are spread and the caches together are far larger than the 50 MB L2.
+//!    `layer-step` times what a model layer calls per decode token (cache write + attention,
+//!    `update_and_attend`), one call per cache in one graph.
+//! 3. The fused decode step (the kernel writes the new token into the cache itself) is checked
+//!    against MLX's `quantize` of the same token and against float64 attention.
 //!
 //! Usage: fused_check [--quick] [--ops] [--profile]
-//!   --quick    benchmark 4K and 32K only
+//!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --ops      also check and time the MLX-ops path (its quantized_matmul kernels take minutes
 //!              of JIT compilation on a fresh GPU machine)
 //!   --profile  no checks: a few k8v4 steps at 32K and 128K, for `ncu -k regex:kvsplit_attn`
@@ -66,15 +70,25 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
 
 fn set_fused(on: bool) {
     mlx_kv::fused::poison_outputs(false);
-    std::env::set_var("KVSPLIT_FUSED", if on { "1" } else { "0" });
+    mlx_kv::fused::FUSED.set(on);
 }
 
-fn correctness(seed: u64, with_ops: bool) -> bool {
+/// Bit pairs of the correctness checks; `--quick` keeps two (every variant is compiled on first
+/// use, about 3 s each on the GPU machine).
+fn bit_pairs(quick: bool) -> &'static [(u8, u8)] {
+    if quick {
+        &[(8, 4), (4, 2)]
+    } else {
+        &[(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]
+    }
+}
+
+fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
     let key = random::key(seed).unwrap();
     let mut ok = true;
     println!("correctness (seed {seed}): max |out - f64 ref over dequantized cache|");
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 777), (1, 8, 256, 300), (2, 1, 64, 5000)] {
-        for (kb, vb) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)] {
+        for &(kb, vb) in bit_pairs(quick) {
             let spec = KvSpec::bits(kb, vb);
             let (cache, _, _) = fill(&spec, hkv, t, d, &key);
             // f16 queries: what the GPU path computes in (CUDA qmm has no f32-activation kernel
@@ -102,6 +116,97 @@ fn correctness(seed: u64, with_ops: bool) -> bool {
         }
     }
     ok
+}
+
+/// Rows `[hkv, t, d]` → the last token's row of each head.
+fn last_rows(x: &[f32], hkv: usize, t: usize, d: usize) -> Vec<f32> {
+    (0..hkv).flat_map(|h| x[(h * t + t - 1) * d..(h * t + t) * d].to_vec()).collect()
+}
+
+/// The fused decode step (`update_and_attend` with one token: the kernel quantizes the token
+/// and writes it into the cache itself): three steps in a row per case (the device-side
+/// position counter advances), each new token as stored compared with what MLX's `quantize`
+/// stores on a twin cache (the write path the step replaces), and the last step's output with
+/// f64 attention over the dequantized cache, queries scaled in f64.
+fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
+    let key = random::key(seed ^ 7).unwrap();
+    let mut ok = true;
+    mlx_kv::fused::FOLD.set(fold);
+    let launches = if fold { "one launch (merge folded)" } else { "two launches" };
+    println!("fused decode step, {launches} (seed {seed}): new token vs MLX quantize; max |out - f64 ref|");
+    // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
+    // buffer (768 = 3 x 256 filled before the steps).
+    for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 771), (1, 8, 256, 300), (2, 1, 64, 5000), (2, 4, 128, 3)] {
+        for &(kb, vb) in bit_pairs(quick) {
+            let spec = KvSpec::bits(kb, vb);
+            let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let (mut twin, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut token_err = 0.0f64;
+            let mut out = Vec::new();
+            let mut q = None;
+            for i in 0..3u64 {
+                let ki = random::key(seed ^ (1000 + i)).unwrap();
+                let (k1, k2) = random::split(&ki, 2).unwrap();
+                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let qi = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
+                set_fused(true);
+                mlx_kv::fused::poison_outputs(true);
+                out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
+                mlx_kv::fused::poison_outputs(false);
+                twin.update(&kn, &vn).unwrap();
+                twin.eval().unwrap();
+                let n = (t - 2 + i as i32) as usize;
+                for (a, b) in [
+                    (cache.dequantized_keys().unwrap().unwrap(), twin.dequantized_keys().unwrap().unwrap()),
+                    (cache.dequantized_values().unwrap().unwrap(), twin.dequantized_values().unwrap().unwrap()),
+                ] {
+                    let (a, b) = (last_rows(&host(&a), hkv as usize, n, d as usize), last_rows(&host(&b), hkv as usize, n, d as usize));
+                    token_err = a.iter().zip(&b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(token_err, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                }
+                q = Some(qi);
+            }
+            let kd = host(&cache.dequantized_keys().unwrap().unwrap());
+            let vd = host(&cache.dequantized_values().unwrap().unwrap());
+            let qs: Vec<f32> = host(q.as_ref().unwrap()).iter().map(|x| (*x as f64 * scale as f64) as f32).collect();
+            let want = reference(&qs, &kd, &vd, (hkv * rep) as usize, hkv as usize, t as usize, d as usize);
+            let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+            // The kernel's quantizer repeats MLX's formulas in the same order: expect the same
+            // codes, scales and biases (0 difference); attention bound as above.
+            let pass = err < 1e-3 && token_err == 0.0 && cache.len() == t as usize;
+            ok &= pass;
+            println!(
+                "  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: new tokens vs MLX quantize {token_err:.2e}  out {err:.2e}  {}",
+                if pass { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    ok
+}
+
+/// Seconds per layer of a decode step (`update_and_attend` with one new token, as a model
+/// layer calls it) when one step on each cache is evaluated in one graph. The caches grow by
+/// one token per call.
+fn time_layer_steps(caches: &mut [KvCache], q: &Array, kv: &Array, scale: f32, iters: usize) -> f64 {
+    let run = |caches: &mut [KvCache]| {
+        let mut outs: Vec<Array> = caches.iter_mut().map(|c| c.update_and_attend(q, kv, kv, scale, None).unwrap()).collect();
+        for c in caches.iter() {
+            outs.extend(c.arrays().into_iter().cloned());
+        }
+        eval(outs.iter()).unwrap();
+    };
+    run(caches);
+    run(caches);
+    let mut v: Vec<f64> = (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            run(caches);
+            t.elapsed().as_secs_f64() / caches.len() as f64
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
 fn time_step(cache: &KvCache, q: &Array, scale: f32, iters: usize) -> f64 {
@@ -169,7 +274,10 @@ fn main() {
         return;
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
-    let ok = correctness(seed, with_ops);
+    let mut ok = correctness(seed, with_ops, quick);
+    ok &= step_correctness(seed, quick, false);
+    ok &= step_correctness(seed, quick, true);
+    mlx_kv::fused::FOLD.set(true);
     let bw = copy_bandwidth();
     println!("measured copy bandwidth: {:.0} GB/s", bw / 1e9);
     let depths: &[i32] = if quick { &[4096, 32768] } else { &[4096, 16384, 32768, 65536, 131072] };
@@ -179,7 +287,7 @@ fn main() {
         // Enough distinct caches that together they are at least twice the L2 (50 MB).
         let n_batch = if t <= 32768 { 16 } else { 8 };
         for (label, spec) in [("fp16", KvSpec::dense()), ("k8v8", KvSpec::bits(8, 8)), ("k8v4", KvSpec::bits(8, 4)), ("k4v4", KvSpec::bits(4, 4)), ("k4v2", KvSpec::bits(4, 2))] {
-            let caches: Vec<KvCache> = (0..n_batch).map(|i| fill(&spec, hkv, t, d, &random::key(seed ^ (100 + i as u64)).unwrap()).0).collect();
+            let mut caches: Vec<KvCache> = (0..n_batch).map(|i| fill(&spec, hkv, t, d, &random::key(seed ^ (100 + i as u64)).unwrap()).0).collect();
             let bytes = {
                 let (kb, vb) = spec.bytes_per_token_per_head(d as usize, 2);
                 (kb + vb) * (t * hkv) as f64
@@ -197,6 +305,23 @@ fn main() {
                 if path != "mlx-ops" {
                     let s = time_batched(&caches, &q, scale, if quick { 5 } else { 10 });
                     println!("csv: {t},{label},{path},batched,{n_batch},{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
+                }
+            }
+            // A whole layer's decode attention as the model calls it (cache write + attention),
+            // one call per cache in one graph: fp16 (slice updates + sdpa), k8v4 through the
+            // fused step (write inside the kernel) and through the MLX-ops write + fused kernel.
+            if matches!(label, "fp16" | "k8v4") {
+                let kv = random::normal::<f32>(&[1, hkv, 1, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let variants: &[(&str, &str, &str)] =
+                    if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
+                for &(path, step, fold) in variants {
+                    set_fused(true);
+                    mlx_kv::fused::STEP.set(step == "1");
+                    mlx_kv::fused::FOLD.set(fold == "1");
+                    let s = time_layer_steps(&mut caches, &q, &kv, scale, if quick { 5 } else { 10 });
+                    mlx_kv::fused::STEP.set(true);
+                    mlx_kv::fused::FOLD.set(true);
+                    println!("csv: {t},{label},{path},layer-step,{n_batch},{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 }
             }
         }

@@ -135,6 +135,9 @@ pub struct KvCache {
     offset: usize,
     rotation: Option<Array>,
     head_dim: usize,
+    /// The fused decode step's position counter on the device and the value it will hold once
+    /// the queued steps ran (see [`KvCache::fused_step`]).
+    step_pos: Option<(Array, usize)>,
 }
 
 impl KvCache {
@@ -180,6 +183,7 @@ impl KvCache {
             offset: 0,
             rotation,
             head_dim,
+            step_pos: None,
         })
     }
 
@@ -362,8 +366,77 @@ impl KvCache {
 
     /// `update` then `attend`: what an attention layer calls.
     pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        if crate::fused::host_profile::enabled() {
+            let t0 = std::time::Instant::now();
+            let out = self.update_and_attend_inner(q, k, v, scale, sinks);
+            crate::fused::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
+            return out;
+        }
+        self.update_and_attend_inner(q, k, v, scale, sinks)
+    }
+
+    fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        if sinks.is_none() {
+            if let Some(out) = self.fused_step(q, k, v, scale)? {
+                return Ok(out);
+            }
+        }
         self.update(k, v)?;
         self.attend(q, scale, sinks)
+    }
+
+    /// One decode token through the fused GPU step, where it applies: the token's K and V are
+    /// quantized and written into the body by the attention kernel itself
+    /// ([`crate::fused::decode_step`]), so a layer's decode is one launch (two with
+    /// [`crate::fused::FOLD`] off) and no other op (the MLX-ops write is a `quantize` and three
+    /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU). Applies to one new token going straight to a
+    /// split-quantized per-token body: no sinks, residual tail, ring or rotation.
+    /// [`crate::fused::STEP`] (`KVSPLIT_FUSED_STEP=0`) turns it off (for comparisons).
+    fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+        let spec = &self.spec;
+        let direct = k.shape()[2] == 1
+            && q.shape()[2] == 1
+            && spec.sinks == 0
+            && spec.residual == 0
+            && spec.block_tokens() == 1
+            && spec.rotation == Rotation::None
+            && self.opts.max_size.is_none()
+            && self.tail_k.is_empty()
+            && self.offset + 1 >= spec.quantized_kv_start;
+        if !direct || !crate::fused::STEP.get() {
+            return Ok(None);
+        }
+        let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { return Ok(None) };
+        let (ks, qs) = (k.shape(), q.shape());
+        let (b, hkv) = (ks[0], ks[1]);
+        if bk.axis != TokenAxis::Rows || qs[1] % hkv != 0 || !crate::fused::applies(bk.bits, bv.bits, self.head_dim, (qs[1] / hkv) as usize) {
+            return Ok(None);
+        }
+        let slot = self.body_head;
+        bk.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
+        bv.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
+        let pos = match self.step_pos.take() {
+            Some((p, at)) if at == slot => p,
+            // Made on the device (an add of a host array, so the kernels' in-place updates hit a
+            // device buffer), large enough for a buffer of its own: pos[0] = slot, then the
+            // one-launch variant's arrival counters (see `fused::decode_step`).
+            _ => {
+                let mut init = vec![0i32; 1024];
+                init[0] = slot as i32;
+                Array::from_slice(&init, &[1024]).add(Array::from_int(0))?
+            }
+        };
+        let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
+        let kop = crate::fused::FusedOperand { full: &kf, bits: bk.bits, group: bk.group };
+        let vop = crate::fused::FusedOperand { full: &vf, bits: bv.bits, group: bv.group };
+        let out = crate::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale)?;
+        bk.set_written(slot + 1);
+        bv.set_written(slot + 1);
+        self.step_pos = Some((pos, slot + 1));
+        self.body_pos.push(self.offset as i32);
+        self.body_head += 1;
+        self.offset += 1;
+        Ok(Some(out))
     }
 
     /// Removes the newest `n` tokens where possible; returns how many were removed. A ring that

@@ -11,6 +11,13 @@
 //! splits and writes the output in the query dtype, so a layer's decode attention is two
 //! launches and nothing else.
 //!
+//! The decode step ([`decode_step`], what `KvCache::update_and_attend` uses for one new token)
+//! goes further: pass 1 also quantizes the new token and writes it into the cache buffers in
+//! place, and by default the last block of each head merges the splits, so a layer's whole
+//! decode (cache write included) is one launch. On the GPU MLX's per-op host cost dominates
+//! decode, which is why fewer ops per layer matter as much as kernel time
+//! (docs/gpu-whole-model-h200.md).
+//!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. The Metal
 //! twin ([`METAL_SOURCE`]) still has the structure of the first, single-pass kernel (a warp per
@@ -28,15 +35,43 @@ use std::sync::OnceLock;
 const WARPS: i32 = 4;
 /// Blocks of pass 1 to aim for on a 132-SM H200: every load of a tile is issued before its
 /// arithmetic, so ptxas gives the D=128 kernels 160-240 registers per thread and two
-/// 128-thread blocks fit an SM at once; 528 blocks are two full waves of equal work.
-/// Splits are never shorter than one tile per warp.
-const TARGET_BLOCKS: usize = 528;
+/// 128-thread blocks fit an SM at once; 264 blocks are one full wave. Whole-model decode
+/// measured 264 faster than 528 (two waves) at 32K and 128K (docs/gpu-whole-model-h200.md):
+/// fewer splits also make the merge cheaper. Splits are never shorter than one tile per warp.
+const TARGET_BLOCKS: usize = 264;
 
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
 
 static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Host-side time spent in `KvCache::update_and_attend` and inside MLX's custom-kernel apply,
+/// when `KVSPLIT_HOST_PROFILE=1` (for telling graph-building cost apart by layer part).
+pub mod host_profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static LAYER_NS: AtomicU64 = AtomicU64::new(0);
+    static APPLY_NS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("KVSPLIT_HOST_PROFILE").is_ok_and(|v| v == "1"))
+    }
+
+    pub(crate) fn add_layer(ns: u64) {
+        LAYER_NS.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_apply(ns: u64) {
+        APPLY_NS.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// (seconds in update_and_attend, seconds in custom-kernel apply) since the last call.
+    pub fn take() -> (f64, f64) {
+        (LAYER_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9, APPLY_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9)
+    }
+}
 
 /// Fill the kernels' outputs with NaN before they run, so an element a kernel fails to write
 /// shows up as NaN (for correctness checks; it costs one fill per output, so it is off by
@@ -119,14 +154,59 @@ pub struct FusedOperand<'a> {
     pub group: usize,
 }
 
-/// Whether the fused kernel covers this case; otherwise the MLX-ops path runs.
-/// `KVSPLIT_FUSED=0` forces the MLX-ops path (for comparisons). head_dim must be a power of two
+/// An on/off switch read from the environment once (`0` off, `1` on, else the default), which a
+/// process may also set (fused_check compares paths in one run). Read per layer and decode
+/// step, so it must not cost an environment lookup each time.
+pub struct Switch {
+    var: &'static str,
+    default: bool,
+    /// 0: not read yet, 1: off, 2: on.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl Switch {
+    const fn new(var: &'static str, default: bool) -> Self {
+        Switch { var, default, state: std::sync::atomic::AtomicU8::new(0) }
+    }
+
+    pub fn get(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => {
+                let on = match std::env::var(self.var).as_deref() {
+                    Ok("0") => false,
+                    Ok("1") => true,
+                    _ => self.default,
+                };
+                self.set(on);
+                on
+            }
+        }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.state.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    }
+}
+
+/// `KVSPLIT_FUSED=0` forces the MLX-ops attention path (for comparisons).
+pub static FUSED: Switch = Switch::new("KVSPLIT_FUSED", true);
+/// `KVSPLIT_FUSED_STEP=0` turns the fused decode step off: the MLX-ops cache write, then the
+/// fused attention kernel ([`crate::KvCache::update_and_attend`]).
+pub static STEP: Switch = Switch::new("KVSPLIT_FUSED_STEP", true);
+/// `KVSPLIT_FUSED_FOLD=0` makes the decode step two launches (partial, then merge) instead of
+/// one (the last block of each head merges its splits).
+pub static FOLD: Switch = Switch::new("KVSPLIT_FUSED_FOLD", true);
+
+/// Whether the fused kernel covers this case; otherwise the MLX-ops path runs
+/// ([`FUSED`] off forces the MLX-ops path). head_dim must be a power of two
 /// so that the lanes sharing a value dim slice are a power-of-two stride apart (they are
 /// summed with xor shuffles).
 pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
     let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
     cfg!(not(target_os = "macos"))
-        && std::env::var("KVSPLIT_FUSED").map_or(true, |v| v != "0")
+        && FUSED.get()
         && crate::Backend::current() == crate::Backend::Gpu
         && pow2(k_bits)
         && pow2(v_bits)
@@ -151,7 +231,10 @@ pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> u
 /// of 32 (whole tiles), every split non-empty, and `n_split * per >= t`.
 pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     let tile = 32 * WARPS as usize;
-    let want = TARGET_BLOCKS.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
+    // `KVSPLIT_FUSED_BLOCKS` overrides the target (for measuring split counts).
+    static TARGET: OnceLock<usize> = OnceLock::new();
+    let target = *TARGET.get_or_init(|| std::env::var("KVSPLIT_FUSED_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(TARGET_BLOCKS));
+    let want = target.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
     let per = t.div_ceil(want).div_ceil(32) * 32;
     (t.div_ceil(per).max(1), per.max(32))
 }
@@ -174,80 +257,225 @@ fn check(rc: i32, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Kernel names carry a hash of the source: MLX caches compiled kernels on disk by name
-/// (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run stale code.
-fn kernel_name(stem: &str, source: &str) -> &'static str {
-    static NAMES: OnceLock<std::sync::Mutex<Vec<(String, &'static str)>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().expect("kernel name table");
-    if let Some((_, n)) = names.iter().find(|(s, _)| s == stem) {
-        return n;
+/// One custom kernel: its source body and argument names.
+struct KernelDef {
+    stem: &'static str,
+    /// Prepended to the body (`#define`s that pick a variant).
+    defines: &'static str,
+    body: &'static str,
+    inputs: &'static [&'static str],
+    outputs: &'static [&'static str],
+}
+
+const PARTIAL_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_attn_partial",
+    defines: "#define KV_STEP 0\n",
+    body: PARTIAL,
+    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "meta"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const MERGE_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_attn_merge",
+    defines: "#define KV_STEP 0\n",
+    body: MERGE,
+    inputs: &["part_o", "part_m", "part_l", "meta"],
+    outputs: &["out"],
+};
+const STEP_PARTIAL_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_partial",
+    defines: "#define KV_STEP 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const STEP_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_fold",
+    defines: "#define KV_STEP 1\n#define KV_FOLD 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    outputs: &["part", "out"],
+};
+const STEP_MERGE_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_merge",
+    defines: "#define KV_STEP 1\n",
+    body: MERGE,
+    inputs: &["part_o", "part_m", "part_l", "pos"],
+    outputs: &["out"],
+};
+
+/// A kernel object made once per definition and thread: `mlx_fast_cuda_kernel_new` scans the
+/// source for every argument name (shape parameters) and copies it, which a decode step
+/// should not pay twice per layer. Never freed: there are four, alive for the thread.
+#[derive(Clone, Copy)]
+struct KernelHandle {
+    raw: mlx_sys::mlx_fast_cuda_kernel,
+}
+
+fn kernel_handle(def: &KernelDef) -> KernelHandle {
+    thread_local! {
+        static KERNELS: std::cell::RefCell<Vec<(&'static str, KernelHandle)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    let name: &'static str = Box::leak(format!("{stem}_{hash:016x}").into_boxed_str());
-    names.push((stem.to_string(), name));
-    name
+    KERNELS.with(|k| {
+        if let Some((_, h)) = k.borrow().iter().find(|(s, _)| *s == def.stem) {
+            return *h;
+        }
+        let source = [def.defines, def.body].concat();
+        // Kernel names carry a hash of the source: MLX caches compiled kernels on disk by
+        // name (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run
+        // stale code.
+        let hash = [COMMON, &source].concat().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let name = CString::new(format!("{}_{hash:016x}", def.stem)).expect("kernel names have no NUL");
+        let (header, source) = match include_files(def, &source, hash) {
+            Some(small) => small,
+            None => (COMMON.to_string(), source),
+        };
+        let source = CString::new(source).expect("kernel sources have no NUL");
+        let header = CString::new(header).expect("kernel sources have no NUL");
+        let (ins, outs) = (vec_string(def.inputs), vec_string(def.outputs));
+        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is
+        // (the step kernel writes into the cache buffers it is given, which are contiguous by
+        // construction: see `KvCache::fused_step`).
+        let raw = unsafe { mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), ins, outs, source.as_ptr(), header.as_ptr(), true, 0) };
+        unsafe {
+            mlx_sys::mlx_vector_string_free(ins);
+            mlx_sys::mlx_vector_string_free(outs);
+        }
+        let h = KernelHandle { raw };
+        k.borrow_mut().push((def.stem, h));
+        h
+    })
+}
+
+/// The kernel's header and body written to files once, and the `#include` lines that stand
+/// for them: MLX rebuilds a custom kernel's full source text (header + body, ~15 KB here) on
+/// every call, which costs host time twice per layer and decode step; NVRTC reads the files
+/// only when it compiles. The body line names the shape parameters the body uses, because
+/// MLX passes an input's shape only when the source text mentions `<input>_shape`.
+/// `None` (inline sources) if the files cannot be written.
+fn include_files(def: &KernelDef, source: &str, hash: u64) -> Option<(String, String)> {
+    let dir = std::env::temp_dir().join(format!("kvsplit-kernels-{hash:016x}"));
+    let write = |name: &str, text: &str| -> Option<String> {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+            std::fs::create_dir_all(&dir).ok()?;
+            let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, text).ok()?;
+            std::fs::rename(&tmp, &path).ok()?;
+        }
+        let path = path.to_str()?.to_string();
+        (!path.contains('"')).then_some(path)
+    };
+    let header = write("common.cuh", COMMON)?;
+    let body = write(&format!("{}.cu", def.stem), source)?;
+    let shapes: Vec<String> = def.inputs.iter().map(|n| format!("{n}_shape")).filter(|n| source.contains(n.as_str())).collect();
+    Some((format!("#include \"{header}\"\n"), format!("// uses: {}\n#include \"{body}\"\n", shapes.join(" "))))
+}
+
+/// Template arguments by name; names are `'static` and turned into C strings once.
+fn c_name(n: &'static str) -> &'static std::ffi::CStr {
+    static NAMES: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static std::ffi::CStr)>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().expect("name table");
+    if let Some((_, c)) = names.iter().find(|(s, _)| *s == n) {
+        return c;
+    }
+    let c: &'static std::ffi::CStr = Box::leak(CString::new(n).expect("template names have no NUL").into_boxed_c_str());
+    names.push((n, c));
+    c
 }
 
 /// One output of a custom kernel.
 struct Out<'a> {
-    name: &'a str,
     shape: &'a [i32],
     dtype: Dtype,
 }
 
 /// Runs a custom CUDA kernel on the default GPU stream. `grid` counts threads (MLX divides it
-/// by `threads`), as in Metal's dispatchThreads.
-#[allow(clippy::too_many_arguments)]
+/// by `threads`), as in Metal's dispatchThreads. `inputs` and `outputs` follow `def`'s names.
 fn run_kernel(
-    stem: &str,
-    source: &str,
-    inputs: &[(&str, &Array)],
+    def: &KernelDef,
+    inputs: &[&Array],
     outputs: &[Out],
     grid: (i32, i32),
     threads: i32,
-    ints: &[(&str, i32)],
-    types: &[(&str, Dtype)],
+    ints: &[(&'static str, i32)],
+    types: &[(&'static str, Dtype)],
 ) -> Result<Vec<Array>> {
-    let name = CString::new(kernel_name(stem, &[COMMON, source].concat())).expect("kernel names have no NUL");
-    let source = CString::new(source).expect("kernel sources have no NUL");
-    let header = CString::new(COMMON).expect("kernel sources have no NUL");
-    let in_names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();
-    let out_names: Vec<&str> = outputs.iter().map(|o| o.name).collect();
-    let (in_names, out_names) = (vec_string(&in_names), vec_string(&out_names));
+    debug_assert_eq!(inputs.len(), def.inputs.len());
+    debug_assert_eq!(outputs.len(), def.outputs.len());
+    let kernel = kernel_handle(def);
     let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
+    let poison = POISON.load(Ordering::Relaxed);
+    // Launch configurations repeat from layer to layer and step to step (the split count
+    // changes rarely): build each once per thread.
+    let mut key: Vec<i64> = vec![def.stem.as_ptr() as i64, poison as i64, grid.0 as i64, grid.1 as i64, threads as i64];
+    key.extend(ints.iter().map(|(_, v)| *v as i64));
+    key.extend(types.iter().map(|(_, d)| *d as i64));
+    for o in outputs {
+        key.push(o.dtype as i64);
+        key.push(o.shape.len() as i64);
+        key.extend(o.shape.iter().map(|&x| x as i64));
+    }
+    thread_local! {
+        static CONFIGS: std::cell::RefCell<std::collections::HashMap<Vec<i64>, ConfigHandle>> = Default::default();
+    }
+    let cached = CONFIGS.with(|c| c.borrow().get(&key).copied());
     unsafe {
-        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is.
-        let kernel = mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), in_names, out_names, source.as_ptr(), header.as_ptr(), true, 0);
-        let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
-        let result = (|| -> Result<Vec<Array>> {
-            for o in outputs {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
+        let cfg = match cached {
+            Some(c) => c.raw,
+            None => {
+                let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
+                let built = (|| -> Result<()> {
+                    for o in outputs {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
+                    }
+                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
+                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
+                    if poison {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
+                    }
+                    for (n, val) in ints {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c_name(n).as_ptr(), *val), "template arg")?;
+                    }
+                    for (n, d) in types {
+                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c_name(n).as_ptr(), dtype(*d)), "template dtype")?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = built {
+                    mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
+                    return Err(e);
+                }
+                CONFIGS.with(|c| {
+                    let mut c = c.borrow_mut();
+                    // Bounded: shapes that stop recurring (other depths, other models) are
+                    // dropped all at once.
+                    if c.len() >= 256 {
+                        for (_, old) in c.drain() {
+                            mlx_sys::mlx_fast_cuda_kernel_config_free(old.raw);
+                        }
+                    }
+                    c.insert(key, ConfigHandle { raw: cfg });
+                });
+                cfg
             }
-            check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
-            check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
-            if POISON.load(Ordering::Relaxed) {
-                check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
-            }
-            for (n, val) in ints {
-                let c = CString::new(*n).expect("template names have no NUL");
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c.as_ptr(), *val), "template arg")?;
-            }
-            for (n, d) in types {
-                let c = CString::new(*n).expect("template names have no NUL");
-                check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c.as_ptr(), dtype(*d)), "template dtype")?;
-            }
+        };
+        {
             let ins = mlx_sys::mlx_vector_array_new();
-            for (_, a) in inputs {
+            for a in inputs {
                 mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
             }
             let mut outs = mlx_sys::mlx_vector_array_new();
             let stream = mlx_sys::mlx_default_gpu_stream_new();
-            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel, ins, cfg, stream);
+            let t0 = host_profile::enabled().then(std::time::Instant::now);
+            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel.raw, ins, cfg, stream);
+            if let Some(t0) = t0 {
+                host_profile::add_apply(t0.elapsed().as_nanos() as u64);
+            }
             mlx_sys::mlx_stream_free(stream);
             mlx_sys::mlx_vector_array_free(ins);
             if rc != 0 {
                 mlx_sys::mlx_vector_array_free(outs);
-                return Err(KvError::Shape(format!("fused decode attention: {stem} kernel apply failed")));
+                return Err(KvError::Shape(format!("fused decode attention: {} kernel apply failed", def.stem)));
             }
             let mut got = Vec::with_capacity(outputs.len());
             for i in 0..outputs.len() {
@@ -257,13 +485,20 @@ fn run_kernel(
             }
             mlx_sys::mlx_vector_array_free(outs);
             Ok(got)
-        })();
-        mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
-        mlx_sys::mlx_fast_cuda_kernel_free(kernel);
-        mlx_sys::mlx_vector_string_free(in_names);
-        mlx_sys::mlx_vector_string_free(out_names);
-        result
+        }
     }
+}
+
+/// A launch configuration kept for reuse (see [`run_kernel`]).
+#[derive(Clone, Copy)]
+struct ConfigHandle {
+    raw: mlx_sys::mlx_fast_cuda_kernel_config,
+}
+
+/// The query scale as a template argument (its f32 bits): one value per model, so one
+/// compiled variant, and no multiply op per layer.
+fn scale_bits(scale: f32) -> i32 {
+    scale.to_bits() as i32
 }
 
 /// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
@@ -279,28 +514,106 @@ pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, 
     let meta = Array::from_slice(&[t as i32, cap as i32, per as i32, n_split as i32], &[4]);
     let ns = n_split as i32;
     let parts = run_kernel(
-        "kvsplit_attn_partial",
-        PARTIAL,
-        &[("q", q3), ("kw", &k.full.w), ("ks", &k.full.scales), ("kb", &k.full.biases), ("vw", &v.full.w), ("vs", &v.full.scales), ("vb", &v.full.biases), ("meta", &meta)],
+        &PARTIAL_DEF,
+        &[q3, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta],
         &[
-            Out { name: "out_o", shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
-            Out { name: "out_m", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
-            Out { name: "out_l", shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
         ],
         (ns * 32 * WARPS, bh),
         32 * WARPS,
-        &[("D", d), ("BK", k.bits as i32), ("BV", v.bits as i32), ("GK", k.group as i32), ("GV", v.group as i32), ("REP", rows), ("WARPS", WARPS), ("VD", vd as i32)],
+        &[
+            ("D", d),
+            ("BK", k.bits as i32),
+            ("BV", v.bits as i32),
+            ("GK", k.group as i32),
+            ("GV", v.group as i32),
+            ("REP", rows),
+            ("WARPS", WARPS),
+            ("VD", vd as i32),
+            ("SCALE_BITS", scale_bits(1.0)),
+        ],
         &[],
     )?;
     let out = run_kernel(
-        "kvsplit_attn_merge",
-        MERGE,
-        &[("part_o", &parts[0]), ("part_m", &parts[1]), ("part_l", &parts[2]), ("meta", &meta)],
-        &[Out { name: "out", shape: &[bh, rows, d], dtype: q3.dtype() }],
+        &MERGE_DEF,
+        &[&parts[0], &parts[1], &parts[2], &meta],
+        &[Out { shape: &[bh, rows, d], dtype: q3.dtype() }],
         (d, bh * rows),
         d,
         &[("D", d), ("REP", rows)],
         &[("OT", q3.dtype())],
+    )?;
+    Ok(out.into_iter().next().expect("the merge kernel has one output"))
+}
+
+/// One decode step of a layer in two launches and no other op: the new token's key and value
+/// (`k_new`, `v_new`: `[B, Hkv, 1, D]`) are quantized on the GPU and written in place into
+/// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
+/// `q` (`[B, Hq, 1, D]`, unscaled) over the `t` tokens runs as in [`decode_attention`].
+///
+/// `pos` is an int32 device array of 1024 elements: `pos[0]` must hold `t - 1`, the rest 0
+/// (arrival counters of the one-launch variant); the step adds one to `pos[0]`, so the step after needs no host-made array (a fresh host array per layer and
+/// step would be a managed-memory upload each time). Writing into arrays MLX treats as inputs
+/// is sound here because the cache owns them, nothing else reads them in the same graph, and
+/// MLX runs the step's launches in data order (every later reader depends on this step's
+/// output). Returns `[B, Hq, 1, D]` in `q`'s dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: FusedOperand, pos: &Array, t: usize, cap: usize, scale: f32) -> Result<Array> {
+    let s = q.shape();
+    let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
+    let hkv = k_new.shape()[1];
+    if l != 1 || hq % hkv != 0 {
+        return Err(KvError::Shape(format!("fused decode step: q {s:?} with {hkv} KV heads")));
+    }
+    if t == 0 || t > cap {
+        return Err(KvError::Capacity { requested: t, capacity: cap });
+    }
+    let (bh, rows) = (b * hkv, hq / hkv);
+    let (n_split, _) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
+    let ns = n_split as i32;
+    let ints = [
+        ("D", d),
+        ("BK", k.bits as i32),
+        ("BV", v.bits as i32),
+        ("GK", k.group as i32),
+        ("GV", v.group as i32),
+        ("REP", rows),
+        ("WARPS", WARPS),
+        ("VD", vd as i32),
+        ("SCALE_BITS", scale_bits(scale)),
+    ];
+    let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
+    let parts_out = [
+        Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+    ];
+    // One launch: the last block of each head merges its splits (split weights are staged in
+    // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
+    if FOLD.get() && n_split <= (WARPS * d) as usize && bh < 1022 {
+        let out = run_kernel(
+            &STEP_FOLD_DEF,
+            &inputs,
+            &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+            (ns * 32 * WARPS, bh),
+            32 * WARPS,
+            &ints,
+            &[("OT", q.dtype())],
+        )?;
+        return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
+    }
+    let parts = run_kernel(&STEP_PARTIAL_DEF, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
+    let out = run_kernel(
+        &STEP_MERGE_DEF,
+        &[&parts[0], &parts[1], &parts[2], pos],
+        &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q.dtype())],
     )?;
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }
@@ -320,6 +633,18 @@ mod tests {
                 assert!(n * heads <= TARGET_BLOCKS.max(heads) + heads, "t={t} heads={heads}: {n} splits");
             }
         }
+    }
+
+    #[test]
+    fn kernel_sources_travel_as_include_lines_that_name_their_shape_parameters() {
+        let source = [STEP_PARTIAL_DEF.defines, STEP_PARTIAL_DEF.body].concat();
+        let (header, body) = include_files(&STEP_PARTIAL_DEF, &source, 1).expect("temp dir is writable");
+        assert!(header.starts_with("#include \"") && header.len() < 200, "{header}");
+        assert!(body.contains("kw_shape") && body.len() < 300, "{body}");
+        let path = body.split('"').nth(1).unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), source);
+        let (_, merge) = include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
+        assert!(merge.contains("part_m_shape"), "{merge}");
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl QuantStore {
         };
         let need = at + l;
         if need > self.cap() {
-            self.grow(round_up(need, STEP), &q)?;
+            self.grow(round_up(need, STEP), q.w.shape(), q.scales.shape())?;
         }
         let p = self.packed.as_mut().unwrap();
         let (a, b) = (at as i32, need as i32);
@@ -224,11 +224,30 @@ impl QuantStore {
         self.write(self.len, x)
     }
 
-    fn grow(&mut self, new_cap: usize, like: &Packed) -> Result<()> {
+    /// Makes room for `need` tokens of `[B, H, D]` rows without writing them, for a kernel that
+    /// quantizes and writes tokens itself ([`crate::fused::decode_step`]); row layout only.
+    /// Mark them written with [`Self::set_written`].
+    pub fn reserve_rows(&mut self, need: usize, b: i32, h: i32, d: usize) -> Result<()> {
+        debug_assert_eq!(self.axis, TokenAxis::Rows);
+        if need > self.cap() {
+            let cols = (d * self.bits as usize / 32) as i32;
+            let groups = (d / self.group) as i32;
+            self.grow(round_up(need, STEP), &[b, h, 1, cols], &[b, h, 1, groups])?;
+        }
+        Ok(())
+    }
+
+    /// Records that tokens up to `len` were written outside [`Self::write`].
+    pub fn set_written(&mut self, len: usize) {
+        debug_assert!(len <= self.cap());
+        self.len = self.len.max(len);
+    }
+
+    /// Grows to `new_cap` tokens; `ws`/`ss` are the shapes of a packed/scales write (only
+    /// their batch, head and non-token axes are used).
+    fn grow(&mut self, new_cap: usize, ws: &[i32], ss: &[i32]) -> Result<()> {
         let old_cap = self.cap();
         let extra = new_cap - old_cap;
-        let ws = like.w.shape();
-        let ss = like.scales.shape();
         let (w_shape, s_shape, axis) = match self.axis {
             TokenAxis::Rows => ([ws[0], ws[1], extra as i32, ws[3]], [ss[0], ss[1], extra as i32, ss[3]], 2),
             TokenAxis::Cols => (

@@ -58,3 +58,56 @@ template <typename T> __device__ __forceinline__ T kv_from_float(float x);
 template <> __device__ __forceinline__ float kv_from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half kv_from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 kv_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Quantizes one row of D values (one KV head's new token) into B-bit codes with one scale and
+// bias per G values, as MLX's affine_quantize does (same formulas and order, so the codes
+// match MLX's `quantize`): its running max starts at 0 and its min at FLT_MAX, the scale is
+// (max - min) / (2^B - 1) with its sign and the bias chosen by the edge of larger magnitude,
+// and codes are round((x - bias) / scale) clamped to 2^B - 1. Called by one warp; each lane
+// owns D / 32 consecutive values. Codes are staged in `code_s` (D bytes) and packed into u32
+// words little end first.
+template <int D, int G, int B, typename T>
+__device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half* sc, __half* bi,
+                                                unsigned char* code_s, int lane) {
+  constexpr int VPL = D / 32;
+  constexpr int LPG = G / VPL;
+  static_assert(G % VPL == 0 && LPG <= 32, "a group spans whole lanes of one warp");
+  const float n_bins = (float)((1 << B) - 1);
+  float v[VPL];
+  float lo = 3.402823466e+38f, hi = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    v[i] = kv_to_float(x[lane * VPL + i]);
+    lo = fminf(lo, v[i]);
+    hi = fmaxf(hi, v[i]);
+  }
+#pragma unroll
+  for (int off = 1; off < LPG; off <<= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+  }
+  float scale = fmaxf((hi - lo) / n_bins, 1e-7f);
+  const bool side = fabsf(lo) > fabsf(hi);
+  scale = side ? scale : -scale;
+  const float edge = side ? lo : hi;
+  const float q0 = roundf(edge / scale);
+  const bool at_zero = q0 == 0.f;
+  scale = at_zero ? scale : edge / q0;
+  const float bias = at_zero ? 0.f : edge;
+  if (lane % LPG == 0) {
+    sc[lane / LPG] = __float2half_rn(scale);
+    bi[lane / LPG] = __float2half_rn(bias);
+  }
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    code_s[lane * VPL + i] = (unsigned char)fminf(fmaxf(roundf((v[i] - bias) / scale), 0.f), n_bins);
+  }
+  __syncwarp();
+  constexpr int PW = 32 / B;
+  for (int wi = lane; wi < D * B / 32; wi += 32) {
+    uint32_t word = 0u;
+#pragma unroll
+    for (int e = 0; e < PW; ++e) word |= (uint32_t)code_s[wi * PW + e] << (e * B);
+    w[wi] = word;
+  }
+}

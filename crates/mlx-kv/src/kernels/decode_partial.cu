@@ -12,6 +12,12 @@
 // dim of the group, so it is kept as one running sum per lane and query row.
 // Output per (head, split, row): unnormalised o, running max m, denominator l; the merge
 // kernel combines the splits.
+// KV_STEP (a decode step, fused.rs `decode_step`): the block whose split holds the new token
+// first quantizes it (`knew`, `vnew`, one row per KV head) the way MLX's affine quantize does
+// and writes codes, scales and biases in place into slot pos[0] of the cache buffers; the
+// block's own tile loads see those writes after the barrier below. T is pos[0] + 1, the
+// capacity comes from the key buffer's shape, and splits are even slices of T over the grid
+// (a trailing split may be empty). Queries are scaled by SCALE_BITS (an f32's bits) here.
 constexpr int KW = D * BK / 32;   // u32 words per key row
 constexpr int VW = D * BV / 32;
 constexpr int KG = D / GK;        // key groups per row
@@ -28,9 +34,24 @@ const int warp = threadIdx.x >> 5;
 const int split = blockIdx.x;
 const int bh = blockIdx.y;
 const int n_split = gridDim.x;
+#ifndef KV_FOLD
+#define KV_FOLD 0
+#endif
+#if KV_FOLD
+// One scratch output for the splits' partial results (fewer buffers for MLX to allocate).
+float* const out_o = part;
+float* const out_m = part + (size_t)gridDim.y * gridDim.x * REP * D;
+float* const out_l = out_m + (size_t)gridDim.y * gridDim.x * REP;
+#endif
+#if KV_STEP
+const int T = pos[0] + 1;
+const int CAP = kw_shape[2];
+const int PER = ((T + n_split - 1) / n_split + 31) / 32 * 32;
+#else
 const int T = meta[0];
 const int CAP = meta[1];
 const int PER = meta[2];
+#endif
 const int t0 = split * PER;
 const int t1 = min(T, t0 + PER);
 
@@ -41,8 +62,22 @@ __shared__ float sm_m[WARPS][REP];
 __shared__ float sm_l[WARPS][REP];
 __shared__ float sm_o[WARPS][REP][D];
 
+#if KV_STEP
+__shared__ unsigned char code_s[2][D];
+if (split == (T - 1) / PER) {
+  const size_t row = (size_t)bh * CAP + (T - 1);
+  if (warp == 0) {
+    kv_quantize_row<D, GK, BK>(knew + (size_t)bh * D, const_cast<uint32_t*>(kw) + row * KW,
+                               const_cast<__half*>(ks) + row * KG, const_cast<__half*>(kb) + row * KG, code_s[0], lane);
+  } else if (warp == 1) {
+    kv_quantize_row<D, GV, BV>(vnew + (size_t)bh * D, const_cast<uint32_t*>(vw) + row * VW,
+                               const_cast<__half*>(vs) + row * VG, const_cast<__half*>(vb) + row * VG, code_s[1], lane);
+  }
+  __threadfence_block();
+}
+#endif
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]);
+  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
 }
 __syncthreads();
 for (int i = threadIdx.x; i < REP * KG; i += blockDim.x) {
@@ -192,3 +227,61 @@ for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
   out_o[o * D + d] = O;
   if (d == 0) { out_m[o] = M; out_l[o] = L; }
 }
+
+#if KV_FOLD
+// The merge folded into this launch (fused.rs `decode_step` with fold): the last block of a
+// head to finish (an arrival counter per head in pos[1 + bh]) merges that head's splits as
+// decode_merge.cu does and writes `out` in the query dtype; the last head to be merged resets
+// the counters and advances pos[0] (every block has read it by then). Other blocks' partial
+// results are read through L2 (__ldcg) after the fences. Split weights are staged in sm_o,
+// free once the block's own warps are merged, so at most WARPS * D splits.
+{
+  __shared__ int kv_last;
+  __shared__ float kv_l[REP];
+  int32_t* ctr = const_cast<int32_t*>(pos);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) kv_last = atomicAdd(&ctr[1 + bh], 1) == n_split - 1;
+  __syncthreads();
+  if (kv_last) {
+    __threadfence();
+    constexpr int MAXS = WARPS * D;
+    float* c_s = &sm_o[0][0][0];
+    for (int r = warp; r < REP; r += WARPS) {
+      float mx = -KV_INF;
+      for (int s2 = lane; s2 < n_split; s2 += 32) {
+        const float ms = __ldcg(&out_m[((size_t)bh * n_split + s2) * REP + r]);
+        c_s[r * MAXS + s2] = ms;
+        mx = fmaxf(mx, ms);
+      }
+      mx = kv_warp_max(mx);
+      float ls = 0.f;
+      for (int s2 = lane; s2 < n_split; s2 += 32) {
+        const float c = c_s[r * MAXS + s2] > -KV_INF ? __expf(c_s[r * MAXS + s2] - mx) : 0.f;
+        c_s[r * MAXS + s2] = c;
+        ls += __ldcg(&out_l[((size_t)bh * n_split + s2) * REP + r]) * c;
+      }
+      ls = kv_warp_sum(ls);
+      if (lane == 0) kv_l[r] = ls;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+      const int r = i / D, dd = i % D;
+      float o = 0.f;
+#pragma unroll 8
+      for (int s2 = 0; s2 < n_split; ++s2) {
+        o += __ldcg(&out_o[(((size_t)bh * n_split + s2) * REP + r) * D + dd]) * c_s[r * MAXS + s2];
+      }
+      out[((size_t)bh * REP + r) * D + dd] = kv_from_float<OT>(o / kv_l[r]);
+    }
+    if (threadIdx.x == 0) {
+      ctr[1 + bh] = 0;
+      __threadfence();
+      if (atomicAdd(&ctr[1023], 1) == (int)gridDim.y - 1) {
+        ctr[1023] = 0;
+        ctr[0] += 1;
+      }
+    }
+  }
+}
+#endif
