@@ -20,7 +20,7 @@ trap 'rm -rf "$TMP"' EXIT
 configs=(
   "all levers (default)|"
   "no CPU primitives, f32 weights (previous engine)|KVSPLIT_CPU_KERNELS=0 KVSPLIT_WEIGHTS=dense"
-  "attention primitive only, f32 weights|KVSPLIT_WEIGHTS=dense"
+  "primitives on, f32 weights (no matvec)|KVSPLIT_WEIGHTS=dense"
   "no CPU primitives, quantized weights (dequantize per call)|KVSPLIT_CPU_KERNELS=0"
   "primitives on 1 thread|KVSPLIT_CPU_THREADS=1"
   "OpenBLAS on 1 thread|OPENBLAS_NUM_THREADS=1"

@@ -18,7 +18,7 @@ pub fn enabled() -> bool {
 /// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed
 /// bytes are whole multiples of 8 (`64 / bits` elements).
 pub fn supports(bits: u8, group: usize, len: usize) -> bool {
-    matches!(bits, 2 | 4 | 8) && group % (64 / bits as usize) == 0 && group > 0 && len % group == 0
+    matches!(bits, 2 | 4 | 8) && group > 0 && group.is_multiple_of(64 / bits as usize) && len.is_multiple_of(group)
 }
 
 /// Threads the kernels use (`KVSPLIT_CPU_THREADS`, else every core).
