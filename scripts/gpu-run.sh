@@ -31,9 +31,11 @@ CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx -p mlx-kv --exa
 for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check"; do
   # An RPATH (old dtags) would be searched before LD_LIBRARY_PATH and load the CPU libmlx.so.
   readelf -d "$b" | grep -q RUNPATH || { echo "gpu-run: $b has no RUNPATH" >&2; exit 1; }
+  # xz: the stripped CLI is over 13 MB and every byte of a call counts against the model's share.
   strip -o ".device/rt/$(basename "$b")" "$b"
+  xz -9 -f -S .bin.xz ".device/rt/$(basename "$b")"
 done
-rm -f .device/rt/conformance
+rm -f .device/rt/conformance .device/rt/kvsplit-mlx .device/rt/fused_check
 mkdir -p .device/rt/whl .device/rt/data
 install -m 644 "$wiki" .device/rt/data/wiki.test.raw
 # MLX's Python package (linked against libmlx.so, which the CUDA runtime provides) and mlx-lm,
@@ -56,6 +58,9 @@ if [ "\$here" != /tmp/kvrt ]; then
 fi
 source /tmp/kvrt/env.sh 2>/dev/null || true
 export KVRT=/tmp/kvrt KVSPLIT_CACHE=/tmp/kvsplit
+for z in /tmp/kvrt/*.bin.xz; do
+  [ -f "\${z%.bin.xz}" ] || { xz -dc "\$z" > "\${z%.bin.xz}" && chmod +x "\${z%.bin.xz}"; }
+done
 mkdir -p /tmp/kvm \$KVSPLIT_CACHE/models \$KVSPLIT_CACHE/data/wikitext-2-raw
 for d in .device/m2 .device/m3; do [ -d \$d ] && cp \$d/* /tmp/kvm/ 2>/dev/null; done
 [ -f \$KVSPLIT_CACHE/data/wikitext-2-raw/wiki.test.raw ] || cp /tmp/kvrt/data/wiki.test.raw \$KVSPLIT_CACHE/data/wikitext-2-raw/
