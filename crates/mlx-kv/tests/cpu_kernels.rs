@@ -48,7 +48,7 @@ fn matvec_matches_the_dequantized_product() {
             s = s.as_dtype(Dtype::Float16).unwrap();
             b = b.as_dtype(Dtype::Float16).unwrap();
         }
-        let deq = to_vec(&dequantize(&w, &f32(&s), &f32(&b), group as i32, bits as i32).unwrap());
+        let deq = to_vec(&dequantize(&w, f32(&s), &f32(&b), group as i32, bits as i32).unwrap());
         let y = to_vec(&quantized_matvec(&x, &w, &s, &b, group as i32, bits as i32).unwrap());
         assert_eq!(y.len(), rows * n);
         for m in 0..rows {
@@ -80,7 +80,7 @@ fn poisoned_cache(h: &Host, cap: usize, group: usize, bits: u8, f16: bool) -> (P
         s = s.as_dtype(Dtype::Float16).unwrap();
         bi = bi.as_dtype(Dtype::Float16).unwrap();
     }
-    let deq = dequantize(&w, &f32(&s), &f32(&bi), group as i32, bits as i32).unwrap();
+    let deq = dequantize(&w, f32(&s), &f32(&bi), group as i32, bits as i32).unwrap();
     let deq = Host { data: to_vec(&deq), shape: [b, hk, cap, d] }.tokens(0, len);
     (Packed { w, scales: s, biases: bi }, deq)
 }
