@@ -20,9 +20,12 @@ pub fn dense_weights_preferred() -> bool {
     matches!(std::env::var("KVSPLIT_WEIGHTS").as_deref(), Ok("dense"))
 }
 
-/// Rows of `x` up to which the CPU uses the quantized matvec (it reads the weights once for all
-/// rows, so a few rows cost about as much as one); beyond it, dequantize + BLAS.
-const CPU_MATVEC_MAX_ROWS: i32 = 8;
+/// Rows of `x` up to which the CPU uses the quantized matvec; beyond it, dequantize + BLAS.
+/// `KVSPLIT_CPU_MATVEC_ROWS` overrides it (for measuring the crossover).
+fn cpu_matvec_max_rows() -> i32 {
+    static ROWS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("KVSPLIT_CPU_MATVEC_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
+}
 
 /// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
 pub enum Weight {
@@ -155,7 +158,7 @@ impl Linear {
 fn cpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32, group: i32) -> Result<Array> {
     let k = *x.shape().last().expect("linear input has a feature axis");
     let rows = x.size() as i32 / k.max(1);
-    if rows <= CPU_MATVEC_MAX_ROWS && mlx_kv::cpu_kernels::enabled() && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize) {
+    if rows <= cpu_matvec_max_rows() && mlx_kv::cpu_kernels::enabled() && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize) {
         return Ok(mlx_kv::cpu_kernels::quantized_matvec(x, w, scales, biases, group, bits)?.as_dtype(x.dtype())?);
     }
     let dense = dequantize(w, &scales.as_dtype(x.dtype())?, &biases.as_dtype(x.dtype())?, group, bits)?;
