@@ -5,7 +5,7 @@ use clap::Args;
 use mlx_rs::Dtype;
 use std::path::PathBuf;
 
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use models::assets::cache_dir;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -16,21 +16,11 @@ pub struct ModelArgs {
     pub model: String,
 }
 
-pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("KVSPLIT_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kvsplit-mlx"),
-    }
-}
 
 impl ModelArgs {
     pub fn path(&self) -> Result<PathBuf> {
         if self.model == "default" {
-            let p = cache_dir().join("models").join(DEFAULT_MODEL_FILE);
-            if !p.exists() {
-                bail!("--model default: {} is missing; run scripts/setup.sh to fetch it", p.display());
-            }
-            return Ok(p);
+            return models::assets::default_model().context("--model default");
         }
         let p = PathBuf::from(&self.model);
         if !p.exists() && models::hub::looks_like_repo_id(&self.model) {

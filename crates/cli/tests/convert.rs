@@ -10,12 +10,7 @@ fn bin() -> Command {
 }
 
 fn default_model() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    p
+    models::assets::default_model().unwrap()
 }
 
 fn temp_dir(name: &str) -> PathBuf {

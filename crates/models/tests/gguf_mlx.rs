@@ -8,12 +8,7 @@ use mlx_rs::{ops::dequantize as mlx_dequantize, Array};
 use models::gguf::{dequantize, to_mlx_affine, GgmlType, GgufFile, MlxAffine};
 
 fn model_path() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    p
+    models::assets::default_model().unwrap()
 }
 
 fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {

@@ -7,12 +7,7 @@ use half::{bf16, f16};
 use models::gguf::{dequantize, DequantError, GgmlType, GgufFile, QK_K};
 
 fn model_path() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    p
+    models::assets::default_model().unwrap()
 }
 
 /// Deterministic pseudo-random bytes.

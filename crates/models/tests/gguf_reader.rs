@@ -6,12 +6,7 @@ use models::gguf::{GgmlType, GgufBuilder, GgufError, GgufFile, MetaArray, MetaVa
 
 /// The default model, fetched by scripts/setup.sh.
 fn model_path() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    p
+    models::assets::default_model().unwrap()
 }
 
 #[test]

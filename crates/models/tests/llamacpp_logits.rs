@@ -57,9 +57,7 @@ struct Fixture {
 }
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/kvsplit-mlx"))
+    models::assets::cache_dir()
 }
 
 fn fixture(name: &str) -> Fixture {

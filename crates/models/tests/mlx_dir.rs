@@ -28,12 +28,7 @@ fn step_bound(bits: i32) -> f32 {
 const F32_SLACK: f32 = 1e-6;
 
 fn model_path() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    p
+    models::assets::default_model().unwrap()
 }
 
 fn temp_dir(name: &str) -> PathBuf {

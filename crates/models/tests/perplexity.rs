@@ -15,16 +15,8 @@ const KLD_SAME_TOL: f64 = 1e-6;
 /// are float32, so differences are summation order (~1e-6 relative over 30 layers, with room).
 const NLL_ONE_PASS_TOL: f32 = 2e-3;
 
-fn cache_dir() -> PathBuf {
-    std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kvsplit-mlx"))
-}
-
 fn model() -> Loaded {
-    let p = cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    load(&p, Dtype::Float32).unwrap()
+    load(&models::assets::default_model().unwrap(), Dtype::Float32).unwrap()
 }
 
 /// The first `n` tokens of WikiText-2 test (CRLF normalized as the CLI does).

@@ -1,18 +1,12 @@
 //! The tokenizer of the default model (SmolLM2, byte-level BPE, pre-tokenizer `smollm`) and the
 //! streaming detokenizer.
 
-use std::path::PathBuf;
 
 use models::gguf::GgufFile;
 use models::tokenizer::{TokenType, Tokenizer};
 
 fn tokenizer() -> Tokenizer {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
-    Tokenizer::from_gguf(&GgufFile::open(p).unwrap()).unwrap()
+    Tokenizer::from_gguf(&GgufFile::open(models::assets::default_model().unwrap()).unwrap()).unwrap()
 }
 
 #[test]
