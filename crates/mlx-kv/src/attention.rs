@@ -255,24 +255,42 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// The fused GPU kernel, where it covers the case: one quantized row-layout body, no mask, no
-/// learned sinks, power-of-two bits.
-fn try_fused(q3: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Result<Option<Array>> {
-    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return Ok(None) };
+/// A packed K or V body as its whole allocated buffers (the decode kernels index `[BH, CAP, ...]`
+/// rows themselves and read the first tokens, so no slice is copied).
+pub struct PackedOperand<'a> {
+    pub full: &'a Packed,
+    pub bits: u8,
+    pub group: usize,
+}
+
+/// The case both decode kernels (the fused GPU one and the CPU primitive) cover: one quantized
+/// row-layout body, no mask, no learned sinks. Returns keys, values, tokens and capacity.
+pub(crate) fn single_packed_body<'a>(
+    segments: &'a [Segment],
+    mask: &Mask,
+    sinks: Option<&Array>,
+) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
+    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return None };
     let (
         Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, cap)), .. },
         Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
     ) = (&seg.k, &seg.v)
     else {
-        return Ok(None);
+        return None;
     };
+    let k = PackedOperand { full: kf, bits: *kb, group: *kg };
+    let v = PackedOperand { full: vf, bits: *vb, group: *vg };
+    Some((k, v, seg.len, *cap))
+}
+
+/// The fused GPU kernel, where it covers the case ([`single_packed_body`], power-of-two bits).
+fn try_fused(q3: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Result<Option<Array>> {
+    let Some((k, v, len, cap)) = single_packed_body(segments, mask, sinks) else { return Ok(None) };
     let s = q3.shape();
-    if !crate::fused::applies(*kb, *vb, s[2] as usize, s[1] as usize) {
+    if !crate::fused::applies(k.bits, v.bits, s[2] as usize, s[1] as usize) {
         return Ok(None);
     }
-    let k = crate::fused::FusedOperand { full: kf, bits: *kb, group: *kg };
-    let v = crate::fused::FusedOperand { full: vf, bits: *vb, group: *vg };
-    Ok(Some(crate::fused::decode_attention(q3, k, v, seg.len, *cap)?))
+    Ok(Some(crate::fused::decode_attention(q3, k, v, len, cap)?))
 }
 
 /// All-float caches: MLX's fused attention on the concatenated segments.

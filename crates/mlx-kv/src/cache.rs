@@ -427,8 +427,8 @@ impl KvCache {
             }
         };
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
-        let kop = crate::fused::FusedOperand { full: &kf, bits: bk.bits, group: bk.group };
-        let vop = crate::fused::FusedOperand { full: &vf, bits: bv.bits, group: bv.group };
+        let kop = crate::attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
+        let vop = crate::attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         let out = crate::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale)?;
         bk.set_written(slot + 1);
         bv.set_written(slot + 1);

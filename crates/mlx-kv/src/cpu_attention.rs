@@ -14,7 +14,7 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use crate::attention::{apply_mask, kv_heads, Mask, Segment, Tensor};
+use crate::attention::{apply_mask, kv_heads, single_packed_body, Mask, Segment, Tensor};
 use crate::cpu_kernels;
 use crate::error::Result;
 use crate::store::TokenAxis;
@@ -308,24 +308,18 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// Our CPU primitive, where it covers the case: one quantized row-layout body read in place, no
-/// mask (decode), no learned sinks, 2/4/8-bit codes. It streams the packed codes once, so it
-/// beats the block path whenever there are few query rows; prefill chunks keep BLAS.
+/// Our CPU primitive, where it covers the case ([`single_packed_body`], 2/4/8-bit codes). It
+/// streams the packed codes once, so it beats the block path whenever there are few query rows;
+/// prefill chunks keep BLAS.
 fn try_packed_kernel(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Option<Array>> {
-    let ([seg], Mask::None, None, true) = (segments, mask, sinks, cpu_kernels::enabled()) else { return Ok(None) };
-    let (
-        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, _)), .. },
-        Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
-    ) = (&seg.k, &seg.v)
-    else {
+    if !cpu_kernels::enabled() {
         return Ok(None);
-    };
+    }
+    let Some((k, v, len, _)) = single_packed_body(segments, mask, sinks) else { return Ok(None) };
     let d = q.shape()[3] as usize;
-    if !(cpu_kernels::supports(*kb, *kg, d) && cpu_kernels::supports(*vb, *vg, d)) {
+    if !(cpu_kernels::supports(k.bits, k.group, d) && cpu_kernels::supports(v.bits, v.group, d)) {
         return Ok(None);
     }
     let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    let k = cpu_kernels::PackedSide { full: kf, bits: *kb, group: *kg };
-    let v = cpu_kernels::PackedSide { full: vf, bits: *vb, group: *vg };
-    Ok(Some(cpu_kernels::decode_attention(&qs, k, v, seg.len)?.as_dtype(q.dtype())?))
+    Ok(Some(cpu_kernels::decode_attention(&qs, k, v, len)?.as_dtype(q.dtype())?))
 }

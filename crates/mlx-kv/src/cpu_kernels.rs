@@ -4,7 +4,7 @@
 //! CPU stream) and use every core; `Backend::Cpu` only — the GPU has its own kernels.
 
 use crate::error::{KvError, Result};
-use crate::store::Packed;
+pub use crate::attention::PackedOperand;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CStr;
 
@@ -51,17 +51,10 @@ pub fn quantized_matvec(x: &Array, w: &Array, scales: &Array, biases: &Array, gr
     })
 }
 
-/// One side (keys or values) of a packed cache for [`decode_attention`]: the whole row-layout
-/// buffers, of which the kernel reads the first `len` tokens.
-pub struct PackedSide<'a> {
-    pub full: &'a Packed,
-    pub bits: u8,
-    pub group: usize,
-}
 
 /// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
 /// `len` tokens of a packed cache, every query seeing every token. Returns `[B, Hq, L, D]` f32.
-pub fn decode_attention(q: &Array, k: PackedSide, v: PackedSide, len: usize) -> Result<Array> {
+pub fn decode_attention(q: &Array, k: PackedOperand, v: PackedOperand, len: usize) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
     call(|out, s| unsafe {
         mlx_sys::kvsplit_cpu_quantized_decode_attention(

@@ -25,7 +25,7 @@
 //! dispatched.
 
 use crate::error::{KvError, Result};
-use crate::store::Packed;
+use crate::attention::PackedOperand;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,12 +147,6 @@ pub const METAL_SOURCE: &str = r#"
     }
 "#;
 
-/// A packed K or V body with its full capacity (the kernel indexes `[BH, CAP, ...]` rows).
-pub struct FusedOperand<'a> {
-    pub full: &'a Packed,
-    pub bits: u8,
-    pub group: usize,
-}
 
 /// An on/off switch read from the environment once (`0` off, `1` on, else the default), which a
 /// process may also set (fused_check compares paths in one run). Read per layer and decode
@@ -501,9 +495,23 @@ fn scale_bits(scale: f32) -> i32 {
     scale.to_bits() as i32
 }
 
+/// The template arguments every attention kernel variant is compiled for.
+fn shape_args(d: i32, k: &PackedOperand, v: &PackedOperand, rows: i32, vd: usize, scale: f32) -> [(&'static str, i32); 9] {
+    [
+        ("D", d),
+        ("BK", k.bits as i32),
+        ("BV", v.bits as i32),
+        ("GK", k.group as i32),
+        ("GV", v.group as i32),
+        ("REP", rows),
+        ("WARPS", WARPS),
+        ("VD", vd as i32),
+        ("SCALE_BITS", scale_bits(scale)),
+    ]
+}
 /// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
 /// bodies. Returns `[BH, rows, D]` in `q3`'s dtype.
-pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, cap: usize) -> Result<Array> {
+pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize, cap: usize) -> Result<Array> {
     let s = q3.shape();
     let (bh, rows, d) = (s[0], s[1], s[2]);
     if t == 0 || t > cap {
@@ -523,17 +531,7 @@ pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, 
         ],
         (ns * 32 * WARPS, bh),
         32 * WARPS,
-        &[
-            ("D", d),
-            ("BK", k.bits as i32),
-            ("BV", v.bits as i32),
-            ("GK", k.group as i32),
-            ("GV", v.group as i32),
-            ("REP", rows),
-            ("WARPS", WARPS),
-            ("VD", vd as i32),
-            ("SCALE_BITS", scale_bits(1.0)),
-        ],
+        &shape_args(d, &k, &v, rows, vd, 1.0),
         &[],
     )?;
     let out = run_kernel(
@@ -560,7 +558,7 @@ pub fn decode_attention(q3: &Array, k: FusedOperand, v: FusedOperand, t: usize, 
 /// MLX runs the step's launches in data order (every later reader depends on this step's
 /// output). Returns `[B, Hq, 1, D]` in `q`'s dtype.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: FusedOperand, pos: &Array, t: usize, cap: usize, scale: f32) -> Result<Array> {
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, pos: &Array, t: usize, cap: usize, scale: f32) -> Result<Array> {
     let s = q.shape();
     let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
     let hkv = k_new.shape()[1];
@@ -574,17 +572,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: FusedOperand, v: 
     let (n_split, _) = split_plan(t, bh as usize);
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let ns = n_split as i32;
-    let ints = [
-        ("D", d),
-        ("BK", k.bits as i32),
-        ("BV", v.bits as i32),
-        ("GK", k.group as i32),
-        ("GV", v.group as i32),
-        ("REP", rows),
-        ("WARPS", WARPS),
-        ("VD", vd as i32),
-        ("SCALE_BITS", scale_bits(scale)),
-    ];
+    let ints = shape_args(d, &k, &v, rows, vd, scale);
     let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
     let parts_out = [
         Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use mlx_kv::cpu_kernels::{decode_attention, quantized_matvec, PackedSide};
+use mlx_kv::cpu_kernels::{decode_attention, quantized_matvec, PackedOperand};
 use mlx_kv::store::Packed;
 use mlx_rs::ops::{concatenate, dequantize, quantize};
 use mlx_rs::{Array, Dtype};
@@ -105,8 +105,8 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
         let qs = q.array() * Array::from_f32(scale as f32);
         let got = decode_attention(
             &qs,
-            PackedSide { full: &kp, bits: kb, group: kg },
-            PackedSide { full: &vp, bits: vb, group: vg },
+            PackedOperand { full: &kp, bits: kb, group: kg },
+            PackedOperand { full: &vp, bits: vb, group: vg },
             len,
         )
         .unwrap();
@@ -132,7 +132,7 @@ fn bad_arguments_are_errors_not_crashes() {
     let h = Host::random([1, 2, 10, 64], 3);
     let (p, _) = poisoned_cache(&h, 10, 64, 8, true);
     let q = Array::ones::<f32>(&[1, 4, 1, 64]).unwrap();
-    let side = || PackedSide { full: &p, bits: 8, group: 64 };
+    let side = || PackedOperand { full: &p, bits: 8, group: 64 };
     let err = decode_attention(&q, side(), side(), 11).unwrap_err().to_string();
     assert!(err.contains("len 11 outside 1..10"), "{err}");
     let err = decode_attention(&Array::ones::<f32>(&[1, 3, 1, 64]).unwrap(), side(), side(), 5).unwrap_err().to_string();
