@@ -12,7 +12,31 @@ use std::ffi::CStr;
 /// (MLX ops only), for measuring what they bring and for cross-checking results.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KVSPLIT_CPU_KERNELS").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        // The pool (C++) reads KVSPLIT_CPU_THREADS itself; a bad value is reported here, once.
+        env_positive("KVSPLIT_CPU_THREADS");
+        match std::env::var("KVSPLIT_CPU_KERNELS").as_deref() {
+            Err(_) | Ok("1") => true,
+            Ok("0") => false,
+            Ok(other) => {
+                eprintln!("warning: KVSPLIT_CPU_KERNELS={other:?} is neither 0 nor 1; ignored (primitives on)");
+                true
+            }
+        }
+    })
+}
+
+/// A positive whole number from the environment variable `name`; any other value is reported on
+/// stderr, naming the variable, and ignored (the caller's default applies).
+pub fn env_positive(name: &str) -> Option<usize> {
+    let v = std::env::var(name).ok()?;
+    match v.parse::<usize>() {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            eprintln!("warning: {name}={v:?} is not a positive whole number; ignored");
+            None
+        }
+    }
 }
 
 /// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed
