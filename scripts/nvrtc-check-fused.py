@@ -33,8 +33,8 @@ def value_dims(d, bv, rep, gv):
     return min(max(vd, d // 32, 16 // bv), gv, d)
 
 
-def program(name, body, params, consts, step=0, fold=0):
-    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n" + body
+def program(name, body, params, consts, step=0, fold=0, mma=0):
+    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n#define KV_MMA {mma}\n" + body
     c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
     c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
     return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
@@ -69,7 +69,17 @@ for qt in ["__half", "float"]:
         params = [f"const {qt}* q", "const uint32_t* kw", "const __half* ks", "const __half* kb", "const uint32_t* vw",
                   "const __half* vs", "const __half* vb", "const int32_t* meta", "float* out_o", "float* out_m", "float* out_l"]
         consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000)
-        ok &= compile_one(f"partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_partial", partial, params, consts))
+        # The tensor-core variant where fused.rs `mma_applies` picks it.
+        for mma in ([0, 1] if qt != "float" and g == 64 and d in (64, 128) and bk in (4, 8) else [0]):
+            tag = f"{'mma ' if mma else ''}q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}"
+            ok &= compile_one(f"partial {tag}", program("kvsplit_partial", partial, params, consts, mma=mma))
+            if mma:
+                step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
+                        "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
+                        "const int32_t* pos", "float* part", f"{qt}* out"]
+                ok &= compile_one(f"step fold {tag}", program("kvsplit_step_fold", partial, step, dict(consts, OT=qt), 1, 1, 1))
+        if len(sys.argv) > 2 and sys.argv[2] == "--mma-only":
+            continue
         step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
                 "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
                 "const int32_t* pos", "float* out_o", "float* out_m", "float* out_l"]

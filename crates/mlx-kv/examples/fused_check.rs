@@ -15,11 +15,15 @@
 //! 3. The fused decode step (the kernel writes the new token into the cache itself) is checked
 //!    against MLX's `quantize` of the same token and against float64 attention.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile]
+//! 4. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
+//!    f64 causal attention.
+//!
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --ops      also check and time the MLX-ops path (its quantized_matmul kernels take minutes
 //!              of JIT compilation on a fresh GPU machine)
 //!   --profile  no checks: a few k8v4 steps at 32K and 128K, for `ncu -k regex:kvsplit_attn`
+//!   --prefill  only the prefill-chunk checks
 
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
 use mlx_rs::{random, transforms::eval, Array, Dtype};
@@ -68,6 +72,16 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
     (c, k, v)
 }
 
+/// Error bound against f64 attention over the dequantized cache: f32 accumulation over the
+/// tokens stays far below a generous 1e-3. The tensor-core variant also rounds each dequantized
+/// value and each softmax weight to f16 (relative error at most 2^-11 each), which moves the
+/// output by at most 2^-10 max|v|.
+fn bound(k_bits: u8, rep: i32, d: i32, v: &[f32]) -> f64 {
+    let mma = mlx_kv::fused::MMA.get() && mlx_kv::fused::mma_covers(k_bits, 64, 64, d as usize, rep as usize, Dtype::Float16);
+    let vmax = v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
+    if mma { 1e-3 + vmax * 2f64.powi(-10) } else { 1e-3 }
+}
+
 fn set_fused(on: bool) {
     mlx_kv::fused::poison_outputs(false);
     mlx_kv::fused::FUSED.set(on);
@@ -86,7 +100,7 @@ fn bit_pairs(quick: bool) -> &'static [(u8, u8)] {
 fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
     let key = random::key(seed).unwrap();
     let mut ok = true;
-    println!("correctness (seed {seed}): max |out - f64 ref over dequantized cache|");
+    println!("correctness (seed {seed}, tensor cores {}): max |out - f64 ref over dequantized cache|", mlx_kv::fused::MMA.get());
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 777), (1, 8, 256, 300), (2, 1, 64, 5000)] {
         for &(kb, vb) in bit_pairs(quick) {
             let spec = KvSpec::bits(kb, vb);
@@ -109,10 +123,63 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
             let want = reference(&qs, &kd, &vd, (hkv * rep) as usize, hkv as usize, t as usize, d as usize);
             let err = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             let (ef, eo) = (err(&fused), if with_ops { err(&ops) } else { f64::NAN });
-            // f32 accumulation over t terms of magnitude <= max|v| ~ 5: a generous 1e-3.
-            let pass = ef < 1e-3;
+            let pass = ef < bound(kb, rep, d, &vd);
             ok &= pass;
             println!("  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: fused {ef:.2e}  ops {eo:.2e}  {}", if pass { "pass" } else { "FAIL" });
+        }
+    }
+    ok
+}
+
+/// f64 causal attention of `l` query rows per q head (`q`: `[hq, l, d]`, unscaled) over `t`
+/// tokens (`k`, `v`: `[hkv, t, d]`); query `i` sees keys `0..=t-l+i`. `[hq, l, d]`.
+fn reference_causal(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, l: usize, t: usize, d: usize, scale: f64) -> Vec<f64> {
+    let rep = hq / hkv;
+    let mut out = vec![0.0; hq * l * d];
+    for h in 0..hq {
+        let kh = h / rep;
+        for i in 0..l {
+            let vis = t - l + i + 1;
+            let qr = &q[(h * l + i) * d..(h * l + i + 1) * d];
+            let s: Vec<f64> = (0..vis).map(|j| scale * (0..d).map(|x| qr[x] as f64 * k[(kh * t + j) * d + x] as f64).sum::<f64>()).collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for x in 0..d {
+                out[(h * l + i) * d + x] = (0..vis).map(|j| e[j] * v[(kh * t + j) * d + x] as f64).sum::<f64>() / z;
+            }
+        }
+    }
+    out
+}
+
+/// A prefill chunk (`l` new tokens after `prior` cached ones) through `update_and_attend`, as
+/// `ppl` and `generate`'s prompt feed it: the MLX-ops path over the quantized cache (the fused
+/// kernels are decode-only). Against f64 causal attention over the dequantized cache; the
+/// bound allows f16 outputs and f16 probabilities (2^-10 max|v|) on top of 1e-3.
+fn prefill_correctness(seed: u64) -> bool {
+    let key = random::key(seed ^ 11).unwrap();
+    let mut ok = true;
+    println!("prefill chunks (seed {seed}): max |out - f64 causal ref over dequantized cache|");
+    for &(hkv, rep, d, prior, l) in &[(3, 3, 64, 0, 128), (3, 3, 64, 384, 128), (8, 4, 128, 896, 128), (2, 4, 128, 3000, 64)] {
+        for &(kb, vb) in &[(8u8, 4u8), (8, 8), (4, 4)] {
+            let spec = KvSpec::bits(kb, vb);
+            let mut cache = if prior > 0 { fill(&spec, hkv, prior, d, &key).0 } else { KvCache::new(spec.clone(), d as usize, CacheOptions::default()).unwrap() };
+            let (k1, k2) = random::split(&random::key(seed ^ 12).unwrap(), 2).unwrap();
+            let kn = random::normal::<f32>(&[1, hkv, l, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+            let vn = random::normal::<f32>(&[1, hkv, l, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+            let q = random::normal::<f32>(&[1, hkv * rep, l, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            let out = host(&cache.update_and_attend(&q, &kn, &vn, scale, None).unwrap());
+            let t = (prior + l) as usize;
+            let kd = host(&cache.dequantized_keys().unwrap().unwrap());
+            let vd = host(&cache.dequantized_values().unwrap().unwrap());
+            let want = reference_causal(&host(&q), &kd, &vd, (hkv * rep) as usize, hkv as usize, l as usize, t, d as usize, scale as f64);
+            let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+            let vmax = vd.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
+            let pass = err < 1e-3 + vmax * 2f64.powi(-10) && cache.len() == t;
+            ok &= pass;
+            println!("  hkv={hkv} rep={rep} d={d} prior={prior} l={l} k{kb}v{vb}: {err:.2e}  {}", if pass { "pass" } else { "FAIL" });
         }
     }
     ok
@@ -133,7 +200,7 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     let mut ok = true;
     mlx_kv::fused::FOLD.set(fold);
     let launches = if fold { "one launch (merge folded)" } else { "two launches" };
-    println!("fused decode step, {launches} (seed {seed}): new token vs MLX quantize; max |out - f64 ref|");
+    println!("fused decode step, {launches} (seed {seed}, tensor cores {}): new token vs MLX quantize; max |out - f64 ref|", mlx_kv::fused::MMA.get());
     // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
     // buffer (768 = 3 x 256 filled before the steps).
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 771), (1, 8, 256, 300), (2, 1, 64, 5000), (2, 4, 128, 3)] {
@@ -174,7 +241,7 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             // The kernel's quantizer repeats MLX's formulas in the same order: expect the same
             // codes, scales and biases (0 difference); attention bound as above.
-            let pass = err < 1e-3 && token_err == 0.0 && cache.len() == t as usize;
+            let pass = err < bound(kb, rep, d, &vd) && token_err == 0.0 && cache.len() == t as usize;
             ok &= pass;
             println!(
                 "  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: new tokens vs MLX quantize {token_err:.2e}  out {err:.2e}  {}",
@@ -274,9 +341,17 @@ fn main() {
         return;
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
-    let mut ok = correctness(seed, with_ops, quick);
-    ok &= step_correctness(seed, quick, false);
-    ok &= step_correctness(seed, quick, true);
+    let mut ok = prefill_correctness(seed);
+    if std::env::args().any(|a| a == "--prefill") {
+        std::process::exit(if ok { 0 } else { 1 });
+    }
+    for mma in [true, false] {
+        mlx_kv::fused::MMA.set(mma);
+        ok &= correctness(seed, with_ops && mma, quick);
+        ok &= step_correctness(seed, quick, false);
+        ok &= step_correctness(seed, quick, true);
+    }
+    mlx_kv::fused::MMA.set(true);
     mlx_kv::fused::FOLD.set(true);
     let bw = copy_bandwidth();
     println!("measured copy bandwidth: {:.0} GB/s", bw / 1e9);
@@ -292,13 +367,14 @@ fn main() {
                 let (kb, vb) = spec.bytes_per_token_per_head(d as usize, 2);
                 (kb + vb) * (t * hkv) as f64
             };
-            let paths: &[(&str, bool)] = match (spec.is_dense(), with_ops) {
-                (true, _) => &[("sdpa", false)],
-                (false, true) => &[("fused", true), ("mlx-ops", false)],
-                (false, false) => &[("fused", true)],
+            let paths: &[(&str, bool, bool)] = match (spec.is_dense(), with_ops) {
+                (true, _) => &[("sdpa", false, false)],
+                (false, true) => &[("fused-mma", true, true), ("fused", true, false), ("mlx-ops", false, false)],
+                (false, false) => &[("fused-mma", true, true), ("fused", true, false)],
             };
-            for &(path, fused) in paths {
+            for &(path, fused, mma) in paths {
                 set_fused(fused);
+                mlx_kv::fused::MMA.set(mma);
                 let s = time_step(&caches[0], &q, scale, if quick { 10 } else { 30 });
                 println!("csv: {t},{label},{path},step,1,{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 // The MLX-ops path is the slow reference; batching it only costs device time.
@@ -313,9 +389,10 @@ fn main() {
             if matches!(label, "fp16" | "k8v4") {
                 let kv = random::normal::<f32>(&[1, hkv, 1, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
                 let variants: &[(&str, &str, &str)] =
-                    if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
+                    if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step-fold-mma", "1", "1"), ("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
                 for &(path, step, fold) in variants {
                     set_fused(true);
+                    mlx_kv::fused::MMA.set(path.ends_with("-mma"));
                     mlx_kv::fused::STEP.set(step == "1");
                     mlx_kv::fused::FOLD.set(fold == "1");
                     let s = time_layer_steps(&mut caches, &q, &kv, scale, if quick { 5 } else { 10 });

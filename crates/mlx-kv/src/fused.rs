@@ -208,6 +208,28 @@ pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
         && (1..=8).contains(&rows)
 }
 
+/// `KVSPLIT_FUSED_MMA=0` keeps the CUDA-core variant of the attention pass where the
+/// tensor-core one applies (for comparisons).
+pub static MMA: Switch = Switch::new("KVSPLIT_FUSED_MMA", true);
+
+/// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
+/// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, at most 8 query
+/// rows per KV head, and f16 or bf16 queries (its query fragments are f16: an f32 query would
+/// be rounded). Elsewhere the CUDA-core variant runs.
+pub fn mma_applies(k: &PackedOperand, v: &PackedOperand, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
+    MMA.get() && mma_covers(k.bits, k.group, v.group, head_dim, rows, q_dtype)
+}
+
+/// The shapes [`mma_applies`] accepts, whatever [`MMA`] says (fused_check's error bounds).
+pub fn mma_covers(k_bits: u8, k_group: usize, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
+    k_group == 64
+        && v_group == 64
+        && matches!(head_dim, 64 | 128)
+        && matches!(k_bits, 4 | 8)
+        && (1..=8).contains(&rows)
+        && matches!(q_dtype, Dtype::Float16 | Dtype::Bfloat16)
+}
+
 /// Dims each lane owns in the value pass: a power of two with at most 64 bits of codes per
 /// lane and token (one 2-, 4- or 8-byte load) and at most 32 accumulators per lane
 /// (`rows * dims`, so the kernel stays near 130 registers), but enough that 32 lanes cover
@@ -305,15 +327,15 @@ struct KernelHandle {
     raw: mlx_sys::mlx_fast_cuda_kernel,
 }
 
-fn kernel_handle(def: &KernelDef) -> KernelHandle {
+fn kernel_handle(def: &KernelDef, mma: bool) -> KernelHandle {
     thread_local! {
-        static KERNELS: std::cell::RefCell<Vec<(&'static str, KernelHandle)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static KERNELS: std::cell::RefCell<Vec<(&'static str, bool, KernelHandle)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     KERNELS.with(|k| {
-        if let Some((_, h)) = k.borrow().iter().find(|(s, _)| *s == def.stem) {
+        if let Some((_, _, h)) = k.borrow().iter().find(|(s, m, _)| *s == def.stem && *m == mma) {
             return *h;
         }
-        let source = [def.defines, def.body].concat();
+        let source = [def.defines, if mma { "#define KV_MMA 1\n" } else { "" }, def.body].concat();
         // Kernel names carry a hash of the source: MLX caches compiled kernels on disk by
         // name (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run
         // stale code.
@@ -335,7 +357,7 @@ fn kernel_handle(def: &KernelDef) -> KernelHandle {
             mlx_sys::mlx_vector_string_free(outs);
         }
         let h = KernelHandle { raw };
-        k.borrow_mut().push((def.stem, h));
+        k.borrow_mut().push((def.stem, mma, h));
         h
     })
 }
@@ -384,9 +406,12 @@ struct Out<'a> {
 }
 
 /// Runs a custom CUDA kernel on the default GPU stream. `grid` counts threads (MLX divides it
-/// by `threads`), as in Metal's dispatchThreads. `inputs` and `outputs` follow `def`'s names.
+/// by `threads`), as in Metal's dispatchThreads. `inputs` and `outputs` follow `def`'s names;
+/// `mma` picks the tensor-core variant of the attention pass.
+#[allow(clippy::too_many_arguments)]
 fn run_kernel(
     def: &KernelDef,
+    mma: bool,
     inputs: &[&Array],
     outputs: &[Out],
     grid: (i32, i32),
@@ -396,12 +421,12 @@ fn run_kernel(
 ) -> Result<Vec<Array>> {
     debug_assert_eq!(inputs.len(), def.inputs.len());
     debug_assert_eq!(outputs.len(), def.outputs.len());
-    let kernel = kernel_handle(def);
+    let kernel = kernel_handle(def, mma);
     let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
     let poison = POISON.load(Ordering::Relaxed);
     // Launch configurations repeat from layer to layer and step to step (the split count
     // changes rarely): build each once per thread.
-    let mut key: Vec<i64> = vec![def.stem.as_ptr() as i64, poison as i64, grid.0 as i64, grid.1 as i64, threads as i64];
+    let mut key: Vec<i64> = vec![def.stem.as_ptr() as i64, mma as i64, poison as i64, grid.0 as i64, grid.1 as i64, threads as i64];
     key.extend(ints.iter().map(|(_, v)| *v as i64));
     key.extend(types.iter().map(|(_, d)| *d as i64));
     for o in outputs {
@@ -521,8 +546,10 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let meta = Array::from_slice(&[t as i32, cap as i32, per as i32, n_split as i32], &[4]);
     let ns = n_split as i32;
+    let mma = mma_applies(&k, &v, d as usize, rows as usize, q3.dtype());
     let parts = run_kernel(
         &PARTIAL_DEF,
+        mma,
         &[q3, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta],
         &[
             Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
@@ -536,6 +563,7 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     )?;
     let out = run_kernel(
         &MERGE_DEF,
+        false,
         &[&parts[0], &parts[1], &parts[2], &meta],
         &[Out { shape: &[bh, rows, d], dtype: q3.dtype() }],
         (d, bh * rows),
@@ -573,6 +601,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let ns = n_split as i32;
     let ints = shape_args(d, &k, &v, rows, vd, scale);
+    let mma = mma_applies(&k, &v, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
     let parts_out = [
         Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
@@ -584,6 +613,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     if FOLD.get() && n_split <= (WARPS * d) as usize && bh < 1022 {
         let out = run_kernel(
             &STEP_FOLD_DEF,
+            mma,
             &inputs,
             &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
             (ns * 32 * WARPS, bh),
@@ -593,9 +623,10 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         )?;
         return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
-    let parts = run_kernel(&STEP_PARTIAL_DEF, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
+    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
+        false,
         &[&parts[0], &parts[1], &parts[2], pos],
         &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
         (d, bh * rows),

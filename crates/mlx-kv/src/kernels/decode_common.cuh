@@ -111,3 +111,72 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
     w[wi] = word;
   }
 }
+
+// ---- Tensor-core helpers (the KV_MMA variant of decode_partial.cu) ----
+// Packed f16 pairs travel as u32 words: low half first, as the MMA fragments expect.
+
+// c += A (16x16 f16, row-major fragment) * B (16x8 f16, column-major fragment), f32 accumulate.
+__device__ __forceinline__ void kv_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// (1024 + c) pairs to c, exactly (both are integers below 2048).
+__device__ __forceinline__ unsigned kv_h2_unbias(unsigned x) {
+  unsigned r;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(0x64006400u));
+  return r;
+}
+
+__device__ __forceinline__ unsigned kv_h2_fma(unsigned a, unsigned b, unsigned c) {
+  unsigned r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ unsigned kv_h2_pack(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Pair p (0..7) of one token's 16-dim key chunk (B-bit codes, B/2 words) as f16 pairs holding
+// 1024 + code: the code goes into the mantissa of 1024.0 (0x6400), which costs one byte
+// permute (8-bit) or one mask (4-bit) per two codes instead of two int-to-float conversions.
+// Which dims a pair holds does not matter to the dot product as long as the query fragment
+// uses the same ones (kv_key_dim).
+template <int B>
+__device__ __forceinline__ unsigned kv_key_pair(const unsigned* w, int p) {
+  if constexpr (B == 8) {
+    return __byte_perm(w[p >> 1], 0x64u, (p & 1) ? 0x4342 : 0x4140);
+  } else {
+    return ((w[p >> 2] >> (4 * (p & 3))) & 0x000f000fu) | 0x64006400u;
+  }
+}
+
+// The chunk dim of pair p's low (half 0) or high (half 1) element.
+template <int B>
+__device__ __forceinline__ int kv_key_dim(int p, int half) {
+  if constexpr (B == 8) {
+    return 4 * (p >> 1) + 2 * (p & 1) + half;
+  } else {
+    return 8 * (p >> 2) + (p & 3) + 4 * half;
+  }
+}
+
+// Dim e (0..7) of two tokens' 8-dim value chunks (B bits: B/4 words, or the low 16 bits of one
+// word for B = 2) as an f16 pair of 1024 + code, token a in the low half.
+template <int B>
+__device__ __forceinline__ unsigned kv_val_pair(const unsigned* ca, const unsigned* cb, int e) {
+  if constexpr (B == 8) {
+    const int i = e & 3;
+    return (__byte_perm(ca[e >> 2], cb[e >> 2], i | ((4 + i) << 8)) & 0x00ff00ffu) | 0x64006400u;
+  } else if constexpr (B == 4) {
+    const unsigned x = __byte_perm(ca[0], cb[0], e < 4 ? 0x5410 : 0x7632);
+    return ((x >> (4 * (e & 3))) & 0x000f000fu) | 0x64006400u;
+  } else {
+    const unsigned x = __byte_perm(ca[0], cb[0], 0x5410);
+    return ((x >> (2 * e)) & 0x00030003u) | 0x64006400u;
+  }
+}

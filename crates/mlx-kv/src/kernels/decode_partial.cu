@@ -37,6 +37,9 @@ const int n_split = gridDim.x;
 #ifndef KV_FOLD
 #define KV_FOLD 0
 #endif
+#ifndef KV_MMA
+#define KV_MMA 0
+#endif
 #if KV_FOLD
 // One scratch output for the splits' partial results (fewer buffers for MLX to allocate).
 float* const out_o = part;
@@ -57,7 +60,6 @@ const int t1 = min(T, t0 + PER);
 
 __shared__ __align__(16) float q_s[REP * D];
 __shared__ float qg_s[REP * KG];
-__shared__ float p_s[WARPS][REP][32];
 __shared__ float sm_m[WARPS][REP];
 __shared__ float sm_l[WARPS][REP];
 __shared__ float sm_o[WARPS][REP][D];
@@ -77,7 +79,9 @@ if (split == (T - 1) / PER) {
 }
 #endif
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
+  // The tensor-core variant scales scores instead: its query fragments are f16, and an f16
+  // query times 1/sqrt(D) would round again.
+  q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * (KV_MMA ? 1.f : __int_as_float(SCALE_BITS));
 }
 __syncthreads();
 for (int i = threadIdx.x; i < REP * KG; i += blockDim.x) {
@@ -88,6 +92,217 @@ for (int i = threadIdx.x; i < REP * KG; i += blockDim.x) {
 }
 __syncthreads();
 
+#if KV_MMA
+// Tensor-core variant (fused.rs `mma_applies`: groups of 64, head_dim 64 or 128, at most 8 query
+// rows, f16/bf16 queries). Per 32-token tile of a warp:
+// - Scores: S^T (tokens x rows) = K codes (16 tokens x 16 dims per MMA) * Q^T, one m16n8k16
+//   MMA per 16 dims, one accumulator per key group so that the group's scale and bias are
+//   applied after: s = scale * dot(q, code) + bias * sum(q). Lane (g8, tg) of the MMA loads a
+//   16-dim chunk of tokens g8 and g8 + 8 per group (one 16- or 8-byte load); the query
+//   fragments follow the chunk's dim order (kv_key_dim) and stay in registers.
+// - Softmax in f32 on the score fragments: a lane holds rows 2tg and 2tg + 1, the same rows
+//   as its output fragments, so the running max and rescale need no exchange; p goes to
+//   shared memory as f16 to turn (tokens x rows) into the value MMA's (rows x tokens) layout.
+// - Values: O^T (dims x rows) += V^T (16 dims x 16 tokens) * P^T. Codes are dequantized to
+//   f16 before the MMA (one f16 fma per pair: scale and bias vary along the token axis, which
+//   the MMA sums over). Lane (g8, tg) owns 8 dims per group and tokens 2tg, 2tg+1, 2tg+8,
+//   2tg+9 of each 16.
+// Precision: keys' codes and the f16 queries are exact in f16 and the dots accumulate in f32;
+// values are rounded to f16 (as a dense f16 cache stores them) and p to f16.
+static_assert(GK == 64 && GV == 64 && D % 64 == 0 && D <= 128 && REP <= 8 && (BK == 4 || BK == 8),
+              "tensor-core variant: groups of 64, head_dim 64 or 128, at most 8 rows");
+constexpr int NG = D / 64;                 // key and value groups per row
+constexpr int CW = BK / 2;                 // u32 words of a lane's 16-dim key chunk
+constexpr int VCW = BV >= 4 ? BV / 4 : 1;  // u32 words of a lane's 8-dim value chunk
+const int g8 = lane >> 2;
+const int tg = lane & 3;
+__shared__ __align__(16) unsigned short p_h[WARPS][8][40];
+
+unsigned qf[NG][4][2];
+#pragma unroll
+for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int p = 2 * j + h;
+      const int base = g8 * D + gi * 64 + tg * 16;
+      qf[gi][j][h] = g8 < REP ? kv_h2_pack(q_s[base + kv_key_dim<BK>(p, 0)], q_s[base + kv_key_dim<BK>(p, 1)]) : 0u;
+    }
+  }
+}
+float qsum[NG][2];
+#pragma unroll
+for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) qsum[gi][rr] = 2 * tg + rr < REP ? qg_s[(2 * tg + rr) * KG + gi] : 0.f;
+}
+const float scale = __int_as_float(SCALE_BITS);
+float o[NG * 4][4];
+#pragma unroll
+for (int i = 0; i < NG * 4; ++i) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) o[i][c] = 0.f;
+}
+float m2[2] = {-KV_INF, -KV_INF}, l2[2] = {0.f, 0.f};
+
+for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
+  // Every load of the tile first. Tokens past the split's end load nothing: zero codes,
+  // scales and biases (finite values, weight 0).
+  unsigned kc[2][2][NG][CW];
+  float ksc[2][2][NG], kbi[2][2][NG];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int t = base + 16 * mt + g8 + 8 * hh;
+      const size_t row = (size_t)bh * CAP + t;
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        if (t < t1) {
+          kv_load_words<CW>(kw + row * KW + (gi * 64 + tg * 16) * BK / 32, kc[mt][hh][gi]);
+          ksc[mt][hh][gi] = __half2float(ks[row * KG + gi]);
+          kbi[mt][hh][gi] = __half2float(kb[row * KG + gi]);
+        } else {
+#pragma unroll
+          for (int w = 0; w < CW; ++w) kc[mt][hh][gi][w] = 0u;
+          ksc[mt][hh][gi] = 0.f;
+          kbi[mt][hh][gi] = 0.f;
+        }
+      }
+    }
+  }
+  unsigned vc[2][4][NG][VCW];
+  unsigned short vsh[2][4][NG], vbh[2][4][NG];
+#pragma unroll
+  for (int ks2 = 0; ks2 < 2; ++ks2) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int t = base + 16 * ks2 + 2 * tg + (u & 1) + 8 * (u >> 1);
+      const size_t row = (size_t)bh * CAP + t;
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        if (t < t1) {
+          if constexpr (BV == 2) {
+            vc[ks2][u][gi][0] = reinterpret_cast<const unsigned short*>(vw + row * VW)[gi * 8 + g8];
+          } else {
+            kv_load_words<VCW>(vw + row * VW + (gi * 64 + g8 * 8) * BV / 32, vc[ks2][u][gi]);
+          }
+          vsh[ks2][u][gi] = __half_as_ushort(vs[row * VG + gi]);
+          vbh[ks2][u][gi] = __half_as_ushort(vb[row * VG + gi]);
+        } else {
+#pragma unroll
+          for (int w = 0; w < VCW; ++w) vc[ks2][u][gi][w] = 0u;
+          vsh[ks2][u][gi] = 0;
+          vbh[ks2][u][gi] = 0;
+        }
+      }
+    }
+  }
+
+  // Scores: s[mt][c] is token 16 mt + g8 + 8 (c >> 1), row 2 tg + (c & 1).
+  float s[2][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[mt][c] = 0.f;
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const unsigned a[4] = {kv_h2_unbias(kv_key_pair<BK>(kc[mt][0][gi], 2 * j)),
+                               kv_h2_unbias(kv_key_pair<BK>(kc[mt][1][gi], 2 * j)),
+                               kv_h2_unbias(kv_key_pair<BK>(kc[mt][0][gi], 2 * j + 1)),
+                               kv_h2_unbias(kv_key_pair<BK>(kc[mt][1][gi], 2 * j + 1))};
+        kv_mma(acc4, a, qf[gi][j][0], qf[gi][j][1]);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[mt][c] += ksc[mt][c >> 1][gi] * acc4[c] + kbi[mt][c >> 1][gi] * qsum[gi][c & 1];
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[mt][c] = base + 16 * mt + g8 + 8 * (c >> 1) < t1 ? s[mt][c] * scale : -KV_INF;
+  }
+
+  // Online softmax per row; the tile's first token is always valid, so the new max is finite.
+  __syncwarp();
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = fmaxf(fmaxf(s[0][rr], s[0][rr + 2]), fmaxf(s[1][rr], s[1][rr + 2]));
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float m_new = fmaxf(m2[rr], mx);
+    const float alpha = __expf(m2[rr] - m_new);
+    m2[rr] = m_new;
+    float lsum = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float p = __expf(s[mt][2 * hh + rr] - m_new);
+        lsum += p;
+        p_h[warp][2 * tg + rr][16 * mt + g8 + 8 * hh] = __half_as_ushort(__float2half_rn(p));
+      }
+    }
+    l2[rr] = l2[rr] * alpha + lsum;
+#pragma unroll
+    for (int i = 0; i < NG * 4; ++i) {
+      o[i][rr] *= alpha;
+      o[i][rr + 2] *= alpha;
+    }
+  }
+  __syncwarp();
+  unsigned pb[2][2];
+#pragma unroll
+  for (int ks2 = 0; ks2 < 2; ++ks2) {
+    pb[ks2][0] = *reinterpret_cast<const unsigned*>(&p_h[warp][g8][16 * ks2 + 2 * tg]);
+    pb[ks2][1] = *reinterpret_cast<const unsigned*>(&p_h[warp][g8][16 * ks2 + 2 * tg + 8]);
+  }
+
+  // Values: o[4 gi + jj] holds dim 64 gi + 8 g8 + 2 jj (c 0, 1) and the next dim (c 2, 3).
+#pragma unroll
+  for (int ks2 = 0; ks2 < 2; ++ks2) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      const unsigned sab = vsh[ks2][0][gi] | ((unsigned)vsh[ks2][1][gi] << 16);
+      const unsigned bab = vbh[ks2][0][gi] | ((unsigned)vbh[ks2][1][gi] << 16);
+      const unsigned scd = vsh[ks2][2][gi] | ((unsigned)vsh[ks2][3][gi] << 16);
+      const unsigned bcd = vbh[ks2][2][gi] | ((unsigned)vbh[ks2][3][gi] << 16);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        const unsigned a[4] = {
+            kv_h2_fma(kv_h2_unbias(kv_val_pair<BV>(vc[ks2][0][gi], vc[ks2][1][gi], 2 * jj)), sab, bab),
+            kv_h2_fma(kv_h2_unbias(kv_val_pair<BV>(vc[ks2][0][gi], vc[ks2][1][gi], 2 * jj + 1)), sab, bab),
+            kv_h2_fma(kv_h2_unbias(kv_val_pair<BV>(vc[ks2][2][gi], vc[ks2][3][gi], 2 * jj)), scd, bcd),
+            kv_h2_fma(kv_h2_unbias(kv_val_pair<BV>(vc[ks2][2][gi], vc[ks2][3][gi], 2 * jj + 1)), scd, bcd)};
+        kv_mma(o[gi * 4 + jj], a, pb[ks2][0], pb[ks2][1]);
+      }
+    }
+  }
+}
+
+// Per warp: the rows' denominators summed over the lanes that share tg; every (dim, row) of
+// the output has one owner lane.
+#pragma unroll
+for (int rr = 0; rr < 2; ++rr) {
+  float lw = l2[rr];
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, off);
+  const int r = 2 * tg + rr;
+  if (r < REP) {
+    if (g8 == 0) { sm_m[warp][r] = m2[rr]; sm_l[warp][r] = lw; }
+#pragma unroll
+    for (int i = 0; i < NG * 4; ++i) {
+      const int d = (i >> 2) * 64 + g8 * 8 + 2 * (i & 3);
+      sm_o[warp][r][d] = o[i][rr];
+      sm_o[warp][r][d + 1] = o[i][rr + 2];
+    }
+  }
+}
+#else
+__shared__ float p_s[WARPS][REP][32];
 const int sub = lane / LPT;      // which token of a value step this lane reads
 const int d0 = (lane % LPT) * VD;
 const int vgrp = d0 / GV;
@@ -209,6 +424,7 @@ for (int r = 0; r < REP; ++r) {
   }
   if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lw; }
 }
+#endif
 __syncthreads();
 // Per block: merge the warps (a warp that saw no token has m = -inf and weight 0).
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
