@@ -27,7 +27,8 @@ margin=$((3 * 512 * 1024))
 
 "$root/scripts/setup.sh"
 ../shared/device/stage-mlx-cuda.sh .device >/dev/null
-CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx -p mlx-kv --example fused_check
+CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx
+CARGO_TARGET_DIR=$target cargo build --release -q -p mlx-kv --example fused_check
 for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check"; do
   # An RPATH (old dtags) would be searched before LD_LIBRARY_PATH and load the CPU libmlx.so.
   readelf -d "$b" | grep -q RUNPATH || { echo "gpu-run: $b has no RUNPATH" >&2; exit 1; }

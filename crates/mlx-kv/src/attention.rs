@@ -101,15 +101,24 @@ fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
     }
 }
 
+/// `x [B*Hkv, M, K] @ w` for a packed run (`w` logical `[B*Hkv, N, K]` when `transpose`, else
+/// `[B*Hkv, K, N]`). Where [`crate::Backend::qmm_rows_ok`] refuses `M` rows, the run is
+/// dequantized (one run: a block of at most [`BLOCK_TOKENS`] tokens for long chunks) and
+/// multiplied densely; the product is the same, up to rounding.
+fn packed_matmul(x: &Array, p: &Packed, bits: u8, group: usize, transpose: bool, b: i32, hkv: i32) -> Result<Array> {
+    let p = fold_packed(p, b, hkv)?;
+    if crate::Backend::current().qmm_rows_ok(x.shape()[1] as usize) {
+        return Ok(quantized_matmul(x, &p.w, &p.scales, &p.biases, transpose, group as i32, bits as i32)?);
+    }
+    let w = mlx_rs::ops::dequantize(&p.w, &p.scales, &p.biases, group as i32, bits as i32)?.as_dtype(x.dtype())?;
+    Ok(matmul(x, if transpose { w.swap_axes(1, 2)? } else { w })?)
+}
+
 /// Scores `[B*Hkv, rep*L, T]` of folded queries against one run of keys.
 fn scores(q3: &Array, k: &Tensor, b: i32, hkv: i32) -> Result<Array> {
     Ok(match k {
         Tensor::Float(k) => matmul(q3, fold3(k, b, hkv)?.swap_axes(1, 2)?)?,
-        Tensor::Quant { p, bits, group, axis, .. } => {
-            let p = fold_packed(p, b, hkv)?;
-            let transpose = *axis == TokenAxis::Rows;
-            quantized_matmul(q3, &p.w, &p.scales, &p.biases, transpose, *group as i32, *bits as i32)?
-        }
+        Tensor::Quant { p, bits, group, axis, .. } => packed_matmul(q3, p, *bits, *group, *axis == TokenAxis::Rows, b, hkv)?,
     })
 }
 
@@ -117,10 +126,7 @@ fn scores(q3: &Array, k: &Tensor, b: i32, hkv: i32) -> Result<Array> {
 fn weighted(p3: &Array, v: &Tensor, b: i32, hkv: i32) -> Result<Array> {
     Ok(match v {
         Tensor::Float(v) => matmul(p3, fold3(v, b, hkv)?)?,
-        Tensor::Quant { p, bits, group, .. } => {
-            let p = fold_packed(p, b, hkv)?;
-            quantized_matmul(p3, &p.w, &p.scales, &p.biases, false, *group as i32, *bits as i32)?
-        }
+        Tensor::Quant { p, bits, group, .. } => packed_matmul(p3, p, *bits, *group, false, b, hkv)?,
     })
 }
 

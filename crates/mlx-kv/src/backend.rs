@@ -38,6 +38,16 @@ impl Backend {
         3
     }
 
+    /// Whether `quantized_matmul` may be given `rows` rows per KV head (folded GQA query rows).
+    /// MLX 0.32.2's CUDA kernels for many rows (a prefill chunk) return wrong values for head_dim
+    /// 64 (fused_check's prefill check on the H200: error 0.4-4 at 384 rows of D=64, 5e-4 at 512
+    /// rows of D=128; docs/gpu-whole-model-h200.md), so on CUDA chunks of more than 8 rows go
+    /// through dequantize + matmul instead; decode (one row per query head) keeps the quantized
+    /// kernels, which the conformance suite checks at those sizes.
+    pub fn qmm_rows_ok(self, rows: usize) -> bool {
+        self == Backend::Cpu || cfg!(target_os = "macos") || rows <= 8
+    }
+
     /// Whether `quantize` may be given a non-row-major view. Never: we make inputs contiguous.
     pub fn quantize_accepts_transposed(self) -> bool {
         false
