@@ -35,25 +35,6 @@ fn host(a: &Array) -> Vec<f32> {
     a.as_slice::<f32>().to_vec()
 }
 
-/// f64 attention of one (already scaled) query row per q head over `t` tokens; k/v `[hkv, t, d]`.
-fn reference(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, t: usize, d: usize) -> Vec<f64> {
-    let rep = hq / hkv;
-    let mut out = vec![0.0; hq * d];
-    for h in 0..hq {
-        let kh = h / rep;
-        let s: Vec<f64> = (0..t)
-            .map(|j| (0..d).map(|x| q[h * d + x] as f64 * k[(kh * t + j) * d + x] as f64).sum::<f64>())
-            .collect();
-        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        for x in 0..d {
-            out[h * d + x] = (0..t).map(|j| e[j] * v[(kh * t + j) * d + x] as f64).sum::<f64>() / z;
-        }
-    }
-    out
-}
-
 fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array, Array) {
     let (k1, k2) = random::split(key, 2).unwrap();
     let k = random::normal::<f32>(&[1, hkv, t, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
@@ -120,7 +101,7 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
             // The engine scales q in its own dtype before the kernel: the reference starts from
             // that same rounded product, so only the kernels' arithmetic is judged.
             let qs = host(&(&q * Array::from_f32(scale).as_dtype(q.dtype()).unwrap()));
-            let want = reference(&qs, &kd, &vd, (hkv * rep) as usize, hkv as usize, t as usize, d as usize);
+            let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: t as usize, d: d as usize }, 1.0);
             let err = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             let (ef, eo) = (err(&fused), if with_ops { err(&ops) } else { f64::NAN });
             let pass = ef < bound(kb, rep, d, &vd);
@@ -131,9 +112,22 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
     ok
 }
 
-/// f64 causal attention of `l` query rows per q head (`q`: `[hq, l, d]`, unscaled) over `t`
-/// tokens (`k`, `v`: `[hkv, t, d]`); query `i` sees keys `0..=t-l+i`. `[hq, l, d]`.
-fn reference_causal(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, l: usize, t: usize, d: usize, scale: f64) -> Vec<f64> {
+/// Attention shapes: `hq` query heads over `hkv` KV heads, `l` query rows per head, `t` tokens,
+/// head_dim `d`.
+#[derive(Clone, Copy)]
+struct Dims {
+    hq: usize,
+    hkv: usize,
+    l: usize,
+    t: usize,
+    d: usize,
+}
+
+/// f64 causal attention of `l` query rows per q head (`q`: `[hq, l, d]`, multiplied by `scale`
+/// here) over `t` tokens (`k`, `v`: `[hkv, t, d]`); query `i` sees keys `0..=t-l+i` (with
+/// `l = 1`: every key, a decode step). `[hq, l, d]`.
+fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f64) -> Vec<f64> {
+    let Dims { hq, hkv, l, t, d } = dims;
     let rep = hq / hkv;
     let mut out = vec![0.0; hq * l * d];
     for h in 0..hq {
@@ -165,7 +159,7 @@ fn prefill_correctness(seed: u64) -> bool {
         for &(kb, vb) in &[(8u8, 4u8), (8, 8), (4, 4)] {
             let spec = KvSpec::bits(kb, vb);
             let mut cache = if prior > 0 { fill(&spec, hkv, prior, d, &key).0 } else { KvCache::new(spec.clone(), d as usize, CacheOptions::default()).unwrap() };
-            let (k1, k2) = random::split(&random::key(seed ^ 12).unwrap(), 2).unwrap();
+            let (k1, k2) = random::split(random::key(seed ^ 12).unwrap(), 2).unwrap();
             let kn = random::normal::<f32>(&[1, hkv, l, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
             let vn = random::normal::<f32>(&[1, hkv, l, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
             let q = random::normal::<f32>(&[1, hkv * rep, l, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
@@ -174,7 +168,8 @@ fn prefill_correctness(seed: u64) -> bool {
             let t = (prior + l) as usize;
             let kd = host(&cache.dequantized_keys().unwrap().unwrap());
             let vd = host(&cache.dequantized_values().unwrap().unwrap());
-            let want = reference_causal(&host(&q), &kd, &vd, (hkv * rep) as usize, hkv as usize, l as usize, t, d as usize, scale as f64);
+            let dims = Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: l as usize, t, d: d as usize };
+            let want = reference(&host(&q), &kd, &vd, dims, scale as f64);
             let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             let vmax = vd.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
             let pass = err < 1e-3 + vmax * 2f64.powi(-10) && cache.len() == t;
@@ -237,7 +232,7 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             let kd = host(&cache.dequantized_keys().unwrap().unwrap());
             let vd = host(&cache.dequantized_values().unwrap().unwrap());
             let qs: Vec<f32> = host(q.as_ref().unwrap()).iter().map(|x| (*x as f64 * scale as f64) as f32).collect();
-            let want = reference(&qs, &kd, &vd, (hkv * rep) as usize, hkv as usize, t as usize, d as usize);
+            let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: t as usize, d: d as usize }, 1.0);
             let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             // The kernel's quantizer repeats MLX's formulas in the same order: expect the same
             // codes, scales and biases (0 difference); attention bound as above.

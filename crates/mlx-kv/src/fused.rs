@@ -4,12 +4,16 @@
 //! cache (scores, softmax, weighted sum). Here pass 1 ([`kernels/decode_partial.cu`]) reads the
 //! packed keys at `BK` bits and packed values at `BV` bits with their 16-bit scales and biases
 //! once: the token axis is split across blocks (one block per split and KV head, all GQA query
-//! rows of the head in the block so each loaded key and value serves every row); inside a
-//! block each lane owns whole tokens for the scores (16-byte loads of its key row, no per-token
-//! warp reduction), one warp max per 32-token tile feeds an online softmax, and lanes own dim
-//! slices for the weighted sum of values. Pass 2 ([`kernels/decode_merge.cu`]) merges the
+//! rows of the head in the block so each loaded key and value serves every row), and each warp
+//! walks 32-token tiles with an online softmax. Pass 2 ([`kernels/decode_merge.cu`]) merges the
 //! splits and writes the output in the query dtype, so a layer's decode attention is two
 //! launches and nothing else.
+//!
+//! Pass 1 has two bodies. Where [`mma_applies`] (groups of 64, head_dim 64/128, 4/8-bit keys,
+//! f16/bf16 queries), scores and value sums run on tensor cores (`mma.sync` m16n8k16, codes
+//! turned into f16 through the mantissa of 1024.0); elsewhere lanes own whole tokens for the
+//! scores and dim slices for the values on CUDA cores. docs/fused-attention-h200.md has the
+//! layouts, the precision argument and the profiles.
 //!
 //! The decode step ([`decode_step`], what `KvCache::update_and_attend` uses for one new token)
 //! goes further: pass 1 also quantizes the new token and writes it into the cache buffers in
