@@ -18,12 +18,13 @@
 //! 4. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
 //!    f64 causal attention.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill]
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --ops      also check and time the MLX-ops path (its quantized_matmul kernels take minutes
 //!              of JIT compilation on a fresh GPU machine)
 //!   --profile  no checks: a few k8v4 steps at 32K and 128K, for `ncu -k regex:kvsplit_attn`
 //!   --prefill  only the prefill-chunk checks
+//!   --check    only the decode checks of the default kernels (no prefill, no timings)
 
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
 use mlx_rs::{random, transforms::eval, Array, Dtype};
@@ -336,6 +337,11 @@ fn main() {
         return;
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
+    if std::env::args().any(|a| a == "--check") {
+        // The default path only (tensor cores where they apply, one launch per step).
+        let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true);
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let mut ok = prefill_correctness(seed);
     if std::env::args().any(|a| a == "--prefill") {
         std::process::exit(if ok { 0 } else { 1 });

@@ -146,59 +146,76 @@ for (int i = 0; i < NG * 4; ++i) {
 }
 float m2[2] = {-KV_INF, -KV_INF}, l2[2] = {0.f, 0.f};
 
-for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
-  // Every load of the tile first. Tokens past the split's end load nothing: zero codes,
-  // scales and biases (finite values, weight 0).
+// One tile's loads; `cur` is computed on while the next tile's loads are in flight (at 32K a
+// warp walks only ~8 tiles, and without this every tile waited a full memory latency).
+// Tokens past the split's end load nothing: zero codes, scales and biases (finite values,
+// weight 0), so the tile after the last one is all zeros and touches no memory.
+// A token's scales (and biases) for all NG groups are one 2- or 4-byte word, f16 group 0 in
+// the low half: half the registers of one float each, which two tiles in flight need.
+struct KvTile {
   unsigned kc[2][2][NG][CW];
-  float ksc[2][2][NG], kbi[2][2][NG];
+  unsigned ksp[2][2], kbp[2][2];
+  unsigned vc[2][4][NG][VCW];
+  unsigned vsp[2][4], vbp[2][4];
+};
+auto load_sb = [&](const __half* p, size_t row) -> unsigned {
+  if constexpr (NG == 2) {
+    return reinterpret_cast<const unsigned*>(p)[row];
+  } else {
+    return __half_as_ushort(p[row]);
+  }
+};
+auto load_tile = [&](KvTile& x, int base) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int t = base + 16 * mt + g8 + 8 * hh;
       const size_t row = (size_t)bh * CAP + t;
+      x.ksp[mt][hh] = t < t1 ? load_sb(ks, row) : 0u;
+      x.kbp[mt][hh] = t < t1 ? load_sb(kb, row) : 0u;
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
         if (t < t1) {
-          kv_load_words<CW>(kw + row * KW + (gi * 64 + tg * 16) * BK / 32, kc[mt][hh][gi]);
-          ksc[mt][hh][gi] = __half2float(ks[row * KG + gi]);
-          kbi[mt][hh][gi] = __half2float(kb[row * KG + gi]);
+          kv_load_words<CW>(kw + row * KW + (gi * 64 + tg * 16) * BK / 32, x.kc[mt][hh][gi]);
         } else {
 #pragma unroll
-          for (int w = 0; w < CW; ++w) kc[mt][hh][gi][w] = 0u;
-          ksc[mt][hh][gi] = 0.f;
-          kbi[mt][hh][gi] = 0.f;
+          for (int w = 0; w < CW; ++w) x.kc[mt][hh][gi][w] = 0u;
         }
       }
     }
   }
-  unsigned vc[2][4][NG][VCW];
-  unsigned short vsh[2][4][NG], vbh[2][4][NG];
 #pragma unroll
   for (int ks2 = 0; ks2 < 2; ++ks2) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int t = base + 16 * ks2 + 2 * tg + (u & 1) + 8 * (u >> 1);
       const size_t row = (size_t)bh * CAP + t;
+      x.vsp[ks2][u] = t < t1 ? load_sb(vs, row) : 0u;
+      x.vbp[ks2][u] = t < t1 ? load_sb(vb, row) : 0u;
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
         if (t < t1) {
           if constexpr (BV == 2) {
-            vc[ks2][u][gi][0] = reinterpret_cast<const unsigned short*>(vw + row * VW)[gi * 8 + g8];
+            x.vc[ks2][u][gi][0] = reinterpret_cast<const unsigned short*>(vw + row * VW)[gi * 8 + g8];
           } else {
-            kv_load_words<VCW>(vw + row * VW + (gi * 64 + g8 * 8) * BV / 32, vc[ks2][u][gi]);
+            kv_load_words<VCW>(vw + row * VW + (gi * 64 + g8 * 8) * BV / 32, x.vc[ks2][u][gi]);
           }
-          vsh[ks2][u][gi] = __half_as_ushort(vs[row * VG + gi]);
-          vbh[ks2][u][gi] = __half_as_ushort(vb[row * VG + gi]);
         } else {
 #pragma unroll
-          for (int w = 0; w < VCW; ++w) vc[ks2][u][gi][w] = 0u;
-          vsh[ks2][u][gi] = 0;
-          vbh[ks2][u][gi] = 0;
+          for (int w = 0; w < VCW; ++w) x.vc[ks2][u][gi][w] = 0u;
         }
       }
     }
   }
+};
+KvTile cur;
+load_tile(cur, t0 + warp * 32);
+for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
+  KvTile nxt;
+  load_tile(nxt, base + WARPS * 32);
+  const auto& kc = cur.kc;
+  const auto& vc = cur.vc;
 
   // Scores: s[mt][c] is token 16 mt + g8 + 8 (c >> 1), row 2 tg + (c & 1).
   float s[2][4];
@@ -219,7 +236,9 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        s[mt][c] += ksc[mt][c >> 1][gi] * acc4[c] + kbi[mt][c >> 1][gi] * qsum[gi][c & 1];
+        const float ksc = __half2float(__ushort_as_half((unsigned short)(cur.ksp[mt][c >> 1] >> (16 * gi))));
+        const float kbi = __half2float(__ushort_as_half((unsigned short)(cur.kbp[mt][c >> 1] >> (16 * gi))));
+        s[mt][c] += ksc * acc4[c] + kbi * qsum[gi][c & 1];
       }
     }
 #pragma unroll
@@ -266,10 +285,12 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   for (int ks2 = 0; ks2 < 2; ++ks2) {
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      const unsigned sab = vsh[ks2][0][gi] | ((unsigned)vsh[ks2][1][gi] << 16);
-      const unsigned bab = vbh[ks2][0][gi] | ((unsigned)vbh[ks2][1][gi] << 16);
-      const unsigned scd = vsh[ks2][2][gi] | ((unsigned)vsh[ks2][3][gi] << 16);
-      const unsigned bcd = vbh[ks2][2][gi] | ((unsigned)vbh[ks2][3][gi] << 16);
+      // Group gi's scales (biases) of two tokens as one f16 pair.
+      const unsigned sel = gi == 0 ? 0x5410 : 0x7632;
+      const unsigned sab = __byte_perm(cur.vsp[ks2][0], cur.vsp[ks2][1], sel);
+      const unsigned bab = __byte_perm(cur.vbp[ks2][0], cur.vbp[ks2][1], sel);
+      const unsigned scd = __byte_perm(cur.vsp[ks2][2], cur.vsp[ks2][3], sel);
+      const unsigned bcd = __byte_perm(cur.vbp[ks2][2], cur.vbp[ks2][3], sel);
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const unsigned a[4] = {
@@ -281,6 +302,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
       }
     }
   }
+  cur = nxt;
 }
 
 // Per warp: the rows' denominators summed over the lanes that share tg; every (dim, row) of
