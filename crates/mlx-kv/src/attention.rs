@@ -107,7 +107,13 @@ fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
 /// multiplied densely; the product is the same, up to rounding.
 fn packed_matmul(x: &Array, p: &Packed, bits: u8, group: usize, transpose: bool, b: i32, hkv: i32) -> Result<Array> {
     let p = fold_packed(p, b, hkv)?;
-    if crate::Backend::current().qmm_rows_ok(x.shape()[1] as usize) {
+    let quantized = crate::Backend::current().qmm_rows_ok(x.shape()[1] as usize);
+    packed_product(x, &p, bits, group, transpose, quantized)
+}
+
+/// `x @ w` for a folded packed `w`, through `quantized_matmul` or through dequantize + matmul.
+fn packed_product(x: &Array, p: &Packed, bits: u8, group: usize, transpose: bool, quantized: bool) -> Result<Array> {
+    if quantized {
         return Ok(quantized_matmul(x, &p.w, &p.scales, &p.biases, transpose, group as i32, bits as i32)?);
     }
     let w = mlx_rs::ops::dequantize(&p.w, &p.scales, &p.biases, group as i32, bits as i32)?.as_dtype(x.dtype())?;
@@ -320,4 +326,40 @@ fn dense(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option
         Mask::Visible(m) => scaled_dot_product_attention(q, &k, &v, scale, ScaledDotProductAttentionMask::Array(m), sinks.as_ref())?,
     };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    /// The dequantize + matmul route (taken on CUDA for prefill chunks) computes the same product
+    /// as `quantized_matmul` over the same packed values: both are f32 sums of the same terms, so
+    /// they may differ only by f32 rounding, bounded by 2^-20 sum|x||w| per element (K <= 256
+    /// terms).
+    #[test]
+    fn dequantized_route_equals_quantized_matmul_on_prefill_shapes() {
+        let (bh, m, t, d) = (3, 384, 256, 64);
+        for bits in [4, 8] {
+            for transpose in [true, false] {
+                let (k, n) = if transpose { (d, t) } else { (t, d) };
+                let x = random::normal::<f32>(&[bh, m, k], None, None, None).unwrap();
+                // The packed operand is stored [bh, rows, cols] grouped along cols: keys are
+                // [t, d] (transpose), values [t, d] too (no transpose: x is [m, t]).
+                let w = random::normal::<f32>(&[bh, t, d], None, None, None).unwrap();
+                let (pw, ps, pb) = mlx_rs::ops::quantize(&w, 64, bits).unwrap();
+                let p = Packed { w: pw, scales: ps, biases: pb };
+                let q = packed_product(&x, &p, bits as u8, 64, transpose, true).unwrap();
+                let dq = packed_product(&x, &p, bits as u8, 64, transpose, false).unwrap();
+                assert_eq!(q.shape(), &[bh, m, n]);
+                assert_eq!(dq.shape(), q.shape());
+                let wd = mlx_rs::ops::dequantize(&p.w, &p.scales, &p.biases, 64, bits).unwrap();
+                let wd = if transpose { wd.swap_axes(1, 2).unwrap() } else { wd };
+                let bound = matmul(x.abs().unwrap(), wd.abs().unwrap()).unwrap() * Array::from_f32(2f32.powi(-20));
+                let over = (q - &dq).abs().unwrap().gt(&bound).unwrap().any(None).unwrap();
+                over.eval().unwrap();
+                assert!(!over.item_exact::<bool>(), "bits={bits} transpose={transpose}: routes differ beyond f32 rounding");
+            }
+        }
+    }
 }

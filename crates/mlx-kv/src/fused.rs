@@ -152,7 +152,8 @@ pub const METAL_SOURCE: &str = r#"
 "#;
 
 
-/// An on/off switch read from the environment once (`0` off, `1` on, else the default), which a
+/// An on/off switch read from the environment once (`0` off, `1` on; anything else is reported
+/// on stderr and gives the default), which a
 /// process may also set (fused_check compares paths in one run). Read per layer and decode
 /// step, so it must not cost an environment lookup each time.
 pub struct Switch {
@@ -175,7 +176,11 @@ impl Switch {
                 let on = match std::env::var(self.var).as_deref() {
                     Ok("0") => false,
                     Ok("1") => true,
-                    _ => self.default,
+                    Ok(other) => {
+                        eprintln!("warning: {}={other:?} is neither 0 nor 1; ignored ({})", self.var, if self.default { "on" } else { "off" });
+                        self.default
+                    }
+                    Err(_) => self.default,
                 };
                 self.set(on);
                 on
@@ -253,7 +258,7 @@ pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     let tile = 32 * WARPS as usize;
     // `KVSPLIT_FUSED_BLOCKS` overrides the target (for measuring split counts).
     static TARGET: OnceLock<usize> = OnceLock::new();
-    let target = *TARGET.get_or_init(|| std::env::var("KVSPLIT_FUSED_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(TARGET_BLOCKS));
+    let target = *TARGET.get_or_init(|| crate::cpu_kernels::env_positive("KVSPLIT_FUSED_BLOCKS").unwrap_or(TARGET_BLOCKS));
     let want = target.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
     let per = t.div_ceil(want).div_ceil(32) * 32;
     (t.div_ceil(per).max(1), per.max(32))
@@ -644,6 +649,20 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switches_take_0_and_1_and_fall_back_to_their_default_on_anything_else() {
+        for (value, default, want) in [("0", true, false), ("1", false, true), ("yes", true, true), ("on", false, false), ("", true, true)] {
+            let var: &'static str = Box::leak(format!("KVSPLIT_TEST_SWITCH_{}_{default}", value.len()).into_boxed_str());
+            std::env::set_var(var, value);
+            let sw = Switch::new(var, default);
+            assert_eq!(sw.get(), want, "{var}={value:?} (default {default})");
+            std::env::set_var(var, if want { "0" } else { "1" });
+            assert_eq!(sw.get(), want, "{var}: read once, not per call");
+            sw.set(!want);
+            assert_eq!(sw.get(), !want, "{var}: set() overrides");
+        }
+    }
 
     #[test]
     fn split_plan_covers_every_token_once_in_whole_tiles() {
