@@ -83,28 +83,11 @@ if [ "$SKIP_MLXLM" = 0 ]; then
     "$PY" -m venv "$MLXLM_VENV"
     "$MLXLM_VENV/bin/pip" install -q --disable-pip-version-check "mlx==$MLX_VERSION" "mlx-cpu==$MLX_VERSION" "mlx-lm==$MLXLM_VERSION"
   fi
-  # The same swap as setup.sh: Debian's OpenBLAS under the wheel's BLAS/LAPACK file names
-  # (originals kept as *.orig), libopenblas.so.0 beside them for libblas.so.3's $ORIGIN RUNPATH.
+  # The same swap as setup.sh, so both engines run on OpenBLAS.
   LIBS="$(echo "$MLXLM_VENV"/lib/python3*/site-packages/mlx_cpu.libs)"
   if [ ! -f "$LIBS/.openblas" ]; then
-    deb_dir="$CACHE/downloads/openblas"
-    if ! ls "$deb_dir"/libopenblas0-pthread_*.deb >/dev/null 2>&1; then
-      mkdir -p "$deb_dir"
-      (cd "$deb_dir" && apt-get download libopenblas0-pthread >/dev/null 2>&1) || true
-    fi
-    deb=$(ls "$deb_dir"/libopenblas0-pthread_*.deb 2>/dev/null | head -n1 || true)
-    if [ -n "$deb" ]; then
-      x="$(mktemp -d)" && dpkg-deb -x "$deb" "$x"
-      ob=$(dirname "$(find "$x" -path '*openblas-pthread/libblas.so.3' | head -n1)")
-      for kind in blas lapack; do
-        f=$(ls "$LIBS"/lib$kind-*.so.3.10.0 | head -n1)
-        [ -f "$f.orig" ] || cp "$f" "$f.orig"
-        cp "$ob/lib$kind.so.3" "$f"
-      done
-      cp -L "$ob/libopenblas.so.0" "$LIBS/libopenblas.so.0"
-      rm -rf "$x"
-      touch "$LIBS/.openblas"
-      say "mlx-lm's MLX now uses OpenBLAS ($(basename "$deb"))"
+    if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
+      say "mlx-lm's MLX now uses OpenBLAS ($deb)"
     else
       say "WARNING: could not fetch Debian's libopenblas0-pthread; mlx-lm keeps the reference BLAS (the report says so)"
     fi

@@ -44,32 +44,12 @@ if [ ! -f "$WDIR/mlx/share/cmake/MLX/MLXConfig.cmake" ]; then
 fi
 
 # --- BLAS swap (CPU wheel only) ----------------------------------------------------------
-# The CPU wheel bundles reference BLAS/LAPACK (about 5 GFLOP/s for an f32 matmul here);
-# OpenBLAS is 15x faster. Debian's package is unpacked with dpkg-deb, not installed, so this
-# needs no root. The swapped libraries keep the wheel's file names (libmlx.so NEEDs them).
+# The CPU wheel's reference BLAS is 15x slower than OpenBLAS (scripts/openblas-swap.sh). The
+# swapped libraries keep the wheel's file names (libmlx.so NEEDs them).
 LIBS="$WDIR/mlx_cpu.libs"
 if [ "$WHEEL" = mlx-cpu ] && [ "${KVSPLIT_NO_OPENBLAS:-0}" != 1 ] && [ ! -f "$LIBS/.openblas" ]; then
-  deb_dir="$CACHE/downloads/openblas"
-  if ! ls "$deb_dir"/libopenblas0-pthread_*.deb >/dev/null 2>&1; then
-    mkdir -p "$deb_dir"
-    if command -v apt-get >/dev/null; then
-      (cd "$deb_dir" && apt-get download libopenblas0-pthread >/dev/null 2>&1) ||
-        { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && (cd "$deb_dir" && apt-get download libopenblas0-pthread >/dev/null 2>&1); } || true
-    fi
-  fi
-  deb=$(ls "$deb_dir"/libopenblas0-pthread_*.deb 2>/dev/null | head -n1 || true)
-  if [ -n "$deb" ]; then
-    x="$deb_dir/x" && rm -rf "$x" && dpkg-deb -x "$deb" "$x"
-    ob=$(dirname "$(find "$x" -path '*openblas-pthread/libblas.so.3' | head -n1)")
-    for kind in blas lapack; do
-      f=$(ls "$LIBS"/lib$kind-*.so.3.10.0 | head -n1)
-      [ -f "$f.orig" ] || cp "$f" "$f.orig"
-      cp "$ob/lib$kind.so.3" "$f"
-    done
-    # libblas.so.3 has RUNPATH $ORIGIN: put libopenblas.so.0 beside it.
-    cp -L "$ob/libopenblas.so.0" "$LIBS/libopenblas.so.0"
-    touch "$LIBS/.openblas"
-    say "MLX now uses OpenBLAS ($(basename "$deb"))"
+  if deb=$("$(dirname "${BASH_SOURCE[0]}")/openblas-swap.sh" "$LIBS" "$CACHE"); then
+    say "MLX now uses OpenBLAS ($deb)"
   else
     say "WARNING: could not fetch Debian's libopenblas0-pthread; MLX keeps its slow reference BLAS"
   fi

@@ -10,13 +10,12 @@
 //! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); the GGUF
 //! loader undoes llama.cpp's converter, which stores `1 + weight`.
 
+use crate::decoder::{Activation, Ends, FeedForward, GatedMlp, Mixer};
 use crate::error::{ModelError, Result};
-use crate::model::LanguageModel;
-use crate::weights::{Embedding, Linear, WeightMap};
-use mlx_kv::KvCache;
 use crate::fast::{rms_norm, rope};
-use mlx_rs::nn::gelu_approximate;
-use mlx_rs::ops::indexing::IndexOp;
+use crate::model::LanguageModel;
+use crate::weights::{Linear, WeightMap};
+use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
 
@@ -90,15 +89,13 @@ impl Config {
 
 /// Keys a checkpoint of this config must contain, exactly.
 pub fn expected_keys(cfg: &Config) -> Vec<String> {
-    let mut keys = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    let mut keys = Ends::keys(true);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for name in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
             keys.push(format!("{p}.self_attn.{name}.weight"));
         }
-        for name in ["gate_proj", "up_proj", "down_proj"] {
-            keys.push(format!("{p}.mlp.{name}.weight"));
-        }
+        keys.extend(GatedMlp::keys(&p));
         for name in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
             keys.push(format!("{p}.{name}.weight"));
         }
@@ -161,6 +158,9 @@ impl Attention {
         })
     }
 
+}
+
+impl Mixer for Attention {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let heads = |y: Array, n: i32, norm: Option<&Array>| -> Result<Array> {
@@ -181,32 +181,17 @@ impl Attention {
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         self.o_proj.forward(&out)
     }
-}
 
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &Config, w: &mut WeightMap, p: &str) -> Result<Self> {
-        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear { weight: w.take_shaped(&format!("{p}.mlp.{name}.weight"), &[out, inp])?, bias: None })
-        };
-        Ok(Mlp { gate_proj: lin("gate_proj", f, h)?, up_proj: lin("up_proj", f, h)?, down_proj: lin("down_proj", h, f)? })
-    }
-
-    fn forward(&self, x: &Array) -> Result<Array> {
-        let g = gelu_approximate(self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?))
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v: Vec<&Array> = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect();
+        v.extend([&self.q_norm, &self.k_norm]);
+        v
     }
 }
 
 pub struct DecoderLayer {
     self_attn: Attention,
-    mlp: Mlp,
+    mlp: GatedMlp,
     input_layernorm: Array,
     post_attention_layernorm: Array,
     pre_feedforward_layernorm: Array,
@@ -227,10 +212,9 @@ impl DecoderLayer {
 pub struct Model {
     pub cfg: Config,
     pub dtype: Dtype,
-    embed_tokens: Embedding,
+    ends: Ends,
     embed_scale: f32,
     layers: Vec<DecoderLayer>,
-    norm: Array,
 }
 
 impl Model {
@@ -243,8 +227,8 @@ impl Model {
             });
         }
         w.check(&expected_keys(&cfg))?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = Embedding { weight: w.take_shaped("model.embed_tokens.weight", &[v, h])? };
+        let h = cfg.hidden_size;
+        let ends = Ends::load(&mut w, h, cfg.vocab_size, true, |w| norm_weight(w, "model.norm.weight", dtype))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -254,7 +238,7 @@ impl Model {
                 (norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?);
             layers.push(DecoderLayer {
                 self_attn: Attention::new(&cfg, &mut w, &p, i, dtype)?,
-                mlp: Mlp::new(&cfg, &mut w, &p)?,
+                mlp: GatedMlp::load(&mut w, &p, h, cfg.intermediate_size, Activation::GeluTanh)?,
                 input_layernorm,
                 post_attention_layernorm,
                 pre_feedforward_layernorm,
@@ -262,26 +246,20 @@ impl Model {
                 eps: cfg.rms_norm_eps,
             });
         }
-        let norm = norm_weight(&mut w, "model.norm.weight", dtype)?;
         // f32 sqrt as llama.cpp does; HF and mlx-lm round it to the weight dtype (bf16: 25.25
         // instead of 25.30 for the 270M), a 0.2% difference that later norms mostly absorb.
         let embed_scale = (h as f32).sqrt();
-        Ok(Model { cfg, dtype, embed_tokens, embed_scale, layers, norm })
+        Ok(Model { cfg, dtype, ends, embed_scale, layers })
     }
 }
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.embed_tokens.forward(ids, self.dtype)? * Array::from_f32(self.embed_scale).as_dtype(self.dtype)?;
+        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)? * Array::from_f32(self.embed_scale).as_dtype(self.dtype)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
         }
-        if last_only {
-            let l = x.shape()[1];
-            x = x.index((.., l - 1..l, ..));
-        }
-        let x = rms_norm(&x, Some(&self.norm), self.cfg.rms_norm_eps)?;
-        let logits = self.embed_tokens.as_linear(&x)?;
+        let logits = self.ends.logits(x, self.cfg.rms_norm_eps, last_only)?;
         Ok(match self.cfg.final_logit_softcapping {
             Some(cap) if cap > 0.0 => {
                 let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
@@ -320,14 +298,10 @@ impl LanguageModel for Model {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        let mut v = self.embed_tokens.weight.arrays();
-        v.push(&self.norm);
+        let mut v = self.ends.arrays();
         for l in &self.layers {
-            let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
-                v.extend(lin.weight.arrays());
-            }
-            v.extend([&a.q_norm, &a.k_norm]);
+            v.extend(l.self_attn.arrays());
+            v.extend(l.mlp.arrays());
             v.extend([&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm]);
         }
         v

@@ -7,20 +7,17 @@
 //! layer's attention reads its RoPE offset from its cache before updating it.
 
 use crate::config::Config;
+use crate::decoder::{Activation, Ends, GatedMlp, Mixer, PreNormLayer};
 use crate::error::Result;
-use crate::model::LanguageModel;
-use crate::weights::{output_logits, Embedding, Linear, WeightMap};
-use mlx_kv::KvCache;
 use crate::fast::{rms_norm, rope};
-use mlx_rs::nn::silu;
+use crate::model::LanguageModel;
+use crate::weights::{Linear, WeightMap};
+use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
 
 /// Keys a checkpoint of this config must contain, exactly.
 pub fn expected_keys(cfg: &Config) -> Vec<String> {
-    let mut keys = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-    if !cfg.tie_word_embeddings {
-        keys.push("lm_head.weight".into());
-    }
+    let mut keys = Ends::keys(cfg.tie_word_embeddings);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for name in ["q_proj", "k_proj", "v_proj", "o_proj"] {
@@ -35,11 +32,8 @@ pub fn expected_keys(cfg: &Config) -> Vec<String> {
             keys.push(format!("{p}.self_attn.q_norm.weight"));
             keys.push(format!("{p}.self_attn.k_norm.weight"));
         }
-        for name in ["gate_proj", "up_proj", "down_proj"] {
-            keys.push(format!("{p}.mlp.{name}.weight"));
-        }
-        keys.push(format!("{p}.input_layernorm.weight"));
-        keys.push(format!("{p}.post_attention_layernorm.weight"));
+        keys.extend(GatedMlp::keys(&p));
+        keys.extend(Layer::norm_keys(&p));
     }
     keys
 }
@@ -133,7 +127,9 @@ impl Attention {
             None => rope(x, self.head_dim, false, self.theta, 1.0, offset, None)?,
         })
     }
+}
 
+impl Mixer for Attention {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let heads = |y: Array, n: i32, norm: &Option<Array>| -> Result<Array> {
@@ -155,89 +151,46 @@ impl Attention {
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         self.o_proj.forward(&out)
     }
-}
 
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &Config, w: &mut WeightMap, p: &str) -> Result<Self> {
-        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear { weight: w.take_shaped(&format!("{p}.mlp.{name}.weight"), &[out, inp])?, bias: None })
-        };
-        Ok(Mlp { gate_proj: lin("gate_proj", f, h)?, up_proj: lin("up_proj", f, h)?, down_proj: lin("down_proj", h, f)? })
-    }
-
-    fn forward(&self, x: &Array) -> Result<Array> {
-        let g = silu(self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?))
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v: Vec<&Array> = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect();
+        v.extend(self.q_norm.iter().chain(self.k_norm.iter()));
+        v
     }
 }
 
-pub struct DecoderLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: Array,
-    post_attention_layernorm: Array,
-    eps: f32,
-}
-
-impl DecoderLayer {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        let h = x + self.self_attn.forward(&rms_norm(x, Some(&self.input_layernorm), self.eps)?, cache)?;
-        let m = self.mlp.forward(&rms_norm(&h, Some(&self.post_attention_layernorm), self.eps)?)?;
-        Ok(h + m)
-    }
-}
+type Layer = PreNormLayer<Attention, GatedMlp>;
 
 pub struct Model {
     pub cfg: Config,
     pub dtype: Dtype,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: Array,
-    lm_head: Option<Linear>,
+    ends: Ends,
+    layers: Vec<Layer>,
 }
 
 impl Model {
     /// Builds the model from `w`, which must hold exactly [`expected_keys`].
     pub fn new(cfg: Config, mut w: WeightMap, dtype: Dtype) -> Result<Self> {
         w.check(&expected_keys(&cfg))?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = Embedding { weight: w.take_shaped("model.embed_tokens.weight", &[v, h])? };
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Linear { weight: w.take_shaped("lm_head.weight", &[v, h])?, bias: None })
-        };
+        let ends = Ends::load(&mut w, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings, |w| w.take_dense("model.norm.weight", dtype))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            layers.push(DecoderLayer {
-                self_attn: Attention::new(&cfg, &mut w, &p, dtype)?,
-                mlp: Mlp::new(&cfg, &mut w, &p)?,
-                input_layernorm: w.take_dense(&format!("{p}.input_layernorm.weight"), dtype)?,
-                post_attention_layernorm: w.take_dense(&format!("{p}.post_attention_layernorm.weight"), dtype)?,
-                eps: cfg.rms_norm_eps,
-            });
+            let attn = Attention::new(&cfg, &mut w, &p, dtype)?;
+            let mlp = GatedMlp::load(&mut w, &p, cfg.hidden_size, cfg.intermediate_size, Activation::Silu)?;
+            layers.push(Layer::load(&mut w, &p, dtype, cfg.rms_norm_eps, attn, mlp)?);
         }
-        let norm = w.take_dense("model.norm.weight", dtype)?;
-        Ok(Model { cfg, dtype, embed_tokens, layers, norm, lm_head })
+        Ok(Model { cfg, dtype, ends, layers })
     }
-
 }
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.embed_tokens.forward(ids, self.dtype)?;
+        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
         }
-        output_logits(x, &self.norm, self.cfg.rms_norm_eps, self.lm_head.as_ref(), &self.embed_tokens, last_only)
+        self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
     }
 
     fn n_layers(&self) -> usize {
@@ -265,22 +218,8 @@ impl LanguageModel for Model {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        let mut v = self.embed_tokens.weight.arrays();
-        v.push(&self.norm);
-        if let Some(h) = &self.lm_head {
-            v.extend(h.weight.arrays());
-        }
-        for l in &self.layers {
-            let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
-                v.extend(lin.weight.arrays());
-                v.extend(lin.bias.iter());
-            }
-            v.extend(a.q_norm.iter());
-            v.extend(a.k_norm.iter());
-            v.push(&l.input_layernorm);
-            v.push(&l.post_attention_layernorm);
-        }
+        let mut v = self.ends.arrays();
+        v.extend(self.layers.iter().flat_map(|l| l.arrays()));
         v
     }
 }

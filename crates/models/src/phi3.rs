@@ -7,11 +7,12 @@
 //! rather than run with the wrong positions. Phi-3's `sliding_window` is ignored, as llama.cpp
 //! does: the released models were trained with it wider than their 4k context.
 
+use crate::decoder::{Ends, FeedForward, Mixer, PreNormLayer};
 use crate::error::{ModelError, Result};
+use crate::fast::rope;
 use crate::model::LanguageModel;
-use crate::weights::{output_logits, Embedding, Linear, WeightMap};
+use crate::weights::{Linear, WeightMap};
 use mlx_kv::KvCache;
-use crate::fast::{rms_norm, rope};
 use mlx_rs::nn::silu;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
@@ -64,18 +65,14 @@ impl Config {
 
 /// Keys a checkpoint of this config must contain, exactly.
 pub fn expected_keys(cfg: &Config) -> Vec<String> {
-    let mut keys = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-    if !cfg.tie_word_embeddings {
-        keys.push("lm_head.weight".into());
-    }
+    let mut keys = Ends::keys(cfg.tie_word_embeddings);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         keys.push(format!("{p}.self_attn.qkv_proj.weight"));
         keys.push(format!("{p}.self_attn.o_proj.weight"));
         keys.push(format!("{p}.mlp.gate_up_proj.weight"));
         keys.push(format!("{p}.mlp.down_proj.weight"));
-        keys.push(format!("{p}.input_layernorm.weight"));
-        keys.push(format!("{p}.post_attention_layernorm.weight"));
+        keys.extend(Layer::norm_keys(&p));
     }
     keys
 }
@@ -106,7 +103,9 @@ impl Attention {
             theta: cfg.rope_theta,
         })
     }
+}
 
+impl Mixer for Attention {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let qkv = self.qkv_proj.forward(x)?;
@@ -124,6 +123,10 @@ impl Attention {
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         self.o_proj.forward(&out)
     }
+
+    fn arrays(&self) -> Vec<&Array> {
+        [&self.qkv_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect()
+    }
 }
 
 pub struct Mlp {
@@ -139,37 +142,27 @@ impl Mlp {
         let down = w.take_shaped(&format!("{p}.mlp.down_proj.weight"), &[h, f])?;
         Ok(Mlp { gate_up_proj: Linear { weight: gate_up, bias: None }, down_proj: Linear { weight: down, bias: None }, ff: f as i32 })
     }
+}
 
+impl FeedForward for Mlp {
     fn forward(&self, x: &Array) -> Result<Array> {
         let gu = self.gate_up_proj.forward(x)?;
         let gate = silu(gu.index((.., .., 0..self.ff)))?;
         self.down_proj.forward(&(gate * gu.index((.., .., self.ff..))))
     }
-}
 
-pub struct DecoderLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: Array,
-    post_attention_layernorm: Array,
-    eps: f32,
-}
-
-impl DecoderLayer {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        let h = x + self.self_attn.forward(&rms_norm(x, Some(&self.input_layernorm), self.eps)?, cache)?;
-        let m = self.mlp.forward(&rms_norm(&h, Some(&self.post_attention_layernorm), self.eps)?)?;
-        Ok(h + m)
+    fn arrays(&self) -> Vec<&Array> {
+        [&self.gate_up_proj, &self.down_proj].into_iter().flat_map(|l| l.arrays()).collect()
     }
 }
+
+type Layer = PreNormLayer<Attention, Mlp>;
 
 pub struct Model {
     pub cfg: Config,
     pub dtype: Dtype,
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: Array,
-    lm_head: Option<Linear>,
+    ends: Ends,
+    layers: Vec<Layer>,
 }
 
 impl Model {
@@ -191,36 +184,24 @@ impl Model {
             });
         }
         w.check(&expected_keys(&cfg))?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens = Embedding { weight: w.take_shaped("model.embed_tokens.weight", &[v, h])? };
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Linear { weight: w.take_shaped("lm_head.weight", &[v, h])?, bias: None })
-        };
+        let ends = Ends::load(&mut w, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings, |w| w.take_dense("model.norm.weight", dtype))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            layers.push(DecoderLayer {
-                self_attn: Attention::new(&cfg, &mut w, &p)?,
-                mlp: Mlp::new(&cfg, &mut w, &p)?,
-                input_layernorm: w.take_dense(&format!("{p}.input_layernorm.weight"), dtype)?,
-                post_attention_layernorm: w.take_dense(&format!("{p}.post_attention_layernorm.weight"), dtype)?,
-                eps: cfg.rms_norm_eps,
-            });
+            let (attn, mlp) = (Attention::new(&cfg, &mut w, &p)?, Mlp::new(&cfg, &mut w, &p)?);
+            layers.push(Layer::load(&mut w, &p, dtype, cfg.rms_norm_eps, attn, mlp)?);
         }
-        let norm = w.take_dense("model.norm.weight", dtype)?;
-        Ok(Model { cfg, dtype, embed_tokens, layers, norm, lm_head })
+        Ok(Model { cfg, dtype, ends, layers })
     }
 }
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.embed_tokens.forward(ids, self.dtype)?;
+        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
         }
-        output_logits(x, &self.norm, self.cfg.rms_norm_eps, self.lm_head.as_ref(), &self.embed_tokens, last_only)
+        self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
     }
 
     fn n_layers(&self) -> usize {
@@ -248,18 +229,8 @@ impl LanguageModel for Model {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        let mut v = self.embed_tokens.weight.arrays();
-        v.push(&self.norm);
-        if let Some(h) = &self.lm_head {
-            v.extend(h.weight.arrays());
-        }
-        for l in &self.layers {
-            for lin in [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj] {
-                v.extend(lin.weight.arrays());
-            }
-            v.push(&l.input_layernorm);
-            v.push(&l.post_attention_layernorm);
-        }
+        let mut v = self.ends.arrays();
+        v.extend(self.layers.iter().flat_map(|l| l.arrays()));
         v
     }
 }

@@ -137,6 +137,13 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The weight's arrays (packed codes, scales and biases when quantized) and the bias.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut v = self.weight.arrays();
+        v.extend(self.bias.iter());
+        v
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = match &self.weight {
             Weight::Dense(w) => matmul(x, w.t())?,
