@@ -15,7 +15,7 @@ use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::KvCache;
 use mlx_rs::ops::indexing::argmax_axis;
-use mlx_rs::transforms::eval;
+use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{Array, Dtype};
 use models::generate::{available_memory, prefill, CacheSettings};
 use models::model::LanguageModel;
@@ -140,6 +140,11 @@ pub struct BenchArgs {
     /// whose KV cache plus model weights fit it (closed-form estimate, activations excluded).
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Time decode steps one at a time (build a step's graph, then evaluate it) instead of
+    /// pipelined as `generate` runs them (the next step's graph is built while the device runs
+    /// the current one); the build/eval split printed per row is then additive.
+    #[arg(long)]
+    pub sync_decode: bool,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -202,7 +207,7 @@ fn eval_step(caches: &[KvCache], y: &Array) -> Result<()> {
 
 /// One measurement: depth untimed, then prompt prefill and `n_gen` decode steps timed.
 #[allow(clippy::too_many_arguments)]
-fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool) -> Result<Sample> {
+fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, sync: bool) -> Result<Sample> {
     let mut caches = settings.build(model, step)?;
     if depth > 0 && random_fill {
         fill_random(model, &mut caches, depth, step, settings.max_kv_size.is_some())?;
@@ -222,11 +227,19 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     for _ in 0..n_gen {
         let tb = Instant::now();
         let input = y.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?;
-        let logits = model.forward(&input, &mut caches, true)?;
-        y = greedy(&logits)?;
+        let next = greedy(&model.forward(&input, &mut caches, true)?)?;
         decode_build_s += tb.elapsed().as_secs_f64();
-        eval_step(&caches, &y)?;
+        if sync {
+            eval_step(&caches, &next)?;
+        } else {
+            // As `generate` runs decode: queue this step, then wait for the previous one, so
+            // building a step's graph overlaps the device running the step before it.
+            async_eval([&next])?;
+            y.eval()?;
+        }
+        y = next;
     }
+    eval_step(&caches, &y)?;
     let decode_s = t1.elapsed().as_secs_f64();
     let (layer_host_s, apply_host_s) = mlx_kv::fused::host_profile::take();
     Ok(Sample {
@@ -354,7 +367,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
     for (_, s) in &settings {
-        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false)?;
+        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -366,7 +379,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
     for r in 0..a.repeats {
         for ((_, s, depth), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
-            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill)?);
+            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }
@@ -376,12 +389,14 @@ fn run_model(a: BenchArgs) -> Result<()> {
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
         if a.n_gen > 0 {
-            // Where a decode step's time goes: graph building on the host vs inside `eval`.
+            // Where a decode step's time goes: graph building on the host vs waiting in `eval`
+            // (pipelined, the build overlaps the device's work on the step before).
             let per = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / (samples.len() * a.n_gen) as f64 * 1e3;
             bar.suspend(|| {
                 eprintln!(
-                    "decode split {} depth {depth}: {:.3} ms/token, of which graph build {:.3} ms, eval {:.3} ms",
+                    "decode split {} depth {depth} ({}): {:.3} ms/token, of which graph build {:.3} ms, waiting for the device {:.3} ms",
                     s.spec,
+                    if a.sync_decode { "one step at a time" } else { "pipelined" },
                     per(|x| x.decode_s),
                     per(|x| x.decode_build_s),
                     per(|x| x.decode_s - x.decode_build_s)
