@@ -7,7 +7,9 @@ syntax or type error costs no device time. It wraps each kernel body the way MLX
 Needs NVRTC 13 and the CUDA headers, e.g. from the PyPI wheels nvidia-cuda-nvrtc==13.0.* and
 nvidia-cuda-runtime==13.0.* unpacked into a folder given as the first argument (the folder
 holding nvidia/cu13/{lib,include}).
-Usage: scripts/nvrtc-check-fused.py /tmp/nvrtc/x
+NVRTC loads libnvrtc-builtins by name, so put the lib folder on LD_LIBRARY_PATH.
+Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py /tmp/nvrtc/x [--mma-only]
+  --mma-only  compile only the cases that have a tensor-core variant
 """
 import ctypes, os, sys
 
