@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use mlx_kv::cpu_kernels::{decode_attention, quantized_matvec, PackedOperand};
+use mlx_kv::cpu_kernels::{decode_attention, dequantize as our_dequantize, quantized_matvec, PackedOperand};
 use mlx_kv::store::Packed;
 use mlx_rs::ops::{concatenate, dequantize, quantize};
 use mlx_rs::{Array, Dtype};
@@ -67,6 +67,42 @@ fn matvec_matches_the_dequantized_product() {
             }
         }
     }
+}
+
+/// Our dequantization (prefill's route to BLAS) against MLX's over the same packed matrix: the
+/// same `scale * code + bias` per element in natural order, so the only difference allowed is
+/// one f32 rounding (our kernel fuses the multiply-add): 2^-23 of |scale * code| + |bias|.
+#[test]
+fn dequantize_matches_mlx_element_for_element() {
+    let base = seed();
+    for (i, &(bits, group, n, k, f16)) in
+        [(4u8, 32usize, 96usize, 576usize, false), (4, 64, 40, 256, true), (8, 32, 33, 128, true), (8, 128, 17, 384, false), (2, 32, 50, 192, false), (2, 64, 9, 64, true)]
+            .iter()
+            .enumerate()
+    {
+        let (_, wf) = host_matrix(n, k, base + 20 * i as u64);
+        let (w, mut s, mut b) = quantize(&wf, group as i32, bits as i32).unwrap();
+        if f16 {
+            s = s.as_dtype(Dtype::Float16).unwrap();
+            b = b.as_dtype(Dtype::Float16).unwrap();
+        }
+        let want = to_vec(&dequantize(&w, f32(&s), &f32(&b), group as i32, bits as i32).unwrap());
+        let got = our_dequantize(&w, &s, &b, group as i32, bits as i32).unwrap();
+        assert_eq!(got.shape(), &[n as i32, k as i32]);
+        let (got, sv, bv) = (to_vec(&got), to_vec(&f32(&s)), to_vec(&f32(&b)));
+        for r in 0..n {
+            for e in 0..k {
+                let (sc, bi) = (sv[r * (k / group) + e / group].abs(), bv[r * (k / group) + e / group].abs());
+                let bound = f32::EPSILON * (sc * ((1u32 << bits) - 1) as f32 + bi);
+                let (g, w) = (got[r * k + e], want[r * k + e]);
+                assert!((g - w).abs() <= bound, "bits {bits} group {group} row {r} elem {e}: {g} vs {w}");
+            }
+        }
+    }
+    let (_, wf) = host_matrix(8, 64, 1);
+    let (w, s, b) = quantize(&wf, 32, 4).unwrap();
+    let err = our_dequantize(&w, &s, &b, 32, 3).unwrap_err().to_string();
+    assert!(err.contains("bits must be 2, 4 or 8"), "{err}");
 }
 
 /// A whole cache buffer of `cap` tokens whose tokens from `len` on are huge: a kernel that read

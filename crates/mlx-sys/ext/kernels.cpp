@@ -133,7 +133,36 @@ void weighted_codes_any(const float* wt, int rows, int n, int d, const PackedRow
   }
 }
 
+// Rows [r0, r1) as f32 from `out` on (row r at out + (r - r0) * k), each row's K elements in the
+// packed unit order (`permute`'s order):
+// one shift+mask, convert and FMA per 8 elements, 8-lane stores.
+template <int B>
+void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
+  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  const int ng = k / w.group, upg = w.group / unit;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.w + r * w.row_bytes;
+    float* o = out + (r - r0) * k;
+    for (int g = 0; g < ng; ++g) {
+      const F8 s = F8::splat(scale_at(w, r, g)), b = F8::splat(bias_at(w, r, g));
+      for (int u = 0; u < upg; ++u) {
+        const int unit_idx = g * upg + u;
+        const uint8_t* p = row + unit_idx * 8;
+        for (int j = 0; j < per; ++j) fma(F8::codes(p, j * B, mask), s, b).store(o + unit_idx * unit + j * 8);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
+  switch (w.bits) {
+    case 2: dequantize_rows_b<2>(w, k, r0, r1, out); break;
+    case 4: dequantize_rows_b<4>(w, k, r0, r1, out); break;
+    default: dequantize_rows_b<8>(w, k, r0, r1, out); break;
+  }
+}
 
 void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int r0, int r1, float* y,
             int64_t ldy) {

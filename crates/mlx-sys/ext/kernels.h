@@ -37,6 +37,8 @@ void unpermute(const float* x, int n, int bits, float* out);
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
                     float* out, float* scratch);                                              \
+  /* out[(r-r0)*k ..] = row r of W as f32 in the permuted order, for r in [r0, r1). */        \
+  void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out);      \
   }
 
 KVSPLIT_KERNELS(avx2)

@@ -35,6 +35,18 @@ int kvsplit_cpu_quantized_matvec(
     int bits,
     const mlx_stream s);
 
+/* dequantize(W) as float32 [N, K] (natural element order, as MLX's dequantize): `w`
+ * [N, K*bits/32] uint32, `scales`/`biases` [N, K/group] float32 or float16. For many-row
+ * products, which then go to BLAS. bits 2, 4 or 8. */
+int kvsplit_cpu_dequantize(
+    mlx_array* res,
+    const mlx_array w,
+    const mlx_array scales,
+    const mlx_array biases,
+    int group_size,
+    int bits,
+    const mlx_stream s);
+
 /* Decode attention over a packed per-token cache, never widening it beyond registers.
  * `q` [B, Hq, L, D] float32 (already multiplied by the softmax scale); keys and values are
  * whole cache buffers `*_w` [B, Hkv, cap, D*bits/32] uint32 with `*_scales`/`*_biases`
