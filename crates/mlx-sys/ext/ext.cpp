@@ -223,11 +223,30 @@ PackedRows packed_rows(const array& w, const array& s, const array& b, int group
   return p;
 }
 
+// ---- primitives over one packed matrix: a group size and a bit width ----
+
+class PackedMatrixPrimitive : public UnaryPrimitive {
+ public:
+  PackedMatrixPrimitive(Stream s, int group, int bits) : UnaryPrimitive(s), group_(group), bits_(bits) {}
+
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
+  }
+
+  bool is_equivalent(const Primitive& other) const override {
+    auto* o = dynamic_cast<const PackedMatrixPrimitive*>(&other);
+    return o != nullptr && std::string(name()) == o->name() && group_ == o->group_ && bits_ == o->bits_;
+  }
+
+ protected:
+  int group_, bits_;
+};
+
 // ---- y = x W^T ----
 
-class QuantizedMatVec : public UnaryPrimitive {
+class QuantizedMatVec : public PackedMatrixPrimitive {
  public:
-  QuantizedMatVec(Stream s, int group, int bits) : UnaryPrimitive(s), group_(group), bits_(bits) {}
+  using PackedMatrixPrimitive::PackedMatrixPrimitive;
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array &x = in[0], &w = in[1], &s = in[2], &b = in[3];
@@ -265,19 +284,7 @@ class QuantizedMatVec : public UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("kvsplit quantized_matvec runs on the CPU backend only");
-  }
-
   const char* name() const override { return "KvsplitQuantizedMatVec"; }
-
-  bool is_equivalent(const Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatVec&>(other);
-    return group_ == o.group_ && bits_ == o.bits_;
-  }
-
- private:
-  int group_, bits_;
 };
 
 // ---- W as f32 ----
@@ -286,9 +293,9 @@ class QuantizedMatVec : public UnaryPrimitive {
 // in their permuted unit order; each row is put back in natural order through a small buffer
 // (a gather of x into that order instead cost MLX's slow CPU `take` on every call).
 
-class Dequantize : public UnaryPrimitive {
+class Dequantize : public PackedMatrixPrimitive {
  public:
-  Dequantize(Stream s, int group, int bits) : UnaryPrimitive(s), group_(group), bits_(bits) {}
+  using PackedMatrixPrimitive::PackedMatrixPrimitive;
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array &w = in[0], &s = in[1], &b = in[2];
@@ -315,19 +322,7 @@ class Dequantize : public UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("kvsplit dequantize runs on the CPU backend only");
-  }
-
   const char* name() const override { return "KvsplitDequantize"; }
-
-  bool is_equivalent(const Primitive& other) const override {
-    auto& o = static_cast<const Dequantize&>(other);
-    return group_ == o.group_ && bits_ == o.bits_;
-  }
-
- private:
-  int group_, bits_;
 };
 
 // ---- decode attention over a packed cache ----
