@@ -225,13 +225,9 @@ PackedRows packed_rows(const array& w, const array& s, const array& b, int group
 
 // ---- primitives over one packed matrix: a group size and a bit width ----
 
-class PackedMatrixPrimitive : public UnaryPrimitive {
+class PackedMatrixPrimitive : public CpuPrimitive {
  public:
-  PackedMatrixPrimitive(Stream s, int group, int bits) : UnaryPrimitive(s), group_(group), bits_(bits) {}
-
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
-  }
+  PackedMatrixPrimitive(Stream s, int group, int bits) : CpuPrimitive(s), group_(group), bits_(bits) {}
 
   bool is_equivalent(const Primitive& other) const override {
     auto* o = dynamic_cast<const PackedMatrixPrimitive*>(&other);
@@ -331,9 +327,9 @@ struct AttnParams {
   int len, k_group, k_bits, v_group, v_bits;
 };
 
-class QuantizedDecodeAttention : public UnaryPrimitive {
+class QuantizedDecodeAttention : public CpuPrimitive {
  public:
-  QuantizedDecodeAttention(Stream s, AttnParams p) : UnaryPrimitive(s), p_(p) {}
+  QuantizedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array& q = in[0];
@@ -409,10 +405,6 @@ class QuantizedDecodeAttention : public UnaryPrimitive {
         }
       }
     });
-  }
-
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("kvsplit decode attention runs on the CPU backend only");
   }
 
   const char* name() const override { return "KvsplitQuantizedDecodeAttention"; }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mlx/array.h"
+#include "mlx/primitives.h"
 
 namespace kvsplit {
 
@@ -23,6 +24,15 @@ int guarded(F&& f) {
     return 1;
   }
 }
+
+// Our primitives have CPU kernels only; on another device they say so by name.
+class CpuPrimitive : public mlx::core::UnaryPrimitive {
+ public:
+  using mlx::core::UnaryPrimitive::UnaryPrimitive;
+  void eval_gpu(const std::vector<mlx::core::array>&, mlx::core::array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
+  }
+};
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);

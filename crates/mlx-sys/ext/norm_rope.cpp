@@ -23,9 +23,9 @@ using mlx::core::Primitive;
 using mlx::core::Stream;
 using mlx::core::UnaryPrimitive;
 
-class RmsNorm : public UnaryPrimitive {
+class RmsNorm : public CpuPrimitive {
  public:
-  RmsNorm(Stream s, float eps, bool has_weight) : UnaryPrimitive(s), eps_(eps), has_weight_(has_weight) {}
+  RmsNorm(Stream s, float eps, bool has_weight) : CpuPrimitive(s), eps_(eps), has_weight_(has_weight) {}
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array& x = in[0];
@@ -51,9 +51,6 @@ class RmsNorm : public UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("kvsplit rms_norm runs on the CPU backend only");
-  }
   const char* name() const override { return "KvsplitRmsNorm"; }
   bool is_equivalent(const Primitive& o) const override {
     auto& r = static_cast<const RmsNorm&>(o);
@@ -74,9 +71,9 @@ struct RopeParams {
   bool has_freqs;
 };
 
-class Rope : public UnaryPrimitive {
+class Rope : public CpuPrimitive {
  public:
-  Rope(Stream s, RopeParams p) : UnaryPrimitive(s), p_(p) {}
+  Rope(Stream s, RopeParams p) : CpuPrimitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const array& x = in[0];
@@ -120,9 +117,6 @@ class Rope : public UnaryPrimitive {
     });
   }
 
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("kvsplit rope runs on the CPU backend only");
-  }
   const char* name() const override { return "KvsplitRope"; }
   bool is_equivalent(const Primitive& o) const override {
     auto& q = static_cast<const Rope&>(o).p_;
