@@ -3,40 +3,24 @@
 //! packed split-precision cache in place. Both run inside MLX's graph like any op (lazy, on the
 //! CPU stream) and use every core; `Backend::Cpu` only — the GPU has its own kernels.
 
+use crate::env::Switch;
 use crate::error::{KvError, Result};
 pub use crate::attention::PackedOperand;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CStr;
 
-/// Whether the engine routes work to these primitives; `KVSPLIT_CPU_KERNELS=0` turns them off
-/// (MLX ops only), for measuring what they bring and for cross-checking results.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        // The pool (C++) reads KVSPLIT_CPU_THREADS itself; a bad value is reported here, once.
-        env_positive("KVSPLIT_CPU_THREADS");
-        match std::env::var("KVSPLIT_CPU_KERNELS").as_deref() {
-            Err(_) | Ok("1") => true,
-            Ok("0") => false,
-            Ok(other) => {
-                eprintln!("warning: KVSPLIT_CPU_KERNELS={other:?} is neither 0 nor 1; ignored (primitives on)");
-                true
-            }
-        }
-    })
-}
+/// `KVSPLIT_CPU_KERNELS=0` turns the primitives off (MLX ops only), for measuring what they
+/// bring and for cross-checking results.
+pub static KERNELS: Switch = Switch::new("KVSPLIT_CPU_KERNELS", true);
 
-/// A positive whole number from the environment variable `name`; any other value is reported on
-/// stderr, naming the variable, and ignored (the caller's default applies).
-pub fn env_positive(name: &str) -> Option<usize> {
-    let v = std::env::var(name).ok()?;
-    match v.parse::<usize>() {
-        Ok(n) if n >= 1 => Some(n),
-        _ => {
-            eprintln!("warning: {name}={v:?} is not a positive whole number; ignored");
-            None
-        }
-    }
+/// Whether the engine routes work to these primitives ([`KERNELS`]).
+pub fn enabled() -> bool {
+    // The pool (C++) reads KVSPLIT_CPU_THREADS itself; a bad value is reported here, once.
+    static THREADS: std::sync::Once = std::sync::Once::new();
+    THREADS.call_once(|| {
+        crate::env::positive("KVSPLIT_CPU_THREADS");
+    });
+    KERNELS.get()
 }
 
 /// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed

@@ -32,6 +32,7 @@ use crate::error::{KvError, Result};
 use crate::attention::PackedOperand;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
+use crate::env::Switch;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -152,47 +153,6 @@ pub const METAL_SOURCE: &str = r#"
 "#;
 
 
-/// An on/off switch read from the environment once (`0` off, `1` on; anything else is reported
-/// on stderr and gives the default), which a
-/// process may also set (fused_check compares paths in one run). Read per layer and decode
-/// step, so it must not cost an environment lookup each time.
-pub struct Switch {
-    var: &'static str,
-    default: bool,
-    /// 0: not read yet, 1: off, 2: on.
-    state: std::sync::atomic::AtomicU8,
-}
-
-impl Switch {
-    const fn new(var: &'static str, default: bool) -> Self {
-        Switch { var, default, state: std::sync::atomic::AtomicU8::new(0) }
-    }
-
-    pub fn get(&self) -> bool {
-        match self.state.load(Ordering::Relaxed) {
-            1 => false,
-            2 => true,
-            _ => {
-                let on = match std::env::var(self.var).as_deref() {
-                    Ok("0") => false,
-                    Ok("1") => true,
-                    Ok(other) => {
-                        eprintln!("warning: {}={other:?} is neither 0 nor 1; ignored ({})", self.var, if self.default { "on" } else { "off" });
-                        self.default
-                    }
-                    Err(_) => self.default,
-                };
-                self.set(on);
-                on
-            }
-        }
-    }
-
-    pub fn set(&self, on: bool) {
-        self.state.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-    }
-}
-
 /// `KVSPLIT_FUSED=0` forces the MLX-ops attention path (for comparisons).
 pub static FUSED: Switch = Switch::new("KVSPLIT_FUSED", true);
 /// `KVSPLIT_FUSED_STEP=0` turns the fused decode step off: the MLX-ops cache write, then the
@@ -258,7 +218,7 @@ pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     let tile = 32 * WARPS as usize;
     // `KVSPLIT_FUSED_BLOCKS` overrides the target (for measuring split counts).
     static TARGET: OnceLock<usize> = OnceLock::new();
-    let target = *TARGET.get_or_init(|| crate::cpu_kernels::env_positive("KVSPLIT_FUSED_BLOCKS").unwrap_or(TARGET_BLOCKS));
+    let target = *TARGET.get_or_init(|| crate::env::positive("KVSPLIT_FUSED_BLOCKS").unwrap_or(TARGET_BLOCKS));
     let want = target.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
     let per = t.div_ceil(want).div_ceil(32) * 32;
     (t.div_ceil(per).max(1), per.max(32))
@@ -649,20 +609,6 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn switches_take_0_and_1_and_fall_back_to_their_default_on_anything_else() {
-        for (value, default, want) in [("0", true, false), ("1", false, true), ("yes", true, true), ("on", false, false), ("", true, true)] {
-            let var: &'static str = Box::leak(format!("KVSPLIT_TEST_SWITCH_{}_{default}", value.len()).into_boxed_str());
-            std::env::set_var(var, value);
-            let sw = Switch::new(var, default);
-            assert_eq!(sw.get(), want, "{var}={value:?} (default {default})");
-            std::env::set_var(var, if want { "0" } else { "1" });
-            assert_eq!(sw.get(), want, "{var}: read once, not per call");
-            sw.set(!want);
-            assert_eq!(sw.get(), !want, "{var}: set() overrides");
-        }
-    }
 
     #[test]
     fn split_plan_covers_every_token_once_in_whole_tiles() {

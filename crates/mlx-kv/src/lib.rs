@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cache;
 pub mod cpu_attention;
 pub mod cpu_kernels;
+pub mod env;
 pub mod error;
 pub mod fused;
 pub mod rotation;

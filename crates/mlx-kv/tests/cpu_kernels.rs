@@ -215,7 +215,7 @@ fn rms_norm_and_rope_match_mlx_fast() {
 
 #[test]
 fn numeric_settings_from_the_environment_accept_only_positive_whole_numbers() {
-    use mlx_kv::cpu_kernels::env_positive;
+    use mlx_kv::env::positive as env_positive;
     // A name no other test reads, so setting it cannot race with them.
     let name = "KVSPLIT_TEST_ENV_POSITIVE";
     for (value, want) in [("3", Some(3)), ("0", None), ("-2", None), ("two", None), ("", None)] {

@@ -24,7 +24,7 @@ pub fn dense_weights_preferred() -> bool {
 /// `KVSPLIT_CPU_MATVEC_ROWS` overrides it (for measuring the crossover).
 fn cpu_matvec_max_rows() -> i32 {
     static ROWS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| mlx_kv::cpu_kernels::env_positive("KVSPLIT_CPU_MATVEC_ROWS").map_or(8, |n| n as i32))
+    *ROWS.get_or_init(|| mlx_kv::env::positive("KVSPLIT_CPU_MATVEC_ROWS").map_or(8, |n| n as i32))
 }
 
 /// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
