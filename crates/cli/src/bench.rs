@@ -114,9 +114,10 @@ pub struct BenchArgs {
     /// Tokens per prefill chunk (depth and prompt alike).
     #[arg(long, default_value_t = 512)]
     pub prefill_step: usize,
-    /// Text whose tokens feed the model (repeated when too short).
-    #[arg(long, default_value = "../shared/data/wikitext-2-raw/wiki.test.raw")]
-    pub text: PathBuf,
+    /// Text whose tokens feed the model (repeated when too short). Default: the WikiText-2 test
+    /// split in the cache, as `ppl wikitext` finds it (fetched from the hub when missing).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
     /// Directory for the CSV, JSON and Markdown results.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
@@ -345,7 +346,13 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     let max_depth = *depths.iter().max().unwrap_or(&0);
     let ids = match &tokenizer {
-        Some(tok) => text_tokens(&a.text, tok, max_depth + a.n_prompt)?,
+        Some(tok) => {
+            let text = match &a.text {
+                Some(t) => t.clone(),
+                None => crate::ppl::wikitext_path(None).context("--text default (WikiText-2)")?,
+            };
+            text_tokens(&text, tok, max_depth + a.n_prompt)?
+        }
         None => synthetic_ids(max_depth + a.n_prompt, vocab),
     };
     let avail = available_memory();

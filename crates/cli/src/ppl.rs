@@ -21,15 +21,16 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct PplFlags {
-    /// Dataset: `wikitext` is the WikiText-2 raw test split, read from --data-dir (it is not
-    /// downloaded from the hub; place wiki.test.raw there). Omit it to use --file.
+    /// Dataset: `wikitext` is the WikiText-2 raw test split: wiki.test.raw from --data-dir, else
+    /// the cached copy, which is fetched once from the hub (Salesforce/wikitext) when missing.
+    /// Omit it to use --file.
     #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
     pub dataset: Option<String>,
     /// Score this UTF-8 text file instead of a dataset.
     #[arg(long, conflicts_with = "dataset")]
     pub file: Option<PathBuf>,
-    /// Directory holding wiki.test.raw (default: ../shared/data/wikitext-2-raw beside the
-    /// repository if present, else $KVSPLIT_CACHE/data/wikitext-2-raw).
+    /// Directory holding wiki.test.raw (default: $KVSPLIT_CACHE/data/wikitext-2-raw, filled by
+    /// setup or from the hub).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -152,16 +153,23 @@ pub fn entries(kv: &KvArgs, values: &[String]) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// Where wiki.test.raw is looked for, in order.
-fn wikitext_candidates(data_dir: Option<&Path>) -> Vec<PathBuf> {
+/// WikiText-2's test split: `wiki.test.raw` in `--data-dir` when given, else the cached copy
+/// (fetched from the hub on first use).
+pub fn wikitext_path(data_dir: Option<&Path>) -> Result<PathBuf> {
     match data_dir {
-        Some(d) => vec![d.to_path_buf()],
-        None => vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/wikitext-2-raw"), cache_dir().join("data/wikitext-2-raw")],
+        Some(d) => {
+            let f = d.join("wiki.test.raw");
+            if !f.is_file() {
+                bail!("--data-dir {}: no wiki.test.raw there", d.display());
+            }
+            Ok(f)
+        }
+        None => Ok(models::datasets::wikitext_test(true)?),
     }
 }
 
-/// Reads the text; returns it with a description for the header. CRLF becomes LF (the shipped
-/// file has CRLF endings; the hub's text has LF), nothing else changes.
+/// Reads the text; returns it with a description for the header. CRLF becomes LF (the file
+/// shipped beside the repository has CRLF endings; the hub's text has LF), nothing else changes.
 pub fn read_text(dataset: Option<&str>, file: Option<&Path>, data_dir: Option<&Path>) -> Result<(String, String, String)> {
     let (path, label, stem) = match (dataset, file) {
         (_, Some(f)) => {
@@ -169,13 +177,8 @@ pub fn read_text(dataset: Option<&str>, file: Option<&Path>, data_dir: Option<&P
             (f.to_path_buf(), format!("file {}", f.display()), stem)
         }
         _ => {
-            let dirs = wikitext_candidates(data_dir);
-            let found = dirs.iter().map(|d| d.join("wiki.test.raw")).find(|f| f.is_file());
-            let Some(path) = found else {
-                let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
-                bail!("--data-dir: no wiki.test.raw in {list}; put the WikiText-2 raw test split there (hub downloads are not supported)");
-            };
-            let label = format!("WikiText-2 raw test split ({})", path.display());
+            let path = wikitext_path(data_dir)?;
+            let label = format!("WikiText-2 raw test split ({}, CRLF read as LF)", path.display());
             (path, label, String::new())
         }
     };

@@ -10,7 +10,7 @@ fn bin() -> Command {
 }
 
 fn default_model() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 #[test]
 fn generate_exits_after_an_early_end_of_sequence() {
     // Greedy SmolLM2 answers this prompt and emits EOS well before 200 tokens.
+    let model = test_support::assets::default_model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvsplit-mlx"))
-        .args(["generate", "--kv", "8,4", "--max-tokens", "200", "--prompt", "The capital of France is"])
+        .args(["generate", "--kv", "8,4", "--max-tokens", "200", "--prompt", "The capital of France is", "--model"])
+        .arg(&model)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

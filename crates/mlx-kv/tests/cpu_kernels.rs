@@ -181,20 +181,50 @@ fn max_diff(a: &Array, b: &Array) -> f32 {
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+fn max_abs(a: &Array) -> f32 {
+    to_vec(a).iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// How far two float32 RMSNorms of rows of `dims` values may be apart, for outputs up to
+/// `max_out`. Each side sums `dims` squares (relative error up to dims/2 eps in any order), takes
+/// a reciprocal square root (2 roundings) and multiplies by x and w (2 roundings): relative
+/// error (dims/2 + 4) eps per side, twice that between the two.
+fn rms_norm_bound(dims: usize, max_out: f32) -> f32 {
+    max_out * f32::EPSILON * (dims as f32 + 8.0)
+}
+
+/// How far two float32 RoPEs may be apart. Each side forms the angle (offset + t) scale inv_freq
+/// with a frequency from a power (within 2 ulp) and two products (half an ulp each): 3 eps
+/// relative, so the angles differ by up to 6 eps max_angle. An angle error d moves
+/// x1 cos - x2 sin by at most (|x1| + |x2|) d, with `max_pair` the largest |x1| + |x2|. Sine and
+/// cosine are within an ulp on each side (2 eps between them), and the two products and their
+/// sum round by up to 1.5 eps (|x1| + |x2|) on each side (3 eps between them).
+/// The angle term dominates at large offsets: one ulp of a 300 rad angle is 3e-5.
+fn rope_bound(max_pair: f32, max_angle: f32) -> f32 {
+    max_pair * f32::EPSILON * (6.0 * max_angle + 5.0)
+}
+
 #[test]
 fn rms_norm_and_rope_match_mlx_fast() {
     use mlx_kv::cpu_kernels::{rms_norm, rope};
     let s = seed();
     // A transposed view, as attention layers pass them, and a plain row-major array.
-    let x = Host::random([2, 5, 3, 64], s).array();
+    let host = Host::random([2, 5, 3, 64], s);
+    let x = host.array();
     let xt = x.transpose_axes(&[0, 2, 1, 3]).unwrap();
     let w = Host::random([1, 1, 1, 64], s + 1).array().reshape(&[64]).unwrap();
+    // Positions run along the second-to-last axis: 3 rows in x, 5 in xt.
+    let positions = 5;
+    let max_pair = 2.0 * host.max_abs() as f32;
     for (name, a) in [("row-major", &x), ("transposed", &xt)] {
-        let d = max_diff(&rms_norm(a, Some(&w), 1e-5).unwrap(), &mlx_rs::fast::rms_norm(a, Some(&w), 1e-5).unwrap());
-        assert!(d < 1e-5, "rms_norm {name}: {d}");
-        let d = max_diff(&rms_norm(a, None, 1e-6).unwrap(), &mlx_rs::fast::rms_norm(a, None, 1e-6).unwrap());
-        assert!(d < 1e-5, "rms_norm {name} without weight: {d}");
-        let freqs = Array::from_slice(&(0..16).map(|i| 10000f32.powf(i as f32 / 16.0) * 1.5).collect::<Vec<_>>(), &[16]);
+        for (weight, eps) in [(Some(&w), 1e-5), (None, 1e-6)] {
+            let theirs = mlx_rs::fast::rms_norm(a, weight, eps).unwrap();
+            let d = max_diff(&rms_norm(a, weight, eps).unwrap(), &theirs);
+            let bound = rms_norm_bound(64, max_abs(&theirs));
+            assert!(d <= bound, "rms_norm {name} weight={}: {d} > {bound}", weight.is_some());
+        }
+        let min_freq = 1.5f32;
+        let freqs = Array::from_slice(&(0..16).map(|i| 10000f32.powf(i as f32 / 16.0) * min_freq).collect::<Vec<_>>(), &[16]);
         for (traditional, dims, base, scale, offset, f) in [
             (false, 64, Some(10000.0), 1.0, 0, None),
             (false, 64, Some(500000.0), 1.0, 4093, None),
@@ -205,10 +235,11 @@ fn rms_norm_and_rope_match_mlx_fast() {
             let ours = rope(a, dims, traditional, base, scale, offset, f).unwrap();
             let theirs = mlx_rs::fast::rope(a, dims, traditional, base, scale, offset, f).unwrap();
             let d = max_diff(&ours, &theirs);
-            // Angles of up to ~4000 rad in float32: both round the same products, but sin/cos
-            // implementations may differ by an ulp of the angle (~2.4e-4 rad at 4096).
-            let bound = if offset > 1000 { 1e-3 } else { 1e-5 };
-            assert!(d < bound, "rope {name} traditional={traditional} dims={dims} offset={offset}: {d}");
+            // The fastest frequency is base^0 = 1, or 1 / the smallest given period.
+            let max_inv_freq = if f.is_some() { 1.0 / min_freq } else { 1.0 };
+            let max_angle = (offset + positions - 1) as f32 * scale * max_inv_freq;
+            let bound = rope_bound(max_pair, max_angle);
+            assert!(d <= bound, "rope {name} traditional={traditional} dims={dims} offset={offset}: {d} > {bound}");
         }
     }
 }

@@ -1,12 +1,12 @@
-//! Models named by Hugging Face Hub id (`mlx-community/SmolLM2-135M-Instruct-4bit`): the files a
-//! model directory needs are fetched through `hf-hub` into the standard HF cache
+//! Models named by Hugging Face Hub id (`mlx-community/SmolLM2-135M-Instruct-4bit`), and single
+//! dataset files (WikiText-2): the files are fetched through `hf-hub` into the standard HF cache
 //! (`$HF_HOME/hub`, or `$HF_HUB_CACHE`), from `$HF_ENDPOINT` when set. With `HF_HUB_OFFLINE=1`
 //! nothing is requested and the cached snapshot is used as is.
 
 use crate::error::{ModelError, Result};
 use crate::safetensors_load::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
-use hf_hub::{Cache, Repo};
+use hf_hub::{Cache, Repo, RepoType};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -52,6 +52,21 @@ enum Fetcher {
 }
 
 impl Fetcher {
+    /// Offline (the cache alone) when `HF_HUB_OFFLINE` says so, else the network through the
+    /// cache, from `HF_ENDPOINT` when set.
+    fn new(repo_id: &str, repo: Repo, progress: bool) -> Result<Fetcher> {
+        let cache = cache();
+        if offline() {
+            return Ok(Fetcher::Offline(cache.repo(repo), cache.path().clone()));
+        }
+        let mut builder = ApiBuilder::from_cache(cache).with_progress(progress);
+        if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+            builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+        }
+        let api = builder.build().map_err(|e| hub_err(repo_id, format!("HF client: {e}")))?;
+        Ok(Fetcher::Online(api.repo(repo)))
+    }
+
     /// The local path of `file`; `Ok(None)` when the repository (or, offline, the cache) lacks it.
     fn fetch(&self, repo: &str, file: &str) -> Result<Option<PathBuf>> {
         match self {
@@ -81,18 +96,7 @@ pub fn resolve(repo_id: &str, progress: bool) -> Result<PathBuf> {
     if !looks_like_repo_id(repo_id) {
         return Err(ModelError::Invalid { flag: "--model", message: format!("'{repo_id}' is not a Hub id of the form owner/name") });
     }
-    let repo = Repo::model(repo_id.to_string());
-    let cache = cache();
-    let fetcher = if offline() {
-        Fetcher::Offline(cache.repo(repo.clone()), cache.path().clone())
-    } else {
-        let mut builder = ApiBuilder::from_cache(cache).with_progress(progress);
-        if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-            builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
-        }
-        let api = builder.build().map_err(|e| hub_err(repo_id, format!("HF client: {e}")))?;
-        Fetcher::Online(api.repo(repo))
-    };
+    let fetcher = Fetcher::new(repo_id, Repo::model(repo_id.to_string()), progress)?;
     let mut paths = vec![fetcher.require(repo_id, CONFIG_FILE)?, fetcher.require(repo_id, "tokenizer.json")?];
     for f in OPTIONAL_FILES {
         paths.extend(fetcher.fetch(repo_id, f)?);
@@ -112,6 +116,11 @@ pub fn resolve(repo_id: &str, progress: bool) -> Result<PathBuf> {
         // Files of two commits: the repository changed while we were fetching.
         _ => Err(hub_err(repo_id, "files came from different revisions (the repository changed during download); run again")),
     }
+}
+
+/// One file of a dataset repository (`owner/name`), fetched into (or found in) the HF cache.
+pub fn dataset_file(repo_id: &str, file: &str, progress: bool) -> Result<PathBuf> {
+    Fetcher::new(repo_id, Repo::new(repo_id.to_string(), RepoType::Dataset), progress)?.require(repo_id, file)
 }
 
 /// The shard files an index names.

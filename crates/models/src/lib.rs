@@ -3,6 +3,7 @@
 pub mod assets;
 pub mod chat;
 pub mod config;
+pub mod datasets;
 pub mod decoder;
 pub mod error;
 pub mod fast;

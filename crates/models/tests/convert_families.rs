@@ -19,11 +19,7 @@ use std::path::{Path, PathBuf};
 const GREEDY_TOKENS: usize = 8;
 
 fn model(name: &str) -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models").join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    let p = test_support::assets::model(name);
     p
 }
 

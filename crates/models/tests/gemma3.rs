@@ -16,11 +16,7 @@ const WINDOW: usize = 512;
 const F32_REORDER_TOL: f32 = 1e-2;
 
 fn load() -> Loaded {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models").join(MODEL);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    let p = test_support::assets::model(MODEL);
     load_gguf(&p, Dtype::Float32).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 

@@ -8,7 +8,7 @@ use mlx_rs::{ops::dequantize as mlx_dequantize, Array};
 use models::gguf::{dequantize, to_mlx_affine, GgmlType, GgufFile, MlxAffine};
 
 fn model_path() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {

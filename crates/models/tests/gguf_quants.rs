@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use models::gguf::{dequantize, DequantError, GgmlType, GgufFile, QK_K};
 
 fn model_path() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 /// Deterministic pseudo-random bytes.

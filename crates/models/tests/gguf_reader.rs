@@ -6,7 +6,7 @@ use models::gguf::{GgmlType, GgufBuilder, GgufError, GgufFile, MetaArray, MetaVa
 
 /// The default model, fetched by scripts/setup.sh.
 fn model_path() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 #[test]

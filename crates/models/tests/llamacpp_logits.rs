@@ -56,10 +56,6 @@ struct Fixture {
     std: Vec<f32>,
 }
 
-fn cache_dir() -> PathBuf {
-    models::assets::cache_dir()
-}
-
 fn fixture(name: &str) -> Fixture {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -67,8 +63,7 @@ fn fixture(name: &str) -> Fixture {
 }
 
 fn load(file: &str) -> Loaded {
-    let p = cache_dir().join("models").join(file);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh (and scripts/setup.sh for the default model)", p.display());
+    let p = test_support::assets::model(file);
     load_gguf(&p, Dtype::Float32).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 

@@ -28,7 +28,7 @@ fn step_bound(bits: i32) -> f32 {
 const F32_SLACK: f32 = 1e-6;
 
 fn model_path() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -245,8 +245,7 @@ fn existing_output_is_refused_without_force_and_replaced_with_it() {
 
 #[test]
 fn rebuilt_tokenizer_json_matches_the_gguf_tokenizer_on_wikitext() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/wikitext-2-raw/wiki.test.raw");
-    let path = if path.exists() { path } else { PathBuf::from("/work/shared/data/wikitext-2-raw/wiki.test.raw") };
+    let path = test_support::assets::wikitext_test();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let sample: String = text.chars().take(20_000).collect();
     let hf = tokenizers::Tokenizer::from_file(converted().join("tokenizer.json")).unwrap();

@@ -16,12 +16,12 @@ const KLD_SAME_TOL: f64 = 1e-6;
 const NLL_ONE_PASS_TOL: f32 = 2e-3;
 
 fn model() -> Loaded {
-    load(&models::assets::default_model().unwrap(), Dtype::Float32).unwrap()
+    load(&test_support::assets::default_model(), Dtype::Float32).unwrap()
 }
 
 /// The first `n` tokens of WikiText-2 test (CRLF normalized as the CLI does).
 fn wikitext_tokens(loaded: &Loaded, n: usize) -> Vec<u32> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/wikitext-2-raw/wiki.test.raw");
+    let p = test_support::assets::wikitext_test();
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     // About 4 bytes a token: read only what the test needs.
     let head: String = text.chars().take(n * 8).collect::<String>().replace("\r\n", "\n");

@@ -11,7 +11,7 @@ use models::model::LanguageModel;
 use std::path::PathBuf;
 
 fn model_path() -> PathBuf {
-    models::assets::default_model().unwrap()
+    test_support::assets::default_model()
 }
 
 fn ids(g: &GgufFile, pieces: &[&str]) -> Vec<u32> {

@@ -13,17 +13,12 @@ use std::path::{Path, PathBuf};
 const SAMPLE_CHARS: usize = 20_000;
 
 fn model(name: &str) -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is not set")).join(".cache/kvsplit-mlx"));
-    let p = cache.join("models").join(name);
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    let p = test_support::assets::model(name);
     p
 }
 
 fn wikitext() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/wikitext-2-raw/wiki.test.raw");
-    let path = if path.exists() { path } else { PathBuf::from("/work/shared/data/wikitext-2-raw/wiki.test.raw") };
+    let path = test_support::assets::wikitext_test();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.chars().take(SAMPLE_CHARS).collect()
 }

@@ -6,7 +6,7 @@ use models::gguf::GgufFile;
 use models::tokenizer::{TokenType, Tokenizer};
 
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_gguf(&GgufFile::open(models::assets::default_model().unwrap()).unwrap()).unwrap()
+    Tokenizer::from_gguf(&GgufFile::open(test_support::assets::default_model()).unwrap()).unwrap()
 }
 
 #[test]

@@ -16,16 +16,7 @@ use models::gguf::GgufFile;
 use models::tokenizer::Tokenizer;
 
 fn vocab_dir() -> PathBuf {
-    let cache = std::env::var_os("KVSPLIT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvsplit-mlx"));
-    let dir = cache.join("testdata/llama-vocab");
-    assert!(
-        dir.join("ggml-vocab-gpt-2.gguf.inp").exists(),
-        "tokenizer test data missing in {}: run scripts/fetch-test-data.sh",
-        dir.display()
-    );
-    dir
+    test_support::assets::llama_vocab_dir()
 }
 
 /// Checks every test vector of `name` (llama.cpp's test-tokenizer-0: no BOS, no special parsing);
