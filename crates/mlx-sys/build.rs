@@ -51,7 +51,8 @@ fn main() {
 }
 
 fn fail(msg: String) -> ! {
-    eprintln!("\nmlx-sys build error: {msg}\n");
+    // One line: cargo shows it under the build script's stderr, and it must say what to run.
+    eprintln!("mlx-sys build error: {msg}");
     std::process::exit(1);
 }
 
@@ -91,7 +92,7 @@ fn mlx_prefix(cache: &Path, target_os: &str) -> Option<PathBuf> {
     let dir = cache.join(format!("wheels/{}-{MLX_VERSION}/mlx", wheel_name()));
     if !dir.join("share/cmake/MLX/MLXConfig.cmake").exists() {
         fail(format!(
-            "MLX {MLX_VERSION} not found at {}.\n  Run scripts/setup.sh (it unpacks the PyPI wheel {}=={MLX_VERSION}), or set MLX_DIR.",
+            "MLX {MLX_VERSION} not found at {}: run scripts/setup.sh (it unpacks the PyPI wheel {}=={MLX_VERSION}), or set MLX_DIR",
             dir.display(),
             wheel_name()
         ));

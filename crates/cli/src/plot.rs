@@ -446,13 +446,52 @@ where
     Ok(())
 }
 
-/// Draws one figure into `<dir>/<name>.png` and `.svg`.
+/// "measured at commit C on D" for the rows a figure draws (every commit and the date range,
+/// when rows come from several runs), so a reader can tell which engine a figure shows.
+pub fn provenance<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut commits = std::collections::BTreeSet::new();
+    let mut days = std::collections::BTreeSet::new();
+    for (commit, date) in rows {
+        commits.insert(if commit.is_empty() { "unknown" } else { commit });
+        if !date.is_empty() {
+            days.insert(date.get(..10).unwrap_or(date));
+        }
+    }
+    let commits = commits.into_iter().collect::<Vec<_>>().join(", ");
+    let days = match (days.first(), days.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a} to {b}"),
+        (Some(a), _) => a.to_string(),
+        _ => "an unknown date".into(),
+    };
+    let s = if commits.contains(',') { "s" } else { "" };
+    format!("measured at commit{s} {commits} on {days}")
+}
+
+/// Height of the provenance line under every figure, in pixels.
+const FOOTER: u32 = 22;
+
+/// Writes the provenance line at the bottom of `root`; returns the area above it.
+fn with_footer<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, text: &str) -> Result<DrawingArea<DB, Shift>>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(SIZE.1 - FOOTER);
+    bottom.draw_text(text, &(FONT, 13).into_font().color(&BLACK.mix(0.65)), (10, 3))?;
+    Ok(top)
+}
+
+/// Draws one figure into `<dir>/<name>.png` and `.svg`, with `$stamp` (see [`provenance`])
+/// under it.
 macro_rules! render {
-    ($dir:expr, $name:expr, $written:expr, $fig:ident $(, $arg:expr)*) => {{
+    ($dir:expr, $name:expr, $written:expr, $stamp:expr, $fig:ident $(, $arg:expr)*) => {{
+        let stamp: String = $stamp;
         let png = $dir.join(format!("{}.png", $name));
-        $fig(BitMapBackend::new(&png, SIZE).into_drawing_area() $(, $arg)*).with_context(|| format!("drawing {}", png.display()))?;
+        let area = with_footer(BitMapBackend::new(&png, SIZE).into_drawing_area(), &stamp)?;
+        $fig(area $(, $arg)*).with_context(|| format!("drawing {}", png.display()))?;
         let svg = $dir.join(format!("{}.svg", $name));
-        $fig(SVGBackend::new(&svg, SIZE).into_drawing_area() $(, $arg)*).with_context(|| format!("drawing {}", svg.display()))?;
+        let area = with_footer(SVGBackend::new(&svg, SIZE).into_drawing_area(), &stamp)?;
+        $fig(area $(, $arg)*).with_context(|| format!("drawing {}", svg.display()))?;
         $written.extend([png, svg]);
     }};
 }
@@ -462,20 +501,24 @@ pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf
     register_font(font)?;
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
     let mut written = Vec::new();
+    let model = d.model.iter().map(|r| (r.commit.as_str(), r.date.as_str()));
+    let attention = d.attention.iter().map(|r| (r.commit.as_str(), r.date.as_str()));
+    let ppl = d.ppl.iter().map(|r| (r.commit.as_str(), r.date.as_str()));
     if !d.model.is_empty() || !d.attention.is_empty() || !d.ppl.is_empty() {
-        render!(out, "kv-memory-vs-context", written, kv_memory, d);
+        render!(out, "kv-memory-vs-context", written, provenance(model.clone().chain(attention.clone()).chain(ppl)), kv_memory, d);
     }
     if !d.model.is_empty() {
-        render!(out, "throughput-vs-depth", written, throughput, d);
+        render!(out, "throughput-vs-depth", written, provenance(model), throughput, d);
     }
     if !d.attention.is_empty() {
-        render!(out, "attention-time-vs-context", written, attention_time, d);
+        render!(out, "attention-time-vs-context", written, provenance(attention), attention_time, d);
     }
     match comparable_ppl(&d.ppl) {
         Some((base, rows)) => {
-            render!(out, "ppl-kld", written, ppl_kld, &base, &rows);
-            render!(out, "kv-bits-heatmap", written, heatmap, &base, &rows);
-            render!(out, "memory-quality-frontier", written, frontier, &base, &rows);
+            let stamp = provenance(std::iter::once(&base).chain(&rows).map(|r| (r.commit.as_str(), r.date.as_str())));
+            render!(out, "ppl-kld", written, stamp.clone(), ppl_kld, &base, &rows);
+            render!(out, "kv-bits-heatmap", written, stamp.clone(), heatmap, &base, &rows);
+            render!(out, "memory-quality-frontier", written, stamp, frontier, &base, &rows);
         }
         None if !d.ppl.is_empty() => eprintln!("note: no ppl setup has an fp16 row to compare against; quality figures skipped"),
         None => {}

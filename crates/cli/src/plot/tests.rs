@@ -123,3 +123,13 @@ fn kv_labels_and_baseline_grouping() {
     assert_eq!(group.iter().map(|r| r.kv.as_str()).collect::<Vec<_>>(), vec!["fp16", "k8v4"]);
     assert!(comparable_ppl(&rows[1..]).is_none());
 }
+
+#[test]
+fn every_figure_names_the_commits_and_dates_of_its_rows() {
+    assert_eq!(provenance([("abc123", "2026-12-05T08:00:00Z"), ("abc123", "2026-12-05T09:30:00Z")]), "measured at commit abc123 on 2026-12-05");
+    assert_eq!(
+        provenance([("def456", "2026-12-06T01:00:00Z"), ("abc123", "2026-12-05T08:00:00Z")]),
+        "measured at commits abc123, def456 on 2026-12-05 to 2026-12-06"
+    );
+    assert_eq!(provenance([("", "")]), "measured at commit unknown on an unknown date");
+}
