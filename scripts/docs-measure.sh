@@ -11,11 +11,14 @@
 #   speed    bench over depth to 16K, the memory-budget table, bench attention, and
 #            scripts/cpu-side-by-side.sh against llama.cpp and mlx-lm: run it on an idle machine
 #   figures  kvsplit-mlx plot over the files above
-# Run it from a committed tree: rows record the commit of the working directory.
+# Run it from a committed tree: rows record the commit of the working directory, with -dirty when
+# tracked files differ. So every command writes into a scratch folder outside the tree, and a
+# stage copies its files into docs/ only when all its commands are done.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-DATA="$ROOT/docs/data"
+DOCS_DATA="$ROOT/docs/data"
+DATA=$(mktemp -d /tmp/docs-measure.XXXXXX)
 BIN="$ROOT/target/release/kvsplit-mlx"
 MODEL_STEM=SmolLM2-135M-Instruct.Q4_1
 say() { printf '[docs-measure] %s\n' "$*" >&2; }
@@ -26,13 +29,11 @@ for s in "${stages[@]}"; do
 done
 "$ROOT/scripts/setup.sh"
 cargo build --release -q -p kvsplit-mlx
-[ -z "$(git status --porcelain --untracked-files=no -- crates Cargo.toml Cargo.lock)" ] ||
-  say "WARNING: the engine's sources differ from HEAD; rows will say -dirty"
-mkdir -p "$DATA"
+[ -z "$(git status --porcelain --untracked-files=no)" ] ||
+  say "WARNING: tracked files differ from HEAD; rows will say -dirty"
+say "scratch folder: $DATA"
 
 quality() {
-  # Old rows of these files are replaced, not merged: every row of a file comes from this run.
-  rm -f "$DATA/ppl-$MODEL_STEM-512".{csv,json} "$DATA/ppl-$MODEL_STEM-2048".{csv,json} "$DATA/ppl-variants-512".{csv,json}
   say "ppl at 512 tokens, 32 windows"
   "$BIN" ppl wikitext --kv fp16,k8v8,k8v4,k4v8,k4v4,k4v2 --ctx 512 --chunk 128 --max-windows 32 --out "$DATA"
   say "ppl at 2048 tokens, 8 windows"
@@ -46,6 +47,8 @@ quality() {
   cp "$v/ppl-$MODEL_STEM-512.csv" "$DATA/ppl-variants-512.csv"
   cp "$v/ppl-$MODEL_STEM-512.json" "$DATA/ppl-variants-512.json"
   rm -rf "$v"
+  # Whole files replace the old ones: every row of a file comes from this run.
+  cp "$DATA"/ppl-*.csv "$DATA"/ppl-*.json "$DOCS_DATA/"
 }
 
 speed() {
@@ -55,11 +58,14 @@ speed() {
   "$BIN" bench --memory-budget 1G --kv fp16,k8v8,k8v4,k4v8,k4v4,k4v2 -d 0 -p 16 -n 1 -r 1 --out "$(mktemp -d)" | tee "$DATA/memory-budget-1G.txt"
   "$BIN" bench attention --preset smollm2 --ctx 1024,4096,16384 -r 3 --out "$DATA" --name bench-attention-cpu
   "$BIN" bench attention --ctx 1024 -r 3 --out "$DATA" --name bench-attention-cpu-llama3
-  "$ROOT/scripts/cpu-side-by-side.sh" --repeats 2
+  "$ROOT/scripts/cpu-side-by-side.sh" --repeats 2 --out "$DATA/side-by-side"
+  cp "$DATA"/bench-model-cpu.* "$DATA"/memory-budget-1G.txt "$DATA"/bench-attention-cpu* "$DOCS_DATA/"
+  cp "$DATA"/side-by-side/data/* "$DOCS_DATA/"
+  cp "$DATA"/side-by-side/cpu-side-by-side.md "$ROOT/docs/cpu-side-by-side.md"
 }
 
 figures() {
-  "$BIN" plot "$DATA/bench-model-cpu.csv" "$DATA/bench-attention-cpu.csv" "$DATA/ppl-$MODEL_STEM-512.csv" --out "$ROOT/docs/figures"
+  "$BIN" plot "$DOCS_DATA/bench-model-cpu.csv" "$DOCS_DATA/bench-attention-cpu.csv" "$DOCS_DATA/ppl-$MODEL_STEM-512.csv" --out "$ROOT/docs/figures"
 }
 
 for s in "${stages[@]}"; do
