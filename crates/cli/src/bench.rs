@@ -7,11 +7,12 @@
 //! whole loop's time. The model is loaded once and every K/V setting is warmed up first;
 //! repeats run as rounds over all rows (fp16 and K8V4 samples alternate).
 
-use crate::kv_args::KvArgs;
+use crate::flag_values::{parse_list, parse_size};
+use crate::kv_args::{KvSweepArgs, SweepDefault};
 use crate::model_args::{load, ModelArgs};
-use crate::results::{human_bytes, markdown_table, parse_size, stats, write_rows, Env, ModelRow};
+use crate::results::{human_bytes, markdown_table, stats, write_rows, Env, ModelRow};
 use anyhow::{bail, Context, Result};
-use clap::{ArgAction, ArgMatches, Args, FromArgMatches, Subcommand};
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::KvCache;
 use mlx_rs::ops::indexing::argmax_axis;
@@ -37,60 +38,20 @@ pub enum BenchSub {
     Attention(Box<crate::bench_attention::AttentionArgs>),
 }
 
-/// `KvArgs` with `--kv` repeatable and list-valued, so one run sweeps several settings.
+/// How the `depth` tokens enter the cache (`--fill`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Run the model over the text.
+    Prefill,
+    /// Write random keys and values into every layer (speed only).
+    Random,
+}
+
+/// `bench` sweeps fp16 against K8V4 unless told otherwise.
 #[derive(Debug, Clone)]
-pub struct SweepKv {
-    pub list: Vec<String>,
-    pub rest: KvArgs,
-}
-
-const KV_HELP: &str = "K/V settings to sweep: presets comma-separated (`fp16,k8v4`) or repeated \
-    `--kv` flags (`--kv fp16 --kv 8,4`); a value like `8,4` is one setting (K8V4)";
-
-impl FromArgMatches for SweepKv {
-    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        let raw: Vec<String> = m.get_many::<String>("kv").map(|v| v.cloned().collect()).unwrap_or_default();
-        Ok(SweepKv { list: split_kv_list(&raw), rest: KvArgs::from_arg_matches(m)? })
-    }
-    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-impl Args for SweepKv {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        KvArgs::augment_args(cmd).mut_arg("kv", |a| a.action(ArgAction::Append).default_value("fp16,k8v4").help(KV_HELP))
-    }
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        Self::augment_args(cmd)
-    }
-}
-
-/// `fp16,k8v4` is a list; `8,4` (numbers only) is one K,V pair.
-pub fn split_kv_list(values: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    for v in values {
-        let parts: Vec<&str> = v.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
-        if parts.len() > 1 && parts.iter().all(|p| p.chars().any(|c| c.is_ascii_alphabetic())) {
-            out.extend(parts.iter().map(|p| p.to_string()));
-        } else {
-            out.push(v.trim().to_string());
-        }
-    }
-    out
-}
-
-/// Parses a comma-separated list of counts for `flag`.
-pub fn parse_list(s: &str, flag: &str) -> Result<Vec<usize>> {
-    let v = s
-        .split(',')
-        .map(|x| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("{flag}: '{x}' is not a whole number")))
-        .collect::<Result<Vec<_>>>()?;
-    if v.is_empty() {
-        bail!("{flag}: give at least one value");
-    }
-    Ok(v)
+pub struct BenchKv;
+impl SweepDefault for BenchKv {
+    const KV: &'static str = "fp16,k8v4";
 }
 
 #[derive(Args, Debug)]
@@ -98,7 +59,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub kv: SweepKv,
+    pub kv: KvSweepArgs<BenchKv>,
     /// Context depths, comma-separated: tokens already in the cache before measuring (llama-bench -d).
     #[arg(short = 'd', long, default_value = "0,1024,4096,16384")]
     pub depth: String,
@@ -135,8 +96,8 @@ pub struct BenchArgs {
     /// `random` writes random keys and values of the cache's shape into every layer without a
     /// forward pass (speed only: decode time does not depend on cache values, and a 32K
     /// prefill per row costs far more than the decode it precedes).
-    #[arg(long, default_value = "prefill", value_parser = ["prefill", "random"])]
-    pub fill: String,
+    #[arg(long, value_enum, default_value = "prefill")]
+    pub fill: Fill,
     /// Memory budget (e.g. `8G`, `512M`, `16GB`): print, per K/V setting, the longest context
     /// whose KV cache plus model weights fit it (closed-form estimate, activations excluded).
     #[arg(long)]
@@ -321,13 +282,14 @@ fn run_model(a: BenchArgs) -> Result<()> {
             (Box::new(m), None, format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
         }
         None => {
-            let (loaded, path) = load(&a.model)?;
+            let named: Vec<(&str, &CacheSettings)> = settings.iter().map(|(kv, s)| (kv.as_str(), s)).collect();
+            let (loaded, path) = load(&a.model, &named)?;
             let name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
             (loaded.model, Some(loaded.tokenizer), name, 0)
         }
     };
     let model = model_box.as_ref();
-    let random_fill = a.fill == "random";
+    let random_fill = a.fill == Fill::Random;
     let weights = weights_bytes(model);
 
     if let Some(b) = budget {

@@ -4,7 +4,8 @@
 //! themselves, causally). The context is written into the cache first, untimed; after each
 //! timed call the new tokens are trimmed off again so every repeat sees the same context.
 
-use crate::bench::{parse_list, split_kv_list};
+use crate::flag_values::parse_list;
+use crate::kv_args::{KvSweepArgs, SweepDefault};
 use crate::results::{human_bytes, markdown_table, stats, write_rows, AttentionRow, Env};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -16,6 +17,32 @@ use models::generate::available_memory;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The attention shapes `--preset` names.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Llama-3-8B: 32 heads, 8 KV heads, head_dim 128.
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+    /// SmolLM2: 9 heads, 3 KV heads, head_dim 64.
+    Smollm2,
+}
+
+impl Preset {
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Llama3_8b => "llama3-8b",
+            Preset::Smollm2 => "smollm2",
+        }
+    }
+}
+
+/// Every preset by default.
+#[derive(Debug, Clone)]
+pub struct AttentionKv;
+impl SweepDefault for AttentionKv {
+    const KV: &'static str = "fp16,k8v8,k8v4,k4v8,k4v4,k4v2";
+}
+
 /// Tokens written per untimed fill step (bounds the graph and the random temporaries).
 const FILL_STEP: usize = 4096;
 
@@ -23,8 +50,8 @@ const FILL_STEP: usize = 4096;
 pub struct AttentionArgs {
     /// Architecture shape: `llama3-8b` (32 heads, 8 KV heads, head_dim 128) or `smollm2`
     /// (9/3/64). --heads/--kv-heads/--head-dim override it.
-    #[arg(long, default_value = "llama3-8b")]
-    pub preset: String,
+    #[arg(long, value_enum, default_value = "llama3-8b")]
+    pub preset: Preset,
     /// Query heads (default: from --preset).
     #[arg(long)]
     pub heads: Option<usize>,
@@ -34,12 +61,8 @@ pub struct AttentionArgs {
     /// Head dimension (default: from --preset).
     #[arg(long)]
     pub head_dim: Option<usize>,
-    /// K/V settings, comma-separated presets or repeated flags (`8,4` is one setting).
-    #[arg(long, default_value = "fp16,k8v8,k8v4,k4v8,k4v4,k4v2", action = clap::ArgAction::Append)]
-    pub kv: Vec<String>,
-    /// Quantization group size for keys and values (`64`) or separately (`64,32`).
-    #[arg(long, default_value = "64")]
-    pub kv_group_size: String,
+    #[command(flatten)]
+    pub kv: KvSweepArgs<AttentionKv>,
     /// Context lengths (tokens already cached), comma-separated. A context whose dense cache and
     /// prefill scores would not fit in available memory is skipped with a note.
     #[arg(long, default_value = "1024,4096,16384,65536,131072")]
@@ -69,10 +92,9 @@ struct Shape {
 }
 
 fn shape(a: &AttentionArgs) -> Result<Shape> {
-    let (h, kvh, d) = match a.preset.as_str() {
-        "llama3-8b" => (32, 8, 128),
-        "smollm2" => (9, 3, 64),
-        other => bail!("--preset: unknown '{other}'; use llama3-8b or smollm2"),
+    let (h, kvh, d) = match a.preset {
+        Preset::Llama3_8b => (32, 8, 128),
+        Preset::Smollm2 => (9, 3, 64),
     };
     let s = Shape { label: String::new(), heads: a.heads.unwrap_or(h), kv_heads: a.kv_heads.unwrap_or(kvh), head_dim: a.head_dim.unwrap_or(d) };
     if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 {
@@ -82,7 +104,7 @@ fn shape(a: &AttentionArgs) -> Result<Shape> {
         bail!("--kv-heads: {} does not divide --heads {}", s.kv_heads, s.heads);
     }
     let custom = (s.heads, s.kv_heads, s.head_dim) != (h, kvh, d);
-    let name = if custom { "custom" } else { a.preset.as_str() };
+    let name = if custom { "custom" } else { a.preset.name() };
     Ok(Shape { label: format!("synthetic {name} h{}/kv{}/d{}", s.heads, s.kv_heads, s.head_dim), ..s })
 }
 
@@ -239,13 +261,15 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     if a.chunk == 0 || a.repeats == 0 {
         bail!("--chunk and --repeats: must be at least 1");
     }
-    let (gk, gv) = mlx_kv::spec::parse_groups(&a.kv_group_size)?;
-    let specs: Vec<KvSpec> = split_kv_list(&a.kv)
-        .iter()
-        .map(|kv| {
-            let mut spec = KvSpec::parse(kv).with_context(|| format!("--kv {kv}"))?;
-            spec.k.group = gk;
-            spec.v.group = gv;
+    // One layer, no model: the flags that shape a whole model's caches have nothing to act on.
+    if !a.kv.rest.kv_layers.is_empty() || a.kv.rest.max_kv_size.is_some() {
+        bail!("--kv-layers and --max-kv-size: bench attention times one layer of an unbounded cache; leave them out");
+    }
+    let specs: Vec<KvSpec> = a
+        .kv
+        .specs()?
+        .into_iter()
+        .map(|(kv, spec)| {
             spec.validate(s.head_dim).with_context(|| format!("--kv {kv} with --head-dim {}", s.head_dim))?;
             Ok(spec)
         })
@@ -266,7 +290,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         plan.push(ctx);
     }
     let env = Env::detect();
-    let stem = a.name.clone().unwrap_or_else(|| format!("bench-attention-{}-{}", a.preset, env.date.replace([':', '-'], "").trim_end_matches('Z')));
+    let stem = a.name.clone().unwrap_or_else(|| format!("bench-attention-{}-{}", a.preset.name(), env.date.replace([':', '-'], "").trim_end_matches('Z')));
     let bar = ProgressBar::new((plan.len() * specs.len()) as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")?);
     let mut rows = Vec::new();

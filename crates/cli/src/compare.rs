@@ -3,11 +3,12 @@
 //! decode speed at that depth, and quality from the `ppl` machinery.
 
 use crate::model_args::{load, ModelArgs};
-use crate::ppl::{baseline_settings, expand_kv_list, options, read_text, store_for, sweep, Entry, WindowArgs};
+use crate::kv_args::{KvSweepArgs, SweepDefault};
+use crate::ppl::{baseline_settings, entries, options, read_text, store_for, sweep, WindowArgs};
 use crate::results::markdown_table;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mlx_kv::{CacheBytes, KvSpec};
+use mlx_kv::CacheBytes;
 use models::generate::{generate, CacheSettings, GenerateOptions};
 use models::model::LanguageModel;
 use models::sample::SamplerSettings;
@@ -17,10 +18,10 @@ use std::path::PathBuf;
 pub struct CompareArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Settings to compare, comma-separated presets (ratios are to the fp16 entry, which must
-    /// be in the list).
-    #[arg(long, default_value = "fp16,k8v8,k8v4,k4v8,k4v4")]
-    pub kv: String,
+    /// Settings to compare (ratios are to the fp16 entry, which must be in the list), with the
+    /// other K/V flags applied to each.
+    #[command(flatten)]
+    pub kv: KvSweepArgs<CompareKv>,
     /// Context depth: WikiText tokens prefilled before decode is timed; KV bytes are read
     /// after the timed run (depth plus the decoded tokens).
     #[arg(long, default_value_t = 1024)]
@@ -42,6 +43,13 @@ pub struct CompareArgs {
     /// Largest total size of the on-disk baseline store in MiB, as in `ppl` (0 disables it).
     #[arg(long, default_value_t = 1024)]
     pub baseline_cache_mb: u64,
+}
+
+/// The five settings of the quick side-by-side.
+#[derive(Debug, Clone)]
+pub struct CompareKv;
+impl SweepDefault for CompareKv {
+    const KV: &'static str = "fp16,k8v8,k8v4,k4v8,k4v4";
 }
 
 /// Speed and memory of one setting at the depth.
@@ -83,17 +91,12 @@ pub fn run(a: CompareArgs) -> Result<()> {
         bail!("--depth, --n, --windows and --prefill-step must each be at least 1");
     }
     let opts = options(&a.window, Some(a.windows))?;
-    let entries: Vec<Entry> = expand_kv_list(std::slice::from_ref(&a.kv))
-        .into_iter()
-        .map(|v| {
-            let spec = KvSpec::parse(&v)?;
-            Ok(Entry { name: spec.to_string(), settings: CacheSettings { spec, ..Default::default() } })
-        })
-        .collect::<Result<_>>()?;
+    let entries = entries(&a.kv)?;
     let Some(fp16) = entries.iter().position(|e| e.settings.spec.is_dense()) else {
         bail!("--kv: the list needs fp16, the reference of every ratio");
     };
-    let (loaded, path) = load(&a.model)?;
+    let named: Vec<(&str, &CacheSettings)> = entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect();
+    let (loaded, path) = load(&a.model, &named)?;
     let model = loaded.model.as_ref();
     let (text, label, _) = read_text(Some("wikitext"), None, a.data_dir.as_deref())?;
     let need = a.depth.max(opts.ctx * a.windows);
@@ -115,7 +118,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
         eprintln!("speed: {} ...", e.name);
         speeds.push(measure(model, &tokens[..a.depth], &e.settings, &a).with_context(|| format!("--kv {}", e.name))?);
     }
-    let base = baseline_settings(None);
+    let base = baseline_settings(a.kv.rest.max_kv_size);
     let store = store_for(&path, &opts, &base, a.baseline_cache_mb);
     let (base_r, quality) = sweep(model, &tokens, &entries, &base, &opts, store.as_ref())?;
     let (f, mb) = (&speeds[fp16], |b: f64| b / 1e6);

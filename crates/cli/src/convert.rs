@@ -86,8 +86,7 @@ fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
     } else {
         None
     };
-    let max_shard_bytes = mlx_dir::parse_size(&a.max_shard_size)
-        .with_context(|| format!("--max-shard-size: '{}' is not a size like 5GB or 500MB", a.max_shard_size))?;
+    let max_shard_bytes = crate::flag_values::parse_size(&a.max_shard_size, "--max-shard-size")?;
     Ok(ConvertOptions {
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         quantize,

@@ -86,7 +86,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     sampler.validate()?;
-    let (loaded, path) = load(&a.model)?;
+    let (loaded, path) = load(&a.model, &[(a.kv.kv.as_str(), &cache)])?;
     let tok = &loaded.tokenizer;
     let mut text = read_prompt(&a)?;
     if a.chat {

@@ -1,10 +1,14 @@
-//! The KV-cache flags shared by `generate`, `ppl` and `bench`.
+//! The one edge where K/V flags become `KvSpec`s and cache settings. `generate` takes one
+//! setting ([`KvArgs`]); the sweeps (`ppl`, `bench`, `bench attention`, `compare`) take a
+//! repeatable list ([`KvSweepArgs`]) with the same flags beside it. Every spec of every command
+//! is built by [`KvArgs::spec_for`].
 
-use anyhow::Result;
-use clap::Args;
+use anyhow::{bail, Result};
+use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use mlx_kv::spec::parse_groups;
 use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, Rotation};
 use models::generate::CacheSettings;
+use std::marker::PhantomData;
 
 #[derive(Args, Debug, Clone)]
 pub struct KvArgs {
@@ -17,8 +21,8 @@ pub struct KvArgs {
     pub kv_group_size: String,
     /// Key layout: `per-token` (groups along head_dim, like mlx-lm) or `per-channel` (groups
     /// along tokens, KIVI).
-    #[arg(long, default_value = "per-token")]
-    pub kv_key_layout: String,
+    #[arg(long, value_enum, default_value = "per-token")]
+    pub kv_key_layout: KeyLayout,
     /// Newest tokens kept in full precision, quantized in blocks as they age (KIVI residual).
     #[arg(long, default_value_t = 0)]
     pub kv_residual: usize,
@@ -26,8 +30,8 @@ pub struct KvArgs {
     #[arg(long, default_value_t = 0)]
     pub kv_sinks: usize,
     /// Hadamard rotation: `none`, `k` (keys) or `kv` (keys and values).
-    #[arg(long, default_value = "none")]
-    pub kv_rotate: String,
+    #[arg(long, value_enum, default_value = "none")]
+    pub kv_rotate: Rotation,
     /// Per-layer bit overrides, `;`-separated: `first:N=K,V`, `last:N=K,V`, `A-B=K,V`, `I=K,V`.
     #[arg(long, default_value = "")]
     pub kv_layers: String,
@@ -46,17 +50,17 @@ impl KvArgs {
         let (gk, gv) = parse_groups(&self.kv_group_size)?;
         spec.k.group = gk;
         spec.v.group = gv;
-        spec.key_layout = self.kv_key_layout.parse::<KeyLayout>()?;
+        spec.key_layout = self.kv_key_layout;
         spec.residual = self.kv_residual;
         spec.sinks = self.kv_sinks;
-        spec.rotation = self.kv_rotate.parse::<Rotation>()?;
+        spec.rotation = self.kv_rotate;
         spec.quantized_kv_start = self.quantized_kv_start;
         Ok(spec)
     }
 
     pub fn settings_for(&self, kv: &str) -> Result<CacheSettings> {
         if self.max_kv_size == Some(0) {
-            anyhow::bail!("--max-kv-size: must be at least 1");
+            bail!("--max-kv-size: must be at least 1");
         }
         Ok(CacheSettings {
             spec: self.spec_for(kv)?,
@@ -67,5 +71,123 @@ impl KvArgs {
 
     pub fn settings(&self) -> Result<CacheSettings> {
         self.settings_for(&self.kv)
+    }
+}
+
+/// What a sweep measures when `--kv` is not given.
+pub trait SweepDefault {
+    const KV: &'static str;
+}
+
+/// [`KvArgs`] with `--kv` repeatable and list-valued: `--kv fp16,k8v4` or `--kv fp16 --kv 8,4`
+/// (`8,4` holds a comma but is one setting). `D` gives the command's default list.
+#[derive(Debug, Clone)]
+pub struct KvSweepArgs<D> {
+    /// The settings, one element each, in the order given.
+    pub list: Vec<String>,
+    /// The other K/V flags, applied to every element.
+    pub rest: KvArgs,
+    default: PhantomData<D>,
+}
+
+const SWEEP_HELP: &str = "K/V settings to sweep: `K,V` (e.g. 8,4), one width, or a preset (fp16, k8v8, k8v4, k4v8, \
+    k4v4, k4v2). Repeat the flag for several, or give presets as one comma list (fp16,k8v4,k4v4); `8,4` is one setting";
+
+impl<D: SweepDefault> FromArgMatches for KvSweepArgs<D> {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut m.clone())
+    }
+    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
+        // Every --kv, before the derived parser of KvArgs takes the first one.
+        let raw: Vec<String> = m.get_many::<String>("kv").map(|v| v.cloned().collect()).unwrap_or_default();
+        Ok(KvSweepArgs { list: expand_kv_list(&raw), rest: KvArgs::from_arg_matches_mut(m)?, default: PhantomData })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl<D: SweepDefault> Args for KvSweepArgs<D> {
+    fn augment_args(cmd: Command) -> Command {
+        KvArgs::augment_args(cmd).mut_arg("kv", |a| a.action(ArgAction::Append).default_value(D::KV).help(SWEEP_HELP))
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl<D> KvSweepArgs<D> {
+    /// Every setting of the list with the other flags applied, each error naming its value.
+    pub fn specs(&self) -> Result<Vec<(String, KvSpec)>> {
+        self.list.iter().map(|kv| Ok((kv.clone(), self.rest.spec_for(kv).map_err(|e| e.context(format!("--kv {kv}")))?))).collect()
+    }
+}
+
+fn is_preset(s: &str) -> bool {
+    let s = s.trim().to_ascii_lowercase();
+    matches!(s.as_str(), "fp16" | "f16" | "bf16") || (s.starts_with('k') && s.contains('v') && KvSpec::parse(&s).is_ok())
+}
+
+/// Splits `fp16,k8v4` into presets; `8,4` (not all presets) stays one value.
+pub fn expand_kv_list(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| {
+            let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+            if parts.len() > 1 && parts.iter().all(|p| is_preset(p)) {
+                parts.into_iter().map(String::from).collect()
+            } else {
+                vec![v.trim().to_string()]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    struct Two;
+    impl SweepDefault for Two {
+        const KV: &'static str = "fp16,k8v4";
+    }
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        kv: KvSweepArgs<Two>,
+    }
+
+    #[test]
+    fn kv_lists_split_only_when_every_element_is_a_preset() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(expand_kv_list(&v(&["fp16,k8v8,k4v2"])), v(&["fp16", "k8v8", "k4v2"]));
+        assert_eq!(expand_kv_list(&v(&["8,4"])), v(&["8,4"]));
+        assert_eq!(expand_kv_list(&v(&["8,4", "k4v4"])), v(&["8,4", "k4v4"]));
+        assert_eq!(expand_kv_list(&v(&["k8v4,4"])), v(&["k8v4,4"]), "a non-preset element keeps the value whole");
+    }
+
+    #[test]
+    fn lists_split_presets_but_keep_a_pair_whole() {
+        let t = T::try_parse_from(["t", "--kv", "fp16,k8v4", "--kv", "8,4", "--kv-rotate", "kv"]).unwrap();
+        assert_eq!(t.kv.list, vec!["fp16", "k8v4", "8,4"]);
+        assert_eq!(t.kv.rest.kv_rotate, Rotation::KeysAndValues);
+        let d = T::try_parse_from(["t"]).unwrap();
+        assert_eq!(d.kv.list, vec!["fp16", "k8v4"]);
+        let specs = d.kv.specs().unwrap();
+        assert_eq!(specs[1].1.to_string(), "k8v4");
+    }
+
+    #[test]
+    fn enum_flags_list_their_values_and_name_the_flag() {
+        let e = T::try_parse_from(["t", "--kv-key-layout", "diagonal"]).err().unwrap().to_string();
+        assert!(e.contains("--kv-key-layout") && e.contains("per-token") && e.contains("per-channel"), "{e}");
+        let t = T::try_parse_from(["t", "--kv-key-layout", "per-channel", "--kv-rotate", "keys"]).unwrap();
+        assert_eq!(t.kv.rest.kv_key_layout, KeyLayout::PerChannel);
+        assert_eq!(t.kv.rest.kv_rotate, Rotation::Keys);
+        let bad = T::try_parse_from(["t", "--kv", "9,4"]).unwrap().kv.specs().unwrap_err();
+        assert!(format!("{bad:#}").contains("--kv 9,4"), "{bad:#}");
     }
 }

@@ -4,6 +4,7 @@ mod bench;
 mod bench_attention;
 mod compare;
 mod convert;
+mod flag_values;
 mod generate;
 mod info;
 mod kv_args;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mlx_rs::Dtype;
+use models::generate::CacheSettings;
 use std::path::PathBuf;
 
 pub use models::assets::cache_dir;
@@ -38,9 +39,18 @@ pub fn compute_dtype() -> Dtype {
     mlx_kv::Backend::current().compute_dtype()
 }
 
-/// Loads the model named by `--model` in the backend's compute dtype.
-pub fn load(args: &ModelArgs) -> Result<(models::model::Loaded, PathBuf)> {
+/// Loads the model named by `--model` in the backend's compute dtype, after checking every K/V
+/// setting (named by its `--kv` value) against the model's config, so a bad group size or layer
+/// override fails before the weights are read.
+pub fn load(args: &ModelArgs, settings: &[(&str, &CacheSettings)]) -> Result<(models::model::Loaded, PathBuf)> {
     let path = args.path()?;
+    if !settings.is_empty() {
+        let cfg = models::model::read_config(&path).with_context(|| format!("--model {}", path.display()))?;
+        let (n, d) = (cfg.num_hidden_layers(), cfg.head_dim());
+        for (kv, s) in settings {
+            s.check(n, d).with_context(|| format!("--kv {kv} on {} ({n} layers, head_dim {d})", path.display()))?;
+        }
+    }
     let loaded = models::model::load(&path, compute_dtype()).with_context(|| format!("--model {}", path.display()))?;
     Ok((loaded, path))
 }

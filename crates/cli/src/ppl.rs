@@ -7,11 +7,11 @@
 //! then every setting on the same window, compared at once and dropped. So the baseline is
 //! computed at most once per sweep, and memory holds one window of rows per setting.
 
-use crate::kv_args::KvArgs;
+use crate::kv_args::{KvSweepArgs, SweepDefault};
 use crate::model_args::{cache_dir, load, ModelArgs};
 use crate::results::{markdown_table, read_rows, write_rows, Env, PplRow};
 use anyhow::{bail, Context, Result};
-use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::KvSpec;
 use models::generate::{check_context, CacheSettings};
@@ -20,7 +20,7 @@ use models::perplexity::{fnv1a, score_window, BaselineStore, PplOptions, PplResu
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
-pub struct PplFlags {
+pub struct PplArgs {
     /// Dataset: `wikitext` is the WikiText-2 raw test split: wiki.test.raw from --data-dir, else
     /// the cached copy, which is fetched once from the hub (Salesforce/wikitext) when missing.
     /// Omit it to use --file.
@@ -36,7 +36,7 @@ pub struct PplFlags {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub kv: KvArgs,
+    pub kv: KvSweepArgs<PplKv>,
     #[command(flatten)]
     pub window: WindowArgs,
     /// Score at most this many windows, from the start of the text (default: all).
@@ -66,66 +66,11 @@ pub struct WindowArgs {
     pub score_all: bool,
 }
 
-/// `ppl`'s flags with `--kv` made repeatable: `8,4` holds a comma, so a list of non-preset
-/// values needs one flag each (`--kv 8,4 --kv 4,2`).
-#[derive(Debug)]
-pub struct PplArgs {
-    pub flags: PplFlags,
-    pub kv_values: Vec<String>,
-}
-
-fn repeatable_kv(cmd: Command) -> Command {
-    cmd.mut_arg("kv", |a| {
-        a.action(ArgAction::Append).help(
-            "K/V settings to score: `K,V` (e.g. 8,4), one width, or a preset (fp16, k8v8, k8v4, k4v8, k4v4, k4v2). \
-             Repeat the flag for several, or give presets as one comma list (fp16,k8v4,k4v4). \
-             KLD and top-1 are against the unquantized cache, computed once per run",
-        )
-    })
-}
-
-impl FromArgMatches for PplArgs {
-    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        Self::from_arg_matches_mut(&mut m.clone())
-    }
-    fn from_arg_matches_mut(m: &mut ArgMatches) -> Result<Self, clap::Error> {
-        // Read every --kv before the derived parser takes the first one.
-        let kv_values = m.get_many::<String>("kv").map(|v| v.cloned().collect()).unwrap_or_default();
-        Ok(PplArgs { flags: PplFlags::from_arg_matches_mut(m)?, kv_values })
-    }
-    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-impl Args for PplArgs {
-    fn augment_args(cmd: Command) -> Command {
-        repeatable_kv(PplFlags::augment_args(cmd))
-    }
-    fn augment_args_for_update(cmd: Command) -> Command {
-        repeatable_kv(PplFlags::augment_args_for_update(cmd))
-    }
-}
-
-fn is_preset(s: &str) -> bool {
-    let s = s.trim().to_ascii_lowercase();
-    matches!(s.as_str(), "fp16" | "f16" | "bf16") || (s.starts_with('k') && s.contains('v') && KvSpec::parse(&s).is_ok())
-}
-
-/// Splits `fp16,k8v4` into presets; `8,4` (not all presets) stays one value.
-pub fn expand_kv_list(values: &[String]) -> Vec<String> {
-    values
-        .iter()
-        .flat_map(|v| {
-            let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-            if parts.len() > 1 && parts.iter().all(|p| is_preset(p)) {
-                parts.into_iter().map(String::from).collect()
-            } else {
-                vec![v.trim().to_string()]
-            }
-        })
-        .collect()
+/// `ppl` scores the unquantized cache alone unless told otherwise (KLD needs no second row).
+#[derive(Debug, Clone)]
+pub struct PplKv;
+impl SweepDefault for PplKv {
+    const KV: &'static str = "fp16";
 }
 
 /// One setting of a sweep and the name its row gets.
@@ -134,10 +79,11 @@ pub struct Entry {
     pub settings: CacheSettings,
 }
 
-pub fn entries(kv: &KvArgs, values: &[String]) -> Result<Vec<Entry>> {
+pub fn entries<D>(sweep: &KvSweepArgs<D>) -> Result<Vec<Entry>> {
+    let kv = &sweep.rest;
     let mut out: Vec<Entry> = Vec::new();
-    for v in expand_kv_list(values) {
-        let settings = kv.settings_for(&v)?;
+    for v in &sweep.list {
+        let settings = kv.settings_for(v).with_context(|| format!("--kv {v}"))?;
         let mut name = settings.spec.to_string();
         if !kv.kv_layers.is_empty() {
             name = format!("{name}-layers[{}]", kv.kv_layers);
@@ -296,13 +242,13 @@ pub fn protocol(opts: &PplOptions, n: usize, total: usize) -> String {
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
-    let f = &a.flags;
+    let f = &a;
     let opts = options(&f.window, f.max_windows)?;
-    let values = if a.kv_values.is_empty() { vec![f.kv.kv.clone()] } else { a.kv_values.clone() };
-    let entries = entries(&f.kv, &values)?;
-    let base = baseline_settings(f.kv.max_kv_size);
+    let entries = entries(&f.kv)?;
+    let base = baseline_settings(f.kv.rest.max_kv_size);
     let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
-    let (loaded, path) = load(&f.model)?;
+    let named: Vec<(&str, &CacheSettings)> = entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect();
+    let (loaded, path) = load(&f.model, &named)?;
     let model = loaded.model.as_ref();
     // No BOS unless the tokenizer's metadata asks for one (add_special follows it).
     let t = std::time::Instant::now();
@@ -383,18 +329,4 @@ fn save_rows(dir: &Path, stem: &str, rows: Vec<PplRow>) -> Result<(PathBuf, Path
     all.retain(|old| !rows.iter().any(|r| same(old, r)));
     all.extend(rows);
     write_rows(dir, stem, &all)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kv_lists_split_only_when_every_element_is_a_preset() {
-        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(expand_kv_list(&v(&["fp16,k8v8,k4v2"])), v(&["fp16", "k8v8", "k4v2"]));
-        assert_eq!(expand_kv_list(&v(&["8,4"])), v(&["8,4"]));
-        assert_eq!(expand_kv_list(&v(&["8,4", "k4v4"])), v(&["8,4", "k4v4"]));
-        assert_eq!(expand_kv_list(&v(&["k8v4,4"])), v(&["k8v4,4"]), "a non-preset element keeps the value whole");
-    }
 }

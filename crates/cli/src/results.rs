@@ -1,7 +1,7 @@
 //! Result rows shared by `bench`, `bench attention` and `plot`: the row schemas, the
 //! environment every row records, CSV/JSON files and the human tables printed beside them.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -283,32 +283,6 @@ pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Parses a byte count with an optional suffix: `K`/`M`/`G`/`T` and `KiB`/`MiB`/... are powers
-/// of 1024, `KB`/`MB`/`GB`/`TB` powers of 1000 (`8G` = 8 GiB; `1.5GB` = 1.5e9).
-pub fn parse_size(s: &str, flag: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| anyhow::anyhow!("{flag}: '{s}' does not start with a number"))?;
-    let mult: f64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        other => bail!("{flag}: unknown size suffix '{other}' in '{s}'; use K, M, G, T (powers of 1024) or KB, MB, GB, TB"),
-    };
-    let bytes = value * mult;
-    if !bytes.is_finite() || bytes < 1.0 {
-        bail!("{flag}: '{s}' is not a positive size");
-    }
-    Ok(bytes as u64)
-}
-
 pub fn human_bytes(b: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b;
@@ -387,19 +361,6 @@ mod tests {
         assert_eq!(read_rows::<AttentionRow>(&c).unwrap(), vec![a.clone(), b.clone()]);
         assert_eq!(read_rows::<AttentionRow>(&j).unwrap(), vec![a, b]);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn size_suffixes() {
-        assert_eq!(parse_size("8G", "--memory-budget").unwrap(), 8 << 30);
-        assert_eq!(parse_size("8GiB", "--memory-budget").unwrap(), 8 << 30);
-        assert_eq!(parse_size("1.5GB", "--memory-budget").unwrap(), 1_500_000_000);
-        assert_eq!(parse_size("512m", "--memory-budget").unwrap(), 512 << 20);
-        assert_eq!(parse_size("4096", "--memory-budget").unwrap(), 4096);
-        for bad in ["", "G", "8X", "-1G", "0"] {
-            let e = parse_size(bad, "--memory-budget").unwrap_err().to_string();
-            assert!(e.contains("--memory-budget"), "{bad}: {e}");
-        }
     }
 
     #[test]

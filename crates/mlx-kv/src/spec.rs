@@ -33,6 +33,7 @@ impl QuantSpec {
 
 /// How key quantization groups are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum KeyLayout {
     /// Groups run along head_dim, one scale per token and group (mlx-lm, llama.cpp).
     #[default]
@@ -54,10 +55,16 @@ impl FromStr for KeyLayout {
 
 /// Which tensors get the Hadamard rotation (QuaRot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Rotation {
+    /// No rotation.
     #[default]
     None,
+    /// Keys only.
+    #[cfg_attr(feature = "clap", value(name = "k", alias = "keys"))]
     Keys,
+    /// Keys and values.
+    #[cfg_attr(feature = "clap", value(name = "kv", alias = "keys-values"))]
     KeysAndValues,
 }
 

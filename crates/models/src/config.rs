@@ -146,6 +146,15 @@ impl ArchConfig {
         }
     }
 
+    /// Width of one attention head: what each layer's KV cache stores per head and token.
+    pub fn head_dim(&self) -> usize {
+        match self {
+            ArchConfig::Llama(c) => c.head_dim(),
+            ArchConfig::Gemma3(c) => c.head_dim,
+            ArchConfig::Phi3(c) => c.head_dim(),
+        }
+    }
+
     pub fn num_hidden_layers(&self) -> usize {
         match self {
             ArchConfig::Llama(c) => c.num_hidden_layers,

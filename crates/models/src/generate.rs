@@ -18,6 +18,16 @@ pub struct CacheSettings {
 }
 
 impl CacheSettings {
+    /// Checks the settings against a model's shape: per-layer overrides inside its layers, and
+    /// every layer's spec against its head width (group sizes, residual blocks, rotation).
+    pub fn check(&self, n_layers: usize, head_dim: usize) -> Result<()> {
+        self.layers.validate(n_layers)?;
+        for i in 0..n_layers {
+            self.layers.apply(&self.spec, i, n_layers).validate(head_dim)?;
+        }
+        Ok(())
+    }
+
     /// One cache per layer, each with its own (possibly overridden) spec.
     pub fn build(&self, model: &dyn LanguageModel, max_chunk: usize) -> Result<Vec<KvCache>> {
         let n = model.n_layers();

@@ -196,6 +196,15 @@ pub fn load_any_lossless(path: &Path, dtype: Dtype) -> Result<(ArchConfig, Weigh
     load_any_with(path, dtype, false)
 }
 
+/// The config of any supported family from GGUF metadata alone (no tensor is read).
+pub fn arch_config(g: &GgufFile) -> Result<ArchConfig> {
+    Ok(match g.get_str("general.architecture")? {
+        "gemma3" => ArchConfig::Gemma3(gemma3_config(g)?),
+        "phi3" => ArchConfig::Phi3(phi3_config(g)?),
+        _ => ArchConfig::Llama(config(g)?),
+    })
+}
+
 /// `dense` dequantizes Q4_0/Q4_1/Q8_0 instead of keeping them as MLX triplets.
 fn load_any_with(path: &Path, dtype: Dtype, dense: bool) -> Result<(ArchConfig, WeightMap, GgufFile)> {
     let g = GgufFile::open(path)?;

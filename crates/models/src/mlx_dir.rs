@@ -455,26 +455,6 @@ fn write_contents(
     Ok((shards.len(), total))
 }
 
-/// Parses sizes like `5GB`, `500MB`, `1.5GiB` or a plain byte count.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().ok()?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024f64.powi(2),
-        "GIB" => 1024f64.powi(3),
-        _ => return None,
-    };
-    (n.is_finite() && n > 0.0).then_some((n * mult) as u64)
-}
-
 /// Whether `path` looks like an MLX/HF model directory.
 pub fn is_model_dir(path: &Path) -> bool {
     path.join(safetensors_load::CONFIG_FILE).is_file()
@@ -483,15 +463,6 @@ pub fn is_model_dir(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
-        assert_eq!(parse_size("1.5 MiB"), Some(1_572_864));
-        assert_eq!(parse_size("123"), Some(123));
-        assert_eq!(parse_size("5XB"), None);
-        assert_eq!(parse_size("-1GB"), None);
-    }
 
     #[test]
     fn shards_respect_the_limit_and_keep_big_tensors_whole() {

@@ -44,6 +44,18 @@ pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
     Ok(Loaded { model, tokenizer })
 }
 
+/// A model's config from a `.gguf` file's metadata or a directory's `config.json`, without
+/// reading any weight: enough to check settings against the model before a slow load.
+pub fn read_config(path: &Path) -> Result<crate::config::ArchConfig> {
+    if path.is_dir() {
+        let file = path.join(crate::safetensors_load::CONFIG_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: file.clone(), reason: format!("invalid JSON: {e}") })?;
+        return crate::config::ArchConfig::from_json(&v).map_err(|reason| ModelError::Config { path: file, reason });
+    }
+    crate::gguf_load::arch_config(&crate::gguf::GgufFile::open(path)?)
+}
+
 /// Loads a model from a `.gguf` file or a local model directory.
 pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
     if path.is_dir() {
