@@ -11,9 +11,9 @@
 #   speed    bench over depth to 16K, the memory-budget table, bench attention, and
 #            scripts/cpu-side-by-side.sh against llama.cpp and mlx-lm: run it on an idle machine
 #   figures  kvsplit-mlx plot over the files above
-# Run it from a committed tree: rows record the commit of the working directory, with -dirty when
-# tracked files differ. So every command writes into a scratch folder outside the tree, and a
-# stage copies its files into docs/ only when all its commands are done.
+# Run it from a committed tree: rows record the commit the binary was built from, with -dirty when
+# the engine's sources differed from it. Every command writes into a scratch folder outside the
+# tree, and a stage copies its files into docs/ only when all its commands are done.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,8 +29,8 @@ for s in "${stages[@]}"; do
 done
 "$ROOT/scripts/setup.sh"
 cargo build --release -q -p kvsplit-mlx
-[ -z "$(git status --porcelain --untracked-files=no)" ] ||
-  say "WARNING: tracked files differ from HEAD; rows will say -dirty"
+[ -z "$(git status --porcelain --untracked-files=no -- crates Cargo.toml Cargo.lock)" ] ||
+  say "WARNING: the engine's sources differ from HEAD; rows will say -dirty"
 say "scratch folder: $DATA"
 
 quality() {

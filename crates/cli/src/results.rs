@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Where and with what a row was measured; copied into every row so rows stand alone.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,7 +24,7 @@ impl Env {
             backend: mlx_kv::Backend::current().name().to_string(),
             device: format!("{}", mlx_rs::Device::default()),
             mlx_version: mlx_version(),
-            commit: git_commit(),
+            commit: BUILD_COMMIT.to_string(),
             date: utc_now(),
         }
     }
@@ -59,22 +58,9 @@ fn machine() -> String {
     format!("{cpu} / {cores} cores{mem}")
 }
 
-/// Short HEAD hash, with `-dirty` when tracked files differ from it (the binary may then not
-/// be exactly that commit).
-fn git_commit() -> String {
-    let run = |args: &[&str]| Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match run(&["rev-parse", "--short=12", "HEAD"]) {
-        Some(h) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("{h}-dirty")
-            } else {
-                h
-            }
-        }
-        None => "unknown".into(),
-    }
-}
+/// The commit the binary was built from (short hash, `-dirty` when the engine's sources
+/// differed from it), stamped by build.rs: not the git state of the folder it runs in.
+pub const BUILD_COMMIT: &str = env!("KVSPLIT_BUILD_COMMIT");
 
 /// `YYYY-MM-DDTHH:MM:SSZ` from the system clock, without a date crate.
 pub fn utc_now() -> String {
@@ -361,6 +347,22 @@ mod tests {
         assert_eq!(read_rows::<AttentionRow>(&c).unwrap(), vec![a.clone(), b.clone()]);
         assert_eq!(read_rows::<AttentionRow>(&j).unwrap(), vec![a, b]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rows_record_the_commit_the_binary_was_built_from() {
+        let head = std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match head {
+            // Built from this checkout: the stamp is its HEAD, maybe with -dirty.
+            Some(h) => assert!(BUILD_COMMIT == h || BUILD_COMMIT == format!("{h}-dirty"), "stamp {BUILD_COMMIT}, HEAD {h}"),
+            None => assert_eq!(BUILD_COMMIT, "unknown"),
+        }
+        assert_eq!(Env::detect().commit, BUILD_COMMIT);
     }
 
     #[test]
