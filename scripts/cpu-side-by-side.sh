@@ -6,8 +6,9 @@
 #   scripts/cpu-side-by-side.sh [--prompt-tokens 4000] [--gen 64] [--repeats 1]
 #                               [--skip-llamacpp] [--skip-mlxlm] [--out docs]
 #
-# The peers are development tools, installed here into venvs under $KVSPLIT_CACHE/tools
-# (default ~/.cache/kvsplit-mlx), never project dependencies:
+# The peers are development tools, installed here into venvs under $KVSPLIT_PEERS (default
+# ~/.cache/kvsplit-mlx-peers), never project dependencies. They stay out of $KVSPLIT_CACHE, whose
+# libraries the fresh-machine check holds to what the engine itself needs:
 #   llamacpp-venv  llama-cpp-python 0.3.36 (built from its sdist: about 10 minutes on 2 cores)
 #   mlxlm-venv     mlx 0.32.2 + mlx-cpu 0.32.2 (the MLX we link) + mlx-lm 0.32.2, with the wheel's
 #                  reference BLAS swapped for OpenBLAS exactly as setup.sh does for ours, so both
@@ -18,6 +19,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}"
+PEERS="${KVSPLIT_PEERS:-$HOME/.cache/kvsplit-mlx-peers}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 PY="${PYTHON:-python3}"
 TEXT="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
@@ -65,7 +67,7 @@ blas_of() {
 OUR_BLAS="$(blas_of "$BIN")"
 
 # --- llama.cpp -----------------------------------------------------------------------------
-LLAMA_VENV="$CACHE/tools/llamacpp-venv"
+LLAMA_VENV="$PEERS/llamacpp-venv"
 if [ "$SKIP_LLAMA" = 0 ] && ! "$LLAMA_VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMACPP_VERSION')" 2>/dev/null; then
   say "creating $LLAMA_VENV with llama-cpp-python==$LLAMACPP_VERSION (builds llama.cpp from source: about 10 minutes)"
   rm -rf "$LLAMA_VENV"
@@ -74,7 +76,7 @@ if [ "$SKIP_LLAMA" = 0 ] && ! "$LLAMA_VENV/bin/python" -c "import llama_cpp, sys
 fi
 
 # --- mlx-lm on the same MLX, with OpenBLAS ------------------------------------------------
-MLXLM_VENV="$CACHE/tools/mlxlm-venv"
+MLXLM_VENV="$PEERS/mlxlm-venv"
 MLX_DIR="$CACHE/models/SmolLM2-135M-Instruct-f32-mlx"
 if [ "$SKIP_MLXLM" = 0 ]; then
   if ! "$MLXLM_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mlx-lm') != '$MLXLM_VERSION' or m.version('mlx-cpu') != '$MLX_VERSION')" 2>/dev/null; then

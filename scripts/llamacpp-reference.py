@@ -15,7 +15,7 @@ pass from that rounding. gguf-py (for reading/writing GGUF) comes from the llama
 sdist that scripts/fetch-test-data.sh downloads.
 
 Run with the llama.cpp venv's python, e.g.
-  ~/.cache/kvsplit-mlx/tools/llamacpp-venv/bin/python scripts/llamacpp-reference.py \\
+  ~/.cache/kvsplit-mlx-peers/llamacpp-venv/bin/python scripts/llamacpp-reference.py \\
       --model ~/.cache/kvsplit-mlx/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
       --out tests/fixtures/llamacpp-smollm2-135m.json
 """
