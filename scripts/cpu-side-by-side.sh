@@ -90,8 +90,6 @@ if [ "$SKIP_MLXLM" = 0 ]; then
   if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
     [ -z "$deb" ] || say "mlx-lm's MLX now uses OpenBLAS ($deb)"
   else
-    for f in "$LIBS"/*.orig; do [ -f "$f" ] && cp "$f" "${f%.orig}"; done
-    rm -f "$LIBS/.openblas"
     say "WARNING: could not set up Debian's OpenBLAS; mlx-lm keeps the reference BLAS (the report says so)"
   fi
   # Converted on every run (about 2 s), so mlx-lm always reads what our current converter writes.

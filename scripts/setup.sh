@@ -57,8 +57,6 @@ if [ "$WHEEL" = mlx-cpu ] && [ "${KVSPLIT_NO_OPENBLAS:-0}" != 1 ]; then
   if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
     [ -z "$deb" ] || say "MLX now uses OpenBLAS ($deb)"
   else
-    for f in "$LIBS"/*.orig; do [ -f "$f" ] && cp "$f" "${f%.orig}"; done
-    rm -f "$LIBS/.openblas"
     say "WARNING: could not set up Debian's OpenBLAS; MLX keeps its slow reference BLAS"
   fi
 fi
