@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 const GREEDY_TOKENS: usize = 8;
 
 fn model(name: &str) -> PathBuf {
-    let p = test_support::assets::model(name);
-    p
+    test_support::assets::model(name)
 }
 
 fn temp_dir(name: &str) -> PathBuf {

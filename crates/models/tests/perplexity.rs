@@ -6,7 +6,6 @@ use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
 use models::model::{load, Loaded};
 use models::perplexity::{score_window, score_windows, PplOptions, PplResult, WindowScore};
-use std::path::PathBuf;
 
 /// Identical settings on a deterministic CPU backend must give identical distributions; the
 /// bound only absorbs the rounding of exp(p)·(p - q) summed over the vocabulary.

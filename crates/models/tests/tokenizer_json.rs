@@ -6,15 +6,14 @@
 
 use models::gguf::GgufFile;
 use models::tokenizer::Tokenizer;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Characters of wiki.test.raw encoded (several thousand tokens, every kind of text the file has
 /// near its start: headings, numbers, punctuation, non-ASCII names).
 const SAMPLE_CHARS: usize = 20_000;
 
 fn model(name: &str) -> PathBuf {
-    let p = test_support::assets::model(name);
-    p
+    test_support::assets::model(name)
 }
 
 fn wikitext() -> String {
