@@ -208,15 +208,12 @@ pub fn arch_config(g: &GgufFile) -> Result<ArchConfig> {
 /// `dense` dequantizes Q4_0/Q4_1/Q8_0 instead of keeping them as MLX triplets.
 fn load_any_with(path: &Path, dtype: Dtype, dense: bool) -> Result<(ArchConfig, WeightMap, GgufFile)> {
     let g = GgufFile::open(path)?;
+    let cfg = arch_config(&g)?;
+    if let ArchConfig::Llama(_) = cfg {
+        let (cfg, map, g) = load_llama(g, dtype, dense)?;
+        return Ok((ArchConfig::Llama(cfg), map, g));
+    }
     let arch = g.get_str("general.architecture")?.to_string();
-    let cfg = match arch.as_str() {
-        "gemma3" => ArchConfig::Gemma3(gemma3_config(&g)?),
-        "phi3" => ArchConfig::Phi3(phi3_config(&g)?),
-        _ => {
-            let (cfg, map, g) = load_llama(g, dtype, dense)?;
-            return Ok((ArchConfig::Llama(cfg), map, g));
-        }
-    };
     let mut map = WeightMap::new(path.to_path_buf());
     for info in g.tensors() {
         let hf = hf_name_for(&arch, &info.name);
