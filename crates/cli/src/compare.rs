@@ -4,7 +4,7 @@
 
 use crate::model_args::{load, ModelArgs};
 use crate::kv_args::{KvSweepArgs, SweepDefault};
-use crate::ppl::{baseline_settings, entries, options, read_text, store_for, sweep, WindowArgs};
+use crate::ppl::{baseline_settings, entries, named, options, read_text, store_for, sweep, WindowArgs};
 use crate::results::markdown_table;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -95,8 +95,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let Some(fp16) = entries.iter().position(|e| e.settings.spec.is_dense()) else {
         bail!("--kv: the list needs fp16, the reference of every ratio");
     };
-    let named: Vec<(&str, &CacheSettings)> = entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect();
-    let (loaded, path) = load(&a.model, &named)?;
+    let (loaded, path) = load(&a.model, &named(&entries))?;
     let model = loaded.model.as_ref();
     let (text, label, _) = read_text(Some("wikitext"), None, a.data_dir.as_deref())?;
     let need = a.depth.max(opts.ctx * a.windows);

@@ -79,6 +79,11 @@ pub struct Entry {
     pub settings: CacheSettings,
 }
 
+/// Each entry's settings under its name, for checking them against the model before it loads.
+pub fn named(entries: &[Entry]) -> Vec<(&str, &CacheSettings)> {
+    entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect()
+}
+
 pub fn entries<D>(sweep: &KvSweepArgs<D>) -> Result<Vec<Entry>> {
     let kv = &sweep.rest;
     let mut out: Vec<Entry> = Vec::new();
@@ -247,8 +252,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     let entries = entries(&f.kv)?;
     let base = baseline_settings(f.kv.rest.max_kv_size);
     let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
-    let named: Vec<(&str, &CacheSettings)> = entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect();
-    let (loaded, path) = load(&f.model, &named)?;
+    let (loaded, path) = load(&f.model, &named(&entries))?;
     let model = loaded.model.as_ref();
     // No BOS unless the tokenizer's metadata asks for one (add_special follows it).
     let t = std::time::Instant::now();
