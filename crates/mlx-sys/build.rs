@@ -44,8 +44,7 @@ fn main() {
     let prefix = mlx_prefix(&cache, &target_os);
 
     let build = build_mlx_c(&cache, &mlx_c, prefix.as_deref(), &compat, &target_os);
-    // Before `link`: static libraries must precede the libmlx they call into.
-    build_ext(&build, &mlx_c, prefix.as_deref(), &compat, &target_os);
+    export_includes(&build, &mlx_c, prefix.as_deref(), &compat, &target_os);
     link(&build, prefix.as_deref(), &target_os);
     generate_bindings(&cache, &mlx_c, prefix.as_deref(), &compat, &target_os);
 }
@@ -220,35 +219,17 @@ fn build_mlx_c(cache: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path,
     done
 }
 
-/// Our own MLX primitives (`ext/`): C++ against MLX's headers, linked with the stock libmlx.
-/// The kernels are compiled twice on x86-64, once for AVX2+FMA+F16C (chosen at run time when the
-/// CPU has them) and once for the baseline, so the binary runs on any x86-64.
-fn build_ext(build: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path, target_os: &str) {
-    let ext = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("ext");
-    for f in ["kvsplit_ext.h", "ext_common.h", "ext.cpp", "norm_rope.cpp", "kernels.cpp", "kernels.h", "simd8.h"] {
-        println!("cargo:rerun-if-changed={}", ext.join(f).display());
-    }
+/// What `crates/mlx-ext` needs to compile C++ against the same MLX and mlx-c: dependents'
+/// build scripts read these as `DEP_MLX_MLX_INCLUDE`, `DEP_MLX_MLXC_INCLUDE`, `DEP_MLX_COMPAT`.
+fn export_includes(build: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: &Path, target_os: &str) {
     let mlx_include = match prefix {
         Some(p) => p.join("include"),
         None => build.join("_deps/mlx-src"),
     };
-    let x86 = env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
-    let base = || {
-        let mut b = cc::Build::new();
-        b.cpp(true).std("c++20").opt_level(3).warnings(false).include(&ext).include(mlx_c).include(&mlx_include);
-        if target_os != "macos" {
-            b.flag("-include").flag(compat.to_str().expect("utf-8 path"));
-        }
-        b
-    };
-    let mut main = base();
-    main.file(ext.join("ext.cpp")).file(ext.join("norm_rope.cpp")).file(ext.join("kernels.cpp")).define("KV_NS", "generic");
-    if x86 {
-        main.define("KVSPLIT_HAVE_AVX2", None);
-    }
-    main.compile("kvsplit_ext");
-    if x86 {
-        base().file(ext.join("kernels.cpp")).define("KV_NS", "avx2").flag("-mavx2").flag("-mfma").flag("-mf16c").compile("kvsplit_ext_avx2");
+    println!("cargo:mlx_include={}", mlx_include.display());
+    println!("cargo:mlxc_include={}", mlx_c.display());
+    if target_os != "macos" {
+        println!("cargo:compat={}", compat.display());
     }
 }
 
@@ -349,7 +330,6 @@ fn generate_bindings(cache: &Path, mlx_c: &Path, prefix: Option<&Path>, compat: 
     if target_os != "macos" {
         builder = builder.clang_arg("-include").clang_arg(compat.display().to_string());
     }
-    headers.push(PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("ext/kvsplit_ext.h"));
     for header in &headers {
         println!("cargo:rerun-if-changed={}", header.display());
         builder = builder.header(header.to_string_lossy());

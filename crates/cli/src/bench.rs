@@ -141,6 +141,8 @@ fn text_tokens(path: &Path, tok: &models::tokenizer::Tokenizer, n: usize) -> Res
 }
 
 struct Sample {
+    /// The first layer's attention path in the last decode step.
+    decode_path: String,
     prefill_tps: f64,
     decode_tps: f64,
     ttft_ms: f64,
@@ -150,7 +152,7 @@ struct Sample {
     /// `eval`): host-side work, for telling it apart from what `eval` waits for.
     decode_build_s: f64,
     decode_s: f64,
-    /// With `KVSPLIT_HOST_PROFILE=1`: seconds of the decode loop in the caches'
+    /// With `--host-profile`: seconds of the decode loop in the caches'
     /// `update_and_attend`, and in MLX's custom-kernel apply within it.
     layer_host_s: f64,
     apply_host_s: f64,
@@ -183,7 +185,7 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     let mut y = greedy(&logits)?;
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
-    mlx_kv::fused::host_profile::take();
+    mlx_kv::host_profile::take();
     let t1 = Instant::now();
     let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
@@ -203,8 +205,13 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     }
     eval_step(&caches, &y)?;
     let decode_s = t1.elapsed().as_secs_f64();
-    let (layer_host_s, apply_host_s) = mlx_kv::fused::host_profile::take();
+    let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
+    let decode_path = match caches.first().and_then(|c| c.last_path()) {
+        Some(c) if n_gen > 0 => c.to_string(),
+        _ => String::new(),
+    };
     Ok(Sample {
+        decode_path,
         prefill_tps: n_prompt as f64 / prefill_s.max(1e-9),
         decode_tps: if n_gen == 0 { f64::NAN } else { n_gen as f64 / decode_s.max(1e-9) },
         ttft_ms: ttft_s * 1e3,
@@ -370,7 +377,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
                     per(|x| x.decode_build_s),
                     per(|x| x.decode_s - x.decode_build_s)
                 );
-                if mlx_kv::fused::host_profile::enabled() {
+                if mlx_kv::host_profile::enabled() {
                     eprintln!(
                         "  host profile: update_and_attend {:.3} ms/token (custom-kernel apply {:.3} ms)",
                         per(|x| x.layer_host_s),
@@ -402,6 +409,8 @@ fn run_model(a: BenchArgs) -> Result<()> {
             kv_bytes_measured: samples.iter().map(|x| x.kv_bytes as u64).max().unwrap_or(0),
             kv_bytes_formula: (s.bytes_per_token(model) * tokens as f64).round() as u64,
             peak_memory: samples.iter().map(|x| x.peak as u64).max().unwrap_or(0),
+            decode_path: samples.first().map_or(String::new(), |x| x.decode_path.clone()),
+            engine: env.engine.clone(),
             commit: env.commit.clone(),
             date: env.date.clone(),
         });
@@ -414,12 +423,12 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let (c, j) = write_rows(&a.out, &stem, &rows)?;
     let md = a.out.join(format!("{stem}.md"));
     let header = format!(
-        "# Whole-model benchmark\n\nmodel `{model_name}`, backend {} ({}), MLX {}, machine {}, commit {}, {}.\n\
+        "# Whole-model benchmark\n\nmodel `{model_name}`, backend {} ({}), MLX {}, machine {}, commit {}, {}; engine options: {}.\n\
          Depth tokens entered the cache by {}. Prefill tok/s: `-p` tokens after `depth` cached tokens; decode tok/s: `-n` greedy steps, each evaluated; \
          median [min–max] over {} repeats after a warm-up. KV measured = resident bytes of all layers' caches after the run \
          (allocation grows in 256-token steps); formula = closed-form bytes/token × tokens. The fp16 setting is stored in the \
          compute dtype ({:?}).\n\n",
-        env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date,
+        env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, env.engine,
         if random_fill { "random keys and values written into every layer (`--fill random`, speed only)" } else { "prefill over the text" },
         a.repeats, model.dtype()
     );

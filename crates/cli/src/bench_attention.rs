@@ -299,8 +299,8 @@ pub fn run(a: AttentionArgs) -> Result<()> {
             bar.set_message(format!("{spec} ctx {ctx}"));
             let mut r = measure(spec, &s, ctx, &a)?;
             mlx_rs::memory::clear_cache()?;
-            (r.machine, r.backend, r.device, r.mlx_version, r.commit, r.date) =
-                (env.machine.clone(), env.backend.clone(), env.device.clone(), env.mlx_version.clone(), env.commit.clone(), env.date.clone());
+            (r.machine, r.backend, r.device, r.mlx_version, r.engine, r.commit, r.date) =
+                (env.machine.clone(), env.backend.clone(), env.device.clone(), env.mlx_version.clone(), env.engine.clone(), env.commit.clone(), env.date.clone());
             rows.push(r);
             bar.inc(1);
         }
@@ -311,9 +311,9 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     bar.finish_and_clear();
     let table = attention_table(&rows);
     let note = format!(
-        "{}, backend {} ({}), MLX {}, machine {}, commit {}, {}. Median [min–max] of {} repeats after one warm-up; \
+        "{}, backend {} ({}), MLX {}, machine {}, commit {}, {}; engine options: {}. Median [min–max] of {} repeats after one warm-up; \
          prefill = {} queries. On {} the `fp16` (dense) cache is stored in the compute dtype {}, not float16.",
-        s.label, env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, a.repeats, a.chunk, env.backend,
+        s.label, env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, env.engine, a.repeats, a.chunk, env.backend,
         rows.first().map_or("?", |r| r.compute_dtype.as_str())
     );
     println!("{note}\n\n{table}");

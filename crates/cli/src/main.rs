@@ -21,6 +21,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Kernel-path choices, shared by every command and recorded in every result row.
+    #[command(flatten)]
+    engine: mlx_ext::EngineOptions,
 }
 
 // Parsed once at start-up, so variant sizes do not matter.
@@ -44,6 +47,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    mlx_ext::options::install(cli.engine)?;
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Info => info::run(),

@@ -496,6 +496,28 @@ macro_rules! render {
     }};
 }
 
+/// Refuses rows of one figure that ran with different engine options: their numbers are not
+/// comparable. The message names each option that differs.
+fn same_engine<'a>(figure: &str, engines: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    for e in engines {
+        if !seen.contains(&e) {
+            seen.push(e);
+        }
+    }
+    if let [first, rest @ ..] = seen.as_slice() {
+        if let Some(other) = rest.first() {
+            let diff = if first.is_empty() || other.is_empty() {
+                vec!["engine options recorded in some rows only".to_string()]
+            } else {
+                mlx_ext::EngineOptions::differences(first, other)
+            };
+            bail!("{figure}: the rows were measured with different engine options ({}); plot them separately", diff.join(", "));
+        }
+    }
+    Ok(())
+}
+
 /// Draws every figure the data allows; returns the files written.
 pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf>> {
     register_font(font)?;
@@ -508,13 +530,16 @@ pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf
         render!(out, "kv-memory-vs-context", written, provenance(model.clone().chain(attention.clone()).chain(ppl)), kv_memory, d);
     }
     if !d.model.is_empty() {
+        same_engine("throughput-vs-depth", d.model.iter().map(|r| r.engine.as_str()))?;
         render!(out, "throughput-vs-depth", written, provenance(model), throughput, d);
     }
     if !d.attention.is_empty() {
+        same_engine("attention-time-vs-context", d.attention.iter().map(|r| r.engine.as_str()))?;
         render!(out, "attention-time-vs-context", written, provenance(attention), attention_time, d);
     }
     match comparable_ppl(&d.ppl) {
         Some((base, rows)) => {
+            same_engine("ppl-kld", rows.iter().map(|r| r.engine.as_str()))?;
             let stamp = provenance(std::iter::once(&base).chain(&rows).map(|r| (r.commit.as_str(), r.date.as_str())));
             render!(out, "ppl-kld", written, stamp.clone(), ppl_kld, &base, &rows);
             render!(out, "kv-bits-heatmap", written, stamp.clone(), heatmap, &base, &rows);

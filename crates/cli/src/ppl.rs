@@ -148,8 +148,8 @@ fn baseline_key(model_path: &Path, opts: &PplOptions, base: &CacheSettings) -> S
     let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok());
     let build = exe.map_or(String::new(), |m| format!("{}:{:?}", m.len(), m.modified().ok()));
     let desc = format!(
-        "{build}|{:?}|{}|{}|{mtime}|{}|{:?}|{}|{}|{}|{:?}",
-        std::env::var("KVSPLIT_WEIGHTS").ok(),
+        "{build}|{}|{}|{}|{mtime}|{}|{:?}|{}|{}|{}|{:?}",
+        mlx_ext::options::current().describe(),
         canon.display(),
         meta.map_or(0, |m| m.len()),
         mlx_kv::Backend::current().name(),
@@ -298,6 +298,7 @@ fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], resul
             kv_bytes_per_token: e.settings.bytes_per_token(model),
             backend: env.backend.clone(),
             mlx_version: env.mlx_version.clone(),
+            engine: env.engine.clone(),
             commit: env.commit.clone(),
             date: env.date.clone(),
         })

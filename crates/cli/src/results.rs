@@ -13,6 +13,8 @@ pub struct Env {
     pub backend: String,
     pub device: String,
     pub mlx_version: String,
+    /// The engine options in force ([`mlx_ext::EngineOptions::describe`]).
+    pub engine: String,
     pub commit: String,
     pub date: String,
 }
@@ -24,6 +26,7 @@ impl Env {
             backend: mlx_kv::Backend::current().name().to_string(),
             device: format!("{}", mlx_rs::Device::default()),
             mlx_version: mlx_version(),
+            engine: mlx_ext::options::current().describe(),
             commit: BUILD_COMMIT.to_string(),
             date: utc_now(),
         }
@@ -108,6 +111,12 @@ pub struct ModelRow {
     pub kv_bytes_measured: u64,
     pub kv_bytes_formula: u64,
     pub peak_memory: u64,
+    /// The attention path of the last decode step and why (`fused-step (...)`, `cpu-primitive (...)`).
+    #[serde(default)]
+    pub decode_path: String,
+    /// Engine options (empty in rows written before they were recorded).
+    #[serde(default)]
+    pub engine: String,
     pub commit: String,
     pub date: String,
 }
@@ -155,6 +164,8 @@ pub struct AttentionRow {
     pub prefill_vs_fp16: Option<f64>,
     pub bytes_vs_fp16: Option<f64>,
     pub prefill_peak_vs_fp16: Option<f64>,
+    #[serde(default)]
+    pub engine: String,
     pub commit: String,
     pub date: String,
 }
@@ -177,6 +188,8 @@ pub struct PplRow {
     pub kv_bytes_per_token: f64,
     pub backend: String,
     pub mlx_version: String,
+    #[serde(default)]
+    pub engine: String,
     pub commit: String,
     pub date: String,
 }
@@ -325,6 +338,8 @@ mod tests {
             kv_bytes_measured: 1 << 20,
             kv_bytes_formula: 1_000_000,
             peak_memory: 123_456_789,
+            decode_path: "cpu-primitive (one packed per-token body, no mask or sinks)".into(),
+            engine: mlx_ext::EngineOptions::default().describe(),
             commit: "abc".into(),
             date: "2026-01-01T00:00:00Z".into(),
         }
@@ -339,7 +354,7 @@ mod tests {
         assert_eq!(read_rows::<ModelRow>(&j).unwrap(), rows);
         let cols = columns(&c).unwrap();
         assert_eq!(cols.first().map(String::as_str), Some("kind"));
-        assert_eq!(cols.len(), 23);
+        assert_eq!(cols.len(), 25);
 
         let a = AttentionRow { kind: "attention".into(), kv: "k4v2".into(), depth: 1024, decode_ms_median: 0.75, decode_vs_fp16: Some(0.5), ..Default::default() };
         let b = AttentionRow { decode_vs_fp16: None, ..a.clone() };

@@ -26,6 +26,7 @@
 //!   --prefill  only the prefill-chunk checks
 //!   --check    only the decode checks of the default kernels (no prefill, no timings)
 
+use mlx_ext::{EngineOptions, Toggle};
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
 use mlx_rs::{random, transforms::eval, Array, Dtype};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -59,14 +60,21 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
 /// value and each softmax weight to f16 (relative error at most 2^-11 each), which moves the
 /// output by at most 2^-10 max|v|.
 fn bound(k_bits: u8, rep: i32, d: i32, v: &[f32]) -> f64 {
-    let mma = mlx_kv::fused::MMA.get() && mlx_kv::fused::mma_covers(k_bits, 64, 64, d as usize, rep as usize, Dtype::Float16);
+    let mma = mlx_ext::options::current().gpu_fused_mma.on() && mlx_kv::attention::fused::mma_covers(k_bits, 64, 64, d as usize, rep as usize, Dtype::Float16);
     let vmax = v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
     if mma { 1e-3 + vmax * 2f64.powi(-10) } else { 1e-3 }
 }
 
+/// Changes one engine option (this tool compares paths in one process).
+fn set_option(f: impl FnOnce(&mut EngineOptions)) {
+    let mut o = mlx_ext::options::current();
+    f(&mut o);
+    mlx_ext::options::install(o).expect("no thread-count change");
+}
+
 fn set_fused(on: bool) {
-    mlx_kv::fused::poison_outputs(false);
-    mlx_kv::fused::FUSED.set(on);
+    mlx_kv::attention::fused::poison_outputs(false);
+    set_option(|o| o.gpu_fused = Toggle::from_bool(on));
 }
 
 /// Bit pairs of the correctness checks; `--quick` keeps two (every variant is compiled on first
@@ -82,7 +90,7 @@ fn bit_pairs(quick: bool) -> &'static [(u8, u8)] {
 fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
     let key = random::key(seed).unwrap();
     let mut ok = true;
-    println!("correctness (seed {seed}, tensor cores {}): max |out - f64 ref over dequantized cache|", mlx_kv::fused::MMA.get());
+    println!("correctness (seed {seed}, tensor cores {}): max |out - f64 ref over dequantized cache|", mlx_ext::options::current().gpu_fused_mma.on());
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 777), (1, 8, 256, 300), (2, 1, 64, 5000)] {
         for &(kb, vb) in bit_pairs(quick) {
             let spec = KvSpec::bits(kb, vb);
@@ -92,9 +100,9 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
             let q = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &key).unwrap().as_dtype(Dtype::Float16).unwrap();
             let scale = 1.0 / (d as f32).sqrt();
             set_fused(true);
-            mlx_kv::fused::poison_outputs(true);
+            mlx_kv::attention::fused::poison_outputs(true);
             let fused = host(&cache.attend(&q, scale, None).unwrap());
-            mlx_kv::fused::poison_outputs(false);
+            mlx_kv::attention::fused::poison_outputs(false);
             set_fused(false);
             let ops = if with_ops { host(&cache.attend(&q, scale, None).unwrap()) } else { Vec::new() };
             let kd = host(&cache.dequantized_keys().unwrap().unwrap());
@@ -194,9 +202,9 @@ fn last_rows(x: &[f32], hkv: usize, t: usize, d: usize) -> Vec<f32> {
 fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     let key = random::key(seed ^ 7).unwrap();
     let mut ok = true;
-    mlx_kv::fused::FOLD.set(fold);
+    set_option(|o| o.gpu_fused_fold = Toggle::from_bool(fold));
     let launches = if fold { "one launch (merge folded)" } else { "two launches" };
-    println!("fused decode step, {launches} (seed {seed}, tensor cores {}): new token vs MLX quantize; max |out - f64 ref|", mlx_kv::fused::MMA.get());
+    println!("fused decode step, {launches} (seed {seed}, tensor cores {}): new token vs MLX quantize; max |out - f64 ref|", mlx_ext::options::current().gpu_fused_mma.on());
     // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
     // buffer (768 = 3 x 256 filled before the steps).
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 771), (1, 8, 256, 300), (2, 1, 64, 5000), (2, 4, 128, 3)] {
@@ -215,9 +223,9 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
                 let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
                 let qi = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
                 set_fused(true);
-                mlx_kv::fused::poison_outputs(true);
+                mlx_kv::attention::fused::poison_outputs(true);
                 out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
-                mlx_kv::fused::poison_outputs(false);
+                mlx_kv::attention::fused::poison_outputs(false);
                 twin.update(&kn, &vn).unwrap();
                 twin.eval().unwrap();
                 let n = (t - 2 + i as i32) as usize;
@@ -347,13 +355,13 @@ fn main() {
         std::process::exit(if ok { 0 } else { 1 });
     }
     for mma in [true, false] {
-        mlx_kv::fused::MMA.set(mma);
+        set_option(|o| o.gpu_fused_mma = Toggle::from_bool(mma));
         ok &= correctness(seed, with_ops && mma, quick);
         ok &= step_correctness(seed, quick, false);
         ok &= step_correctness(seed, quick, true);
     }
-    mlx_kv::fused::MMA.set(true);
-    mlx_kv::fused::FOLD.set(true);
+    set_option(|o| o.gpu_fused_mma = Toggle::from_bool(true));
+    set_option(|o| o.gpu_fused_fold = Toggle::from_bool(true));
     let bw = copy_bandwidth();
     println!("measured copy bandwidth: {:.0} GB/s", bw / 1e9);
     let depths: &[i32] = if quick { &[4096, 32768] } else { &[4096, 16384, 32768, 65536, 131072] };
@@ -375,7 +383,7 @@ fn main() {
             };
             for &(path, fused, mma) in paths {
                 set_fused(fused);
-                mlx_kv::fused::MMA.set(mma);
+                set_option(|o| o.gpu_fused_mma = Toggle::from_bool(mma));
                 let s = time_step(&caches[0], &q, scale, if quick { 10 } else { 30 });
                 println!("csv: {t},{label},{path},step,1,{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 // The MLX-ops path is the slow reference; batching it only costs device time.
@@ -393,12 +401,12 @@ fn main() {
                     if label == "fp16" { &[("sdpa", "1", "0")] } else { &[("fused-step-fold-mma", "1", "1"), ("fused-step", "1", "0"), ("fused-step-fold", "1", "1"), ("fused-opswrite", "0", "0")] };
                 for &(path, step, fold) in variants {
                     set_fused(true);
-                    mlx_kv::fused::MMA.set(path.ends_with("-mma"));
-                    mlx_kv::fused::STEP.set(step == "1");
-                    mlx_kv::fused::FOLD.set(fold == "1");
+                    set_option(|o| o.gpu_fused_mma = Toggle::from_bool(path.ends_with("-mma")));
+                    set_option(|o| o.gpu_fused_step = Toggle::from_bool(step == "1"));
+                    set_option(|o| o.gpu_fused_fold = Toggle::from_bool(fold == "1"));
                     let s = time_layer_steps(&mut caches, &q, &kv, scale, if quick { 5 } else { 10 });
-                    mlx_kv::fused::STEP.set(true);
-                    mlx_kv::fused::FOLD.set(true);
+                    set_option(|o| o.gpu_fused_step = Toggle::from_bool(true));
+                    set_option(|o| o.gpu_fused_fold = Toggle::from_bool(true));
                     println!("csv: {t},{label},{path},layer-step,{n_batch},{:.4},{bytes:.0},{:.1},{:.3}", s * 1e3, bytes / s / 1e9, bytes / s / bw);
                 }
             }

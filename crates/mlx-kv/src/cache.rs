@@ -7,7 +7,7 @@
 //! keys). K and V bodies are separate stores with their own bits and group size. With 16/16 the
 //! body is a plain float buffer, so a dense cache is the same type with no quantized store.
 
-use crate::attention::{attend, Mask, Segment, Tensor};
+use crate::attention::{self, Choice, Mask, Segment, StepCase, Tensor};
 use crate::error::{KvError, Result};
 use crate::rotation::hadamard;
 use crate::spec::{KeyLayout, KvSpec, QuantSpec, Rotation};
@@ -138,6 +138,8 @@ pub struct KvCache {
     /// The fused decode step's position counter on the device and the value it will hold once
     /// the queued steps ran (see [`KvCache::fused_step`]).
     step_pos: Option<(Array, usize)>,
+    /// The path the last attention took (see [`KvCache::last_path`]).
+    last_path: std::cell::Cell<Option<Choice>>,
 }
 
 impl KvCache {
@@ -184,11 +186,17 @@ impl KvCache {
             rotation,
             head_dim,
             step_pos: None,
+            last_path: std::cell::Cell::new(None),
         })
     }
 
     pub fn spec(&self) -> &KvSpec {
         &self.spec
+    }
+
+    /// The attention path the last `attend` or decode step took, and why.
+    pub fn last_path(&self) -> Option<Choice> {
+        self.last_path.get()
     }
 
     /// Tokens seen so far; the RoPE offset of the next token.
@@ -356,7 +364,10 @@ impl KvCache {
             return Err(KvError::Shape("attend called on an empty cache".into()));
         }
         let q = self.rotate(q)?;
-        let out = attend(&q, &self.segments(), &self.mask(l)?, scale, sinks)?;
+        let (segments, mask) = (self.segments(), self.mask(l)?);
+        let choice = attention::choose(&q, &segments, &mask, sinks);
+        self.last_path.set(Some(choice));
+        let out = attention::run(choice, &q, &segments, &mask, scale, sinks)?;
         if self.spec.rotation == Rotation::KeysAndValues {
             self.rotate(&out)
         } else {
@@ -366,10 +377,10 @@ impl KvCache {
 
     /// `update` then `attend`: what an attention layer calls.
     pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-        if crate::fused::host_profile::enabled() {
+        if crate::host_profile::enabled() {
             let t0 = std::time::Instant::now();
             let out = self.update_and_attend_inner(q, k, v, scale, sinks);
-            crate::fused::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
+            crate::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
             return out;
         }
         self.update_and_attend_inner(q, k, v, scale, sinks)
@@ -385,13 +396,11 @@ impl KvCache {
         self.attend(q, scale, sinks)
     }
 
-    /// One decode token through the fused GPU step, where it applies: the token's K and V are
-    /// quantized and written into the body by the attention kernel itself
-    /// ([`crate::fused::decode_step`]), so a layer's decode is one launch (two with
-    /// [`crate::fused::FOLD`] off) and no other op (the MLX-ops write is a `quantize` and three
-    /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU). Applies to one new token going straight to a
-    /// split-quantized per-token body: no sinks, residual tail, ring or rotation.
-    /// [`crate::fused::STEP`] (`KVSPLIT_FUSED_STEP=0`) turns it off (for comparisons).
+    /// One decode token through the fused GPU step, where [`attention::choose_step`] says so: the
+    /// token's K and V are quantized and written into the body by the attention kernel itself
+    /// ([`attention::fused::decode_step`]), so a layer's decode is one launch (two with
+    /// `--gpu-fused-fold off`) and no other op (the MLX-ops write is a `quantize` and three
+    /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU).
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
@@ -403,15 +412,17 @@ impl KvCache {
             && self.opts.max_size.is_none()
             && self.tail_k.is_empty()
             && self.offset + 1 >= spec.quantized_kv_start;
-        if !direct || !crate::fused::STEP.get() {
-            return Ok(None);
-        }
         let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { return Ok(None) };
         let (ks, qs) = (k.shape(), q.shape());
         let (b, hkv) = (ks[0], ks[1]);
-        if bk.axis != TokenAxis::Rows || qs[1] % hkv != 0 || !crate::fused::applies(bk.bits, bv.bits, self.head_dim, (qs[1] / hkv) as usize) {
-            return Ok(None);
-        }
+        let case = StepCase {
+            direct: direct && bk.axis == TokenAxis::Rows,
+            k_bits: bk.bits,
+            v_bits: bv.bits,
+            head_dim: self.head_dim,
+            rows: (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize),
+        };
+        let Some(choice) = attention::choose_step(&case) else { return Ok(None) };
         let slot = self.body_head;
         bk.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
         bv.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
@@ -427,12 +438,13 @@ impl KvCache {
             }
         };
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
-        let kop = crate::attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
-        let vop = crate::attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
-        let out = crate::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale)?;
+        let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
+        let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
+        let out = attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale)?;
         bk.set_written(slot + 1);
         bv.set_written(slot + 1);
         self.step_pos = Some((pos, slot + 1));
+        self.last_path.set(Some(choice));
         self.body_pos.push(self.offset as i32);
         self.body_head += 1;
         self.offset += 1;

@@ -21,6 +21,10 @@ pub enum KvError {
 
     #[error(transparent)]
     Mlx(#[from] mlx_rs::error::Exception),
+
+    /// Our CPU primitives (`mlx-ext`).
+    #[error(transparent)]
+    Ext(#[from] mlx_ext::ExtError),
 }
 
 pub type Result<T> = std::result::Result<T, KvError>;

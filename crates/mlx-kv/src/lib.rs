@@ -4,11 +4,8 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
-pub mod cpu_attention;
-pub mod cpu_kernels;
-pub mod env;
 pub mod error;
-pub mod fused;
+pub mod host_profile;
 pub mod rotation;
 pub mod spec;
 pub mod store;

@@ -225,7 +225,7 @@ impl QuantStore {
     }
 
     /// Makes room for `need` tokens of `[B, H, D]` rows without writing them, for a kernel that
-    /// quantizes and writes tokens itself ([`crate::fused::decode_step`]); row layout only.
+    /// quantizes and writes tokens itself ([`crate::attention::fused::decode_step`]); row layout only.
     /// Mark them written with [`Self::set_written`].
     pub fn reserve_rows(&mut self, need: usize, b: i32, h: i32, d: usize) -> Result<()> {
         debug_assert_eq!(self.axis, TokenAxis::Rows);

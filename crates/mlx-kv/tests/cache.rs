@@ -96,7 +96,7 @@ fn residual_sinks_rotation_layout_and_start_stay_within_bound() {
 
 /// 16/16 stores floats, so the only differences from MLX's fused attention are rounding: on the
 /// CPU our softmax uses an exponential with relative error about 1.2e-5 (see
-/// `cpu_attention::exp_nonpositive`) and merges segments online; on the GPU it is the same op.
+/// `attention::cpu::exp_nonpositive`) and merges segments online; on the GPU it is the same op.
 #[test]
 fn split_16_16_matches_dense_attention() {
     let t = 50;

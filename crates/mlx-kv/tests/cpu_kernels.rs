@@ -5,10 +5,15 @@
 mod common;
 
 use common::*;
-use mlx_kv::cpu_kernels::{decode_attention, dequantize as our_dequantize, quantized_matvec, PackedOperand};
+use mlx_ext::cpu::{dequantize as our_dequantize, quantized_matvec};
+use mlx_kv::attention::PackedOperand;
 use mlx_kv::store::Packed;
 use mlx_rs::ops::{concatenate, dequantize, quantize};
 use mlx_rs::{Array, Dtype};
+
+fn decode_attention(q: &Array, k: PackedOperand, v: PackedOperand, len: usize) -> Result<Array, mlx_ext::ExtError> {
+    mlx_ext::cpu::decode_attention(q, k.as_ref(), v.as_ref(), len)
+}
 
 fn seed() -> u64 {
     let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000;
@@ -206,7 +211,7 @@ fn rope_bound(max_pair: f32, max_angle: f32) -> f32 {
 
 #[test]
 fn rms_norm_and_rope_match_mlx_fast() {
-    use mlx_kv::cpu_kernels::{rms_norm, rope};
+    use mlx_ext::cpu::{rms_norm, rope};
     let s = seed();
     // A transposed view, as attention layers pass them, and a plain row-major array.
     let host = Host::random([2, 5, 3, 64], s);
@@ -245,14 +250,21 @@ fn rms_norm_and_rope_match_mlx_fast() {
 }
 
 #[test]
-fn numeric_settings_from_the_environment_accept_only_positive_whole_numbers() {
-    use mlx_kv::env::positive as env_positive;
-    // A name no other test reads, so setting it cannot race with them.
-    let name = "KVSPLIT_TEST_ENV_POSITIVE";
-    for (value, want) in [("3", Some(3)), ("0", None), ("-2", None), ("two", None), ("", None)] {
-        std::env::set_var(name, value);
-        assert_eq!(env_positive(name), want, "{name}={value:?}");
+fn the_baseline_build_chosen_by_option_matches_the_dequantized_product_too() {
+    use mlx_ext::{CpuBuild, EngineOptions};
+    // Other tests of this binary may run under either build meanwhile; their bounds hold for both.
+    let (xh, x) = host_matrix(3, 256, 7);
+    let (_, wf) = host_matrix(40, 256, 8);
+    let (w, sc, bi) = quantize(&wf, 64, 4).unwrap();
+    let wd = f32(&dequantize(&w, &sc, &bi, 64, 4).unwrap());
+    let want: Vec<f64> = to_vec(&mlx_rs::ops::matmul(&x, &wd.t()).unwrap()).into_iter().map(f64::from).collect();
+    // Two f32 dot products of K = 256 terms each: within K eps sum|x||w| of the exact one.
+    let row_sum = xh.chunks(256).map(|r| r.iter().map(|v| v.abs()).sum::<f32>()).fold(0.0, f32::max);
+    let bound = (2.0 * 256.0 * f32::EPSILON * row_sum * max_abs(&wd)) as f64;
+    for build in [CpuBuild::Generic, CpuBuild::Auto] {
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
+        let got = to_vec(&quantized_matvec(&x, &w, &sc, &bi, 64, 4).unwrap());
+        let err = max_abs_diff(&got, &want);
+        assert!(err <= bound, "{build:?}: {err} > {bound}");
     }
-    std::env::remove_var(name);
-    assert_eq!(env_positive(name), None);
 }

@@ -107,7 +107,7 @@ fn main() {
         mlx_rs::transforms::eval([&q, &s, &b, &dense, &xin]).unwrap();
         let tq = median_ms(20, || quantized_matmul(&xin, &q, &s, &b, true, 32, bits).unwrap());
         let td = median_ms(20, || matmul(&xin, dense.t()).unwrap());
-        let tk = median_ms(20, || mlx_kv::cpu_kernels::quantized_matvec(&xin, &q, &s, &b, 32, bits).unwrap());
+        let tk = median_ms(20, || mlx_ext::cpu::quantized_matvec(&xin, &q, &s, &b, 32, bits).unwrap());
         println!("{name} [{rows}x{cols}] q{bits}: MLX quantized_matmul {tq:.3} ms, dense f32 matmul {td:.3} ms, our matvec {tk:.3} ms");
         (tk, td)
     };

@@ -31,6 +31,9 @@ pub enum ModelError {
     #[error(transparent)]
     Mlx(#[from] mlx_rs::error::Exception),
 
+    #[error(transparent)]
+    Ext(#[from] mlx_ext::ExtError),
+
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }

@@ -10,21 +10,20 @@ use mlx_rs::{Array, Dtype};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Whether GGUF Q4_0/Q4_1/Q8_0 weights are dequantized to the compute dtype at load instead of
-/// kept as MLX affine triplets. `KVSPLIT_WEIGHTS=dense|quantized` chooses; the default keeps
-/// them quantized on every backend. On the CPU, decode-sized products run our own quantized
-/// matvec primitive (`mlx_kv::cpu_kernels`) and larger ones dequantize one matrix at a time for
-/// BLAS ([`Linear::forward`]); MLX 0.32.2's own CPU `quantized_matmul` (scalar code) is never
-/// used there. Dense remains for measuring the difference.
+/// Whether quantized weights are dequantized to the compute dtype at load instead of kept as
+/// MLX affine triplets (`--weights dense|quantized` of the engine options; quantized by default
+/// on every backend). On the CPU, decode-sized products run our own quantized matvec primitive
+/// (`mlx_ext::cpu`) and larger ones dequantize one matrix at a time for BLAS
+/// ([`Linear::forward`]); MLX 0.32.2's own CPU `quantized_matmul` (scalar code) is never used
+/// there. Dense remains for measuring the difference.
 pub fn dense_weights_preferred() -> bool {
-    matches!(std::env::var("KVSPLIT_WEIGHTS").as_deref(), Ok("dense"))
+    mlx_ext::options::current().weights == mlx_ext::WeightMode::Dense
 }
 
-/// Rows of `x` up to which the CPU uses the quantized matvec; beyond it, dequantize + BLAS.
-/// `KVSPLIT_CPU_MATVEC_ROWS` overrides it (for measuring the crossover).
+/// Rows of `x` up to which the CPU uses the quantized matvec; beyond it, dequantize + BLAS
+/// (`--cpu-matvec-rows`).
 fn cpu_matvec_max_rows() -> i32 {
-    static ROWS: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| mlx_kv::env::positive("KVSPLIT_CPU_MATVEC_ROWS").map_or(8, |n| n as i32))
+    mlx_ext::options::current().cpu_matvec_rows as i32
 }
 
 /// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
@@ -165,14 +164,14 @@ impl Linear {
 fn cpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32, group: i32) -> Result<Array> {
     let k = *x.shape().last().expect("linear input has a feature axis");
     let rows = x.size() as i32 / k.max(1);
-    let ours = mlx_kv::cpu_kernels::enabled() && mlx_kv::cpu_kernels::supports(bits as u8, group as usize, k as usize);
+    let ours = mlx_ext::cpu::enabled() && mlx_ext::cpu::supports(bits as u8, group as usize, k as usize);
     if ours && rows <= cpu_matvec_max_rows() {
-        return Ok(mlx_kv::cpu_kernels::quantized_matvec(x, w, scales, biases, group, bits)?.as_dtype(x.dtype())?);
+        return Ok(mlx_ext::cpu::quantized_matvec(x, w, scales, biases, group, bits)?.as_dtype(x.dtype())?);
     }
     if ours {
         // Many rows: our dequantization, then BLAS. MLX's CPU dequantize took twice as long as
         // the matmul it fed at 64 rows.
-        let dense = mlx_kv::cpu_kernels::dequantize(w, scales, biases, group, bits)?.as_dtype(x.dtype())?;
+        let dense = mlx_ext::cpu::dequantize(w, scales, biases, group, bits)?.as_dtype(x.dtype())?;
         return Ok(matmul(x, dense.t())?);
     }
     let dense = dequantize(w, &scales.as_dtype(x.dtype())?, &biases.as_dtype(x.dtype())?, group, bits)?;

@@ -20,6 +20,7 @@ fn ppl_row(kv: &str, ppl: f64, bytes: f64) -> PplRow {
         kv_bytes_per_token: bytes,
         backend: "cpu".into(),
         mlx_version: "0.32.2".into(),
+        engine: mlx_ext::EngineOptions::default().describe(),
         commit: "abc".into(),
         date: "2026-01-01T00:00:00Z".into(),
     }
@@ -132,4 +133,23 @@ fn every_figure_names_the_commits_and_dates_of_its_rows() {
         "measured at commits abc123, def456 on 2026-12-05 to 2026-12-06"
     );
     assert_eq!(provenance([("", "")]), "measured at commit unknown on an unknown date");
+}
+
+#[test]
+fn rows_measured_with_different_engine_options_are_not_drawn_together() {
+    let out = std::env::temp_dir().join(format!("kvsplit-plot-engine-{}", std::process::id()));
+    let other = mlx_ext::EngineOptions { cpu_kernels: mlx_ext::Toggle::Off, ..Default::default() }.describe();
+    let same = mlx_ext::EngineOptions::default().describe();
+    let mut d = Data::default();
+    d.model = vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: other.clone(), ..model_row("k8v4", 0, 25.0) }];
+    let err = draw_all(&d, &out, None).unwrap_err().to_string();
+    assert!(err.contains("throughput-vs-depth") && err.contains("cpu-kernels: on vs off"), "{err}");
+    let mut ppl = ppl_row("k8v4", 10.1, 6240.0);
+    ppl.engine = other;
+    let d = Data { ppl: vec![ppl_row("fp16", 10.0, 15360.0), ppl], ..Default::default() };
+    let err = draw_all(&d, &out, None).unwrap_err().to_string();
+    assert!(err.contains("ppl-kld") && err.contains("cpu-kernels: on vs off"), "{err}");
+    let d = Data { model: vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: same, ..model_row("k8v4", 0, 25.0) }], ..Default::default() };
+    assert!(draw_all(&d, &out, None).is_ok());
+    std::fs::remove_dir_all(&out).ok();
 }

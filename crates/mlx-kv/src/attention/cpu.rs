@@ -1,8 +1,8 @@
 //! Attention on MLX's CPU backend, for every cache setting (dense included).
 //!
 //! Decode over a packed row-layout cache (one query position, no mask, 2/4/8-bit codes) runs our
-//! own primitive (`crate::cpu_kernels`, C++ in `crates/mlx-sys/ext/`): it reads the codes in
-//! place, once, on every core. Everything else (prefill chunks, masks, windows, per-channel keys,
+//! own primitive ([`primitive`]: `mlx_ext::cpu`, C++ in `crates/mlx-ext/csrc/`): it reads the
+//! codes in place, once, on every core. Everything else (prefill chunks, masks, windows, per-channel keys,
 //! dense caches) takes the block path below, made of MLX ops that are fast on the CPU, because
 //! MLX's CPU `quantized_matmul` is scalar code, its `exp` costs about 17 ns per element, and its
 //! `scaled_dot_product_attention` is a softmax over the whole `L × T` score matrix:
@@ -14,8 +14,7 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use crate::attention::{apply_mask, kv_heads, single_packed_body, Mask, Segment, Tensor};
-use crate::cpu_kernels;
+use super::types::{apply_mask, kv_heads, Mask, PackedOperand, Segment, Tensor};
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
@@ -216,7 +215,7 @@ fn float_block(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Array> {
     let x = match t {
         Tensor::Float(x) => x.index((.., .., ai..zi, ..)),
         Tensor::Quant { p, bits, group, axis, .. } => {
-            let blk = crate::attention::slice_packed(p, *bits, *group, *axis, a, z);
+            let blk = super::types::slice_packed(p, *bits, *group, *axis, a, z);
             let x = blk.dequantize(*group, *bits, Dtype::Float32)?;
             if *axis == TokenAxis::Cols {
                 x.swap_axes(2, 3)?
@@ -229,11 +228,9 @@ fn float_block(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Array> {
     Ok(x.reshape(&[bh, s[2], s[3]])?.as_dtype(Dtype::Float32)?)
 }
 
-/// Attention of `q` (`[B, Hq, L, D]`) over `segments` on the CPU; returns `[B, Hq, L, D]`.
-pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-    if let Some(out) = try_packed_kernel(q, segments, mask, scale, sinks)? {
-        return Ok(out);
-    }
+/// Attention of `q` (`[B, Hq, L, D]`) over `segments` on the CPU, block by block with MLX ops;
+/// returns `[B, Hq, L, D]`.
+pub fn blocks(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
     let hkv = kv_heads(segments);
@@ -308,18 +305,15 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// Our CPU primitive, where it covers the case ([`single_packed_body`], 2/4/8-bit codes). It
-/// streams the packed codes once, so it beats the block path whenever there are few query rows;
-/// prefill chunks keep BLAS.
-fn try_packed_kernel(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Option<Array>> {
-    if !cpu_kernels::enabled() {
-        return Ok(None);
-    }
-    let Some((k, v, len, _)) = single_packed_body(segments, mask, sinks) else { return Ok(None) };
-    let d = q.shape()[3] as usize;
-    if !(cpu_kernels::supports(k.bits, k.group, d) && cpu_kernels::supports(v.bits, v.group, d)) {
-        return Ok(None);
-    }
+/// Whether our CPU primitive reads these packed operands (2/4/8-bit codes in whole groups).
+pub fn primitive_covers(k: &PackedOperand, v: &PackedOperand, head_dim: usize) -> bool {
+    mlx_ext::cpu::supports(k.bits, k.group, head_dim) && mlx_ext::cpu::supports(v.bits, v.group, head_dim)
+}
+
+/// Our CPU primitive over the first `len` tokens of the packed buffers, every query seeing every
+/// token. It streams the codes once, so it beats the block path whenever there are few query
+/// rows; prefill chunks keep BLAS.
+pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scale: f32) -> Result<Array> {
     let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(Some(cpu_kernels::decode_attention(&qs, k, v, len)?.as_dtype(q.dtype())?))
+    Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
 }

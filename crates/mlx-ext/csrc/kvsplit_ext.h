@@ -3,7 +3,7 @@
  * success. On failure the message is kept per thread for `kvsplit_ext_last_error`.
  *
  * They run on MLX's CPU backend only; their `eval_gpu` refuses, and callers route GPU work to
- * MLX ops or to the custom CUDA/Metal kernels instead. */
+ * MLX ops or to the fused CUDA kernels instead. */
 #ifndef KVSPLIT_EXT_H
 #define KVSPLIT_EXT_H
 
@@ -19,8 +19,13 @@ extern "C" {
 /* The message of this thread's last failed call ("" if none). */
 const char* kvsplit_ext_last_error(void);
 
-/* How many threads the CPU kernels use (KVSPLIT_CPU_THREADS, else the hardware's count). */
+/* How many threads the CPU kernels use (starts the pool). */
 int kvsplit_ext_cpu_threads(void);
+
+/* The engine's CPU options: `threads` for the kernels' pool (0: one per core), and whether to
+ * force the baseline build of the kernels instead of the AVX2 one. The thread count is fixed
+ * when the pool starts (first kernel call); asking for another count afterwards fails. */
+int kvsplit_ext_configure(int threads, bool force_generic);
 
 /* y = x W^T for an MLX affine-quantized W: `x` [..., K] float32, `w` [N, K*bits/32] uint32,
  * `scales`/`biases` [N, K/group] float32 or float16; y [..., N] float32. bits 2, 4 or 8. Meant

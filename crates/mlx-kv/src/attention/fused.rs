@@ -23,60 +23,33 @@
 //! (docs/gpu-whole-model-h200.md).
 //!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
-//! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. The Metal
-//! twin ([`METAL_SOURCE`]) still has the structure of the first, single-pass kernel (a warp per
-//! token, shuffle-reduced dot products); nothing here can run Metal, so it is untested and not
-//! dispatched.
+//! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. There is no
+//! Metal kernel: on Metal the dispatcher runs the MLX-ops path, which MLX implements there. A
+//! fused Metal kernel returns only when a Mac can test it.
 
+use super::types::PackedOperand;
 use crate::error::{KvError, Result};
-use crate::attention::PackedOperand;
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
-use crate::env::Switch;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// Warps per block of pass 1; each walks every `WARPS`-th 32-token tile of the block's split.
 const WARPS: i32 = 4;
-/// Blocks of pass 1 to aim for on a 132-SM H200: every load of a tile is issued before its
+/// Blocks of pass 1 to aim for on a 132-SM H200 (`--gpu-fused-blocks`,
+/// [`mlx_ext::options::DEFAULT_FUSED_BLOCKS`]): every load of a tile is issued before its
 /// arithmetic, so ptxas gives the D=128 kernels 160-240 registers per thread and two
 /// 128-thread blocks fit an SM at once; 264 blocks are one full wave. Whole-model decode
 /// measured 264 faster than 528 (two waves) at 32K and 128K (docs/gpu-whole-model-h200.md):
 /// fewer splits also make the merge cheaper. Splits are never shorter than one tile per warp.
-const TARGET_BLOCKS: usize = 264;
+#[cfg(test)]
+const TARGET_BLOCKS: usize = mlx_ext::options::DEFAULT_FUSED_BLOCKS;
 
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
 
 static POISON: AtomicBool = AtomicBool::new(false);
-
-/// Host-side time spent in `KvCache::update_and_attend` and inside MLX's custom-kernel apply,
-/// when `KVSPLIT_HOST_PROFILE=1` (for telling graph-building cost apart by layer part).
-pub mod host_profile {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static LAYER_NS: AtomicU64 = AtomicU64::new(0);
-    static APPLY_NS: AtomicU64 = AtomicU64::new(0);
-
-    pub fn enabled() -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        *ON.get_or_init(|| std::env::var("KVSPLIT_HOST_PROFILE").is_ok_and(|v| v == "1"))
-    }
-
-    pub(crate) fn add_layer(ns: u64) {
-        LAYER_NS.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    pub(crate) fn add_apply(ns: u64) {
-        APPLY_NS.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    /// (seconds in update_and_attend, seconds in custom-kernel apply) since the last call.
-    pub fn take() -> (f64, f64) {
-        (LAYER_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9, APPLY_NS.swap(0, Ordering::Relaxed) as f64 * 1e-9)
-    }
-}
 
 /// Fill the kernels' outputs with NaN before they run, so an element a kernel fails to write
 /// shows up as NaN (for correctness checks; it costs one fill per output, so it is off by
@@ -85,111 +58,26 @@ pub fn poison_outputs(on: bool) {
     POISON.store(on, Ordering::Relaxed);
 }
 
-/// The same algorithm for Metal (simdgroup = warp). Untested: no Mac runs our CI.
-pub const METAL_SOURCE: &str = r#"
-    // Structure mirrors CUDA_SOURCE: threadgroup (split, bh), 4 simdgroups of 32 lanes, lane
-    // owns D/32 dims, simd_sum for the dot product, online softmax, threadgroup merge.
-    const int lane = thread_index_in_simdgroup;
-    const int warp = simdgroup_index_in_threadgroup;
-    const int split = threadgroup_position_in_grid.x;
-    const int bh = threadgroup_position_in_grid.y;
-    const int n_split = threadgroups_per_grid.x;
-    const int T = meta[0];
-    const int CAP = meta[1];
-    const int per = (T + n_split - 1) / n_split;
-    const int t0 = split * per;
-    const int t1 = min(T, t0 + per);
-    const int DPL = D / 32;
-    const int d0 = lane * DPL;
-    float qv[REP][D / 32], acc[REP][D / 32], m[REP], l[REP];
-    for (int r = 0; r < REP; ++r) {
-        m[r] = -INFINITY; l[r] = 0.f;
-        for (int i = 0; i < DPL; ++i) { qv[r][i] = q[(bh * REP + r) * D + d0 + i]; acc[r][i] = 0.f; }
-    }
-    for (int t = t0 + warp; t < t1; t += 4) {
-        const size_t row = (size_t)bh * CAP + t;
-        float kd[D / 32], vd[D / 32];
-        for (int i = 0; i < DPL; ++i) {
-            const int j = d0 + i;
-            const uint kq = (kw[row * (D * BK / 32) + ((j * BK) >> 5)] >> ((j * BK) & 31)) & ((1u << BK) - 1u);
-            const uint vq = (vw[row * (D * BV / 32) + ((j * BV) >> 5)] >> ((j * BV) & 31)) & ((1u << BV) - 1u);
-            kd[i] = float(ks[row * (D / GK) + j / GK]) * float(kq) + float(kb[row * (D / GK) + j / GK]);
-            vd[i] = float(vs[row * (D / GV) + j / GV]) * float(vq) + float(vb[row * (D / GV) + j / GV]);
-        }
-        for (int r = 0; r < REP; ++r) {
-            float s = 0.f;
-            for (int i = 0; i < DPL; ++i) s += qv[r][i] * kd[i];
-            s = simd_sum(s);
-            const float m_new = max(m[r], s);
-            const float alpha = exp(m[r] - m_new), p = exp(s - m_new);
-            l[r] = l[r] * alpha + p;
-            for (int i = 0; i < DPL; ++i) acc[r][i] = acc[r][i] * alpha + p * vd[i];
-            m[r] = m_new;
-        }
-    }
-    threadgroup float sm_m[4][REP], sm_l[4][REP], sm_o[4][REP][D];
-    for (int r = 0; r < REP; ++r) {
-        for (int i = 0; i < DPL; ++i) sm_o[warp][r][d0 + i] = acc[r][i];
-        if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = l[r]; }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (warp == 0) {
-        for (int r = 0; r < REP; ++r) {
-            float M = -INFINITY, L = 0.f, O[D / 32];
-            for (int w = 0; w < 4; ++w) M = max(M, sm_m[w][r]);
-            for (int i = 0; i < DPL; ++i) O[i] = 0.f;
-            if (M > -INFINITY) {
-                for (int w = 0; w < 4; ++w) {
-                    const float c = exp(sm_m[w][r] - M);
-                    L += sm_l[w][r] * c;
-                    for (int i = 0; i < DPL; ++i) O[i] += sm_o[w][r][d0 + i] * c;
-                }
-            }
-            const size_t o = ((size_t)bh * n_split + split) * REP + r;
-            for (int i = 0; i < DPL; ++i) out_o[o * D + d0 + i] = O[i];
-            if (lane == 0) { out_m[o] = M; out_l[o] = L; }
-        }
-    }
-"#;
-
-
-/// `KVSPLIT_FUSED=0` forces the MLX-ops attention path (for comparisons).
-pub static FUSED: Switch = Switch::new("KVSPLIT_FUSED", true);
-/// `KVSPLIT_FUSED_STEP=0` turns the fused decode step off: the MLX-ops cache write, then the
-/// fused attention kernel ([`crate::KvCache::update_and_attend`]).
-pub static STEP: Switch = Switch::new("KVSPLIT_FUSED_STEP", true);
-/// `KVSPLIT_FUSED_FOLD=0` makes the decode step two launches (partial, then merge) instead of
-/// one (the last block of each head merges its splits).
-pub static FOLD: Switch = Switch::new("KVSPLIT_FUSED_FOLD", true);
-
-/// Whether the fused kernel covers this case; otherwise the MLX-ops path runs
-/// ([`FUSED`] off forces the MLX-ops path). head_dim must be a power of two
-/// so that the lanes sharing a value dim slice are a power-of-two stride apart (they are
-/// summed with xor shuffles).
-pub fn applies(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
+/// Whether the fused kernel covers these widths and shapes (the dispatcher in [`super`] checks
+/// the backend and the options). head_dim must be a power of two so that the lanes sharing a
+/// value dim slice are a power-of-two stride apart (they are summed with xor shuffles).
+pub fn covers(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
     let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
-    cfg!(not(target_os = "macos"))
-        && FUSED.get()
-        && crate::Backend::current() == crate::Backend::Gpu
-        && pow2(k_bits)
+    pow2(k_bits)
         && pow2(v_bits)
         && matches!(head_dim, 32 | 64 | 128 | 256)
         && (1..=8).contains(&rows)
 }
-
-/// `KVSPLIT_FUSED_MMA=0` keeps the CUDA-core variant of the attention pass where the
-/// tensor-core one applies (for comparisons).
-pub static MMA: Switch = Switch::new("KVSPLIT_FUSED_MMA", true);
 
 /// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
 /// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, at most 8 query
 /// rows per KV head, and f16 or bf16 queries (its query fragments are f16: an f32 query would
 /// be rounded). Elsewhere the CUDA-core variant runs.
 pub fn mma_applies(k: &PackedOperand, v: &PackedOperand, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
-    MMA.get() && mma_covers(k.bits, k.group, v.group, head_dim, rows, q_dtype)
+    mlx_ext::options::current().gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, head_dim, rows, q_dtype)
 }
 
-/// The shapes [`mma_applies`] accepts, whatever [`MMA`] says (fused_check's error bounds).
+/// The shapes [`mma_applies`] accepts, whatever `--gpu-fused-mma` says (fused_check's error bounds).
 pub fn mma_covers(k_bits: u8, k_group: usize, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
     k_group == 64
         && v_group == 64
@@ -216,9 +104,7 @@ pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> u
 /// of 32 (whole tiles), every split non-empty, and `n_split * per >= t`.
 pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     let tile = 32 * WARPS as usize;
-    // `KVSPLIT_FUSED_BLOCKS` overrides the target (for measuring split counts).
-    static TARGET: OnceLock<usize> = OnceLock::new();
-    let target = *TARGET.get_or_init(|| crate::env::positive("KVSPLIT_FUSED_BLOCKS").unwrap_or(TARGET_BLOCKS));
+    let target = mlx_ext::options::current().gpu_fused_blocks;
     let want = target.div_ceil(heads.max(1)).clamp(1, t.div_ceil(tile).max(1));
     let per = t.div_ceil(want).div_ceil(32) * 32;
     (t.div_ceil(per).max(1), per.max(32))
@@ -454,10 +340,10 @@ fn run_kernel(
             }
             let mut outs = mlx_sys::mlx_vector_array_new();
             let stream = mlx_sys::mlx_default_gpu_stream_new();
-            let t0 = host_profile::enabled().then(std::time::Instant::now);
+            let t0 = crate::host_profile::enabled().then(std::time::Instant::now);
             let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel.raw, ins, cfg, stream);
             if let Some(t0) = t0 {
-                host_profile::add_apply(t0.elapsed().as_nanos() as u64);
+                crate::host_profile::add_apply(t0.elapsed().as_nanos() as u64);
             }
             mlx_sys::mlx_stream_free(stream);
             mlx_sys::mlx_vector_array_free(ins);
@@ -503,6 +389,19 @@ fn shape_args(d: i32, k: &PackedOperand, v: &PackedOperand, rows: i32, vd: usize
         ("SCALE_BITS", scale_bits(scale)),
     ]
 }
+/// Decode attention of `q` (`[B, Hq, L, D]`, unscaled) over the first `len` tokens of the packed
+/// buffers (capacity `cap`): [`decode_attention`] on the GQA-folded, scaled query. Returns
+/// `[B, Hq, L, D]` in `q`'s dtype.
+pub fn attend(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, cap: usize, scale: f32) -> Result<Array> {
+    let qs = q.shape();
+    let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let hkv = k.full.w.shape()[1];
+    let rep = hq / hkv;
+    let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[b * hkv, rep * l, d])?;
+    let out3 = decode_attention(&q3, k, v, len, cap)?;
+    Ok(out3.as_dtype(q.dtype())?.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
+}
+
 /// Decode attention of `q3` (`[BH, rows, D]`, already scaled) over `t` tokens of the packed
 /// bodies. Returns `[BH, rows, D]` in `q3`'s dtype.
 pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize, cap: usize) -> Result<Array> {
@@ -579,7 +478,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     ];
     // One launch: the last block of each head merges its splits (split weights are staged in
     // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
-    if FOLD.get() && n_split <= (WARPS * d) as usize && bh < 1022 {
+    if mlx_ext::options::current().gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1022 {
         let out = run_kernel(
             &STEP_FOLD_DEF,
             mma,

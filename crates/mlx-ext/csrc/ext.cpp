@@ -58,13 +58,17 @@ namespace {
 // Bytes a kernel call must read before it is worth waking the pool's workers.
 constexpr int64_t kParallelBytes = 512 * 1024;
 
+// The engine's `--cpu-build generic` forces the baseline build (tests compare both); set through
+// kvsplit_ext_configure, read on every call, so it is an atomic and not a static.
+std::atomic<bool> g_force_generic{false};
+// 0: one thread per core. Fixed when the pool is first used.
+std::atomic<int> g_threads{0};
+
 bool use_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
-  // KVSPLIT_CPU_GENERIC=1 forces the baseline build of the kernels (tests run both).
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c") &&
-                         std::getenv("KVSPLIT_CPU_GENERIC") == nullptr;
-  return ok;
+  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                              __builtin_cpu_supports("f16c");
+  return cpu_has && !g_force_generic.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -100,17 +104,20 @@ void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* 
 class Pool {
  public:
   static Pool& get() {
-    static Pool* pool = new Pool(thread_count());  // never destroyed: workers outlive main's statics
+    static Pool* pool = [] {
+      started_.store(true);
+      return new Pool(thread_count());  // never destroyed: workers outlive main's statics
+    }();
     return *pool;
   }
 
   static int thread_count() {
-    if (const char* s = std::getenv("KVSPLIT_CPU_THREADS")) {
-      int n = std::atoi(s);
-      if (n >= 1) return std::min(n, 256);
-    }
+    int n = g_threads.load();
+    if (n >= 1) return std::min(n, 256);
     return std::max(1u, std::thread::hardware_concurrency());
   }
+
+  static bool started() { return started_.load(); }
 
   int size() const { return int(workers_.size()) + 1; }
 
@@ -142,6 +149,7 @@ class Pool {
   }
 
  private:
+  static inline std::atomic<bool> started_{false};
   explicit Pool(int threads) {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
     for (auto& w : workers_) w.detach();
@@ -436,6 +444,23 @@ extern "C" const char* kvsplit_ext_last_error(void) {
 
 extern "C" int kvsplit_ext_cpu_threads(void) {
   return Pool::get().size();
+}
+
+extern "C" int kvsplit_ext_configure(int threads, bool force_generic) {
+  g_force_generic.store(force_generic);
+  int want = threads >= 1 ? std::min(threads, 256) : 0;
+  if (Pool::started()) {
+    int have = Pool::get().size();
+    int asked = want >= 1 ? want : int(std::max(1u, std::thread::hardware_concurrency()));
+    if (have != asked) {
+      kvsplit::last_error() = "the CPU kernels' thread pool already runs " + std::to_string(have) +
+                              " threads; the thread count can only be chosen before the first kernel call";
+      return 1;
+    }
+    return 0;
+  }
+  g_threads.store(want);
+  return 0;
 }
 
 extern "C" int kvsplit_cpu_quantized_matvec(mlx_array* res, const mlx_array x_, const mlx_array w_,

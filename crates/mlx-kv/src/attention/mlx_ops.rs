@@ -1,56 +1,25 @@
-//! Attention over a cache made of segments (sinks, quantized body, full-precision tail).
-//!
-//! The quantized-versus-dense choice is made here and nowhere else:
-//! - every segment in float → MLX's fused `scaled_dot_product_attention`;
-//! - otherwise scores come from `quantized_matmul` on the packed keys (key bits) and outputs from
-//!   `quantized_matmul` on the packed values (value bits). Nothing is dequantized.
+//! The MLX-ops paths (what runs on the GPU where the fused kernel does not apply, and on Metal):
+//! - [`sdpa`]: every segment in float → MLX's fused `scaled_dot_product_attention`;
+//! - [`quantized`]: scores come from `quantized_matmul` on the packed keys (key bits) and
+//!   outputs from `quantized_matmul` on the packed values (value bits). Nothing is dequantized.
 //!
 //! GQA is folded to 3-D (`[B*Hkv, rep*L, D]`) because MLX 0.32.2's CUDA `quantized_matmul` is
 //! wrong for 4-D/5-D inputs ([`crate::Backend::max_qmm_rank`]). Long prefill chunks walk the
 //! cache in blocks with an online-softmax merge, so peak memory is one block of scores, not
 //! `L × T`.
 
+use super::types::{apply_mask, kv_heads, slice_packed, Mask, Segment, Tensor, MASKED};
 use crate::error::Result;
 use crate::store::{Packed, TokenAxis};
 use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::{
-    broadcast_to, concatenate, exp, matmul, maximum, quantized_matmul, select, softmax_axis,
-};
+use mlx_rs::ops::{broadcast_to, concatenate, exp, matmul, maximum, quantized_matmul, softmax_axis};
 use mlx_rs::{Array, Dtype};
 
 /// Tokens per block when a chunk's scores would be large.
 pub const BLOCK_TOKENS: usize = 2048;
 /// Above this many score elements per KV head, attention goes block by block.
 const SINGLE_PASS_ELEMENTS: usize = 1 << 20;
-/// Masked logits; finite so that an all-masked block cannot produce NaN in the merge.
-const MASKED: f32 = -1e30;
-
-/// One of K or V for a run of tokens.
-pub enum Tensor {
-    /// `[B, Hkv, T, D]`.
-    Float(Array),
-    /// Packed; `Rows` is `[B, Hkv, T, D*b/32]`, `Cols` is `[B, Hkv, D, T*b/32]`. `full` is the
-    /// whole buffer and its capacity, for the fused kernel.
-    Quant { p: Packed, bits: u8, group: usize, axis: TokenAxis, full: Option<(Packed, usize)> },
-}
-
-/// A run of `len` cached tokens.
-pub struct Segment {
-    pub k: Tensor,
-    pub v: Tensor,
-    pub len: usize,
-}
-
-/// Which keys each query may see.
-pub enum Mask {
-    /// Every key (decode without a window).
-    None,
-    /// Query `i` of `L` sees keys `0..=T-L+i`.
-    Causal,
-    /// Boolean `[L, T]`, true where visible, in segment order.
-    Visible(Array),
-}
 
 fn fold3(x: &Array, b: i32, hkv: i32) -> Result<Array> {
     let s = x.shape();
@@ -67,28 +36,6 @@ fn fold_packed(p: &Packed, b: i32, hkv: i32) -> Result<Packed> {
         Ok(if gpu { x.contiguous()? } else { x })
     };
     Ok(Packed { w: f(&p.w)?, scales: f(&p.scales)?, biases: f(&p.biases)? })
-}
-
-/// Tokens `[a, z)` of a packed operand in either layout.
-pub(crate) fn slice_packed(p: &Packed, bits: u8, group: usize, axis: TokenAxis, a: usize, z: usize) -> Packed {
-    let (ai, zi) = (a as i32, z as i32);
-    match axis {
-        TokenAxis::Rows => Packed {
-            w: p.w.index((.., .., ai..zi, ..)),
-            scales: p.scales.index((.., .., ai..zi, ..)),
-            biases: p.biases.index((.., .., ai..zi, ..)),
-        },
-        TokenAxis::Cols => {
-            let b = bits as usize;
-            let (wa, wz) = ((a * b / 32) as i32, (z * b / 32) as i32);
-            let (ga, gz) = ((a / group) as i32, (z / group) as i32);
-            Packed {
-                w: p.w.index((.., .., .., wa..wz)),
-                scales: p.scales.index((.., .., .., ga..gz)),
-                biases: p.biases.index((.., .., .., ga..gz)),
-            }
-        }
-    }
 }
 
 fn slice_tokens(t: &Tensor, a: usize, z: usize) -> Tensor {
@@ -136,61 +83,15 @@ fn weighted(p3: &Array, v: &Tensor, b: i32, hkv: i32) -> Result<Array> {
     })
 }
 
-impl Mask {
-    /// Boolean `[L, T]` visibility for `l` queries over `t` keys, or `None` when all are visible.
-    pub(crate) fn visible(&self, l: usize, t: usize) -> Result<Option<Array>> {
-        Ok(match self {
-            Mask::None => None,
-            Mask::Causal => Some(causal_visible(l, t)?),
-            Mask::Visible(m) => Some(m.clone()),
-        })
-    }
-}
-
-/// KV heads of a cache made of `segments`.
-pub(crate) fn kv_heads(segments: &[Segment]) -> i32 {
-    match &segments[0].k {
-        Tensor::Float(k) => k.shape()[1],
-        Tensor::Quant { p, .. } => p.w.shape()[1],
-    }
-}
-
-/// Boolean `[L, T]` for `Mask::Causal`.
-pub fn causal_visible(l: usize, t: usize) -> Result<Array> {
-    let kpos = Array::arange::<_, i32>(None, t as i32, None)?;
-    let qpos = Array::arange::<_, i32>((t - l) as i32, t as i32, None)?;
-    Ok(kpos.expand_dims(0)?.le(qpos.expand_dims(1)?)?)
-}
-
-/// Applies an `[L, T]` visibility mask to scores `[B*Hkv, rep*L, T]`.
-pub(crate) fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
-    let sh = s.shape();
-    let s4 = s.reshape(&[sh[0], rep, l, sh[2]])?;
-    let neg = Array::from_f32(MASKED).as_dtype(s.dtype())?;
-    Ok(select(visible, &s4, &neg)?.reshape(&[sh[0], rep * l, sh[2]])?)
-}
-
-/// Attention of `q` (`[B, Hq, L, D]`) over `segments`; returns `[B, Hq, L, D]`.
-/// `sinks` are optional learned per-head sink logits (`[Hq]`).
-pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-    if crate::Backend::current() == crate::Backend::Cpu {
-        return crate::cpu_attention::attend(q, segments, mask, scale, sinks);
-    }
-    let all_float = segments
-        .iter()
-        .all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_))));
-    if all_float {
-        return dense(q, segments, mask, scale, sinks);
-    }
+/// Attention of `q` (`[B, Hq, L, D]`) over `segments` with at least one packed tensor, through
+/// MLX ops; returns `[B, Hq, L, D]`. `sinks` are optional learned per-head sink logits (`[Hq]`).
+pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
     let hkv = kv_heads(segments);
     let rep = hq / hkv;
     let total: usize = segments.iter().map(|s| s.len).sum();
     let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[b * hkv, rep * l, d])?;
-    if let Some(out3) = try_fused(&q3, segments, mask, sinks)? {
-        return Ok(out3.as_dtype(q.dtype())?.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?);
-    }
     let visible = mask.visible(l as usize, total)?;
     let sink_col = match sinks {
         Some(s) => {
@@ -267,52 +168,14 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// A packed K or V body as its whole allocated buffers (the decode kernels index `[BH, CAP, ...]`
-/// rows themselves and read the first tokens, so no slice is copied).
-pub struct PackedOperand<'a> {
-    pub full: &'a Packed,
-    pub bits: u8,
-    pub group: usize,
-}
-
-/// The case both decode kernels (the fused GPU one and the CPU primitive) cover: one quantized
-/// row-layout body, no mask, no learned sinks. Returns keys, values, tokens and capacity.
-pub(crate) fn single_packed_body<'a>(
-    segments: &'a [Segment],
-    mask: &Mask,
-    sinks: Option<&Array>,
-) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
-    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return None };
-    let (
-        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, cap)), .. },
-        Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
-    ) = (&seg.k, &seg.v)
-    else {
-        return None;
-    };
-    let k = PackedOperand { full: kf, bits: *kb, group: *kg };
-    let v = PackedOperand { full: vf, bits: *vb, group: *vg };
-    Some((k, v, seg.len, *cap))
-}
-
-/// The fused GPU kernel, where it covers the case ([`single_packed_body`], power-of-two bits).
-fn try_fused(q3: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Result<Option<Array>> {
-    let Some((k, v, len, cap)) = single_packed_body(segments, mask, sinks) else { return Ok(None) };
-    let s = q3.shape();
-    if !crate::fused::applies(k.bits, v.bits, s[2] as usize, s[1] as usize) {
-        return Ok(None);
-    }
-    Ok(Some(crate::fused::decode_attention(q3, k, v, len, cap)?))
-}
-
 /// All-float caches: MLX's fused attention on the concatenated segments.
-fn dense(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+pub fn sdpa(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
     let pick = |f: fn(&Segment) -> &Tensor| -> Result<Array> {
         let parts: Vec<&Array> = segments
             .iter()
             .map(|s| match f(s) {
                 Tensor::Float(x) => x,
-                Tensor::Quant { .. } => unreachable!("dense() is only called on float segments"),
+                Tensor::Quant { .. } => unreachable!("sdpa() is only chosen for float segments"),
             })
             .collect();
         Ok(if parts.len() == 1 { parts[0].clone() } else { concatenate(&parts, 2)? })

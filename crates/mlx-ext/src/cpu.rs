@@ -1,0 +1,102 @@
+//! Safe wrappers of our MLX CPU primitives. Each builds one lazy op on the CPU stream; the
+//! caller decides whether it applies ([`enabled`], [`supports`]) — the GPU has its own kernels.
+
+use crate::ffi;
+use crate::{ExtError, Result};
+use mlx_rs::{Array, Dtype};
+
+/// Whether the engine routes work to these primitives (`--cpu-kernels`).
+pub fn enabled() -> bool {
+    crate::options::current().cpu_kernels.on()
+}
+
+/// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed
+/// bytes are whole multiples of 8 (`64 / bits` elements).
+pub fn supports(bits: u8, group: usize, len: usize) -> bool {
+    matches!(bits, 2 | 4 | 8) && group > 0 && group.is_multiple_of(64 / bits as usize) && len.is_multiple_of(group)
+}
+
+/// Threads the kernels use (`--cpu-threads`, else every core). Starts their pool.
+pub fn threads() -> usize {
+    unsafe { ffi::kvsplit_ext_cpu_threads() as usize }
+}
+
+/// One packed operand as the kernels read it: MLX affine triplet and its widths.
+#[derive(Clone, Copy)]
+pub struct PackedRef<'a> {
+    pub w: &'a Array,
+    pub scales: &'a Array,
+    pub biases: &'a Array,
+    pub bits: u8,
+    pub group: usize,
+}
+
+fn call(f: impl FnOnce(&mut mlx_sys::mlx_array, mlx_sys::mlx_stream) -> i32) -> Result<Array> {
+    unsafe {
+        let mut out = mlx_sys::mlx_array_new();
+        let stream = mlx_sys::mlx_default_cpu_stream_new();
+        let rc = f(&mut out, stream);
+        mlx_sys::mlx_stream_free(stream);
+        if rc != 0 {
+            mlx_sys::mlx_array_free(out);
+            return Err(ExtError::Primitive(ffi::last_error()));
+        }
+        Ok(Array::from_ptr(out))
+    }
+}
+
+fn none() -> mlx_sys::mlx_array {
+    mlx_sys::mlx_array { ctx: std::ptr::null_mut() }
+}
+
+/// `x W^T` for an affine-quantized `W` (`w` `[N, K*bits/32]`, `scales`/`biases` `[N, K/group]`
+/// in f32 or f16) and `x` `[..., K]`; returns `[..., N]` float32. Every row of `x` shares one
+/// pass over `W`, so this is for a few rows (decode), where `W` is read once per token.
+pub fn quantized_matvec(x: &Array, w: &Array, scales: &Array, biases: &Array, group: i32, bits: i32) -> Result<Array> {
+    let x = x.as_dtype(Dtype::Float32)?;
+    call(|out, s| unsafe { ffi::kvsplit_cpu_quantized_matvec(out, x.as_ptr(), w.as_ptr(), scales.as_ptr(), biases.as_ptr(), group, bits, s) })
+}
+
+/// `w` (`[N, K*bits/32]`, with `[N, K/group]` scales and biases) as f32 `[N, K]`: what MLX's
+/// `dequantize` gives, at a fraction of its CPU cost.
+pub fn dequantize(w: &Array, scales: &Array, biases: &Array, group: i32, bits: i32) -> Result<Array> {
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dequantize(out, w.as_ptr(), scales.as_ptr(), biases.as_ptr(), group, bits, s) })
+}
+
+/// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
+/// `len` tokens of whole packed cache buffers (`[B, Hkv, cap, ...]`), every query seeing every
+/// token. Returns `[B, Hq, L, D]` f32.
+pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    call(|out, s| unsafe {
+        ffi::kvsplit_cpu_quantized_decode_attention(
+            out,
+            q.as_ptr(),
+            k.w.as_ptr(),
+            k.scales.as_ptr(),
+            k.biases.as_ptr(),
+            v.w.as_ptr(),
+            v.scales.as_ptr(),
+            v.biases.as_ptr(),
+            len as i32,
+            k.group as i32,
+            k.bits as i32,
+            v.group as i32,
+            v.bits as i32,
+            s,
+        )
+    })
+}
+
+/// RMSNorm over the last axis of a float32 `x` (MLX's `fast::rms_norm`, one op instead of its
+/// CPU fallback's dozen).
+pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
+    call(|out, s| unsafe { ffi::kvsplit_cpu_rms_norm(out, x.as_ptr(), weight.map_or(none(), |w| w.as_ptr()), eps, s) })
+}
+
+/// Rotary embedding of a float32 `x` (`[..., L, D]`) with MLX's `fast::rope` semantics, as one op.
+pub fn rope(x: &Array, dims: i32, traditional: bool, base: Option<f32>, scale: f32, offset: i32, freqs: Option<&Array>) -> Result<Array> {
+    call(|out, s| unsafe {
+        ffi::kvsplit_cpu_rope(out, x.as_ptr(), dims, traditional, base.unwrap_or(0.0), scale, offset, freqs.map_or(none(), |f| f.as_ptr()), s)
+    })
+}

@@ -1,0 +1,63 @@
+//! The C entry points of `csrc/kvsplit_ext.h` (mlx-c's calling convention: results through the
+//! first argument, 0 on success). Declared by hand: seven functions do not need bindgen.
+
+use mlx_sys::{mlx_array, mlx_stream};
+use std::os::raw::{c_char, c_int};
+
+extern "C" {
+    pub fn kvsplit_ext_last_error() -> *const c_char;
+    pub fn kvsplit_ext_cpu_threads() -> c_int;
+    pub fn kvsplit_ext_configure(threads: c_int, force_generic: bool) -> c_int;
+    pub fn kvsplit_cpu_quantized_matvec(
+        res: *mut mlx_array,
+        x: mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        s: mlx_stream,
+    ) -> c_int;
+    pub fn kvsplit_cpu_dequantize(
+        res: *mut mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        group_size: c_int,
+        bits: c_int,
+        s: mlx_stream,
+    ) -> c_int;
+    pub fn kvsplit_cpu_quantized_decode_attention(
+        res: *mut mlx_array,
+        q: mlx_array,
+        k_w: mlx_array,
+        k_scales: mlx_array,
+        k_biases: mlx_array,
+        v_w: mlx_array,
+        v_scales: mlx_array,
+        v_biases: mlx_array,
+        len: c_int,
+        k_group: c_int,
+        k_bits: c_int,
+        v_group: c_int,
+        v_bits: c_int,
+        s: mlx_stream,
+    ) -> c_int;
+    pub fn kvsplit_cpu_rms_norm(res: *mut mlx_array, x: mlx_array, weight: mlx_array, eps: f32, s: mlx_stream) -> c_int;
+    pub fn kvsplit_cpu_rope(
+        res: *mut mlx_array,
+        x: mlx_array,
+        dims: c_int,
+        traditional: bool,
+        base: f32,
+        scale: f32,
+        offset: c_int,
+        freqs: mlx_array,
+        s: mlx_stream,
+    ) -> c_int;
+}
+
+/// This thread's last error message from the C++ side.
+pub fn last_error() -> String {
+    unsafe { std::ffi::CStr::from_ptr(kvsplit_ext_last_error()).to_string_lossy().into_owned() }
+}

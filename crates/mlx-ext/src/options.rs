@@ -1,0 +1,230 @@
+//! [`EngineOptions`]: which compute path runs where there is a choice. Defaults are the engine's
+//! fastest measured paths; the other values exist for comparisons and cross-checks.
+//!
+//! The options are per process, installed once by the front end ([`install`]) and read where
+//! the path is chosen ([`current`]): the CPU kernels' thread pool and MLX's streams are per
+//! process anyway, and one process serves one engine. Installing again replaces them (a
+//! comparison tool may run both paths in one process), except the thread count, which is fixed
+//! once the pool has started.
+
+use crate::{ExtError, Result};
+use std::sync::RwLock;
+
+/// A path switched on or off (`on`/`off` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Toggle {
+    #[default]
+    On,
+    Off,
+}
+
+impl Toggle {
+    pub fn on(self) -> bool {
+        self == Toggle::On
+    }
+
+    pub fn from_bool(on: bool) -> Self {
+        if on {
+            Toggle::On
+        } else {
+            Toggle::Off
+        }
+    }
+
+    fn name(self) -> &'static str {
+        if self.on() {
+            "on"
+        } else {
+            "off"
+        }
+    }
+}
+
+/// Which build of the CPU kernels runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum CpuBuild {
+    /// The AVX2+FMA+F16C build where the CPU has those, else the baseline.
+    #[default]
+    Auto,
+    /// The baseline build (for cross-checking the vector build).
+    Generic,
+}
+
+/// How quantized model weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum WeightMode {
+    /// Packed as in the file (MLX affine triplets); products run on packed weights.
+    #[default]
+    Quantized,
+    /// Dequantized to the compute dtype at load: more memory, different rounding.
+    Dense,
+}
+
+/// Default split target of the fused GPU decode kernel: one wave of blocks on an H200 (132 SMs,
+/// two resident blocks each).
+pub const DEFAULT_FUSED_BLOCKS: usize = 264;
+/// Default row count up to which quantized linear layers use our matvec primitive on the CPU;
+/// above it they dequantize one matrix and call BLAS (the measured crossover).
+pub const DEFAULT_MATVEC_ROWS: usize = 8;
+
+/// The engine's kernel-path choices. Every command takes them as the flags below; every bench
+/// and ppl row records [`EngineOptions::describe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "clap", command(next_help_heading = "Engine paths"))]
+pub struct EngineOptions {
+    /// GPU: our fused attention kernel over the packed cache (`off`: MLX ops, for comparisons)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_fused: Toggle,
+    /// GPU: the fused decode step, which quantizes and writes the new token inside the attention
+    /// kernel (`off`: MLX-ops cache write, then the fused attention)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_fused_step: Toggle,
+    /// GPU: one launch per layer, the last block of each head merging the partial results
+    /// (`off`: partial and merge kernels)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_fused_fold: Toggle,
+    /// GPU: tensor-core (mma) variant of the attention pass where it covers the shape
+    /// (`off`: the CUDA-core variant)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_fused_mma: Toggle,
+    /// GPU: how many blocks the fused kernel aims to split the cache into
+    #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = DEFAULT_FUSED_BLOCKS, value_parser = positive))]
+    pub gpu_fused_blocks: usize,
+    /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
+    /// CPU ops (`off`: MLX ops only)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub cpu_kernels: Toggle,
+    /// CPU: threads of our primitives' pool (0: one per core)
+    #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = 0))]
+    pub cpu_threads: usize,
+    /// CPU: which build of our primitives runs
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = CpuBuild::Auto))]
+    pub cpu_build: CpuBuild,
+    /// CPU: up to this many rows, quantized linear layers use the packed matvec; above it one
+    /// matrix is dequantized for BLAS
+    #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = DEFAULT_MATVEC_ROWS, value_parser = positive))]
+    pub cpu_matvec_rows: usize,
+    /// Quantized model weights: kept packed, or dequantized at load
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = WeightMode::Quantized))]
+    pub weights: WeightMode,
+    /// Time graph building per layer part in the caches' decode step (bench reports it)
+    #[cfg_attr(feature = "clap", arg(long, global = true))]
+    pub host_profile: bool,
+}
+
+/// The defaults: the fastest measured paths.
+pub const DEFAULTS: EngineOptions = EngineOptions {
+    gpu_fused: Toggle::On,
+    gpu_fused_step: Toggle::On,
+    gpu_fused_fold: Toggle::On,
+    gpu_fused_mma: Toggle::On,
+    gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
+    cpu_kernels: Toggle::On,
+    cpu_threads: 0,
+    cpu_build: CpuBuild::Auto,
+    cpu_matvec_rows: DEFAULT_MATVEC_ROWS,
+    weights: WeightMode::Quantized,
+    host_profile: false,
+};
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        DEFAULTS
+    }
+}
+
+impl EngineOptions {
+    /// One `key=value` list for result rows; two rows pair only when these are equal. Threads
+    /// appear as requested (`0` = one per core), so rows stay comparable across machines that
+    /// differ only in their core count.
+    pub fn describe(&self) -> String {
+        format!(
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
+            self.gpu_fused.name(),
+            self.gpu_fused_step.name(),
+            self.gpu_fused_fold.name(),
+            self.gpu_fused_mma.name(),
+            self.gpu_fused_blocks,
+            self.cpu_kernels.name(),
+            self.cpu_threads,
+            match self.cpu_build {
+                CpuBuild::Auto => "auto",
+                CpuBuild::Generic => "generic",
+            },
+            self.cpu_matvec_rows,
+            match self.weights {
+                WeightMode::Quantized => "quantized",
+                WeightMode::Dense => "dense",
+            },
+            if self.host_profile { "on" } else { "off" },
+        )
+    }
+
+    /// The `key=value` pairs where `self` and `other` differ, as `key: a vs b`.
+    pub fn differences(a: &str, b: &str) -> Vec<String> {
+        let pairs = |s: &str| -> Vec<(String, String)> {
+            s.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let (pa, pb) = (pairs(a), pairs(b));
+        let mut out = Vec::new();
+        for (k, va) in &pa {
+            let vb = pb.iter().find(|(kb, _)| kb == k).map(|(_, v)| v.as_str()).unwrap_or("(absent)");
+            if va != vb {
+                out.push(format!("{k}: {va} vs {vb}"));
+            }
+        }
+        for (k, vb) in &pb {
+            if !pa.iter().any(|(ka, _)| ka == k) {
+                out.push(format!("{k}: (absent) vs {vb}"));
+            }
+        }
+        out
+    }
+}
+
+/// A whole number of at least 1 (for counts that 0 would make meaningless).
+#[cfg(feature = "clap")]
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
+}
+
+static OPTIONS: RwLock<EngineOptions> = RwLock::new(DEFAULTS);
+
+/// Makes `opts` the process's options. Fails, naming `--cpu-threads`, when the CPU kernels'
+/// pool already runs another thread count.
+pub fn install(opts: EngineOptions) -> Result<()> {
+    let rc = unsafe { crate::ffi::kvsplit_ext_configure(opts.cpu_threads as i32, opts.cpu_build == CpuBuild::Generic) };
+    if rc != 0 {
+        return Err(ExtError::Option { flag: "--cpu-threads", message: crate::ffi::last_error() });
+    }
+    *OPTIONS.write().unwrap_or_else(|e| e.into_inner()) = opts;
+    Ok(())
+}
+
+/// The options in force (the defaults until [`install`]).
+pub fn current() -> EngineOptions {
+    *OPTIONS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_lists_every_option_and_differences_name_them() {
+        let a = EngineOptions::default();
+        let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
+        let (da, db) = (a.describe(), b.describe());
+        assert_eq!(da.split_whitespace().count(), 11, "{da}");
+        assert!(EngineOptions::differences(&da, &da).is_empty());
+        assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);
+        assert_eq!(EngineOptions::differences("a=1", "a=1 b=2"), vec!["b: (absent) vs 2".to_string()]);
+    }
+}

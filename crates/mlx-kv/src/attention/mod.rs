@@ -1,0 +1,169 @@
+//! Attention over a cache made of segments (sinks, quantized body, full-precision tail).
+//!
+//! Which path runs is decided here, in [`choose`] (a layer's attention) and [`choose_step`] (the
+//! cache's one-token decode step, which also writes the token), and nowhere else. Each
+//! [`Choice`] says why, for `bench` rows and `--verbose` lines. The paths sit below this module
+//! and never import each other; the types they share sit below them:
+//!
+//! ```text
+//!            mod.rs (choose, choose_step, run)
+//!        /         |             \
+//!   mlx_ops.rs   cpu.rs        fused.rs
+//!   (MLX ops)    (CPU blocks,  (fused CUDA
+//!                 our primitive) kernels)
+//!        \         |             /
+//!              types.rs (segments, masks, packed operands)
+//! ```
+//!
+//! On Metal the MLX-ops path runs (MLX implements it there); there is no fused Metal kernel.
+
+pub mod cpu;
+pub mod fused;
+pub mod mlx_ops;
+pub mod types;
+
+pub use types::{causal_visible, Mask, PackedOperand, Segment, Tensor};
+
+use crate::error::Result;
+use crate::Backend;
+use mlx_rs::Array;
+use types::single_packed_body;
+
+/// A way of computing attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// MLX's `scaled_dot_product_attention` over float segments.
+    Sdpa,
+    /// MLX's `quantized_matmul` over packed segments.
+    MlxQuantized,
+    /// Our fused CUDA decode kernel over the packed buffers.
+    FusedGpu,
+    /// Our fused CUDA decode step: quantizes and writes the new token, then attends, in one launch.
+    FusedStep,
+    /// Our CPU decode primitive over the packed buffers.
+    CpuPrimitive,
+    /// Blocks of MLX ops on the CPU (packed codes widened one block at a time).
+    CpuBlocks,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Sdpa => "sdpa",
+            Path::MlxQuantized => "mlx-quantized",
+            Path::FusedGpu => "fused-gpu",
+            Path::FusedStep => "fused-step",
+            Path::CpuPrimitive => "cpu-primitive",
+            Path::CpuBlocks => "cpu-blocks",
+        }
+    }
+}
+
+/// A path and the reason it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub path: Path,
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.path.name(), self.why)
+    }
+}
+
+fn pick(path: Path, why: &'static str) -> Choice {
+    Choice { path, why }
+}
+
+/// Whether our fused CUDA kernels may run at all: GPU backend, not Metal, `--gpu-fused on`.
+fn fused_allowed() -> std::result::Result<(), &'static str> {
+    if cfg!(target_os = "macos") {
+        return Err("no fused Metal kernel");
+    }
+    if Backend::current() != Backend::Gpu {
+        return Err("not on the GPU");
+    }
+    if !mlx_ext::options::current().gpu_fused.on() {
+        return Err("--gpu-fused off");
+    }
+    Ok(())
+}
+
+/// The path for attention of `q` (`[B, Hq, L, D]`) over `segments`.
+pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Choice {
+    let qs = q.shape();
+    let d = qs[3] as usize;
+    let body = single_packed_body(segments, mask, sinks);
+    if Backend::current() == Backend::Cpu {
+        if !mlx_ext::options::current().cpu_kernels.on() {
+            return pick(Path::CpuBlocks, "--cpu-kernels off");
+        }
+        return match body {
+            Some((k, v, _, _)) if cpu::primitive_covers(&k, &v, d) => pick(Path::CpuPrimitive, "one packed per-token body, no mask or sinks"),
+            Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
+            None => pick(Path::CpuBlocks, "float, masked, windowed or per-channel cache, or learned sinks"),
+        };
+    }
+    if segments.iter().all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_)))) {
+        return pick(Path::Sdpa, "every segment in float");
+    }
+    let Some((k, v, _, _)) = body else {
+        return pick(Path::MlxQuantized, "several segments, a mask, per-channel keys or learned sinks");
+    };
+    if let Err(why) = fused_allowed() {
+        return pick(Path::MlxQuantized, why);
+    }
+    let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
+    if !fused::covers(k.bits, v.bits, d, rows) {
+        return pick(Path::MlxQuantized, "widths, head_dim or query rows the fused kernel does not cover");
+    }
+    pick(Path::FusedGpu, "one packed per-token body, no mask or sinks")
+}
+
+/// Runs `choice` (from [`choose`] on the same arguments).
+pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    let body = || single_packed_body(segments, mask, sinks).expect("the chosen path needs one packed body");
+    match choice.path {
+        Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scale, sinks),
+        Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scale, sinks),
+        Path::CpuBlocks => cpu::blocks(q, segments, mask, scale, sinks),
+        Path::CpuPrimitive => {
+            let (k, v, len, _) = body();
+            cpu::primitive(q, k, v, len, scale)
+        }
+        Path::FusedGpu => {
+            let (k, v, len, cap) = body();
+            fused::attend(q, k, v, len, cap, scale)
+        }
+        Path::FusedStep => unreachable!("the fused step runs through the cache (choose_step)"),
+    }
+}
+
+/// [`choose`] then [`run`].
+pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    run(choose(q, segments, mask, sinks), q, segments, mask, scale, sinks)
+}
+
+/// What the cache knows about one decode token before it writes it.
+pub struct StepCase {
+    /// One new token and one query position, going straight into a quantized per-token body
+    /// (no sinks, residual tail, ring, rotation, learned sinks; quantization started).
+    pub direct: bool,
+    pub k_bits: u8,
+    pub v_bits: u8,
+    pub head_dim: usize,
+    /// Query rows per KV head (GQA), `None` if the heads do not divide.
+    pub rows: Option<usize>,
+}
+
+/// `Some(FusedStep)` when the cache should hand the token to the fused decode step; `None` when
+/// it writes the token with MLX ops and then calls [`choose`].
+pub fn choose_step(case: &StepCase) -> Option<Choice> {
+    if !case.direct || !mlx_ext::options::current().gpu_fused_step.on() {
+        return None;
+    }
+    fused_allowed().ok()?;
+    let rows = case.rows?;
+    fused::covers(case.k_bits, case.v_bits, case.head_dim, rows).then(|| pick(Path::FusedStep, "one new token into a quantized per-token body"))
+}

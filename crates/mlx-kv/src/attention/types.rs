@@ -1,0 +1,131 @@
+//! What every attention path reads: runs of cached tokens (segments) in float or packed form,
+//! the mask, and the packed operands the decode kernels index in place. The paths
+//! ([`super::mlx_ops`], [`super::cpu`], [`super::fused`]) sit above this module and never import
+//! each other; [`super`] chooses between them.
+
+use crate::error::Result;
+use crate::store::{Packed, TokenAxis};
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::ops::select;
+use mlx_rs::Array;
+
+/// Masked logits; finite so that an all-masked block cannot produce NaN in the merge.
+pub(crate) const MASKED: f32 = -1e30;
+
+/// One of K or V for a run of tokens.
+pub enum Tensor {
+    /// `[B, Hkv, T, D]`.
+    Float(Array),
+    /// Packed; `Rows` is `[B, Hkv, T, D*b/32]`, `Cols` is `[B, Hkv, D, T*b/32]`. `full` is the
+    /// whole buffer and its capacity, for the fused kernel.
+    Quant { p: Packed, bits: u8, group: usize, axis: TokenAxis, full: Option<(Packed, usize)> },
+}
+
+/// A run of `len` cached tokens.
+pub struct Segment {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub len: usize,
+}
+
+/// Which keys each query may see.
+pub enum Mask {
+    /// Every key (decode without a window).
+    None,
+    /// Query `i` of `L` sees keys `0..=T-L+i`.
+    Causal,
+    /// Boolean `[L, T]`, true where visible, in segment order.
+    Visible(Array),
+}
+
+/// Tokens `[a, z)` of a packed operand in either layout.
+pub(crate) fn slice_packed(p: &Packed, bits: u8, group: usize, axis: TokenAxis, a: usize, z: usize) -> Packed {
+    let (ai, zi) = (a as i32, z as i32);
+    match axis {
+        TokenAxis::Rows => Packed {
+            w: p.w.index((.., .., ai..zi, ..)),
+            scales: p.scales.index((.., .., ai..zi, ..)),
+            biases: p.biases.index((.., .., ai..zi, ..)),
+        },
+        TokenAxis::Cols => {
+            let b = bits as usize;
+            let (wa, wz) = ((a * b / 32) as i32, (z * b / 32) as i32);
+            let (ga, gz) = ((a / group) as i32, (z / group) as i32);
+            Packed {
+                w: p.w.index((.., .., .., wa..wz)),
+                scales: p.scales.index((.., .., .., ga..gz)),
+                biases: p.biases.index((.., .., .., ga..gz)),
+            }
+        }
+    }
+}
+
+impl Mask {
+    /// Boolean `[L, T]` visibility for `l` queries over `t` keys, or `None` when all are visible.
+    pub(crate) fn visible(&self, l: usize, t: usize) -> Result<Option<Array>> {
+        Ok(match self {
+            Mask::None => None,
+            Mask::Causal => Some(causal_visible(l, t)?),
+            Mask::Visible(m) => Some(m.clone()),
+        })
+    }
+}
+
+/// KV heads of a cache made of `segments`.
+pub(crate) fn kv_heads(segments: &[Segment]) -> i32 {
+    match &segments[0].k {
+        Tensor::Float(k) => k.shape()[1],
+        Tensor::Quant { p, .. } => p.w.shape()[1],
+    }
+}
+
+/// Boolean `[L, T]` for `Mask::Causal`.
+pub fn causal_visible(l: usize, t: usize) -> Result<Array> {
+    let kpos = Array::arange::<_, i32>(None, t as i32, None)?;
+    let qpos = Array::arange::<_, i32>((t - l) as i32, t as i32, None)?;
+    Ok(kpos.expand_dims(0)?.le(qpos.expand_dims(1)?)?)
+}
+
+/// Applies an `[L, T]` visibility mask to scores `[B*Hkv, rep*L, T]`.
+pub(crate) fn apply_mask(s: &Array, visible: &Array, rep: i32, l: i32) -> Result<Array> {
+    let sh = s.shape();
+    let s4 = s.reshape(&[sh[0], rep, l, sh[2]])?;
+    let neg = Array::from_f32(MASKED).as_dtype(s.dtype())?;
+    Ok(select(visible, &s4, &neg)?.reshape(&[sh[0], rep * l, sh[2]])?)
+}
+
+/// A packed K or V body as its whole allocated buffers (the decode kernels index `[BH, CAP, ...]`
+/// rows themselves and read the first tokens, so no slice is copied).
+#[derive(Clone, Copy)]
+pub struct PackedOperand<'a> {
+    pub full: &'a Packed,
+    pub bits: u8,
+    pub group: usize,
+}
+
+impl<'a> PackedOperand<'a> {
+    /// As our CPU primitives take it.
+    pub fn as_ref(&self) -> mlx_ext::cpu::PackedRef<'a> {
+        mlx_ext::cpu::PackedRef { w: &self.full.w, scales: &self.full.scales, biases: &self.full.biases, bits: self.bits, group: self.group }
+    }
+}
+
+/// The case both decode kernels (the fused GPU one and the CPU primitive) cover: one quantized
+/// row-layout body, no mask, no learned sinks. Returns keys, values, tokens and capacity.
+pub(crate) fn single_packed_body<'a>(
+    segments: &'a [Segment],
+    mask: &Mask,
+    sinks: Option<&Array>,
+) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
+    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return None };
+    let (
+        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, cap)), .. },
+        Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
+    ) = (&seg.k, &seg.v)
+    else {
+        return None;
+    };
+    let k = PackedOperand { full: kf, bits: *kb, group: *kg };
+    let v = PackedOperand { full: vf, bits: *vb, group: *vg };
+    Some((k, v, seg.len, *cap))
+}
