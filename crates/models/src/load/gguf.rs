@@ -6,8 +6,7 @@
 //! dequantized to the compute dtype.
 
 use crate::error::Result;
-use crate::families::llama;
-use crate::families::ArchConfig;
+use crate::families::{llama, ArchConfig};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::model::Family;
 use crate::weights::{Weight, WeightMap};
