@@ -268,7 +268,7 @@ for v in sorted(files):
     if v not in index:
         visit(v)
 
-print(f"{crate}: {len(files)} files, {len(edges)} arrows")
+print(f"{os.path.relpath(crate)}: {len(files)} files, {len(edges)} arrows")
 if not sccs:
     print("no import circles")
     sys.exit(0)
