@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_rs::Dtype;
 use models::mlx_dir::{self, ConvertOptions, MixedRecipe, QuantPlan};
-use models::safetensors_load::QuantSpec;
+use models::load::safetensors::QuantSpec;
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -42,15 +42,15 @@ pub fn compute_dtype() -> Dtype {
 /// Loads the model named by `--model` in the backend's compute dtype, after checking every K/V
 /// setting (named by its `--kv` value) against the model's config, so a bad group size or layer
 /// override fails before the weights are read.
-pub fn load(args: &ModelArgs, settings: &[(&str, &CacheSettings)]) -> Result<(models::model::Loaded, PathBuf)> {
+pub fn load(args: &ModelArgs, settings: &[(&str, &CacheSettings)]) -> Result<(models::load::Loaded, PathBuf)> {
     let path = args.path()?;
     if !settings.is_empty() {
-        let cfg = models::model::read_config(&path).with_context(|| format!("--model {}", path.display()))?;
+        let cfg = models::load::read_config(&path).with_context(|| format!("--model {}", path.display()))?;
         let (n, d) = (cfg.num_hidden_layers(), cfg.head_dim());
         for (kv, s) in settings {
             s.check(n, d).with_context(|| format!("--kv {kv} on {} ({n} layers, head_dim {d})", path.display()))?;
         }
     }
-    let loaded = models::model::load(&path, compute_dtype()).with_context(|| format!("--model {}", path.display()))?;
+    let loaded = models::load::load(&path, compute_dtype()).with_context(|| format!("--model {}", path.display()))?;
     Ok((loaded, path))
 }

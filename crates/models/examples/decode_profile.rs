@@ -40,7 +40,7 @@ fn main() {
     let depth: usize = std::env::args().nth(1).map_or(1024, |s| s.parse().expect("DEPTH must be a number"));
     let home = std::env::var("KVSPLIT_CACHE").unwrap_or_else(|_| format!("{}/.cache/kvsplit-mlx", std::env::var("HOME").unwrap()));
     let path = std::path::PathBuf::from(home).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let loaded = models::model::load(&path, Dtype::Float32).expect("load the default model (scripts/setup.sh)");
+    let loaded = models::load::load(&path, Dtype::Float32).expect("load the default model (scripts/setup.sh)");
     let model = loaded.model.as_ref();
     let ids: Vec<u32> = (0..depth as u32).map(|i| 100 + (i * 7919) % 40000).collect();
     println!("SmolLM2-135M Q4_1, MLX CPU, f32 compute, depth {depth}");

@@ -20,7 +20,7 @@ fn main() {
     for _ in 0..repeats {
         for (i, p) in paths.iter().enumerate() {
             let t = Instant::now();
-            let loaded = models::model::load(p, Dtype::Float32).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let loaded = models::load::load(p, Dtype::Float32).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             times[i].push(t.elapsed().as_secs_f64());
             drop(loaded);
             let t = Instant::now();

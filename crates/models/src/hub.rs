@@ -4,7 +4,7 @@
 //! nothing is requested and the cached snapshot is used as is.
 
 use crate::error::{ModelError, Result};
-use crate::safetensors_load::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::load::safetensors::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 use std::collections::BTreeSet;

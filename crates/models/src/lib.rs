@@ -2,22 +2,18 @@
 
 pub mod assets;
 pub mod chat;
-pub mod config;
 pub mod datasets;
 pub mod decoder;
 pub mod error;
+pub mod families;
 pub mod fast;
-pub mod gemma3;
 pub mod generate;
-pub mod gguf_load;
-pub mod llama;
 pub mod hub;
+pub mod load;
 pub mod mlx_dir;
 pub mod model;
 pub mod perplexity;
-pub mod phi3;
 pub mod random;
-pub mod safetensors_load;
 pub mod sample;
 pub mod weights;
 pub mod gguf;

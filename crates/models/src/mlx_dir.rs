@@ -9,7 +9,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgmlType;
-use crate::safetensors_load::{self, QuantSpec, Quantization, INDEX_FILE, SINGLE_FILE};
+use crate::load::safetensors::{load_dir_as, QuantSpec, Quantization, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::weights::Weight;
 use mlx_rs::ops::{dequantize, quantize};
 use mlx_rs::{Array, Dtype};
@@ -134,8 +134,7 @@ fn cfg_err(path: &Path, reason: impl Into<String>) -> ModelError {
 /// A GGUF file as a conversion source: HF names, Q/K rows in HF order, F16/BF16 tensors in
 /// their own dtype, everything else dequantized to f32 (exact) or kept as a triplet.
 pub fn source_from_gguf(path: &Path) -> Result<Source> {
-    let (cfg, mut map, gguf) = crate::gguf_load::load_any_lossless(path, Dtype::Float32)?;
-    let arch = gguf.get_str("general.architecture")?;
+    let (cfg, mut map, gguf) = crate::load::gguf::load_any_lossless(path, Dtype::Float32)?;
     let native: HashMap<String, Dtype> = gguf
         .tensors()
         .iter()
@@ -145,7 +144,7 @@ pub fn source_from_gguf(path: &Path) -> Result<Source> {
                 GgmlType::BF16 => Dtype::Bfloat16,
                 _ => return None,
             };
-            Some((crate::gguf_load::hf_name_for(arch, &t.name).unwrap_or_else(|| t.name.clone()), d))
+            Some((cfg.gguf_tensor_name(&t.name).unwrap_or_else(|| t.name.clone()), d))
         })
         .collect();
     let names: Vec<String> = map.names().cloned().collect();
@@ -165,8 +164,8 @@ pub fn source_from_gguf(path: &Path) -> Result<Source> {
 
 /// An HF or MLX directory as a conversion source (tensors in their stored dtypes).
 pub fn source_from_dir(dir: &Path) -> Result<Source> {
-    let mut map = safetensors_load::load_dir_as(dir, None)?.weights;
-    let cfg_path = dir.join(safetensors_load::CONFIG_FILE);
+    let mut map = load_dir_as(dir, None)?.weights;
+    let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io { path: cfg_path.clone(), source })?;
     let mut config: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&cfg_path, e.to_string()))?;
     if let Some(obj) = config.as_object_mut() {
@@ -420,7 +419,7 @@ fn write_contents(
     };
     normal_permissions(dir)?;
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    write_text(safetensors_load::CONFIG_FILE, &pretty(config))?;
+    write_text(CONFIG_FILE, &pretty(config))?;
     for (f, text) in files {
         write_text(f, text)?;
     }
@@ -457,7 +456,7 @@ fn write_contents(
 
 /// Whether `path` looks like an MLX/HF model directory.
 pub fn is_model_dir(path: &Path) -> bool {
-    path.join(safetensors_load::CONFIG_FILE).is_file()
+    path.join(CONFIG_FILE).is_file()
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
-//! What every model family offers the engine, and loading a model by path.
+//! What every model family offers: to the engine, a [`LanguageModel`]; to the registry
+//! ([`crate::families`]) and the loaders, a config implementing [`Family`].
 
-use crate::error::{ModelError, Result};
-use crate::tokenizer::Tokenizer;
+use crate::error::Result;
+use crate::gguf::GgufFile;
+use crate::weights::{Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
-use std::path::Path;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// A causal language model whose KV cache is passed in.
 pub trait LanguageModel {
@@ -26,57 +29,36 @@ pub trait LanguageModel {
     fn family(&self) -> &str;
 }
 
-/// A loaded model with its tokenizer.
-pub struct Loaded {
-    pub model: Box<dyn LanguageModel>,
-    pub tokenizer: Tokenizer,
-}
+/// A family, as its `config.json` struct: the names it answers to, how llama.cpp's GGUF
+/// files store it, and how it builds its model. Checkpoint names are Hugging Face's; a family
+/// maps GGUF onto them here, so its model never sees GGUF conventions.
+pub trait Family: Sized + Serialize + DeserializeOwned {
+    /// `config.json` `model_type` values this family runs.
+    const MODEL_TYPES: &'static [&'static str];
+    /// `model_type` values this family recognises but refuses, with the whole message.
+    const REFUSED_MODEL_TYPES: &'static [(&'static str, &'static str)] = &[];
+    /// GGUF `general.architecture` values this family runs.
+    const GGUF_ARCHITECTURES: &'static [&'static str];
 
-/// Loads a `.gguf` file (weights, config and tokenizer from one file).
-pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    let (cfg, weights, gguf) = crate::gguf_load::load_any(path, dtype)?;
-    let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| ModelError::Config {
-        path: path.to_path_buf(),
-        reason: format!("tokenizer: {e}"),
-    })?;
-    let model = cfg.build(weights, dtype)?;
-    mlx_rs::transforms::eval(model.arrays())?;
-    Ok(Loaded { model, tokenizer })
-}
-
-/// A model's config from a `.gguf` file's metadata or a directory's `config.json`, without
-/// reading any weight: enough to check settings against the model before a slow load.
-pub fn read_config(path: &Path) -> Result<crate::config::ArchConfig> {
-    if path.is_dir() {
-        let file = path.join(crate::safetensors_load::CONFIG_FILE);
-        let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config { path: file.clone(), reason: format!("invalid JSON: {e}") })?;
-        return crate::config::ArchConfig::from_json(&v).map_err(|reason| ModelError::Config { path: file, reason });
+    /// The config from GGUF metadata (no tensor data is read).
+    fn from_gguf(g: &GgufFile) -> Result<Self>;
+    /// The `model_type` that `config.json` gets.
+    fn model_type(&self) -> &str;
+    /// The `architectures` entry that `config.json` gets.
+    fn architecture(&self) -> &'static str;
+    /// Family fields of the written `config.json` that its struct alone does not get right.
+    fn finish_json(&self, _obj: &mut serde_json::Map<String, serde_json::Value>) {}
+    fn num_hidden_layers(&self) -> usize;
+    /// Width of one attention head: what each layer's KV cache stores per head and token.
+    fn head_dim(&self) -> usize;
+    /// Whether the output head is the embedding (a stored `lm_head` is then dropped).
+    fn tie_word_embeddings(&self) -> bool;
+    /// The HF name of GGUF tensor `gguf`; `None` for names the family does not know.
+    fn gguf_tensor_name(gguf: &str) -> Option<String>;
+    /// Undoes what llama.cpp's converter did to tensor `hf` (already renamed).
+    fn from_gguf_tensor(&self, _hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
+        Ok(w)
     }
-    crate::gguf_load::arch_config(&crate::gguf::GgufFile::open(path)?)
-}
-
-/// Loads a model from a `.gguf` file or a local model directory.
-pub fn load(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    if path.is_dir() {
-        return load_dir(path, dtype);
-    }
-    load_gguf(path, dtype)
-}
-
-/// Loads an MLX/HF model directory (config.json, safetensors, tokenizer.json).
-pub fn load_dir(path: &Path, dtype: Dtype) -> Result<Loaded> {
-    let dir = crate::safetensors_load::load_dir_as(path, Some(dtype))?;
-    let mut weights = dir.weights;
-    // Same weight policy as GGUF loading, so both formats run the same arithmetic.
-    if crate::weights::dense_weights_preferred() {
-        weights.dequantize_all(dtype)?;
-    }
-    let tokenizer = crate::tokenizer_json::load(path, dir.raw.get("eos_token_id")).map_err(|e| ModelError::Config {
-        path: path.to_path_buf(),
-        reason: format!("tokenizer: {e}"),
-    })?;
-    let model = dir.config.build(weights, dtype)?;
-    mlx_rs::transforms::eval(model.arrays())?;
-    Ok(Loaded { model, tokenizer })
+    /// Builds the model from `weights` (strictly: every key used, none missing).
+    fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>>;
 }

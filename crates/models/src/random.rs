@@ -9,7 +9,7 @@
 //! layers in f16) and norms are ones. Each tensor is evaluated as soon as it exists, so peak
 //! memory is the model plus one tensor's float draw.
 
-use crate::config::Config;
+use crate::families::llama::{self, Config};
 use crate::error::{ModelError, Result};
 use crate::weights::{Weight, WeightMap};
 use mlx_rs::ops::quantize;
@@ -101,7 +101,7 @@ fn shape_of(cfg: &Config, name: &str) -> Option<Vec<usize>> {
 pub fn weights(cfg: &Config, kind: RandomWeights, dtype: Dtype, seed: u64) -> Result<WeightMap> {
     let mut map = WeightMap::new(PathBuf::from(format!("<random {} weights>", cfg.model_type)));
     let mut key = random::key(seed)?;
-    for name in crate::llama::expected_keys(cfg) {
+    for name in llama::expected_keys(cfg) {
         let shape = shape_of(cfg, &name)
             .ok_or_else(|| ModelError::Unsupported { path: map.source.clone(), reason: format!("no random shape for tensor '{name}'") })?;
         let dims: Vec<i32> = shape.iter().map(|&x| x as i32).collect();
@@ -126,10 +126,10 @@ pub fn weights(cfg: &Config, kind: RandomWeights, dtype: Dtype, seed: u64) -> Re
 }
 
 /// A random-weight Llama-family model of preset `name`.
-pub fn model(name: &str, kind: RandomWeights, dtype: Dtype, seed: u64) -> Result<crate::llama::Model> {
+pub fn model(name: &str, kind: RandomWeights, dtype: Dtype, seed: u64) -> Result<llama::Model> {
     let cfg = preset(name)?;
     let w = weights(&cfg, kind, dtype, seed)?;
-    crate::llama::Model::new(cfg, w, dtype)
+    llama::Model::new(cfg, w, dtype)
 }
 
 #[cfg(test)]
@@ -154,7 +154,7 @@ mod tests {
     fn every_expected_key_has_a_shape() {
         for p in PRESETS {
             let cfg = preset(p).unwrap();
-            for k in crate::llama::expected_keys(&cfg) {
+            for k in llama::expected_keys(&cfg) {
                 assert!(shape_of(&cfg, &k).is_some(), "{p}: {k}");
             }
         }

@@ -10,8 +10,8 @@
 use mlx_rs::{Array, Dtype};
 use models::generate::{prefill, CacheSettings};
 use models::mlx_dir::{self, ConvertOptions};
-use models::model::{load_dir, load_gguf, Loaded};
-use models::safetensors_load;
+use models::load::{load_dir, load_gguf, Loaded};
+use models::load::safetensors;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -239,7 +239,7 @@ fn unknown_model_type_is_named() {
     let mut cfg = phi3_config();
     cfg["model_type"] = json!("mamba");
     write_phi3_dir(&dir, &cfg, phi3_tensors());
-    let e = safetensors_load::read_dir_config(&dir).expect_err("must fail").to_string();
+    let e = safetensors::read_dir_config(&dir).expect_err("must fail").to_string();
     assert!(e.contains("mamba") && e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(dir.parent().unwrap()).ok();
 }

@@ -6,7 +6,8 @@
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
-use models::model::{load_gguf, LanguageModel, Loaded};
+use models::load::{load_gguf, Loaded};
+use models::model::LanguageModel;
 use std::path::PathBuf;
 
 const MODEL: &str = "gemma-3-270m-q4_k_m.gguf";

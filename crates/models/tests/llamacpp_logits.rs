@@ -25,7 +25,7 @@
 
 use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
-use models::model::{load_gguf, Loaded};
+use models::load::{load_gguf, Loaded};
 use serde::Deserialize;
 use std::path::PathBuf;
 

@@ -8,8 +8,8 @@ use mlx_rs::ops::dequantize;
 use mlx_rs::{Array, Dtype};
 use models::generate::{prefill, CacheSettings};
 use models::mlx_dir::{self, ConvertOptions, QuantPlan};
-use models::model::{load_dir, load_gguf, Loaded};
-use models::safetensors_load::{self, QuantSpec};
+use models::load::{load_dir, load_gguf, Loaded};
+use models::load::safetensors::{self, QuantSpec};
 use models::weights::Weight;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -104,7 +104,7 @@ fn lossless_conversion_gives_identical_logits_and_greedy_tokens() {
 
 #[test]
 fn config_records_the_carried_over_quantization() {
-    let (cfg, quant) = safetensors_load::read_config(converted()).unwrap();
+    let (cfg, quant) = safetensors::read_config(converted()).unwrap();
     assert_eq!(cfg.num_hidden_layers(), 30);
     let q = quant.expect("a quantized checkpoint has a quantization block");
     assert_eq!(q.default.group, 32);
@@ -144,11 +144,11 @@ fn mixed_bits_keep_embeddings_and_chosen_layers_higher_and_still_generate() {
     };
     let out = temp_dir("mixed").join("m");
     convert(&out, &ConvertOptions { quantize: Some(plan), ..opts() });
-    let (_, quant) = safetensors_load::read_config(&out).unwrap();
+    let (_, quant) = safetensors::read_config(&out).unwrap();
     let quant = quant.expect("quantization block");
     assert_eq!(quant.default, QuantSpec { bits: 4, group: 64 });
     // The block must say what each stored triplet is; the loader checks packed widths against it.
-    let (_, mut weights) = safetensors_load::load_dir(&out, Dtype::Float32).unwrap();
+    let (_, mut weights) = safetensors::load_dir(&out, Dtype::Float32).unwrap();
     let names: Vec<String> = weights.names().cloned().collect();
     let mut by_bits: std::collections::BTreeMap<i32, usize> = Default::default();
     for name in names {
@@ -176,14 +176,14 @@ fn sharded_output_loads_to_the_same_logits() {
     let out = temp_dir("sharded").join("m");
     let report = convert(&out, &ConvertOptions { max_shard_bytes: 20_000_000, ..opts() });
     assert!(report.shards > 1, "{report:?}");
-    assert!(out.join(safetensors_load::INDEX_FILE).is_file());
-    assert!(!out.join(safetensors_load::SINGLE_FILE).exists());
+    assert!(out.join(safetensors::INDEX_FILE).is_file());
+    assert!(!out.join(safetensors::SINGLE_FILE).exists());
     #[cfg(unix)]
     assert_normal_permissions(&out);
-    for (file, _) in safetensors_load::shard_files(&out).unwrap() {
+    for (file, _) in safetensors::shard_files(&out).unwrap() {
         let len = std::fs::metadata(&file).unwrap().len();
         // A shard holds one tensor over the limit, or tensors adding up to at most the limit.
-        let n = safetensors_load::read_safetensors(&file).unwrap().len();
+        let n = safetensors::read_safetensors(&file).unwrap().len();
         assert!(n == 1 || len <= 20_000_000 + 100_000, "{} is {len} bytes with {n} tensors", file.display());
     }
     let g = gguf_model();
@@ -199,13 +199,13 @@ fn requantized_weights_stay_within_the_affine_step_bound() {
     let out = temp_dir("q8g64").join("m");
     let report = convert(&out, &ConvertOptions { quantize: Some(QuantPlan::uniform(spec)), ..opts() });
     assert!(report.quantized > 0);
-    let (_, quant) = safetensors_load::read_config(&out).unwrap();
+    let (_, quant) = safetensors::read_config(&out).unwrap();
     assert_eq!(quant.unwrap().default, spec);
     let (_, mut gguf) = {
-        let (c, w, _) = models::gguf_load::load(&model_path(), Dtype::Float32).unwrap();
+        let (c, w, _) = models::load::gguf::load(&model_path(), Dtype::Float32).unwrap();
         (c, w)
     };
-    let (_, mut dir) = safetensors_load::load_dir(&out, Dtype::Float32).unwrap();
+    let (_, mut dir) = safetensors::load_dir(&out, Dtype::Float32).unwrap();
     let names: Vec<String> = dir.names().cloned().collect();
     let mut checked = 0;
     for name in names {
@@ -260,7 +260,7 @@ fn rebuilt_tokenizer_json_matches_the_gguf_tokenizer_on_wikitext() {
 }
 
 fn rewrite(file: &Path, edit: impl FnOnce(&mut Vec<(String, Array)>)) {
-    let mut tensors = safetensors_load::read_safetensors(file).unwrap();
+    let mut tensors = safetensors::read_safetensors(file).unwrap();
     edit(&mut tensors);
     let mut map = std::collections::HashMap::new();
     for (n, a) in tensors {

@@ -4,7 +4,7 @@
 use mlx_kv::KvSpec;
 use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
-use models::model::{load, Loaded};
+use models::load::{load, Loaded};
 use models::perplexity::{score_window, score_windows, PplOptions, PplResult, WindowScore};
 
 /// Identical settings on a deterministic CPU backend must give identical distributions; the

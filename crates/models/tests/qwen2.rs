@@ -4,7 +4,7 @@
 
 use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
-use models::model::{load_gguf, Loaded};
+use models::load::{load_gguf, Loaded};
 
 const MODEL: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 

@@ -6,7 +6,7 @@ use mlx_kv::{CacheOptions, KvCache, KvSpec};
 use mlx_rs::ops::indexing::argmax_axis;
 use mlx_rs::{Array, Dtype};
 use models::gguf::GgufFile;
-use models::llama::Model;
+use models::families::llama::Model;
 use models::model::LanguageModel;
 use std::path::PathBuf;
 
@@ -39,7 +39,7 @@ fn last_logits(model: &Model, prompt: &[u32], spec: &KvSpec, chunk: usize) -> Ve
 }
 
 fn load() -> (Model, GgufFile) {
-    let (cfg, w, g) = models::gguf_load::load(&model_path(), Dtype::Float32).unwrap();
+    let (cfg, w, g) = models::load::gguf::load(&model_path(), Dtype::Float32).unwrap();
     (Model::new(cfg, w, Dtype::Float32).unwrap(), g)
 }
 
@@ -75,7 +75,7 @@ fn capital_of_france_is_paris_with_dense_and_k8v4_caches() {
 
 #[test]
 fn loading_is_strict_about_missing_and_unexpected_keys() {
-    let (cfg, mut w, _) = models::gguf_load::load(&model_path(), Dtype::Float32).unwrap();
+    let (cfg, mut w, _) = models::load::gguf::load(&model_path(), Dtype::Float32).unwrap();
     let _ = w.take("model.layers.3.mlp.up_proj.weight").unwrap();
     w.insert("model.layers.3.mlp.extra.weight".into(), models::weights::Weight::Dense(Array::from_f32(0.0)));
     let err = Model::new(cfg, w, Dtype::Float32).err().expect("a broken checkpoint must not load").to_string();

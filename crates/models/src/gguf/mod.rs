@@ -15,53 +15,15 @@ mod value;
 mod writer;
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use error::{DequantError, GgufError, Result};
 pub use mlx::{to_mlx_affine, MlxAffine, MLX_GROUP_SIZE};
 pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
-pub use types::{GgmlType, QK_K};
+pub use types::{GgmlType, TensorInfo, QK_K};
 pub use value::{MetaArray, MetaValue};
 pub use writer::{type_id, GgufBuilder};
-
-/// One tensor's description from the GGUF header.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorInfo {
-    /// Tensor name, e.g. `blk.0.attn_q.weight`.
-    pub name: String,
-    /// Dims in ggml order: `ggml_shape[0]` is the contiguous axis (see the module doc).
-    pub ggml_shape: Vec<u64>,
-    /// Element encoding.
-    pub ggml_type: GgmlType,
-    /// Offset of the data relative to the start of the data section, as stored in the file.
-    pub offset: u64,
-    /// Absolute byte range of the data in the file (validated to lie inside it).
-    pub byte_range: Range<u64>,
-}
-
-impl TensorInfo {
-    /// Row-major shape (the ggml dims reversed), the order MLX expects.
-    pub fn shape(&self) -> Vec<usize> {
-        self.ggml_shape.iter().rev().map(|&d| d as usize).collect()
-    }
-
-    /// Number of elements.
-    pub fn n_elements(&self) -> u64 {
-        self.ggml_shape.iter().product()
-    }
-
-    /// Number of data bytes.
-    pub fn n_bytes(&self) -> u64 {
-        self.byte_range.end - self.byte_range.start
-    }
-
-    /// Length of the contiguous axis (`ggml_shape[0]`), the axis quantization blocks run along.
-    pub fn row_len(&self) -> usize {
-        self.ggml_shape.first().copied().unwrap_or(1) as usize
-    }
-}
 
 enum Storage {
     Mmap(memmap2::Mmap),

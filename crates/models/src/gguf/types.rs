@@ -1,4 +1,6 @@
-//! ggml tensor element types and their block geometry.
+//! ggml tensor element types, their block geometry, and the header's tensor descriptions.
+
+use std::ops::Range;
 
 /// A ggml tensor type, as stored in a GGUF tensor info (the numeric ids are ggml's `enum ggml_type`).
 ///
@@ -145,5 +147,42 @@ impl GgmlType {
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One tensor's description from the GGUF header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Tensor name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// Dims in ggml order: `ggml_shape[0]` is the contiguous axis (see the [`crate::gguf`] doc).
+    pub ggml_shape: Vec<u64>,
+    /// Element encoding.
+    pub ggml_type: GgmlType,
+    /// Offset of the data relative to the start of the data section, as stored in the file.
+    pub offset: u64,
+    /// Absolute byte range of the data in the file (validated to lie inside it).
+    pub byte_range: Range<u64>,
+}
+
+impl TensorInfo {
+    /// Row-major shape (the ggml dims reversed), the order MLX expects.
+    pub fn shape(&self) -> Vec<usize> {
+        self.ggml_shape.iter().rev().map(|&d| d as usize).collect()
+    }
+
+    /// Number of elements.
+    pub fn n_elements(&self) -> u64 {
+        self.ggml_shape.iter().product()
+    }
+
+    /// Number of data bytes.
+    pub fn n_bytes(&self) -> u64 {
+        self.byte_range.end - self.byte_range.start
+    }
+
+    /// Length of the contiguous axis (`ggml_shape[0]`), the axis quantization blocks run along.
+    pub fn row_len(&self) -> usize {
+        self.ggml_shape.first().copied().unwrap_or(1) as usize
     }
 }

@@ -2,18 +2,203 @@
 //! Mistral, and Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k norm), which differ from Llama only by
 //! the switches in [`Config`].
 //!
-//! Checkpoint keys are Hugging Face names (`model.layers.N.self_attn.q_proj.weight`); the GGUF
-//! loader maps its names onto these in one place. The cache is passed into `forward`; each
-//! layer's attention reads its RoPE offset from its cache before updating it.
+//! Checkpoint keys are Hugging Face names (`model.layers.N.self_attn.q_proj.weight`); GGUF
+//! names are mapped onto these by the [`Family`] impl, which also undoes the Q/K row permutation
+//! that llama.cpp's converter applies to `llama`-architecture checkpoints, so every model runs
+//! with the standard (non-interleaved) RoPE exactly as its HF checkpoint would. The cache is
+//! passed into `forward`; each layer's attention reads its RoPE offset from its cache before
+//! updating it.
 
-use crate::config::Config;
 use crate::decoder::{Activation, Ends, GatedMlp, Mixer, PreNormLayer};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::families::llamacpp;
 use crate::fast::{rms_norm, rope};
-use crate::model::LanguageModel;
-use crate::weights::{Linear, WeightMap};
+use crate::gguf::GgufFile;
+use crate::model::{Family, LanguageModel};
+use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f32>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    pub vocab_size: usize,
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_theta() -> f32 {
+    10000.0
+}
+
+fn default_ctx() -> usize {
+    4096
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Qwen2 checkpoints omit `attention_bias` but always have q/k/v biases.
+    pub fn has_qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// Qwen3 normalizes q and k per head before RoPE.
+    pub fn has_qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
+}
+
+impl Family for Config {
+    const MODEL_TYPES: &'static [&'static str] = &["llama", "mistral", "qwen2", "qwen3"];
+    const GGUF_ARCHITECTURES: &'static [&'static str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+    fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = g.path();
+        let arch = g.get_str("general.architecture")?.to_string();
+        let model_type = match arch.as_str() {
+            "llama" | "mistral" | "qwen2" | "qwen3" => arch.clone(),
+            other => return Err(ModelError::Unsupported { path: path.into(), reason: format!("GGUF architecture '{other}'") }),
+        };
+        let u = |k: &str| -> Result<usize> { Ok(g.get_u32(&format!("{arch}.{k}"))? as usize) };
+        let n_heads = u("attention.head_count")?;
+        let hidden = u("embedding_length")?;
+        let head_dim = g.optional(&format!("{arch}.attention.key_length"), |g, k| g.get_u32(k))?.map(|x| x as usize);
+        let vocab = g.tensor("token_embd.weight")?.shape()[0];
+        let tie = !g.tensors().iter().any(|t| t.name == "output.weight");
+        let theta = g.optional(&format!("{arch}.rope.freq_base"), |g, k| g.get_f32(k))?.unwrap_or(10000.0);
+        let eps = g.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?;
+        if n_heads == 0 || hidden % n_heads != 0 && head_dim.is_none() {
+            return Err(llamacpp::cfg_err(path, format!("head count {n_heads} does not divide hidden size {hidden}")));
+        }
+        Ok(Config {
+            model_type,
+            hidden_size: hidden,
+            num_hidden_layers: u("block_count")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_attention_heads: n_heads,
+            num_key_value_heads: g
+                .optional(&format!("{arch}.attention.head_count_kv"), |g, k| g.get_u32(k))?
+                .map_or(n_heads, |x| x as usize),
+            head_dim,
+            rms_norm_eps: eps,
+            rope_theta: theta,
+            vocab_size: vocab,
+            max_position_embeddings: u("context_length")?,
+            tie_word_embeddings: tie,
+            attention_bias: g.tensors().iter().any(|t| t.name == "blk.0.attn_q.bias"),
+            rope_scaling: None,
+            bos_token_id: g.optional("tokenizer.ggml.bos_token_id", |g, k| g.get_u32(k))?,
+            eos_token_id: g.optional("tokenizer.ggml.eos_token_id", |g, k| g.get_u32(k))?.map(|x| x.into()),
+        })
+    }
+
+    fn model_type(&self) -> &str {
+        &self.model_type
+    }
+
+    fn architecture(&self) -> &'static str {
+        match self.model_type.as_str() {
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            _ => "LlamaForCausalLM",
+        }
+    }
+
+    fn num_hidden_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn head_dim(&self) -> usize {
+        Config::head_dim(self)
+    }
+
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    fn gguf_tensor_name(gguf: &str) -> Option<String> {
+        llamacpp::tensor_name(gguf)
+    }
+
+    fn from_gguf_tensor(&self, hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
+        let permuted = self.model_type == "llama" || self.model_type == "mistral";
+        if permuted && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
+            let rows = w.shape()[0];
+            return take_rows(w, &unpermute_rows(rows, self.head_dim()));
+        }
+        Ok(w)
+    }
+
+    fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
+        Ok(Box::new(Model::new(self, weights, dtype)?))
+    }
+}
+
+/// Row order that undoes llama.cpp's per-head (half, pair) interleave of Q/K rows.
+fn unpermute_rows(rows: usize, head_dim: usize) -> Array {
+    let half = head_dim / 2;
+    let idx: Vec<i32> = (0..rows)
+        .map(|r| {
+            let (h, within) = (r / head_dim, r % head_dim);
+            let (j, i) = (within / half, within % half);
+            (h * head_dim + 2 * i + j) as i32
+        })
+        .collect();
+    Array::from_slice(&idx, &[rows as i32])
+}
+
+fn take_rows(w: Weight, idx: &Array) -> Result<Weight> {
+    Ok(match w {
+        Weight::Dense(a) => Weight::Dense(a.take_axis(idx, 0)?),
+        Weight::Quant { w, scales, biases, bits, group } => Weight::Quant {
+            w: w.take_axis(idx, 0)?,
+            scales: scales.take_axis(idx, 0)?,
+            biases: biases.take_axis(idx, 0)?,
+            bits,
+            group,
+        },
+    })
+}
 
 /// Keys a checkpoint of this config must contain, exactly.
 pub fn expected_keys(cfg: &Config) -> Vec<String> {
@@ -221,5 +406,24 @@ impl LanguageModel for Model {
         let mut v = self.ends.arrays();
         v.extend(self.layers.iter().flat_map(|l| l.arrays()));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_the_converter_interleave() {
+        // Converter: gguf_row(h, i, j) = hf_row(h, j, i) for head_dim 4 (half 2).
+        let idx = unpermute_rows(8, 4);
+        let got: Vec<i32> = idx.as_slice::<i32>().to_vec();
+        assert_eq!(got, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn gguf_names_are_the_standard_ones() {
+        assert_eq!(Config::gguf_tensor_name("blk.1.ffn_up.weight").unwrap(), "model.layers.1.mlp.up_proj.weight");
+        assert_eq!(Config::gguf_tensor_name("blk.1.ffn_norm.weight").unwrap(), "model.layers.1.post_attention_layernorm.weight");
     }
 }

@@ -7,14 +7,16 @@
 //! sliding window, with their own RoPE base (local layers 10 000, global layers `rope_theta`).
 //! Embeddings are tied.
 //!
-//! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); the GGUF
-//! loader undoes llama.cpp's converter, which stores `1 + weight`.
+//! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); reading
+//! GGUF undoes llama.cpp's converter, which stores `1 + weight`.
 
 use crate::decoder::{Activation, Ends, FeedForward, GatedMlp, Mixer};
 use crate::error::{ModelError, Result};
+use crate::families::llamacpp::{self, arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::{rms_norm, rope};
-use crate::model::LanguageModel;
-use crate::weights::{Linear, WeightMap};
+use crate::gguf::GgufFile;
+use crate::model::{Family, LanguageModel};
+use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
@@ -84,6 +86,123 @@ impl Config {
             Some(t) => t.get(layer).is_some_and(|s| s == "sliding_attention"),
             None => self.sliding_window_pattern == 0 || layer % self.sliding_window_pattern < self.sliding_window_pattern - 1,
         }
+    }
+}
+
+impl Family for Config {
+    const MODEL_TYPES: &'static [&'static str] = &["gemma3_text"];
+    // The multimodal wrapper nests the text model under `text_config` and `language_model.`
+    // keys; only the text model is supported.
+    const REFUSED_MODEL_TYPES: &'static [(&'static str, &'static str)] =
+        &[("gemma3", "model_type 'gemma3' (the multimodal checkpoint) is not supported; use a gemma3_text checkpoint")];
+    const GGUF_ARCHITECTURES: &'static [&'static str] = &["gemma3"];
+
+    /// With llama.cpp's defaults where keys are absent: every 6th layer global, local RoPE
+    /// base 10 000.
+    fn from_gguf(g: &GgufFile) -> Result<Self> {
+        use crate::gguf::{MetaArray, MetaValue};
+        let a = "gemma3";
+        let (hidden, n_heads, n_layers) = (arch_u32(g, a, "embedding_length")?, arch_u32(g, a, "attention.head_count")?, arch_u32(g, a, "block_count")?);
+        if n_heads == 0 {
+            return Err(cfg_err(g.path(), "gemma3.attention.head_count is 0".into()));
+        }
+        let head_dim = arch_opt_u32(g, a, "attention.key_length")?.unwrap_or(hidden / n_heads);
+        let sliding_window = arch_opt_u32(g, a, "attention.sliding_window")?.filter(|&w| w > 0);
+        let pattern_key = format!("{a}.attention.sliding_window_pattern");
+        let (pattern, layer_types) = match g.get(&pattern_key) {
+            None => (6, None),
+            Some(MetaValue::Array(MetaArray::Bool(v))) if v.len() == n_layers => {
+                let types = v.iter().map(|&swa| if swa { "sliding_attention" } else { "full_attention" }.to_string()).collect();
+                (6, Some(types))
+            }
+            Some(v) => match v.as_i128() {
+                Some(n) if n >= 0 => (n as usize, None),
+                _ => return Err(cfg_err(g.path(), format!("{pattern_key}: expected a count or {n_layers} booleans, got {}", v.type_name()))),
+            },
+        };
+        let rope_scaling = match g.optional(&format!("{a}.rope.scaling.type"), |g, k| g.get_str(k))? {
+            None | Some("none") => None,
+            Some("linear") => Some(RopeScaling {
+                rope_type: "linear".into(),
+                factor: arch_opt_f32(g, a, "rope.scaling.factor")?.unwrap_or(1.0),
+            }),
+            Some(other) => return Err(ModelError::Unsupported { path: g.path().into(), reason: format!("gemma3 rope scaling '{other}'") }),
+        };
+        Ok(Config {
+            hidden_size: hidden,
+            num_hidden_layers: n_layers,
+            intermediate_size: arch_u32(g, a, "feed_forward_length")?,
+            num_attention_heads: n_heads,
+            num_key_value_heads: arch_opt_u32(g, a, "attention.head_count_kv")?.unwrap_or(n_heads),
+            head_dim,
+            rms_norm_eps: g.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+            vocab_size: g.tensor("token_embd.weight")?.shape()[0],
+            rope_theta: arch_opt_f32(g, a, "rope.freq_base")?.unwrap_or(1_000_000.0),
+            rope_local_base_freq: arch_opt_f32(g, a, "rope.freq_base_swa")?.unwrap_or(10_000.0),
+            // As llama.cpp (after gemma_pytorch): 27B scales by hidden/heads, the others by head_dim.
+            query_pre_attn_scalar: if n_layers == 62 { (hidden / n_heads) as f32 } else { head_dim as f32 },
+            sliding_window,
+            sliding_window_pattern: pattern,
+            layer_types,
+            max_position_embeddings: arch_u32(g, a, "context_length")?,
+            rope_scaling,
+            final_logit_softcapping: arch_opt_f32(g, a, "final_logit_softcapping")?.filter(|&c| c > 0.0),
+            attn_logit_softcapping: arch_opt_f32(g, a, "attn_logit_softcapping")?.filter(|&c| c > 0.0),
+        })
+    }
+
+    fn model_type(&self) -> &str {
+        "gemma3_text"
+    }
+
+    fn architecture(&self) -> &'static str {
+        "Gemma3ForCausalLM"
+    }
+
+    fn finish_json(&self, obj: &mut serde_json::Map<String, serde_json::Value>) {
+        // Gemma 3 always ties its output head to the embedding.
+        obj.insert("tie_word_embeddings".into(), true.into());
+        // transformers validates this field as an integer (a float fails mlx-lm's load).
+        if self.query_pre_attn_scalar.fract() == 0.0 {
+            obj.insert("query_pre_attn_scalar".into(), (self.query_pre_attn_scalar as i64).into());
+        }
+    }
+
+    fn num_hidden_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    fn tie_word_embeddings(&self) -> bool {
+        true
+    }
+
+    /// Gemma 3 normalizes before and after both sub-blocks; `ffn_norm` is the pre-MLP one.
+    fn gguf_tensor_name(gguf: &str) -> Option<String> {
+        let hf = match llamacpp::layer_module(gguf) {
+            Some("post_attention_norm") => "post_attention_layernorm",
+            Some("ffn_norm") => "pre_feedforward_layernorm",
+            Some("post_ffw_norm") => "post_feedforward_layernorm",
+            _ => return llamacpp::tensor_name(gguf),
+        };
+        llamacpp::layer_tensor(gguf, hf)
+    }
+
+    /// llama.cpp's Gemma converter stores RMSNorm weights as `1 + w`; keep HF's `w`.
+    fn from_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
+        if hf.ends_with("norm.weight") {
+            if let Weight::Dense(a) = w {
+                return Ok(Weight::Dense(a - Array::from_f32(1.0).as_dtype(dtype)?));
+            }
+        }
+        Ok(w)
+    }
+
+    fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
+        Ok(Box::new(Model::new(self, weights, dtype)?))
     }
 }
 
@@ -349,5 +468,14 @@ mod tests {
         assert!(!c.is_sliding(0) && c.is_sliding(5) && c.is_sliding(11));
         let no_window = Config { sliding_window: None, ..cfg(None) };
         assert!((0..12).all(|i| !no_window.is_sliding(i)));
+    }
+
+    #[test]
+    fn gguf_names_override_only_the_norms() {
+        let name = |n: &str| <Config as Family>::gguf_tensor_name(n).unwrap();
+        assert_eq!(name("blk.2.ffn_norm.weight"), "model.layers.2.pre_feedforward_layernorm.weight");
+        assert_eq!(name("blk.2.post_ffw_norm.weight"), "model.layers.2.post_feedforward_layernorm.weight");
+        assert_eq!(name("blk.0.post_attention_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(name("blk.0.attn_q_norm.weight"), "model.layers.0.self_attn.q_norm.weight");
     }
 }

@@ -8,7 +8,7 @@
 //! become a [`WeightMap`] under the same names, after mlx-lm's `sanitize` rules; the model's
 //! strict key check then reports anything missing or left over.
 
-use crate::config::ArchConfig;
+use crate::families::ArchConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::{Weight, WeightMap};
 use mlx_rs::{Array, Dtype};

@@ -9,8 +9,10 @@
 
 use crate::decoder::{Ends, FeedForward, Mixer, PreNormLayer};
 use crate::error::{ModelError, Result};
+use crate::families::llamacpp::{self, arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::rope;
-use crate::model::LanguageModel;
+use crate::gguf::GgufFile;
+use crate::model::{Family, LanguageModel};
 use crate::weights::{Linear, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::nn::silu;
@@ -60,6 +62,70 @@ impl Config {
     /// Leading dimensions of each head that RoPE rotates.
     pub fn rope_dims(&self) -> usize {
         (self.head_dim() as f32 * self.partial_rotary_factor) as usize
+    }
+}
+
+impl Family for Config {
+    const MODEL_TYPES: &'static [&'static str] = &["phi3"];
+    const GGUF_ARCHITECTURES: &'static [&'static str] = &["phi3"];
+
+    /// LongRoPE factor tensors become a `rope_scaling` entry so the model refuses them by name.
+    fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let a = "phi3";
+        let (hidden, n_heads) = (arch_u32(g, a, "embedding_length")?, arch_u32(g, a, "attention.head_count")?);
+        if n_heads == 0 || hidden % n_heads != 0 {
+            return Err(cfg_err(g.path(), format!("head count {n_heads} does not divide hidden size {hidden}")));
+        }
+        let head_dim = hidden / n_heads;
+        let rope_dims = arch_opt_u32(g, a, "rope.dimension_count")?.unwrap_or(head_dim);
+        let has = |name: &str| g.tensors().iter().any(|t| t.name == name);
+        Ok(Config {
+            hidden_size: hidden,
+            num_hidden_layers: arch_u32(g, a, "block_count")?,
+            intermediate_size: arch_u32(g, a, "feed_forward_length")?,
+            num_attention_heads: n_heads,
+            num_key_value_heads: arch_opt_u32(g, a, "attention.head_count_kv")?.unwrap_or(n_heads),
+            rms_norm_eps: g.get_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+            rope_theta: arch_opt_f32(g, a, "rope.freq_base")?.unwrap_or(10_000.0),
+            vocab_size: g.tensor("token_embd.weight")?.shape()[0],
+            max_position_embeddings: arch_u32(g, a, "context_length")?,
+            tie_word_embeddings: !has("output.weight"),
+            partial_rotary_factor: rope_dims as f32 / head_dim as f32,
+            rope_scaling: has("rope_factors_long.weight").then(|| serde_json::json!({"type": "longrope"})),
+        })
+    }
+
+    fn model_type(&self) -> &str {
+        "phi3"
+    }
+
+    fn architecture(&self) -> &'static str {
+        "Phi3ForCausalLM"
+    }
+
+    fn num_hidden_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn head_dim(&self) -> usize {
+        Config::head_dim(self)
+    }
+
+    fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings
+    }
+
+    fn gguf_tensor_name(gguf: &str) -> Option<String> {
+        match llamacpp::layer_module(gguf) {
+            Some("attn_qkv") => llamacpp::layer_tensor(gguf, "self_attn.qkv_proj"),
+            // Phi-3's fused [gate; up] projection is stored as `ffn_up` with 2 * n_ff rows.
+            Some("ffn_up") => llamacpp::layer_tensor(gguf, "mlp.gate_up_proj"),
+            _ => llamacpp::tensor_name(gguf),
+        }
+    }
+
+    fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
+        Ok(Box::new(Model::new(self, weights, dtype)?))
     }
 }
 
@@ -345,5 +411,13 @@ mod tests {
         cfg.rope_scaling = Some(serde_json::json!({"type": "longrope"}));
         let err = Model::new(cfg.clone(), random_weights(&cfg, 1), Dtype::Float32).err().unwrap().to_string();
         assert!(err.contains("<random phi3>") && err.contains("LongRoPE"), "{err}");
+    }
+
+    #[test]
+    fn gguf_names_rename_the_fused_modules() {
+        let name = |n: &str| <Config as Family>::gguf_tensor_name(n).unwrap();
+        assert_eq!(name("blk.1.attn_qkv.weight"), "model.layers.1.self_attn.qkv_proj.weight");
+        assert_eq!(name("blk.1.ffn_up.weight"), "model.layers.1.mlp.gate_up_proj.weight");
+        assert_eq!(name("blk.1.ffn_down.weight"), "model.layers.1.mlp.down_proj.weight");
     }
 }
