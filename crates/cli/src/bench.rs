@@ -17,8 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::KvCache;
 use mlx_rs::ops::indexing::argmax_axis;
 use mlx_rs::transforms::{async_eval, eval};
-use mlx_rs::{Array, Dtype};
-use models::generate::{available_memory, prefill, CacheSettings};
+use mlx_rs::Array;
+use models::engine::Engine;
+use models::generate::{available_memory, CacheSettings};
+use models::sample::SamplerSettings;
 use models::model::LanguageModel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -163,24 +165,20 @@ fn greedy(logits: &Array) -> Result<Array> {
     Ok(argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
 }
 
-fn eval_step(caches: &[KvCache], y: &Array) -> Result<()> {
-    let mut arrays: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
-    arrays.push(y);
-    Ok(eval(arrays)?)
-}
 
 /// One measurement: depth untimed, then prompt prefill and `n_gen` decode steps timed.
 #[allow(clippy::too_many_arguments)]
-fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, sync: bool) -> Result<Sample> {
-    let mut caches = settings.build(model, step)?;
+fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, sync: bool) -> Result<Sample> {
+    let model = engine.model();
+    let mut seq = engine.sequence(settings, SamplerSettings::default(), step)?;
     if depth > 0 && random_fill {
-        fill_random(model, &mut caches, depth, step, settings.max_kv_size.is_some())?;
+        fill_random(model, seq.caches_mut(), depth, step, settings.max_kv_size.is_some())?;
     } else if depth > 0 {
-        prefill(model, &mut caches, &ids[..depth], step)?;
+        seq.prefill(&ids[..depth])?;
     }
     mlx_rs::memory::reset_peak_memory()?;
     let t0 = Instant::now();
-    let logits = prefill(model, &mut caches, &ids[depth..depth + n_prompt], step)?;
+    let logits = seq.prefill(&ids[depth..depth + n_prompt])?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut y = greedy(&logits)?;
     eval([&y])?;
@@ -190,11 +188,10 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
     let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
         let tb = Instant::now();
-        let input = y.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?;
-        let next = greedy(&model.forward(&input, &mut caches, true)?)?;
+        let next = greedy(&seq.step(&y)?)?;
         decode_build_s += tb.elapsed().as_secs_f64();
         if sync {
-            eval_step(&caches, &next)?;
+            seq.eval_with(&next)?;
         } else {
             // As `generate` runs decode: queue this step, then wait for the previous one, so
             // building a step's graph overlaps the device running the step before it.
@@ -203,10 +200,10 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
         }
         y = next;
     }
-    eval_step(&caches, &y)?;
+    seq.eval_with(&y)?;
     let decode_s = t1.elapsed().as_secs_f64();
     let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
-    let decode_path = match caches.first().and_then(|c| c.last_path()) {
+    let decode_path = match seq.attention_path() {
         Some(c) if n_gen > 0 => c.to_string(),
         _ => String::new(),
     };
@@ -215,7 +212,7 @@ fn measure(model: &dyn LanguageModel, settings: &CacheSettings, ids: &[u32], dep
         prefill_tps: n_prompt as f64 / prefill_s.max(1e-9),
         decode_tps: if n_gen == 0 { f64::NAN } else { n_gen as f64 / decode_s.max(1e-9) },
         ttft_ms: ttft_s * 1e3,
-        kv_bytes: caches.iter().map(|c| c.bytes().total()).sum(),
+        kv_bytes: seq.kv_bytes().total(),
         peak: mlx_rs::memory::peak_memory()?,
         decode_build_s,
         decode_s,
@@ -279,23 +276,23 @@ fn run_model(a: BenchArgs) -> Result<()> {
         .map(|kv| Ok((kv.clone(), a.kv.rest.settings_for(kv).with_context(|| format!("--kv {kv}"))?)))
         .collect::<Result<_>>()?;
     let budget = a.memory_budget.as_deref().map(|b| parse_size(b, "--memory-budget")).transpose()?;
-    let (model_box, tokenizer, model_name, vocab): (Box<dyn LanguageModel>, _, String, usize) = match &a.random_model {
+    let (engine, model_name, vocab): (Engine, String, usize) = match &a.random_model {
         Some(preset) => {
             let kind: models::random::RandomWeights = a.random_weights.parse()?;
             let cfg = models::random::preset(preset)?;
             let t = Instant::now();
             let m = models::random::model(preset, kind, crate::model_args::compute_dtype(), 0)?;
             eprintln!("built random {preset} ({} weights) in {:.1} s", a.random_weights, t.elapsed().as_secs_f64());
-            (Box::new(m), None, format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
+            (Engine::from_model(Box::new(m)), format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
         }
         None => {
             let named: Vec<(&str, &CacheSettings)> = settings.iter().map(|(kv, s)| (kv.as_str(), s)).collect();
             let (loaded, path) = load(&a.model, &named)?;
             let name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
-            (loaded.model, Some(loaded.tokenizer), name, 0)
+            (Engine::from_loaded(loaded), name, 0)
         }
     };
-    let model = model_box.as_ref();
+    let model = engine.model();
     let random_fill = a.fill == Fill::Random;
     let weights = weights_bytes(model);
 
@@ -314,7 +311,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
     }
 
     let max_depth = *depths.iter().max().unwrap_or(&0);
-    let ids = match &tokenizer {
+    let ids = match engine.tokenizer().ok() {
         Some(tok) => {
             let text = match &a.text {
                 Some(t) => t.clone(),
@@ -343,7 +340,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
     for (_, s) in &settings {
-        measure(model, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
+        measure(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -355,7 +352,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
     for r in 0..a.repeats {
         for ((_, s, depth), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
-            samples.push(measure(model, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?);
+            samples.push(measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }

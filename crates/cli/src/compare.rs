@@ -9,8 +9,8 @@ use crate::results::markdown_table;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mlx_kv::CacheBytes;
-use models::generate::{generate, CacheSettings, GenerateOptions};
-use models::model::LanguageModel;
+use models::engine::Engine;
+use models::generate::CacheSettings;
 use models::sample::SamplerSettings;
 use std::path::PathBuf;
 
@@ -62,19 +62,14 @@ struct Speed {
     decode_tps: f64,
 }
 
-fn measure(model: &dyn LanguageModel, prompt: &[u32], settings: &CacheSettings, a: &CompareArgs) -> Result<Speed> {
-    let opts = |n: usize| GenerateOptions {
-        max_tokens: n,
-        prefill_step: a.prefill_step,
-        sampler: SamplerSettings { temp: 0.0, ..Default::default() },
-        cache: settings.clone(),
-        // No stop token: every setting decodes the same number of steps.
-        eos: Vec::new(),
-    };
-    // Warm-up (allocator, first-use paths), not measured.
-    generate(model, &prompt[..prompt.len().min(16)], &opts(4), |_| true)?;
+fn measure(engine: &Engine, prompt: &[u32], settings: &CacheSettings, a: &CompareArgs) -> Result<Speed> {
+    let model = engine.model();
+    let greedy = || SamplerSettings { temp: 0.0, ..Default::default() };
+    // Warm-up (allocator, first-use paths), not measured. No stop token: every setting decodes
+    // the same number of steps.
+    engine.sequence(settings, greedy(), a.prefill_step)?.generate(&prompt[..prompt.len().min(16)], 4, &[], |_| true)?;
     // generation_tps counts the steps after the first token (which the prefill yields).
-    let stats = generate(model, prompt, &opts(a.n + 1), |_| true)?;
+    let stats = engine.sequence(settings, greedy(), a.prefill_step)?.generate(prompt, a.n + 1, &[], |_| true)?;
     // The last sampled token is never fed back, so the cache holds one token fewer.
     let cached = stats.prompt_tokens + stats.generation_tokens.saturating_sub(1);
     Ok(Speed {
@@ -96,12 +91,13 @@ pub fn run(a: CompareArgs) -> Result<()> {
         bail!("--kv: the list needs fp16, the reference of every ratio");
     };
     let (loaded, path) = load(&a.model, &named(&entries))?;
-    let model = loaded.model.as_ref();
+    let engine = Engine::from_loaded(loaded);
+    let model = engine.model();
     let (text, label, _) = read_text(Some("wikitext"), None, a.data_dir.as_deref())?;
     let need = a.depth.max(opts.ctx * a.windows);
     // The start of the text is enough: about 4 bytes a token, with a wide margin.
     let head: String = text.chars().take(need * 16).collect();
-    let tokens = loaded.tokenizer.encode_with(&head, true, false);
+    let tokens = engine.tokenizer()?.encode_with(&head, true, false);
     if tokens.len() < need {
         bail!("--depth/--windows: {need} tokens needed, the text start gives {}", tokens.len());
     }
@@ -115,11 +111,11 @@ pub fn run(a: CompareArgs) -> Result<()> {
     let mut speeds = Vec::new();
     for e in &entries {
         eprintln!("speed: {} ...", e.name);
-        speeds.push(measure(model, &tokens[..a.depth], &e.settings, &a).with_context(|| format!("--kv {}", e.name))?);
+        speeds.push(measure(&engine, &tokens[..a.depth], &e.settings, &a).with_context(|| format!("--kv {}", e.name))?);
     }
     let base = baseline_settings(a.kv.rest.max_kv_size);
     let store = store_for(&path, &opts, &base, a.baseline_cache_mb);
-    let (base_r, quality) = sweep(model, &tokens, &entries, &base, &opts, store.as_ref())?;
+    let (base_r, quality) = sweep(&engine, &tokens, &entries, &base, &opts, store.as_ref())?;
     let (f, mb) = (&speeds[fp16], |b: f64| b / 1e6);
     let rows: Vec<Vec<String>> = entries
         .iter()

@@ -5,7 +5,7 @@ use crate::model_args::{load, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use models::chat::{render, Message};
-use models::generate::{generate, GenerateOptions};
+use models::engine::Engine;
 use models::sample::SamplerSettings;
 use std::io::{Read, Write};
 
@@ -87,7 +87,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     sampler.validate()?;
     let (loaded, path) = load(&a.model, &[(a.kv.kv.as_str(), &cache)])?;
-    let tok = &loaded.tokenizer;
+    let engine = Engine::from_loaded(loaded);
+    let tok = engine.tokenizer()?;
     let mut text = read_prompt(&a)?;
     if a.chat {
         let template = tok.chat_template().with_context(|| format!("--chat: {} has no chat template", path.display()))?;
@@ -104,11 +105,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
-    let opts = GenerateOptions { max_tokens: a.max_tokens, prefill_step: a.prefill_step, sampler, cache: cache.clone(), eos: tok.eos_ids().to_vec() };
+    let mut seq = engine.sequence(&cache, sampler, a.prefill_step)?;
     let mut out = std::io::stdout().lock();
     let mut stream = tok.stream_decoder();
     let mut produced = String::new();
-    let stats = generate(loaded.model.as_ref(), &prompt, &opts, |id| {
+    let stats = seq.generate(&prompt, a.max_tokens, tok.eos_ids(), |id| {
         let piece = stream.push(id);
         produced.push_str(&piece);
         let _ = out.write_all(piece.as_bytes());
@@ -133,6 +134,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             kv.v() as f64 / 1e6,
             mlx_kv::Backend::current().name()
         );
+        if let Some(path) = seq.attention_path() {
+            println!("Attention: {path}");
+        }
     }
     Ok(())
 }

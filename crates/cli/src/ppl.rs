@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::KvSpec;
 use models::generate::{check_context, CacheSettings};
 use models::model::LanguageModel;
+use models::engine::Engine;
 use models::perplexity::{fnv1a, score_window, BaselineStore, PplOptions, PplResult, FNV_OFFSET};
 use std::path::{Path, PathBuf};
 
@@ -173,13 +174,13 @@ fn is_baseline(s: &CacheSettings, base: &CacheSettings) -> bool {
 
 /// Scores every entry window by window against the baseline; returns the baseline's result
 /// and one result per entry.
-pub fn sweep(model: &dyn LanguageModel, tokens: &[u32], entries: &[Entry], base: &CacheSettings, opts: &PplOptions, store: Option<&BaselineStore>) -> Result<(PplResult, Vec<PplResult>)> {
+pub fn sweep(engine: &Engine, tokens: &[u32], entries: &[Entry], base: &CacheSettings, opts: &PplOptions, store: Option<&BaselineStore>) -> Result<(PplResult, Vec<PplResult>)> {
     let n = opts.n_windows(tokens.len());
     if n == 0 {
         bail!("--ctx: the text has {} tokens, fewer than one window of {}", tokens.len(), opts.ctx);
     }
     for e in entries {
-        check_context(model, &e.settings, opts.ctx).with_context(|| format!("--kv {}", e.name))?;
+        check_context(engine.model(), &e.settings, opts.ctx).with_context(|| format!("--kv {}", e.name))?;
     }
     let runs = entries.iter().filter(|e| !is_baseline(&e.settings, base)).count() + 1;
     let bar = ProgressBar::new((n * runs) as u64);
@@ -195,7 +196,7 @@ pub fn sweep(model: &dyn LanguageModel, tokens: &[u32], entries: &[Entry], base:
         let baseline = match cached {
             Some(b) => b,
             None => {
-                let b = score_window(model, window, base, opts)?;
+                let b = score_window(engine, window, base, opts)?;
                 if let Some(s) = store {
                     // A full disk only costs a recomputation next time.
                     stored += usize::from(s.save(window, &b).unwrap_or(false));
@@ -211,7 +212,7 @@ pub fn sweep(model: &dyn LanguageModel, tokens: &[u32], entries: &[Entry], base:
                 continue;
             }
             bar.set_message(format!("window {}/{n}: {}", w + 1, e.name));
-            let s = score_window(model, window, &e.settings, opts).with_context(|| format!("--kv {}", e.name))?;
+            let s = score_window(engine, window, &e.settings, opts).with_context(|| format!("--kv {}", e.name))?;
             r.add(&s, Some(&baseline))?;
             bar.inc(1);
         }
@@ -253,21 +254,23 @@ pub fn run(a: PplArgs) -> Result<()> {
     let base = baseline_settings(f.kv.rest.max_kv_size);
     let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
     let (loaded, path) = load(&f.model, &named(&entries))?;
-    let model = loaded.model.as_ref();
+    let engine = Engine::from_loaded(loaded);
+    let model = engine.model();
+    let tokenizer = engine.tokenizer()?;
     // No BOS unless the tokenizer's metadata asks for one (add_special follows it).
     let t = std::time::Instant::now();
-    let tokens = loaded.tokenizer.encode_with(&text, true, false);
+    let tokens = tokenizer.encode_with(&text, true, false);
     let tokenize_s = t.elapsed().as_secs_f64();
     let total = tokens.len() / opts.ctx;
     let n = opts.n_windows(tokens.len());
-    let bos = if loaded.tokenizer.add_bos() { "BOS prepended (tokenizer asks for it)" } else { "no BOS" };
+    let bos = if tokenizer.add_bos() { "BOS prepended (tokenizer asks for it)" } else { "no BOS" };
     println!("text:     {label}: {} bytes, CRLF -> LF, no other normalization", text.len());
     println!("tokens:   {} ({bos}; special-token text not parsed; tokenized in {tokenize_s:.1} s)", tokens.len());
     println!("model:    {} [{} backend, {:?}]", path.display(), mlx_kv::Backend::current().name(), model.dtype());
     println!("protocol: {}", protocol(&opts, n, total));
     println!("baseline: unquantized cache (the fp16 row; {:?} on this backend), full distributions, exact", model.dtype());
     let store = store_for(&path, &opts, &base, f.baseline_cache_mb);
-    let (base_r, results) = sweep(model, &tokens, &entries, &base, &opts, store.as_ref())?;
+    let (base_r, results) = sweep(&engine, &tokens, &entries, &base, &opts, store.as_ref())?;
     let model_name = path.file_name().map_or(String::new(), |s| s.to_string_lossy().into_owned());
     let rows = to_rows(model, &model_name, &entries, &results, &opts, &Env::detect());
     print_table(&rows, &base_r);

@@ -128,6 +128,10 @@ class Pool {
       for (int i = 0; i < n; ++i) f(i);
       return;
     }
+    // One job at a time: MLX may evaluate on several threads at once (each caller thread has
+    // its own CPU stream), and the pool has one job slot. Two callers sharing it waited for each
+    // other's workers forever (seen with parallel tests).
+    std::lock_guard<std::mutex> one_job(run_mu_);
     {
       std::lock_guard<std::mutex> lock(mu_);
       job_ = &f;
@@ -150,6 +154,7 @@ class Pool {
 
  private:
   static inline std::atomic<bool> started_{false};
+  std::mutex run_mu_;
   explicit Pool(int threads) {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
     for (auto& w : workers_) w.detach();

@@ -1,13 +1,12 @@
-//! Generation: chunked prefill through the split cache, then pipelined decode (the next step
-//! is queued with `async_eval` before the host reads the current token).
+//! What generation needs besides the loop ([`crate::engine::Sequence::generate`]): the KV
+//! settings of a run, the context check made before any work, chunked prefill, and the stats.
 
 use crate::error::{ModelError, Result};
 use crate::model::LanguageModel;
-use crate::sample::{Sampler, SamplerSettings};
 use mlx_kv::{CacheBytes, CacheOptions, KvCache, KvSpec, LayerOverrides};
-use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::transforms::eval;
 use mlx_rs::Array;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The KV side of a run: the spec, per-layer overrides and the window.
 #[derive(Debug, Clone, Default)]
@@ -56,15 +55,6 @@ impl CacheSettings {
             })
             .sum()
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    pub max_tokens: usize,
-    pub prefill_step: usize,
-    pub sampler: SamplerSettings,
-    pub cache: CacheSettings,
-    pub eos: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,7 +114,7 @@ pub fn check_context(model: &dyn LanguageModel, cache: &CacheSettings, tokens: u
     Ok(())
 }
 
-fn eval_caches(caches: &[KvCache], extra: &Array) -> Result<()> {
+pub(crate) fn eval_caches(caches: &[KvCache], extra: &Array) -> Result<()> {
     let mut arrays: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
     arrays.push(extra);
     Ok(eval(arrays)?)
@@ -147,62 +137,4 @@ pub fn prefill(model: &dyn LanguageModel, caches: &mut [KvCache], prompt: &[u32]
     let logits = logits.ok_or_else(|| ModelError::Invalid { flag: "--prompt", message: "the prompt is empty".into() })?;
     let v = logits.shape()[2];
     Ok(logits.reshape(&[1, v])?)
-}
-
-/// Runs generation; `on_token` gets each token and returns false to stop.
-pub fn generate(model: &dyn LanguageModel, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
-    check_context(model, &opts.cache, prompt.len() + opts.max_tokens)?;
-    let mut caches = opts.cache.build(model, opts.prefill_step)?;
-    let mut sampler = Sampler::new(opts.sampler.clone())?;
-    mlx_rs::memory::reset_peak_memory()?;
-    let mut history: Vec<u32> = prompt.to_vec();
-    let start = Instant::now();
-    let logits = prefill(model, &mut caches, prompt, opts.prefill_step)?;
-    let mut y = sampler.sample(&logits, &history)?;
-    eval([&y])?;
-    let prompt_time = start.elapsed();
-    // The penalty needs the token just produced, so it cannot run one step ahead.
-    let pipelined = opts.sampler.repetition_penalty == 1.0;
-    let decode_start = Instant::now();
-    let mut produced = 0usize;
-    let mut last_time = decode_start;
-    while produced < opts.max_tokens {
-        let step = |y: &Array, caches: &mut [KvCache], sampler: &mut Sampler, history: &[u32]| -> Result<Array> {
-            let logits = model.forward(&y.reshape(&[1, 1])?.as_dtype(mlx_rs::Dtype::Int32)?, caches, true)?;
-            let v = logits.shape()[2];
-            sampler.sample(&logits.reshape(&[1, v])?, history)
-        };
-        let more = produced + 1 < opts.max_tokens;
-        let next = if more && pipelined {
-            let n = step(&y, &mut caches, &mut sampler, &history)?;
-            async_eval([&n])?;
-            Some(n)
-        } else {
-            None
-        };
-        let tok: u32 = y.item_cast::<u32>();
-        produced += 1;
-        last_time = Instant::now();
-        history.push(tok);
-        if opts.eos.contains(&tok) || !on_token(tok) || !more {
-            // A step already handed to `async_eval` must finish before its arrays are dropped:
-            // leaving it running made the process hang at exit after an early stop (EOS).
-            if let Some(n) = &next {
-                eval([n])?;
-            }
-            break;
-        }
-        y = match next {
-            Some(n) => n,
-            None => step(&y, &mut caches, &mut sampler, &history)?,
-        };
-    }
-    Ok(GenerationStats {
-        prompt_tokens: prompt.len(),
-        prompt_time,
-        generation_tokens: produced,
-        generation_time: last_time - decode_start,
-        peak_memory: mlx_rs::memory::peak_memory()?,
-        kv_bytes: caches.iter().map(|c| c.bytes()).fold(CacheBytes::default(), |a, b| a + b),
-    })
 }

@@ -4,6 +4,7 @@ pub mod assets;
 pub mod chat;
 pub mod datasets;
 pub mod decoder;
+pub mod engine;
 pub mod error;
 pub mod families;
 pub mod fast;

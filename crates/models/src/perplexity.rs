@@ -13,9 +13,9 @@
 //! more than one window of rows per setting.
 
 use crate::error::{ModelError, Result};
+use crate::engine::Engine;
 use crate::generate::CacheSettings;
-use crate::model::LanguageModel;
-use mlx_kv::KvCache;
+use crate::sample::SamplerSettings;
 use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
 use mlx_rs::transforms::eval;
 use mlx_rs::{Array, Dtype};
@@ -128,8 +128,8 @@ fn log_softmax_f32(logits: &Array) -> Result<Array> {
     Ok(x.subtract(&lse)?)
 }
 
-/// Scores one window (`opts.ctx` tokens) with fresh caches built from `settings`.
-pub fn score_window(model: &dyn LanguageModel, window: &[u32], settings: &CacheSettings, opts: &PplOptions) -> Result<WindowScore> {
+/// Scores one window (`opts.ctx` tokens) in a fresh sequence of `engine` with `settings`.
+pub fn score_window(engine: &Engine, window: &[u32], settings: &CacheSettings, opts: &PplOptions) -> Result<WindowScore> {
     opts.validate()?;
     if window.len() != opts.ctx {
         return Err(ModelError::Invalid { flag: "--ctx", message: format!("window of {} tokens, expected {}", window.len(), opts.ctx) });
@@ -137,16 +137,15 @@ pub fn score_window(model: &dyn LanguageModel, window: &[u32], settings: &CacheS
     let targets = opts.scored_targets();
     // Logits at position p predict token p + 1.
     let scored = targets.start - 1..targets.end - 1;
-    let mut caches: Vec<KvCache> = settings.build(model, opts.chunk)?;
+    let mut seq = engine.sequence(settings, SamplerSettings::default(), opts.chunk)?;
     let mut rows = Vec::new();
     for (i, part) in window.chunks(opts.chunk).enumerate() {
         let start = i * opts.chunk;
         let end = start + part.len();
-        let ids = Array::from_slice(part, &[1, part.len() as i32]).as_dtype(Dtype::Int32)?;
         let (lo, hi) = (scored.start.max(start), scored.end.min(end));
         // A chunk with nothing to score only fills the cache: skip its vocabulary projection.
-        let logits = model.forward(&ids, &mut caches, lo >= hi)?;
-        let mut arrays: Vec<&Array> = caches.iter().flat_map(|c| c.arrays()).collect();
+        let logits = seq.forward(part, lo >= hi)?;
+        let mut arrays: Vec<&Array> = seq.caches().iter().flat_map(|c| c.arrays()).collect();
         if lo >= hi {
             arrays.push(&logits);
             eval(arrays)?;
@@ -254,7 +253,7 @@ pub fn percentile(v: &[f32], q: f64) -> f64 {
 /// Scores every window of `tokens` under `settings`; with `baseline` (the same windows under
 /// the reference setting, in order) also gathers drift. `on_window` runs after each window.
 pub fn score_windows(
-    model: &dyn LanguageModel,
+    engine: &Engine,
     tokens: &[u32],
     settings: &CacheSettings,
     opts: &PplOptions,
@@ -276,7 +275,7 @@ pub fn score_windows(
     }
     let mut result = PplResult::default();
     for w in 0..n {
-        let score = score_window(model, opts.window(tokens, w), settings, opts)?;
+        let score = score_window(engine, opts.window(tokens, w), settings, opts)?;
         result.add(&score, baseline.map(|b| &b[w]))?;
         on_window(w);
     }

@@ -4,7 +4,8 @@
 use mlx_kv::KvSpec;
 use mlx_rs::{Array, Dtype};
 use models::generate::CacheSettings;
-use models::load::{load, Loaded};
+use models::engine::Engine;
+use models::load::load;
 use models::perplexity::{score_window, score_windows, PplOptions, PplResult, WindowScore};
 
 /// Identical settings on a deterministic CPU backend must give identical distributions; the
@@ -14,17 +15,17 @@ const KLD_SAME_TOL: f64 = 1e-6;
 /// are float32, so differences are summation order (~1e-6 relative over 30 layers, with room).
 const NLL_ONE_PASS_TOL: f32 = 2e-3;
 
-fn model() -> Loaded {
-    load(&test_support::assets::default_model(), Dtype::Float32).unwrap()
+fn model() -> Engine {
+    Engine::from_loaded(load(&test_support::assets::default_model(), Dtype::Float32).unwrap())
 }
 
 /// The first `n` tokens of WikiText-2 test (CRLF normalized as the CLI does).
-fn wikitext_tokens(loaded: &Loaded, n: usize) -> Vec<u32> {
+fn wikitext_tokens(loaded: &Engine, n: usize) -> Vec<u32> {
     let p = test_support::assets::wikitext_test();
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     // About 4 bytes a token: read only what the test needs.
     let head: String = text.chars().take(n * 8).collect::<String>().replace("\r\n", "\n");
-    let tokens = loaded.tokenizer.encode(&head, false);
+    let tokens = loaded.tokenizer().unwrap().encode(&head, false);
     assert!(tokens.len() >= n, "only {} tokens in the first {} chars", tokens.len(), head.len());
     tokens[..n].to_vec()
 }
@@ -37,12 +38,12 @@ fn opts() -> PplOptions {
     PplOptions { ctx: 256, chunk: 64, score_all: false, max_windows: Some(2) }
 }
 
-fn baseline(l: &Loaded, tokens: &[u32], o: &PplOptions) -> Vec<WindowScore> {
-    (0..o.n_windows(tokens.len())).map(|w| score_window(l.model.as_ref(), o.window(tokens, w), &settings(KvSpec::dense()), o).unwrap()).collect()
+fn baseline(l: &Engine, tokens: &[u32], o: &PplOptions) -> Vec<WindowScore> {
+    (0..o.n_windows(tokens.len())).map(|w| score_window(l, o.window(tokens, w), &settings(KvSpec::dense()), o).unwrap()).collect()
 }
 
-fn run(l: &Loaded, tokens: &[u32], spec: KvSpec, o: &PplOptions, base: &[WindowScore]) -> PplResult {
-    score_windows(l.model.as_ref(), tokens, &settings(spec), o, Some(base), |_| {}).unwrap()
+fn run(l: &Engine, tokens: &[u32], spec: KvSpec, o: &PplOptions, base: &[WindowScore]) -> PplResult {
+    score_windows(l, tokens, &settings(spec), o, Some(base), |_| {}).unwrap()
 }
 
 #[test]
@@ -77,7 +78,7 @@ fn ppl_is_exp_of_the_mean_nll_and_nll_matches_a_one_pass_forward() {
     let l = model();
     let o = PplOptions { max_windows: Some(1), ..opts() };
     let tokens = wikitext_tokens(&l, o.ctx);
-    let r = score_windows(l.model.as_ref(), &tokens, &settings(KvSpec::dense()), &o, None, |_| {}).unwrap();
+    let r = score_windows(&l, &tokens, &settings(KvSpec::dense()), &o, None, |_| {}).unwrap();
     let mean = r.nll.iter().map(|&x| x as f64).sum::<f64>() / r.nll.len() as f64;
     assert!((r.ppl() - mean.exp()).abs() <= 1e-9 * mean.exp(), "ppl {} vs exp(mean nll) {}", r.ppl(), mean.exp());
     let sd = (r.nll.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (r.nll.len() - 1) as f64).sqrt();
@@ -85,9 +86,9 @@ fn ppl_is_exp_of_the_mean_nll_and_nll_matches_a_one_pass_forward() {
     assert!((r.ppl_stderr() - se).abs() <= 1e-9 * se, "ppl stderr {} vs {se}", r.ppl_stderr());
 
     // Independently: one uncached-style pass over the whole window, log-softmax on the host.
-    let mut caches = settings(KvSpec::dense()).build(l.model.as_ref(), o.ctx).unwrap();
+    let mut caches = settings(KvSpec::dense()).build(l.model(), o.ctx).unwrap();
     let ids = Array::from_slice(&tokens, &[1, o.ctx as i32]).as_dtype(Dtype::Int32).unwrap();
-    let logits = l.model.forward(&ids, &mut caches, false).unwrap().as_dtype(Dtype::Float32).unwrap();
+    let logits = l.model().forward(&ids, &mut caches, false).unwrap().as_dtype(Dtype::Float32).unwrap();
     logits.eval().unwrap();
     let v = logits.shape()[2] as usize;
     let all = logits.as_slice::<f32>();
@@ -109,13 +110,13 @@ fn windows_and_scored_token_counts_follow_the_protocol() {
     assert_eq!(o.n_windows(tokens.len()), 2, "a partial window must be dropped");
     assert_eq!(PplOptions { max_windows: None, ..o }.n_windows(tokens.len()), 2);
     assert_eq!(PplOptions { max_windows: Some(1), ..o }.n_windows(tokens.len()), 1);
-    let r = score_windows(l.model.as_ref(), &tokens, &settings(KvSpec::bits(8, 4)), &o, None, |_| {}).unwrap();
+    let r = score_windows(&l, &tokens, &settings(KvSpec::bits(8, 4)), &o, None, |_| {}).unwrap();
     assert_eq!(r.windows, 2);
     assert_eq!(r.tokens(), 2 * o.ctx / 2, "score_all=false scores ctx/2 tokens per window");
     assert!(!r.has_baseline());
     let all = PplOptions { score_all: true, max_windows: Some(1), ..o };
-    let r = score_windows(l.model.as_ref(), &tokens, &settings(KvSpec::bits(8, 4)), &all, None, |_| {}).unwrap();
+    let r = score_windows(&l, &tokens, &settings(KvSpec::bits(8, 4)), &all, None, |_| {}).unwrap();
     assert_eq!(r.tokens(), o.ctx - 1, "score_all scores every token after the first");
-    let err = score_windows(l.model.as_ref(), &tokens[..o.ctx - 1], &settings(KvSpec::dense()), &o, None, |_| {}).err().unwrap();
+    let err = score_windows(&l, &tokens[..o.ctx - 1], &settings(KvSpec::dense()), &o, None, |_| {}).err().unwrap();
     assert!(err.to_string().starts_with("--ctx"), "{err}");
 }

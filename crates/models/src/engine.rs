@@ -1,0 +1,233 @@
+//! The engine as a library: a model loaded once, and any number of independent sequences over
+//! it, each with its own KV cache settings ([`CacheSettings`], so its own `KvSpec`) and sampler.
+//! A sequence keeps its cache between calls, so a conversation's next turn feeds only the new
+//! tokens. `generate`, `ppl`, `bench`, `compare` and the server all run through it.
+//!
+//! ```no_run
+//! use models::engine::Engine;
+//! use models::generate::CacheSettings;
+//! use models::sample::SamplerSettings;
+//! use mlx_kv::KvSpec;
+//!
+//! # fn main() -> models::error::Result<()> {
+//! let engine = Engine::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"), mlx_ext::EngineOptions::default())?;
+//! let tok = engine.tokenizer()?;
+//! // Two conversations at once, at different precisions.
+//! let k8v4 = CacheSettings { spec: KvSpec::bits(8, 4), ..Default::default() };
+//! let mut a = engine.sequence(&k8v4, SamplerSettings::default(), 512)?;
+//! let mut b = engine.sequence(&CacheSettings::default(), SamplerSettings { temp: 0.7, seed: 1, ..Default::default() }, 512)?;
+//! let mut text = String::new();
+//! let mut stream = tok.stream_decoder();
+//! a.generate(&tok.encode("The capital of France is", true), 20, tok.eos_ids(), |id| {
+//!     text.push_str(&stream.push(id));
+//!     true // false stops
+//! })?;
+//! b.generate(&tok.encode("Once upon a time", true), 20, tok.eos_ids(), |_| true)?;
+//! // The next turn of `a` feeds only its new tokens; the cache holds the rest.
+//! a.generate(&tok.encode(" Its river is", false), 10, tok.eos_ids(), |_| true)?;
+//! println!("{text} / {} tokens cached, {} bytes", a.cached_tokens(), a.kv_bytes().total());
+//! # Ok(())
+//! # }
+//! ```
+
+use crate::error::{ModelError, Result};
+use crate::generate::{check_context, eval_caches, prefill, CacheSettings, GenerationStats};
+use crate::load::Loaded;
+use crate::model::LanguageModel;
+use crate::sample::{Sampler, SamplerSettings};
+use crate::tokenizer::Tokenizer;
+use mlx_ext::EngineOptions;
+use mlx_kv::attention::Choice;
+use mlx_kv::{CacheBytes, KvCache};
+use mlx_rs::transforms::{async_eval, eval};
+use mlx_rs::{Array, Dtype};
+use std::path::Path;
+use std::time::Instant;
+
+/// A loaded model, its tokenizer, and the engine options it runs with.
+pub struct Engine {
+    model: Box<dyn LanguageModel>,
+    tokenizer: Option<Tokenizer>,
+    options: EngineOptions,
+}
+
+impl Engine {
+    /// Installs `options` (they are per process: see [`mlx_ext::options`]) and loads the model at
+    /// `path` (a `.gguf` file or an MLX/HF directory) in the backend's compute dtype.
+    pub fn load(path: &Path, options: EngineOptions) -> Result<Engine> {
+        mlx_ext::options::install(options)?;
+        let loaded = crate::load::load(path, mlx_kv::Backend::current().compute_dtype())?;
+        Ok(Engine::from_loaded(loaded))
+    }
+
+    /// An engine over an already loaded model, with the options in force.
+    pub fn from_loaded(loaded: Loaded) -> Engine {
+        Engine { model: loaded.model, tokenizer: Some(loaded.tokenizer), options: mlx_ext::options::current() }
+    }
+
+    /// An engine over a model without a tokenizer (random weights, for speed measurements).
+    pub fn from_model(model: Box<dyn LanguageModel>) -> Engine {
+        Engine { model, tokenizer: None, options: mlx_ext::options::current() }
+    }
+
+    pub fn model(&self) -> &dyn LanguageModel {
+        self.model.as_ref()
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| ModelError::Invalid { flag: "--model", message: "this model has no tokenizer (random weights)".into() })
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        self.options
+    }
+
+    /// A new, empty sequence. `prefill_step` is the largest chunk a prompt is fed in (and the
+    /// slack a rotating cache keeps). The settings are checked against the model here.
+    pub fn sequence(&self, cache: &CacheSettings, sampler: SamplerSettings, prefill_step: usize) -> Result<Sequence<'_>> {
+        if prefill_step == 0 {
+            return Err(ModelError::Invalid { flag: "--prefill-step", message: "must be at least 1".into() });
+        }
+        sampler.validate()?;
+        Ok(Sequence {
+            model: self.model.as_ref(),
+            caches: cache.build(self.model.as_ref(), prefill_step)?,
+            settings: cache.clone(),
+            pipelined: sampler.repetition_penalty == 1.0,
+            sampler: Sampler::new(sampler)?,
+            prefill_step,
+            history: Vec::new(),
+        })
+    }
+}
+
+/// One sequence: its caches (one per layer), sampler and token history.
+pub struct Sequence<'e> {
+    model: &'e dyn LanguageModel,
+    caches: Vec<KvCache>,
+    settings: CacheSettings,
+    sampler: Sampler,
+    /// The repetition penalty needs the token just produced, so it cannot run one step ahead.
+    pipelined: bool,
+    prefill_step: usize,
+    /// The conversation's tokens: those in the cache, then any produced but not yet fed.
+    history: Vec<u32>,
+}
+
+impl Sequence<'_> {
+    /// Tokens the cache has seen (its RoPE position).
+    pub fn cached_tokens(&self) -> usize {
+        self.caches.first().map_or(0, |c| c.offset())
+    }
+
+    pub fn caches(&self) -> &[KvCache] {
+        &self.caches
+    }
+
+    pub fn caches_mut(&mut self) -> &mut [KvCache] {
+        &mut self.caches
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.settings
+    }
+
+    /// Resident bytes of every layer's cache.
+    pub fn kv_bytes(&self) -> CacheBytes {
+        self.caches.iter().map(|c| c.bytes()).fold(CacheBytes::default(), |a, b| a + b)
+    }
+
+    /// The attention path of the first layer's last step, and why.
+    pub fn attention_path(&self) -> Option<Choice> {
+        self.caches.first().and_then(|c| c.last_path())
+    }
+
+    /// Feeds `tokens` through the cache in chunks of the prefill step, evaluating each chunk;
+    /// returns the logits of the last position (`[1, V]`).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Array> {
+        let logits = prefill(self.model, &mut self.caches, tokens, self.prefill_step)?;
+        self.history.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// Logits `[1, L, V]` (`[1, 1, V]` with `last_only`) of `tokens` fed as one chunk, left lazy
+    /// (the caller evaluates them with [`Sequence::caches`]' arrays).
+    pub fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Array> {
+        let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]).as_dtype(Dtype::Int32)?;
+        let out = self.model.forward(&ids, &mut self.caches, last_only)?;
+        self.history.extend_from_slice(tokens);
+        Ok(out)
+    }
+
+    /// One decode step of a token known only as a lazy `[1]` or `[1, 1]` array (pipelined
+    /// callers): its logits `[1, 1, V]`, lazy. Not recorded in the history.
+    pub fn step(&mut self, token: &Array) -> Result<Array> {
+        self.model.forward(&token.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?, &mut self.caches, true)
+    }
+
+    /// Evaluates every cache array together with `extra`.
+    pub fn eval_with(&self, extra: &Array) -> Result<()> {
+        eval_caches(&self.caches, extra)
+    }
+
+    /// Feeds `prompt` (after any token the last call produced but did not feed), then samples up
+    /// to `max_tokens` tokens, pipelined: step `n + 1` is queued before token `n` is read. Stops
+    /// at a token of `stop` or when `on_token` returns false; the tokens stay in the cache for
+    /// the next call.
+    pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32], mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
+        let fed = self.cached_tokens().min(self.history.len());
+        let feed: Vec<u32> = self.history[fed..].iter().chain(prompt).copied().collect();
+        check_context(self.model, &self.settings, fed + feed.len() + max_tokens)?;
+        mlx_rs::memory::reset_peak_memory()?;
+        let start = Instant::now();
+        let logits = prefill(self.model, &mut self.caches, &feed, self.prefill_step)?;
+        self.history.extend_from_slice(prompt);
+        let mut y = self.sampler.sample(&logits, &self.history)?;
+        eval([&y])?;
+        let prompt_time = start.elapsed();
+        let decode_start = Instant::now();
+        let mut produced = 0usize;
+        let mut last_time = decode_start;
+        while produced < max_tokens {
+            let more = produced + 1 < max_tokens;
+            let next = if more && self.pipelined {
+                let n = self.next_after(&y)?;
+                async_eval([&n])?;
+                Some(n)
+            } else {
+                None
+            };
+            let tok: u32 = y.item_cast::<u32>();
+            produced += 1;
+            last_time = Instant::now();
+            self.history.push(tok);
+            if stop.contains(&tok) || !on_token(tok) || !more {
+                // A step already handed to `async_eval` must finish before its arrays are dropped:
+                // leaving it running made the process hang at exit after an early stop (EOS).
+                if let Some(n) = &next {
+                    eval([n])?;
+                }
+                break;
+            }
+            y = match next {
+                Some(n) => n,
+                None => self.next_after(&y)?,
+            };
+        }
+        Ok(GenerationStats {
+            prompt_tokens: feed.len(),
+            prompt_time,
+            generation_tokens: produced,
+            generation_time: last_time - decode_start,
+            peak_memory: mlx_rs::memory::peak_memory()?,
+            kv_bytes: self.kv_bytes(),
+        })
+    }
+
+    /// Feeds `y` and samples the token after it (lazy).
+    fn next_after(&mut self, y: &Array) -> Result<Array> {
+        let logits = self.step(y)?;
+        let v = logits.shape()[2];
+        self.sampler.sample(&logits.reshape(&[1, v])?, &self.history)
+    }
+}
