@@ -56,8 +56,16 @@ fn pre_ignores_merges(pre: &str) -> bool {
 
 /// Names of end-of-generation tokens used by common chat templates; each counts as EOS when it
 /// is a control or user-defined token of the vocabulary.
-pub(super) const EOG_NAMES: &[&str] =
-    &["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "<EOT>", "<|eom_id|>"];
+pub(super) const EOG_NAMES: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<|eom_id|>",
+];
 
 impl TokenType {
     /// llama.cpp's numbering.
@@ -73,125 +81,72 @@ impl TokenType {
     }
 }
 
+fn invalid(path: &str, reason: impl Into<String>) -> TokenizerError {
+    TokenizerError::Invalid { path: path.into(), reason: reason.into() }
+}
+
+/// What differs between the pipelines of the two vocabulary kinds.
+struct Pipeline {
+    bpe: BpeBuilder,
+    normalizer: Option<NormalizerWrapper>,
+    pre_tokenizer: Option<PreTokenizerWrapper>,
+    decoder: DecoderWrapper,
+}
+
 pub(super) fn build(gguf: &GgufFile) -> Result<Parts, TokenizerError> {
     let path = gguf.path().display().to_string();
-    let invalid = |reason: String| TokenizerError::Invalid { path: path.clone(), reason };
-    let hf_err = |what: &str, e: tokenizers::Error| invalid(format!("{what}: {e}"));
+    let path = path.as_str();
     let model_name = gguf.get_str("tokenizer.ggml.model")?;
     let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
     let n = tokens.len();
     let types: Vec<TokenType> = match gguf.optional("tokenizer.ggml.token_type", GgufFile::get_int_array)? {
         Some(t) if t.len() == n => t.into_iter().map(TokenType::from_id).collect(),
-        Some(t) => return Err(invalid(format!("{} token types for {n} tokens", t.len()))),
+        Some(t) => return Err(invalid(path, format!("{} token types for {n} tokens", t.len()))),
         None => vec![TokenType::Normal; n],
     };
     let id_key = |key: &str| -> Result<Option<u32>, TokenizerError> {
         match gguf.optional(key, GgufFile::get_u32)? {
             Some(id) if (id as usize) < n => Ok(Some(id)),
-            Some(id) => Err(invalid(format!("{key} = {id} is outside the vocabulary of {n}"))),
+            Some(id) => Err(invalid(path, format!("{key} = {id} is outside the vocabulary of {n}"))),
             None => Ok(None),
         }
     };
     let bos = id_key("tokenizer.ggml.bos_token_id")?;
     let unk = id_key("tokenizer.ggml.unknown_token_id")?;
-    let eos: Vec<u32> =
-        [id_key("tokenizer.ggml.eos_token_id")?, id_key("tokenizer.ggml.eot_token_id")?].into_iter().flatten().collect();
+    let eos = [id_key("tokenizer.ggml.eos_token_id")?, id_key("tokenizer.ggml.eot_token_id")?];
 
     let mut vocab = Vocab::with_capacity(n);
     for (i, t) in tokens.iter().enumerate() {
         // First occurrence wins, as in llama.cpp.
         vocab.entry(t.clone()).or_insert(i as u32);
     }
-    let unk_token = unk.map(|i| tokens[i as usize].clone());
-
     // SentencePiece vocabularies add BOS and a space prefix unless they say otherwise.
     let spm = model_name == "llama";
-    let pre_name = gguf.optional("tokenizer.ggml.pre", GgufFile::get_str)?.unwrap_or("default");
-    let default_add_bos = if spm { true } else { pre_ignores_merges(pre_name) };
-    let add_bos = gguf.optional("tokenizer.ggml.add_bos_token", GgufFile::get_bool)?.unwrap_or(default_add_bos);
+    let pre = gguf.optional("tokenizer.ggml.pre", GgufFile::get_str)?.unwrap_or("default");
+    let add_bos =
+        gguf.optional("tokenizer.ggml.add_bos_token", GgufFile::get_bool)?.unwrap_or(spm || pre_ignores_merges(pre));
     let add_eos = gguf.optional("tokenizer.ggml.add_eos_token", GgufFile::get_bool)?.unwrap_or(false);
     let add_space_prefix = gguf.optional("tokenizer.ggml.add_space_prefix", GgufFile::get_bool)?.unwrap_or(spm);
 
-    let bpe = BpeBuilder::new();
-    let bpe = match unk_token {
-        Some(t) => bpe.unk_token(t),
-        None => bpe,
+    let p = match model_name {
+        "gpt2" => byte_level(gguf, path, vocab, pre)?,
+        "llama" => sentencepiece(gguf, path, vocab, add_space_prefix)?,
+        other => return Err(TokenizerError::UnsupportedModel { path: path.into(), model: other.into() }),
     };
-    let (bpe, normalizer, pre_tokenizer, decoder): (_, Option<NormalizerWrapper>, Option<PreTokenizerWrapper>, DecoderWrapper) =
-        match model_name {
-            "gpt2" => {
-                let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
-                let mut pairs: Merges = Vec::with_capacity(merges.len());
-                for (i, m) in merges.iter().enumerate() {
-                    // The first space not at position 0: a token may itself start with a space.
-                    let at = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
-                    let at = at.ok_or_else(|| invalid(format!("merge #{i} '{m}' has no space")))?;
-                    pairs.push((m[..at].to_string(), m[at + 1..].to_string()));
-                }
-                let patterns = pre_patterns(pre_name)
-                    .ok_or_else(|| TokenizerError::UnsupportedPre { path: path.clone(), pre: pre_name.into() })?;
-                let mut pretok = Vec::with_capacity(patterns.len() + 1);
-                for p in patterns {
-                    let split = Split::new(SplitPattern::Regex(p.into()), SplitDelimiterBehavior::Isolated, false)
-                        .map_err(|e| hf_err(&format!("pre-tokenizer regex {p:?}"), e))?;
-                    pretok.push(split.into());
-                }
-                let byte_level = ByteLevel::new(false, true, false);
-                pretok.push(byte_level.clone().into());
-                let bpe = bpe.vocab_and_merges(vocab, pairs).ignore_merges(pre_ignores_merges(pre_name));
-                (bpe, None, Some(PreTokenizerSequence::new(pretok).into()), byte_level.into())
-            }
-            "llama" => {
-                let scores = gguf.get_f32_array("tokenizer.ggml.scores")?;
-                if scores.len() != n {
-                    return Err(invalid(format!("{} scores for {n} tokens", scores.len())));
-                }
-                let merges = spm_merges(tokens, scores);
-                // SentencePiece sees the whole text with spaces escaped as "▁" (and, where the
-                // vocabulary asks, one prepended); there is no pre-tokenizer.
-                let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| hf_err("replace", e));
-                let escape: NormalizerWrapper = replace(" ", "\u{2581}")?.into();
-                let normalizer = if add_space_prefix {
-                    NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), escape]).into()
-                } else {
-                    escape
-                };
-                let mut decoders: Vec<DecoderWrapper> =
-                    vec![replace("\u{2581}", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
-                if add_space_prefix {
-                    decoders.push(Strip::new(' ', 1, 0).into());
-                }
-                let bpe = bpe.vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-                (bpe, Some(normalizer), None, DecoderSequence::new(decoders).into())
-            }
-            other => return Err(TokenizerError::UnsupportedModel { path, model: other.into() }),
-        };
-    let bpe = bpe.build().map_err(|e| hf_err("BPE model", e))?;
-
-    // Only the `convert` output runs this: our own encoder adds BOS itself.
-    let post_processor: Option<PostProcessorWrapper> = match (add_bos, bos) {
-        (true, Some(b)) => {
-            let t = &tokens[b as usize];
-            let template = serde_json::json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {t.clone(): {"id": t, "ids": [b], "tokens": [t]}}});
-            Some(serde_json::from_value(template).map_err(|e| invalid(format!("BOS post-processor: {e}")))?)
-        }
-        _ if spm => None,
-        _ => Some(ByteLevel::new(false, true, false).into()),
+    let bpe = match unk {
+        Some(u) => p.bpe.unk_token(tokens[u as usize].clone()),
+        None => p.bpe,
     };
-
+    let bpe = bpe.build().map_err(|e| invalid(path, format!("BPE model: {e}")))?;
     let mut hf = tokenizers::Tokenizer::new(bpe);
-    hf.with_normalizer(normalizer).map_err(|e| hf_err("normalizer", e))?;
-    hf.with_pre_tokenizer(pre_tokenizer);
-    hf.with_post_processor(post_processor);
-    hf.with_decoder(Some(decoder));
-    let added = (0..n).filter(|&i| matches!(types[i], TokenType::Unknown | TokenType::Control | TokenType::UserDefined)).map(|i| {
-        AddedToken::from(tokens[i].clone(), types[i] != TokenType::UserDefined).normalized(false)
-    });
-    hf.add_tokens(added).map_err(|e| hf_err("added tokens", e))?;
+    hf.with_normalizer(p.normalizer).map_err(|e| invalid(path, format!("normalizer: {e}")))?;
+    hf.with_pre_tokenizer(p.pre_tokenizer);
+    hf.with_post_processor(post_processor(path, tokens, add_bos.then_some(bos).flatten(), spm)?);
+    hf.with_decoder(Some(p.decoder));
+    let added = (0..n)
+        .filter(|&i| matches!(types[i], TokenType::Unknown | TokenType::Control | TokenType::UserDefined))
+        .map(|i| AddedToken::from(tokens[i].clone(), types[i] != TokenType::UserDefined).normalized(false));
+    hf.add_tokens(added).map_err(|e| invalid(path, format!("added tokens: {e}")))?;
 
     Ok(Parts {
         tokens: tokens.to_vec(),
@@ -199,12 +154,96 @@ pub(super) fn build(gguf: &GgufFile) -> Result<Parts, TokenizerError> {
         hf,
         byte_level: !spm,
         bos,
-        eos,
+        eos: eos.into_iter().flatten().collect(),
         add_bos,
         add_eos,
         add_space_prefix,
         chat_template: gguf.optional("tokenizer.chat_template", GgufFile::get_str)?.map(String::from),
     })
+}
+
+/// Byte-level BPE: merges as stored, text split by the `tokenizer.ggml.pre` regexes and then
+/// mapped to GPT-2's byte alphabet.
+fn byte_level(gguf: &GgufFile, path: &str, vocab: Vocab, pre: &str) -> Result<Pipeline, TokenizerError> {
+    let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
+    let mut pairs: Merges = Vec::with_capacity(merges.len());
+    for (i, m) in merges.iter().enumerate() {
+        // The first space not at position 0: a token may itself start with a space.
+        let at = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+        let at = at.ok_or_else(|| invalid(path, format!("merge #{i} '{m}' has no space")))?;
+        pairs.push((m[..at].to_string(), m[at + 1..].to_string()));
+    }
+    let patterns =
+        pre_patterns(pre).ok_or_else(|| TokenizerError::UnsupportedPre { path: path.into(), pre: pre.into() })?;
+    let mut steps = Vec::with_capacity(patterns.len() + 1);
+    for p in patterns {
+        let split = Split::new(SplitPattern::Regex(p.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| invalid(path, format!("pre-tokenizer regex {p:?}: {e}")))?;
+        steps.push(split.into());
+    }
+    let byte_level = ByteLevel::new(false, true, false);
+    steps.push(byte_level.clone().into());
+    Ok(Pipeline {
+        bpe: BpeBuilder::new().vocab_and_merges(vocab, pairs).ignore_merges(pre_ignores_merges(pre)),
+        normalizer: None,
+        pre_tokenizer: Some(PreTokenizerSequence::new(steps).into()),
+        decoder: byte_level.into(),
+    })
+}
+
+/// SentencePiece BPE: the whole text with spaces escaped as "▁" (and, where the vocabulary asks,
+/// one prepended), no pre-tokenizer, bytes outside the vocabulary as `<0xXX>` tokens.
+fn sentencepiece(
+    gguf: &GgufFile,
+    path: &str,
+    vocab: Vocab,
+    add_space_prefix: bool,
+) -> Result<Pipeline, TokenizerError> {
+    let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
+    let scores = gguf.get_f32_array("tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        return Err(invalid(path, format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| invalid(path, format!("replace: {e}")));
+    let escape: NormalizerWrapper = replace(" ", "\u{2581}")?.into();
+    let normalizer = if add_space_prefix {
+        NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), escape]).into()
+    } else {
+        escape
+    };
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![replace("\u{2581}", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    Ok(Pipeline {
+        bpe: BpeBuilder::new().vocab_and_merges(vocab, spm_merges(tokens, scores)).byte_fallback(true).fuse_unk(true),
+        normalizer: Some(normalizer),
+        pre_tokenizer: None,
+        decoder: DecoderSequence::new(decoders).into(),
+    })
+}
+
+/// Adds BOS for readers of the written `tokenizer.json`; our own encoder adds BOS itself and
+/// never asks for the post-processor.
+fn post_processor(
+    path: &str,
+    tokens: &[String],
+    bos: Option<u32>,
+    spm: bool,
+) -> Result<Option<PostProcessorWrapper>, TokenizerError> {
+    let Some(b) = bos else {
+        return Ok((!spm).then(|| ByteLevel::new(false, true, false).into()));
+    };
+    let t = &tokens[b as usize];
+    // As JSON, because the template builder parses pieces from strings, which a token such as
+    // "<s>" would survive but one with a space or a colon would not.
+    let template = serde_json::json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {t.clone(): {"id": t, "ids": [b], "tokens": [t]}}});
+    serde_json::from_value(template).map(Some).map_err(|e| invalid(path, format!("BOS post-processor: {e}")))
 }
 
 /// BPE merges equivalent to SentencePiece's score-driven merging, for a `tokenizers` BPE model.

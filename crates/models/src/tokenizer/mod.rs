@@ -2,12 +2,12 @@
 //!
 //! Encoding always runs through the `tokenizers` crate. A directory brings its `tokenizer.json`
 //! ([`crate::tokenizer_json::load`]); a GGUF vocabulary (`tokenizer.ggml.*`) is turned into the
-//! same pipeline in memory ([`gguf`]), stated so that it encodes as llama.cpp does. Around it this
-//! module keeps what llama.cpp does differently from HF: special tokens are split out of the
-//! text here (so `parse_special == false` can treat control tokens as plain text while still
-//! matching user-defined ones), BOS/EOS are added here, and end-of-generation ids include the
-//! chat end markers. Decoding works on token bytes, so [`StreamDecoder`] can hold back a
-//! character split across tokens.
+//! same kind of pipeline in memory (`gguf.rs`), stated so that it encodes as llama.cpp does.
+//! What follows llama.cpp rather than HF stays here, the same for both sources: special tokens
+//! are split out of the text before the pipeline runs (so `parse_special == false` can treat
+//! control tokens as plain text while still matching user-defined ones), BOS/EOS are added
+//! here, and end-of-generation ids include the chat end markers. Decoding works on token bytes,
+//! so [`StreamDecoder`] can hold back a character split across tokens.
 
 mod gguf;
 mod stream;
@@ -45,7 +45,8 @@ pub enum TokenType {
     Byte,
 }
 
-/// What a [`Tokenizer`] is built from, by [`gguf::build`] or [`crate::tokenizer_json::load`].
+/// What a [`Tokenizer`] is built from: a GGUF vocabulary (`gguf.rs`) or a model directory
+/// ([`crate::tokenizer_json::load`]).
 pub(crate) struct Parts {
     /// Every id's vocabulary string (empty where a directory's vocabulary has a hole).
     pub tokens: Vec<String>,
