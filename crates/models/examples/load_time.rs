@@ -2,7 +2,7 @@
 //! comparing a GGUF with its converted MLX directory. Each path is loaded REPEATS times in this
 //! process, alternating between paths so both see the same machine load; one JSON line per
 //! path gives every time and the median, and the median time of building the tokenizer alone
-//! (from GGUF metadata, or from tokenizer.json through the `tokenizers` crate).
+//! (the `tokenizers` pipeline from GGUF metadata, or from a directory's tokenizer.json).
 //!
 //! Usage: load_time REPEATS PATH [PATH ...]
 

@@ -1,8 +1,12 @@
-//! `tokenizer.json` rebuilt from GGUF metadata (what `convert` writes) against the GGUF-metadata
-//! tokenizer, on WikiText: Gemma-3-270M (SentencePiece BPE with byte fallback; the merges are
-//! derived from the scores) and Qwen2.5-Coder-0.5B (byte-level BPE, `qwen2` pre-tokenizer).
-//! SmolLM2's byte-level vocabulary is covered in mlx_dir.rs. The real models come from
-//! scripts/fetch-models.sh.
+//! The tokenizer files `convert` writes for a GGUF vocabulary, read back, against the tokenizer
+//! built from the GGUF itself, on WikiText: Gemma-3-270M (SentencePiece BPE with byte fallback;
+//! the merges are derived from the scores) and Qwen2.5-Coder-0.5B (byte-level BPE, `qwen2`
+//! pre-tokenizer). Both sides run the `tokenizers` crate, so what is checked is that nothing is
+//! lost in writing the files: the pipeline in `tokenizer.json` (as mlx-lm or transformers read
+//! it, with the added tokens and the BOS post-processor) and the metadata of
+//! `tokenizer_config.json` that our directory loader reads. That the GGUF tokenizer itself
+//! matches llama.cpp is tokenizer_vocab.rs and llamacpp_logits.rs. SmolLM2's byte-level
+//! vocabulary is covered in mlx_dir.rs. The real models come from scripts/fetch-models.sh.
 
 use models::gguf::GgufFile;
 use models::tokenizer::Tokenizer;
@@ -37,8 +41,9 @@ fn first_difference(want: &[u32], got: &[u32]) -> Option<usize> {
     want.iter().zip(got).position(|(a, b)| a != b).or((want.len() != got.len()).then_some(want.len().min(got.len())))
 }
 
-/// The `tokenizers` crate on the raw file, and our directory loader (tokenizer_json.rs, which
-/// adds BOS from tokenizer_config.json), must both give the GGUF tokenizer's ids.
+/// The `tokenizers` crate on the written tokenizer.json alone, and our directory loader
+/// (tokenizer_json.rs, which adds BOS from tokenizer_config.json), must both give the GGUF
+/// tokenizer's ids.
 fn check(model_file: &str, min_tokens: usize, extra: &[&str]) {
     let g = GgufFile::open(model(model_file)).unwrap();
     let gguf_tok = Tokenizer::from_gguf(&g).unwrap();
@@ -58,9 +63,15 @@ fn check(model_file: &str, min_tokens: usize, extra: &[&str]) {
     }
     assert_eq!(dir_tok.encode(&sample, true), gguf_tok.encode(&sample, true), "{model_file}: directory tokenizer with specials");
     for text in extra {
-        assert_eq!(dir_tok.encode(text, true), gguf_tok.encode(text, true), "{model_file}: {text:?}");
+        let want = gguf_tok.encode(text, true);
+        assert_eq!(dir_tok.encode(text, true), want, "{model_file}: {text:?}");
+        let raw = hf.encode(*text, true).unwrap().get_ids().to_vec();
+        assert_eq!(raw, want, "{model_file}: tokenizer.json alone, with specials: {text:?}");
+        let plain = gguf_tok.encode_with(text, false, false);
+        assert_eq!(dir_tok.encode_with(text, false, false), plain, "{model_file}: without special parsing: {text:?}");
         let ids = gguf_tok.encode(text, false);
         assert_eq!(dir_tok.decode(&ids), gguf_tok.decode(&ids), "{model_file}: decoding {text:?}");
+        assert_eq!(hf.decode(&ids, true).unwrap(), gguf_tok.decode(&ids), "{model_file}: tokenizer.json decoding {text:?}");
     }
     assert_eq!(dir_tok.bos_id(), gguf_tok.bos_id());
     assert_eq!(dir_tok.add_bos(), gguf_tok.add_bos());
