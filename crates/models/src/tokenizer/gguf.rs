@@ -25,7 +25,7 @@ use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
 };
 
-use super::{Parts, TokenType, TokenizerError};
+use super::types::{Parts, TokenType, TokenizerError};
 use crate::gguf::GgufFile;
 
 /// The regexes of each `tokenizer.ggml.pre` value, from llama.cpp's `llama-vocab.cpp` (themselves

@@ -1,18 +1,21 @@
 //! Incremental detokenization: text comes out only as complete UTF-8, so a character split
 //! across tokens (common for emoji and CJK in byte-level vocabularies) is never printed broken.
 
-use super::Tokenizer;
+/// What the decoder needs of a tokenizer: the bytes a token stands for.
+pub trait TokenBytes {
+    /// Appends the bytes of token `id` to `out`.
+    fn token_bytes(&self, id: u32, out: &mut Vec<u8>);
+}
 
 /// Feeds generated ids one at a time and returns the text that became complete.
-#[derive(Debug)]
 pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+    tokenizer: &'a dyn TokenBytes,
     pending: Vec<u8>,
     strip_leading_space: bool,
 }
 
 impl<'a> StreamDecoder<'a> {
-    pub(crate) fn new(tokenizer: &'a Tokenizer, strip_leading_space: bool) -> Self {
+    pub(crate) fn new(tokenizer: &'a dyn TokenBytes, strip_leading_space: bool) -> Self {
         Self { tokenizer, pending: Vec::new(), strip_leading_space }
     }
 
