@@ -74,3 +74,18 @@ fn no_environment_switch_other_than_locations_and_build_selection() {
     }
     assert!(bad.is_empty(), "environment switches in the sources (make them EngineOptions flags):\n{}", bad.join("\n"));
 }
+
+#[test]
+fn models_and_mlx_kv_have_no_import_circle() {
+    for krate in ["crates/models", "crates/mlx-kv", "crates/mlx-ext"] {
+        let out = std::process::Command::new("bash")
+            .arg(root().join("scripts/import-circles.sh"))
+            .arg(krate)
+            .current_dir(root())
+            .output()
+            .expect("bash runs scripts/import-circles.sh");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{krate}:\n{text}");
+        assert!(text.contains("no import circles"), "{krate}: unexpected report\n{text}");
+    }
+}

@@ -4,14 +4,19 @@
 //! path gives every time and the median, and the median time of building the tokenizer alone
 //! (the `tokenizers` pipeline from GGUF metadata, or from a directory's tokenizer.json).
 //!
-//! Usage: load_time REPEATS PATH [PATH ...]
+//! Usage: load_time [--dense] REPEATS PATH [PATH ...]   (`--dense`: the engine's `--weights dense`)
 
 use mlx_rs::Dtype;
 use std::time::Instant;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: load_time REPEATS PATH [PATH ...]";
+    let mut args = std::env::args().skip(1).peekable();
+    let usage = "usage: load_time [--dense] REPEATS PATH [PATH ...]";
+    if args.peek().is_some_and(|a| a == "--dense") {
+        args.next();
+        let o = mlx_ext::EngineOptions { weights: mlx_ext::WeightMode::Dense, ..Default::default() };
+        mlx_ext::options::install(o).expect("no kernel has run yet");
+    }
     let repeats: usize = args.next().and_then(|s| s.parse().ok()).filter(|&r| r > 0).expect(usage);
     let paths: Vec<std::path::PathBuf> = args.map(Into::into).collect();
     assert!(!paths.is_empty(), "{usage}");
@@ -45,7 +50,7 @@ fn main() {
             t[t.len() / 2],
             median(tok),
             all.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
-            std::env::var("KVSPLIT_WEIGHTS").unwrap_or_else(|_| "default".into()),
+            format!("{:?}", mlx_ext::options::current().weights),
         );
     }
 }
