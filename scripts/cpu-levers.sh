@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue #8's levers on the CPU, each measured by switching it off, one configuration after
-# another on this machine: our CPU primitives (KVSPLIT_CPU_KERNELS=0: MLX ops only, the
-# previous engine), quantized weights vs f32 (KVSPLIT_WEIGHTS=dense), threads of our kernels
-# (KVSPLIT_CPU_THREADS=1) and of OpenBLAS (OPENBLAS_NUM_THREADS=1). Rows: `bench` of the default
+# another on this machine: our CPU primitives (`--cpu-kernels off`: MLX ops only, the previous
+# engine), quantized weights vs f32 (`--weights dense`), threads of our kernels
+# (`--cpu-threads 1`) and of OpenBLAS (env OPENBLAS_NUM_THREADS=1, OpenBLAS's own). Rows: `bench` of the default
 # model at a few depths; raw CSVs and a table go to docs/data/cpu-levers.{csv,md}.
 #
 #   scripts/cpu-levers.sh [DEPTHS]     (default 0,4096; env KV=fp16,k8v4, N=32, R=2)
@@ -17,20 +17,22 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvsplit-mlx"
 OUT="$ROOT/docs/data"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# label|engine flags|environment (only OpenBLAS's own thread count is an environment variable)
 configs=(
-  "all levers (default)|"
-  "no CPU primitives, f32 weights (previous engine)|KVSPLIT_CPU_KERNELS=0 KVSPLIT_WEIGHTS=dense"
-  "primitives on, f32 weights (no matvec)|KVSPLIT_WEIGHTS=dense"
-  "no CPU primitives, quantized weights (dequantize per call)|KVSPLIT_CPU_KERNELS=0"
-  "primitives on 1 thread|KVSPLIT_CPU_THREADS=1"
-  "OpenBLAS on 1 thread|OPENBLAS_NUM_THREADS=1"
+  "all levers (default)||"
+  "no CPU primitives, f32 weights (previous engine)|--cpu-kernels off --weights dense|"
+  "primitives on, f32 weights (no matvec)|--weights dense|"
+  "no CPU primitives, quantized weights (dequantize per call)|--cpu-kernels off|"
+  "primitives on 1 thread|--cpu-threads 1|"
+  "OpenBLAS on 1 thread||OPENBLAS_NUM_THREADS=1"
 )
 i=0
 for c in "${configs[@]}"; do
-  label=${c%%|*} envs=${c#*|}
-  echo "[cpu-levers] $label ($envs), load $(cut -d' ' -f1 /proc/loadavg)" >&2
-  env $envs "$BIN" bench --kv "$KV" -d "$DEPTHS" --fill random -p 64 -n "$N" -r "$R" --out "$TMP" --name "c$i" >/dev/null
-  echo "$label|$envs|$(cut -d' ' -f1 /proc/loadavg)" > "$TMP/c$i.label"
+  IFS='|' read -r label flags envs <<<"$c"
+  echo "[cpu-levers] $label ($flags $envs), load $(cut -d' ' -f1 /proc/loadavg)" >&2
+  # shellcheck disable=SC2086 # flags and envs are word lists
+  env $envs "$BIN" bench $flags --kv "$KV" -d "$DEPTHS" --fill random -p 64 -n "$N" -r "$R" --out "$TMP" --name "c$i" >/dev/null
+  echo "$label|$(echo "$flags $envs" | xargs)|$(cut -d' ' -f1 /proc/loadavg)" > "$TMP/c$i.label"
   i=$((i + 1))
 done
 python3 - "$TMP" "$OUT" "$i" <<'PY'
@@ -40,7 +42,7 @@ rows = []
 for i in range(n):
     label, envs, load = open(f"{tmp}/c{i}.label").read().strip().split("|")
     for r in csv.DictReader(open(f"{tmp}/c{i}.csv")):
-        rows.append({"config": label, "env": envs or "(none)", "load_after": load, **r})
+        rows.append({"config": label, "setting": envs or "(defaults)", "load_after": load, **r})
 with open(f"{out}/cpu-levers.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
     w.writeheader()
@@ -49,8 +51,8 @@ with open(f"{out}/cpu-levers.md", "w") as f:
     r0 = rows[0]
     f.write(f"# CPU levers ({r0['machine']}, {r0['backend']}, MLX {r0['mlx_version']}, commit {r0['commit']}, {r0['date']})\n\n")
     f.write("`scripts/cpu-levers.sh`: `kvsplit-mlx bench --fill random -p 64` per configuration; decode is the median of the repeats.\n\n")
-    f.write("| configuration | env | kv | depth | prefill tok/s (64 tokens at depth) | decode tok/s | load after |\n|---|---|---|---:|---:|---:|---:|\n")
+    f.write("| configuration | flags / env | kv | depth | prefill tok/s (64 tokens at depth) | decode tok/s | load after |\n|---|---|---|---:|---:|---:|---:|\n")
     for r in rows:
-        f.write(f"| {r['config']} | `{r['env']}` | {r['kv']} | {r['depth']} | {float(r['prefill_tps_median']):.1f} | {float(r['decode_tps_median']):.2f} | {r['load_after']} |\n")
+        f.write(f"| {r['config']} | `{r['setting']}` | {r['kv']} | {r['depth']} | {float(r['prefill_tps_median']):.1f} | {float(r['decode_tps_median']):.2f} | {r['load_after']} |\n")
 print(open(f"{out}/cpu-levers.md").read())
 PY

@@ -12,6 +12,7 @@ mod model_args;
 mod plot;
 mod ppl;
 mod results;
+mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Write an MLX model directory (safetensors, config, tokenizer) from a GGUF file or HF directory.
     Convert(convert::ConvertArgs),
+    /// OpenAI-compatible HTTP server (chat and completions, streaming) whose conversations keep their split-precision KV cache between turns; a chat page at /
+    Serve(serve::ServeArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -56,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plot(a) => plot::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -451,6 +451,13 @@ impl KvCache {
         Ok(Some(out))
     }
 
+    /// Whether [`KvCache::trim`] can remove the newest `n` tokens in full.
+    pub fn can_trim(&self, n: usize) -> bool {
+        let wrapped = self.ring_slots().is_some_and(|r| self.body_head > r);
+        let body_trimmable = !wrapped && self.spec.block_tokens() == 1;
+        n <= self.tail_k.len() || (body_trimmable && n <= self.tail_k.len() + self.body_pos.len())
+    }
+
     /// Removes the newest `n` tokens where possible; returns how many were removed. A ring that
     /// has wrapped, and quantized per-channel groups, cannot be trimmed.
     pub fn trim(&mut self, n: usize) -> usize {

@@ -132,6 +132,41 @@ impl Sequence<'_> {
         &self.settings
     }
 
+    /// The conversation's tokens: those in the cache, then any produced but not yet fed.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Replaces the sampler (a kept conversation's next request brings its own settings).
+    pub fn set_sampler(&mut self, sampler: SamplerSettings) -> Result<()> {
+        self.pipelined = sampler.repetition_penalty == 1.0;
+        self.sampler = Sampler::new(sampler)?;
+        Ok(())
+    }
+
+    /// Cuts the cache and history back to their first `n` tokens, for reusing a kept
+    /// conversation from a common prefix. False (and nothing changed) where a cache cannot drop
+    /// tokens: a rotating window that has wrapped, or per-channel key groups.
+    pub fn trim_to(&mut self, n: usize) -> bool {
+        let fed = self.cached_tokens();
+        if n > fed {
+            return false;
+        }
+        let drop = fed - n;
+        if drop > 0 {
+            let trimmable = self.caches.iter().all(|c| c.can_trim(drop));
+            if !trimmable {
+                return false;
+            }
+            for c in &mut self.caches {
+                let done = c.trim(drop);
+                debug_assert_eq!(done, drop, "can_trim promised {drop} tokens");
+            }
+        }
+        self.history.truncate(n);
+        true
+    }
+
     /// Resident bytes of every layer's cache.
     pub fn kv_bytes(&self) -> CacheBytes {
         self.caches.iter().map(|c| c.bytes()).fold(CacheBytes::default(), |a, b| a + b)

@@ -1,0 +1,20 @@
+//! `kvsplit-mlx serve` driven by the official `openai` Python client over loopback
+//! (`scripts/serve-test.sh`: chat and completions, streaming, usage, stop sequences, the prompt
+//! cache across turns, error objects, a client disconnect, SIGTERM -> exit 0).
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn openai_client_against_the_server() {
+    test_support::assets::default_model();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/serve-test.sh"))
+        .arg(env!("CARGO_BIN_EXE_kvsplit-mlx"))
+        .output()
+        .expect("bash runs scripts/serve-test.sh");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "serve-test.sh failed:\n{text}");
+    assert!(text.contains("checks passed") && text.contains("SIGTERM -> exit 0"), "{text}");
+}

@@ -1,0 +1,170 @@
+//! Request and response bodies in OpenAI's shapes, our extensions (`kv` in requests, `kv_cache`
+//! and `timings` in responses), and OpenAI-style error objects.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// `stream_options` of a streaming request.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn list(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// The fields `/v1/chat/completions` and `/v1/completions` share; `messages` or `prompt` says
+/// which. Unknown fields are ignored, as OpenAI's server does.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub prompt: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    /// Chat: a bool; completions: a number of top alternatives.
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<u32>,
+    /// Our extension: this request's K/V setting ([`crate::kv_field`]).
+    pub kv: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// Our extension: what the request's cache costs and whether a kept conversation served it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct KvCacheReport {
+    /// The K/V setting (`k8v4`, ...).
+    pub setting: String,
+    /// Resident bytes of this conversation's cache after the request.
+    pub resident_bytes: u64,
+    /// What the same tokens take in a 16-bit cache (closed form).
+    pub fp16_bytes: u64,
+    pub prompt_cache_hit: bool,
+    /// Prompt tokens reused from a kept conversation (not prefilled again).
+    pub cached_tokens: usize,
+    /// Tokens this conversation's cache holds after the request.
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Timings {
+    /// From receiving the request at the engine to the first token.
+    pub prompt_ms: f64,
+    pub prompt_tps: f64,
+    pub decode_tps: f64,
+}
+
+/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}` with its status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    /// Seconds for `Retry-After` (503 when the queue is full).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn bad_request(param: Option<&str>, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: param.map(String::from), retry_after: None }
+    }
+
+    pub fn not_found(param: Option<&str>, message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, message: message.into(), kind: "not_found_error", param: param.map(String::from), retry_after: None }
+    }
+
+    pub fn busy(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), kind: "server_busy", param: None, retry_after: Some(1) }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, retry_after: None }
+    }
+
+    pub fn body(&self) -> Value {
+        serde_json::json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": Value::Null}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
+    }
+}
+
+/// Parses a request body, naming the field of a type error and quoting the JSON parse error.
+pub fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(None, format!("the request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(None, "the request body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_request(Some(&path), format!("field '{path}': {}", e.into_inner()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_json_and_wrong_types_are_400s_that_say_what_and_where() {
+        let e = parse_request(b"{\"messages\": [").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        let e = parse_request(br#"{"max_tokens": "ten"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{}", e.message);
+        let e = parse_request(br#"{"messages": [{"role": "user", "content": 3}]}"#).unwrap_err();
+        assert!(e.param.as_deref().is_some_and(|p| p.starts_with("messages")), "{:?}", e.param);
+        let e = parse_request(b"[1]").unwrap_err();
+        assert!(e.message.contains("JSON object"));
+        let r = parse_request(br#"{"prompt": "hi", "stop": "x", "unknown": 1}"#).unwrap();
+        assert_eq!(r.stop.unwrap().list(), vec!["x"]);
+        let body = ApiError::not_found(Some("model"), "no such model").body();
+        assert_eq!(body["error"]["type"], "not_found_error");
+        assert_eq!(body["error"]["param"], "model");
+    }
+}

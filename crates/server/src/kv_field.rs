@@ -1,0 +1,104 @@
+//! A request's `kv` field: the same syntax and validation as the CLI's K/V flags.
+//!
+//! - a string: a preset (`k8v4`, `fp16`, ...) or bits (`"8,4"`, `"4"`);
+//! - an object: `{"bits": "8,4", "group_size": "64,32", "key_layout": "per-channel",
+//!   "residual": 128, "sinks": 4, "rotate": "kv", "layers": "first:2=8,8"}`, every key optional
+//!   except `bits`; unknown keys are refused by name.
+
+use crate::api::ApiError;
+use mlx_kv::spec::parse_groups;
+use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, Rotation};
+use models::generate::CacheSettings;
+use serde_json::Value;
+
+const KEYS: &[&str] = &["bits", "group_size", "key_layout", "residual", "sinks", "rotate", "layers", "quantized_kv_start"];
+
+fn bad(param: &str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(Some(param), format!("{param}: {message}"))
+}
+
+/// The cache settings of a request: `default` when `kv` is absent; `max_kv_size` always comes
+/// from the server.
+pub fn settings(kv: Option<&Value>, default: &CacheSettings) -> Result<CacheSettings, ApiError> {
+    let Some(kv) = kv else { return Ok(default.clone()) };
+    let mut out = CacheSettings { max_kv_size: default.max_kv_size, ..Default::default() };
+    match kv {
+        Value::String(s) => out.spec = KvSpec::parse(s).map_err(|e| bad("kv", e))?,
+        Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+                return Err(bad("kv", format!("unknown key '{k}' (known: {})", KEYS.join(", "))));
+            }
+            let text = |key: &str| -> Result<Option<String>, ApiError> {
+                match m.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(Value::Number(n)) => Ok(Some(n.to_string())),
+                    Some(other) => Err(bad(&format!("kv.{key}"), format!("expected a string, got {other}"))),
+                }
+            };
+            let count = |key: &str| -> Result<usize, ApiError> {
+                match m.get(key) {
+                    None | Some(Value::Null) => Ok(0),
+                    Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| bad(&format!("kv.{key}"), format!("expected a whole number, got {v}"))),
+                }
+            };
+            let bits = text("bits")?.ok_or_else(|| bad("kv.bits", "missing (e.g. \"8,4\" or \"k8v4\")"))?;
+            out.spec = KvSpec::parse(&bits).map_err(|e| bad("kv.bits", e))?;
+            if let Some(g) = text("group_size")? {
+                let (gk, gv) = parse_groups(&g).map_err(|e| bad("kv.group_size", e))?;
+                out.spec.k.group = gk;
+                out.spec.v.group = gv;
+            }
+            if let Some(l) = text("key_layout")? {
+                out.spec.key_layout = l.parse::<KeyLayout>().map_err(|e| bad("kv.key_layout", e))?;
+            }
+            if let Some(r) = text("rotate")? {
+                out.spec.rotation = r.parse::<Rotation>().map_err(|e| bad("kv.rotate", e))?;
+            }
+            out.spec.residual = count("residual")?;
+            out.spec.sinks = count("sinks")?;
+            out.spec.quantized_kv_start = count("quantized_kv_start")?;
+            if let Some(l) = text("layers")? {
+                out.layers = LayerOverrides::parse(&l).map_err(|e| bad("kv.layers", e))?;
+            }
+        }
+        other => return Err(bad("kv", format!("expected a string or an object, got {other}"))),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strings_and_objects_build_the_same_specs_as_the_cli() {
+        let d = CacheSettings::default();
+        assert_eq!(settings(None, &d).unwrap().spec, d.spec);
+        assert_eq!(settings(Some(&json!("k8v4")), &d).unwrap().spec, KvSpec::bits(8, 4));
+        assert_eq!(settings(Some(&json!("8,4")), &d).unwrap().spec, KvSpec::bits(8, 4));
+        let s = settings(Some(&json!({"bits": "4,4", "group_size": "64,32", "key_layout": "per-channel", "residual": 128, "rotate": "kv"})), &d).unwrap();
+        assert_eq!((s.spec.k.bits, s.spec.v.bits, s.spec.k.group, s.spec.v.group, s.spec.residual), (4, 4, 64, 32, 128));
+        assert_eq!(s.spec.key_layout, KeyLayout::PerChannel);
+        assert_eq!(s.spec.rotation, Rotation::KeysAndValues);
+    }
+
+    #[test]
+    fn bad_kv_values_are_400s_naming_the_field() {
+        let d = CacheSettings::default();
+        for (v, param) in [
+            (json!("k7v4"), "kv"),
+            (json!(3), "kv"),
+            (json!({"group_size": "64"}), "kv.bits"),
+            (json!({"bits": "8,4", "group_size": "48"}), "kv.group_size"),
+            (json!({"bits": "8,4", "residual": -1}), "kv.residual"),
+            (json!({"bits": "8,4", "colour": "red"}), "kv"),
+            (json!({"bits": "8,4", "rotate": "q"}), "kv.rotate"),
+        ] {
+            let e = settings(Some(&v), &d).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{v}: {}", e.message);
+            assert!(e.message.starts_with(param), "{v}: {}", e.message);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The server against real clients: starts `kvsplit-mlx serve` on a free loopback port, runs the
+# official `openai` Python client over it (scripts/serve_openai_test.py, in a test venv from
+# PyPI), then sends SIGTERM and checks the server exits 0. Bounded in time.
+#
+#   scripts/serve-test.sh [BIN]    (default: target/release/kvsplit-mlx)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kvsplit-mlx}
+CACHE=${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}
+VENV="$CACHE/test-venvs/openai"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "openai>=1.40,<3"
+fi
+LOG=$(mktemp)
+trap 'kill -9 "$PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
+"$BIN" serve --port 0 --kv k8v4 --max-tokens 64 >"$LOG" 2>&1 &
+PID=$!
+for _ in $(seq 1 600); do
+  grep -q "^serving " "$LOG" && break
+  kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; echo "serve-test: the server exited before listening" >&2; exit 1; }
+  sleep 0.2
+done
+URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
+[ -n "$URL" ] || { cat "$LOG" >&2; echo "serve-test: the server never said where it listens" >&2; exit 1; }
+timeout 600 "$VENV/bin/python" "$ROOT/scripts/serve_openai_test.py" "$URL"
+kill -TERM "$PID"
+for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$PID" 2>/dev/null; then echo "serve-test: still running 10 s after SIGTERM" >&2; exit 1; fi
+wait "$PID" && rc=0 || rc=$?
+[ "$rc" -eq 0 ] || { cat "$LOG" >&2; echo "serve-test: exit status $rc after SIGTERM" >&2; exit 1; }
+echo "serve-test: SIGTERM -> exit 0"

@@ -1,0 +1,139 @@
+"""Drives a running `kvsplit-mlx serve` with the official `openai` client (and raw HTTP for what
+the client cannot send). Loopback only; every call has a timeout. Exits non-zero on the first
+failed check, naming it.
+
+    python serve_openai_test.py http://127.0.0.1:PORT
+"""
+import json
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+
+BASE = sys.argv[1].rstrip("/")
+client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused", timeout=120, max_retries=0)
+MODEL = client.models.list().data[0].id
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+    checks += 1
+    print(f"ok: {what}")
+
+
+def raw(path, body, method="POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(BASE + path, data=data if method == "POST" else None, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+# Non-streaming chat: text, usage and the kv_cache extension.
+msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, extra_body={"kv": "k8v4"})
+text = r.choices[0].message.content
+check(isinstance(text, str) and len(text) > 0, f"chat completion has text ({text!r})")
+check("paris" in text.lower(), "greedy SmolLM2 names Paris")
+u = r.usage
+check(u.prompt_tokens > 0 and 0 < u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens, f"usage adds up ({u})")
+kv = r.model_extra["kv_cache"]
+check(kv["setting"] == "k8v4" and 0 < kv["resident_bytes"] and kv["prompt_cache_hit"] is False, f"kv_cache reported ({kv})")
+check(r.choices[0].finish_reason in ("stop", "length"), "finish_reason is stop or length")
+
+# Turn 2 extends turn 1: the kept conversation serves the shared prefix.
+msgs2 = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": "And of Italy?"}]
+r2 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, extra_body={"kv": "k8v4"})
+kv2 = r2.model_extra["kv_cache"]
+check(kv2["prompt_cache_hit"] is True and kv2["cached_tokens"] >= u.prompt_tokens - 1, f"turn 2 reuses the kept cache ({kv2['cached_tokens']} tokens)")
+check(len(r2.choices[0].message.content) > 0, "turn 2 answers")
+# The same conversation under another setting never reuses a k8v4 cache.
+r3 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "fp16"})
+check(r3.model_extra["kv_cache"]["prompt_cache_hit"] is False, "another K/V setting misses the prompt cache")
+ratio = kv2["resident_bytes"] / max(1, r3.model_extra["kv_cache"]["resident_bytes"])
+check(r3.model_extra["kv_cache"]["resident_bytes"] > kv2["resident_bytes"], f"k8v4 holds fewer bytes than the dense cache (ratio {ratio:.3f})")
+
+# Streaming chat with usage.
+pieces, usage_chunk, finish = [], None, None
+stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, stream=True, stream_options={"include_usage": True}, extra_body={"kv": "k8v4"})
+for chunk in stream:
+    if chunk.choices:
+        d = chunk.choices[0].delta
+        if d.content:
+            pieces.append(d.content)
+        if chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    if chunk.usage:
+        usage_chunk = chunk
+check(len(pieces) > 1, f"streamed in {len(pieces)} pieces")
+check("".join(pieces).strip() == text.strip()[: len("".join(pieces).strip())] or "paris" in "".join(pieces).lower(), "stream says what the non-streaming call said")
+check(finish in ("stop", "length"), f"stream ends with a finish_reason ({finish})")
+check(usage_chunk is not None and usage_chunk.usage.completion_tokens > 0 and "kv_cache" in usage_chunk.model_extra, "include_usage adds a usage chunk with kv_cache")
+
+# Completions, plain and streaming, and stop sequences.
+c = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12)
+check(len(c.choices[0].text) > 0 and c.usage.completion_tokens > 0, f"completion ({c.choices[0].text!r})")
+c2 = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, stop=["7"])
+check("7" not in c2.choices[0].text and c2.choices[0].finish_reason == "stop", f"stop sequence cuts the text ({c2.choices[0].text!r})")
+streamed = "".join(ch.choices[0].text for ch in client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, stop=["7"], stream=True) if ch.choices)
+check(streamed == c2.choices[0].text, f"streamed completion with stop equals the plain one ({streamed!r})")
+
+# Errors are OpenAI error objects with the right status and param.
+def expect(exc, status, param, **kw):
+    try:
+        client.chat.completions.create(model=kw.pop("model", MODEL), messages=msgs, max_tokens=kw.pop("max_tokens", 4), **kw)
+    except exc as e:
+        check(e.status_code == status, f"{exc.__name__} {status}: {e.message[:100]}")
+        if param is not None:
+            check(e.body.get("param") == param, f"error names param {param} ({e.body.get('param')})")
+        return
+    check(False, f"expected {exc.__name__}")
+
+
+expect(openai.BadRequestError, 400, "kv", extra_body={"kv": "k7v4"})
+expect(openai.BadRequestError, 400, "kv.group_size", extra_body={"kv": {"bits": "8,4", "group_size": "48"}})
+expect(openai.BadRequestError, 400, "n", n=2)
+expect(openai.NotFoundError, 404, "model", model="no-such-model")
+expect(openai.BadRequestError, 400, "max_tokens", max_tokens=10_000_000)
+status, _, body = raw("/v1/chat/completions", b'{"messages": [')
+check(status == 400 and "not valid JSON" in json.loads(body)["error"]["message"], "malformed JSON is a 400 error object")
+status, _, body = raw("/v1/chat/completions", {"messages": msgs, "max_tokens": "ten"})
+check(status == 400 and json.loads(body)["error"]["param"] == "max_tokens", "a wrong field type names the field")
+
+# A client that goes away mid-stream: the server stops that generation and stays up.
+def metric(name):
+    _, _, text = raw("/metrics", b"", method="GET")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+before = metric("kvsplit_cancelled_total")
+s = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count from one to one hundred in words."}], max_tokens=400, stream=True)
+for i, chunk in enumerate(s):
+    if i >= 3:
+        break
+s.response.close()
+deadline = time.time() + 30
+while time.time() < deadline and metric("kvsplit_cancelled_total") == before:
+    time.sleep(0.2)
+check(metric("kvsplit_cancelled_total") == before + 1, "a disconnected stream is cancelled")
+r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+check(len(r.choices[0].message.content) > 0, "the server answers after a cancellation")
+status, _, body = raw("/health", b"", method="GET")
+check(status == 200 and json.loads(body)["status"] == "ok", "/health")
+status, _, text = raw("/metrics", b"", method="GET")
+check(status == 200 and "kvsplit_prompt_cache_hits_total" in text and "kvsplit_queue_depth" in text, "/metrics has the counters")
+status, _, page = raw("/", b"", method="GET")
+check(status == 200 and "<html" in page.lower() and "http://" not in page.replace(BASE, ""), "/ serves the page, with no external resources")
+print(f"all {checks} checks passed")
