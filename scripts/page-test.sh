@@ -51,7 +51,9 @@ MOCK_PID=
 cleanup() { if [ -n "$MOCK_PID" ]; then kill "$MOCK_PID" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 if [ "$TARGET" = --mock ]; then
-  MOCK_OUT=$(mktemp)
+  MOCK_OUT=$CACHE/page-test/mock.out
+  mkdir -p "$(dirname "$MOCK_OUT")"
+  : >"$MOCK_OUT"
   "$PY" "$ROOT/scripts/page_mock_server.py" --port 0 >"$MOCK_OUT" 2>"$MOCK_OUT.log" &
   MOCK_PID=$!
   URL=

@@ -13,10 +13,12 @@ reason (and a `<SCREENSHOT>.failed.png` beside it).
 Run it through scripts/page-test.sh, which provides Chromium, chromedriver and selenium.
 """
 
+import os
 import re
 import shutil
 import sys
 import time
+import urllib.request
 from urllib.parse import urlparse
 
 from selenium import webdriver
@@ -31,6 +33,7 @@ MODELS_S = 30
 # One answer on a small model, CPU included, fits well inside this.
 ANSWER_S = 120
 ERROR_S = 30
+REACH_S = 5
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
@@ -157,10 +160,22 @@ def main():
     if len(sys.argv) != 3:
         sys.exit("usage: page_test.py URL SCREENSHOT")
     url, screenshot = sys.argv[1], sys.argv[2]
+    # Everything here is loopback, Selenium's own calls to chromedriver included; a proxy from the
+    # environment would only get in the way (Selenium honours http_proxy for those calls).
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        os.environ.pop(var, None)
     host = urlparse(url).hostname
     if host not in LOOPBACK:
         sys.exit(f"page-test: FAIL: URL {url!r} is not loopback ({', '.join(sorted(LOOPBACK))}); "
                  "run the server on this machine")
+    # Fail fast and plainly when nothing listens, instead of timing out on Chromium's error page.
+    try:
+        with urllib.request.urlopen(url, timeout=REACH_S) as res:
+            check(b"id=\"messages\"" in res.read(), f"GET {url} did not return the chat page")
+    except OSError as e:
+        sys.exit(f"page-test: FAIL: no server answering at {url}: {e}")
+    except Fail as e:
+        sys.exit(f"page-test: FAIL: {e}")
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not chromedriver:
         sys.exit("page-test: FAIL: chromium and chromedriver must be on PATH (Debian: chromium chromium-driver)")
@@ -169,7 +184,7 @@ def main():
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1280,860", "--no-first-run", "--no-default-browser-check",
-                "--disable-extensions", "--force-color-profile=srgb"):
+                "--disable-extensions", "--force-color-profile=srgb", "--no-proxy-server"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
     # An explicit chromedriver keeps Selenium Manager from trying to download one.
