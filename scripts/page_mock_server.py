@@ -155,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_obj(e)
         except json.JSONDecodeError as e:
             self.send_error_obj(ApiError(400, f"request body is not JSON: {e}"))
+        except (BrokenPipeError, ConnectionResetError):
+            # The page's Stop button closes the stream; nothing is cached for a cut-off answer.
+            self.log_message("client closed the stream early")
 
     def chat(self, req):
         messages = req.get("messages")
