@@ -124,7 +124,8 @@ def run(driver, url, screenshot):
     driver.find_element(By.ID, "send").click()
     wait_for_answer(driver, 1, 2)
     kv2, _ = kv_panel(driver, 2)
-    check(kv2 > kv1, f"turn 2: #kv-bytes should grow with the conversation ({kv1:.0f} -> {kv2:.0f} bytes)")
+    # Not strictly: a cache that allocates in steps may report the same bytes for both turns.
+    check(kv2 >= kv1, f"turn 2: #kv-bytes should not shrink as the conversation grows ({kv1:.0f} -> {kv2:.0f} bytes)")
     cache = text(driver, "#cache-status")
     m = re.fullmatch(r"hit, ([0-9]+) cached tokens", cache)
     check(m is not None, f"turn 2: #cache-status should be a hit ('hit, N cached tokens'), got {cache!r}")
