@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The server against real clients: starts `kvsplit-mlx serve` on a free loopback port, runs the
 # official `openai` Python client over it (scripts/serve_openai_test.py, in a test venv from
-# PyPI), then sends SIGTERM and checks the server exits 0. Bounded in time.
+# PyPI), then the chat page in headless Chromium (scripts/page-test.sh: Debian chromium and
+# chromium-driver, selenium), then sends SIGTERM and checks the server exits 0. Bounded in time.
 #
-#   scripts/serve-test.sh [BIN]    (default: target/release/kvsplit-mlx)
+#   scripts/serve-test.sh [BIN] [SCREENSHOT]   (default: target/release/kvsplit-mlx, a temp file)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kvsplit-mlx}
@@ -25,6 +26,8 @@ done
 URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
 [ -n "$URL" ] || { cat "$LOG" >&2; echo "serve-test: the server never said where it listens" >&2; exit 1; }
 timeout 600 "$VENV/bin/python" "$ROOT/scripts/serve_openai_test.py" "$URL"
+SHOT=${2:-$(mktemp --suffix=.png)}
+timeout 600 "$ROOT/scripts/page-test.sh" "$URL" "$SHOT"
 kill -TERM "$PID"
 for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$PID" 2>/dev/null; then echo "serve-test: still running 10 s after SIGTERM" >&2; exit 1; fi

@@ -1,6 +1,7 @@
-//! `kvsplit-mlx serve` driven by the official `openai` Python client over loopback
-//! (`scripts/serve-test.sh`: chat and completions, streaming, usage, stop sequences, the prompt
-//! cache across turns, error objects, a client disconnect, SIGTERM -> exit 0).
+//! `kvsplit-mlx serve` driven by real clients over loopback (`scripts/serve-test.sh`): the
+//! official `openai` Python client (chat and completions, streaming, usage, stop sequences, the
+//! prompt cache across turns, error objects, a client disconnect), the chat page in headless
+//! Chromium, then SIGTERM -> exit 0.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,5 +17,7 @@ fn openai_client_against_the_server() {
         .expect("bash runs scripts/serve-test.sh");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "serve-test.sh failed:\n{text}");
-    assert!(text.contains("checks passed") && text.contains("SIGTERM -> exit 0"), "{text}");
+    for want in ["checks passed", "page-test: PASS", "SIGTERM -> exit 0"] {
+        assert!(text.contains(want), "no '{want}' in:\n{text}");
+    }
 }

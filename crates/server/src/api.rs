@@ -74,7 +74,7 @@ pub struct KvCacheReport {
     pub setting: String,
     /// Resident bytes of this conversation's cache after the request.
     pub resident_bytes: u64,
-    /// What the same tokens take in a 16-bit cache (closed form).
+    /// What a 16-bit cache of the same allocation (whole 256-token steps) takes.
     pub fp16_bytes: u64,
     pub prompt_cache_hit: bool,
     /// Prompt tokens reused from a kept conversation (not prefilled again).

@@ -312,12 +312,14 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
 
     let resident = seq.kv_bytes().total() as u64;
     let cached = seq.cached_tokens();
-    // A 16-bit cache: K and V, every layer and KV head, 2 bytes an element.
+    // A 16-bit cache of the same allocation (caches grow in whole steps of slots): K and V,
+    // every layer and KV head, 2 bytes an element.
     let fp16_per_token = (2 * model.n_layers() * model.n_kv_heads() * model.head_dim() * 2) as u64;
+    let slots = cached.div_ceil(mlx_kv::store::STEP) * mlx_kv::store::STEP;
     let report = KvCacheReport {
         setting: settings.spec.to_string(),
         resident_bytes: resident,
-        fp16_bytes: fp16_per_token * cached as u64,
+        fp16_bytes: fp16_per_token * slots as u64,
         prompt_cache_hit: reused > 0,
         cached_tokens: reused,
         tokens: cached,
