@@ -109,7 +109,15 @@ fn a_loaded_cache_continues_bit_identically() {
         for (l, (a, b)) in saved.iter_mut().zip(loaded.iter_mut()).enumerate() {
             let what = format!("{spec} ({}) layer {l}", layers);
             assert_eq!(b.spec().to_string(), a.spec().to_string(), "{what}");
-            assert_eq!((b.offset(), b.len(), b.bytes()), (a.offset(), a.len(), a.bytes()), "{what}: offset, length or bytes differ");
+            let mut want_bytes = a.bytes();
+            if spec.quantized_kv_start > 0 {
+                // The saved cache's tail emptied once quantization started but keeps its buffer
+                // (one step of 256 f32 slots, 2 heads of 64) for reuse; a loaded one never had it.
+                let kept = 256 * 2 * D * 4;
+                assert_eq!((want_bytes.k_float, want_bytes.v_float), (kept, kept), "{what}");
+                (want_bytes.k_float, want_bytes.v_float) = (0, 0);
+            }
+            assert_eq!((b.offset(), b.len(), b.bytes()), (a.offset(), a.len(), want_bytes), "{what}: offset, length or bytes differ");
             let [q, k, v] = &next[l];
             let out_a = a.update_and_attend(&q.array(), &k.array(), &v.array(), SCALE, None).unwrap();
             let out_b = b.update_and_attend(&q.array(), &k.array(), &v.array(), SCALE, None).unwrap();
