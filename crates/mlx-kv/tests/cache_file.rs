@@ -9,7 +9,7 @@ use mlx_kv::cache_file::{self, CacheMeta, Expected};
 use mlx_kv::{CacheOptions, KeyLayout, KvCache, KvSpec, LayerOverrides, Rotation};
 use mlx_rs::Dtype;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const D: usize = 64;
 const LAYERS: usize = 3;
@@ -158,7 +158,7 @@ fn saved_file(name: &str) -> (PathBuf, CacheMeta) {
     (path, m)
 }
 
-fn load_err(path: &PathBuf, want: &Expected) -> String {
+fn load_err(path: &Path, want: &Expected) -> String {
     match cache_file::load(path, want) {
         Ok(_) => panic!("loading {} should fail", path.display()),
         Err(e) => e.to_string(),
@@ -209,7 +209,7 @@ fn mismatches_name_both_sides() {
 }
 
 /// Rewrites a saved file with `edit` applied to its metadata and tensors.
-fn rewrite(path: &PathBuf, edit: impl FnOnce(&mut HashMap<String, String>, &mut Vec<(String, safetensors::tensor::TensorView)>)) {
+fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, String>, &mut Vec<(String, safetensors::tensor::TensorView)>)) {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
