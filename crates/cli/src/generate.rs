@@ -42,6 +42,11 @@ pub struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Start from a KV cache saved by `cache-prompt`: its tokens come first, then the prompt
+    /// given here (encoded without a BOS token). The K/V setting is the file's; K/V flags left at
+    /// their defaults take it, others must match it. Not with --chat or --max-kv-size.
+    #[arg(long)]
+    pub prompt_cache_file: Option<std::path::PathBuf>,
     /// Prompt tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     pub prefill_step: usize,
@@ -86,6 +91,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     sampler.validate()?;
+    if a.chat && a.prompt_cache_file.is_some() {
+        bail!("--chat cannot be combined with --prompt-cache-file: the template would wrap the cached text too");
+    }
     let (loaded, path) = load(&a.model, &[(a.kv.kv.as_str(), &cache)])?;
     let engine = Engine::from_loaded(loaded);
     let tok = engine.tokenizer()?;
@@ -101,11 +109,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         text = render(template, &msgs, &name(tok.bos_id()), &name(tok.eos_ids().first().copied()), true)?;
     }
     // A rendered chat template already holds its special tokens (BOS included where wanted).
-    let prompt = tok.encode(&text, !a.chat);
+    // After a cached prompt the text continues it, so it gets no BOS of its own.
+    let prompt = tok.encode(&text, !a.chat && a.prompt_cache_file.is_none());
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
-    let mut seq = engine.sequence(&cache, sampler, a.prefill_step)?;
+    let mut seq = match &a.prompt_cache_file {
+        None => engine.sequence(&cache, sampler, a.prefill_step)?,
+        Some(file) => {
+            // Default K/V flags mean "whatever the file holds"; anything else is a request to check.
+            let given = cache.spec.to_string() != "fp16" || !cache.layers.to_string().is_empty() || cache.max_kv_size.is_some();
+            engine
+                .sequence_from_file_as(file, given.then_some(&cache), sampler, a.prefill_step)
+                .with_context(|| format!("--prompt-cache-file {}", file.display()))?
+        }
+    };
+    let from_file = seq.cached_tokens();
     let mut out = std::io::stdout().lock();
     let mut stream = tok.stream_decoder();
     let mut produced = String::new();
@@ -123,13 +142,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let gb = |b: usize| b as f64 / 1e9;
         let kv = stats.kv_bytes;
         println!("==========");
+        if let Some(file) = &a.prompt_cache_file {
+            println!("Prompt cache: {from_file} tokens from {}", file.display());
+        }
         println!("Prompt: {} tokens, {:.3} tokens-per-sec", stats.prompt_tokens, stats.prompt_tps());
         println!("Generation: {} tokens, {:.3} tokens-per-sec", stats.generation_tokens, stats.generation_tps());
         println!("Peak memory: {:.3} GB", gb(stats.peak_memory));
         println!(
             "KV cache: {:.3} MB ({}; K {:.3} MB, V {:.3} MB) [{} backend]",
             kv.total() as f64 / 1e6,
-            cache.spec,
+            seq.settings().spec,
             kv.k() as f64 / 1e6,
             kv.v() as f64 / 1e6,
             mlx_kv::Backend::current().name()

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_attention;
+mod cache_prompt;
 mod compare;
 mod convert;
 mod flag_values;
@@ -35,6 +36,8 @@ enum Command {
     Info,
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
+    /// Prefill a prompt file once and save its KV cache, for `generate --prompt-cache-file`.
+    CachePrompt(cache_prompt::CachePromptArgs),
     /// Benchmark whole-model prefill/decode over K/V settings and depths (`bench attention`: one attention call).
     Bench(bench::BenchCmd),
     /// Draw PNG/SVG figures from bench and ppl result files.
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Info => info::run(),
         Command::Generate(a) => generate::run(a),
+        Command::CachePrompt(a) => cache_prompt::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Ppl(a) => ppl::run(a),

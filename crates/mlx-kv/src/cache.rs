@@ -103,6 +103,68 @@ impl Body {
     }
 }
 
+/// Moves a body's saved arrays (named `name`, as [`KvCache::state`] wrote them) out of `arrays`
+/// into `body` after checking their shapes; returns the tokens it now holds.
+fn take_body(
+    body: &mut Body,
+    name: &str,
+    arrays: &mut std::collections::BTreeMap<String, Array>,
+    heads: &mut Option<(i32, i32)>,
+    head_dim: usize,
+    float_dtype: Dtype,
+) -> Result<usize> {
+    let shape_err = |what: &str, a: &Array, want: String| KvError::Shape(format!("'{name}{what}' is {:?} {:?}; expected {want}", a.dtype(), a.shape()));
+    let bh = |a: &Array, heads: &mut Option<(i32, i32)>| {
+        let sh = a.shape();
+        let first = (sh.first().copied().unwrap_or(0), sh.get(1).copied().unwrap_or(0));
+        sh.len() == 4 && *heads.get_or_insert(first) == first
+    };
+    match body {
+        Body::Float(s) => {
+            let Some(a) = arrays.remove(name) else { return Ok(0) };
+            if !bh(&a, heads) || a.shape()[3] != head_dim as i32 || a.dtype() != float_dtype {
+                return Err(shape_err("", &a, format!("{float_dtype:?} [B, H, tokens, {head_dim}]")));
+            }
+            let n = a.shape()[2] as usize;
+            s.restore(&a)?;
+            Ok(n)
+        }
+        Body::Quant(s) => {
+            let parts = ["w", "scales", "biases"].map(|p| arrays.remove(&format!("{name}.{p}")));
+            let [Some(w), Some(scales), Some(biases)] = parts else {
+                if parts.iter().any(Option::is_some) {
+                    return Err(KvError::Shape(format!("'{name}' needs all of .w, .scales and .biases")));
+                }
+                return Ok(0);
+            };
+            let (bits, g, d) = (s.bits as usize, s.group, head_dim);
+            let ss = scales.shape();
+            // Tokens on the row axis (per-token groups) or packed along the last (per-channel).
+            let (n, w_want, s_want) = match s.axis {
+                TokenAxis::Rows => {
+                    let n = ss.get(2).copied().unwrap_or(0) as usize;
+                    (n, [n, d * bits / 32], [n, d / g])
+                }
+                TokenAxis::Cols => {
+                    let n = ss.get(3).copied().unwrap_or(0) as usize * g;
+                    (n, [d, n * bits / 32], [d, n / g])
+                }
+            };
+            let tail = |a: &Array| a.shape().get(2..).map(|t| t.iter().map(|&x| x as usize).collect::<Vec<_>>());
+            if w.dtype() != Dtype::Uint32 || !bh(&w, heads) || tail(&w) != Some(w_want.to_vec()) {
+                return Err(shape_err(".w", &w, format!("Uint32 [B, H, {}, {}] ({bits}-bit, group {g})", w_want[0], w_want[1])));
+            }
+            for (what, a) in [(".scales", &scales), (".biases", &biases)] {
+                if a.dtype() != Dtype::Float16 || !bh(a, heads) || tail(a) != Some(s_want.to_vec()) {
+                    return Err(shape_err(what, a, format!("Float16 [B, H, {}, {}] (group {g})", s_want[0], s_want[1])));
+                }
+            }
+            s.restore(n, &crate::store::Packed { w, scales, biases })?;
+            Ok(n)
+        }
+    }
+}
+
 /// Construction options that are not part of the precision setting.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheOptions {
@@ -475,6 +537,93 @@ impl KvCache {
         }
         self.offset -= done;
         done
+    }
+
+    /// The live tokens as stored, for saving ([`crate::cache_file`]): exactly the valid tokens,
+    /// never the allocated capacity. Names: `sink_k`/`sink_v` and `tail_k`/`tail_v` (float), and
+    /// the body as `body_k`/`body_v` (float) or `body_k.w`, `body_k.scales`, `body_k.biases`
+    /// (and the same for V). A ring is refused: its slots hold tokens out of order, and a
+    /// sliding-window model's ring would need its slot positions saved too.
+    pub fn state(&self) -> Result<Vec<(String, Array)>> {
+        if let Some(w) = self.opts.max_size {
+            return Err(KvError::InvalidSpec {
+                flag: "--max-kv-size",
+                message: format!("a rotating cache (window {w}, from --max-kv-size or the model's sliding-window layers) cannot be saved"),
+            });
+        }
+        let mut out = Vec::new();
+        let floats = [("sink_k", &self.sink_k), ("sink_v", &self.sink_v), ("tail_k", &self.tail_k), ("tail_v", &self.tail_v)];
+        for (name, store) in floats {
+            out.extend(store.view().map(|a| (name.to_string(), a)));
+        }
+        let slots = self.body_pos.len();
+        for (name, body) in [("body_k", &self.body_k), ("body_v", &self.body_v)] {
+            match body {
+                Body::Float(s) => out.extend(s.slots(0, slots).map(|a| (name.to_string(), a))),
+                Body::Quant(s) => {
+                    if let Some(p) = s.slice(0, slots) {
+                        out.push((format!("{name}.w"), p.w));
+                        out.push((format!("{name}.scales"), p.scales));
+                        out.push((format!("{name}.biases"), p.biases));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A cache holding what [`Self::state`] gave, taking its arrays out of `arrays` by name.
+    /// Every shape and dtype is checked first (float tokens must be `float_dtype`), so a damaged
+    /// file fails here with the tensor's name instead of in a kernel.
+    pub fn from_state(spec: KvSpec, head_dim: usize, opts: CacheOptions, float_dtype: Dtype, arrays: &mut std::collections::BTreeMap<String, Array>) -> Result<Self> {
+        let mut cache = KvCache::new(spec, head_dim, opts)?;
+        if opts.max_size.is_some() {
+            return Err(KvError::InvalidSpec { flag: "--max-kv-size", message: "a rotating cache cannot be restored from a file".into() });
+        }
+        let mut heads: Option<(i32, i32)> = None;
+        let mut take_float = |name: &str| -> Result<Option<Array>> {
+            let Some(a) = arrays.remove(name) else { return Ok(None) };
+            let sh = a.shape();
+            let (b, h) = *heads.get_or_insert((sh.first().copied().unwrap_or(0), sh.get(1).copied().unwrap_or(0)));
+            if sh.len() != 4 || sh[0] != b || sh[1] != h || sh[3] != head_dim as i32 || a.dtype() != float_dtype {
+                return Err(KvError::Shape(format!(
+                    "'{name}' is {:?} {sh:?}; expected {float_dtype:?} [{b}, {h}, tokens, {head_dim}]",
+                    a.dtype()
+                )));
+            }
+            Ok(Some(a))
+        };
+        let floats = ["sink_k", "sink_v", "tail_k", "tail_v"].map(&mut take_float);
+        let [sink_k, sink_v, tail_k, tail_v] = floats;
+        let (sink_k, sink_v, tail_k, tail_v) = (sink_k?, sink_v?, tail_k?, tail_v?);
+        let len_of = |a: &Option<Array>| a.as_ref().map_or(0, |a| a.shape()[2] as usize);
+        let body_k = take_body(&mut cache.body_k, "body_k", arrays, &mut heads, head_dim, float_dtype)?;
+        let body_v = take_body(&mut cache.body_v, "body_v", arrays, &mut heads, head_dim, float_dtype)?;
+        if let Some(extra) = arrays.keys().next() {
+            return Err(KvError::Shape(format!("unexpected tensor '{extra}'")));
+        }
+        let (n_sink, n_tail) = (len_of(&sink_k), len_of(&tail_k));
+        if n_sink != len_of(&sink_v) || n_tail != len_of(&tail_v) || body_k != body_v {
+            return Err(KvError::Shape(format!(
+                "K and V hold different token counts: sinks {n_sink}/{}, body {body_k}/{body_v}, tail {n_tail}/{}",
+                len_of(&sink_v),
+                len_of(&tail_v)
+            )));
+        }
+        let sinks = cache.spec.sinks;
+        if n_sink > sinks || (n_sink < sinks && body_k + n_tail > 0) {
+            return Err(KvError::Shape(format!("{n_sink} sink tokens with {sinks} sinks (--kv-sinks) and {} later tokens", body_k + n_tail)));
+        }
+        for (store, x) in [(&mut cache.sink_k, &sink_k), (&mut cache.sink_v, &sink_v), (&mut cache.tail_k, &tail_k), (&mut cache.tail_v, &tail_v)] {
+            if let Some(x) = x {
+                store.restore(x)?;
+            }
+        }
+        // Without a ring the positions are consecutive: sinks, then body, then tail.
+        cache.body_pos = (n_sink as i32..(n_sink + body_k) as i32).collect();
+        cache.body_head = body_k;
+        cache.offset = n_sink + body_k + n_tail;
+        Ok(cache)
     }
 
     pub fn reset(&mut self) {

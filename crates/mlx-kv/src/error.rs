@@ -19,6 +19,15 @@ pub enum KvError {
     #[error("cache shape mismatch: {0}")]
     Shape(String),
 
+    /// Saved text (a spec, a number) that does not parse; the message names where it came from.
+    #[error("{0}")]
+    Format(String),
+
+    /// A saved cache file that cannot be written or read, or was made for another model or
+    /// setting; the message names both sides of a mismatch.
+    #[error("cache file {path}: {message}")]
+    CacheFile { path: std::path::PathBuf, message: String },
+
     #[error(transparent)]
     Mlx(#[from] mlx_rs::error::Exception),
 

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+pub mod cache_file;
 pub mod error;
 pub mod host_profile;
 pub mod rotation;

@@ -232,15 +232,19 @@ impl KvSpec {
     }
 }
 
+/// The canonical text form, which [`KvSpec::from_canonical`] reads back: `fp16` or `k8v4`, then
+/// only the settings that differ from their defaults (`-g32,64`, `-pc`, `-r16`, `-s4`, `-rotk`,
+/// `-rotkv`, `-qs256`). A dense spec has no group suffix: its group sizes are never used.
 impl fmt::Display for KvSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_dense() {
-            return write!(f, "fp16");
-        }
-        let b = |q: &QuantSpec| if q.is_quantized() { q.bits.to_string() } else { "16".into() };
-        write!(f, "k{}v{}", b(&self.k), b(&self.v))?;
-        if self.k.group != DEFAULT_GROUP || self.v.group != DEFAULT_GROUP {
-            write!(f, "-g{},{}", self.k.group, self.v.group)?;
+            write!(f, "fp16")?;
+        } else {
+            let b = |q: &QuantSpec| if q.is_quantized() { q.bits.to_string() } else { "16".into() };
+            write!(f, "k{}v{}", b(&self.k), b(&self.v))?;
+            if self.k.group != DEFAULT_GROUP || self.v.group != DEFAULT_GROUP {
+                write!(f, "-g{},{}", self.k.group, self.v.group)?;
+            }
         }
         if self.key_layout == KeyLayout::PerChannel {
             write!(f, "-pc")?;
@@ -256,7 +260,49 @@ impl fmt::Display for KvSpec {
             Rotation::Keys => write!(f, "-rotk")?,
             Rotation::KeysAndValues => write!(f, "-rotkv")?,
         }
+        if self.quantized_kv_start > 0 {
+            write!(f, "-qs{}", self.quantized_kv_start)?;
+        }
         Ok(())
+    }
+}
+
+impl KvSpec {
+    /// Reads the [`Display`](fmt::Display) form back (saved caches record specs this way).
+    /// `what` names where the text came from, for the error.
+    pub fn from_canonical(text: &str, what: &str) -> Result<Self> {
+        let bad = |why: String| KvError::Format(format!("{what}: '{text}' is not a KV spec: {why}"));
+        let mut parts = text.split('-');
+        let head = parts.next().unwrap_or_default();
+        let mut spec = if head == "fp16" {
+            KvSpec::dense()
+        } else {
+            let (k, v) = parse_bits_pair(head, "--kv").map_err(|e| bad(e.to_string()))?;
+            KvSpec::bits(k, v)
+        };
+        let num = |x: &str| x.parse::<usize>().map_err(|_| bad(format!("'{x}' is not a number")));
+        for part in parts {
+            if let Some(g) = part.strip_prefix('g') {
+                let (gk, gv) = parse_groups(g).map_err(|e| bad(e.to_string()))?;
+                spec.k.group = gk;
+                spec.v.group = gv;
+            } else if part == "pc" {
+                spec.key_layout = KeyLayout::PerChannel;
+            } else if part == "rotk" {
+                spec.rotation = Rotation::Keys;
+            } else if part == "rotkv" {
+                spec.rotation = Rotation::KeysAndValues;
+            } else if let Some(n) = part.strip_prefix("qs") {
+                spec.quantized_kv_start = num(n)?;
+            } else if let Some(n) = part.strip_prefix('r') {
+                spec.residual = num(n)?;
+            } else if let Some(n) = part.strip_prefix('s') {
+                spec.sinks = num(n)?;
+            } else {
+                return Err(bad(format!("unknown part '{part}'")));
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -272,6 +318,25 @@ enum LayerSelector {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LayerOverrides {
     entries: Vec<(LayerSelector, u8, u8)>,
+}
+
+/// The `--kv-layers` form [`LayerOverrides::parse`] reads back (bits as `K,V`).
+impl fmt::Display for LayerOverrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (sel, k, v)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                write!(f, ";")?;
+            }
+            match *sel {
+                LayerSelector::First(n) => write!(f, "first:{n}")?,
+                LayerSelector::Last(n) => write!(f, "last:{n}")?,
+                LayerSelector::Range(a, b) if a == b => write!(f, "{a}")?,
+                LayerSelector::Range(a, b) => write!(f, "{a}-{b}")?,
+            }
+            write!(f, "={k},{v}")?;
+        }
+        Ok(())
+    }
 }
 
 impl LayerOverrides {
@@ -386,6 +451,40 @@ mod tests {
         assert!(o.validate(10).is_ok());
         assert!(o.validate(5).is_err());
         assert!(LayerOverrides::parse("first=8").is_err());
+    }
+
+    #[test]
+    fn canonical_text_round_trips_every_setting() {
+        let mut specs = vec![KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(16, 4), KvSpec::bits(4, 16)];
+        let mut s = KvSpec::bits(4, 2);
+        s.k.group = 32;
+        s.v.group = 128;
+        s.key_layout = KeyLayout::PerChannel;
+        s.residual = 64;
+        s.sinks = 4;
+        s.rotation = Rotation::KeysAndValues;
+        s.quantized_kv_start = 300;
+        specs.push(s.clone());
+        s.rotation = Rotation::Keys;
+        specs.push(s);
+        let mut d = KvSpec::dense();
+        d.sinks = 4;
+        d.residual = 8;
+        specs.push(d);
+        for spec in specs {
+            let text = spec.to_string();
+            assert_eq!(KvSpec::from_canonical(&text, "test").unwrap(), spec, "{text}");
+        }
+        let err = KvSpec::from_canonical("k8v4-zz", "file x").unwrap_err().to_string();
+        assert!(err.contains("file x") && err.contains("'zz'"), "{err}");
+    }
+
+    #[test]
+    fn layer_overrides_display_parses_back() {
+        let o = LayerOverrides::parse("first:2=8,8; last:1=fp16; 5-6=k4v2; 3=2,2").unwrap();
+        assert_eq!(o.to_string(), "first:2=8,8;last:1=16,16;5-6=4,2;3=2,2");
+        assert_eq!(LayerOverrides::parse(&o.to_string()).unwrap(), o);
+        assert_eq!(LayerOverrides::default().to_string(), "");
     }
 
     #[test]

@@ -63,6 +63,12 @@ impl FloatStore {
         self.write(self.end, x)
     }
 
+    /// Replaces the contents with `x` (`[B, H, L, D]`), allocated as appending it would.
+    pub fn restore(&mut self, x: &Array) -> Result<()> {
+        self.clear();
+        self.append(x)
+    }
+
     /// Raw slots `[start, end)` of the buffer.
     pub fn slots(&self, start: usize, end: usize) -> Option<Array> {
         let d = self.data.as_ref()?;
@@ -196,6 +202,22 @@ impl QuantStore {
             // Transposed in the graph, then made contiguous inside `quantize` (see there).
             TokenAxis::Cols => Packed::quantize(&x.swap_axes(2, 3)?, g, bits)?,
         };
+        self.put(at, l, &q)
+    }
+
+    /// Replaces the contents with `len` packed tokens as [`Self::slice`] gave them, allocated
+    /// in steps as writing them would, so the buffers a kernel sees have the same capacity.
+    pub fn restore(&mut self, len: usize, q: &Packed) -> Result<()> {
+        self.clear();
+        if len > 0 {
+            self.put(0, len, q)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the `l` packed tokens `q` at token slot `at`.
+    fn put(&mut self, at: usize, l: usize, q: &Packed) -> Result<()> {
+        let (g, bits) = (self.group, self.bits);
         let need = at + l;
         if need > self.cap() {
             self.grow(round_up(need, STEP), q.w.shape(), q.scales.shape())?;

@@ -32,12 +32,13 @@
 
 use crate::error::{ModelError, Result};
 use crate::generate::{check_context, eval_caches, prefill, CacheSettings, GenerationStats};
-use crate::load::Loaded;
+use crate::load::{Loaded, ModelId};
 use crate::model::LanguageModel;
 use crate::sample::{Sampler, SamplerSettings};
 use crate::tokenizer::Tokenizer;
 use mlx_ext::EngineOptions;
 use mlx_kv::attention::Choice;
+use mlx_kv::cache_file::{self, CacheMeta, Expected};
 use mlx_kv::{CacheBytes, KvCache};
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{Array, Dtype};
@@ -49,6 +50,8 @@ pub struct Engine {
     model: Box<dyn LanguageModel>,
     tokenizer: Option<Tokenizer>,
     options: EngineOptions,
+    /// `None` for random weights, whose caches cannot be saved.
+    identity: Option<ModelId>,
 }
 
 impl Engine {
@@ -62,12 +65,12 @@ impl Engine {
 
     /// An engine over an already loaded model, with the options in force.
     pub fn from_loaded(loaded: Loaded) -> Engine {
-        Engine { model: loaded.model, tokenizer: Some(loaded.tokenizer), options: mlx_ext::options::current() }
+        Engine { model: loaded.model, tokenizer: Some(loaded.tokenizer), options: mlx_ext::options::current(), identity: Some(loaded.id) }
     }
 
     /// An engine over a model without a tokenizer (random weights, for speed measurements).
     pub fn from_model(model: Box<dyn LanguageModel>) -> Engine {
-        Engine { model, tokenizer: None, options: mlx_ext::options::current() }
+        Engine { model, tokenizer: None, options: mlx_ext::options::current(), identity: None }
     }
 
     pub fn model(&self) -> &dyn LanguageModel {
@@ -82,6 +85,47 @@ impl Engine {
         self.options
     }
 
+    /// The hash that saved caches record and check ([`crate::load::model_id`]); `none` for
+    /// random weights.
+    pub fn model_id(&self) -> String {
+        self.identity.as_ref().map_or_else(|| "none".into(), |i| i.hash.clone())
+    }
+
+    fn identity(&self) -> Result<&ModelId> {
+        self.identity.as_ref().ok_or_else(|| ModelError::Invalid { flag: "--model", message: "random weights have no identity, so their caches cannot be saved or loaded".into() })
+    }
+
+    /// A sequence that continues from a cache saved by [`Sequence::save`]: its K/V settings and
+    /// history come from the file, which must have been made with this model (same
+    /// [`Self::model_id`], layer count and head_dim).
+    pub fn sequence_from_file(&self, path: &Path, sampler: SamplerSettings, prefill_step: usize) -> Result<Sequence<'_>> {
+        self.sequence_from_file_as(path, None, sampler, prefill_step)
+    }
+
+    /// As [`Self::sequence_from_file`], also requiring the file's K/V setting to be `cache`
+    /// (for a caller whose user gave K/V flags).
+    pub fn sequence_from_file_as(&self, path: &Path, cache: Option<&CacheSettings>, sampler: SamplerSettings, prefill_step: usize) -> Result<Sequence<'_>> {
+        if let Some(w) = cache.and_then(|c| c.max_kv_size) {
+            return Err(ModelError::Invalid { flag: "--max-kv-size", message: format!("a window ({w}) cannot be combined with a saved cache ({})", path.display()) });
+        }
+        let id = self.identity()?;
+        let model = self.model.as_ref();
+        let want = Expected {
+            model_id: &id.hash,
+            model_name: &id.name,
+            setting: cache.map(|c| (&c.spec, &c.layers)),
+            head_dim: model.head_dim(),
+            n_layers: model.n_layers(),
+            float_dtype: model.dtype(),
+        };
+        let (meta, caches) = cache_file::load(path, &want)?;
+        let settings = CacheSettings { spec: meta.spec, layers: meta.layers, max_kv_size: None };
+        let mut seq = self.sequence(&settings, sampler, prefill_step)?;
+        seq.caches = caches;
+        seq.history = meta.tokens;
+        Ok(seq)
+    }
+
     /// A new, empty sequence. `prefill_step` is the largest chunk a prompt is fed in (and the
     /// slack a rotating cache keeps). The settings are checked against the model here.
     pub fn sequence(&self, cache: &CacheSettings, sampler: SamplerSettings, prefill_step: usize) -> Result<Sequence<'_>> {
@@ -91,6 +135,7 @@ impl Engine {
         sampler.validate()?;
         Ok(Sequence {
             model: self.model.as_ref(),
+            identity: self.identity.as_ref(),
             caches: cache.build(self.model.as_ref(), prefill_step)?,
             settings: cache.clone(),
             pipelined: sampler.repetition_penalty == 1.0,
@@ -104,6 +149,7 @@ impl Engine {
 /// One sequence: its caches (one per layer), sampler and token history.
 pub struct Sequence<'e> {
     model: &'e dyn LanguageModel,
+    identity: Option<&'e ModelId>,
     caches: Vec<KvCache>,
     settings: CacheSettings,
     sampler: Sampler,
@@ -175,6 +221,34 @@ impl Sequence<'_> {
     /// The attention path of the first layer's last step, and why.
     pub fn attention_path(&self) -> Option<Choice> {
         self.caches.first().and_then(|c| c.last_path())
+    }
+
+    /// The tokens the cache holds, in order.
+    pub fn cached_history(&self) -> &[u32] {
+        &self.history[..self.cached_tokens().min(self.history.len())]
+    }
+
+    /// Saves the cache, quantized as stored, with the tokens it holds, to a safetensors file
+    /// that [`Engine::sequence_from_file`] continues from. A token produced but not yet fed is
+    /// not part of the cache and is not saved.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let id = self.identity.ok_or_else(|| ModelError::Invalid { flag: "--model", message: "random weights have no identity, so their caches cannot be saved".into() })?;
+        let cached = self.cached_tokens();
+        if cached > self.history.len() {
+            // `step` feeds tokens without recording them; the file must name every token.
+            return Err(ModelError::Invalid { flag: "--prompt-cache-file", message: format!("the cache holds {cached} tokens but only {} are known", self.history.len()) });
+        }
+        let meta = CacheMeta {
+            model_id: id.hash.clone(),
+            model_name: id.name.clone(),
+            spec: self.settings.spec.clone(),
+            layers: self.settings.layers.clone(),
+            head_dim: self.model.head_dim(),
+            n_layers: self.model.n_layers(),
+            float_dtype: self.model.dtype(),
+            tokens: self.history[..cached].to_vec(),
+        };
+        Ok(cache_file::save(path, &self.caches, &meta)?)
     }
 
     /// Feeds `tokens` through the cache in chunks of the prefill step, evaluating each chunk;

@@ -15,6 +15,60 @@ use std::path::Path;
 pub struct Loaded {
     pub model: Box<dyn LanguageModel>,
     pub tokenizer: Tokenizer,
+    /// Which weights these are, for saved caches ([`model_id`]).
+    pub id: ModelId,
+}
+
+/// The identity of a model's files: a saved KV cache is only valid with the weights that
+/// computed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelId {
+    /// SHA-256 (its first 16 bytes, in hex) over each file's name, size, first and last MiB.
+    pub hash: String,
+    /// The file or directory name, for messages.
+    pub name: String,
+}
+
+/// Bytes hashed at each end of a weight file. The start holds the header (GGUF metadata and
+/// tokenizer, the safetensors index of names and shapes), the end holds tensor data, so two
+/// fine-tunes of one architecture differ there even when their headers match. Reading a few MiB
+/// keeps this cheap beside a load that reads the whole file.
+const ID_SPAN: u64 = 1 << 20;
+
+/// [`ModelId`] of a `.gguf` file or a model directory (its config.json and safetensors files).
+pub fn model_id(path: &Path) -> Result<ModelId> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ModelError::Io { path: p, source }
+    };
+    let mut files = vec![path.to_path_buf()];
+    if path.is_dir() {
+        files = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.file_name().is_some_and(|n| n == safetensors::CONFIG_FILE))
+            .collect();
+        files.sort();
+    }
+    let mut h = Sha256::new();
+    for f in &files {
+        let mut file = std::fs::File::open(f).map_err(io(f))?;
+        let size = file.metadata().map_err(io(f))?.len();
+        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+        h.update(size.to_le_bytes());
+        let mut buf = Vec::new();
+        (&mut file).take(ID_SPAN).read_to_end(&mut buf).map_err(io(f))?;
+        if size > ID_SPAN {
+            file.seek(SeekFrom::Start(size.saturating_sub(ID_SPAN).max(ID_SPAN))).map_err(io(f))?;
+            file.read_to_end(&mut buf).map_err(io(f))?;
+        }
+        h.update(&buf);
+    }
+    let hash: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    Ok(ModelId { hash, name })
 }
 
 /// Loads a `.gguf` file (weights, config and tokenizer from one file).
@@ -26,7 +80,7 @@ pub fn load_gguf(path: &Path, dtype: Dtype) -> Result<Loaded> {
     })?;
     let model = cfg.build(weights, dtype)?;
     mlx_rs::transforms::eval(model.arrays())?;
-    Ok(Loaded { model, tokenizer })
+    Ok(Loaded { model, tokenizer, id: model_id(path)? })
 }
 
 /// A model's config from a `.gguf` file's metadata or a directory's `config.json`, without
@@ -63,5 +117,5 @@ pub fn load_dir(path: &Path, dtype: Dtype) -> Result<Loaded> {
     })?;
     let model = dir.config.build(weights, dtype)?;
     mlx_rs::transforms::eval(model.arrays())?;
-    Ok(Loaded { model, tokenizer })
+    Ok(Loaded { model, tokenizer, id: model_id(path)? })
 }
