@@ -385,12 +385,11 @@ impl BaselineStore {
 
 /// FNV-1a, 64-bit: a stable hash (std's `DefaultHasher` may change between Rust releases,
 /// which would silently orphan stored baselines).
-pub fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
+pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::with_key(seed);
+    h.write(bytes);
+    h.finish()
 }
 
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

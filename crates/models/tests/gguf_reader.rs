@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use models::gguf::{GgmlType, GgufBuilder, GgufError, GgufFile, MetaArray, MetaValue};
+use models::gguf::{GgmlType, GgufError, GgufFile, MetaArray, MetaValue};
+use test_support::gguf_writer::GgufBuilder;
 
 /// The default model, fetched by scripts/setup.sh.
 fn model_path() -> PathBuf {

@@ -70,7 +70,9 @@ impl Drop for HubServer {
 
 fn etag(data: &[u8]) -> String {
     // FNV-1a: enough to give each file its own blob name.
-    let h = data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let mut hasher = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut hasher, data);
+    let h = std::hash::Hasher::finish(&hasher);
     format!("{h:016x}")
 }
 

@@ -7,3 +7,4 @@
 
 pub mod assets;
 pub mod hub_server;
+pub mod gguf_writer;

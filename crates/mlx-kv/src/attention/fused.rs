@@ -194,7 +194,11 @@ fn kernel_handle(def: &KernelDef, mma: bool) -> KernelHandle {
         // Kernel names carry a hash of the source: MLX caches compiled kernels on disk by
         // name (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run
         // stale code.
-        let hash = [COMMON, &source].concat().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let hash = {
+            let mut h = fnv::FnvHasher::default();
+            std::hash::Hasher::write(&mut h, [COMMON, &source].concat().as_bytes());
+            std::hash::Hasher::finish(&h)
+        };
         let name = CString::new(format!("{}_{hash:016x}", def.stem)).expect("kernel names have no NUL");
         let (header, source) = match include_files(def, &source, hash) {
             Some(small) => small,

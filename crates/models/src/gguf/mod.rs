@@ -12,7 +12,6 @@ mod quants;
 mod reader;
 mod types;
 mod value;
-mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +22,6 @@ pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
 pub use value::{MetaArray, MetaValue};
-pub use writer::{type_id, GgufBuilder};
 
 enum Storage {
     Mmap(memmap2::Mmap),

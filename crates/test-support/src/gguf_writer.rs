@@ -1,8 +1,8 @@
-//! A minimal GGUF writer, for building small files in tests and tools (e.g. hand-made blocks,
-//! corrupted headers). It writes exactly what it is given; it does not validate.
+//! A minimal GGUF writer, for building small files in tests (hand-made blocks, corrupted
+//! headers). It writes exactly what it is given; it does not validate. Test-only, so it lives
+//! here and not in the engine.
 
-use super::value::{MetaArray, MetaValue};
-use super::GgmlType;
+use models::gguf::{GgmlType, MetaArray, MetaValue};
 
 /// Builds a GGUF image in memory.
 #[derive(Debug, Clone)]
