@@ -58,7 +58,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let cache = a.kv.settings()?;
     let sampler = SamplerSettings { temp: a.temp, top_p: a.top_p, seed: a.seed, ..Default::default() };
     sampler.validate()?;
-    let prompt_cache_bytes = parse_size(&a.prompt_cache_bytes, "--prompt-cache-bytes")?;
+    let prompt_cache_bytes = match a.prompt_cache_bytes.trim() {
+        "0" => 0,
+        s => parse_size(s, "--prompt-cache-bytes")?,
+    };
     let kv_budget = match &a.kv_budget {
         Some(b) => parse_size(b, "--kv-budget")?,
         None => models::generate::available_memory().map_or(8 << 30, |m| m / 2),
