@@ -56,10 +56,14 @@ r2 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, 
 kv2 = r2.model_extra["kv_cache"]
 check(kv2["prompt_cache_hit"] is True and kv2["cached_tokens"] >= u.prompt_tokens - 1, f"turn 2 reuses the kept cache ({kv2['cached_tokens']} tokens)")
 check(len(r2.choices[0].message.content) > 0, "turn 2 answers")
-# A request whose history ends inside the kept conversation (turn 1 again) reuses it, trimmed.
-r1b = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, extra_body={"kv": "k8v4"})
+# A request whose history ends inside the kept conversation (turn 2 regenerated) reuses it, trimmed.
+r1b = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, extra_body={"kv": "k8v4"})
 kv1b = r1b.model_extra["kv_cache"]
-check(kv1b["prompt_cache_hit"] is True and kv1b["cached_tokens"] == u.prompt_tokens - 1, f"a history ending inside a kept conversation reuses it ({kv1b['cached_tokens']} of {u.prompt_tokens})")
+check(kv1b["prompt_cache_hit"] is True and kv1b["cached_tokens"] == r2.usage.prompt_tokens - 1, f"a history ending inside a kept conversation reuses it ({kv1b['cached_tokens']} of {r2.usage.prompt_tokens})")
+# A new conversation that shares only the chat template's opening does not cut the kept one.
+client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, extra_body={"kv": "k8v4"})
+r1c = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "k8v4"})
+check(r1c.model_extra["kv_cache"]["cached_tokens"] == r2.usage.prompt_tokens - 1, "a new conversation with the same system prompt leaves the kept one whole")
 check(len(r1b.choices[0].message.content) > 0, "and answers")
 # The same conversation under another setting never reuses a k8v4 cache.
 r3 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "fp16"})

@@ -3,7 +3,10 @@
 //!
 //! A request takes the entry with the longest common token prefix under its own setting (never
 //! another setting's), trims it to that prefix and prefills only the rest, so a turn whose
-//! history ends inside a kept conversation is served too.
+//! history ends inside a kept conversation (a regenerated answer) is served too. An entry is
+//! taken only when the request reuses at least half of it: a new conversation that merely shares
+//! the system prompt would otherwise cut a long kept one down to that prompt. (Copying the shared
+//! prefix into a new cache would serve both; not done yet.)
 
 use models::engine::Sequence;
 
@@ -52,15 +55,15 @@ impl<'e> PromptCache<'e> {
     /// Removes and returns the best entry for `tokens` under `setting`, trimmed so that at least
     /// one token of `tokens` is left to feed (the first step needs logits). `None` on a miss.
     pub fn take(&mut self, setting: &str, tokens: &[u32]) -> Option<Hit<'e>> {
-        let (best, len) = self
+        let (best, len, held) = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.setting == setting)
-            .map(|(i, e)| (i, common_prefix(e.seq.history(), tokens).min(e.seq.cached_tokens())))
-            .max_by_key(|&(_, n)| n)?;
+            .map(|(i, e)| (i, common_prefix(e.seq.history(), tokens).min(e.seq.cached_tokens()), e.seq.cached_tokens()))
+            .max_by_key(|&(_, n, _)| n)?;
         let reuse = len.min(tokens.len().saturating_sub(1));
-        if reuse == 0 {
+        if reuse == 0 || 2 * reuse < held {
             return None;
         }
         let mut entry = self.entries.swap_remove(best);

@@ -266,6 +266,7 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
         }
     };
     metrics.prompt_cache_bytes.store(cache.bytes(), Relaxed);
+    metrics.prompt_cache_entries.store(cache.len() as u64, Relaxed);
 
     let mut decoder = tok.stream_decoder();
     let mut pending = String::new();
@@ -329,8 +330,11 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
     metrics.completion_tokens.fetch_add(stats.generation_tokens as u64, Relaxed);
     let usage = Usage { prompt_tokens: tokens.len(), completion_tokens: stats.generation_tokens, total_tokens: tokens.len() + stats.generation_tokens };
     let timings = Timings { prompt_ms: stats.prompt_time.as_secs_f64() * 1e3, prompt_tps: stats.prompt_tps(), decode_tps: stats.generation_tps() };
-    let _ = events.send(Event::Done(Box::new(Finish { finish_reason, usage, kv_cache: report, timings })));
+    // Kept before the answer ends, so a client that reads /metrics right after sees it.
     cache.put(key, seq);
+    metrics.prompt_cache_bytes.store(cache.bytes(), Relaxed);
+    metrics.prompt_cache_entries.store(cache.len() as u64, Relaxed);
+    let _ = events.send(Event::Done(Box::new(Finish { finish_reason, usage, kv_cache: report, timings })));
     Ok(())
 }
 
