@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Default sampling seed (requests' `seed` overrides).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A saved cache (`kvsplit-mlx cache-prompt`) the prompt cache starts with: requests whose
+    /// tokens begin with its tokens, at its K/V setting, prefill only the rest. Repeatable.
+    #[arg(long)]
+    pub prompt_cache_file: Vec<std::path::PathBuf>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -76,7 +80,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         _ => path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
     };
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prompt_cache_bytes, kv_budget, queue: a.queue };
+    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prompt_cache_bytes, kv_budget, queue: a.queue, prompt_cache_files: a.prompt_cache_file.clone() };
     eprintln!("loading {} ...", path.display());
     let load_path = path.clone();
     let load = move || -> models::error::Result<Engine> { Ok(Engine::from_loaded(models::load::load(&load_path, compute_dtype())?)) };

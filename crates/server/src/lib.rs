@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub kv_budget: u64,
     /// Requests waiting for the engine beyond the running one; more get 503.
     pub queue: usize,
+    /// Saved caches (`kvsplit-mlx cache-prompt`) to start the prompt cache with.
+    pub prompt_cache_files: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +69,15 @@ pub fn run(config: ServeConfig, load: impl FnOnce() -> models::error::Result<Eng
         let handle = server_handle;
         let listener = tokio::net::TcpListener::bind(config.addr).await.map_err(|e| ServeError::Bind(config.addr, e))?;
         let addr = listener.local_addr()?;
+        // Installed before `ready` says we listen: a SIGTERM right after that line must not find
+        // the default action (exit without cleanup) still in place.
+        #[cfg(unix)]
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        #[cfg(not(unix))]
+        let term = ();
         ready(addr);
         let state = routes::State { worker: handle.clone(), metrics, config: Arc::new(config) };
-        axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown_signal(handle.clone())).await?;
+        axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown_signal(handle.clone(), term)).await?;
         Ok::<(), ServeError>(())
     });
     handle.stop();
@@ -79,21 +87,24 @@ pub fn run(config: ServeConfig, load: impl FnOnce() -> models::error::Result<Eng
 
 /// SIGTERM or Ctrl-C: tell the worker to cancel what runs (streams end with finish_reason
 /// `cancelled`), then let axum close the connections.
-async fn shutdown_signal(worker: worker::Handle) {
+#[cfg(unix)]
+type Term = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Term = ();
+
+async fn shutdown_signal(worker: worker::Handle, #[allow(unused_mut)] mut term: Term) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let term = async move {
+        term.recv().await;
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let term = {
+        let _ = term;
+        std::future::pending::<()>()
+    };
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},

@@ -95,8 +95,20 @@ pub fn start(
                     return;
                 }
             };
+            let mut cache: PromptCache<'_> = PromptCache::new(config.prompt_cache_bytes);
+            for f in &config.prompt_cache_files {
+                match engine.sequence_from_file(f, config.sampler.clone(), config.prefill_step) {
+                    Ok(seq) => cache.put(setting_key(seq.settings()), seq),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("--prompt-cache-file {}: {e}", f.display())));
+                        return;
+                    }
+                }
+            }
+            metrics.prompt_cache_bytes.store(cache.bytes(), Relaxed);
+            metrics.prompt_cache_entries.store(cache.len() as u64, Relaxed);
             let _ = ready_tx.send(Ok(()));
-            run(&engine, &config, &metrics, &stop, rx);
+            run(&engine, cache, &config, &metrics, &stop, rx);
         })
         .map_err(|e| format!("cannot start the engine thread: {e}"))?;
     match ready_rx.recv() {
@@ -106,8 +118,12 @@ pub fn start(
     }
 }
 
-fn run<'e>(engine: &'e Engine, config: &ServeConfig, metrics: &Metrics, stop: &AtomicBool, rx: Receiver<Job>) {
-    let mut cache: PromptCache<'e> = PromptCache::new(config.prompt_cache_bytes);
+/// The prompt cache's key for a setting: entries only serve requests with the same one.
+fn setting_key(s: &models::generate::CacheSettings) -> String {
+    format!("{:?}|{:?}|{:?}", s.spec, s.layers, s.max_kv_size)
+}
+
+fn run<'e>(engine: &'e Engine, mut cache: PromptCache<'e>, config: &ServeConfig, metrics: &Metrics, stop: &AtomicBool, rx: Receiver<Job>) {
     loop {
         let job = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(job) => job,
@@ -251,7 +267,7 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
     }
     cache.evict_to(config.kv_budget - predicted);
 
-    let key = format!("{:?}|{:?}|{:?}", settings.spec, settings.layers, settings.max_kv_size);
+    let key = setting_key(&settings);
     let (mut seq, reused) = match cache.take(&key, &tokens) {
         Some(hit) => {
             let mut seq = hit.seq;
