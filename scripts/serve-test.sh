@@ -34,3 +34,28 @@ if kill -0 "$PID" 2>/dev/null; then echo "serve-test: still running 10 s after S
 wait "$PID" && rc=0 || rc=$?
 [ "$rc" -eq 0 ] || { cat "$LOG" >&2; echo "serve-test: exit status $rc after SIGTERM" >&2; exit 1; }
 echo "serve-test: SIGTERM -> exit 0"
+
+# A saved cache (cache-prompt) seeds the prompt cache: a completion that starts with the saved
+# document reuses all of its tokens.
+DOC=$(mktemp)
+TEXT="$CACHE/data/wikitext-2-raw/wiki.test.raw"
+[ -f "$TEXT" ] || "$BIN" ppl wikitext --max-windows 1 --ctx 64 >/dev/null
+head -c 3000 "$TEXT" >"$DOC"
+"$BIN" cache-prompt --kv k8v4 --prompt-file "$DOC" --out "$DOC.safetensors" >"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
+SAVED=$(grep -o "Prompt: [0-9]* tokens" "$LOG" | grep -o "[0-9]*")
+"$BIN" serve --port 0 --kv k8v4 --max-tokens 8 --prompt-cache-file "$DOC.safetensors" >"$LOG" 2>&1 &
+PID=$!
+for _ in $(seq 1 600); do grep -q "^serving " "$LOG" && break; kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; exit 1; }; sleep 0.2; done
+URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
+timeout 300 "$VENV/bin/python" - "$URL" "$DOC" "$SAVED" <<'PY'
+import json, sys, urllib.request
+url, doc, saved = sys.argv[1], open(sys.argv[2], newline="").read(), int(sys.argv[3])
+body = json.dumps({"prompt": doc + " In summary,", "max_tokens": 8}).encode()
+r = json.load(urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}), timeout=300))
+kv = r["kv_cache"]
+assert kv["prompt_cache_hit"] and kv["cached_tokens"] == saved, f"saved {saved} tokens, reused {kv}"
+print(f"serve-test: --prompt-cache-file reused {kv['cached_tokens']} of {r['usage']['prompt_tokens']} prompt tokens")
+PY
+kill -TERM "$PID"
+wait "$PID" || { echo "serve-test: exit status $? after SIGTERM (prompt-cache-file run)" >&2; exit 1; }
+rm -f "$DOC" "$DOC.safetensors"
