@@ -6,6 +6,7 @@
 //! - [`options`]: [`EngineOptions`], the typed kernel-path choices (fused GPU step and variants,
 //!   CPU primitives, threads, weight handling, profiling) that every command takes as flags and
 //!   every result row records.
+//! - [`tensor_bytes`]: an MLX array viewed as safetensors data, for the files we write.
 //!
 //! This crate sits below `mlx-kv` (the cache and attention) and `models` (the families), which
 //! both reach the primitives through it.
@@ -13,6 +14,7 @@
 pub mod cpu;
 mod ffi;
 pub mod options;
+pub mod tensor_bytes;
 
 pub use options::{CpuBuild, EngineOptions, Toggle, WeightMode};
 

@@ -12,9 +12,9 @@
 use crate::cache::{CacheOptions, KvCache};
 use crate::error::{KvError, Result};
 use crate::spec::{KvSpec, LayerOverrides};
+use mlx_ext::tensor_bytes::{tensor_bytes, BytesError, TensorBytes};
 use mlx_rs::{Array, Dtype};
-use safetensors::{Dtype as StDtype, SafeTensors, View};
-use std::borrow::Cow;
+use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -76,44 +76,13 @@ fn file_err(path: &Path, message: impl Into<String>) -> KvError {
     KvError::CacheFile { path: path.to_path_buf(), message: message.into() }
 }
 
-/// One evaluated, contiguous array as safetensors bytes, borrowed from MLX's buffer.
-struct Bytes<'a> {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    data: &'a [u8],
-}
-
-impl View for &Bytes<'_> {
-    fn dtype(&self) -> StDtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn as_bytes<T: mlx_rs::ArrayElement>(a: &Array) -> Result<&[u8]> {
-    let s = a.try_as_slice::<T>().map_err(|e| KvError::Shape(format!("reading cache data: {e}")))?;
-    // SAFETY: initialized memory viewed as bytes, for as long as `a` (and its buffer) lives.
-    Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) })
-}
-
 /// Safetensors stores little-endian data, the memory order of every host MLX runs on.
-fn bytes_of(a: &Array) -> Result<Bytes<'_>> {
-    let (dtype, data) = match a.dtype() {
-        Dtype::Float32 => (StDtype::F32, as_bytes::<f32>(a)?),
-        Dtype::Float16 => (StDtype::F16, as_bytes::<half::f16>(a)?),
-        Dtype::Bfloat16 => (StDtype::BF16, as_bytes::<half::bf16>(a)?),
-        Dtype::Uint32 => (StDtype::U32, as_bytes::<u32>(a)?),
-        other => return Err(KvError::Shape(format!("cannot save a {other:?} array"))),
-    };
-    Ok(Bytes { dtype, shape: a.shape().iter().map(|&d| d as usize).collect(), data })
+fn bytes_of(a: &Array) -> Result<TensorBytes<'_>> {
+    tensor_bytes(a).map_err(|e| match e {
+        BytesError::Read(e) => KvError::Shape(format!("reading cache data: {e}")),
+        BytesError::Dtype(other) => KvError::Shape(format!("cannot save a {other:?} array")),
+        BytesError::BigEndian => KvError::Shape("saving a cache needs a little-endian host".into()),
+    })
 }
 
 fn dtype_name(d: Dtype) -> &'static str {
@@ -164,7 +133,7 @@ pub fn save(path: &Path, caches: &[KvCache], meta: &CacheMeta) -> Result<()> {
         arrays.push(("token_ids".into(), Array::from_slice(&meta.tokens, &[meta.tokens.len() as i32])));
     }
     mlx_rs::transforms::eval(arrays.iter().map(|(_, a)| a))?;
-    let views: Vec<(String, Bytes)> = arrays.iter().map(|(n, a)| Ok((n.clone(), bytes_of(a)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, TensorBytes)> = arrays.iter().map(|(n, a)| Ok((n.clone(), bytes_of(a)?))).collect::<Result<_>>()?;
     let md: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("format_version", FORMAT_VERSION.to_string()),

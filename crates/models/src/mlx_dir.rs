@@ -12,9 +12,9 @@ use crate::gguf::GgmlType;
 use crate::load::safetensors::{load_dir_as, QuantSpec, Quantization, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::weights::Weight;
 use mlx_rs::ops::{dequantize, quantize};
+use mlx_ext::tensor_bytes::{BytesError, TensorBytes};
 use mlx_rs::{Array, Dtype};
 use serde_json::Value;
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -251,56 +251,14 @@ fn quantization_block(specs: &BTreeMap<String, QuantSpec>) -> Option<Quantizatio
     Some(Quantization { default, overrides })
 }
 
-/// One evaluated, row-contiguous tensor as safetensors bytes, borrowed from MLX's buffer: the
+/// Views an evaluated, row-contiguous array as safetensors data, borrowed from MLX's buffer: the
 /// shard is streamed to disk without a second copy of the weights in memory.
-struct TensorBytes<'a> {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: &'a [u8],
-}
-
-impl safetensors::View for &TensorBytes<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn raw_bytes<'a, T: mlx_rs::ArrayElement>(name: &str, a: &'a Array) -> Result<&'a [u8]> {
-    if a.size() == 0 {
-        return Ok(&[]);
-    }
-    let s = a.try_as_slice::<T>().map_err(|e| cfg_err(Path::new(name), format!("reading tensor data: {e}")))?;
-    // SAFETY: any initialized memory may be viewed as bytes; the length is the slice's size in
-    // bytes and the borrow keeps `a` (and so its buffer) alive.
-    Ok(unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) })
-}
-
-/// Views an evaluated, row-contiguous array as safetensors data (little-endian, which is the
-/// memory order of every host MLX runs on).
 fn tensor_bytes<'a>(name: &str, a: &'a Array) -> Result<TensorBytes<'a>> {
-    use safetensors::Dtype as S;
-    if cfg!(target_endian = "big") {
-        return Err(cfg_err(Path::new(name), "writing safetensors needs a little-endian host"));
-    }
-    let (dtype, data) = match a.dtype() {
-        Dtype::Float32 => (S::F32, raw_bytes::<f32>(name, a)?),
-        Dtype::Float16 => (S::F16, raw_bytes::<half::f16>(name, a)?),
-        Dtype::Bfloat16 => (S::BF16, raw_bytes::<half::bf16>(name, a)?),
-        Dtype::Uint32 => (S::U32, raw_bytes::<u32>(name, a)?),
-        Dtype::Int32 => (S::I32, raw_bytes::<i32>(name, a)?),
-        Dtype::Uint8 => (S::U8, raw_bytes::<u8>(name, a)?),
-        other => return Err(cfg_err(Path::new(name), format!("cannot write dtype {other:?}"))),
-    };
-    Ok(TensorBytes { dtype, shape: a.shape().iter().map(|&d| d as usize).collect(), data })
+    mlx_ext::tensor_bytes::tensor_bytes(a).map_err(|e| match e {
+        BytesError::Read(e) => cfg_err(Path::new(name), format!("reading tensor data: {e}")),
+        BytesError::Dtype(other) => cfg_err(Path::new(name), format!("cannot write dtype {other:?}")),
+        BytesError::BigEndian => cfg_err(Path::new(name), "writing safetensors needs a little-endian host"),
+    })
 }
 
 /// Gives a written file or directory the usual modes (0644 / 0755). The safetensors crate
