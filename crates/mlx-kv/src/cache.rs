@@ -545,23 +545,34 @@ impl KvCache {
     /// (and the same for V). A ring is refused: its slots hold tokens out of order, and a
     /// sliding-window model's ring would need its slot positions saved too.
     pub fn state(&self) -> Result<Vec<(String, Array)>> {
+        self.state_upto(self.offset)
+    }
+
+    /// The first `n` live tokens as stored, in [`Self::state`]'s names. Positions run sinks,
+    /// body, tail (there is no ring), so the first `n` are a prefix of each part in turn.
+    fn state_upto(&self, n: usize) -> Result<Vec<(String, Array)>> {
         if let Some(w) = self.opts.max_size {
             return Err(KvError::InvalidSpec {
                 flag: "--max-kv-size",
-                message: format!("a rotating cache (window {w}, from --max-kv-size or the model's sliding-window layers) cannot be saved"),
+                message: format!("a rotating cache (window {w}, from --max-kv-size or the model's sliding-window layers) cannot be saved or copied"),
             });
         }
-        let mut out = Vec::new();
-        let floats = [("sink_k", &self.sink_k), ("sink_v", &self.sink_v), ("tail_k", &self.tail_k), ("tail_v", &self.tail_v)];
-        for (name, store) in floats {
-            out.extend(store.view().map(|a| (name.to_string(), a)));
+        if n > self.offset || !self.can_trim(self.offset - n) {
+            return Err(KvError::InvalidSpec { flag: "--kv", message: format!("the first {n} of {} tokens cannot be cut out of this cache ({})", self.offset, self.spec) });
         }
-        let slots = self.body_pos.len();
+        let n_sink = n.min(self.sink_k.len());
+        let n_body = (n - n_sink).min(self.body_pos.len());
+        let n_tail = n - n_sink - n_body;
+        let mut out = Vec::new();
+        let floats = [("sink_k", &self.sink_k, n_sink), ("sink_v", &self.sink_v, n_sink), ("tail_k", &self.tail_k, n_tail), ("tail_v", &self.tail_v, n_tail)];
+        for (name, store, keep) in floats {
+            out.extend(store.slice(0, keep).map(|a| (name.to_string(), a)));
+        }
         for (name, body) in [("body_k", &self.body_k), ("body_v", &self.body_v)] {
             match body {
-                Body::Float(s) => out.extend(s.slots(0, slots).map(|a| (name.to_string(), a))),
+                Body::Float(s) => out.extend(s.slots(0, n_body).map(|a| (name.to_string(), a))),
                 Body::Quant(s) => {
-                    if let Some(p) = s.slice(0, slots) {
+                    if let Some(p) = s.slice(0, n_body) {
                         out.push((format!("{name}.w"), p.w));
                         out.push((format!("{name}.scales"), p.scales));
                         out.push((format!("{name}.biases"), p.biases));
@@ -570,6 +581,22 @@ impl KvCache {
             }
         }
         Ok(out)
+    }
+
+    /// A new cache holding a copy of the first `n` tokens, quantized as stored (nothing is
+    /// requantized); this cache is unchanged. `None` where they cannot be cut out: a ring, or
+    /// per-channel key groups cut inside a block. The copy owns fresh buffers sized for `n`
+    /// tokens, so its resident bytes are its own and dropping this cache frees this one's.
+    pub fn fork(&self, n: usize) -> Result<Option<KvCache>> {
+        if self.opts.max_size.is_some() || n > self.offset || !self.can_trim(self.offset - n) {
+            return Ok(None);
+        }
+        let state = self.state_upto(n)?;
+        let float_dtype = state.iter().find(|(k, _)| !k.contains('.')).map_or(Dtype::Float32, |(_, a)| a.dtype());
+        let mut arrays: std::collections::BTreeMap<String, Array> = state.into_iter().collect();
+        let copy = KvCache::from_state(self.spec.clone(), self.head_dim, self.opts, float_dtype, &mut arrays)?;
+        copy.last_path.set(self.last_path.get());
+        Ok(Some(copy))
     }
 
     /// A cache holding what [`Self::state`] gave, taking its arrays out of `arrays` by name.

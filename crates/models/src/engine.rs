@@ -40,6 +40,9 @@ use mlx_ext::EngineOptions;
 use mlx_kv::attention::Choice;
 use mlx_kv::cache_file::{self, CacheMeta, Expected};
 use mlx_kv::{CacheBytes, KvCache};
+use mlx_rs::nn::log_softmax;
+use mlx_rs::ops::argpartition_axis;
+use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
 use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{Array, Dtype};
 use std::path::Path;
@@ -160,7 +163,7 @@ pub struct Sequence<'e> {
     history: Vec<u32>,
 }
 
-impl Sequence<'_> {
+impl<'e> Sequence<'e> {
     /// Tokens the cache has seen (its RoPE position).
     pub fn cached_tokens(&self) -> usize {
         self.caches.first().map_or(0, |c| c.offset())
@@ -211,6 +214,33 @@ impl Sequence<'_> {
         }
         self.history.truncate(n);
         true
+    }
+
+    /// A new sequence holding a copy of this one's first `n` cached tokens, quantized as stored,
+    /// with its own sampler; this one is unchanged. For a conversation that shares only a prefix
+    /// (a system prompt, a document) with a kept one. `None` where a cache cannot be cut there
+    /// (a rotating window, per-channel key groups inside a block).
+    pub fn fork(&self, n: usize, sampler: SamplerSettings) -> Result<Option<Sequence<'e>>> {
+        if n > self.cached_tokens() || n > self.history.len() {
+            return Ok(None);
+        }
+        let mut caches = Vec::with_capacity(self.caches.len());
+        for c in &self.caches {
+            match c.fork(n)? {
+                Some(c) => caches.push(c),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(Sequence {
+            model: self.model,
+            identity: self.identity,
+            caches,
+            settings: self.settings.clone(),
+            pipelined: sampler.repetition_penalty == 1.0,
+            sampler: Sampler::new(sampler)?,
+            prefill_step: self.prefill_step,
+            history: self.history[..n].to_vec(),
+        }))
     }
 
     /// Resident bytes of every layer's cache.
@@ -284,6 +314,20 @@ impl Sequence<'_> {
     /// at a token of `stop` or when `on_token` returns false; the tokens stay in the cache for
     /// the next call.
     pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32], mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
+        self.generate_scored(prompt, max_tokens, stop, None, |id, _| on_token(id))
+    }
+
+    /// As [`Self::generate`], and with `logprobs = Some(k)` each token also comes with its
+    /// log-probability and the `k` most likely alternatives ([`TokenLogprobs`]), computed on
+    /// the device in the same step as the sample, so pipelining is kept.
+    pub fn generate_scored(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        stop: &[u32],
+        logprobs: Option<usize>,
+        mut on_token: impl FnMut(u32, Option<TokenLogprobs>) -> bool,
+    ) -> Result<GenerationStats> {
         let fed = self.cached_tokens().min(self.history.len());
         let feed: Vec<u32> = self.history[fed..].iter().chain(prompt).copied().collect();
         check_context(self.model, &self.settings, fed + feed.len() + max_tokens)?;
@@ -291,8 +335,8 @@ impl Sequence<'_> {
         let start = Instant::now();
         let logits = prefill(self.model, &mut self.caches, &feed, self.prefill_step)?;
         self.history.extend_from_slice(prompt);
-        let mut y = self.sampler.sample(&logits, &self.history)?;
-        eval([&y])?;
+        let mut y = self.pick(&logits, logprobs)?;
+        eval(y.arrays())?;
         let prompt_time = start.elapsed();
         let decode_start = Instant::now();
         let mut produced = 0usize;
@@ -300,27 +344,28 @@ impl Sequence<'_> {
         while produced < max_tokens {
             let more = produced + 1 < max_tokens;
             let next = if more && self.pipelined {
-                let n = self.next_after(&y)?;
-                async_eval([&n])?;
+                let n = self.next_after(&y.token, logprobs)?;
+                async_eval(n.arrays())?;
                 Some(n)
             } else {
                 None
             };
-            let tok: u32 = y.item_cast::<u32>();
+            let tok: u32 = y.token.item_cast::<u32>();
+            let scores = y.read()?;
             produced += 1;
             last_time = Instant::now();
             self.history.push(tok);
-            if stop.contains(&tok) || !on_token(tok) || !more {
+            if stop.contains(&tok) || !on_token(tok, scores) || !more {
                 // A step already handed to `async_eval` must finish before its arrays are dropped:
                 // leaving it running made the process hang at exit after an early stop (EOS).
                 if let Some(n) = &next {
-                    eval([n])?;
+                    eval(n.arrays())?;
                 }
                 break;
             }
             y = match next {
                 Some(n) => n,
-                None => self.next_after(&y)?,
+                None => self.next_after(&y.token, logprobs)?,
             };
         }
         Ok(GenerationStats {
@@ -333,10 +378,70 @@ impl Sequence<'_> {
         })
     }
 
+    /// Samples from `logits` (`[1, V]`), with the scores `logprobs` asks for (lazy).
+    fn pick(&mut self, logits: &Array, logprobs: Option<usize>) -> Result<Picked> {
+        let token = self.sampler.sample(logits, &self.history)?;
+        let scores = match logprobs {
+            None => None,
+            Some(k) => Some(scores(logits, &token, k)?),
+        };
+        Ok(Picked { token, scores })
+    }
+
     /// Feeds `y` and samples the token after it (lazy).
-    fn next_after(&mut self, y: &Array) -> Result<Array> {
+    fn next_after(&mut self, y: &Array, logprobs: Option<usize>) -> Result<Picked> {
         let logits = self.step(y)?;
         let v = logits.shape()[2];
-        self.sampler.sample(&logits.reshape(&[1, v])?, &self.history)
+        self.pick(&logits.reshape(&[1, v])?, logprobs)
     }
+}
+
+/// A produced token's log-probability under the model (log-softmax of the raw logits, before
+/// repetition penalty, temperature and truncation, as OpenAI and vLLM report them) and the most
+/// likely alternatives, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A sampled token (`[1]` uint32) and, when asked, its scores: its log-probability `[1, 1]`
+/// and the top `k` ids and log-probabilities `[1, k]`.
+struct Picked {
+    token: Array,
+    scores: Option<(Array, Array, Array)>,
+}
+
+impl Picked {
+    fn arrays(&self) -> Vec<&Array> {
+        let mut all = vec![&self.token];
+        if let Some((lp, ids, vals)) = &self.scores {
+            all.extend([lp, ids, vals]);
+        }
+        all
+    }
+
+    /// The scores on the host (the arrays are evaluated by then).
+    fn read(&self) -> Result<Option<TokenLogprobs>> {
+        let Some((lp, ids, vals)) = &self.scores else { return Ok(None) };
+        let mut top: Vec<(u32, f32)> = ids.as_slice::<u32>().iter().copied().zip(vals.as_slice::<f32>().iter().copied()).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(Some(TokenLogprobs { logprob: lp.item_cast::<f32>(), top }))
+    }
+}
+
+/// Log-probabilities of `token` and the `k` most likely tokens, from logits `[1, V]`.
+fn scores(logits: &Array, token: &Array, k: usize) -> Result<(Array, Array, Array)> {
+    let lp = log_softmax(&logits.as_dtype(Dtype::Float32)?, -1)?;
+    let chosen = take_along_axis(&lp, &token.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?, -1)?;
+    let v = lp.shape()[1] as usize;
+    let k = k.min(v);
+    if k == 0 {
+        let none = Array::from_slice::<u32>(&[], &[1, 0]);
+        return Ok((chosen, none, Array::from_slice::<f32>(&[], &[1, 0])));
+    }
+    // argpartition puts the k largest (of -lp, the k smallest) first, in no order; the host sorts.
+    let ids = argpartition_axis(&(-&lp), (k - 1) as i32, -1)?.index((.., ..k as i32));
+    let vals = take_along_axis(&lp, &ids, -1)?;
+    Ok((chosen, ids.as_dtype(Dtype::Uint32)?, vals))
 }

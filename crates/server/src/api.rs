@@ -83,6 +83,91 @@ pub struct KvCacheReport {
     pub tokens: usize,
 }
 
+/// One produced token's log-probability and its most likely alternatives (`logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    pub token: Alternative,
+    pub top: Vec<Alternative>,
+}
+
+/// A token as OpenAI reports it: its text (lossy where it is part of a UTF-8 character), its
+/// bytes, and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+impl Alternative {
+    fn json(&self) -> Value {
+        serde_json::json!({"token": self.text, "logprob": self.logprob, "bytes": self.bytes})
+    }
+}
+
+/// Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`.
+pub fn chat_logprobs(scores: &[TokenScore]) -> Value {
+    let content: Vec<Value> = scores
+        .iter()
+        .map(|s| {
+            let mut v = s.token.json();
+            v["top_logprobs"] = Value::Array(s.top.iter().map(Alternative::json).collect());
+            v
+        })
+        .collect();
+    serde_json::json!({ "content": content })
+}
+
+/// Completions' `logprobs` object: parallel lists `tokens`, `token_logprobs`, `top_logprobs`
+/// (one `{token: logprob}` map per token) and `text_offset` (each token's start in the
+/// completion text, counted from `offset`; advanced past these tokens).
+pub fn completion_logprobs(scores: &[TokenScore], offset: &mut usize) -> Value {
+    let mut text_offset = Vec::with_capacity(scores.len());
+    for s in scores {
+        text_offset.push(*offset);
+        *offset += s.token.text.len();
+    }
+    let top: Vec<Value> = scores.iter().map(|s| Value::Object(s.top.iter().map(|a| (a.text.clone(), serde_json::json!(a.logprob))).collect())).collect();
+    serde_json::json!({
+        "tokens": scores.iter().map(|s| s.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": scores.iter().map(|s| s.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
+
+/// How many alternatives a request asks for per token: `None` for no logprobs. Chat takes
+/// `logprobs: true` and `top_logprobs: 0..=20`; completions take `logprobs: 0..=20` (OpenAI
+/// stops at 5 there; the larger limit costs nothing here).
+pub fn logprobs_asked(req: &CompletionRequest, chat: bool) -> Result<Option<usize>, ApiError> {
+    const MAX: u32 = 20;
+    let bad = |p: &str, m: String| ApiError::bad_request(Some(p), m);
+    if chat {
+        let on = match &req.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(bad("logprobs", format!("logprobs must be true or false for chat completions, got {other}"))),
+        };
+        match (on, req.top_logprobs) {
+            (_, Some(n)) if n > MAX => Err(bad("top_logprobs", format!("top_logprobs must be at most {MAX}, got {n}"))),
+            (false, Some(n)) if n > 0 => Err(bad("top_logprobs", "top_logprobs needs logprobs: true".into())),
+            (false, _) => Ok(None),
+            (true, n) => Ok(Some(n.unwrap_or(0) as usize)),
+        }
+    } else {
+        if req.top_logprobs.is_some() {
+            return Err(bad("top_logprobs", "top_logprobs is a chat completions field; completions take logprobs: N".into()));
+        }
+        match &req.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= MAX as u64 => Ok(Some(n as usize)),
+                _ => Err(bad("logprobs", format!("logprobs must be an integer from 0 to {MAX} for completions, got {v}"))),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Timings {
     /// From receiving the request at the engine to the first token.

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub prompt_cache_misses: AtomicU64,
     /// Prompt tokens served from kept conversations instead of prefilled.
     pub prompt_cache_tokens: AtomicU64,
+    /// Hits served by copying a shared prefix out of a kept conversation that stays kept.
+    pub prompt_cache_copies: AtomicU64,
     /// Resident bytes of kept conversations.
     pub prompt_cache_bytes: AtomicU64,
     pub prompt_cache_entries: AtomicU64,
@@ -23,7 +25,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             ("kvsplit_requests_total", "counter", "Completion requests received", &self.requests),
             ("kvsplit_requests_failed_total", "counter", "Completion requests answered with an error", &self.requests_failed),
             ("kvsplit_prompt_tokens_total", "counter", "Prompt tokens of finished requests", &self.prompt_tokens),
@@ -31,6 +33,7 @@ impl Metrics {
             ("kvsplit_prompt_cache_hits_total", "counter", "Requests that reused a kept conversation", &self.prompt_cache_hits),
             ("kvsplit_prompt_cache_misses_total", "counter", "Requests that started from an empty cache", &self.prompt_cache_misses),
             ("kvsplit_prompt_cache_tokens_total", "counter", "Prompt tokens reused instead of prefilled", &self.prompt_cache_tokens),
+            ("kvsplit_prompt_cache_copies_total", "counter", "Hits that copied a shared prefix out of a kept conversation", &self.prompt_cache_copies),
             ("kvsplit_prompt_cache_resident_bytes", "gauge", "Resident KV bytes of kept conversations", &self.prompt_cache_bytes),
             ("kvsplit_prompt_cache_entries", "gauge", "Kept conversations", &self.prompt_cache_entries),
             ("kvsplit_active_kv_bytes", "gauge", "Resident KV bytes of the running generation", &self.active_kv_bytes),
@@ -62,6 +65,6 @@ mod tests {
         assert!(text.contains("kvsplit_kv_resident_bytes 120\n"));
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(samples, text.lines().filter(|l| l.starts_with("# TYPE")).count());
-        assert_eq!(samples, 13);
+        assert_eq!(samples, 14);
     }
 }

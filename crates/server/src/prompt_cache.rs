@@ -3,12 +3,14 @@
 //!
 //! A request takes the entry with the longest common token prefix under its own setting (never
 //! another setting's), trims it to that prefix and prefills only the rest, so a turn whose
-//! history ends inside a kept conversation (a regenerated answer) is served too. An entry is
-//! taken only when the request reuses at least half of it: a new conversation that merely shares
-//! the system prompt would otherwise cut a long kept one down to that prompt. (Copying the shared
-//! prefix into a new cache would serve both; not done yet.)
+//! history ends inside a kept conversation (a regenerated answer) is served too. When the
+//! request reuses less than half of the entry (a new conversation that shares only the system
+//! prompt or a document with a long kept one), the shared prefix is copied out instead, quantized
+//! as stored, and the entry stays kept whole: cutting it down would lose the longer conversation
+//! for a small gain.
 
 use models::engine::Sequence;
+use models::sample::SamplerSettings;
 
 pub struct Entry<'e> {
     /// `CacheSettings` in a canonical form: entries only serve requests with the same setting.
@@ -23,6 +25,8 @@ pub struct Hit<'e> {
     pub seq: Sequence<'e>,
     /// Tokens of the request already in `seq`'s cache.
     pub reused: usize,
+    /// Whether `seq` is a copy of a kept entry's prefix (the entry stays kept).
+    pub copied: bool,
 }
 
 pub struct PromptCache<'e> {
@@ -52,9 +56,11 @@ impl<'e> PromptCache<'e> {
         self.entries.is_empty()
     }
 
-    /// Removes and returns the best entry for `tokens` under `setting`, trimmed so that at least
-    /// one token of `tokens` is left to feed (the first step needs logits). `None` on a miss.
-    pub fn take(&mut self, setting: &str, tokens: &[u32]) -> Option<Hit<'e>> {
+    /// The best entry for `tokens` under `setting`, trimmed so that at least one token of
+    /// `tokens` is left to feed (the first step needs logits): taken out when the request reuses
+    /// at least half of it, else its prefix copied with `sampler`. `None` on a miss. The caller
+    /// sets the sampler of a taken entry.
+    pub fn take(&mut self, setting: &str, tokens: &[u32], sampler: &SamplerSettings) -> Option<Hit<'e>> {
         let (best, len, held) = self
             .entries
             .iter()
@@ -63,8 +69,21 @@ impl<'e> PromptCache<'e> {
             .map(|(i, e)| (i, common_prefix(e.seq.history(), tokens).min(e.seq.cached_tokens()), e.seq.cached_tokens()))
             .max_by_key(|&(_, n, _)| n)?;
         let reuse = len.min(tokens.len().saturating_sub(1));
-        if reuse == 0 || 2 * reuse < held {
+        if reuse == 0 {
             return None;
+        }
+        if 2 * reuse < held {
+            self.clock += 1;
+            let entry = &mut self.entries[best];
+            entry.last_used = self.clock;
+            return match entry.seq.fork(reuse, sampler.clone()) {
+                Ok(Some(seq)) => Some(Hit { seq, reused: reuse, copied: true }),
+                Ok(None) => None,
+                Err(e) => {
+                    eprintln!("serve: copying {reuse} tokens out of a kept conversation failed: {e}");
+                    None
+                }
+            };
         }
         let mut entry = self.entries.swap_remove(best);
         if !entry.seq.trim_to(reuse) {
@@ -72,7 +91,7 @@ impl<'e> PromptCache<'e> {
             // for this request and stale for any other that shares less.
             return None;
         }
-        Some(Hit { seq: entry.seq, reused: reuse })
+        Some(Hit { seq: entry.seq, reused: reuse, copied: false })
     }
 
     /// Keeps `seq`, then evicts least recently used entries beyond the budget. An entry larger

@@ -1,7 +1,7 @@
 //! The HTTP side: routes, request parsing, and turning the worker's events into OpenAI
 //! responses (JSON, or SSE ending with `data: [DONE]`).
 
-use crate::api::{parse_request, ApiError};
+use crate::api::{chat_logprobs, completion_logprobs, logprobs_asked, parse_request, ApiError, TokenScore};
 use crate::metrics::Metrics;
 use crate::worker::{Event, Finish, Handle, Job};
 use crate::ServeConfig;
@@ -72,6 +72,10 @@ struct Meta {
     created: u64,
     model: String,
     chat: bool,
+    /// Whether the request asked for `logprobs` (else every choice says `null`).
+    logprobs: bool,
+    /// Completions' `text_offset` of the next token.
+    offset: usize,
 }
 
 impl Meta {
@@ -87,11 +91,20 @@ impl Meta {
         json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
     }
 
-    fn text_choice(&self, text: &str, finish: Option<&str>) -> Value {
+    fn logprobs(&mut self, scores: &[TokenScore]) -> Value {
+        match (self.logprobs && !scores.is_empty(), self.chat) {
+            (false, _) => Value::Null,
+            (true, true) => chat_logprobs(scores),
+            (true, false) => completion_logprobs(scores, &mut self.offset),
+        }
+    }
+
+    fn text_choice(&mut self, text: &str, scores: &[TokenScore], finish: Option<&str>) -> Value {
+        let logprobs = self.logprobs(scores);
         if self.chat {
-            json!({"index": 0, "delta": {"content": text}, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "delta": {"content": text}, "finish_reason": finish, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
         }
     }
 
@@ -100,11 +113,12 @@ impl Meta {
                "usage": f.usage, "kv_cache": f.kv_cache, "timings": f.timings})
     }
 
-    fn whole(&self, text: String, f: &Finish) -> Value {
+    fn whole(&mut self, text: String, scores: &[TokenScore], f: &Finish) -> Value {
+        let logprobs = self.logprobs(scores);
         let choice = if self.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": f.finish_reason, "logprobs": null})
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": f.finish_reason, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": text, "finish_reason": f.finish_reason, "logprobs": null})
+            json!({"index": 0, "text": text, "finish_reason": f.finish_reason, "logprobs": logprobs})
         };
         json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model, "choices": [choice],
                "usage": f.usage, "kv_cache": f.kv_cache, "timings": f.timings})
@@ -123,6 +137,8 @@ async fn handle(AxState(s): AxState<State>, body: Bytes, chat: bool) -> Response
     };
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    // A bad logprobs field is answered by the worker; here it only shapes the response.
+    let logprobs = logprobs_asked(&req, chat).ok().flatten().is_some();
     let (tx, mut rx) = unbounded_channel();
     if let Err(e) = s.worker.submit(Job { req, chat, events: tx }) {
         return fail(e);
@@ -133,16 +149,20 @@ async fn handle(AxState(s): AxState<State>, body: Bytes, chat: bool) -> Response
         Some(Event::Error(e)) => return e.into_response(),
         Some(ev) => ev,
     };
-    let meta = Meta { id: request_id(chat), created: now(), model: s.config.model_name.clone(), chat };
+    let mut meta = Meta { id: request_id(chat), created: now(), model: s.config.model_name.clone(), chat, logprobs, offset: 0 };
     if stream {
         return sse(meta, first, rx, include_usage).into_response();
     }
     let mut text = String::new();
+    let mut scores = Vec::new();
     let mut next = Some(first);
     loop {
         match next.take() {
-            Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done(f)) => return Json(meta.whole(text, &f)).into_response(),
+            Some(Event::Text(t, s)) => {
+                text.push_str(&t);
+                scores.extend(s);
+            }
+            Some(Event::Done(f)) => return Json(meta.whole(text, &scores, &f)).into_response(),
             Some(Event::Error(e)) => return e.into_response(),
             None => return ApiError::internal("the engine dropped the request").into_response(),
         }
@@ -153,7 +173,7 @@ async fn handle(AxState(s): AxState<State>, body: Bytes, chat: bool) -> Response
 /// Forwards the worker's events as SSE. When the client goes away the stream is dropped, the
 /// forwarding task's send fails, it drops the worker's receiver, and the worker stops at the
 /// next token.
-fn sse(meta: Meta, first: Event, mut rx: UnboundedReceiver<Event>, include_usage: bool) -> Sse<ReceiverStream<Result<SseEvent, Infallible>>> {
+fn sse(mut meta: Meta, first: Event, mut rx: UnboundedReceiver<Event>, include_usage: bool) -> Sse<ReceiverStream<Result<SseEvent, Infallible>>> {
     let (out, out_rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
         let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
@@ -163,12 +183,15 @@ fn sse(meta: Meta, first: Event, mut rx: UnboundedReceiver<Event>, include_usage
         let mut next = Some(first);
         loop {
             let msg = match next.take() {
-                Some(Event::Text(t)) => data(meta.chunk(meta.text_choice(&t, None))),
+                Some(Event::Text(t, s)) => {
+                    let choice = meta.text_choice(&t, &s, None);
+                    data(meta.chunk(choice))
+                }
                 Some(Event::Done(f)) => {
                     let end = if meta.chat {
                         json!({"index": 0, "delta": {}, "finish_reason": f.finish_reason, "logprobs": null})
                     } else {
-                        meta.text_choice("", Some(f.finish_reason))
+                        meta.text_choice("", &[], Some(f.finish_reason))
                     };
                     if out.send(data(meta.chunk(end))).await.is_err() {
                         return;

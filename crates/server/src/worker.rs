@@ -4,7 +4,7 @@
 //! before any text). A closed event channel (the client went away) or a shutdown stops the
 //! generation at the next token; a panic becomes an error event and the thread goes on.
 
-use crate::api::{ApiError, CompletionRequest, KvCacheReport, Timings, Usage};
+use crate::api::{logprobs_asked, Alternative, ApiError, CompletionRequest, KvCacheReport, Timings, TokenScore, Usage};
 use crate::metrics::Metrics;
 use crate::prompt_cache::PromptCache;
 use crate::{kv_field, ServeConfig};
@@ -21,7 +21,8 @@ use tokio::sync::mpsc::UnboundedSender;
 /// What a job sends back.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// A piece of text and the scores of the tokens it completes (empty without `logprobs`).
+    Text(String, Vec<TokenScore>),
     Done(Box<Finish>),
     Error(ApiError),
 }
@@ -212,13 +213,7 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
             return Err(bad("n", format!("n = {n}: only one choice per request (n = 1) is supported")));
         }
     }
-    let wants_logprobs = match &req.logprobs {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => req.top_logprobs.is_some_and(|n| n > 0),
-        Some(_) => true,
-    };
-    if wants_logprobs {
-        return Err(bad("logprobs", "logprobs are not supported by this server yet"));
-    }
+    let logprobs = logprobs_asked(&req, chat)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).map_or(config.max_tokens, |n| n as usize);
     if max_tokens == 0 {
         return Err(bad("max_tokens", "max_tokens must be at least 1"));
@@ -268,10 +263,15 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
     cache.evict_to(config.kv_budget - predicted);
 
     let key = setting_key(&settings);
-    let (mut seq, reused) = match cache.take(&key, &tokens) {
+    let (mut seq, reused) = match cache.take(&key, &tokens, &sampler) {
         Some(hit) => {
             let mut seq = hit.seq;
-            seq.set_sampler(sampler).map_err(internal)?;
+            if !hit.copied {
+                seq.set_sampler(sampler).map_err(internal)?;
+            }
+            if hit.copied {
+                metrics.prompt_cache_copies.fetch_add(1, Relaxed);
+            }
             metrics.prompt_cache_hits.fetch_add(1, Relaxed);
             metrics.prompt_cache_tokens.fetch_add(hit.reused as u64, Relaxed);
             (seq, hit.reused)
@@ -286,10 +286,20 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
 
     let mut decoder = tok.stream_decoder();
     let mut pending = String::new();
+    let mut scored: Vec<TokenScore> = Vec::new();
+    let alternative = |id: u32, logprob: f32| {
+        let mut bytes = Vec::new();
+        tok.token_bytes(id, &mut bytes);
+        if bytes.is_empty() {
+            // A control token (end of turn) decodes to nothing; name it as the vocabulary does.
+            bytes = tok.token(id).unwrap_or("").as_bytes().to_vec();
+        }
+        Alternative { text: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
+    };
     let mut finish: Option<&'static str> = None;
     let mut gone = false;
     let stats = seq
-        .generate(&tokens[reused..], max_tokens, tok.eos_ids(), |id| {
+        .generate_scored(&tokens[reused..], max_tokens, tok.eos_ids(), logprobs, |id, scores| {
             if stop.load(Relaxed) {
                 finish = Some("cancelled");
                 return false;
@@ -299,6 +309,9 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
                 return false;
             }
             pending.push_str(&decoder.push(id));
+            if let Some(s) = scores {
+                scored.push(TokenScore { token: alternative(id, s.logprob), top: s.top.iter().map(|&(t, lp)| alternative(t, lp)).collect() });
+            }
             if let Some(pos) = stops.iter().filter_map(|s| pending.find(s.as_str())).min() {
                 pending.truncate(pos);
                 finish = Some("stop");
@@ -307,7 +320,7 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
             let send = pending.len() - held_back(&pending, &stops);
             if send > 0 {
                 let piece: String = pending.drain(..send).collect();
-                if events.send(Event::Text(piece)).is_err() {
+                if events.send(Event::Text(piece, std::mem::take(&mut scored))).is_err() {
                     gone = true;
                     return false;
                 }
@@ -318,8 +331,8 @@ fn serve<'e>(engine: &'e Engine, cache: &mut PromptCache<'e>, config: &ServeConf
     if finish.is_none() && !gone {
         pending.push_str(&decoder.finish());
     }
-    if !pending.is_empty() && !gone {
-        let _ = events.send(Event::Text(pending));
+    if (!pending.is_empty() || !scored.is_empty()) && !gone {
+        let _ = events.send(Event::Text(pending, scored));
     }
     let last = seq.history().last().copied();
     let finish_reason = finish.unwrap_or(if last.is_some_and(|t| tok.is_eos(t)) { "stop" } else if gone { "cancelled" } else { "length" });
