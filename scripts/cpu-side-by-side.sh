@@ -6,27 +6,22 @@
 #   scripts/cpu-side-by-side.sh [--prompt-tokens 4000] [--gen 64] [--repeats 1]
 #                               [--skip-llamacpp] [--skip-mlxlm] [--out docs]
 #
-# The peers are development tools, installed here into venvs under $KVSPLIT_PEERS (default
-# ~/.cache/kvsplit-mlx-peers), never project dependencies. They stay out of $KVSPLIT_CACHE, whose
-# libraries the fresh-machine check holds to what the engine itself needs:
+# The peers are development tools, installed into venvs under $KVSPLIT_PEERS (default
+# ~/.cache/kvsplit-mlx-peers) by scripts/peers-env.sh, never project dependencies:
 #   llamacpp-venv  llama-cpp-python 0.3.36 (built from its sdist: about 10 minutes on 2 cores)
-#   mlxlm-venv     mlx 0.32.2 + mlx-cpu 0.32.2 (the MLX we link) + mlx-lm 0.32.2, with the wheel's
-#                  reference BLAS swapped for OpenBLAS exactly as setup.sh does for ours, so both
-#                  MLX users run on the same BLAS.
+#   mlxlm-venv     mlx 0.32.2 + mlx-cpu 0.32.2 (the MLX we link) + mlx-lm 0.32.2, on OpenBLAS
 # mlx-lm cannot read GGUF: it runs on our `convert --dequantize --dtype f32` of the same file.
 # The binary comes from $CARGO_TARGET_DIR (default target/).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}"
-PEERS="${KVSPLIT_PEERS:-$HOME/.cache/kvsplit-mlx-peers}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 PY="${PYTHON:-python3}"
 TEXT="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
-MLX_VERSION=0.32.2
-MLXLM_VERSION=0.32.2
-LLAMACPP_VERSION=0.3.36
 say() { printf '[side-by-side] %s\n' "$*" >&2; }
+# PEERS, the pinned versions, LLAMA_VENV, MLXLM_VENV, peers_llamacpp_venv, peers_mlxlm_venv
+. "$ROOT/scripts/peers-env.sh"
 
 PROMPT=4000 GEN=64 REPEATS=1 OUT="$ROOT/docs" SKIP_LLAMA=0 SKIP_MLXLM=0
 COMMAND_LINE="scripts/cpu-side-by-side.sh${*:+ $*}"
@@ -38,7 +33,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     --skip-llamacpp) SKIP_LLAMA=1; shift ;;
     --skip-mlxlm) SKIP_MLXLM=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "cpu-side-by-side: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -67,31 +62,12 @@ blas_of() {
 OUR_BLAS="$(blas_of "$BIN")"
 
 # --- llama.cpp -----------------------------------------------------------------------------
-LLAMA_VENV="$PEERS/llamacpp-venv"
-if [ "$SKIP_LLAMA" = 0 ] && ! "$LLAMA_VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMACPP_VERSION')" 2>/dev/null; then
-  say "creating $LLAMA_VENV with llama-cpp-python==$LLAMACPP_VERSION (builds llama.cpp from source: about 10 minutes)"
-  rm -rf "$LLAMA_VENV"
-  "$PY" -m venv "$LLAMA_VENV"
-  "$LLAMA_VENV/bin/pip" install -q --disable-pip-version-check "llama-cpp-python==$LLAMACPP_VERSION" numpy
-fi
+[ "$SKIP_LLAMA" = 1 ] || peers_llamacpp_venv
 
 # --- mlx-lm on the same MLX, with OpenBLAS ------------------------------------------------
-MLXLM_VENV="$PEERS/mlxlm-venv"
 MLX_DIR="$CACHE/models/SmolLM2-135M-Instruct-f32-mlx"
 if [ "$SKIP_MLXLM" = 0 ]; then
-  if ! "$MLXLM_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mlx-lm') != '$MLXLM_VERSION' or m.version('mlx-cpu') != '$MLX_VERSION')" 2>/dev/null; then
-    say "creating $MLXLM_VENV with mlx==$MLX_VERSION, mlx-cpu==$MLX_VERSION, mlx-lm==$MLXLM_VERSION"
-    rm -rf "$MLXLM_VENV"
-    "$PY" -m venv "$MLXLM_VENV"
-    "$MLXLM_VENV/bin/pip" install -q --disable-pip-version-check "mlx==$MLX_VERSION" "mlx-cpu==$MLX_VERSION" "mlx-lm==$MLXLM_VERSION"
-  fi
-  # The same swap as setup.sh, so both engines run on OpenBLAS.
-  LIBS="$(echo "$MLXLM_VENV"/lib/python3*/site-packages/mlx_cpu.libs)"
-  if deb=$("$ROOT/scripts/openblas-swap.sh" "$LIBS" "$CACHE"); then
-    [ -z "$deb" ] || say "mlx-lm's MLX now uses OpenBLAS ($deb)"
-  else
-    say "WARNING: could not set up Debian's OpenBLAS; mlx-lm keeps the reference BLAS (the report says so)"
-  fi
+  peers_mlxlm_venv
   # Converted on every run (about 2 s), so mlx-lm always reads what our current converter writes.
   say "converting $GGUF to $MLX_DIR with our convert"
   "$BIN" convert --from "$GGUF" --out "$MLX_DIR" --dequantize --dtype f32 --force >&2
