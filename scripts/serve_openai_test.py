@@ -38,6 +38,14 @@ def raw(path, body, method="POST"):
         return e.code, e.headers, e.read().decode()
 
 
+def metric(name):
+    _, _, text = raw("/metrics", b"", method="GET")
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 # Non-streaming chat: text, usage and the kv_cache extension.
 msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, extra_body={"kv": "k8v4"})
@@ -60,8 +68,13 @@ check(len(r2.choices[0].message.content) > 0, "turn 2 answers")
 r1b = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, extra_body={"kv": "k8v4"})
 kv1b = r1b.model_extra["kv_cache"]
 check(kv1b["prompt_cache_hit"] is True and kv1b["cached_tokens"] == r2.usage.prompt_tokens - 1, f"a history ending inside a kept conversation reuses it ({kv1b['cached_tokens']} of {r2.usage.prompt_tokens})")
-# A new conversation that shares only the chat template's opening does not cut the kept one.
-client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, extra_body={"kv": "k8v4"})
+# A new conversation that shares only the chat template's opening gets a copy of that prefix
+# and does not cut the kept one.
+copies = metric("kvsplit_prompt_cache_copies_total")
+rc = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, extra_body={"kv": "k8v4"})
+kvc = rc.model_extra["kv_cache"]
+check(kvc["prompt_cache_hit"] is True and 0 < kvc["cached_tokens"] < rc.usage.prompt_tokens, f"a new conversation reuses the shared opening ({kvc['cached_tokens']} of {rc.usage.prompt_tokens} tokens)")
+check(metric("kvsplit_prompt_cache_copies_total") == copies + 1, "by copying it out of the kept conversation")
 r1c = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "k8v4"})
 check(r1c.model_extra["kv_cache"]["cached_tokens"] == r2.usage.prompt_tokens - 1, "a new conversation with the same system prompt leaves the kept one whole")
 check(len(r1b.choices[0].message.content) > 0, "and answers")
@@ -96,6 +109,25 @@ check("7" not in c2.choices[0].text and c2.choices[0].finish_reason == "stop", f
 streamed = "".join(ch.choices[0].text for ch in client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, stop=["7"], stream=True) if ch.choices)
 check(streamed == c2.choices[0].text, f"streamed completion with stop equals the plain one ({streamed!r})")
 
+# logprobs: the chosen tokens spell the text; greedy picks the most likely alternative; an end
+# of turn token is not part of the text and has no entry.
+lr = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, logprobs=True, top_logprobs=3, extra_body={"kv": "k8v4"})
+content = lr.choices[0].logprobs.content
+ended = lr.choices[0].finish_reason == "stop"
+check(len(content) == lr.usage.completion_tokens - (1 if ended else 0), f"one logprobs entry per token ({len(content)} for {lr.usage.completion_tokens})")
+check("".join(t.token for t in content) == lr.choices[0].message.content, "the logprobs tokens spell the answer")
+check(all(t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6 for t in content), "greedy tokens are the top alternative, log-probabilities <= 0")
+check(all(t.top_logprobs[i].logprob >= t.top_logprobs[i + 1].logprob for t in content for i in range(2)), "alternatives come most likely first")
+st = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, logprobs=True, stream=True, extra_body={"kv": "k8v4"})
+streamed_lp = [t for ch in st if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+check([t.token for t in streamed_lp] == [t.token for t in content], "streamed logprobs name the same tokens")
+cl = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, logprobs=2)
+lp = cl.choices[0].logprobs
+check("".join(lp.tokens) == cl.choices[0].text and len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs), f"completion logprobs spell the text ({lp.tokens})")
+check(lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))] and all(len(t) <= 2 for t in lp.top_logprobs), "text_offset and at most 2 alternatives")
+expect_lp = raw("/v1/chat/completions", {"messages": msgs, "top_logprobs": 2})
+check(expect_lp[0] == 400 and json.loads(expect_lp[2])["error"]["param"] == "top_logprobs", "top_logprobs without logprobs is a 400 naming it")
+
 # Errors are OpenAI error objects with the right status and param.
 def expect(exc, status, param, **kw):
     try:
@@ -119,13 +151,6 @@ status, _, body = raw("/v1/chat/completions", {"messages": msgs, "max_tokens": "
 check(status == 400 and json.loads(body)["error"]["param"] == "max_tokens", "a wrong field type names the field")
 
 # A client that goes away mid-stream: the server stops that generation and stays up.
-def metric(name):
-    _, _, text = raw("/metrics", b"", method="GET")
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
 
 before = metric("kvsplit_cancelled_total")
 s = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count from one to one hundred in words."}], max_tokens=400, stream=True)

@@ -406,42 +406,47 @@ pub struct TokenLogprobs {
 }
 
 /// A sampled token (`[1]` uint32) and, when asked, its scores: its log-probability `[1, 1]`
-/// and the top `k` ids and log-probabilities `[1, k]`.
+/// and, for `k > 0`, the top `k` ids and log-probabilities `[1, k]`.
 struct Picked {
     token: Array,
-    scores: Option<(Array, Array, Array)>,
+    scores: Option<(Array, Option<(Array, Array)>)>,
 }
 
 impl Picked {
     fn arrays(&self) -> Vec<&Array> {
         let mut all = vec![&self.token];
-        if let Some((lp, ids, vals)) = &self.scores {
-            all.extend([lp, ids, vals]);
+        if let Some((lp, top)) = &self.scores {
+            all.push(lp);
+            if let Some((ids, vals)) = top {
+                all.extend([ids, vals]);
+            }
         }
         all
     }
 
     /// The scores on the host (the arrays are evaluated by then).
     fn read(&self) -> Result<Option<TokenLogprobs>> {
-        let Some((lp, ids, vals)) = &self.scores else { return Ok(None) };
-        let mut top: Vec<(u32, f32)> = ids.as_slice::<u32>().iter().copied().zip(vals.as_slice::<f32>().iter().copied()).collect();
+        let Some((lp, alternatives)) = &self.scores else { return Ok(None) };
+        let mut top: Vec<(u32, f32)> = match alternatives {
+            Some((ids, vals)) => ids.as_slice::<u32>().iter().copied().zip(vals.as_slice::<f32>().iter().copied()).collect(),
+            None => Vec::new(),
+        };
         top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         Ok(Some(TokenLogprobs { logprob: lp.item_cast::<f32>(), top }))
     }
 }
 
 /// Log-probabilities of `token` and the `k` most likely tokens, from logits `[1, V]`.
-fn scores(logits: &Array, token: &Array, k: usize) -> Result<(Array, Array, Array)> {
+fn scores(logits: &Array, token: &Array, k: usize) -> Result<(Array, Option<(Array, Array)>)> {
     let lp = log_softmax(&logits.as_dtype(Dtype::Float32)?, -1)?;
     let chosen = take_along_axis(&lp, &token.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?, -1)?;
     let v = lp.shape()[1] as usize;
     let k = k.min(v);
     if k == 0 {
-        let none = Array::from_slice::<u32>(&[], &[1, 0]);
-        return Ok((chosen, none, Array::from_slice::<f32>(&[], &[1, 0])));
+        return Ok((chosen, None));
     }
     // argpartition puts the k largest (of -lp, the k smallest) first, in no order; the host sorts.
     let ids = argpartition_axis(&(-&lp), (k - 1) as i32, -1)?.index((.., ..k as i32));
     let vals = take_along_axis(&lp, &ids, -1)?;
-    Ok((chosen, ids.as_dtype(Dtype::Uint32)?, vals))
+    Ok((chosen, Some((ids.as_dtype(Dtype::Uint32)?, vals))))
 }

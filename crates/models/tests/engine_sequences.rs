@@ -70,16 +70,26 @@ fn token_logprobs_match_a_one_pass_log_softmax_and_greedy_picks_the_top_one() {
         assert!(s.top.iter().map(|a| a.1.exp()).sum::<f32>() <= 1.0 + 1e-4);
     }
 
-    // Without the request the callback gets none.
-    let mut plain = e.sequence(&settings(KvSpec::dense()), SamplerSettings::default(), 512).unwrap();
-    let mut ids = Vec::new();
-    plain.generate_scored(&prompt, 8, &[], None, |id, s| {
-        assert!(s.is_none());
-        ids.push(id);
-        true
-    })
-    .unwrap();
-    assert_eq!(ids, got.iter().map(|g| g.0).collect::<Vec<_>>(), "scores must not change the tokens");
+    // No alternatives: the chosen token's score alone; no request: none. Neither changes tokens.
+    for k in [Some(0), None] {
+        let mut plain = e.sequence(&settings(KvSpec::dense()), SamplerSettings::default(), 512).unwrap();
+        let mut ids = Vec::new();
+        plain
+            .generate_scored(&prompt, 8, &[], k, |id, s| {
+                match (k, s) {
+                    (Some(_), Some(s)) => {
+                        assert!(s.top.is_empty());
+                        assert!((s.logprob - got[ids.len()].1.logprob).abs() <= LOGPROB_TOL);
+                    }
+                    (None, None) => {}
+                    (k, s) => panic!("asked {k:?}, got {s:?}"),
+                }
+                ids.push(id);
+                true
+            })
+            .unwrap();
+        assert_eq!(ids, got.iter().map(|g| g.0).collect::<Vec<_>>(), "scores must not change the tokens");
+    }
 }
 
 #[test]
