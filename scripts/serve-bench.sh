@@ -35,7 +35,9 @@ start() {
   URL=$(grep -o "http://[0-9.:]*" "$TMP/serve.log" | head -1)
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; PID=""; }
-meta() { echo "{\"commit\": \"$(git -C "$ROOT" rev-parse --short HEAD)\", \"date\": \"$(date -u +%FT%TZ)\", \"machine\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) / $(nproc) cores\", \"load_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"command\": \"scripts/serve-bench.sh $TOKENS $N $STAGES\"}"; }
+GPU=""
+command -v nvidia-smi >/dev/null && GPU=" / $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+meta() { echo "{\"commit\": \"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")\", \"date\": \"$(date -u +%FT%TZ)\", \"machine\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) / $(nproc) cores$GPU\", \"load_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"command\": \"scripts/serve-bench.sh $TOKENS $N $STAGES\"}"; }
 meta >>"$TMP/rows.jsonl"
 if [[ ",$STAGES," == *,ours,* ]]; then
   ours="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit $(git -C "$ROOT" rev-parse --short HEAD))"
