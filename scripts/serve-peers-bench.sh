@@ -8,11 +8,14 @@
 #   scripts/serve-peers-bench.sh TOKENS ROWS [ENGINES=mlxlm,mlxlm-kv8,llamacpp]
 #
 # Engines (all on the default model, SmolLM2-135M-Instruct Q4_1):
-#   mlxlm      mlx_lm.server 0.32.2 on our `convert --dequantize --dtype f32` of the GGUF (mlx-lm
-#              cannot read GGUF; the same conversion as scripts/cpu-side-by-side.sh), KV cache
-#              unquantized (f32, the model's dtype); its prompt cache is on by default
-#   mlxlm-kv8  the same with `--kv-bits 8` (mlx-lm's only cache quantization: one width for K
-#              and V, group 64; it serves requests one at a time then)
+#   mlxlm      mlx_lm.server 0.32.2 on our `convert` of the GGUF (mlx-lm cannot read GGUF; the
+#              default convert copies the Q4_1 weights exactly into MLX's 4-bit affine format,
+#              so mlx-lm runs the same weights we do), KV cache unquantized (the model's float
+#              dtype); its prompt cache is on by default
+#   mlxlm-kv8  the same with `--kv-bits 8 --quantized-kv-start 0` (mlx-lm's only cache
+#              quantization: one width for K and V, group 64; its default start is token 5000,
+#              which would leave a 4K conversation unquantized; it serves requests one at a time
+#              then)
 #   llamacpp   llama-cpp-python 0.3.36's server (`python -m llama_cpp.server`) on the GGUF, K q8_0
 #              / V q4_0 (`--type_k 8 --type_v 2`, flash attention on), n_ctx 8192 (more for a
 #              longer conversation), threads = nproc, logits only for the last token; it reuses
@@ -32,7 +35,7 @@ BIN="${KVSPLIT_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kvsplit-mlx}"
 PY="${PYTHON:-python3}"
 TEXT="$CACHE/data/wikitext-2-raw/wiki.test.raw"
 GGUF="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-MLX_DIR="$CACHE/models/SmolLM2-135M-Instruct-f32-mlx"
+MLX_DIR="$CACHE/models/SmolLM2-135M-Instruct-q4-mlx"
 READY_S=${SERVER_READY_S:-300} BENCH_S=${BENCH_TIMEOUT_S:-3600}
 THREADS=$(nproc)
 N_CTX=$(( TOKENS + 1024 > 8192 ? TOKENS + 1024 : 8192 ))
@@ -79,19 +82,19 @@ for engine in "${engines[@]}"; do
   case "$engine" in
     mlxlm|mlxlm-kv8) peers_mlxlm_venv
       if [ ! -f "$TMP/converted" ]; then
-        say "converting $GGUF to $MLX_DIR with our convert (f32, as scripts/cpu-side-by-side.sh)"
-        "$BIN" convert --from "$GGUF" --out "$MLX_DIR" --dequantize --dtype f32 --force >&2
+        say "converting $GGUF to $MLX_DIR with our convert (the Q4_1 weights as stored)"
+        "$BIN" convert --from "$GGUF" --out "$MLX_DIR" --force >&2
         touch "$TMP/converted"
       fi
       v=$(version "$MLXLM_VENV/bin/python" mlx-lm) mlxv=$(version "$MLXLM_VENV/bin/python" mlx)
-      extra=() kv="f32 (unquantized; the model's dtype)"
-      [ "$engine" = mlxlm ] || { extra=(--kv-bits 8 --kv-group-size 64); kv="8-bit K and V (--kv-bits 8, group 64)"; }
+      extra=() kv="unquantized (the model's float dtype)"
+      [ "$engine" = mlxlm ] || { extra=(--kv-bits 8 --kv-group-size 64 --quantized-kv-start 0); kv="8-bit K and V (--kv-bits 8, group 64, from token 0)"; }
       URL="http://127.0.0.1:$(free_port)"
       say "$engine: mlx_lm.server $v (mlx $mlxv, $MLXLM_BLAS_NOTE) on $URL"
       start "$TMP/$engine.log" /health env HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
         "$MLXLM_VENV/bin/python" -m mlx_lm.server --model "$MLX_DIR" --host 127.0.0.1 --port "${URL##*:}" \
         --max-tokens 32 --temp 0 "${extra[@]}"
-      bench "{\"engine\": \"mlx_lm.server $v (mlx $mlxv CPU, $MLXLM_BLAS_NOTE), KV $kv\", \"peer\": \"$engine\", \"engine_version\": \"mlx-lm $v\", \"cache\": \"$kv\", \"weights\": \"our convert --dequantize --dtype f32\"}"
+      bench "{\"engine\": \"mlx_lm.server $v (mlx $mlxv CPU, $MLXLM_BLAS_NOTE), KV $kv\", \"peer\": \"$engine\", \"engine_version\": \"mlx-lm $v\", \"cache\": \"$kv\", \"weights\": \"our convert of the GGUF (Q4_1 as 4-bit affine)\"}"
       stop ;;
     llamacpp) peers_llamacpp_venv --server
       v=$(version "$LLAMA_VENV/bin/python" llama_cpp_python)
