@@ -10,11 +10,24 @@ use crate::fast::rms_norm;
 use crate::weights::{output_logits, Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::nn::{gelu_approximate, silu};
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
 /// A layer's attention: reads and extends its cache.
 pub trait Mixer {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array>;
+    /// One decode token for each of `B` sequences: `x` `[B, 1, hidden]`, row `b` attending over
+    /// `caches[b]`. A mixer that batches runs its projections over all rows at once and
+    /// attention per sequence; this default runs the rows one after another.
+    fn forward_batch(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
+        let mut rows = Vec::with_capacity(caches.len());
+        for (b, cache) in caches.iter_mut().enumerate() {
+            let r = b as i32..b as i32 + 1;
+            rows.push(self.forward(&x.index((r, ..)), cache)?);
+        }
+        Ok(concatenate(&rows, 0)?)
+    }
     /// Every weight array, for evaluation after loading.
     fn arrays(&self) -> Vec<&Array>;
 }
@@ -105,6 +118,13 @@ impl<A: Mixer, M: FeedForward> PreNormLayer<A, M> {
 
     pub fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         let h = x + self.self_attn.forward(&rms_norm(x, Some(&self.input_layernorm), self.eps)?, cache)?;
+        let m = self.mlp.forward(&rms_norm(&h, Some(&self.post_attention_layernorm), self.eps)?)?;
+        Ok(h + m)
+    }
+
+    /// [`Self::forward`] for one decode token of each of `B` sequences ([`Mixer::forward_batch`]).
+    pub fn forward_batch(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
+        let h = x + self.self_attn.forward_batch(&rms_norm(x, Some(&self.input_layernorm), self.eps)?, caches)?;
         let m = self.mlp.forward(&rms_norm(&h, Some(&self.post_attention_layernorm), self.eps)?)?;
         Ok(h + m)
     }

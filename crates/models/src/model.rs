@@ -5,6 +5,8 @@ use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::weights::{Weight, WeightMap};
 use mlx_kv::KvCache;
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -13,6 +15,19 @@ use serde::Serialize;
 pub trait LanguageModel {
     /// Logits `[B, L, V]` for `ids` (`[B, L]` int32), or `[B, 1, V]` with `last_only`.
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array>;
+    /// One decode step of `B` sequences: `ids` `[B, 1]` (int32), row `b` continuing the
+    /// sequence whose layer caches are `caches[b]`. Logits `[B, 1, V]`. A family that batches
+    /// runs every linear layer over the `B` rows at once, so each weight is read once per step,
+    /// and attention per sequence over its own cache (own length, own `KvSpec`). This default
+    /// runs the sequences one after another.
+    fn forward_batch(&self, ids: &Array, caches: &mut [&mut [KvCache]]) -> Result<Array> {
+        let mut rows = Vec::with_capacity(caches.len());
+        for (b, c) in caches.iter_mut().enumerate() {
+            let b = b as i32;
+            rows.push(self.forward(&ids.index((b..b + 1, ..)), c, true)?);
+        }
+        Ok(concatenate(&rows, 0)?)
+    }
     fn n_layers(&self) -> usize;
     fn head_dim(&self) -> usize;
     fn n_kv_heads(&self) -> usize;

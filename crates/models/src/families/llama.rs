@@ -17,6 +17,8 @@ use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
 
@@ -314,8 +316,9 @@ impl Attention {
     }
 }
 
-impl Mixer for Attention {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+impl Attention {
+    /// Q, K and V `[B, heads, L, head_dim]` of `x` `[B, L, hidden]`, before RoPE.
+    fn qkv(&self, x: &Array) -> Result<(Array, Array, Array)> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let heads = |y: Array, n: i32, norm: &Option<Array>| -> Result<Array> {
             let y = y.reshape(&[b, l, n, self.head_dim])?;
@@ -328,13 +331,39 @@ impl Mixer for Attention {
         let q = heads(self.q_proj.forward(x)?, self.n_heads, &self.q_norm)?;
         let k = heads(self.k_proj.forward(x)?, self.n_kv_heads, &self.k_norm)?;
         let v = heads(self.v_proj.forward(x)?, self.n_kv_heads, &None)?;
+        Ok((q, k, v))
+    }
+
+    /// RoPE at the cache's position, then the cache's write and attention: `[B, heads, L, d]`.
+    fn attend(&self, q: &Array, k: &Array, v: &Array, cache: &mut KvCache) -> Result<Array> {
         let offset = cache.offset() as i32;
-        let q = self.rope(&q, offset)?;
-        let k = self.rope(&k, offset)?;
+        let q = self.rope(q, offset)?;
+        let k = self.rope(k, offset)?;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let out = cache.update_and_attend(&q, &k, &v, scale, None)?;
-        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
-        self.o_proj.forward(&out)
+        Ok(cache.update_and_attend(&q, &k, v, scale, None)?)
+    }
+
+    /// `[B, heads, L, d]` back to `[B, L, hidden]` through the output projection.
+    fn output(&self, out: &Array) -> Result<Array> {
+        let (b, l) = (out.shape()[0], out.shape()[2]);
+        self.o_proj.forward(&out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
+    }
+}
+
+impl Mixer for Attention {
+    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
+        let (q, k, v) = self.qkv(x)?;
+        self.output(&self.attend(&q, &k, &v, cache)?)
+    }
+
+    fn forward_batch(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
+        let (q, k, v) = self.qkv(x)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (b, cache) in caches.iter_mut().enumerate() {
+            let r = b as i32..b as i32 + 1;
+            outs.push(self.attend(&q.index((r.clone(), ..)), &k.index((r.clone(), ..)), &v.index((r, ..)), cache)?);
+        }
+        self.output(&concatenate(&outs, 0)?)
     }
 
     fn arrays(&self) -> Vec<&Array> {
@@ -376,6 +405,15 @@ impl LanguageModel for Model {
             x = layer.forward(&x, cache)?;
         }
         self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
+    }
+
+    fn forward_batch(&self, ids: &Array, caches: &mut [&mut [KvCache]]) -> Result<Array> {
+        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
+            x = layer.forward_batch(&x, &mut layer_caches)?;
+        }
+        self.ends.logits(x, self.cfg.rms_norm_eps, true)
     }
 
     fn n_layers(&self) -> usize {

@@ -31,7 +31,7 @@
 //! ```
 
 use crate::error::{ModelError, Result};
-use crate::generate::{check_context, eval_caches, prefill, CacheSettings, GenerationStats};
+use crate::generate::CacheSettings;
 use crate::load::{Loaded, ModelId};
 use crate::model::LanguageModel;
 use crate::sample::{Sampler, SamplerSettings};
@@ -40,13 +40,14 @@ use mlx_ext::EngineOptions;
 use mlx_kv::attention::Choice;
 use mlx_kv::cache_file::{self, CacheMeta, Expected};
 use mlx_kv::{CacheBytes, KvCache};
-use mlx_rs::nn::log_softmax;
-use mlx_rs::ops::argpartition_axis;
-use mlx_rs::ops::indexing::{take_along_axis, IndexOp};
-use mlx_rs::transforms::{async_eval, eval};
-use mlx_rs::{Array, Dtype};
 use std::path::Path;
-use std::time::Instant;
+
+mod batch;
+mod decode;
+mod scores;
+
+pub use batch::decode_batch;
+pub use scores::TokenLogprobs;
 
 /// A loaded model, its tokenizer, and the engine options it runs with.
 pub struct Engine {
@@ -280,173 +281,4 @@ impl<'e> Sequence<'e> {
         };
         Ok(cache_file::save(path, &self.caches, &meta)?)
     }
-
-    /// Feeds `tokens` through the cache in chunks of the prefill step, evaluating each chunk;
-    /// returns the logits of the last position (`[1, V]`).
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Array> {
-        let logits = prefill(self.model, &mut self.caches, tokens, self.prefill_step)?;
-        self.history.extend_from_slice(tokens);
-        Ok(logits)
-    }
-
-    /// Logits `[1, L, V]` (`[1, 1, V]` with `last_only`) of `tokens` fed as one chunk, left lazy
-    /// (the caller evaluates them with [`Sequence::caches`]' arrays).
-    pub fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Array> {
-        let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]).as_dtype(Dtype::Int32)?;
-        let out = self.model.forward(&ids, &mut self.caches, last_only)?;
-        self.history.extend_from_slice(tokens);
-        Ok(out)
-    }
-
-    /// One decode step of a token known only as a lazy `[1]` or `[1, 1]` array (pipelined
-    /// callers): its logits `[1, 1, V]`, lazy. Not recorded in the history.
-    pub fn step(&mut self, token: &Array) -> Result<Array> {
-        self.model.forward(&token.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?, &mut self.caches, true)
-    }
-
-    /// Evaluates every cache array together with `extra`.
-    pub fn eval_with(&self, extra: &Array) -> Result<()> {
-        eval_caches(&self.caches, extra)
-    }
-
-    /// Feeds `prompt` (after any token the last call produced but did not feed), then samples up
-    /// to `max_tokens` tokens, pipelined: step `n + 1` is queued before token `n` is read. Stops
-    /// at a token of `stop` or when `on_token` returns false; the tokens stay in the cache for
-    /// the next call.
-    pub fn generate(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32], mut on_token: impl FnMut(u32) -> bool) -> Result<GenerationStats> {
-        self.generate_scored(prompt, max_tokens, stop, None, |id, _| on_token(id))
-    }
-
-    /// As [`Self::generate`], and with `logprobs = Some(k)` each token also comes with its
-    /// log-probability and the `k` most likely alternatives ([`TokenLogprobs`]), computed on
-    /// the device in the same step as the sample, so pipelining is kept.
-    pub fn generate_scored(
-        &mut self,
-        prompt: &[u32],
-        max_tokens: usize,
-        stop: &[u32],
-        logprobs: Option<usize>,
-        mut on_token: impl FnMut(u32, Option<TokenLogprobs>) -> bool,
-    ) -> Result<GenerationStats> {
-        let fed = self.cached_tokens().min(self.history.len());
-        let feed: Vec<u32> = self.history[fed..].iter().chain(prompt).copied().collect();
-        check_context(self.model, &self.settings, fed + feed.len() + max_tokens)?;
-        mlx_rs::memory::reset_peak_memory()?;
-        let start = Instant::now();
-        let logits = prefill(self.model, &mut self.caches, &feed, self.prefill_step)?;
-        self.history.extend_from_slice(prompt);
-        let mut y = self.pick(&logits, logprobs)?;
-        eval(y.arrays())?;
-        let prompt_time = start.elapsed();
-        let decode_start = Instant::now();
-        let mut produced = 0usize;
-        let mut last_time = decode_start;
-        while produced < max_tokens {
-            let more = produced + 1 < max_tokens;
-            let next = if more && self.pipelined {
-                let n = self.next_after(&y.token, logprobs)?;
-                async_eval(n.arrays())?;
-                Some(n)
-            } else {
-                None
-            };
-            let tok: u32 = y.token.item_cast::<u32>();
-            let scores = y.read()?;
-            produced += 1;
-            last_time = Instant::now();
-            self.history.push(tok);
-            if stop.contains(&tok) || !on_token(tok, scores) || !more {
-                // A step already handed to `async_eval` must finish before its arrays are dropped:
-                // leaving it running made the process hang at exit after an early stop (EOS).
-                if let Some(n) = &next {
-                    eval(n.arrays())?;
-                }
-                break;
-            }
-            y = match next {
-                Some(n) => n,
-                None => self.next_after(&y.token, logprobs)?,
-            };
-        }
-        Ok(GenerationStats {
-            prompt_tokens: feed.len(),
-            prompt_time,
-            generation_tokens: produced,
-            generation_time: last_time - decode_start,
-            peak_memory: mlx_rs::memory::peak_memory()?,
-            kv_bytes: self.kv_bytes(),
-        })
-    }
-
-    /// Samples from `logits` (`[1, V]`), with the scores `logprobs` asks for (lazy).
-    fn pick(&mut self, logits: &Array, logprobs: Option<usize>) -> Result<Picked> {
-        let token = self.sampler.sample(logits, &self.history)?;
-        let scores = match logprobs {
-            None => None,
-            Some(k) => Some(scores(logits, &token, k)?),
-        };
-        Ok(Picked { token, scores })
-    }
-
-    /// Feeds `y` and samples the token after it (lazy).
-    fn next_after(&mut self, y: &Array, logprobs: Option<usize>) -> Result<Picked> {
-        let logits = self.step(y)?;
-        let v = logits.shape()[2];
-        self.pick(&logits.reshape(&[1, v])?, logprobs)
-    }
-}
-
-/// A produced token's log-probability under the model (log-softmax of the raw logits, before
-/// repetition penalty, temperature and truncation, as OpenAI and vLLM report them) and the most
-/// likely alternatives, most likely first.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
-
-/// A sampled token (`[1]` uint32) and, when asked, its scores: its log-probability `[1, 1]`
-/// and, for `k > 0`, the top `k` ids and log-probabilities `[1, k]`.
-struct Picked {
-    token: Array,
-    scores: Option<(Array, Option<(Array, Array)>)>,
-}
-
-impl Picked {
-    fn arrays(&self) -> Vec<&Array> {
-        let mut all = vec![&self.token];
-        if let Some((lp, top)) = &self.scores {
-            all.push(lp);
-            if let Some((ids, vals)) = top {
-                all.extend([ids, vals]);
-            }
-        }
-        all
-    }
-
-    /// The scores on the host (the arrays are evaluated by then).
-    fn read(&self) -> Result<Option<TokenLogprobs>> {
-        let Some((lp, alternatives)) = &self.scores else { return Ok(None) };
-        let mut top: Vec<(u32, f32)> = match alternatives {
-            Some((ids, vals)) => ids.as_slice::<u32>().iter().copied().zip(vals.as_slice::<f32>().iter().copied()).collect(),
-            None => Vec::new(),
-        };
-        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        Ok(Some(TokenLogprobs { logprob: lp.item_cast::<f32>(), top }))
-    }
-}
-
-/// Log-probabilities of `token` and the `k` most likely tokens, from logits `[1, V]`.
-fn scores(logits: &Array, token: &Array, k: usize) -> Result<(Array, Option<(Array, Array)>)> {
-    let lp = log_softmax(&logits.as_dtype(Dtype::Float32)?, -1)?;
-    let chosen = take_along_axis(&lp, &token.reshape(&[1, 1])?.as_dtype(Dtype::Int32)?, -1)?;
-    let v = lp.shape()[1] as usize;
-    let k = k.min(v);
-    if k == 0 {
-        return Ok((chosen, None));
-    }
-    // argpartition puts the k largest (of -lp, the k smallest) first, in no order; the host sorts.
-    let ids = argpartition_axis(&(-&lp), (k - 1) as i32, -1)?.index((.., ..k as i32));
-    let vals = take_along_axis(&lp, &ids, -1)?;
-    Ok((chosen, Some((ids.as_dtype(Dtype::Uint32)?, vals))))
 }
