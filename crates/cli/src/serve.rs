@@ -32,14 +32,19 @@ pub struct ServeArgs {
     /// recently used beyond. `0` keeps none.
     #[arg(long, default_value = "256M")]
     pub prompt_cache_bytes: String,
-    /// KV bytes the server may hold in all (kept conversations plus the running request). A
-    /// request whose cache could grow past it, by the closed-form bytes per token, is refused
-    /// with a 400; default: half the memory available at start.
+    /// KV bytes the server may hold in all (kept conversations plus the running requests). A
+    /// request whose cache could grow past it alone, by the closed-form bytes per token, is
+    /// refused with a 400; one that fits alone but not beside the running ones waits; default:
+    /// half the memory available at start.
     #[arg(long)]
     pub kv_budget: Option<String>,
     /// Requests that may wait for the engine; more get a 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
+    /// Requests decoded together (continuous batching: one step runs the newest token of each
+    /// through the model at once); more wait in the queue. 1 serves one at a time.
+    #[arg(long, default_value_t = 8)]
+    pub decode_concurrency: usize,
     /// Default sampling temperature (requests' `temperature` overrides; 0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
@@ -56,8 +61,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.prefill_step == 0 || a.max_tokens == 0 || a.queue == 0 {
-        bail!("--prefill-step, --max-tokens and --queue must each be at least 1");
+    if a.prefill_step == 0 || a.max_tokens == 0 || a.queue == 0 || a.decode_concurrency == 0 {
+        bail!("--prefill-step, --max-tokens, --queue and --decode-concurrency must each be at least 1");
     }
     let cache = a.kv.settings()?;
     let sampler = SamplerSettings { temp: a.temp, top_p: a.top_p, seed: a.seed, ..Default::default() };
@@ -80,7 +85,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         _ => path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
     };
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prompt_cache_bytes, kv_budget, queue: a.queue, prompt_cache_files: a.prompt_cache_file.clone() };
+    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prompt_cache_bytes, kv_budget, queue: a.queue, decode_concurrency: a.decode_concurrency, prompt_cache_files: a.prompt_cache_file.clone() };
     eprintln!("loading {} ...", path.display());
     let load_path = path.clone();
     let load = move || -> models::error::Result<Engine> { Ok(Engine::from_loaded(models::load::load(&load_path, compute_dtype())?)) };

@@ -9,7 +9,61 @@ use serde_json::Value;
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// A string, a list of content parts (only `text` parts here), or null (an assistant turn
+    /// that only called tools).
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl ChatMessage {
+    /// The message's text: text parts joined; any other part is refused by name.
+    pub fn text(&self, index: usize) -> Result<String, ApiError> {
+        match &self.content {
+            None if self.role == "assistant" => Ok(String::new()),
+            None => {
+                let param = format!("messages[{index}].content");
+                Err(ApiError::bad_request(Some(&param), format!("{param} is required for a '{}' message", self.role)))
+            }
+            Some(Content::Text(t)) => Ok(t.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut out = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => out.push_str(t),
+                        (kind, _) => {
+                            let param = format!("messages[{index}].content[{j}]");
+                            return Err(ApiError::bad_request(Some(&param), format!("{param}: only text content parts are supported, got type '{kind}'")));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// `prompt` of a completion: a string, a list holding one string, or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
 }
 
 /// `stream_options` of a streaming request.
@@ -42,15 +96,15 @@ impl Stop {
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
-    pub prompt: Option<String>,
+    pub prompt: Option<Prompt>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stream: bool,
+    /// `null` is false, as OpenAI takes it.
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
     /// Chat: a bool; completions: a number of top alternatives.
@@ -225,10 +279,15 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     if !v.is_object() {
         return Err(ApiError::bad_request(None, "the request body must be a JSON object"));
     }
-    serde_path_to_error::deserialize(v).map_err(|e| {
+    let req: CompletionRequest = serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         ApiError::bad_request(Some(&path), format!("field '{path}': {}", e.into_inner()))
-    })
+    })?;
+    // Shape errors inside messages are the body's too: answered before the request queues.
+    for (i, m) in req.messages.iter().flatten().enumerate() {
+        m.text(i)?;
+    }
+    Ok(req)
 }
 
 #[cfg(test)]

@@ -3,19 +3,25 @@
 //! - [`api`]: the request and response bodies (OpenAI's shapes, plus the `kv` and `kv_cache`
 //!   extensions) and error objects;
 //! - [`kv_field`]: a request's `kv` field, with the CLI's syntax and validation;
-//! - [`worker`]: the thread that owns the engine: it renders, tokenizes, admits by predicted KV
-//!   bytes, reuses kept conversations ([`prompt_cache`]) and streams tokens back;
+//! - [`worker`]: the queue to the thread that owns the engine, which runs the [`scheduler`]
+//!   (continuous batching: requests join and leave the running batch between steps; prompts are
+//!   read in chunks between decode steps); each request is checked and tokenized by
+//!   [`request`], reuses kept conversations ([`prompt_cache`]) and streams back through
+//!   [`output`];
 //! - [`routes`]: the HTTP side, which never touches MLX;
 //! - [`metrics`]: counters for `GET /metrics` (Prometheus text).
 //!
 //! MLX arrays are not shared between threads here: the engine and every cache live on the worker
-//! thread, and handlers talk to it through a bounded queue. One sequence decodes at a time.
+//! thread, and handlers talk to it through a bounded queue.
 
 pub mod api;
 pub mod kv_field;
 pub mod metrics;
+pub mod output;
 pub mod prompt_cache;
+pub mod request;
 pub mod routes;
+pub mod scheduler;
 pub mod worker;
 
 use models::engine::Engine;
@@ -38,11 +44,14 @@ pub struct ServeConfig {
     pub prefill_step: usize,
     /// Resident bytes kept conversations may hold (LRU beyond).
     pub prompt_cache_bytes: u64,
-    /// Bytes of KV cache the server may hold in all (kept conversations plus the running one);
-    /// a request whose predicted cache does not fit is refused.
+    /// Bytes of KV cache the server may hold in all (kept conversations plus the running ones);
+    /// a request whose predicted cache does not fit alone is refused; one that does not fit
+    /// beside the running ones waits for them.
     pub kv_budget: u64,
-    /// Requests waiting for the engine beyond the running one; more get 503.
+    /// Requests waiting for the engine beyond the running ones; more get 503.
     pub queue: usize,
+    /// Sequences decoded together in one step (the running batch); more wait in the queue.
+    pub decode_concurrency: usize,
     /// Saved caches (`kvsplit-mlx cache-prompt`) to start the prompt cache with.
     pub prompt_cache_files: Vec<std::path::PathBuf>,
 }

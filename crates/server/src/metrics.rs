@@ -20,12 +20,14 @@ pub struct Metrics {
     /// Resident bytes of the conversation being generated.
     pub active_kv_bytes: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Sequences in the running batch.
+    pub running: AtomicU64,
     pub cancelled: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
             ("kvsplit_requests_total", "counter", "Completion requests received", &self.requests),
             ("kvsplit_requests_failed_total", "counter", "Completion requests answered with an error", &self.requests_failed),
             ("kvsplit_prompt_tokens_total", "counter", "Prompt tokens of finished requests", &self.prompt_tokens),
@@ -38,6 +40,7 @@ impl Metrics {
             ("kvsplit_prompt_cache_entries", "gauge", "Kept conversations", &self.prompt_cache_entries),
             ("kvsplit_active_kv_bytes", "gauge", "Resident KV bytes of the running generation", &self.active_kv_bytes),
             ("kvsplit_queue_depth", "gauge", "Requests waiting for the engine", &self.queue_depth),
+            ("kvsplit_running_sequences", "gauge", "Sequences in the running batch", &self.running),
             ("kvsplit_cancelled_total", "counter", "Generations stopped by a client disconnect or shutdown", &self.cancelled),
         ];
         let mut out = String::new();
@@ -65,6 +68,6 @@ mod tests {
         assert!(text.contains("kvsplit_kv_resident_bytes 120\n"));
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(samples, text.lines().filter(|l| l.starts_with("# TYPE")).count());
-        assert_eq!(samples, 14);
+        assert_eq!(samples, 15);
     }
 }

@@ -12,6 +12,10 @@
 use models::engine::Sequence;
 use models::sample::SamplerSettings;
 
+/// A copy adds a second resident copy of the shared prefix; an entry that can be taken whole
+/// instead is worth prefilling this many more tokens (a few milliseconds on the CPU).
+pub const COPY_SLACK: usize = 32;
+
 pub struct Entry<'e> {
     /// `CacheSettings` in a canonical form: entries only serve requests with the same setting.
     pub setting: String,
@@ -58,23 +62,32 @@ impl<'e> PromptCache<'e> {
 
     /// The best entry for `tokens` under `setting`, trimmed so that at least one token of
     /// `tokens` is left to feed (the first step needs logits): taken out when the request reuses
-    /// at least half of it, else its prefix copied with `sampler`. `None` on a miss. The caller
-    /// sets the sampler of a taken entry.
+    /// at least half of it, else its prefix copied with `sampler`. An entry that can be taken is
+    /// preferred over a copy that reuses at most [`COPY_SLACK`] tokens more. `None` on a miss.
+    /// The caller sets the sampler of a taken entry.
     pub fn take(&mut self, setting: &str, tokens: &[u32], sampler: &SamplerSettings) -> Option<Hit<'e>> {
-        let (best, len, held) = self
+        let usable = tokens.len().saturating_sub(1);
+        let candidates: Vec<(usize, usize, bool)> = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.setting == setting)
-            .map(|(i, e)| (i, common_prefix(e.seq.history(), tokens).min(e.seq.cached_tokens()), e.seq.cached_tokens()))
-            .max_by_key(|&(_, n, _)| n)?;
-        let reuse = len.min(tokens.len().saturating_sub(1));
-        if reuse == 0 {
-            return None;
-        }
-        if 2 * reuse < held {
-            self.clock += 1;
-            let entry = &mut self.entries[best];
+            .map(|(i, e)| {
+                let held = e.seq.cached_tokens();
+                let reuse = common_prefix(e.seq.history(), tokens).min(held).min(usable);
+                (i, reuse, 2 * reuse >= held)
+            })
+            .filter(|&(_, reuse, _)| reuse > 0)
+            .collect();
+        let best = candidates.iter().max_by_key(|c| c.1)?;
+        let best_taken = candidates.iter().filter(|c| c.2).max_by_key(|c| c.1);
+        let (i, reuse, whole) = match best_taken {
+            Some(t) if t.1 + COPY_SLACK >= best.1 => *t,
+            _ => *best,
+        };
+        self.clock += 1;
+        if !whole {
+            let entry = &mut self.entries[i];
             entry.last_used = self.clock;
             return match entry.seq.fork(reuse, sampler.clone()) {
                 Ok(Some(seq)) => Some(Hit { seq, reused: reuse, copied: true }),
@@ -85,10 +98,11 @@ impl<'e> PromptCache<'e> {
                 }
             };
         }
-        let mut entry = self.entries.swap_remove(best);
+        let mut entry = self.entries.swap_remove(i);
         if !entry.seq.trim_to(reuse) {
-            // A wrapped window or per-channel groups cannot be cut back: the entry is useless
-            // for this request and stale for any other that shares less.
+            // A wrapped window or per-channel groups cannot be cut back there: keep it whole.
+            entry.last_used = self.clock;
+            self.entries.push(entry);
             return None;
         }
         Some(Hit { seq: entry.seq, reused: reuse, copied: false })

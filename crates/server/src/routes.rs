@@ -6,6 +6,7 @@ use crate::metrics::Metrics;
 use crate::worker::{Event, Finish, Handle, Job};
 use crate::ServeConfig;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State as AxState;
 use axum::http::header;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -38,6 +39,11 @@ pub fn router(state: State) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(|| async { ApiError::not_found(None, "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics)") })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            let mut e = ApiError::bad_request(None, format!("{method} is not allowed on {}", uri.path()));
+            e.status = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+            e
+        })
         .with_state(state)
 }
 
@@ -49,11 +55,11 @@ async fn metrics(AxState(s): AxState<State>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
-async fn chat(state: AxState<State>, body: Bytes) -> Response {
+async fn chat(state: AxState<State>, body: Result<Bytes, BytesRejection>) -> Response {
     handle(state, body, true).await
 }
 
-async fn completions(state: AxState<State>, body: Bytes) -> Response {
+async fn completions(state: AxState<State>, body: Result<Bytes, BytesRejection>) -> Response {
     handle(state, body, false).await
 }
 
@@ -125,17 +131,26 @@ impl Meta {
     }
 }
 
-async fn handle(AxState(s): AxState<State>, body: Bytes, chat: bool) -> Response {
+async fn handle(AxState(s): AxState<State>, body: Result<Bytes, BytesRejection>, chat: bool) -> Response {
     s.metrics.requests.fetch_add(1, Relaxed);
     let fail = |e: ApiError| {
         s.metrics.requests_failed.fetch_add(1, Relaxed);
         e.into_response()
     };
+    let body = match body {
+        Ok(b) => b,
+        // Too large (413) or unreadable: an error object with axum's status and reason.
+        Err(r) => {
+            let mut e = ApiError::bad_request(None, format!("the request body could not be read: {}", r.body_text()));
+            e.status = r.status();
+            return fail(e);
+        }
+    };
     let req = match parse_request(&body) {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    let stream = req.stream;
+    let stream = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     // A bad logprobs field is answered by the worker; here it only shapes the response.
     let logprobs = logprobs_asked(&req, chat).ok().flatten().is_some();
