@@ -109,6 +109,13 @@ pub struct BenchArgs {
     /// the current one); the build/eval split printed per row is then additive.
     #[arg(long)]
     pub sync_decode: bool,
+    /// Sequences decoded together, comma-separated (e.g. `1,4,16`): each of B sequences holds
+    /// `depth` tokens and reads its own `-p` prompt (chunks interleaved, as `serve` runs them),
+    /// then `-n` decode steps run all B at once (the engine's batched decode, as `serve`'s
+    /// continuous batching does). Rows report aggregate tok/s over the B sequences. B = 1
+    /// measures the single-stream pipelined decode of `generate`.
+    #[arg(long, default_value = "1")]
+    pub batch: String,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -221,6 +228,63 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     })
 }
 
+/// B sequences at once (`--batch`): depth untimed, then every prompt read in interleaved
+/// chunks and `n_gen` batched decode steps timed; tok/s are aggregates over the B sequences.
+#[allow(clippy::too_many_arguments)]
+fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, batch: usize) -> Result<Sample> {
+    let model = engine.model();
+    let mut seqs = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut seq = engine.sequence(settings, SamplerSettings::default(), step)?;
+        if depth > 0 && random_fill {
+            fill_random(model, seq.caches_mut(), depth, step, settings.max_kv_size.is_some())?;
+            seq.assume_cached(&ids[..depth])?;
+        } else if depth > 0 {
+            seq.prefill(&ids[..depth])?;
+        }
+        seq.queue_prompt(&ids[depth..depth + n_prompt], n_gen + 1)?;
+        seqs.push(seq);
+    }
+    mlx_rs::memory::reset_peak_memory()?;
+    let t0 = Instant::now();
+    // Chunks of each prompt in turn, as the server's scheduler feeds them.
+    let mut reading: Vec<bool> = vec![true; batch];
+    while reading.iter().any(|&r| r) {
+        for (seq, r) in seqs.iter_mut().zip(reading.iter_mut()) {
+            if *r && seq.prefill_some(step, None)?.is_some() {
+                *r = false;
+            }
+        }
+    }
+    let prefill_s = t0.elapsed().as_secs_f64();
+    mlx_kv::host_profile::take();
+    let t1 = Instant::now();
+    let none = vec![None; batch];
+    for _ in 0..n_gen {
+        let mut refs: Vec<&mut models::engine::Sequence<'_>> = seqs.iter_mut().collect();
+        models::engine::decode_batch(&mut refs, &none)?;
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
+    let decode_path = match seqs[0].attention_path() {
+        Some(c) if n_gen > 0 => c.to_string(),
+        _ => String::new(),
+    };
+    Ok(Sample {
+        decode_path,
+        prefill_tps: (batch * n_prompt) as f64 / prefill_s.max(1e-9),
+        decode_tps: if n_gen == 0 { f64::NAN } else { (batch * n_gen) as f64 / decode_s.max(1e-9) },
+        ttft_ms: prefill_s * 1e3,
+        kv_bytes: seqs.iter().map(|s| s.kv_bytes().total()).sum(),
+        peak: mlx_rs::memory::peak_memory()?,
+        // The batched step evaluates as it goes: no separate graph-build figure.
+        decode_build_s: 0.0,
+        decode_s,
+        layer_host_s,
+        apply_host_s,
+    })
+}
+
 /// Writes `depth` tokens of random keys and values into every layer's cache (`--fill random`).
 /// One random chunk is reused for every write: only the cache's shape matters for speed.
 fn fill_random(model: &dyn LanguageModel, caches: &mut [KvCache], depth: usize, step: usize, ring: bool) -> Result<()> {
@@ -260,6 +324,10 @@ pub fn weights_bytes(model: &dyn LanguageModel) -> u64 {
 
 fn run_model(a: BenchArgs) -> Result<()> {
     let depths = parse_list(&a.depth, "--depth")?;
+    let batches = parse_list(&a.batch, "--batch")?;
+    if batches.contains(&0) {
+        bail!("--batch: every batch size must be at least 1");
+    }
     if a.n_prompt == 0 {
         bail!("--n-prompt: must be at least 1 (TTFT needs a prompt)");
     }
@@ -325,22 +393,31 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let mut plan = Vec::new();
     for (kv, s) in &settings {
         for &d in &depths {
-            let tokens = d + a.n_prompt + a.n_gen;
-            let need = s.bytes_per_token(model) * tokens as f64;
-            if avail.is_some_and(|m| need > m as f64) {
-                eprintln!("skip: {} at depth {d}: its KV cache ({}) exceeds available memory", s.spec, human_bytes(need));
-                continue;
+            for &b in &batches {
+                let tokens = d + a.n_prompt + a.n_gen;
+                let need = s.bytes_per_token(model) * (tokens * b) as f64;
+                if avail.is_some_and(|m| need > m as f64) {
+                    eprintln!("skip: {} at depth {d}, batch {b}: its KV caches ({}) exceed available memory", s.spec, human_bytes(need));
+                    continue;
+                }
+                if tokens > model.max_context() {
+                    if b > 1 {
+                        eprintln!("skip: {} at depth {d}, batch {b}: {tokens} tokens exceed the model's trained {}", s.spec, model.max_context());
+                        continue;
+                    }
+                    eprintln!("note: {} at depth {d}: {tokens} tokens exceed the model's trained {} (speed only)", s.spec, model.max_context());
+                }
+                plan.push((kv.clone(), s.clone(), d, b));
             }
-            if tokens > model.max_context() {
-                eprintln!("note: {} at depth {d}: {tokens} tokens exceed the model's trained {} (speed only)", s.spec, model.max_context());
-            }
-            plan.push((kv.clone(), s.clone(), d));
         }
     }
 
     // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
     for (_, s) in &settings {
         measure(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
+        for &b in batches.iter().filter(|&&b| b > 1) {
+            measure_batch(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, b)?;
+        }
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -350,18 +427,22 @@ fn run_model(a: BenchArgs) -> Result<()> {
     // drift of the machine (clocks, other load) does not fall on one K/V setting only.
     let mut all_samples: Vec<Vec<Sample>> = plan.iter().map(|_| Vec::new()).collect();
     for r in 0..a.repeats {
-        for ((_, s, depth), samples) in plan.iter().zip(all_samples.iter_mut()) {
-            bar.set_message(format!("{} depth {depth} repeat {}", s.spec, r + 1));
-            samples.push(measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?);
+        for ((_, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
+            bar.set_message(format!("{} depth {depth} batch {b} repeat {}", s.spec, r + 1));
+            samples.push(if *b == 1 {
+                measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?
+            } else {
+                measure_batch(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, *b)?
+            });
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }
     }
-    for ((_, s, depth), samples) in plan.iter().zip(all_samples) {
+    for ((_, s, depth, b), samples) in plan.iter().zip(all_samples) {
         let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
-        if a.n_gen > 0 {
+        if a.n_gen > 0 && *b == 1 {
             // Where a decode step's time goes: graph building on the host vs waiting in `eval`
             // (pipelined, the build overlaps the device's work on the step before).
             let per = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / (samples.len() * a.n_gen) as f64 * 1e3;
@@ -383,7 +464,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
                 }
             });
         }
-        let tokens = depth + a.n_prompt + a.n_gen;
+        let tokens = (depth + a.n_prompt + a.n_gen) * b;
         rows.push(ModelRow {
             kind: "model".into(),
             machine: env.machine.clone(),
@@ -410,6 +491,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
             engine: env.engine.clone(),
             commit: env.commit.clone(),
             date: env.date.clone(),
+            batch: *b,
         });
     }
     bar.finish_and_clear();
@@ -435,12 +517,13 @@ fn run_model(a: BenchArgs) -> Result<()> {
 }
 
 pub fn model_table(rows: &[ModelRow]) -> String {
-    let header = ["kv", "depth", "n_prompt", "n_gen", "prefill tok/s", "decode tok/s", "ttft ms", "KV measured", "KV formula", "peak mem"];
+    let header = ["kv", "batch", "depth", "n_prompt", "n_gen", "prefill tok/s", "decode tok/s", "ttft ms", "KV measured", "KV formula", "peak mem"];
     let body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             vec![
                 r.kv.clone(),
+                r.batch.to_string(),
                 r.depth.to_string(),
                 r.n_prompt.to_string(),
                 r.n_gen.to_string(),

@@ -119,6 +119,14 @@ pub struct ModelRow {
     pub engine: String,
     pub commit: String,
     pub date: String,
+    /// Sequences decoded together (`bench --batch`); prefill and decode tok/s are then
+    /// aggregates over all of them. Rows written before batching are single-stream (1).
+    #[serde(default = "one")]
+    pub batch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One attention-only row (`kind = attention`). Shares the environment, `model` (here the

@@ -25,6 +25,16 @@ impl<'e> Sequence<'e> {
         Ok(())
     }
 
+    /// For benchmarks that write a cache's contents directly (random keys and values): names
+    /// `tokens` as what the cache already holds, so later calls feed from there.
+    pub fn assume_cached(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.cached_tokens() || !self.history.is_empty() {
+            return Err(ModelError::Invalid { flag: "--fill", message: format!("{} tokens named for a cache holding {} (history {})", tokens.len(), self.cached_tokens(), self.history.len()) });
+        }
+        self.history = tokens.to_vec();
+        Ok(())
+    }
+
     /// Tokens in the history not yet in the cache: the queued prompt, or the one token the
     /// last step produced.
     pub fn unfed(&self) -> usize {
