@@ -36,14 +36,18 @@ start() {
 }
 stop() { kill -TERM "$PID"; wait "$PID" || true; PID=""; }
 GPU=""
+# BENCH_COMMIT names the commit where the tree's git is absent or stale (the GPU machine's copy).
+COMMIT=${BENCH_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+WARMUP=()
+[ "${SERVE_BENCH_WARMUP:-0}" = 1 ] && WARMUP=(--warmup)
 command -v nvidia-smi >/dev/null && GPU=" / $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-meta() { echo "{\"commit\": \"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")\", \"date\": \"$(date -u +%FT%TZ)\", \"machine\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) / $(nproc) cores$GPU\", \"load_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"command\": \"scripts/serve-bench.sh $TOKENS $N $STAGES\"}"; }
+meta() { echo "{\"commit\": \"$COMMIT\", \"warmup\": \"${SERVE_BENCH_WARMUP:-0}\", \"date\": \"$(date -u +%FT%TZ)\", \"machine\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) / $(nproc) cores$GPU\", \"load_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"command\": \"scripts/serve-bench.sh $TOKENS $N $STAGES\"}"; }
 meta >>"$TMP/rows.jsonl"
 if [[ ",$STAGES," == *,ours,* ]]; then
-  ours="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit $(git -C "$ROOT" rev-parse --short HEAD))"
+  ours="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit $COMMIT)"
   for pc in 256M 0; do
     start --prompt-cache-bytes "$pc"
-    python3 "$ROOT/scripts/serve_bench.py" ttft "$URL" "$TEXT" "$TOKENS" k8v4 \
+    python3 "$ROOT/scripts/serve_bench.py" ttft "$URL" "$TEXT" "$TOKENS" k8v4 "${WARMUP[@]}" \
       --tag "{\"engine\": \"$ours, KV k8v4\", \"peer\": null, \"prompt_cache_bytes\": \"$pc\"}" | tee -a "$TMP/rows.jsonl"
     stop
   done
