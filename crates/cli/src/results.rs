@@ -350,6 +350,7 @@ mod tests {
             engine: mlx_ext::EngineOptions::default().describe(),
             commit: "abc".into(),
             date: "2026-01-01T00:00:00Z".into(),
+            batch: 4,
         }
     }
 
