@@ -363,7 +363,13 @@ mod tests {
         assert_eq!(read_rows::<ModelRow>(&j).unwrap(), rows);
         let cols = columns(&c).unwrap();
         assert_eq!(cols.first().map(String::as_str), Some("kind"));
-        assert_eq!(cols.len(), 25);
+        assert_eq!(cols.len(), 26);
+        // Rows written before `--batch` existed have no `batch` column: single-stream.
+        let old = dir.join("old.csv");
+        let text = std::fs::read_to_string(&c).unwrap();
+        let stripped: String = text.lines().map(|l| l.rsplit_once(',').unwrap().0.to_string() + "\n").collect();
+        std::fs::write(&old, stripped).unwrap();
+        assert!(read_rows::<ModelRow>(&old).unwrap().iter().all(|r| r.batch == 1));
 
         let a = AttentionRow { kind: "attention".into(), kv: "k4v2".into(), depth: 1024, decode_ms_median: 0.75, decode_vs_fp16: Some(0.5), ..Default::default() };
         let b = AttentionRow { decode_vs_fp16: None, ..a.clone() };
