@@ -15,6 +15,7 @@
 //! thread, and handlers talk to it through a bounded queue.
 
 pub mod api;
+pub mod job;
 pub mod kv_field;
 pub mod metrics;
 pub mod output;

@@ -3,7 +3,7 @@
 //! travel with the text they belong to, and a closed channel means the client went away.
 
 use crate::api::{Alternative, TokenScore};
-use crate::worker::Event;
+use crate::job::Event;
 use models::engine::TokenLogprobs;
 use models::tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;

@@ -3,7 +3,7 @@
 //! it can grow to. Everything that can be refused is refused here, before any MLX work.
 
 use crate::api::{logprobs_asked, ApiError, CompletionRequest, Prompt};
-use crate::worker::{Event, Job};
+use crate::job::{Event, Job};
 use crate::{kv_field, ServeConfig};
 use models::chat::{render, Message};
 use models::engine::Engine;

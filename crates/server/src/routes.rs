@@ -3,7 +3,8 @@
 
 use crate::api::{chat_logprobs, completion_logprobs, logprobs_asked, parse_request, ApiError, TokenScore};
 use crate::metrics::Metrics;
-use crate::worker::{Event, Finish, Handle, Job};
+use crate::job::{Event, Finish, Job};
+use crate::worker::Handle;
 use crate::ServeConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::output::Output;
 use crate::prompt_cache::PromptCache;
 use crate::request::{plan, Plan};
-use crate::worker::{Event, Finish, Job};
+use crate::job::{Event, Finish, Job};
 use crate::ServeConfig;
 use models::engine::{decode_batch, Engine, Sequence, TokenLogprobs};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -3,7 +3,8 @@
 //! [`Scheduler`]. Each job is answered with events: text pieces, then `Done` (or `Error` before
 //! any text).
 
-use crate::api::{ApiError, CompletionRequest, KvCacheReport, Timings, TokenScore, Usage};
+use crate::api::ApiError;
+use crate::job::Job;
 use crate::metrics::Metrics;
 use crate::prompt_cache::PromptCache;
 use crate::scheduler::Scheduler;
@@ -12,32 +13,6 @@ use models::engine::Engine;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
-use tokio::sync::mpsc::UnboundedSender;
-
-/// What a job sends back.
-#[derive(Debug)]
-pub enum Event {
-    /// A piece of text and the scores of the tokens it completes (empty without `logprobs`).
-    Text(String, Vec<TokenScore>),
-    Done(Box<Finish>),
-    Error(ApiError),
-}
-
-#[derive(Debug, Clone)]
-pub struct Finish {
-    /// `stop` (end of generation or a stop string), `length`, or `cancelled` (shutdown).
-    pub finish_reason: &'static str,
-    pub usage: Usage,
-    pub kv_cache: KvCacheReport,
-    pub timings: Timings,
-}
-
-pub struct Job {
-    pub req: CompletionRequest,
-    /// `/v1/chat/completions` (messages through the chat template) or `/v1/completions`.
-    pub chat: bool,
-    pub events: UnboundedSender<Event>,
-}
 
 /// The HTTP side's end of the queue.
 #[derive(Clone)]

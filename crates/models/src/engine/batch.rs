@@ -5,7 +5,7 @@
 //! `KvSpec`.
 
 use super::scores::TokenLogprobs;
-use super::Sequence;
+use super::sequence::Sequence;
 use crate::error::{ModelError, Result};
 use crate::generate::{check_context, eval_caches};
 use mlx_kv::KvCache;

@@ -2,7 +2,7 @@
 //! chunked prefill the batched server interleaves with decode steps.
 
 use super::scores::{Picked, TokenLogprobs};
-use super::Sequence;
+use super::sequence::Sequence;
 use crate::error::Result;
 use crate::generate::{check_context, eval_caches, prefill, GenerationStats};
 use mlx_rs::transforms::{async_eval, eval};
