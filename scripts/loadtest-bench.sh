@@ -24,6 +24,7 @@
 # --prompt-cache-bytes 0) and one short warm-up request per server first.
 #
 # Environment: KVSPLIT_BIN (our binary; default $CARGO_TARGET_DIR or target/, release),
+# KVSPLIT_BIN_COMMIT (the commit that binary was built from, when not this tree's HEAD),
 # LOADTEST_MODEL (the GGUF; default $KVSPLIT_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf),
 # LLAMA_SERVER (a llama-server binary instead of building one), LLAMA_SERVER_ARGS (more
 # llama-server flags, appended), LOADTEST_DEADLINE_S (each load
@@ -102,9 +103,9 @@ FAILED=0
 # loadtest ENGINE VERSION CACHE SERVER_COMMAND: runs loadtest.py on $URL / $PID, appends its row.
 loadtest() {
   local tag
+  [ "${QUIET_WAIT_S:-300}" = 0 ] || quiet
   tag=$("$PY" -c 'import json, sys; k = ["engine", "engine_version", "cache", "server_command", "commit", "date", "machine", "command", "model"]; print(json.dumps(dict(zip(k, sys.argv[1:]))))' \
     "$1" "$2" "$3" "$4" "$COMMIT" "$(date -u +%FT%TZ)" "$MACHINE" "$COMMAND" "$(basename "$GGUF")")
-  [ "${QUIET_WAIT_S:-300}" = 0 ] || quiet
   say "$1: $N requests, concurrency $C, ~$P prompt tokens, max $M tokens"
   "$PY" "$ROOT/scripts/loadtest.py" "$URL" --requests "$N" --concurrency "$C" --prompt-tokens "$P" --max-tokens "$M" \
     --pid "$PID" --deadline "$DEADLINE" --text "$TEXT" --tag "$tag" --json-out "$OUT" >/dev/null || FAILED=1
@@ -123,7 +124,7 @@ for engine in "${engines[@]}"; do
       for _ in $(seq 1 $((READY_S * 5))); do grep -q "^serving " "$log" && break; kill -0 "$PID" 2>/dev/null || died "$log" "our server exited while starting"; sleep 0.2; done
       grep -q "^serving " "$log" || died "$log" "our server not ready after ${READY_S}s"
       URL=$(grep -m1 -o "http://[0-9.:]*" "$log")
-      version="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit $COMMIT)"
+      version="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit ${KVSPLIT_BIN_COMMIT:-$COMMIT})"
       loadtest "kvsplit-mlx serve" "$version" "$kv" "kvsplit-mlx serve --model $(basename "$GGUF") --port 0 --kv $kv --decode-concurrency $C --prompt-cache-bytes 0"
       stop ;;
     llamacpp-q8q4|llamacpp-f16)
