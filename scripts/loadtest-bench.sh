@@ -18,7 +18,7 @@
 #                   counterpart of our --prompt-cache-bytes 0)
 #   llamacpp-f16    the same with -ctk f16 -ctv f16
 # llama-server is built once from the llama-cpp-python 0.3.36 sdist by
-# scripts/llama-server-build.sh (minutes on 2 cores; cached under $KVSPLIT_PEERS). --no-repack:
+# scripts/llama-server-build.sh (about 4 minutes on 2 cores; cached under $KVSPLIT_PEERS). --no-repack:
 # llama.cpp's weight repacking (AMX) crashes on this Xeon. loadtest.py sends `cache_prompt:
 # false` (llama-server's prompt reuse off; ours ignores the field and keeps nothing with
 # --prompt-cache-bytes 0) and one short warm-up request per server first.
@@ -30,8 +30,8 @@
 # llama-server flags, appended), LOADTEST_DEADLINE_S (each load
 # test's deadline, default 300), SERVER_READY_S (default 120), LOADTEST_OUT, QUIET_WAIT_S (before
 # each load test, wait at most this long for the machine to be idle; default 300, 0: no wait).
-# The defaults (32 requests of ~256 + 64 tokens at concurrency 4, four engines) take about ten
-# minutes on 2 cores. Exit status 1 when any request of any engine failed (the rows say which).
+# The defaults (32 requests of ~256 + 64 tokens at concurrency 4, four engines) took 3m42s on the
+# idle 2-core Xeon, plus the wait for idleness and, once, llama-server's build (~4 min). Exit status 1 when any request of any engine failed (the rows say which).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 N=${1:-32} C=${2:-4} P=${3:-256} M=${4:-64}
