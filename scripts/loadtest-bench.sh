@@ -53,19 +53,11 @@ mkdir -p "$(dirname "$OUT")"
 
 TMP=$(mktemp -d)
 PID=""
-stop() {
-  [ -n "$PID" ] || return 0
-  kill -TERM "$PID" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.2; done
-  kill -9 "$PID" 2>/dev/null || true
-  wait "$PID" 2>/dev/null || true
-  PID=""
-}
-trap 'stop; rm -rf "$TMP"' EXIT
+. "$ROOT/scripts/server-lib.sh"
+WHO=loadtest-bench
+trap 'stop_server; rm -rf "$TMP"' EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-died() { tail -n 30 "$1" >&2; echo "loadtest-bench: $2" >&2; exit 1; }
 
 # quiet: waits (at most QUIET_WAIT_S, default 300; 0: not at all) until the whole machine was
 # less than 15% busy over 5 seconds, so that another job's build or benchmark is not measured
@@ -93,7 +85,7 @@ PYEOF
 # json KEY=VALUE...: a JSON object of strings (values as given, safely quoted).
 json() { "$PY" -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:])))' "$@"; }
 
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
+COMMIT=${BENCH_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 MACHINE="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) / $THREADS cores"
 COMMAND="scripts/loadtest-bench.sh $N $C $P $M"
 json commit="$COMMIT" date="$(date -u +%FT%TZ)" machine="$MACHINE" load_before="$(cut -d' ' -f1-3 /proc/loadavg)" \
@@ -116,17 +108,10 @@ for engine in "${engines[@]}"; do
   case "$engine" in
     ours-k8v4|ours-fp16)
       kv=${engine#ours-}
-      cmd=("$BIN" serve --model "$GGUF" --host 127.0.0.1 --port 0 --kv "$kv" --decode-concurrency "$C" --prompt-cache-bytes 0)
-      log="$TMP/$engine.log"
-      : >"$log"
-      "${cmd[@]}" >"$log" 2>&1 &
-      PID=$!
-      for _ in $(seq 1 $((READY_S * 5))); do grep -q "^serving " "$log" && break; kill -0 "$PID" 2>/dev/null || died "$log" "our server exited while starting"; sleep 0.2; done
-      grep -q "^serving " "$log" || died "$log" "our server not ready after ${READY_S}s"
-      URL=$(grep -m1 -o "http://[0-9.:]*" "$log")
+      serve_ours "$TMP/$engine.log" "$BIN" --model "$GGUF" --host 127.0.0.1 --port 0 --kv "$kv" --decode-concurrency "$C" --prompt-cache-bytes 0 || exit 1
       version="kvsplit-mlx $("$BIN" --version | cut -d' ' -f2) (commit ${KVSPLIT_BIN_COMMIT:-$COMMIT})"
       loadtest "kvsplit-mlx serve" "$version" "$kv" "kvsplit-mlx serve --model $(basename "$GGUF") --port 0 --kv $kv --decode-concurrency $C --prompt-cache-bytes 0"
-      stop ;;
+      stop_server ;;
     llamacpp-q8q4|llamacpp-f16)
       LS="${LLAMA_SERVER:-$("$ROOT/scripts/llama-server-build.sh")}"
       if [ "$engine" = llamacpp-q8q4 ]; then ck=q8_0 cv=q4_0; else ck=f16 cv=f16; fi
@@ -136,16 +121,11 @@ for engine in "${engines[@]}"; do
       "$LS" "${args[@]}" >"$log" 2>&1 &
       PID=$!
       URL="http://127.0.0.1:$port"
-      t=0
-      until curl -sf -o /dev/null --max-time 5 "$URL/health"; do
-        kill -0 "$PID" 2>/dev/null || died "$log" "llama-server exited while starting"
-        [ "$t" -lt $((READY_S * 2)) ] || died "$log" "llama-server not ready after ${READY_S}s"
-        sleep 0.5; t=$((t + 1))
-      done
+      wait_http /health "$log" || exit 1
       ggml=$(sed -n 's/^ggml: *//p' "$(dirname "$LS")/.built" 2>/dev/null | head -n1)
       version="llama-server $("$LS" --version 2>&1 | grep -m1 '^version:' | sed 's/^version: *//')${ggml:+, ggml $ggml} (llama.cpp of the llama-cpp-python 0.3.36 sdist)"
       loadtest "llama-server" "$version" "K $ck / V $cv (flash attention)" "llama-server ${args[*]/#$GGUF/$(basename "$GGUF")}"
-      stop ;;
+      stop_server ;;
     *) echo "loadtest-bench: unknown engine '$engine' (ours-k8v4, ours-fp16, llamacpp-q8q4, llamacpp-f16)" >&2; exit 2 ;;
   esac
 done

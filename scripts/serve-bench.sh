@@ -27,13 +27,9 @@ OUT="${SERVE_BENCH_OUT:-$ROOT/docs/data/serve-bench.jsonl}"
 TMP=$(mktemp -d)
 PID=""
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -rf "$TMP"' EXIT
-start() {
-  : >"$TMP/serve.log"
-  "$BIN" serve --port 0 --max-tokens 32 --kv-budget 8G "$@" >"$TMP/serve.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 1 300); do grep -q "^serving " "$TMP/serve.log" && break; sleep 0.2; done
-  URL=$(grep -o "http://[0-9.:]*" "$TMP/serve.log" | head -1)
-}
+. "$ROOT/scripts/server-lib.sh"
+WHO=serve-bench
+start() { serve_ours "$TMP/serve.log" "$BIN" --port 0 --max-tokens 32 --kv-budget 8G "$@" || exit 1; }
 stop() { kill -TERM "$PID"; wait "$PID" || true; PID=""; }
 GPU=""
 # BENCH_COMMIT names the commit where the tree's git is absent or stale (the GPU machine's copy).

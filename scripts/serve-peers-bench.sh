@@ -46,30 +46,18 @@ say() { printf '[serve-peers] %s\n' "$*" >&2; }
 
 TMP=$(mktemp -d)
 PID=""
-stop() {
-  [ -n "$PID" ] || return 0
-  kill -TERM "$PID" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.2; done
-  kill -9 "$PID" 2>/dev/null || true
-  wait "$PID" 2>/dev/null || true
-  PID=""
-}
-trap 'stop; rm -rf "$TMP"' EXIT
+. "$ROOT/scripts/server-lib.sh"
+WHO=serve-peers-bench
+trap 'stop_server; rm -rf "$TMP"' EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # start LOG READY_PATH COMMAND...: runs COMMAND in the background and waits until GET
 # READY_PATH answers 200 on $URL (set by the caller), the server dies, or READY_S passes.
 start() {
   local log=$1 ready=$2; shift 2
   "$@" >"$log" 2>&1 &
   PID=$!
-  local t=0
-  until curl -sf -o /dev/null --max-time 5 "$URL$ready"; do
-    if ! kill -0 "$PID" 2>/dev/null; then tail -n 30 "$log" >&2; echo "serve-peers-bench: the server exited while starting (log above)" >&2; exit 1; fi
-    [ "$t" -lt $((READY_S * 2)) ] || { tail -n 30 "$log" >&2; echo "serve-peers-bench: not ready after ${READY_S}s" >&2; exit 1; }
-    sleep 0.5; t=$((t + 1))
-  done
+  wait_http "$ready" "$log" || exit 1
 }
 bench() {  # bench TAG_JSON [serve_bench.py options]
   local tag=$1; shift
@@ -95,7 +83,7 @@ for engine in "${engines[@]}"; do
         "$MLXLM_VENV/bin/python" -m mlx_lm.server --model "$MLX_DIR" --host 127.0.0.1 --port "${URL##*:}" \
         --max-tokens 32 --temp 0 "${extra[@]}"
       bench "{\"engine\": \"mlx_lm.server $v (mlx $mlxv CPU, $MLXLM_BLAS_NOTE), KV $kv\", \"peer\": \"$engine\", \"engine_version\": \"mlx-lm $v\", \"cache\": \"$kv\", \"weights\": \"our convert of the GGUF (Q4_1 as 4-bit affine)\"}"
-      stop ;;
+      stop_server ;;
     llamacpp) peers_llamacpp_venv --server
       v=$(version "$LLAMA_VENV/bin/python" llama_cpp_python)
       URL="http://127.0.0.1:$(free_port)"
@@ -106,7 +94,7 @@ for engine in "${engines[@]}"; do
         --logits_all false --verbose true
       bench "{\"engine\": \"llama.cpp server (llama-cpp-python $v, no repack), KV K q8_0 / V q4_0\", \"peer\": \"llamacpp\", \"engine_version\": \"llama-cpp-python $v\", \"cache\": \"K q8_0 / V q4_0 (flash attention)\", \"weights\": \"the GGUF (Q4_1)\"}" \
         --llamacpp-log "$TMP/llamacpp.log"
-      stop ;;
+      stop_server ;;
     *) echo "serve-peers-bench: unknown engine '$engine' (mlxlm, mlxlm-kv8, llamacpp)" >&2; exit 2 ;;
   esac
 done

@@ -16,15 +16,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
 fi
 LOG=$(mktemp)
 trap 'kill -9 "$PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
-"$BIN" serve --port 0 --kv k8v4 --max-tokens 64 >"$LOG" 2>&1 &
-PID=$!
-for _ in $(seq 1 600); do
-  grep -q "^serving " "$LOG" && break
-  kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; echo "serve-test: the server exited before listening" >&2; exit 1; }
-  sleep 0.2
-done
-URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
-[ -n "$URL" ] || { cat "$LOG" >&2; echo "serve-test: the server never said where it listens" >&2; exit 1; }
+. "$ROOT/scripts/server-lib.sh"
+WHO=serve-test
+serve_ours "$LOG" "$BIN" --port 0 --kv k8v4 --max-tokens 64 || exit 1
 timeout 600 "$VENV/bin/python" "$ROOT/scripts/serve_openai_test.py" "$URL"
 SHOT=${2:-$(mktemp --suffix=.png)}
 timeout 600 "$ROOT/scripts/page-test.sh" "$URL" "$SHOT"
@@ -43,10 +37,7 @@ TEXT="$CACHE/data/wikitext-2-raw/wiki.test.raw"
 head -c 3000 "$TEXT" >"$DOC"
 "$BIN" cache-prompt --kv k8v4 --prompt-file "$DOC" --out "$DOC.safetensors" >"$LOG" 2>&1 || { cat "$LOG" >&2; exit 1; }
 SAVED=$(grep -o "Prompt: [0-9]* tokens" "$LOG" | grep -o "[0-9]*")
-"$BIN" serve --port 0 --kv k8v4 --max-tokens 8 --prompt-cache-file "$DOC.safetensors" >"$LOG" 2>&1 &
-PID=$!
-for _ in $(seq 1 600); do grep -q "^serving " "$LOG" && break; kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; exit 1; }; sleep 0.2; done
-URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
+serve_ours "$LOG" "$BIN" --port 0 --kv k8v4 --max-tokens 8 --prompt-cache-file "$DOC.safetensors" || exit 1
 timeout 300 "$VENV/bin/python" - "$URL" "$DOC" "$SAVED" <<'PY'
 import json, sys, urllib.request
 url, doc, saved = sys.argv[1], open(sys.argv[2], newline="").read(), int(sys.argv[3])

@@ -24,15 +24,9 @@ T0=$(date +%s)
 LOG=$(mktemp)
 PID=
 trap '[ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; rm -f "$LOG"' EXIT
-"$BIN" serve --port 0 --kv k8v4 --max-tokens "$MAX_TOKENS" --prompt-cache-bytes "$CACHE_BYTES" --kv-budget "$KV_BUDGET" --queue "$QUEUE" >"$LOG" 2>&1 &
-PID=$!
-for _ in $(seq 1 600); do
-  grep -q "^serving " "$LOG" && break
-  kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; echo "soak-test: the server exited before listening" >&2; exit 1; }
-  sleep 0.2
-done
-URL=$(grep -o "http://[0-9.:]*" "$LOG" | head -1)
-[ -n "$URL" ] || { cat "$LOG" >&2; echo "soak-test: the server never said where it listens" >&2; exit 1; }
+. "$ROOT/scripts/server-lib.sh"
+WHO=soak-test
+serve_ours "$LOG" "$BIN" --port 0 --kv k8v4 --max-tokens "$MAX_TOKENS" --prompt-cache-bytes "$CACHE_BYTES" --kv-budget "$KV_BUDGET" --queue "$QUEUE" || exit 1
 if ! timeout 280 python3 "$ROOT/scripts/soak_test.py" "$URL" --pid "$PID" --requests "$REQUESTS" --seed "$SEED" \
     --queue "$QUEUE" --max-tokens "$MAX_TOKENS" --prompt-cache-bytes "$CACHE_BYTES" --kv-budget "$KV_BUDGET" --deadline 240 $([ -n "${SOAK_LENIENT:-}" ] || echo --strict); then
   echo "soak-test: server log:" >&2; tail -n 40 "$LOG" >&2
