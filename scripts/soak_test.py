@@ -218,14 +218,19 @@ def check_kv(kv, setting):
         largest_kv[0] = max(largest_kv[0], kv["resident_bytes"])
 
 
-def whole(path, body, chat, max_tokens, setting):
-    """A non-streaming request that must succeed (or be refused as busy)."""
+def exchange(path, body):
+    """Sends `body` and reads the whole answer: (response, text)."""
     c = send(path, body)
     try:
         r = c.getresponse()
-        raw = r.read().decode()
+        return r, r.read().decode()
     finally:
         c.close()
+
+
+def whole(path, body, chat, max_tokens, setting):
+    """A non-streaming request that must succeed (or be refused as busy)."""
+    r, raw = exchange(path, body)
     if r.status == 503:
         return busy(r, raw), None
     if r.status != 200:
@@ -326,12 +331,7 @@ def streamed(path, body, chat, max_tokens, setting, include_usage):
 
 def refused(path, body, status, param, types, may_be_busy):
     """A request the server must refuse with `status` (or 503 when it goes through the queue)."""
-    c = send(path, body)
-    try:
-        r = c.getresponse()
-        raw = r.read().decode()
-    finally:
-        c.close()
+    r, raw = exchange(path, body)
     if r.status == 503 and may_be_busy:
         return busy(r, raw)
     error_object(r, raw, status, param, types)
