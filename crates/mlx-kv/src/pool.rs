@@ -1,0 +1,576 @@
+//! One KV memory pool for many sequences, in fixed blocks of [`BLOCK`] tokens (paged KV, as
+//! vLLM's paged attention keeps it).
+//!
+//! A growing per-sequence buffer is re-allocated as it grows and leaves holes of every size
+//! behind when sequences end; here every layer's keys and values live in one array per
+//! layer and half (`[blocks, Hkv, BLOCK, packed]`), a sequence owns a list of block ids (its
+//! [`BlockTable`], shared by all its layers: block `b` is slot `b` of every layer's array), and
+//! a finished sequence's blocks go back to a free list that the next sequence takes whole. The
+//! batched decode kernels read any number of sequences from the same arrays through a table of
+//! block ids, which is what lets one launch per layer serve them all.
+//!
+//! Blocks of different precisions have different sizes, so each [`BlockFormat`] has its own
+//! arena; all arenas draw on one byte budget (`--kv-budget`). Admission reserves a sequence's
+//! worst case ([`KvPool::reserve`]) before any work, so a request that would not fit waits or
+//! is refused exactly as [`KvPool::blocks_for`] predicts; blocks are then taken as tokens
+//! arrive. A block freed by one format is not lent to another (their arrays never shrink).
+
+use crate::error::{KvError, Result};
+use crate::spec::{KeyLayout, KvSpec, Rotation};
+use crate::store::Packed;
+use mlx_rs::ops::indexing::{IndexMutOp, IndexOp};
+use mlx_rs::ops::{concatenate, zeros_dtype};
+use mlx_rs::{Array, Dtype};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Tokens per block: large enough that the per-block bookkeeping (a table entry, one kernel
+/// work item on the CPU) is negligible, small enough that a sequence wastes at most 255 slots.
+pub const BLOCK: usize = 256;
+
+/// The precision of a block: K and V widths and groups (per-token groups along head_dim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockFormat {
+    pub k_bits: u8,
+    pub k_group: usize,
+    pub v_bits: u8,
+    pub v_group: usize,
+}
+
+impl BlockFormat {
+    /// The format of `spec`'s caches if they can live in the pool: K and V quantized with
+    /// per-token groups and nothing kept beside the body (no residual tail, sinks, rotation or
+    /// delayed start). Other settings keep their own growing buffers.
+    pub fn of(spec: &KvSpec) -> Option<BlockFormat> {
+        let plain = spec.k.is_quantized()
+            && spec.v.is_quantized()
+            && spec.key_layout == KeyLayout::PerToken
+            && spec.residual == 0
+            && spec.sinks == 0
+            && spec.rotation == Rotation::None
+            && spec.quantized_kv_start == 0;
+        plain.then_some(BlockFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group })
+    }
+
+    /// Bytes of one token row of one head: packed codes plus a 16-bit scale and bias per group.
+    fn row_bytes(bits: u8, group: usize, head_dim: usize) -> usize {
+        head_dim * bits as usize / 8 + 4 * (head_dim / group)
+    }
+
+    /// Bytes of one block across every layer, K and V.
+    pub fn block_bytes(&self, g: &Geometry) -> usize {
+        let per_token = Self::row_bytes(self.k_bits, self.k_group, g.head_dim) + Self::row_bytes(self.v_bits, self.v_group, g.head_dim);
+        per_token * g.kv_heads * BLOCK * g.layers
+    }
+}
+
+/// The model shape the pool's arrays are made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One layer's keys and values in an arena: `[blocks, Hkv, BLOCK, ...]` each.
+struct LayerArrays {
+    k: Packed,
+    v: Packed,
+}
+
+struct Arena {
+    fmt: BlockFormat,
+    layers: Vec<LayerArrays>,
+    capacity: usize,
+    free: Vec<u32>,
+    /// Blocks promised to admitted sequences and not yet taken.
+    promised: usize,
+}
+
+struct State {
+    geometry: Geometry,
+    budget: usize,
+    arenas: Vec<Arena>,
+}
+
+impl State {
+    fn allocated_bytes(&self) -> usize {
+        self.arenas.iter().map(|a| a.capacity * a.fmt.block_bytes(&self.geometry)).sum()
+    }
+
+    fn arena(&mut self, fmt: BlockFormat) -> usize {
+        if let Some(i) = self.arenas.iter().position(|a| a.fmt == fmt) {
+            return i;
+        }
+        self.arenas.push(Arena { fmt, layers: Vec::new(), capacity: 0, free: Vec::new(), promised: 0 });
+        self.arenas.len() - 1
+    }
+
+    /// Blocks of `arena` that could still be promised: free ones plus what the unallocated
+    /// budget would buy, minus promises already made.
+    fn available(&self, arena: usize) -> usize {
+        let a = &self.arenas[arena];
+        let unallocated = self.budget.saturating_sub(self.allocated_bytes()) / a.fmt.block_bytes(&self.geometry);
+        (a.free.len() + unallocated).saturating_sub(a.promised)
+    }
+
+    /// Grows `arena`'s arrays by at least one block (doubling, within the budget).
+    fn grow(&mut self, arena: usize) -> Result<()> {
+        let g = self.geometry;
+        let block_bytes = self.arenas[arena].fmt.block_bytes(&g);
+        let room = self.budget.saturating_sub(self.allocated_bytes()) / block_bytes;
+        let a = &mut self.arenas[arena];
+        let extra = a.capacity.max(16).min(room);
+        if extra == 0 {
+            return Err(KvError::Capacity { requested: a.capacity + 1, capacity: a.capacity });
+        }
+        let fresh = |bits: u8, group: usize| -> Result<Packed> {
+            let (n, h, d) = (extra as i32, g.kv_heads as i32, g.head_dim);
+            Ok(Packed {
+                w: zeros_dtype(&[n, h, BLOCK as i32, (d * bits as usize / 32) as i32], Dtype::Uint32)?,
+                scales: zeros_dtype(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
+                biases: zeros_dtype(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
+            })
+        };
+        let grow = |old: Option<Packed>, new: Packed| -> Result<Packed> {
+            Ok(match old {
+                None => new,
+                Some(o) => Packed {
+                    w: concatenate(&[o.w, new.w], 0)?,
+                    scales: concatenate(&[o.scales, new.scales], 0)?,
+                    biases: concatenate(&[o.biases, new.biases], 0)?,
+                },
+            })
+        };
+        let fmt = a.fmt;
+        let old = std::mem::take(&mut a.layers);
+        let mut layers = Vec::with_capacity(g.layers);
+        let mut old = old.into_iter();
+        for _ in 0..g.layers {
+            let prev = old.next();
+            let (pk, pv) = match prev {
+                Some(l) => (Some(l.k), Some(l.v)),
+                None => (None, None),
+            };
+            layers.push(LayerArrays { k: grow(pk, fresh(fmt.k_bits, fmt.k_group)?)?, v: grow(pv, fresh(fmt.v_bits, fmt.v_group)?)? });
+        }
+        // Evaluated now: a lazy concatenate would otherwise be re-run inside the next step.
+        mlx_rs::transforms::eval(layers.iter().flat_map(|l| [&l.k.w, &l.k.scales, &l.k.biases, &l.v.w, &l.v.scales, &l.v.biases]))?;
+        a.layers = layers;
+        // Lowest ids first, so sequences fill the front of the arrays.
+        a.free.extend((a.capacity as u32..(a.capacity + extra) as u32).rev());
+        a.capacity += extra;
+        Ok(())
+    }
+}
+
+/// The pool: shared by every sequence of an engine (cloning shares it).
+#[derive(Clone)]
+pub struct KvPool(Arc<Mutex<State>>);
+
+/// What [`KvPool::usage`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub budget_bytes: usize,
+    pub allocated_bytes: usize,
+    /// Blocks held by sequences, over all formats.
+    pub used_blocks: usize,
+    pub free_blocks: usize,
+    pub promised_blocks: usize,
+}
+
+impl KvPool {
+    /// An empty pool for a model of shape `geometry` that never holds more than `budget`
+    /// bytes of blocks (`None`: no limit but memory).
+    pub fn new(geometry: Geometry, budget: Option<usize>) -> KvPool {
+        KvPool(Arc::new(Mutex::new(State { geometry, budget: budget.unwrap_or(usize::MAX), arenas: Vec::new() })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind, still consistent
+        // enough to free blocks: keep going rather than poison every later request.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.lock().geometry
+    }
+
+    /// Blocks a sequence of `tokens` tokens needs.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK)
+    }
+
+    /// Bytes one block of `fmt` takes across all layers.
+    pub fn block_bytes(&self, fmt: BlockFormat) -> usize {
+        fmt.block_bytes(&self.lock().geometry)
+    }
+
+    /// Blocks of `fmt` that a new reservation could still get.
+    pub fn available(&self, fmt: BlockFormat) -> usize {
+        let mut s = self.lock();
+        let i = s.arena(fmt);
+        s.available(i)
+    }
+
+    /// Allocates arrays for `blocks` blocks of `fmt` now (within the budget), so later growth
+    /// never copies them: for a server that knows its format, or a benchmark.
+    pub fn preallocate(&self, fmt: BlockFormat, blocks: usize) -> Result<()> {
+        let mut s = self.lock();
+        let i = s.arena(fmt);
+        while s.arenas[i].capacity < blocks {
+            s.grow(i)?;
+        }
+        Ok(())
+    }
+
+    /// Promises `tokens` tokens' worth of blocks of `fmt` to a new sequence, or `None` when
+    /// they are not available (the caller waits or refuses).
+    pub fn reserve(&self, fmt: BlockFormat, tokens: usize) -> Option<BlockTable> {
+        let need = Self::blocks_for(tokens);
+        let mut s = self.lock();
+        let i = s.arena(fmt);
+        if s.available(i) < need {
+            return None;
+        }
+        s.arenas[i].promised += need;
+        Some(BlockTable { pool: self.clone(), arena: i, fmt, ids: Vec::new(), promised: need, tokens: 0 })
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        let s = self.lock();
+        let mut u = PoolUsage { budget_bytes: s.budget, allocated_bytes: s.allocated_bytes(), ..Default::default() };
+        for a in &s.arenas {
+            u.free_blocks += a.free.len();
+            u.used_blocks += a.capacity - a.free.len();
+            u.promised_blocks += a.promised;
+        }
+        u
+    }
+}
+
+/// A sequence's blocks, in token order, shared by its layers' caches. Dropping it returns the
+/// blocks and any unused promise to the pool.
+pub struct BlockTable {
+    pool: KvPool,
+    arena: usize,
+    fmt: BlockFormat,
+    ids: Vec<u32>,
+    promised: usize,
+    /// Tokens the table has room for and that a layer asked for ([`Self::ensure`]).
+    tokens: usize,
+}
+
+impl BlockTable {
+    pub fn format(&self) -> BlockFormat {
+        self.fmt
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Makes room for `tokens` tokens: takes blocks from the promise first, then from the
+    /// pool's free blocks if the sequence outgrows what it reserved.
+    pub fn ensure(&mut self, tokens: usize) -> Result<()> {
+        self.tokens = self.tokens.max(tokens);
+        let need = KvPool::blocks_for(tokens);
+        if need <= self.ids.len() {
+            return Ok(());
+        }
+        let mut s = self.pool.lock();
+        while self.ids.len() < need {
+            let from_promise = self.promised > 0;
+            if !from_promise && s.available(self.arena) == 0 {
+                return Err(KvError::InvalidSpec {
+                    flag: "--kv-budget",
+                    message: format!("the KV pool has no free block for token {} of this sequence (budget {} bytes)", self.ids.len() * BLOCK + 1, s.budget),
+                });
+            }
+            if s.arenas[self.arena].free.is_empty() {
+                s.grow(self.arena)?;
+            }
+            let id = s.arenas[self.arena].free.pop().expect("grown");
+            if from_promise {
+                self.promised -= 1;
+                s.arenas[self.arena].promised -= 1;
+            }
+            self.ids.push(id);
+        }
+        Ok(())
+    }
+
+    /// Gives back whole blocks past the first `tokens` tokens (a conversation cut back).
+    pub fn truncate(&mut self, tokens: usize) {
+        let keep = KvPool::blocks_for(tokens);
+        if keep < self.ids.len() {
+            let mut s = self.pool.lock();
+            let freed: Vec<u32> = self.ids.drain(keep..).collect();
+            s.arenas[self.arena].free.extend(freed);
+        }
+        self.tokens = self.tokens.min(tokens);
+    }
+
+    /// Row `(block, head, slot)` of token `t` in the flat `[blocks * Hkv * BLOCK, ...]` view.
+    pub fn row(&self, t: usize, head: usize, kv_heads: usize) -> i32 {
+        ((self.ids[t / BLOCK] as usize * kv_heads + head) * BLOCK + t % BLOCK) as i32
+    }
+}
+
+impl Drop for BlockTable {
+    fn drop(&mut self) {
+        let mut s = self.pool.lock();
+        let a = &mut s.arenas[self.arena];
+        a.promised -= self.promised;
+        a.free.extend(self.ids.drain(..));
+    }
+}
+
+/// The table as the layers of one sequence share it.
+pub type SharedTable = Arc<Mutex<BlockTable>>;
+
+/// Which half of a layer's arrays a store writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    K,
+    V,
+}
+
+/// One layer's K or V of one sequence, stored in the pool's blocks: [`crate::store::QuantStore`]'s
+/// role for a pooled cache.
+pub struct PagedStore {
+    table: SharedTable,
+    layer: usize,
+    half: Half,
+    pub bits: u8,
+    pub group: usize,
+    len: usize,
+}
+
+fn table_lock(t: &SharedTable) -> MutexGuard<'_, BlockTable> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PagedStore {
+    pub fn new(table: SharedTable, layer: usize, half: Half) -> PagedStore {
+        let fmt = table_lock(&table).format();
+        let (bits, group) = match half {
+            Half::K => (fmt.k_bits, fmt.k_group),
+            Half::V => (fmt.v_bits, fmt.v_group),
+        };
+        PagedStore { table, layer, half, bits, group, len: 0 }
+    }
+
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `f` on this layer's half of the arena arrays.
+    fn with_arrays<R>(&self, f: impl FnOnce(&mut Packed, usize) -> R) -> R {
+        let t = table_lock(&self.table);
+        let mut s = t.pool.lock();
+        let kv_heads = s.geometry.kv_heads;
+        let l = &mut s.arenas[t.arena].layers[self.layer];
+        f(
+            match self.half {
+                Half::K => &mut l.k,
+                Half::V => &mut l.v,
+            },
+            kv_heads,
+        )
+    }
+
+    /// Flat row indices of tokens `[start, end)` for every head, head-major (the order of a
+    /// `[1, Hkv, L, ...]` tensor's rows).
+    fn rows(&self, start: usize, end: usize) -> Array {
+        let t = table_lock(&self.table);
+        let h = t.pool.lock().geometry.kv_heads;
+        let rows: Vec<i32> = (0..h).flat_map(|head| (start..end).map(move |p| (head, p))).map(|(head, p)| t.row(p, head, h)).collect();
+        Array::from_slice(&rows, &[rows.len() as i32])
+    }
+
+    /// Quantizes `x` (`[1, Hkv, L, D]`) and writes it at token `at`.
+    pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
+        let l = x.shape()[2] as usize;
+        table_lock(&self.table).ensure(at + l)?;
+        let q = Packed::quantize(x, self.group, self.bits)?;
+        self.put(at, l, &q)
+    }
+
+    /// Writes `l` packed tokens (`[1, Hkv, L, ...]`) at token `at`; room must exist.
+    fn put(&mut self, at: usize, l: usize, q: &Packed) -> Result<()> {
+        let rows = self.rows(at, at + l);
+        self.with_arrays(|p, _| -> Result<()> {
+            for (dst, src) in [(&mut p.w, &q.w), (&mut p.scales, &q.scales), (&mut p.biases, &q.biases)] {
+                let sh = dst.shape().to_vec();
+                let cols = sh[3];
+                // Scattered into a flat view and reshaped back: MLX writes in place when the
+                // pool holds the only reference, which it does between steps.
+                let mut flat = dst.reshape(&[-1, cols])?;
+                flat.index_mut(&rows, &src.reshape(&[-1, cols])?);
+                *dst = flat.reshape(&sh)?;
+            }
+            Ok(())
+        })?;
+        self.len = self.len.max(at + l);
+        Ok(())
+    }
+
+    /// Replaces the contents with `len` packed tokens as [`Self::slice`] gives them.
+    pub fn restore(&mut self, len: usize, q: &Packed) -> Result<()> {
+        self.len = 0;
+        if len > 0 {
+            table_lock(&self.table).ensure(len)?;
+            self.put(0, len, q)?;
+        }
+        Ok(())
+    }
+
+    /// Tokens `[start, end)` gathered from their blocks as `[1, Hkv, L, ...]` (a copy of the
+    /// packed rows, never dequantized): for prefill attention and saving.
+    pub fn slice(&self, start: usize, end: usize) -> Option<Packed> {
+        if end <= start {
+            return None;
+        }
+        let rows = self.rows(start, end);
+        self.with_arrays(|p, h| {
+            let take = |a: &Array| -> Option<Array> {
+                let cols = a.shape()[3];
+                a.reshape(&[-1, cols]).ok()?.take_axis(&rows, 0).ok()?.reshape(&[1, h as i32, (end - start) as i32, cols]).ok()
+            };
+            Some(Packed { w: take(&p.w)?, scales: take(&p.scales)?, biases: take(&p.biases)? })
+        })
+    }
+
+    /// This layer's half of the arena arrays, for kernels that read the blocks through a table.
+    pub fn arrays_now(&self) -> Packed {
+        self.with_arrays(|p, _| p.clone())
+    }
+
+    /// Replaces this layer's half of the arena arrays (after a kernel wrote into them).
+    pub fn set_arrays(&self, p: Packed) {
+        self.with_arrays(|dst, _| *dst = p)
+    }
+
+    /// Records tokens up to `len` as written by a kernel.
+    pub fn set_written(&mut self, len: usize) {
+        self.len = self.len.max(len);
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        if self.half == Half::K && self.layer == 0 {
+            table_lock(&self.table).truncate(len);
+        }
+    }
+
+    /// Bytes of the blocks this store's tokens occupy (packed, scales + biases).
+    pub fn resident_bytes(&self) -> (usize, usize) {
+        let t = table_lock(&self.table);
+        let h = t.pool.lock().geometry.kv_heads;
+        let d = t.pool.lock().geometry.head_dim;
+        let slots = KvPool::blocks_for(self.len) * BLOCK * h;
+        (slots * d * self.bits as usize / 8, slots * 4 * (d / self.group))
+    }
+}
+
+/// `[S, 1 + max_blocks]` int32 for the paged kernels: each row the tokens sequence `s` will hold
+/// (`lens[s]`), then its block ids (zero-padded).
+pub fn table_array(tables: &[&BlockTable], lens: &[usize]) -> Array {
+    let width = 1 + tables.iter().map(|t| t.ids().len()).max().unwrap_or(0);
+    let mut v = vec![0i32; tables.len() * width];
+    for (s, t) in tables.iter().enumerate() {
+        v[s * width] = lens[s] as i32;
+        for (j, &id) in t.ids().iter().enumerate() {
+            v[s * width + 1 + j] = id as i32;
+        }
+    }
+    Array::from_slice(&v, &[tables.len() as i32, width as i32])
+}
+
+/// Reads an arena's arrays for tests and the GPU check.
+pub fn layer_rows(p: &Packed, rows: &Array) -> Result<Packed> {
+    let take = |a: &Array| -> Result<Array> {
+        let cols = a.shape()[3];
+        Ok(a.reshape(&[-1, cols])?.take_axis(rows, 0)?)
+    };
+    Ok(Packed { w: take(&p.w)?, scales: take(&p.scales)?, biases: take(&p.biases)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry() -> Geometry {
+        Geometry { layers: 2, kv_heads: 2, head_dim: 64 }
+    }
+
+    fn k8v4() -> BlockFormat {
+        BlockFormat::of(&KvSpec::bits(8, 4)).expect("k8v4 pages")
+    }
+
+    #[test]
+    fn block_bytes_follow_the_bits_and_groups() {
+        let f = k8v4();
+        // K: 64 bytes + 4 bytes of scale/bias per group of 64; V: 32 + 4. Per head, layer, token.
+        assert_eq!(f.block_bytes(&geometry()), (68 + 36) * 2 * BLOCK * 2);
+    }
+
+    #[test]
+    fn reservations_stop_exactly_at_the_budget_and_blocks_return_on_drop() {
+        let g = geometry();
+        let per = k8v4().block_bytes(&g);
+        let pool = KvPool::new(g, Some(per * 5));
+        let a = pool.reserve(k8v4(), 3 * BLOCK).expect("3 of 5 blocks");
+        assert!(pool.reserve(k8v4(), 2 * BLOCK + 1).is_none(), "3 more blocks must not fit in the 2 left");
+        let b = pool.reserve(k8v4(), 2 * BLOCK).expect("the last 2");
+        assert_eq!(pool.available(k8v4()), 0);
+        drop(a);
+        assert_eq!(pool.available(k8v4()), 3);
+        drop(b);
+        assert_eq!(pool.usage().promised_blocks, 0);
+    }
+
+    #[test]
+    fn writes_land_in_the_sequences_own_blocks_and_read_back() {
+        let g = geometry();
+        let pool = KvPool::new(g, None);
+        let mut tables: Vec<SharedTable> = Vec::new();
+        let mut stores = Vec::new();
+        let mut inputs = Vec::new();
+        for (i, n) in [300usize, 5].into_iter().enumerate() {
+            let t = Arc::new(Mutex::new(pool.reserve(k8v4(), n).unwrap()));
+            let mut st = PagedStore::new(t.clone(), 1, Half::V);
+            let x = mlx_rs::random::normal::<f32>(&[1, 2, n as i32, 64], None, None, None).unwrap();
+            // Written in two pieces that cross a block edge for the first sequence.
+            let cut = if i == 0 { 257 } else { 2 };
+            st.write(0, &x.index((.., .., 0..cut, ..))).unwrap();
+            st.write(cut as usize, &x.index((.., .., cut.., ..))).unwrap();
+            tables.push(t);
+            stores.push(st);
+            inputs.push(x);
+        }
+        assert_eq!(table_lock(&tables[0]).ids().len(), 2);
+        for (st, x) in stores.iter().zip(&inputs) {
+            let n = st.len();
+            let got = st.slice(0, n).unwrap().dequantize(32, 4, Dtype::Float32).unwrap();
+            let want = Packed::quantize(x, 32, 4).unwrap().dequantize(32, 4, Dtype::Float32).unwrap();
+            let diff = (got - want).abs().unwrap().max(None).unwrap().item::<f32>();
+            assert_eq!(diff, 0.0, "the pooled rows must be the quantized rows exactly");
+        }
+        drop(stores);
+        drop(tables);
+        assert_eq!(pool.usage().used_blocks, 0);
+    }
+}
