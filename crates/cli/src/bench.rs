@@ -235,7 +235,9 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
     let model = engine.model();
     let mut seqs = Vec::with_capacity(batch);
     for _ in 0..batch {
-        let mut seq = engine.sequence(settings, SamplerSettings::default(), step)?;
+        // In the engine's block pool where the spec allows, as `serve` runs them.
+        let tokens = depth + n_prompt + n_gen + 1;
+        let mut seq = engine.pooled_sequence(settings, SamplerSettings::default(), step, tokens)?.context("the KV pool has no room")?;
         if depth > 0 && random_fill {
             fill_random(model, seq.caches_mut(), depth, step, settings.max_kv_size.is_some())?;
             seq.assume_cached(&ids[..depth])?;
@@ -360,6 +362,10 @@ fn run_model(a: BenchArgs) -> Result<()> {
             (Engine::from_loaded(loaded), name, 0)
         }
     };
+    let mut engine = engine;
+    if batches.iter().any(|&b| b > 1) {
+        engine.use_pool(None);
+    }
     let model = engine.model();
     let random_fill = a.fill == Fill::Random;
     let weights = weights_bytes(model);

@@ -340,6 +340,74 @@ struct AttnParams {
   int len, k_group, k_bits, v_group, v_bits;
 };
 
+// A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows.
+struct AttnItem {
+  int bh;
+  PackedRows k, v;
+  int64_t t0, t1;
+};
+
+// The query rows of every head, permuted for the keys' bits, with per-group sums.
+struct Queries {
+  std::vector<float> qp, qsum;
+};
+
+Queries permute_queries(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int n, int d, const AttnParams& p) {
+  const int kng = d / p.k_group;
+  Queries q{std::vector<float>(size_t(n) * d), std::vector<float>(size_t(n) * kng, 0.0f)};
+  std::vector<float> qrow(d);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int e = 0; e < d; ++e) qrow[e] = qd[qrows[r] + e * qlast];
+    permute(qrow.data(), d, p.k_bits, q.qp.data() + r * d);
+    for (int e = 0; e < d; ++e) q.qsum[r * kng + e / p.k_group] += qrow[e];
+  }
+  return q;
+}
+
+// Runs every item on the pool (items of one head must be adjacent), then merges each head's
+// items with their running maxima and writes row r of head h to o[(h * rows + r) * d].
+void attend_items(const Queries& q, const std::vector<AttnItem>& items, int heads, int rows, int d, const AttnParams& p,
+                  float* o, bool parallel) {
+  const int kng = d / p.k_group;
+  const int stride = rows * (d + 2);  // per item: m, l, then out
+  std::vector<float> parts(items.size() * size_t(stride));
+  Pool::get().run(int(items.size()), [&](int i) {
+    const AttnItem& it = items[i];
+    float* part = parts.data() + int64_t(i) * stride;
+    if (it.t0 >= it.t1) {
+      for (int r = 0; r < rows; ++r) part[r] = -INFINITY, part[rows + r] = 0.0f;
+      return;
+    }
+    thread_local std::vector<float> scratch;
+    scratch.resize(size_t(rows) * (2 * (it.t1 - it.t0) + d) + 2 * size_t(it.t1 - it.t0));
+    attend_block(q.qp.data() + int64_t(it.bh) * rows * d, q.qsum.data() + int64_t(it.bh) * rows * kng, rows, d, it.k,
+                 it.v, it.t0, it.t1, part, part + rows, part + 2 * rows, scratch.data());
+  }, parallel);
+  std::vector<float> acc(d);
+  size_t first = 0;
+  for (int h = 0; h < heads; ++h) {
+    size_t last = first;
+    while (last < items.size() && items[last].bh == h) ++last;
+    for (int r = 0; r < rows; ++r) {
+      float mx = -INFINITY;
+      for (size_t c = first; c < last; ++c) mx = std::max(mx, parts[c * stride + r]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float den = 0.0f;
+      for (size_t c = first; c < last; ++c) {
+        const float* part = parts.data() + c * stride;
+        if (part[rows + r] == 0.0f) continue;
+        const float a = std::exp(part[r] - mx);
+        den += a * part[rows + r];
+        const float* po = part + 2 * rows + int64_t(r) * d;
+        for (int e = 0; e < d; ++e) acc[e] += a * po[e];
+      }
+      for (float& v : acc) v /= den;
+      unpermute(acc.data(), d, p.v_bits, o + (int64_t(h) * rows + r) * d);
+    }
+    first = last;
+  }
+}
+
 class QuantizedDecodeAttention : public CpuPrimitive {
  public:
   QuantizedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
@@ -352,71 +420,32 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
     const int hkv = in[1].shape(1), rep = hq / hkv, rows = rep * l;
-    std::vector<PackedRows> ks, vs;  // one per (batch, kv head)
+    const int bh = b * hkv;
+    const int64_t t = p_.len;
+    // Enough blocks for every thread to get several, none longer than 2048 tokens.
+    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
+    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
+    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
+    const int64_t block = (t + per_head - 1) / per_head;
+    std::vector<AttnItem> items;
     for (int bi = 0; bi < b; ++bi) {
       for (int h = 0; h < hkv; ++h) {
         auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
-        ks.push_back(packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2));
-        vs.push_back(packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2));
+        PackedRows k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
+        PackedRows v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
+        for (int64_t c = 0; c < per_head; ++c) {
+          items.push_back({bi * hkv + h, k, v, c * block, std::min(t, (c + 1) * block)});
+        }
       }
     }
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_input_array(q);
     enc.set_output_array(out);
-    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), ks = std::move(ks), vs = std::move(vs), p = p_, rows, d,
-                  qrows = std::move(qrows), qlast,
-                  bh = b * hkv]() {
-      Pool& pool = Pool::get();
-      const int64_t t = p.len;
-      // Enough blocks for every thread to get several, none longer than 2048 tokens.
-      int64_t per_head = std::max<int64_t>(1, (int64_t(pool.size()) * 4 + bh - 1) / bh);
-      per_head = std::min<int64_t>(per_head, (t + 63) / 64);
-      per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
-      const int64_t block = (t + per_head - 1) / per_head;
-      const int kng = d / p.k_group;
-      std::vector<float> qp(size_t(bh) * rows * d), qsum(size_t(bh) * rows * kng, 0.0f);
-      std::vector<float> qrow(d);
-      for (int64_t r = 0; r < int64_t(bh) * rows; ++r) {
-        for (int e = 0; e < d; ++e) qrow[e] = qd[qrows[r] + e * qlast];
-        const float* qr = qrow.data();
-        permute(qr, d, p.k_bits, qp.data() + r * d);
-        for (int e = 0; e < d; ++e) qsum[r * kng + e / p.k_group] += qr[e];
-      }
-      const int stride = rows * (d + 2);  // per block: m, l, then out
-      std::vector<float> parts(size_t(bh) * per_head * stride);
-      const int64_t bytes = t * bh * (int64_t(d) * (p.k_bits + p.v_bits) / 8);
-      pool.run(int(bh * per_head), [&](int item) {
-        const int h = int(item / per_head);
-        const int64_t t0 = (item % per_head) * block, t1 = std::min(t, t0 + block);
-        float* part = parts.data() + int64_t(item) * stride;
-        if (t0 >= t1) {
-          for (int r = 0; r < rows; ++r) part[r] = -INFINITY, part[rows + r] = 0.0f;
-          return;
-        }
-        thread_local std::vector<float> scratch;
-        scratch.resize(size_t(rows) * (2 * (t1 - t0) + d) + 2 * size_t(t1 - t0));
-        attend_block(qp.data() + int64_t(h) * rows * d, qsum.data() + int64_t(h) * rows * kng, rows, d, ks[h], vs[h],
-                     t0, t1, part, part + rows, part + 2 * rows, scratch.data());
-      }, bytes >= kParallelBytes);
-      std::vector<float> acc(d);
-      for (int h = 0; h < bh; ++h) {
-        for (int r = 0; r < rows; ++r) {
-          float mx = -INFINITY;
-          for (int64_t c = 0; c < per_head; ++c) mx = std::max(mx, parts[(h * per_head + c) * stride + r]);
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          float den = 0.0f;
-          for (int64_t c = 0; c < per_head; ++c) {
-            const float* part = parts.data() + (h * per_head + c) * stride;
-            if (part[rows + r] == 0.0f) continue;
-            const float a = std::exp(part[r] - mx);
-            den += a * part[rows + r];
-            const float* po = part + 2 * rows + int64_t(r) * d;
-            for (int e = 0; e < d; ++e) acc[e] += a * po[e];
-          }
-          for (float& v : acc) v /= den;
-          unpermute(acc.data(), d, p.v_bits, o + (int64_t(h) * rows + r) * d);
-        }
-      }
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), items = std::move(items), p = p_, rows, d,
+                  qrows = std::move(qrows), qlast, bh]() {
+      const Queries qs = permute_queries(qd, qrows, qlast, bh * rows, d, p);
+      const int64_t bytes = p.len * bh * (int64_t(d) * (p.k_bits + p.v_bits) / 8);
+      attend_items(qs, items, bh, rows, d, p, o, bytes >= kParallelBytes);
     });
   }
 
@@ -426,6 +455,75 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
     return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
            p_.v_bits == o.v_bits;
+  }
+
+ private:
+  AttnParams p_;
+};
+
+// Decode attention of S sequences over a block pool (mlx-kv `pool.rs`): caches `[blocks, Hkv,
+// BLOCK, ...]` shared by every sequence, and a table `[S, 1 + max_blocks]` holding each
+// sequence's length then its block ids. Each (sequence, head, block) is one work item, so one
+// op per layer serves the whole batch whatever the lengths.
+class PagedDecodeAttention : public CpuPrimitive {
+ public:
+  PagedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array& q = in[0];
+    const array& table = in[7];
+    std::vector<int64_t> qrows = row_offsets(q);
+    const int64_t qlast = q.strides()[3];
+    for (size_t i = 1; i < 7; ++i) check_last_dense("kvsplit paged attention: pool", in[i]);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int s = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    const int hkv = in[1].shape(1), rows = hq / hkv, block = in[1].shape(2), nb = in[1].shape(0);
+    const int width = table.shape(1);
+    // Row offsets of block 0, head 0; a block's head h starts `id * hkv + h` rows later.
+    PackedRows k0 = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, 0, 0, 2);
+    PackedRows v0 = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, 0, 0, 2);
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    enc.set_input_array(q);
+    enc.set_input_array(table);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), td = table.data<int32_t>(), o = out.data<float>(), k0, v0, p = p_, rows, d, s, hkv,
+                  block, nb, width, qrows = std::move(qrows), qlast]() {
+      std::vector<AttnItem> items;
+      int64_t tokens = 0;
+      for (int si = 0; si < s; ++si) {
+        const int64_t len = td[int64_t(si) * width];
+        // The Rust side builds the table; a bad row (checked again here, as an exception cannot
+        // leave a dispatched task) gets no items, so its output rows come out NaN, not garbage.
+        if (len < 1 || (len + block - 1) / block > width - 1) continue;
+        tokens += len;
+        for (int h = 0; h < hkv; ++h) {
+          for (int64_t j = 0; j * block < len; ++j) {
+            const int64_t id = td[int64_t(si) * width + 1 + j];
+            if (id < 0 || id >= nb) continue;
+            const int64_t row = (id * hkv + h) * block;
+            PackedRows k = k0, v = v0;
+            k.w += row * k.row_bytes;
+            v.w += row * v.row_bytes;
+            const size_t ke = k.f16 ? 2 : 4, ve = v.f16 ? 2 : 4;
+            k.scales = static_cast<const char*>(k.scales) + row * k.sb_stride * ke;
+            k.biases = static_cast<const char*>(k.biases) + row * k.sb_stride * ke;
+            v.scales = static_cast<const char*>(v.scales) + row * v.sb_stride * ve;
+            v.biases = static_cast<const char*>(v.biases) + row * v.sb_stride * ve;
+            items.push_back({si * hkv + h, k, v, 0, std::min<int64_t>(block, len - j * block)});
+          }
+        }
+      }
+      const Queries qs = permute_queries(qd, qrows, qlast, s * hkv * rows, d, p);
+      const int64_t bytes = tokens * hkv * (int64_t(d) * (p.k_bits + p.v_bits) / 8);
+      attend_items(qs, items, s * hkv, rows, d, p, o, bytes >= kParallelBytes);
+    });
+  }
+
+  const char* name() const override { return "KvsplitPagedDecodeAttention"; }
+
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const PagedDecodeAttention&>(other).p_;
+    return p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group && p_.v_bits == o.v_bits;
   }
 
  private:
@@ -547,6 +645,47 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     AttnParams p{len, k_group, k_bits, v_group, v_bits};
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p),
               {q, kw, ks, kb, vw, vs, vb});
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array kw_,
+                                                  const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
+                                                  const mlx_array vs_, const mlx_array vb_, const mlx_array table_,
+                                                  int k_group, int k_bits, int v_group, int v_bits, const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit paged attention";
+    const array& q = mlx_array_get_(q_);
+    const array &kw = mlx_array_get_(kw_), &ks = mlx_array_get_(ks_), &kb = mlx_array_get_(kb_);
+    const array &vw = mlx_array_get_(vw_), &vs = mlx_array_get_(vs_), &vb = mlx_array_get_(vb_);
+    const array& table = mlx_array_get_(table_);
+    const Stream st = mlx_stream_get_(s_);
+    require(q.ndim() == 4 && q.dtype() == mlx::core::float32 && q.shape(2) == 1,
+            std::string(what) + ": q must be float32 [S, Hq, 1, D]");
+    const int s = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    check_bits_group("kvsplit paged attention (keys)", k_bits, k_group, d);
+    check_bits_group("kvsplit paged attention (values)", v_bits, v_group, d);
+    for (const array* w : {&kw, &vw})
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == kw.shape(0) &&
+                  w->shape(1) == kw.shape(1) && w->shape(2) == kw.shape(2) && w->flags().row_contiguous,
+              std::string(what) + ": pool arrays must be contiguous uint32 [blocks, Hkv, BLOCK, D*bits/32]");
+    require(int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits && int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
+            std::string(what) + ": packed width does not match D and bits");
+    const int hkv = kw.shape(1);
+    require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    for (auto [s2, bi, g] : {std::tuple{&ks, &kb, k_group}, std::tuple{&vs, &vb, v_group}}) {
+      require(s2->shape() == bi->shape() && s2->ndim() == 4 && s2->shape(0) == kw.shape(0) && s2->shape(1) == hkv &&
+                  s2->shape(2) == kw.shape(2) && s2->shape(3) == d / g && s2->flags().row_contiguous &&
+                  bi->flags().row_contiguous,
+              std::string(what) + ": scales and biases must be contiguous [blocks, Hkv, BLOCK, D/group]");
+      check_scale_dtype(what, *s2, *bi);
+    }
+    require(table.ndim() == 2 && table.dtype() == mlx::core::int32 && table.shape(0) == s && table.shape(1) >= 2 &&
+                table.flags().row_contiguous,
+            std::string(what) + ": table must be contiguous int32 [S, 1 + max_blocks]");
+    AttnParams p{0, k_group, k_bits, v_group, v_bits};
+    array out(q.shape(), mlx::core::float32, std::make_shared<PagedDecodeAttention>(st, p),
+              {q, kw, ks, kb, vw, vs, vb, table});
     mlx_array_set_(*res, out);
   });
 }

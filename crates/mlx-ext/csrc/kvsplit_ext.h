@@ -74,6 +74,25 @@ int kvsplit_cpu_quantized_decode_attention(
     int v_bits,
     const mlx_stream s);
 
+/* Decode attention of S sequences (q [S, Hq, 1, D] float32, scaled) over a block pool: packed
+   K/V [blocks, Hkv, BLOCK, D*bits/32] with f16/f32 scales and biases [blocks, Hkv, BLOCK, D/group],
+   and table int32 [S, 1 + max_blocks]: each row a sequence's length, then its block ids. */
+int kvsplit_cpu_paged_decode_attention(
+    mlx_array* res,
+    const mlx_array q,
+    const mlx_array k_w,
+    const mlx_array k_scales,
+    const mlx_array k_biases,
+    const mlx_array v_w,
+    const mlx_array v_scales,
+    const mlx_array v_biases,
+    const mlx_array table,
+    int k_group,
+    int k_bits,
+    int v_group,
+    int v_bits,
+    const mlx_stream s);
+
 /* RMSNorm over the last axis: x [..., H] float32 (any strides), optional `weight` [H]
  * float32 (pass an empty mlx_array, ctx NULL, for none). Returns a contiguous float32 array. */
 int kvsplit_cpu_rms_norm(mlx_array* res, const mlx_array x, const mlx_array weight, float eps, const mlx_stream s);

@@ -88,6 +88,32 @@ pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Re
     })
 }
 
+/// Decode attention of `S` sequences (`q` `[S, Hq, 1, D]`, already multiplied by the softmax
+/// scale) over a block pool (`[blocks, Hkv, BLOCK, ...]` packed K and V, contiguous) through
+/// `table` (int32 `[S, 1 + max_blocks]`: each sequence's length, then its block ids), as one op.
+/// Returns `[S, Hq, 1, D]` f32.
+pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    call(|out, s| unsafe {
+        ffi::kvsplit_cpu_paged_decode_attention(
+            out,
+            q.as_ptr(),
+            k.w.as_ptr(),
+            k.scales.as_ptr(),
+            k.biases.as_ptr(),
+            v.w.as_ptr(),
+            v.scales.as_ptr(),
+            v.biases.as_ptr(),
+            table.as_ptr(),
+            k.group as i32,
+            k.bits as i32,
+            v.group as i32,
+            v.bits as i32,
+            s,
+        )
+    })
+}
+
 /// RMSNorm over the last axis of a float32 `x` (MLX's `fast::rms_norm`, one op instead of its
 /// CPU fallback's dozen).
 pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {

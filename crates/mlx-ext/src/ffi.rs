@@ -43,6 +43,22 @@ extern "C" {
         v_bits: c_int,
         s: mlx_stream,
     ) -> c_int;
+    pub fn kvsplit_cpu_paged_decode_attention(
+        res: *mut mlx_array,
+        q: mlx_array,
+        k_w: mlx_array,
+        k_scales: mlx_array,
+        k_biases: mlx_array,
+        v_w: mlx_array,
+        v_scales: mlx_array,
+        v_biases: mlx_array,
+        table: mlx_array,
+        k_group: c_int,
+        k_bits: c_int,
+        v_group: c_int,
+        v_bits: c_int,
+        s: mlx_stream,
+    ) -> c_int;
     pub fn kvsplit_cpu_rms_norm(res: *mut mlx_array, x: mlx_array, weight: mlx_array, eps: f32, s: mlx_stream) -> c_int;
     pub fn kvsplit_cpu_rope(
         res: *mut mlx_array,

@@ -9,6 +9,7 @@
 
 use crate::attention::{self, Choice, Mask, Segment, StepCase, Tensor};
 use crate::error::{KvError, Result};
+use crate::pool::{BlockFormat, Half, PagedStore, SharedTable};
 use crate::rotation::hadamard;
 use crate::spec::{KeyLayout, KvSpec, QuantSpec, Rotation};
 use crate::store::{FloatStore, QuantStore, TokenAxis};
@@ -54,9 +55,11 @@ impl std::ops::Add for CacheBytes {
     }
 }
 
-enum Body {
+pub(crate) enum Body {
     Float(FloatStore),
     Quant(QuantStore),
+    /// Blocks of the engine's pool ([`crate::pool`]).
+    Paged(PagedStore),
 }
 
 impl Body {
@@ -72,6 +75,7 @@ impl Body {
         match self {
             Body::Float(s) => s.write(slot, x),
             Body::Quant(s) => s.write(slot, x),
+            Body::Paged(s) => s.write(slot, x),
         }
     }
 
@@ -81,6 +85,9 @@ impl Body {
             Body::Quant(s) => s
                 .slice(0, slots)
                 .map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis, full: s.full() }),
+            // Gathered from the blocks (a copy of the packed rows, for prefill chunks and the
+            // MLX-ops path); decode steps read the blocks in place (`crate::batch`).
+            Body::Paged(s) => s.slice(0, slots).map(|p| Tensor::Quant { full: Some((p.clone(), slots)), p, bits: s.bits, group: s.group, axis: TokenAxis::Rows }),
         }
     }
 
@@ -88,6 +95,8 @@ impl Body {
         match self {
             Body::Float(s) => s.arrays(),
             Body::Quant(s) => s.arrays(),
+            // The pool's arrays are read by every step's attention, which evaluates them.
+            Body::Paged(_) => Vec::new(),
         }
     }
 
@@ -96,6 +105,10 @@ impl Body {
         match self {
             Body::Float(s) => (0, 0, s.resident_bytes()),
             Body::Quant(s) => {
+                let (p, m) = s.resident_bytes();
+                (p, m, 0)
+            }
+            Body::Paged(s) => {
                 let (p, m) = s.resident_bytes();
                 (p, m, 0)
             }
@@ -129,7 +142,12 @@ fn take_body(
             s.restore(&a)?;
             Ok(n)
         }
-        Body::Quant(s) => {
+        Body::Paged(_) | Body::Quant(_) => {
+            let (bits, group, axis) = match body {
+                Body::Quant(s) => (s.bits, s.group, s.axis),
+                Body::Paged(s) => (s.bits, s.group, TokenAxis::Rows),
+                Body::Float(_) => unreachable!(),
+            };
             let parts = ["w", "scales", "biases"].map(|p| arrays.remove(&format!("{name}.{p}")));
             let [Some(w), Some(scales), Some(biases)] = parts else {
                 if parts.iter().any(Option::is_some) {
@@ -137,10 +155,10 @@ fn take_body(
                 }
                 return Ok(0);
             };
-            let (bits, g, d) = (s.bits as usize, s.group, head_dim);
+            let (bits, g, d) = (bits as usize, group, head_dim);
             let ss = scales.shape();
             // Tokens on the row axis (per-token groups) or packed along the last (per-channel).
-            let (n, w_want, s_want) = match s.axis {
+            let (n, w_want, s_want) = match axis {
                 TokenAxis::Rows => {
                     let n = ss.get(2).copied().unwrap_or(0) as usize;
                     (n, [n, d * bits / 32], [n, d / g])
@@ -159,7 +177,12 @@ fn take_body(
                     return Err(shape_err(what, a, format!("Float16 [B, H, {}, {}] (group {g})", s_want[0], s_want[1])));
                 }
             }
-            s.restore(n, &crate::store::Packed { w, scales, biases })?;
+            let packed = crate::store::Packed { w, scales, biases };
+            match body {
+                Body::Quant(s) => s.restore(n, &packed)?,
+                Body::Paged(s) => s.restore(n, &packed)?,
+                Body::Float(_) => unreachable!(),
+            }
             Ok(n)
         }
     }
@@ -250,6 +273,51 @@ impl KvCache {
             step_pos: None,
             last_path: std::cell::Cell::new(None),
         })
+    }
+
+    /// A cache whose body lives in the pool blocks of `table`, which the sequence's layers
+    /// share (this is layer `layer`). The spec must be one the pool holds ([`BlockFormat::of`]).
+    pub fn new_paged(spec: KvSpec, head_dim: usize, table: SharedTable, layer: usize) -> Result<Self> {
+        let fmt = table.lock().unwrap_or_else(|e| e.into_inner()).format();
+        if BlockFormat::of(&spec) != Some(fmt) {
+            return Err(KvError::InvalidSpec { flag: "--kv", message: format!("{spec} cannot live in a pool of {fmt:?} blocks") });
+        }
+        let mut cache = KvCache::new(spec, head_dim, CacheOptions::default())?;
+        cache.body_k = Body::Paged(PagedStore::new(table.clone(), layer, Half::K));
+        cache.body_v = Body::Paged(PagedStore::new(table, layer, Half::V));
+        Ok(cache)
+    }
+
+    /// The pool table of a cache made by [`Self::new_paged`].
+    pub fn paged_table(&self) -> Option<&SharedTable> {
+        match &self.body_k {
+            Body::Paged(s) => Some(s.table()),
+            _ => None,
+        }
+    }
+
+    /// For [`crate::batch`]: the pooled K and V stores when the next `l` tokens go straight
+    /// into the blocks (everything a pooled spec allows, and nothing left in the tail).
+    pub(crate) fn paged_direct(&mut self, l: usize) -> Option<(&mut PagedStore, &mut PagedStore)> {
+        if l != 1 || !self.tail_k.is_empty() || !self.sink_k.is_empty() || self.opts.max_size.is_some() {
+            return None;
+        }
+        match (&mut self.body_k, &mut self.body_v) {
+            (Body::Paged(k), Body::Paged(v)) => Some((k, v)),
+            _ => None,
+        }
+    }
+
+    /// For [`crate::batch`]: records one token written into the body by a batched step.
+    pub(crate) fn advance_one(&mut self, choice: Choice) {
+        self.last_path.set(Some(choice));
+        self.body_pos.push(self.offset as i32);
+        self.body_head += 1;
+        self.offset += 1;
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
     }
 
     pub fn spec(&self) -> &KvSpec {
@@ -449,6 +517,18 @@ impl KvCache {
     }
 
     fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+        if sinks.is_none() && k.shape()[0] == 1 && self.paged_direct(k.shape()[2] as usize).is_some() {
+            return crate::batch::update_and_attend(&mut [self], q, k, v, scale);
+        }
+        self.update_and_attend_plain(q, k, v, scale, sinks)
+    }
+
+    /// For a sequence [`crate::batch`] could not group: the cache's own write and attention.
+    pub(crate) fn update_and_attend_unpooled(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+        self.update_and_attend_plain(q, k, v, scale, None)
+    }
+
+    fn update_and_attend_plain(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
         if sinks.is_none() {
             if let Some(out) = self.fused_step(q, k, v, scale)? {
                 return Ok(out);
@@ -571,8 +651,13 @@ impl KvCache {
         for (name, body) in [("body_k", &self.body_k), ("body_v", &self.body_v)] {
             match body {
                 Body::Float(s) => out.extend(s.slots(0, n_body).map(|a| (name.to_string(), a))),
-                Body::Quant(s) => {
-                    if let Some(p) = s.slice(0, n_body) {
+                Body::Quant(_) | Body::Paged(_) => {
+                    let p = match body {
+                        Body::Quant(s) => s.slice(0, n_body),
+                        Body::Paged(s) => s.slice(0, n_body),
+                        Body::Float(_) => None,
+                    };
+                    if let Some(p) = p {
                         out.push((format!("{name}.w"), p.w));
                         out.push((format!("{name}.scales"), p.scales));
                         out.push((format!("{name}.biases"), p.biases));
@@ -599,11 +684,29 @@ impl KvCache {
         Ok(Some(copy))
     }
 
+    /// [`Self::fork`] into pool blocks of `table` (layer `layer` of a new sequence).
+    pub fn fork_paged(&self, n: usize, table: SharedTable, layer: usize) -> Result<Option<KvCache>> {
+        if self.opts.max_size.is_some() || n > self.offset || !self.can_trim(self.offset - n) {
+            return Ok(None);
+        }
+        let state = self.state_upto(n)?;
+        let float_dtype = state.iter().find(|(k, _)| !k.contains('.')).map_or(Dtype::Float32, |(_, a)| a.dtype());
+        let mut arrays: std::collections::BTreeMap<String, Array> = state.into_iter().collect();
+        let copy = KvCache::fill_from_state(KvCache::new_paged(self.spec.clone(), self.head_dim, table, layer)?, float_dtype, &mut arrays)?;
+        copy.last_path.set(self.last_path.get());
+        Ok(Some(copy))
+    }
+
     /// A cache holding what [`Self::state`] gave, taking its arrays out of `arrays` by name.
     /// Every shape and dtype is checked first (float tokens must be `float_dtype`), so a damaged
     /// file fails here with the tensor's name instead of in a kernel.
     pub fn from_state(spec: KvSpec, head_dim: usize, opts: CacheOptions, float_dtype: Dtype, arrays: &mut std::collections::BTreeMap<String, Array>) -> Result<Self> {
-        let mut cache = KvCache::new(spec, head_dim, opts)?;
+        Self::fill_from_state(KvCache::new(spec, head_dim, opts)?, float_dtype, arrays)
+    }
+
+    /// [`Self::from_state`] into an empty `cache` (plain or pooled).
+    pub fn fill_from_state(mut cache: KvCache, float_dtype: Dtype, arrays: &mut std::collections::BTreeMap<String, Array>) -> Result<Self> {
+        let (opts, head_dim) = (cache.opts, cache.head_dim);
         if opts.max_size.is_some() {
             return Err(KvError::InvalidSpec { flag: "--max-kv-size", message: "a rotating cache cannot be restored from a file".into() });
         }
@@ -654,7 +757,14 @@ impl KvCache {
     }
 
     pub fn reset(&mut self) {
-        *self = KvCache::new(self.spec.clone(), self.head_dim, self.opts).expect("spec was valid at construction");
+        let fresh = match &self.body_k {
+            Body::Paged(s) => {
+                s.truncate_table(0);
+                KvCache::new_paged(self.spec.clone(), self.head_dim, s.table().clone(), s.layer())
+            }
+            _ => KvCache::new(self.spec.clone(), self.head_dim, self.opts),
+        };
+        *self = fresh.expect("spec was valid at construction");
     }
 
     /// Every array the cache holds, for `eval`/`async_eval` by the caller.
@@ -704,6 +814,7 @@ impl KvCache {
         match body {
             Body::Float(s) => parts.extend(s.slots(0, slots)),
             Body::Quant(s) => parts.extend(s.dequantize(0, slots, Dtype::Float32)?),
+            Body::Paged(s) => parts.extend(s.slice(0, slots).map(|p| p.dequantize(s.group, s.bits, Dtype::Float32)).transpose()?),
         }
         parts.extend(tail.view());
         let parts: Vec<Array> = parts.into_iter().map(|p| p.as_dtype(Dtype::Float32)).collect::<std::result::Result<_, _>>()?;

@@ -3,10 +3,12 @@
 
 pub mod attention;
 pub mod backend;
+pub mod batch;
 pub mod cache;
 pub mod cache_file;
 pub mod error;
 pub mod host_profile;
+pub mod pool;
 pub mod rotation;
 pub mod spec;
 pub mod store;
@@ -14,4 +16,5 @@ pub mod store;
 pub use backend::Backend;
 pub use cache::{CacheBytes, CacheOptions, KvCache};
 pub use error::{KvError, Result};
+pub use pool::{BlockFormat, Geometry, KvPool, PoolUsage};
 pub use spec::{KeyLayout, KvSpec, LayerOverrides, QuantSpec, Rotation};

@@ -18,7 +18,7 @@
 use crate::error::{KvError, Result};
 use crate::spec::{KeyLayout, KvSpec, Rotation};
 use crate::store::Packed;
-use mlx_rs::ops::indexing::{IndexMutOp, IndexOp};
+use mlx_rs::ops::indexing::IndexMutOp;
 use mlx_rs::ops::{concatenate, zeros_dtype};
 use mlx_rs::{Array, Dtype};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -193,6 +193,11 @@ impl KvPool {
 
     pub fn geometry(&self) -> Geometry {
         self.lock().geometry
+    }
+
+    /// Identity, for grouping sequences of one pool.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
     }
 
     /// Blocks a sequence of `tokens` tokens needs.
@@ -418,7 +423,7 @@ impl PagedStore {
                 // Scattered into a flat view and reshaped back: MLX writes in place when the
                 // pool holds the only reference, which it does between steps.
                 let mut flat = dst.reshape(&[-1, cols])?;
-                flat.index_mut(&rows, &src.reshape(&[-1, cols])?);
+                flat.index_mut(rows.clone(), &src.reshape(&[-1, cols])?);
                 *dst = flat.reshape(&sh)?;
             }
             Ok(())
@@ -468,11 +473,27 @@ impl PagedStore {
         self.len = self.len.max(len);
     }
 
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-        if self.half == Half::K && self.layer == 0 {
-            table_lock(&self.table).truncate(len);
-        }
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Gives the sequence's blocks past `tokens` back to the pool (all layers share them).
+    pub fn truncate_table(&self, tokens: usize) {
+        table_lock(&self.table).truncate(tokens);
+    }
+
+    /// Writes packed rows (`[N, ...]` each) at flat rows `rows` of this layer's half: the
+    /// batched step's one scatter for every sequence's new token.
+    pub fn put_rows(&self, rows: &Array, q: &Packed) -> Result<()> {
+        self.with_arrays(|p, _| -> Result<()> {
+            for (dst, src) in [(&mut p.w, &q.w), (&mut p.scales, &q.scales), (&mut p.biases, &q.biases)] {
+                let sh = dst.shape().to_vec();
+                let mut flat = dst.reshape(&[-1, sh[3]])?;
+                flat.index_mut(rows.clone(), &src.reshape(&[-1, sh[3]])?);
+                *dst = flat.reshape(&sh)?;
+            }
+            Ok(())
+        })
     }
 
     /// Bytes of the blocks this store's tokens occupy (packed, scales + biases).
@@ -511,6 +532,7 @@ pub fn layer_rows(p: &Packed, rows: &Array) -> Result<Packed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mlx_rs::ops::indexing::IndexOp;
 
     fn geometry() -> Geometry {
         Geometry { layers: 2, kv_heads: 2, head_dim: 64 }
@@ -564,8 +586,9 @@ mod tests {
         assert_eq!(table_lock(&tables[0]).ids().len(), 2);
         for (st, x) in stores.iter().zip(&inputs) {
             let n = st.len();
-            let got = st.slice(0, n).unwrap().dequantize(32, 4, Dtype::Float32).unwrap();
-            let want = Packed::quantize(x, 32, 4).unwrap().dequantize(32, 4, Dtype::Float32).unwrap();
+            let (g, b) = (st.group, st.bits);
+            let got = st.slice(0, n).unwrap().dequantize(g, b, Dtype::Float32).unwrap();
+            let want = Packed::quantize(x, g, b).unwrap().dequantize(g, b, Dtype::Float32).unwrap();
             let diff = (got - want).abs().unwrap().max(None).unwrap().item::<f32>();
             assert_eq!(diff, 0.0, "the pooled rows must be the quantized rows exactly");
         }

@@ -340,6 +340,11 @@ impl fmt::Display for LayerOverrides {
 }
 
 impl LayerOverrides {
+    /// No layer overridden.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         const FLAG: &str = "--kv-layers";
         let mut entries = Vec::new();

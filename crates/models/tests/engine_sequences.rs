@@ -132,15 +132,20 @@ const NEAR_TIE: f32 = 2e-2;
 
 #[test]
 fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
-    let e = model();
+    // Together they run from the engine's block pool (the quantized ones: two k8v4 sequences
+    // share one paged op per layer, k4v4 and k8v8 are groups of their own, dense keeps its
+    // buffers); alone from each sequence's own buffers.
+    let mut e = model();
+    e.use_pool(None);
     let tok = e.tokenizer().unwrap();
     let prompts = [
         "The capital of France is",
         "Write a short poem about the sea. The waves",
         "1, 2, 3, 4, 5,",
         "In the beginning of the twentieth century, the city grew quickly because the railway brought workers and",
+        "Question: what is two plus two? Answer:",
     ];
-    let specs = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8)];
+    let specs = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), KvSpec::bits(8, 4)];
     let steps = 12;
     // Alone: each sequence's greedy tokens and, at each, the gap between its two best tokens.
     let mut alone: Vec<Vec<(u32, f32)>> = Vec::new();
@@ -157,7 +162,9 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     }
     // Together: prompts fed in chunks of 16 tokens one sequence at a time, as the server
     // interleaves them, then decode steps over all four at once.
-    let mut seqs: Vec<_> = specs.iter().map(|spec| e.sequence(&settings(spec.clone()), SamplerSettings::default(), 16).unwrap()).collect();
+    let mut seqs: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(&settings(spec.clone()), SamplerSettings::default(), 16, 128).unwrap().expect("no pool limit")).collect();
+    let pooled = seqs.iter().filter(|s| s.caches()[0].paged_table().is_some()).count();
+    assert_eq!(pooled, 4, "every quantized sequence lives in the pool");
     let mut together: Vec<Vec<u32>> = vec![Vec::new(); seqs.len()];
     for (s, p) in seqs.iter_mut().zip(&prompts) {
         s.queue_prompt(&tok.encode(p, true), steps).unwrap();
@@ -172,7 +179,7 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     }
     for _ in 1..steps {
         let mut refs: Vec<&mut models::engine::Sequence<'_>> = seqs.iter_mut().collect();
-        let out = models::engine::decode_batch(&mut refs, &[None; 4]).unwrap();
+        let out = models::engine::decode_batch(&mut refs, &[None; 5]).unwrap();
         for (b, (id, _)) in out.into_iter().enumerate() {
             together[b].push(id);
         }
@@ -186,6 +193,12 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
         }
         assert_eq!(seqs[b].history().len(), tok.encode(prompts[b], true).len() + steps);
     }
+    let path = seqs[1].attention_path().expect("decoded").to_string();
+    assert!(path.starts_with("paged-cpu"), "a pooled k8v4 sequence decodes through the paged op, not {path}");
+    let used = e.pool().unwrap().usage().used_blocks;
+    assert_eq!(used, 4, "one block per pooled sequence (each under 256 tokens)");
+    drop(seqs);
+    assert_eq!(e.pool().unwrap().usage().used_blocks, 0, "finished sequences give their blocks back");
 }
 
 #[test]

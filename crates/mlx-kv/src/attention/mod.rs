@@ -44,6 +44,11 @@ pub enum Path {
     CpuPrimitive,
     /// Blocks of MLX ops on the CPU (packed codes widened one block at a time).
     CpuBlocks,
+    /// Our CPU primitive over pool blocks, every sequence of a decode step in one op.
+    PagedCpu,
+    /// Our fused CUDA step over pool blocks: writes every sequence's token and attends, one
+    /// launch per layer.
+    PagedStep,
 }
 
 impl Path {
@@ -55,6 +60,8 @@ impl Path {
             Path::FusedStep => "fused-step",
             Path::CpuPrimitive => "cpu-primitive",
             Path::CpuBlocks => "cpu-blocks",
+            Path::PagedCpu => "paged-cpu",
+            Path::PagedStep => "paged-step",
         }
     }
 }
@@ -137,6 +144,7 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
             fused::attend(q, k, v, len, cap, scale)
         }
         Path::FusedStep => unreachable!("the fused step runs through the cache (choose_step)"),
+        Path::PagedCpu | Path::PagedStep => unreachable!("paged steps run through crate::batch (choose_paged)"),
     }
 }
 
@@ -166,4 +174,21 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
     fused_allowed().ok()?;
     let rows = case.rows?;
     fused::covers(case.k_bits, case.v_bits, case.head_dim, rows).then(|| pick(Path::FusedStep, "one new token into a quantized per-token body"))
+}
+
+/// The path for a decode step of sequences whose caches live in pool blocks of these widths
+/// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
+/// its gathered blocks instead.
+pub fn choose_paged(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head_dim: usize, rows: usize) -> Option<Choice> {
+    if Backend::current() == Backend::Cpu {
+        let ok = mlx_ext::options::current().cpu_kernels.on()
+            && mlx_ext::cpu::supports(k_bits, k_group, head_dim)
+            && mlx_ext::cpu::supports(v_bits, v_group, head_dim);
+        return ok.then(|| pick(Path::PagedCpu, "decode tokens into pool blocks, one op per layer for the batch"));
+    }
+    if !mlx_ext::options::current().gpu_fused_step.on() || cfg!(any()) /* MERGE-PENDING */ {
+        return None;
+    }
+    fused_allowed().ok()?;
+    fused::covers(k_bits, v_bits, head_dim, rows).then(|| pick(Path::PagedStep, "decode tokens into pool blocks, one launch per layer for the batch"))
 }

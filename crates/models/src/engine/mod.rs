@@ -38,6 +38,7 @@ use crate::sample::{Sampler, SamplerSettings};
 use crate::tokenizer::Tokenizer;
 use mlx_ext::EngineOptions;
 use mlx_kv::cache_file::{self, Expected};
+use mlx_kv::{BlockFormat, Geometry, KvCache, KvPool};
 use std::path::Path;
 
 mod batch;
@@ -56,6 +57,8 @@ pub struct Engine {
     options: EngineOptions,
     /// `None` for random weights, whose caches cannot be saved.
     identity: Option<ModelId>,
+    /// The block pool sequences made by [`Self::pooled_sequence`] share ([`Self::use_pool`]).
+    pool: Option<KvPool>,
 }
 
 impl Engine {
@@ -69,12 +72,12 @@ impl Engine {
 
     /// An engine over an already loaded model, with the options in force.
     pub fn from_loaded(loaded: Loaded) -> Engine {
-        Engine { model: loaded.model, tokenizer: Some(loaded.tokenizer), options: mlx_ext::options::current(), identity: Some(loaded.id) }
+        Engine { model: loaded.model, tokenizer: Some(loaded.tokenizer), options: mlx_ext::options::current(), identity: Some(loaded.id), pool: None }
     }
 
     /// An engine over a model without a tokenizer (random weights, for speed measurements).
     pub fn from_model(model: Box<dyn LanguageModel>) -> Engine {
-        Engine { model, tokenizer: None, options: mlx_ext::options::current(), identity: None }
+        Engine { model, tokenizer: None, options: mlx_ext::options::current(), identity: None, pool: None }
     }
 
     pub fn model(&self) -> &dyn LanguageModel {
@@ -87,6 +90,43 @@ impl Engine {
 
     pub fn options(&self) -> EngineOptions {
         self.options
+    }
+
+    /// Gives this engine one KV block pool of at most `budget` bytes (`None`: no limit but
+    /// memory), which [`Self::pooled_sequence`] draws on ([`mlx_kv::pool`]).
+    pub fn use_pool(&mut self, budget: Option<usize>) {
+        let m = self.model.as_ref();
+        self.pool = Some(KvPool::new(Geometry { layers: m.n_layers(), kv_heads: m.n_kv_heads(), head_dim: m.head_dim() }, budget));
+    }
+
+    pub fn pool(&self) -> Option<&KvPool> {
+        self.pool.as_ref()
+    }
+
+    /// The block format sequences of `cache` take in the pool, or `None` when they keep their
+    /// own buffers (no pool, a dense or otherwise unpooled spec, per-layer overrides, or a
+    /// window on any layer).
+    pub fn pool_format(&self, cache: &CacheSettings) -> Option<BlockFormat> {
+        self.pool.as_ref()?;
+        let m = self.model.as_ref();
+        let windowed = cache.max_kv_size.is_some() || (0..m.n_layers()).any(|i| m.layer_window(i).is_some());
+        if windowed || !cache.layers.is_empty() {
+            return None;
+        }
+        BlockFormat::of(&cache.spec)
+    }
+
+    /// A new sequence whose caches live in the pool when [`Self::pool_format`] says so, with
+    /// room for `tokens` tokens promised up front; `Ok(None)` when the pool cannot promise
+    /// them now. Otherwise a sequence of its own buffers, as [`Self::sequence`].
+    pub fn pooled_sequence(&self, cache: &CacheSettings, sampler: SamplerSettings, prefill_step: usize, tokens: usize) -> Result<Option<Sequence<'_>>> {
+        let mut seq = self.sequence(cache, sampler, prefill_step)?;
+        let (Some(pool), Some(fmt)) = (self.pool.as_ref(), self.pool_format(cache)) else { return Ok(Some(seq)) };
+        let Some(table) = pool.reserve(fmt, tokens) else { return Ok(None) };
+        let table = std::sync::Arc::new(std::sync::Mutex::new(table));
+        let m = self.model.as_ref();
+        seq.caches = (0..m.n_layers()).map(|i| KvCache::new_paged(cache.spec.clone(), m.head_dim(), table.clone(), i)).collect::<std::result::Result<_, _>>()?;
+        Ok(Some(seq))
     }
 
     /// The hash that saved caches record and check ([`crate::load::model_id`]); `none` for

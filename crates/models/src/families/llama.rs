@@ -12,13 +12,11 @@
 use crate::decoder::{Activation, Ends, GatedMlp, Mixer, PreNormLayer};
 use crate::error::{ModelError, Result};
 use crate::families::llamacpp;
-use crate::fast::{rms_norm, rope};
+use crate::fast::{rms_norm, rope, rope_rows};
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
-use mlx_rs::ops::concatenate;
-use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
 
@@ -358,12 +356,14 @@ impl Mixer for Attention {
 
     fn forward_batch(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
         let (q, k, v) = self.qkv(x)?;
-        let mut outs = Vec::with_capacity(caches.len());
-        for (b, cache) in caches.iter_mut().enumerate() {
-            let r = b as i32..b as i32 + 1;
-            outs.push(self.attend(&q.index((r.clone(), ..)), &k.index((r.clone(), ..)), &v.index((r, ..)), cache)?);
-        }
-        self.output(&concatenate(&outs, 0)?)
+        let offsets: Vec<i32> = caches.iter().map(|c| c.offset() as i32).collect();
+        let rope = |x: &Array| match &self.freqs {
+            Some(f) => rope_rows(x, self.head_dim, false, None, 1.0, &offsets, Some(f)),
+            None => rope_rows(x, self.head_dim, false, Some(self.theta), 1.0, &offsets, None),
+        };
+        let (q, k) = (rope(&q)?, rope(&k)?);
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        self.output(&mlx_kv::batch::update_and_attend(caches, &q, &k, &v, scale)?)
     }
 
     fn arrays(&self) -> Vec<&Array> {

@@ -1,0 +1,142 @@
+//! One decode step for many sequences at once: each brings one token, its own cache, length and
+//! precision. Sequences whose caches live in the same pool with the same block format form a
+//! group, and a group's step is one quantize and one scatter per K and V array plus one
+//! attention op (CPU primitive) or one launch (CUDA) per layer, whatever the group's size;
+//! the rest (dense caches, windows, sinks, or widths no kernel reads) take their own
+//! per-sequence path. Outputs come back in the callers' order.
+
+use crate::attention::{self, Choice};
+use crate::cache::KvCache;
+use crate::error::{KvError, Result};
+use crate::pool::{table_array, BlockFormat, BlockTable, PagedStore};
+use crate::store::Packed;
+use mlx_rs::ops::concatenate;
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+use std::sync::MutexGuard;
+
+/// `q` `[S, Hq, 1, D]`, `k`/`v` `[S, Hkv, 1, D]` (RoPE applied): writes row `s` into
+/// `caches[s]` and returns its attention, `[S, Hq, 1, D]` in `q`'s dtype.
+pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    let s = caches.len();
+    if q.shape()[0] as usize != s || k.shape()[0] as usize != s || q.shape()[2] != 1 {
+        return Err(KvError::Shape(format!("batched decode step: q {:?}, k {:?} for {s} caches", q.shape(), k.shape())));
+    }
+    // Groups: one per (pool, format) with a path that reads blocks in place.
+    let mut groups: Vec<(usize, BlockFormat, Choice, Vec<usize>)> = Vec::new();
+    let mut single = Vec::new();
+    let rows = (q.shape()[1] / k.shape()[1]) as usize;
+    for (i, c) in caches.iter_mut().enumerate() {
+        let head_dim = c.head_dim();
+        let key = c.paged_direct(1).and_then(|(ks, _)| {
+            let t = ks.table().lock().unwrap_or_else(|e| e.into_inner());
+            let fmt = t.format();
+            let pool_id = t.pool().id();
+            attention::choose_paged(fmt.k_bits, fmt.k_group, fmt.v_bits, fmt.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
+        });
+        match key {
+            Some((pool, fmt, choice)) => match groups.iter_mut().find(|g| g.0 == pool && g.1 == fmt) {
+                Some(g) => g.3.push(i),
+                None => groups.push((pool, fmt, choice, vec![i])),
+            },
+            None => single.push(i),
+        }
+    }
+    let mut outs: Vec<(Vec<usize>, Array)> = Vec::new();
+    for (_, fmt, choice, members) in groups {
+        let pick = |x: &Array| -> Result<Array> {
+            if members.len() == s {
+                return Ok(x.clone());
+            }
+            let idx: Vec<i32> = members.iter().map(|&i| i as i32).collect();
+            Ok(x.take_axis(&Array::from_slice(&idx, &[idx.len() as i32]), 0)?)
+        };
+        let (gq, gk, gv) = (pick(q)?, pick(k)?, pick(v)?);
+        let mut group: Vec<&mut KvCache> = Vec::with_capacity(members.len());
+        // Disjoint &mut borrows of the members, in member order.
+        let mut rest: &mut [&mut KvCache] = caches;
+        let mut base = 0;
+        for &m in &members {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(m - base);
+            let (one, after) = tail.split_first_mut().expect("member index in range");
+            group.push(&mut **one);
+            rest = after;
+            base = m + 1;
+        }
+        let out = step_group(&mut group, fmt, choice, &gq, &gk, &gv, scale)?;
+        outs.push((members, out));
+    }
+    for i in single {
+        let r = i as i32..i as i32 + 1;
+        let out = caches[i].update_and_attend_unpooled(&q.index((r.clone(), ..)), &k.index((r.clone(), ..)), &v.index((r, ..)), scale)?;
+        outs.push((vec![i], out));
+    }
+    if outs.len() == 1 {
+        return Ok(outs.pop().expect("one group").1);
+    }
+    let order: Vec<usize> = outs.iter().flat_map(|(m, _)| m.iter().copied()).collect();
+    let all = concatenate(&outs.into_iter().map(|(_, a)| a).collect::<Vec<_>>(), 0)?;
+    let mut inverse = vec![0i32; s];
+    for (pos, &i) in order.iter().enumerate() {
+        inverse[i] = pos as i32;
+    }
+    Ok(all.take_axis(&Array::from_slice(&inverse, &[s as i32]), 0)?)
+}
+
+fn lock(t: &crate::pool::SharedTable) -> MutexGuard<'_, BlockTable> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One group's step: every sequence's new row goes to slot `offset` of its blocks, then one
+/// attention op reads all of them through the table.
+fn step_group(group: &mut [&mut KvCache], fmt: BlockFormat, choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    let hkv = k.shape()[1] as usize;
+    let mut lens = Vec::with_capacity(group.len());
+    let mut rows = Vec::with_capacity(group.len() * hkv);
+    let tables: Vec<_> = group.iter_mut().map(|c| c.paged_direct(1).expect("grouped as paged").0.table().clone()).collect();
+    for (c, t) in group.iter().zip(&tables) {
+        let at = c.offset();
+        let mut t = lock(t);
+        t.ensure(at + 1)?;
+        lens.push(at + 1);
+        rows.extend((0..hkv).map(|h| t.row(at, h, hkv)));
+    }
+    let table = {
+        let guards: Vec<_> = tables.iter().map(lock).collect();
+        let refs: Vec<&BlockTable> = guards.iter().map(|g| &**g).collect();
+        table_array(&refs, &lens)
+    };
+    let (ks, vs) = group[0].paged_direct(1).expect("grouped as paged");
+    let out = match choice.path {
+        attention::Path::PagedCpu => {
+            let rows = Array::from_slice(&rows, &[rows.len() as i32]);
+            ks.put_rows(&rows, &Packed::quantize(k, fmt.k_group, fmt.k_bits)?)?;
+            vs.put_rows(&rows, &Packed::quantize(v, fmt.v_group, fmt.v_bits)?)?;
+            cpu_attend(ks, vs, q, &table, scale)?
+        }
+        attention::Path::PagedStep => gpu_step(ks, vs, q, k, v, &table, lens.iter().copied().max().unwrap_or(1), scale)?,
+        _ => unreachable!("choose_paged picks a paged path"),
+    };
+    for c in group.iter_mut() {
+        let len = c.offset() + 1;
+        let (ks, vs) = c.paged_direct(1).expect("grouped as paged");
+        ks.set_written(len);
+        vs.set_written(len);
+        c.advance_one(choice);
+    }
+    Ok(out)
+}
+
+fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale: f32) -> Result<Array> {
+    let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
+    let kr = mlx_ext::cpu::PackedRef { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
+    let vr = mlx_ext::cpu::PackedRef { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table)?.as_dtype(q.dtype())?)
+}
+
+// MERGE-PENDING: the paged CUDA step arrives with the helper's branch.
+#[allow(clippy::too_many_arguments)]
+fn gpu_step(_ks: &PagedStore, _vs: &PagedStore, _q: &Array, _k: &Array, _v: &Array, _table: &Array, _max_t: usize, _scale: f32) -> Result<Array> {
+    Err(KvError::Shape("paged CUDA step not merged yet".into()))
+}
