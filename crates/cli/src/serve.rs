@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// Largest chunk a prompt is prefilled in.
     #[arg(long, default_value_t = 512)]
     pub prefill_step: usize,
+    /// Largest prompt chunk read between two decode steps while other requests are generating
+    /// (chunked prefill: a smaller chunk stalls running streams for less time, at some cost
+    /// in prompt speed). `--prefill-step` applies when nothing is generating.
+    #[arg(long, default_value_t = 64)]
+    pub prefill_step_decoding: usize,
     /// Resident bytes that kept conversations (the prompt cache) may hold, e.g. `256M`; least
     /// recently used beyond. `0` keeps none.
     #[arg(long, default_value = "256M")]
@@ -61,7 +66,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.prefill_step == 0 || a.max_tokens == 0 || a.queue == 0 || a.decode_concurrency == 0 {
+    if a.prefill_step == 0 || a.prefill_step_decoding == 0 || a.max_tokens == 0 || a.queue == 0 || a.decode_concurrency == 0 {
         bail!("--prefill-step, --max-tokens, --queue and --decode-concurrency must each be at least 1");
     }
     let cache = a.kv.settings()?;
@@ -85,7 +90,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         _ => path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
     };
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prompt_cache_bytes, kv_budget, queue: a.queue, decode_concurrency: a.decode_concurrency, prompt_cache_files: a.prompt_cache_file.clone() };
+    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prefill_step_decoding: a.prefill_step_decoding, prompt_cache_bytes, kv_budget, queue: a.queue, decode_concurrency: a.decode_concurrency, prompt_cache_files: a.prompt_cache_file.clone() };
     eprintln!("loading {} ...", path.display());
     let load_path = path.clone();
     let load = move || -> models::error::Result<Engine> { Ok(Engine::from_loaded(models::load::load(&load_path, compute_dtype())?)) };

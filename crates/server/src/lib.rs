@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub sampler: SamplerSettings,
     pub max_tokens: usize,
     pub prefill_step: usize,
+    /// Largest prompt chunk between decode steps while others generate.
+    pub prefill_step_decoding: usize,
     /// Resident bytes kept conversations may hold (LRU beyond).
     pub prompt_cache_bytes: u64,
     /// Bytes of KV cache the server may hold in all (kept conversations plus the running ones);

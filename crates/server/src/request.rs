@@ -141,7 +141,11 @@ fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat:
     }
     // The cache this request can grow to, from the closed form; it must fit the budget alone.
     let held = settings.max_kv_size.map_or(total, |w| w.min(total));
-    let predicted = (settings.bytes_per_token(model) * held as f64).ceil() as u64;
+    // Pooled sequences take whole blocks, so the pool's count is the formula they are held to.
+    let predicted = match (engine.pool(), engine.pool_format(&settings)) {
+        (Some(pool), Some(fmt)) => (mlx_kv::KvPool::blocks_for(held) * pool.block_bytes(fmt)) as u64,
+        _ => (settings.bytes_per_token(model) * held as f64).ceil() as u64,
+    };
     if predicted > config.kv_budget {
         return Err(bad(
             "max_tokens",

@@ -190,8 +190,21 @@ impl<'e, 'c> Scheduler<'e, 'c> {
             }
             None => {
                 m.prompt_cache_misses.fetch_add(1, Relaxed);
-                match self.engine.sequence(&p.settings, p.sampler.clone(), self.config.prefill_step) {
-                    Ok(s) => (s, 0),
+                let room = p.tokens.len() + p.max_tokens;
+                let mut made = self.engine.pooled_sequence(&p.settings, p.sampler.clone(), self.config.prefill_step, room);
+                if matches!(made, Ok(None)) {
+                    // Blocks of kept conversations, or arrays of another format, hold the pool:
+                    // free what the prompt cache keeps and try once more.
+                    self.cache.evict_to(0);
+                    made = self.engine.pooled_sequence(&p.settings, p.sampler.clone(), self.config.prefill_step, room);
+                }
+                match made {
+                    Ok(Some(s)) => (s, 0),
+                    Ok(None) => {
+                        m.requests_failed.fetch_add(1, Relaxed);
+                        let _ = p.events.send(Event::Error(ApiError::busy(format!("the KV pool has no room for {room} tokens now (--kv-budget): blocks of another precision hold it"))));
+                        return;
+                    }
                     Err(e) => {
                         m.requests_failed.fetch_add(1, Relaxed);
                         let _ = p.events.send(Event::Error(ApiError::bad_request(Some("kv"), e.to_string())));
@@ -235,7 +248,8 @@ impl<'e, 'c> Scheduler<'e, 'c> {
 
     /// One chunk of the oldest prompt still being read.
     fn prefill_one(&mut self) {
-        let step = self.config.prefill_step;
+        let generating = self.running.iter().any(|a| a.finish.is_none() && a.produced > 0);
+        let step = if generating { self.config.prefill_step_decoding.min(self.config.prefill_step) } else { self.config.prefill_step };
         let Some(a) = self.running.iter_mut().find(|a| a.finish.is_none() && a.produced == 0) else { return };
         let logprobs = a.logprobs;
         match guarded("prefill", || a.seq.prefill_some(step, logprobs)) {

@@ -60,13 +60,17 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
-            let engine = match load() {
+            let mut engine = match load() {
                 Ok(e) => e,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.to_string()));
                     return;
                 }
             };
+            // Every pooled sequence, kept ones included, lives in blocks of one pool under the
+            // same budget the scheduler admits by.
+            engine.use_pool(Some(config.kv_budget as usize));
+            let engine = engine;
             let mut cache: PromptCache<'_> = PromptCache::new(config.prompt_cache_bytes);
             for f in &config.prompt_cache_files {
                 match engine.sequence_from_file(f, config.sampler.clone(), config.prefill_step) {
