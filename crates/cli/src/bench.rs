@@ -116,6 +116,14 @@ pub struct BenchArgs {
     /// measures the single-stream pipelined decode of `generate`.
     #[arg(long, default_value = "1")]
     pub batch: String,
+    /// KV pool budget (e.g. `16G`): instead of the depth/batch sweep, admit sequences of
+    /// `depth + n_prompt + n_gen` tokens per K/V setting (first depth only) until the budget
+    /// refuses one (the block pool for quantized settings, the closed-form bytes per token for
+    /// dense ones), write every admitted cache, decode `-n` steps over all of them at once, and
+    /// report admitted against predicted (`bench-pool-*.json`). Fails if fewer are admitted
+    /// than the formula says fit.
+    #[arg(long)]
+    pub pool_budget: Option<String>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -365,6 +373,20 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let mut engine = engine;
     if batches.iter().any(|&b| b > 1) {
         engine.use_pool(None);
+    }
+    if let Some(b) = &a.pool_budget {
+        let budget = parse_size(b, "--pool-budget")? as usize;
+        let depth = depths[0];
+        let ids = synthetic_ids(depth + a.n_prompt, vocab.max(2));
+        let step = a.prefill_step;
+        let fill = |seq: &mut models::engine::Sequence<'_>, depth: usize| -> Result<()> {
+            if depth > 0 {
+                fill_random(seq.model(), seq.caches_mut(), depth, step, false)?;
+                seq.assume_cached(&ids[..depth])?;
+            }
+            Ok(())
+        };
+        return crate::bench_pool::run(&mut engine, &settings, &ids, budget, depth, a.n_prompt, a.n_gen, step, &a.out, &fill);
     }
     let model = engine.model();
     let random_fill = a.fill == Fill::Random;

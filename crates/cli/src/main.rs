@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_attention;
+mod bench_pool;
 mod cache_prompt;
 mod compare;
 mod convert;

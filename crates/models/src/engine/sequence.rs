@@ -31,6 +31,10 @@ impl<'e> Sequence<'e> {
         self.caches.first().map_or(0, |c| c.offset())
     }
 
+    pub fn model(&self) -> &'e dyn LanguageModel {
+        self.model
+    }
+
     pub fn caches(&self) -> &[KvCache] {
         &self.caches
     }
