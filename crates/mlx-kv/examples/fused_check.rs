@@ -395,9 +395,9 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
                 let mw = mw.as_slice::<u32>();
                 let (wpr, gpr) = (ud * bits / 32, ud / 64);
                 let mut fresh = vec![false; nb * uh * BLOCK];
-                for i in 0..s {
+                for (i, &t) in lens.iter().enumerate() {
                     for h in 0..uh {
-                        let row = row_of(i, h, lens[i] - 1);
+                        let row = row_of(i, h, t - 1);
                         fresh[row] = true;
                         for j in 0..ud {
                             let (a, b) = (code(&after.w, row, wpr, bits, j), code(mw, i * uh + h, wpr, bits, j));
@@ -424,10 +424,10 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             let (mut err, mut worst, mut vmax) = (0.0f64, 0.0f64, 0.0f64);
             let out_u = if qdt == Dtype::Float16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
             let mut want = vec![0.0f64; s * hq * ud];
-            for i in 0..s {
+            for (i, &len) in lens.iter().enumerate() {
                 for h in 0..uh {
-                    let kr: Vec<Vec<f64>> = (0..lens[i]).map(|t| dequant_row(&after_k, row_of(i, h, t), ud, kb as usize)).collect();
-                    let vr: Vec<Vec<f64>> = (0..lens[i]).map(|t| dequant_row(&after_v, row_of(i, h, t), ud, vb as usize)).collect();
+                    let kr: Vec<Vec<f64>> = (0..len).map(|t| dequant_row(&after_k, row_of(i, h, t), ud, kb as usize)).collect();
+                    let vr: Vec<Vec<f64>> = (0..len).map(|t| dequant_row(&after_v, row_of(i, h, t), ud, vb as usize)).collect();
                     vmax = vr.iter().flatten().fold(vmax, |m, x| m.max(x.abs()));
                     for r in 0..rep as usize {
                         let o = (i * hq + h * rep as usize + r) * ud;

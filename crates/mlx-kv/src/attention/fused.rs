@@ -580,7 +580,7 @@ fn paged_dims(q: &Array, k_new: &Array, v_new: &Array, k: &PagedPool, v: &PagedP
     let block = k.w.shape().get(2).copied().unwrap_or(0);
     let nb = k.w.shape().first().copied().unwrap_or(0);
     for (name, p) in [("key", k), ("value", v)] {
-        if p.group == 0 || d as usize % p.group != 0 || p.group % lanes != 0 {
+        if p.group == 0 || !(d as usize).is_multiple_of(p.group) || !p.group.is_multiple_of(lanes) {
             return bad(format!("{name} group {} does not divide head_dim {d} in whole lanes", p.group));
         }
         let want_w = [nb, hkv, block, d * p.bits as i32 / 32];
@@ -700,6 +700,56 @@ mod tests {
         assert_eq!(std::fs::read_to_string(path).unwrap(), source);
         let (_, merge) = include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
         assert!(merge.contains("part_m_shape"), "{merge}");
+    }
+
+    #[test]
+    fn paged_kernel_sources_name_their_shape_parameters() {
+        for def in [&PAGED_PARTIAL_DEF, &PAGED_FOLD_DEF] {
+            let (_, body) = include_files(def, &[def.defines, def.body].concat(), 2).expect("temp dir is writable");
+            assert!(body.contains("kw_shape") && body.contains("table_shape"), "{body}");
+        }
+        let (_, merge) = include_files(&PAGED_MERGE_DEF, &[PAGED_MERGE_DEF.defines, PAGED_MERGE_DEF.body].concat(), 2).unwrap();
+        assert!(merge.contains("part_m_shape"), "{merge}");
+    }
+
+    #[test]
+    fn paged_splits_cover_every_sequence_up_to_the_longest() {
+        // The kernel's own split of T_s: ceil(T_s / n_split) rounded up to whole tiles.
+        for heads in [1usize, 8, 64, 1024] {
+            for max_t in [1usize, 255, 256, 257, 5000, 131072] {
+                let (n, _) = split_plan(max_t, heads);
+                for t in [1, 2, 31, 32, 33, max_t / 3, max_t / 2, max_t - 1, max_t].into_iter().filter(|t| (1..=max_t).contains(t)) {
+                    let per = t.div_ceil(n).div_ceil(32) * 32;
+                    assert!(n * per >= t && (t - 1) / per < n, "max_t={max_t} heads={heads} t={t}: {n} x {per}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paged_dims_take_the_pool_layout_and_name_mismatches() {
+        let f16 = |shape: &[i32]| mlx_rs::ops::zeros_dtype(shape, Dtype::Float16).unwrap();
+        let u32s = |shape: &[i32]| Array::zeros::<u32>(shape).unwrap();
+        let (s, hkv, rep, d, nb, block) = (3, 2, 4, 128, 7, 256);
+        let (q, kn) = (f16(&[s, hkv * rep, 1, d]), f16(&[s, hkv, 1, d]));
+        let (kw, vw, sb) = (u32s(&[nb, hkv, block, d * 8 / 32]), u32s(&[nb, hkv, block, d * 4 / 32]), f16(&[nb, hkv, block, d / 64]));
+        let k = PagedPool { w: &kw, scales: &sb, biases: &sb, bits: 8, group: 64 };
+        let v = PagedPool { w: &vw, scales: &sb, biases: &sb, bits: 4, group: 64 };
+        let table = Array::zeros::<i32>(&[s, 1 + 4]).unwrap();
+        let ctr = Array::zeros::<i32>(&[1024]).unwrap();
+        let dims = paged_dims(&q, &kn, &kn, &k, &v, &table, &ctr, 1000).unwrap();
+        assert_eq!(dims, PagedDims { s, hkv, rows: rep, d, block });
+        assert!(matches!(paged_dims(&q, &kn, &kn, &k, &v, &table, &ctr, 1025), Err(KvError::Capacity { requested: 1025, capacity: 1024 })));
+        let swapped = PagedPool { bits: 4, ..k };
+        let err = paged_dims(&q, &kn, &kn, &swapped, &v, &table, &ctr, 10).unwrap_err().to_string();
+        assert!(err.contains("key pool"), "{err}");
+        let odd = u32s(&[nb, hkv, 48, d * 8 / 32]);
+        let odd_sb = f16(&[nb, hkv, 48, d / 64]);
+        let (ko, vo) = (PagedPool { w: &odd, scales: &odd_sb, biases: &odd_sb, ..k }, PagedPool { w: &odd, scales: &odd_sb, biases: &odd_sb, bits: 8, ..v });
+        assert!(paged_dims(&q, &kn, &kn, &ko, &vo, &table, &ctr, 10).unwrap_err().to_string().contains("multiple of 32"));
+        let short = Array::zeros::<i32>(&[1023]).unwrap();
+        assert!(paged_dims(&q, &kn, &kn, &k, &v, &table, &short, 10).is_err());
+        assert!(paged_dims(&q, &kn, &kn, &k, &v, &Array::zeros::<i32>(&[s + 1, 5]).unwrap(), &ctr, 10).is_err());
     }
 
     #[test]
