@@ -621,8 +621,9 @@ fn paged_dims(q: &Array, k_new: &Array, v_new: &Array, k: &PagedPool, v: &PagedP
 /// `v_new` `[S, Hkv, 1, D]`; returns `[S, Hq, 1, D]` in `q`'s dtype.
 ///
 /// `table` is int32 `[S, 1 + MAXB]`, row-contiguous: `table[s][0]` is T_s, the tokens sequence s
-/// holds after this step (its new token is token T_s - 1), and `table[s][1 + j]` the pool block
-/// of its tokens `[j * BLOCK, (j + 1) * BLOCK)`; entries past its blocks are never read. The
+/// holds after this step (its new token is token T_s - 1; a row with T_s = 0 writes nothing and
+/// gets an undefined output), and `table[s][1 + j]` the pool block of its tokens
+/// `[j * BLOCK, (j + 1) * BLOCK)`; entries past its blocks are never read. The
 /// kernel quantizes each new token as MLX's `quantize` does and writes it into its slot of the
 /// pool, then attends over the T_s tokens. `max_t` (the longest T_s) only sizes the token
 /// splits: each sequence splits its own T_s over them, so a wrong value costs speed, not

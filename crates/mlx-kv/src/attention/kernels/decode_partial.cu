@@ -62,8 +62,9 @@ static_assert(KV_STEP && BLOCK % 32 == 0, "paged decode: a step, with whole tile
 const int HKV = kw_shape[1];
 const int32_t* const blocks = table + (size_t)(bh / HKV) * table_shape[1];
 const int head = bh % HKV;
+// T = 0 (a row the caller left empty) gives empty splits, no write and an undefined output.
 const int T = blocks[0];
-const int PER = ((T + n_split - 1) / n_split + 31) / 32 * 32;
+const int PER = max(32, ((T + n_split - 1) / n_split + 31) / 32 * 32);
 auto kv_row = [&](int t) -> size_t {
   return ((size_t)blocks[1 + (unsigned)t / BLOCK] * HKV + head) * BLOCK + (unsigned)t % BLOCK;
 };
@@ -90,7 +91,7 @@ __shared__ float sm_o[WARPS][REP][D];
 
 #if KV_STEP
 __shared__ unsigned char code_s[2][D];
-if (split == (T - 1) / PER) {
+if (T > 0 && split == (T - 1) / PER) {
   const size_t row = kv_row(T - 1);
   if (warp == 0) {
     kv_quantize_row<D, GK, BK>(knew + (size_t)bh * D, const_cast<uint32_t*>(kw) + row * KW,
