@@ -572,6 +572,9 @@ fn paged_dims(q: &Array, k_new: &Array, v_new: &Array, k: &PagedPool, v: &PagedP
     if (s2, d2) != (s, d) || v_new.shape() != ks || hkv == 0 || hq % hkv != 0 {
         return bad(format!("q {qs:?}, k_new {ks:?} and v_new {:?} do not agree", v_new.shape()));
     }
+    if v_new.dtype() != k_new.dtype() {
+        return bad(format!("k_new is {:?} but v_new {:?}", k_new.dtype(), v_new.dtype()));
+    }
     let rows = hq / hkv;
     if !covers(k.bits, v.bits, d as usize, rows as usize) {
         return bad(format!("k{} v{} with head_dim {d} and {rows} query rows per KV head is not covered", k.bits, v.bits));
@@ -656,12 +659,16 @@ pub fn decode_step_paged(
     ints.push(("BLOCK", block));
     let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, k.w, k.scales, k.biases, v.w, v.scales, v.biases, table, ctr];
+    // MLX names a compiled custom kernel by its name and template arguments only, not by its
+    // inputs' dtypes: both dtypes go in as (otherwise unused) type arguments, or an f16 and a
+    // bf16 model would share one compiled variant (in the process and in MLX's disk cache).
+    let types = [("OT", q.dtype()), ("NT", k_new.dtype())];
     let out = Out { shape: &[s, hkv * rows, 1, d], dtype: q.dtype() };
     let grid = (ns * 32 * WARPS, bh);
     // As in `decode_step`: split weights staged in WARPS * D shared floats, a counter per head.
     if opts.gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1022 {
         let scratch = Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 };
-        let got = run_kernel(&PAGED_FOLD_DEF, mma, &inputs, &[scratch, out], grid, 32 * WARPS, &ints, &[("OT", q.dtype())])?;
+        let got = run_kernel(&PAGED_FOLD_DEF, mma, &inputs, &[scratch, out], grid, 32 * WARPS, &ints, &types)?;
         return Ok(got.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
     let parts_out = [
@@ -669,7 +676,7 @@ pub fn decode_step_paged(
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
     ];
-    let parts = run_kernel(&PAGED_PARTIAL_DEF, mma, &inputs, &parts_out, grid, 32 * WARPS, &ints, &[])?;
+    let parts = run_kernel(&PAGED_PARTIAL_DEF, mma, &inputs, &parts_out, grid, 32 * WARPS, &ints, &types)?;
     let got = run_kernel(&PAGED_MERGE_DEF, false, &[&parts[0], &parts[1], &parts[2]], &[out], (d, bh * rows), d, &[("D", d), ("REP", rows)], &[("OT", q.dtype())])?;
     Ok(got.into_iter().next().expect("the merge kernel has one output"))
 }
