@@ -458,7 +458,9 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
         (ns * 32 * WARPS, bh),
         32 * WARPS,
         &shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, 1.0),
-        &[],
+        // Unused by this kernel; it keeps f16 and bf16 queries apart in MLX's kernel names (see
+        // `decode_step_paged`).
+        &[("OT", q3.dtype())],
     )?;
     let out = run_kernel(
         &MERGE_DEF,
@@ -522,7 +524,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         )?;
         return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
-    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
+    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[("OT", q.dtype())])?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
         false,
