@@ -328,7 +328,9 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     println!("paged decode step, {launches} (seed {seed}, tensor cores {}): new rows vs MLX quantize; rest of pool; ctr; max |out - f64 ref|", mlx_ext::options::current().gpu_fused_mma.on());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 21);
     // One counter array for every launch, as a server keeps it: each launch must leave it zero.
-    let mut ctr = Array::zeros::<i32>(&[1024]).unwrap();
+    // A device buffer of its own, as a server would make it (see `fused::decode_step_paged`).
+    let zeros = || Array::from_slice(&[0i32; 1024], &[1024]).add(Array::from_int(0)).unwrap();
+    let mut ctr = zeros();
     ctr.eval().unwrap();
     let pairs: &[(u8, u8)] = if quick { &[(8, 4)] } else { &[(8, 4), (4, 4), (8, 8)] };
     let mut ok = true;
@@ -460,7 +462,7 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             );
             if !ctr_zero {
                 // Later launches would start from wrong counts: reset so they are judged alone.
-                ctr = Array::zeros::<i32>(&[1024]).unwrap();
+                ctr = zeros();
                 ctr.eval().unwrap();
             }
         }

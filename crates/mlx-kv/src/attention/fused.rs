@@ -632,8 +632,10 @@ fn paged_dims(q: &Array, k_new: &Array, v_new: &Array, k: &PagedPool, v: &PagedP
 /// kernel quantizes each new token as MLX's `quantize` does and writes it into its slot of the
 /// pool, then attends over the T_s tokens. `max_t` (the longest T_s) only sizes the token
 /// splits: each sequence splits its own T_s over them, so a wrong value costs speed, not
-/// correctness. `ctr` is an int32 `[1024]` device array of zeros, reused from launch to launch:
-/// the fold's arrival counters, left zero again by every launch.
+/// correctness. `ctr` is an int32 `[1024]` array of zeros in a device buffer of its own (an add
+/// of a host array, as `KvCache` makes its position counter; MLX's `zeros` is a broadcast, which
+/// a kernel gets as a copy), reused from launch to launch: the fold's arrival counters, left
+/// zero again by every launch.
 ///
 /// Writing into arrays MLX treats as inputs is sound because the pool owns them and nothing else
 /// reads them in the same graph; each sequence's new slot lies in a block only its own table row
