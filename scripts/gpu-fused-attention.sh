@@ -8,7 +8,7 @@
 # `--quick` limits the benchmark to 4K and 32K. Results: docs/fused-attention-h200.md.
 # Only the paged decode step (`decode_step_paged`; tensor cores on and off, one launch and two):
 #   command="source .device/rt/env.sh && .device/rt/fused_check --paged 2>&1 | tee $OUT/fused-paged.log"
-# (`--paged --quick`: k8v4 only). The full run checks the paged step too.
+# (`--paged --quick`: k8v4 only). `--check` runs the default paged variant; the full run none.
 set -euo pipefail
 root=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
 cd "$root"
