@@ -63,7 +63,8 @@ def compile_one(label, src):
 
 
 ok = True
-for qt in ["__half", "float"]:
+# bf16 queries only with --paged (fused_check's paged case uses them; same code as f16 elsewhere).
+for qt in ["__half", "float"] + (["__nv_bfloat16"] if paged_only else []):
     # fused_check's correctness shapes x its bit pairs, and the whole-model presets.
     cases = [(d, bk, bv, rep) for (d, rep) in [(128, 4), (64, 3), (256, 8), (64, 1)]
              for (bk, bv) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]] + [(128, 8, 4, 7), (32, 2, 2, 1)]
