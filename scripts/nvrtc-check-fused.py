@@ -8,15 +8,17 @@ Needs NVRTC 13 and the CUDA headers, e.g. from the PyPI wheels nvidia-cuda-nvrtc
 nvidia-cuda-runtime==13.0.* unpacked into a folder given as the first argument (the folder
 holding nvidia/cu13/{lib,include}).
 NVRTC loads libnvrtc-builtins by name, so put the lib folder on LD_LIBRARY_PATH.
-Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py /tmp/nvrtc/x [--mma-only]
+Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py /tmp/nvrtc/x [--mma-only] [--paged]
   --mma-only  compile only the cases that have a tensor-core variant
+  --paged     compile only the paged step kernels (fused.rs `decode_step_paged`) and their merge
 """
 import ctypes, os, sys
 
 root = sys.argv[1]
+mma_only, paged_only = "--mma-only" in sys.argv[2:], "--paged" in sys.argv[2:]
 lib = ctypes.CDLL(os.path.join(root, "nvidia/cu13/lib/libnvrtc.so.13"))
 inc = os.path.join(root, "nvidia/cu13/include")
-kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/kernels")
+kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/attention/kernels")
 read = lambda n: open(os.path.join(kdir, n)).read()
 common, partial, merge = read("decode_common.cuh"), read("decode_partial.cu"), read("decode_merge.cu")
 
@@ -35,8 +37,8 @@ def value_dims(d, bv, rep, gv):
     return min(max(vd, d // 32, 16 // bv), gv, d)
 
 
-def program(name, body, params, consts, step=0, fold=0, mma=0):
-    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n#define KV_MMA {mma}\n" + body
+def program(name, body, params, consts, step=0, fold=0, mma=0, paged=0):
+    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n#define KV_MMA {mma}\n#define KV_PAGED {paged}\n" + body
     c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
     c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
     return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
@@ -61,7 +63,8 @@ def compile_one(label, src):
 
 
 ok = True
-for qt in ["__half", "float"]:
+# bf16 queries only with --paged (fused_check's paged case uses them; same code as f16 elsewhere).
+for qt in ["__half", "float"] + (["__nv_bfloat16"] if paged_only else []):
     # fused_check's correctness shapes x its bit pairs, and the whole-model presets.
     cases = [(d, bk, bv, rep) for (d, rep) in [(128, 4), (64, 3), (256, 8), (64, 1)]
              for (bk, bv) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]] + [(128, 8, 4, 7), (32, 2, 2, 1)]
@@ -74,13 +77,23 @@ for qt in ["__half", "float"]:
         # The tensor-core variant where fused.rs `mma_applies` picks it.
         for mma in ([0, 1] if qt != "float" and g == 64 and d in (64, 128) and bk in (4, 8) else [0]):
             tag = f"{'mma ' if mma else ''}q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}"
+            # Paged steps (BLOCK 256, the pool's), two launches and one.
+            paged = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
+                     "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
+                     "const int32_t* table", "const __grid_constant__ Shape table_shape", "const int32_t* ctr"]
+            if paged_only or not mma_only:
+                pc = dict(consts, BLOCK=256)
+                ok &= compile_one(f"paged partial {tag}", program("kvsplit_paged_partial", partial, paged + ["float* out_o", "float* out_m", "float* out_l"], pc, 1, 0, mma, 1))
+                ok &= compile_one(f"paged fold {tag}", program("kvsplit_paged_fold", partial, paged + ["float* part", f"{qt}* out"], dict(pc, OT=qt), 1, 1, mma, 1))
+            if paged_only:
+                continue
             ok &= compile_one(f"partial {tag}", program("kvsplit_partial", partial, params, consts, mma=mma))
             if mma:
                 step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
                         "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
                         "const int32_t* pos", "float* part", f"{qt}* out"]
                 ok &= compile_one(f"step fold {tag}", program("kvsplit_step_fold", partial, step, dict(consts, OT=qt), 1, 1, 1))
-        if len(sys.argv) > 2 and sys.argv[2] == "--mma-only":
+        if mma_only or paged_only:
             continue
         step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
                 "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
@@ -88,6 +101,10 @@ for qt in ["__half", "float"]:
         ok &= compile_one(f"step partial q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_partial", partial, step, consts, 1))
         fold = step[:-3] + ["float* part", f"{qt}* out"]
         ok &= compile_one(f"step fold q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_step_fold", partial, fold, dict(consts, OT=qt), 1, 1))
+    params = ["const float* part_o", "const float* part_m", "const __grid_constant__ Shape part_m_shape", "const float* part_l", f"{qt}* out"]
+    ok &= compile_one(f"paged merge OT={qt}", program("kvsplit_paged_merge", merge, params, dict(D=128, REP=4, OT=qt), 1, paged=1))
+    if paged_only:
+        continue
     params = ["const float* part_o", "const float* part_m", "const float* part_l", "const int32_t* meta", f"{qt}* out"]
     ok &= compile_one(f"merge OT={qt}", program("kvsplit_merge", merge, params, dict(D=128, REP=4, OT=qt)))
     params = ["const float* part_o", "const float* part_m", "const __grid_constant__ Shape part_m_shape", "const float* part_l",

@@ -15,16 +15,23 @@
 //! 3. The fused decode step (the kernel writes the new token into the cache itself) is checked
 //!    against MLX's `quantize` of the same token and against float64 attention.
 //!
-//! 4. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
+//! 4. The paged decode step (`decode_step_paged`: S sequences of different lengths in one
+//!    launch, rows in a shuffled block pool) against f64 attention over the pool's dequantized
+//!    rows, its new rows against MLX's `quantize`, the rest of the pool unchanged.
+//!
+//! 5. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
 //!    f64 causal attention.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check]
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --ops      also check and time the MLX-ops path (its quantized_matmul kernels take minutes
 //!              of JIT compilation on a fresh GPU machine)
 //!   --profile  no checks: a few k8v4 steps at 32K and 128K, for `ncu -k regex:kvsplit_attn`
 //!   --prefill  only the prefill-chunk checks
 //!   --check    only the decode checks of the default kernels (no prefill, no timings)
+//!   --paged    only the paged-step checks: tensor cores on and off, one launch and two (a
+//!              run of its own: its ~60 kernel variants would push the full run past a
+//!              10-minute device call; `--check` runs the default one, tensor cores and fold)
 
 use mlx_ext::{EngineOptions, Toggle};
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
@@ -60,8 +67,12 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
 /// value and each softmax weight to f16 (relative error at most 2^-11 each), which moves the
 /// output by at most 2^-10 max|v|.
 fn bound(k_bits: u8, rep: i32, d: i32, v: &[f32]) -> f64 {
+    bound_vmax(k_bits, rep, d, v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs())))
+}
+
+/// [`bound`] given max |v|.
+fn bound_vmax(k_bits: u8, rep: i32, d: i32, vmax: f64) -> f64 {
     let mma = mlx_ext::options::current().gpu_fused_mma.on() && mlx_kv::attention::fused::mma_covers(k_bits, 64, 64, d as usize, rep as usize, Dtype::Float16);
-    let vmax = v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
     if mma { 1e-3 + vmax * 2f64.powi(-10) } else { 1e-3 }
 }
 
@@ -256,6 +267,211 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     ok
 }
 
+/// Tokens per pool block in the paged check (the serving pool's).
+const BLOCK: usize = 256;
+
+/// A pool layer as MLX's `quantize` makes it: codes, scales, biases.
+type Pool = (Array, Array, Array);
+
+/// A pool's arrays on the host: u32 code words, and scales and biases as f32 (f16 widens
+/// exactly, so equality is bit equality).
+struct HostPool {
+    w: Vec<u32>,
+    s: Vec<f32>,
+    b: Vec<f32>,
+}
+
+fn host_pool(p: &Pool) -> HostPool {
+    // The kernel writes the evaluated arrays in place; reading them again sees its writes.
+    HostPool { w: p.0.as_slice::<u32>().to_vec(), s: host(&p.1), b: host(&p.2) }
+}
+
+/// Code `j` of row `row` (`wpr` u32 words per row), as MLX packs them (little end first).
+fn code(w: &[u32], row: usize, wpr: usize, bits: usize, j: usize) -> u32 {
+    (w[row * wpr + j * bits / 32] >> (j * bits % 32)) & ((1u32 << bits) - 1)
+}
+
+/// Row `row` of a pool dequantized exactly (code * scale + bias, groups of 64, in f64).
+fn dequant_row(p: &HostPool, row: usize, d: usize, bits: usize) -> Vec<f64> {
+    let (wpr, gpr) = (d * bits / 32, d / 64);
+    (0..d).map(|j| code(&p.w, row, wpr, bits, j) as f64 * p.s[row * gpr + j / 64] as f64 + p.b[row * gpr + j / 64] as f64).collect()
+}
+
+/// Shapes of the paged check: KV heads, query rows per KV head, head_dim, and the sequences'
+/// lengths after the step (1 token; exactly a block; one token into a new block; many splits
+/// with short sequences whose later splits are empty; with S * Hkv >= 1022 the fold does not
+/// apply and two launches run).
+fn paged_cases(quick: bool) -> Vec<(i32, i32, i32, Vec<usize>)> {
+    let mut cases = vec![
+        (8, 4, 128, vec![1]),
+        (3, 3, 64, vec![1, 256, 257]),
+        (2, 8, 128, vec![1, 256, 257, 512, 513, 1000, 31, 32, 33, 100, 768, 769, 2000, 5, 300, 1500]),
+        (1, 5, 128, vec![5000, 3, 512]),
+        (2, 1, 64, vec![769, 32, 33]),
+    ];
+    if !quick {
+        cases.push((8, 1, 64, (0..128).map(|i| i * 37 % 300 + 1).collect()));
+    }
+    cases
+}
+
+/// The paged decode step (`decode_step_paged`): S sequences whose rows live in a shuffled
+/// block pool with spare blocks, one launch per layer. Checks each new row against MLX's
+/// `quantize` of the same token (codes within one step where a rounding tie may break the
+/// other way, scales and biases within the narrower dtype's rounding), that no other row of
+/// the pool changed, that the arrival counters are zero again, and the output against f64
+/// attention over the pool's dequantized rows with queries scaled in f64 (the bound of
+/// [`bound`] plus the output dtype's rounding).
+fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
+    use mlx_kv::attention::fused::{decode_step_paged, poison_outputs, PagedPool};
+    use rand::{seq::SliceRandom, SeedableRng};
+    set_option(|o| o.gpu_fused_fold = Toggle::from_bool(fold));
+    let launches = if fold { "one launch where it fits" } else { "two launches" };
+    println!("paged decode step, {launches} (seed {seed}, tensor cores {}): new rows vs MLX quantize; rest of pool; ctr; max |out - f64 ref|", mlx_ext::options::current().gpu_fused_mma.on());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 21);
+    // One counter array for every launch, as a server keeps it: each launch must leave it zero.
+    // A device buffer of its own, as a server would make it (see `fused::decode_step_paged`).
+    let zeros = || Array::from_slice(&[0i32; 1024], &[1024]).add(Array::from_int(0)).unwrap();
+    let mut ctr = zeros();
+    ctr.eval().unwrap();
+    let pairs: &[(u8, u8)] = if quick { &[(8, 4)] } else { &[(8, 4), (4, 4), (8, 8)] };
+    let mut ok = true;
+    for (ci, (hkv, rep, d, lens)) in paged_cases(quick).into_iter().enumerate() {
+        let (s, ud, uh) = (lens.len(), d as usize, hkv as usize);
+        let blocks: Vec<usize> = lens.iter().map(|t| t.div_ceil(BLOCK)).collect();
+        // One zero column past the longest sequence's blocks, and spare blocks no table names.
+        let width = 2 + blocks.iter().max().unwrap();
+        let nb = blocks.iter().sum::<usize>() + 3;
+        let mut ids: Vec<usize> = (0..nb).collect();
+        ids.shuffle(&mut rng);
+        let mut table = vec![0i32; s * width];
+        let mut next = ids.into_iter();
+        for (i, (&t, &n)) in lens.iter().zip(&blocks).enumerate() {
+            table[i * width] = t as i32;
+            for j in 0..n {
+                table[i * width + 1 + j] = next.next().unwrap() as i32;
+            }
+        }
+        let table_arr = Array::from_slice(&table, &[s as i32, width as i32]);
+        let max_t = *lens.iter().max().unwrap();
+        let row_of = |i: usize, h: usize, t: usize| (table[i * width + 1 + t / BLOCK] as usize * uh + h) * BLOCK + t % BLOCK;
+        let shown = if s <= 3 { format!("T={lens:?}") } else { format!("S={s} T=1..{max_t}") };
+        for (bi, &(kb, vb)) in pairs.iter().enumerate() {
+            let qdt = if (ci + bi) % 2 == 0 { Dtype::Float16 } else { Dtype::Bfloat16 };
+            let keys = random::split(random::key(seed ^ (5000 + 16 * ci as u64 + bi as u64)).unwrap(), 2).unwrap();
+            let (k1, k2) = random::split(&keys.0, 2).unwrap();
+            let (k3, k4) = random::split(&keys.1, 2).unwrap();
+            let pool = |bits: u8, key: &Array| -> Pool {
+                let x = random::normal::<f32>(&[nb as i32, hkv, BLOCK as i32, d], None, None, key).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let p = mlx_rs::ops::quantize(&x, 64, bits as i32).unwrap();
+                eval([&p.0, &p.1, &p.2]).unwrap();
+                p
+            };
+            let (kp, vp) = (pool(kb, &k1), pool(vb, &k2));
+            let new = |key: &Array| random::normal::<f32>(&[s as i32, hkv, 1, d], None, None, key).unwrap().as_dtype(qdt).unwrap();
+            let (kn, vn) = (new(&k3), new(&k4));
+            let q = random::normal::<f32>(&[s as i32, hkv * rep, 1, d], None, None, &keys.1).unwrap().as_dtype(qdt).unwrap();
+            let (before_k, before_v) = (host_pool(&kp), host_pool(&vp));
+            let scale = 1.0 / (d as f32).sqrt();
+            fn operand(p: &Pool, bits: u8) -> PagedPool<'_> {
+                PagedPool { w: &p.0, scales: &p.1, biases: &p.2, bits, group: 64 }
+            }
+            poison_outputs(true);
+            let got = decode_step_paged(&q, &kn, &vn, operand(&kp, kb), operand(&vp, vb), &table_arr, &ctr, max_t, scale).map(|o| host(&o));
+            poison_outputs(false);
+            let out = match got {
+                Ok(o) => o,
+                Err(e) => {
+                    println!("  hkv={hkv} rep={rep} d={d} {shown} k{kb}v{vb}: {e}  FAIL");
+                    ok = false;
+                    continue;
+                }
+            };
+            let (after_k, after_v) = (host_pool(&kp), host_pool(&vp));
+            let ctr_zero = ctr.as_slice::<i32>().iter().all(|&c| c == 0);
+            // New rows against MLX's quantize of the same tokens; every other row unchanged.
+            let (mut code_diff, mut codes_differ, mut sb_err, mut untouched) = (0u32, 0usize, 0.0f64, true);
+            let sb_tol = if qdt == Dtype::Float16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
+            for (new_x, bits, before, after) in [(&kn, kb as usize, &before_k, &after_k), (&vn, vb as usize, &before_v, &after_v)] {
+                let (mw, ms, mb) = mlx_rs::ops::quantize(new_x, 64, bits as i32).unwrap();
+                let (mw, ms, mb) = (mw.as_dtype(Dtype::Uint32).unwrap(), host(&ms), host(&mb));
+                mw.eval().unwrap();
+                let mw = mw.as_slice::<u32>();
+                let (wpr, gpr) = (ud * bits / 32, ud / 64);
+                let mut fresh = vec![false; nb * uh * BLOCK];
+                for (i, &t) in lens.iter().enumerate() {
+                    for h in 0..uh {
+                        let row = row_of(i, h, t - 1);
+                        fresh[row] = true;
+                        for j in 0..ud {
+                            let (a, b) = (code(&after.w, row, wpr, bits, j), code(mw, i * uh + h, wpr, bits, j));
+                            code_diff = code_diff.max(a.abs_diff(b));
+                            codes_differ += (a != b) as usize;
+                        }
+                        for g in 0..gpr {
+                            for (x, y) in [(after.s[row * gpr + g], ms[(i * uh + h) * gpr + g]), (after.b[row * gpr + g], mb[(i * uh + h) * gpr + g])] {
+                                let e = (x as f64 - y as f64).abs() / (x.abs().max(y.abs()) as f64).max(1e-6);
+                                sb_err = if e.is_nan() { f64::INFINITY } else { sb_err.max(e) };
+                            }
+                        }
+                    }
+                }
+                for row in (0..nb * uh * BLOCK).filter(|r| !fresh[*r]) {
+                    untouched &= before.w[row * wpr..(row + 1) * wpr] == after.w[row * wpr..(row + 1) * wpr]
+                        && before.s[row * gpr..(row + 1) * gpr] == after.s[row * gpr..(row + 1) * gpr]
+                        && before.b[row * gpr..(row + 1) * gpr] == after.b[row * gpr..(row + 1) * gpr];
+                }
+            }
+            // f64 attention over the pool rows the table names, the kernel's new rows included.
+            let qh = host(&q);
+            let hq = uh * rep as usize;
+            let (mut err, mut worst, mut vmax) = (0.0f64, 0.0f64, 0.0f64);
+            let out_u = if qdt == Dtype::Float16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
+            let mut want = vec![0.0f64; s * hq * ud];
+            for (i, &len) in lens.iter().enumerate() {
+                for h in 0..uh {
+                    let kr: Vec<Vec<f64>> = (0..len).map(|t| dequant_row(&after_k, row_of(i, h, t), ud, kb as usize)).collect();
+                    let vr: Vec<Vec<f64>> = (0..len).map(|t| dequant_row(&after_v, row_of(i, h, t), ud, vb as usize)).collect();
+                    vmax = vr.iter().flatten().fold(vmax, |m, x| m.max(x.abs()));
+                    for r in 0..rep as usize {
+                        let o = (i * hq + h * rep as usize + r) * ud;
+                        let qr: Vec<f64> = qh[o..o + ud].iter().map(|x| *x as f64 * scale as f64).collect();
+                        let sc: Vec<f64> = kr.iter().map(|k| k.iter().zip(&qr).map(|(a, b)| a * b).sum()).collect();
+                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for x in 0..ud {
+                            want[o + x] = vr.iter().zip(&e).map(|(v, p)| v[x] * p).sum::<f64>() / z;
+                        }
+                    }
+                }
+            }
+            let b = bound_vmax(kb, rep, d, vmax);
+            for (g, w) in out.iter().zip(&want) {
+                let e = (*g as f64 - w).abs();
+                let e = if e.is_nan() { f64::INFINITY } else { e };
+                err = err.max(e);
+                worst = worst.max(e / (b + w.abs() * out_u));
+            }
+            let pass = worst <= 1.0 && code_diff <= 1 && sb_err <= sb_tol + 2f64.powi(-11) && untouched && ctr_zero;
+            ok &= pass;
+            println!(
+                "  hkv={hkv} rep={rep} d={d} {shown} k{kb}v{vb} q={qdt:?}: new rows: codes off by <= {code_diff} ({codes_differ} differ), scales/biases rel {sb_err:.1e}; rest of pool {}; ctr {}; out {err:.2e} ({:.0}% of bound)  {}",
+                if untouched { "unchanged" } else { "CHANGED" },
+                if ctr_zero { "zero" } else { "NOT ZERO" },
+                worst * 100.0,
+                if pass { "pass" } else { "FAIL" }
+            );
+            if !ctr_zero {
+                // Later launches would start from wrong counts: reset so they are judged alone.
+                ctr = zeros();
+                ctr.eval().unwrap();
+            }
+        }
+    }
+    ok
+}
+
 /// Seconds per layer of a decode step (`update_and_attend` with one new token, as a model
 /// layer calls it) when one step on each cache is evaluated in one graph. The caches grow by
 /// one token per call.
@@ -347,8 +563,17 @@ fn main() {
     let with_ops = std::env::args().any(|a| a == "--ops");
     if std::env::args().any(|a| a == "--check") {
         // The default path only (tensor cores where they apply, one launch per step).
-        let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true);
-        std::process::exit(if ok { 0 } else { 1 });
+        let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true);
+        finish(ok);
+    }
+    if std::env::args().any(|a| a == "--paged") {
+        let mut ok = true;
+        for mma in [true, false] {
+            set_option(|o| o.gpu_fused_mma = Toggle::from_bool(mma));
+            ok &= paged_correctness(seed, quick, false);
+            ok &= paged_correctness(seed, quick, true);
+        }
+        finish(ok);
     }
     let mut ok = prefill_correctness(seed);
     if std::env::args().any(|a| a == "--prefill") {
@@ -412,8 +637,11 @@ fn main() {
             }
         }
     }
-    if !ok {
-        eprintln!("fused kernel correctness FAILED");
-        std::process::exit(1);
-    }
+    finish(ok);
+}
+
+/// The summary line, and the exit status: non-zero if any check failed.
+fn finish(ok: bool) -> ! {
+    println!("fused_check: {}", if ok { "PASS" } else { "FAIL" });
+    std::process::exit(if ok { 0 } else { 1 });
 }

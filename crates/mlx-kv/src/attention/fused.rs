@@ -22,6 +22,10 @@
 //! decode, which is why fewer ops per layer matter as much as kernel time
 //! (docs/gpu-whole-model-h200.md).
 //!
+//! [`decode_step_paged`] is the same step for a batch of sequences whose caches live in a
+//! block pool (`KV_PAGED`): one launch per layer for all of them, rows found through a block
+//! table, each sequence's length read from that table on the GPU.
+//!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. There is no
 //! Metal kernel: on Metal the dispatcher runs the MLX-ops path, which MLX implements there. A
@@ -166,6 +170,27 @@ const STEP_FOLD_DEF: KernelDef = KernelDef {
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
     outputs: &["part", "out"],
 };
+const PAGED_PARTIAL_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_paged_partial",
+    defines: "#define KV_STEP 1\n#define KV_PAGED 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "table", "ctr"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const PAGED_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_paged_fold",
+    defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_PAGED 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "table", "ctr"],
+    outputs: &["part", "out"],
+};
+const PAGED_MERGE_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_paged_merge",
+    defines: "#define KV_STEP 1\n#define KV_PAGED 1\n",
+    body: MERGE,
+    inputs: &["part_o", "part_m", "part_l"],
+    outputs: &["out"],
+};
 const STEP_MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_merge",
     defines: "#define KV_STEP 1\n",
@@ -176,7 +201,8 @@ const STEP_MERGE_DEF: KernelDef = KernelDef {
 
 /// A kernel object made once per definition and thread: `mlx_fast_cuda_kernel_new` scans the
 /// source for every argument name (shape parameters) and copies it, which a decode step
-/// should not pay twice per layer. Never freed: there are four, alive for the thread.
+/// should not pay twice per layer. Never freed: there are a few per thread (one per definition
+/// and variant), alive for the thread.
 #[derive(Clone, Copy)]
 struct KernelHandle {
     raw: mlx_sys::mlx_fast_cuda_kernel,
@@ -379,14 +405,15 @@ fn scale_bits(scale: f32) -> i32 {
     scale.to_bits() as i32
 }
 
-/// The template arguments every attention kernel variant is compiled for.
-fn shape_args(d: i32, k: &PackedOperand, v: &PackedOperand, rows: i32, vd: usize, scale: f32) -> [(&'static str, i32); 9] {
+/// The template arguments every attention kernel variant is compiled for; `k` and `v` are
+/// (bits, group).
+fn shape_args(d: i32, k: (u8, usize), v: (u8, usize), rows: i32, vd: usize, scale: f32) -> [(&'static str, i32); 9] {
     [
         ("D", d),
-        ("BK", k.bits as i32),
-        ("BV", v.bits as i32),
-        ("GK", k.group as i32),
-        ("GV", v.group as i32),
+        ("BK", k.0 as i32),
+        ("BV", v.0 as i32),
+        ("GK", k.1 as i32),
+        ("GV", v.1 as i32),
         ("REP", rows),
         ("WARPS", WARPS),
         ("VD", vd as i32),
@@ -430,8 +457,10 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
         ],
         (ns * 32 * WARPS, bh),
         32 * WARPS,
-        &shape_args(d, &k, &v, rows, vd, 1.0),
-        &[],
+        &shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, 1.0),
+        // Unused by this kernel; it keeps f16 and bf16 queries apart in MLX's kernel names (see
+        // `decode_step_paged`).
+        &[("OT", q3.dtype())],
     )?;
     let out = run_kernel(
         &MERGE_DEF,
@@ -472,7 +501,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     let (n_split, _) = split_plan(t, bh as usize);
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let ns = n_split as i32;
-    let ints = shape_args(d, &k, &v, rows, vd, scale);
+    let ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale);
     let mma = mma_applies(&k, &v, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
     let parts_out = [
@@ -495,7 +524,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         )?;
         return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
-    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[])?;
+    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[("OT", q.dtype())])?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
         false,
@@ -507,6 +536,153 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         &[("OT", q.dtype())],
     )?;
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
+}
+
+/// One layer's arrays of a block pool (vLLM-style paged KV): `w` u32
+/// `[NB, Hkv, BLOCK, D * bits / 32]`, `scales` and `biases` f16 `[NB, Hkv, BLOCK, D / group]`,
+/// each row laid out as a cache buffer's (MLX affine quantization along head_dim). They must be
+/// row-contiguous: [`decode_step_paged`] writes into them in place, and MLX hands a
+/// non-contiguous input to a kernel as a copy, where the write would be lost.
+#[derive(Clone, Copy)]
+pub struct PagedPool<'a> {
+    pub w: &'a Array,
+    pub scales: &'a Array,
+    pub biases: &'a Array,
+    pub bits: u8,
+    pub group: usize,
+}
+
+/// Sequences, KV heads, query rows per KV head, head_dim and tokens per pool block of a paged
+/// step.
+#[derive(Debug, PartialEq)]
+struct PagedDims {
+    s: i32,
+    hkv: i32,
+    rows: i32,
+    d: i32,
+    block: i32,
+}
+
+/// Checks the shapes and dtypes of a paged step's arguments (see [`decode_step_paged`]): the
+/// kernel indexes raw buffers, so a mismatch would read or write the wrong rows.
+#[allow(clippy::too_many_arguments)]
+fn paged_dims(q: &Array, k_new: &Array, v_new: &Array, k: &PagedPool, v: &PagedPool, table: &Array, ctr: &Array, max_t: usize) -> Result<PagedDims> {
+    let bad = |what: String| Err(KvError::Shape(format!("fused paged decode step: {what}")));
+    let (qs, ks) = (q.shape(), k_new.shape());
+    let [s, hq, 1, d] = *qs else { return bad(format!("q is {qs:?}, want [S, Hq, 1, D]")) };
+    let [s2, hkv, 1, d2] = *ks else { return bad(format!("k_new is {ks:?}, want [S, Hkv, 1, D]")) };
+    if (s2, d2) != (s, d) || v_new.shape() != ks || hkv == 0 || hq % hkv != 0 {
+        return bad(format!("q {qs:?}, k_new {ks:?} and v_new {:?} do not agree", v_new.shape()));
+    }
+    if v_new.dtype() != k_new.dtype() {
+        return bad(format!("k_new is {:?} but v_new {:?}", k_new.dtype(), v_new.dtype()));
+    }
+    let rows = hq / hkv;
+    if !covers(k.bits, v.bits, d as usize, rows as usize) {
+        return bad(format!("k{} v{} with head_dim {d} and {rows} query rows per KV head is not covered", k.bits, v.bits));
+    }
+    let lanes = (d as usize / 32).max(1);
+    let block = k.w.shape().get(2).copied().unwrap_or(0);
+    let nb = k.w.shape().first().copied().unwrap_or(0);
+    for (name, p) in [("key", k), ("value", v)] {
+        if p.group == 0 || !(d as usize).is_multiple_of(p.group) || !p.group.is_multiple_of(lanes) {
+            return bad(format!("{name} group {} does not divide head_dim {d} in whole lanes", p.group));
+        }
+        let want_w = [nb, hkv, block, d * p.bits as i32 / 32];
+        let want_s = [nb, hkv, block, d / p.group as i32];
+        if p.w.shape() != want_w || p.scales.shape() != want_s || p.biases.shape() != want_s {
+            return bad(format!(
+                "{name} pool is w {:?}, scales {:?}, biases {:?}; want {want_w:?} and {want_s:?}",
+                p.w.shape(),
+                p.scales.shape(),
+                p.biases.shape()
+            ));
+        }
+        if p.w.dtype() != Dtype::Uint32 || p.scales.dtype() != Dtype::Float16 || p.biases.dtype() != Dtype::Float16 {
+            return bad(format!("{name} pool dtypes {:?}/{:?}/{:?}, want u32/f16/f16", p.w.dtype(), p.scales.dtype(), p.biases.dtype()));
+        }
+    }
+    // Whole 32-token tiles per block: the kernel reads one table entry per tile.
+    if block <= 0 || block % 32 != 0 {
+        return bad(format!("pool blocks of {block} tokens, want a multiple of 32"));
+    }
+    let ts = table.shape();
+    let [s3, width] = *ts else { return bad(format!("table is {ts:?}, want [S, 1 + max blocks]")) };
+    if s3 != s || width < 2 || table.dtype() != Dtype::Int32 {
+        return bad(format!("table is {ts:?} {:?}, want [{s}, 1 + max blocks] int32", table.dtype()));
+    }
+    let capacity = (width as usize - 1) * block as usize;
+    if max_t == 0 || max_t > capacity {
+        return Err(KvError::Capacity { requested: max_t, capacity });
+    }
+    if ctr.shape() != [1024] || ctr.dtype() != Dtype::Int32 {
+        return bad(format!("ctr is {:?} {:?}, want [1024] int32", ctr.shape(), ctr.dtype()));
+    }
+    Ok(PagedDims { s, hkv, rows, d, block })
+}
+
+/// One decode step of a layer for S sequences whose caches live in a block pool, in one launch
+/// (two without the fold) and no other op. `q` is `[S, Hq, 1, D]` (unscaled), `k_new` and
+/// `v_new` `[S, Hkv, 1, D]`; returns `[S, Hq, 1, D]` in `q`'s dtype.
+///
+/// `table` is int32 `[S, 1 + MAXB]`, row-contiguous: `table[s][0]` is T_s, the tokens sequence s
+/// holds after this step (its new token is token T_s - 1; a row with T_s = 0 writes nothing and
+/// gets an undefined output), and `table[s][1 + j]` the pool block of its tokens
+/// `[j * BLOCK, (j + 1) * BLOCK)`; entries past its blocks are never read. The
+/// kernel quantizes each new token as MLX's `quantize` does and writes it into its slot of the
+/// pool, then attends over the T_s tokens. `max_t` (the longest T_s) only sizes the token
+/// splits: each sequence splits its own T_s over them, so a wrong value costs speed, not
+/// correctness. `ctr` is an int32 `[1024]` array of zeros in a device buffer of its own (an add
+/// of a host array, as `KvCache` makes its position counter; MLX's `zeros` is a broadcast, which
+/// a kernel gets as a copy), reused from launch to launch: the fold's arrival counters, left
+/// zero again by every launch.
+///
+/// Writing into arrays MLX treats as inputs is sound because the pool owns them and nothing else
+/// reads them in the same graph; each sequence's new slot lies in a block only its own table row
+/// names (a pool shares only full blocks), and MLX runs later readers of the pool (the next
+/// layer's and next step's launches, which depend on this output) after this launch.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step_paged(
+    q: &Array,
+    k_new: &Array,
+    v_new: &Array,
+    k: PagedPool<'_>,
+    v: PagedPool<'_>,
+    table: &Array,
+    ctr: &Array,
+    max_t: usize,
+    scale: f32,
+) -> Result<Array> {
+    let PagedDims { s, hkv, rows, d, block } = paged_dims(q, k_new, v_new, &k, &v, table, ctr, max_t)?;
+    let opts = mlx_ext::options::current();
+    let bh = s * hkv;
+    let (n_split, _) = split_plan(max_t, bh as usize);
+    let ns = n_split as i32;
+    let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
+    let mut ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale).to_vec();
+    ints.push(("BLOCK", block));
+    let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, d as usize, rows as usize, q.dtype());
+    let inputs = [q, k_new, v_new, k.w, k.scales, k.biases, v.w, v.scales, v.biases, table, ctr];
+    // MLX names a compiled custom kernel by its name and template arguments only, not by its
+    // inputs' dtypes: both dtypes go in as (otherwise unused) type arguments, or an f16 and a
+    // bf16 model would share one compiled variant (in the process and in MLX's disk cache).
+    let types = [("OT", q.dtype()), ("NT", k_new.dtype())];
+    let out = Out { shape: &[s, hkv * rows, 1, d], dtype: q.dtype() };
+    let grid = (ns * 32 * WARPS, bh);
+    // As in `decode_step`: split weights staged in WARPS * D shared floats, a counter per head.
+    if opts.gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1022 {
+        let scratch = Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 };
+        let got = run_kernel(&PAGED_FOLD_DEF, mma, &inputs, &[scratch, out], grid, 32 * WARPS, &ints, &types)?;
+        return Ok(got.into_iter().nth(1).expect("the fold kernel has two outputs"));
+    }
+    let parts_out = [
+        Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+    ];
+    let parts = run_kernel(&PAGED_PARTIAL_DEF, mma, &inputs, &parts_out, grid, 32 * WARPS, &ints, &types)?;
+    let got = run_kernel(&PAGED_MERGE_DEF, false, &[&parts[0], &parts[1], &parts[2]], &[out], (d, bh * rows), d, &[("D", d), ("REP", rows)], &[("OT", q.dtype())])?;
+    Ok(got.into_iter().next().expect("the merge kernel has one output"))
 }
 
 #[cfg(test)]
@@ -536,6 +712,56 @@ mod tests {
         assert_eq!(std::fs::read_to_string(path).unwrap(), source);
         let (_, merge) = include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
         assert!(merge.contains("part_m_shape"), "{merge}");
+    }
+
+    #[test]
+    fn paged_kernel_sources_name_their_shape_parameters() {
+        for def in [&PAGED_PARTIAL_DEF, &PAGED_FOLD_DEF] {
+            let (_, body) = include_files(def, &[def.defines, def.body].concat(), 2).expect("temp dir is writable");
+            assert!(body.contains("kw_shape") && body.contains("table_shape"), "{body}");
+        }
+        let (_, merge) = include_files(&PAGED_MERGE_DEF, &[PAGED_MERGE_DEF.defines, PAGED_MERGE_DEF.body].concat(), 2).unwrap();
+        assert!(merge.contains("part_m_shape"), "{merge}");
+    }
+
+    #[test]
+    fn paged_splits_cover_every_sequence_up_to_the_longest() {
+        // The kernel's own split of T_s: ceil(T_s / n_split) rounded up to whole tiles.
+        for heads in [1usize, 8, 64, 1024] {
+            for max_t in [1usize, 255, 256, 257, 5000, 131072] {
+                let (n, _) = split_plan(max_t, heads);
+                for t in [1, 2, 31, 32, 33, max_t / 3, max_t / 2, max_t - 1, max_t].into_iter().filter(|t| (1..=max_t).contains(t)) {
+                    let per = t.div_ceil(n).div_ceil(32) * 32;
+                    assert!(n * per >= t && (t - 1) / per < n, "max_t={max_t} heads={heads} t={t}: {n} x {per}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paged_dims_take_the_pool_layout_and_name_mismatches() {
+        let f16 = |shape: &[i32]| mlx_rs::ops::zeros_dtype(shape, Dtype::Float16).unwrap();
+        let u32s = |shape: &[i32]| Array::zeros::<u32>(shape).unwrap();
+        let (s, hkv, rep, d, nb, block) = (3, 2, 4, 128, 7, 256);
+        let (q, kn) = (f16(&[s, hkv * rep, 1, d]), f16(&[s, hkv, 1, d]));
+        let (kw, vw, sb) = (u32s(&[nb, hkv, block, d * 8 / 32]), u32s(&[nb, hkv, block, d * 4 / 32]), f16(&[nb, hkv, block, d / 64]));
+        let k = PagedPool { w: &kw, scales: &sb, biases: &sb, bits: 8, group: 64 };
+        let v = PagedPool { w: &vw, scales: &sb, biases: &sb, bits: 4, group: 64 };
+        let table = Array::zeros::<i32>(&[s, 1 + 4]).unwrap();
+        let ctr = Array::zeros::<i32>(&[1024]).unwrap();
+        let dims = paged_dims(&q, &kn, &kn, &k, &v, &table, &ctr, 1000).unwrap();
+        assert_eq!(dims, PagedDims { s, hkv, rows: rep, d, block });
+        assert!(matches!(paged_dims(&q, &kn, &kn, &k, &v, &table, &ctr, 1025), Err(KvError::Capacity { requested: 1025, capacity: 1024 })));
+        let swapped = PagedPool { bits: 4, ..k };
+        let err = paged_dims(&q, &kn, &kn, &swapped, &v, &table, &ctr, 10).unwrap_err().to_string();
+        assert!(err.contains("key pool"), "{err}");
+        let odd = u32s(&[nb, hkv, 48, d * 8 / 32]);
+        let odd_sb = f16(&[nb, hkv, 48, d / 64]);
+        let (ko, vo) = (PagedPool { w: &odd, scales: &odd_sb, biases: &odd_sb, ..k }, PagedPool { w: &odd, scales: &odd_sb, biases: &odd_sb, bits: 8, ..v });
+        assert!(paged_dims(&q, &kn, &kn, &ko, &vo, &table, &ctr, 10).unwrap_err().to_string().contains("multiple of 32"));
+        let short = Array::zeros::<i32>(&[1023]).unwrap();
+        assert!(paged_dims(&q, &kn, &kn, &k, &v, &table, &short, 10).is_err());
+        assert!(paged_dims(&q, &kn, &kn, &k, &v, &Array::zeros::<i32>(&[s + 1, 5]).unwrap(), &ctr, 10).is_err());
     }
 
     #[test]

@@ -2,10 +2,13 @@
 // dim. Combines the splits' partial results with weights exp(m_s - max m) and writes the
 // normalised output in the query dtype (OT), so no further ops run per layer.
 // KV_STEP: the split count comes from the partial results' shape, and the step's position
-// counter is advanced (see decode_partial.cu).
+// counter is advanced (see decode_partial.cu), except with KV_PAGED, which has none.
 // The per-split maxima and denominators are staged through shared memory by all threads at
 // once; a thread walking them one by one from global memory waits a full load latency per
 // split (ncu measured 21 us for 64 splits that way).
+#ifndef KV_PAGED
+#define KV_PAGED 0
+#endif
 constexpr int MAX_SPLITS = 1024;
 __shared__ float c_s[MAX_SPLITS];
 __shared__ float red[32];
@@ -44,7 +47,7 @@ float O = 0.f;
 #pragma unroll 8
 for (int s = 0; s < NS; ++s) O += part_o[(first + (size_t)s * REP) * D + d] * c_s[s];
 out[(size_t)br * D + d] = kv_from_float<OT>(O / L);
-#if KV_STEP
+#if KV_STEP && !KV_PAGED
 // The step is done: the layer's next token goes to the next slot. No other thread of this
 // launch reads pos, and the next step's partial kernel runs after this one.
 if (blockIdx.y == 0 && d == 0) const_cast<int32_t*>(pos)[0] += 1;

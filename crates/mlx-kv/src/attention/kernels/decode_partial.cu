@@ -18,6 +18,11 @@
 // block's own tile loads see those writes after the barrier below. T is pos[0] + 1, the
 // capacity comes from the key buffer's shape, and splits are even slices of T over the grid
 // (a trailing split may be empty). Queries are scaled by SCALE_BITS (an f32's bits) here.
+// KV_PAGED (with KV_STEP, fused.rs `decode_step_paged`): one launch serves S sequences whose
+// rows live in a block pool (`[NB, HKV, BLOCK, W]`); grid row bh is sequence bh / HKV, head
+// bh % HKV. `table` row s holds T_s and then the pool blocks of the sequence's tokens, so
+// lengths differ per sequence and no device position counter exists: each sequence splits its
+// own T_s over the grid's splits, and splits past it are empty (m = -inf, l = 0).
 constexpr int KW = D * BK / 32;   // u32 words per key row
 constexpr int VW = D * BV / 32;
 constexpr int KG = D / GK;        // key groups per row
@@ -40,12 +45,30 @@ const int n_split = gridDim.x;
 #ifndef KV_MMA
 #define KV_MMA 0
 #endif
+#ifndef KV_PAGED
+#define KV_PAGED 0
+#endif
 #if KV_FOLD
 // One scratch output for the splits' partial results (fewer buffers for MLX to allocate).
 float* const out_o = part;
 float* const out_m = part + (size_t)gridDim.y * gridDim.x * REP * D;
 float* const out_l = out_m + (size_t)gridDim.y * gridDim.x * REP;
 #endif
+// kv_row(t): the buffer row of token t of this block's head. Tile starts are multiples of 32
+// (PER is) and a 32-token tile's rows are consecutive (in the pool too: BLOCK % 32 == 0), so
+// tile code looks up its first row once and adds the token's offset: one table read per tile.
+#if KV_PAGED
+static_assert(KV_STEP && BLOCK % 32 == 0, "paged decode: a step, with whole tiles per block");
+const int HKV = kw_shape[1];
+const int32_t* const blocks = table + (size_t)(bh / HKV) * table_shape[1];
+const int head = bh % HKV;
+// T = 0 (a row the caller left empty) gives empty splits, no write and an undefined output.
+const int T = blocks[0];
+const int PER = max(32, ((T + n_split - 1) / n_split + 31) / 32 * 32);
+auto kv_row = [&](int t) -> size_t {
+  return ((size_t)blocks[1 + (unsigned)t / BLOCK] * HKV + head) * BLOCK + (unsigned)t % BLOCK;
+};
+#else
 #if KV_STEP
 const int T = pos[0] + 1;
 const int CAP = kw_shape[2];
@@ -54,6 +77,8 @@ const int PER = ((T + n_split - 1) / n_split + 31) / 32 * 32;
 const int T = meta[0];
 const int CAP = meta[1];
 const int PER = meta[2];
+#endif
+auto kv_row = [&](int t) -> size_t { return (size_t)bh * CAP + t; };
 #endif
 const int t0 = split * PER;
 const int t1 = min(T, t0 + PER);
@@ -66,8 +91,8 @@ __shared__ float sm_o[WARPS][REP][D];
 
 #if KV_STEP
 __shared__ unsigned char code_s[2][D];
-if (split == (T - 1) / PER) {
-  const size_t row = (size_t)bh * CAP + (T - 1);
+if (T > 0 && split == (T - 1) / PER) {
+  const size_t row = kv_row(T - 1);
   if (warp == 0) {
     kv_quantize_row<D, GK, BK>(knew + (size_t)bh * D, const_cast<uint32_t*>(kw) + row * KW,
                                const_cast<__half*>(ks) + row * KG, const_cast<__half*>(kb) + row * KG, code_s[0], lane);
@@ -166,12 +191,14 @@ auto load_sb = [&](const __half* p, size_t row) -> unsigned {
   }
 };
 auto load_tile = [&](KvTile& x, int base) {
+  // A tile past the split's end reads no table entry either (it may lie past the sequence's).
+  const size_t row0 = base < t1 ? kv_row(base) : 0;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int t = base + 16 * mt + g8 + 8 * hh;
-      const size_t row = (size_t)bh * CAP + t;
+      const size_t row = row0 + (t - base);
       x.ksp[mt][hh] = t < t1 ? load_sb(ks, row) : 0u;
       x.kbp[mt][hh] = t < t1 ? load_sb(kb, row) : 0u;
 #pragma unroll
@@ -190,7 +217,7 @@ auto load_tile = [&](KvTile& x, int base) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int t = base + 16 * ks2 + 2 * tg + (u & 1) + 8 * (u >> 1);
-      const size_t row = (size_t)bh * CAP + t;
+      const size_t row = row0 + (t - base);
       x.vsp[ks2][u] = t < t1 ? load_sb(vs, row) : 0u;
       x.vbp[ks2][u] = t < t1 ? load_sb(vb, row) : 0u;
 #pragma unroll
@@ -342,13 +369,14 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   const int t = base + lane;
   const bool valid = t < t1;
   const int nt = min(32, t1 - base);
+  const size_t row0 = kv_row(base);
   // Issue every load of the tile before any arithmetic: keys (this lane's token) and values
   // (this lane's dim slice of NV tokens), so one memory latency is paid per tile, not one per
   // value step.
   unsigned kwv[KW];
   float ksc[KG], kbi[KG];
   if (valid) {
-    const size_t row = (size_t)bh * CAP + t;
+    const size_t row = row0 + lane;
     kv_load_words<KW>(kw + row * KW, kwv);
 #pragma unroll
     for (int g = 0; g < KG; ++g) {
@@ -365,7 +393,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
     for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
     if (tt < nt) {
-      const size_t row = (size_t)bh * CAP + base + tt;
+      const size_t row = row0 + tt;
       const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
       if constexpr (VB == 8) {
         const uint2 x = *reinterpret_cast<const uint2*>(vrow);
@@ -468,18 +496,23 @@ for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
 
 #if KV_FOLD
 // The merge folded into this launch (fused.rs `decode_step` with fold): the last block of a
-// head to finish (an arrival counter per head in pos[1 + bh]) merges that head's splits as
-// decode_merge.cu does and writes `out` in the query dtype; the last head to be merged resets
-// the counters and advances pos[0] (every block has read it by then). Other blocks' partial
+// head to finish (an arrival counter per head in pos[1 + bh], or ctr[1 + bh] when paged)
+// merges that head's splits as decode_merge.cu does, writes `out` in the query dtype and
+// resets its counter; unpaged, the last head to be merged also resets pos[1023] and advances
+// pos[0] (every block has read it by then). Other blocks' partial
 // results are read through L2 (__ldcg) after the fences. Split weights are staged in sm_o,
 // free once the block's own warps are merged, so at most WARPS * D splits.
 {
   __shared__ int kv_last;
   __shared__ float kv_l[REP];
-  int32_t* ctr = const_cast<int32_t*>(pos);
+#if KV_PAGED
+  int32_t* const arrivals = const_cast<int32_t*>(ctr);
+#else
+  int32_t* const arrivals = const_cast<int32_t*>(pos);
+#endif
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) kv_last = atomicAdd(&ctr[1 + bh], 1) == n_split - 1;
+  if (threadIdx.x == 0) kv_last = atomicAdd(&arrivals[1 + bh], 1) == n_split - 1;
   __syncthreads();
   if (kv_last) {
     __threadfence();
@@ -513,12 +546,16 @@ for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
       out[((size_t)bh * REP + r) * D + dd] = kv_from_float<OT>(o / kv_l[r]);
     }
     if (threadIdx.x == 0) {
-      ctr[1 + bh] = 0;
+      // Every split of this head has arrived, so nothing increments the counter again in this
+      // launch, and the next launch runs after this one.
+      arrivals[1 + bh] = 0;
+#if !KV_PAGED
       __threadfence();
-      if (atomicAdd(&ctr[1023], 1) == (int)gridDim.y - 1) {
-        ctr[1023] = 0;
-        ctr[0] += 1;
+      if (atomicAdd(&arrivals[1023], 1) == (int)gridDim.y - 1) {
+        arrivals[1023] = 0;
+        arrivals[0] += 1;
       }
+#endif
     }
   }
 }
