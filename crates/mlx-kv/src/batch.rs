@@ -135,8 +135,11 @@ fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale:
     Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table)?.as_dtype(q.dtype())?)
 }
 
-// MERGE-PENDING: the paged CUDA step arrives with the helper's branch.
 #[allow(clippy::too_many_arguments)]
-fn gpu_step(_ks: &PagedStore, _vs: &PagedStore, _q: &Array, _k: &Array, _v: &Array, _table: &Array, _max_t: usize, _scale: f32) -> Result<Array> {
-    Err(KvError::Shape("paged CUDA step not merged yet".into()))
+fn gpu_step(ks: &PagedStore, vs: &PagedStore, q: &Array, k: &Array, v: &Array, table: &Array, max_t: usize, scale: f32) -> Result<Array> {
+    let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
+    let kop = attention::fused::PagedPool { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
+    let vop = attention::fused::PagedPool { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
+    let ctr = ks.counters()?;
+    attention::fused::decode_step_paged(q, k, v, kop, vop, table, &ctr, max_t, scale)
 }

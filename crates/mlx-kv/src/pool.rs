@@ -90,6 +90,8 @@ struct State {
     geometry: Geometry,
     budget: usize,
     arenas: Vec<Arena>,
+    /// The CUDA step's arrival counters ([`PagedStore::counters`]).
+    counters: Option<Array>,
 }
 
 impl State {
@@ -123,12 +125,15 @@ impl State {
         if extra == 0 {
             return Err(KvError::Capacity { requested: a.capacity + 1, capacity: a.capacity });
         }
+        // MLX's `zeros` is a broadcast of one element; adding a zero gives every array a
+        // buffer of its own, which the CUDA step writes into in place.
+        let own = |shape: &[i32], dtype: Dtype| -> Result<Array> { Ok(zeros_dtype(shape, dtype)?.add(zeros_dtype(&[1], dtype)?)?) };
         let fresh = |bits: u8, group: usize| -> Result<Packed> {
             let (n, h, d) = (extra as i32, g.kv_heads as i32, g.head_dim);
             Ok(Packed {
-                w: zeros_dtype(&[n, h, BLOCK as i32, (d * bits as usize / 32) as i32], Dtype::Uint32)?,
-                scales: zeros_dtype(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
-                biases: zeros_dtype(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
+                w: own(&[n, h, BLOCK as i32, (d * bits as usize / 32) as i32], Dtype::Uint32)?,
+                scales: own(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
+                biases: own(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
             })
         };
         let grow = |old: Option<Packed>, new: Packed| -> Result<Packed> {
@@ -182,7 +187,7 @@ impl KvPool {
     /// An empty pool for a model of shape `geometry` that never holds more than `budget`
     /// bytes of blocks (`None`: no limit but memory).
     pub fn new(geometry: Geometry, budget: Option<usize>) -> KvPool {
-        KvPool(Arc::new(Mutex::new(State { geometry, budget: budget.unwrap_or(usize::MAX), arenas: Vec::new() })))
+        KvPool(Arc::new(Mutex::new(State { geometry, budget: budget.unwrap_or(usize::MAX), arenas: Vec::new(), counters: None })))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -466,6 +471,20 @@ impl PagedStore {
     /// Replaces this layer's half of the arena arrays (after a kernel wrote into them).
     pub fn set_arrays(&self, p: Packed) {
         self.with_arrays(|dst, _| *dst = p)
+    }
+
+    /// The fused CUDA step's 1024 arrival counters, zero between launches (each launch resets
+    /// what it used), made once per pool as a device buffer of its own: an add of a host array,
+    /// since MLX's `zeros` is a broadcast that a kernel would get as a copy.
+    pub fn counters(&self) -> Result<Array> {
+        let t = table_lock(&self.table);
+        let mut s = t.pool.lock();
+        if s.counters.is_none() {
+            let c = Array::from_slice(&[0i32; 1024], &[1024]).add(Array::from_int(0))?;
+            c.eval()?;
+            s.counters = Some(c);
+        }
+        Ok(s.counters.clone().expect("made above"))
     }
 
     /// Records tokens up to `len` as written by a kernel.

@@ -186,7 +186,7 @@ pub fn choose_paged(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head
             && mlx_ext::cpu::supports(v_bits, v_group, head_dim);
         return ok.then(|| pick(Path::PagedCpu, "decode tokens into pool blocks, one op per layer for the batch"));
     }
-    if !mlx_ext::options::current().gpu_fused_step.on() || cfg!(any()) /* MERGE-PENDING */ {
+    if !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;
