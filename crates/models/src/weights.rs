@@ -144,6 +144,16 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
+        // One row per sequence (`[B, 1, K]`, a batched decode step) as `[1, B, K]`: MLX's CUDA
+        // quantized matmul treats leading axes as a batch of separate products, each reading
+        // the whole weight, so B sequences cost B weight passes; as rows of one product the
+        // weight is read once.
+        let sh = x.shape();
+        if sh.len() == 3 && sh[1] == 1 && sh[0] > 1 {
+            let y = self.forward(&x.reshape(&[1, sh[0], sh[2]])?)?;
+            let n = *y.shape().last().expect("linear output has a feature axis");
+            return Ok(y.reshape(&[sh[0], 1, n])?);
+        }
         let y = match &self.weight {
             Weight::Dense(w) => matmul(x, w.t())?,
             Weight::Quant { w, scales, biases, bits, group } => {
