@@ -18,7 +18,7 @@
 use crate::error::{KvError, Result};
 use crate::spec::{KeyLayout, KvSpec, Rotation};
 use crate::store::Packed;
-use mlx_rs::ops::indexing::IndexMutOp;
+use mlx_rs::ops::indexing::{IndexMutOp, IndexOp};
 use mlx_rs::ops::{concatenate, zeros_dtype};
 use mlx_rs::{Array, Dtype};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -107,18 +107,64 @@ impl State {
         self.arenas.len() - 1
     }
 
+    /// Free blocks at the top of `arena` beyond its promises: what shrinking it gives back.
+    fn spare_tail(&self, arena: usize) -> usize {
+        let a = &self.arenas[arena];
+        let free: std::collections::HashSet<u32> = a.free.iter().copied().collect();
+        let tail = (0..a.capacity as u32).rev().take_while(|id| free.contains(id)).count();
+        tail.min(a.free.len().saturating_sub(a.promised))
+    }
+
+    /// Bytes other arenas could give back by shrinking ([`Self::shrink_others`]).
+    fn reclaimable(&self, except: usize) -> usize {
+        (0..self.arenas.len()).filter(|&i| i != except).map(|i| self.spare_tail(i) * self.arenas[i].fmt.block_bytes(&self.geometry)).sum()
+    }
+
     /// Blocks of `arena` that could still be promised: free ones plus what the unallocated
-    /// budget would buy, minus promises already made.
+    /// budget (and other formats' spare blocks, once given back) would buy, minus promises
+    /// already made.
     fn available(&self, arena: usize) -> usize {
         let a = &self.arenas[arena];
-        let unallocated = self.budget.saturating_sub(self.allocated_bytes()) / a.fmt.block_bytes(&self.geometry);
-        (a.free.len() + unallocated).saturating_sub(a.promised)
+        let room = self.budget.saturating_sub(self.allocated_bytes()) + self.reclaimable(arena);
+        (a.free.len() + room / a.fmt.block_bytes(&self.geometry)).saturating_sub(a.promised)
+    }
+
+    /// Gives back other arenas' spare top blocks until `bytes` are unallocated: their arrays are
+    /// copied into smaller buffers (a slice would keep the old buffer alive).
+    fn shrink_others(&mut self, except: usize, bytes: usize) -> Result<()> {
+        for i in 0..self.arenas.len() {
+            if i == except || self.budget.saturating_sub(self.allocated_bytes()) >= bytes {
+                continue;
+            }
+            let drop = self.spare_tail(i);
+            if drop == 0 {
+                continue;
+            }
+            let a = &mut self.arenas[i];
+            let keep = a.capacity - drop;
+            let cut = |x: &Array| -> Result<Array> {
+                let part = x.index((0..keep as i32, .., .., ..));
+                Ok(part.add(mlx_rs::ops::zeros_dtype(&[1], x.dtype())?)?)
+            };
+            for l in &mut a.layers {
+                for p in [&mut l.k, &mut l.v] {
+                    *p = Packed { w: cut(&p.w)?, scales: cut(&p.scales)?, biases: cut(&p.biases)? };
+                }
+            }
+            mlx_rs::transforms::eval(a.layers.iter().flat_map(|l| [&l.k.w, &l.k.scales, &l.k.biases, &l.v.w, &l.v.scales, &l.v.biases]))?;
+            a.free.retain(|&id| (id as usize) < keep);
+            a.capacity = keep;
+        }
+        Ok(())
     }
 
     /// Grows `arena`'s arrays by at least one block (doubling, within the budget).
     fn grow(&mut self, arena: usize) -> Result<()> {
         let g = self.geometry;
         let block_bytes = self.arenas[arena].fmt.block_bytes(&g);
+        if self.budget.saturating_sub(self.allocated_bytes()) < block_bytes {
+            self.shrink_others(arena, block_bytes)?;
+        }
         let room = self.budget.saturating_sub(self.allocated_bytes()) / block_bytes;
         let a = &mut self.arenas[arena];
         let extra = a.capacity.max(16).min(room);
@@ -311,6 +357,30 @@ impl BlockTable {
             self.ids.push(id);
         }
         Ok(())
+    }
+
+    /// Returns the blocks promised and not taken (a finished request kept for its next turn
+    /// holds only what it wrote).
+    pub fn release_promise(&mut self) {
+        let mut s = self.pool.lock();
+        s.arenas[self.arena].promised -= self.promised;
+        self.promised = 0;
+    }
+
+    /// Promises room for `tokens` tokens in all (a kept conversation's next turn); false when
+    /// the pool cannot, and nothing changes.
+    pub fn promise(&mut self, tokens: usize) -> bool {
+        let want = KvPool::blocks_for(tokens).saturating_sub(self.ids.len() + self.promised);
+        if want == 0 {
+            return true;
+        }
+        let mut s = self.pool.lock();
+        if s.available(self.arena) < want {
+            return false;
+        }
+        s.arenas[self.arena].promised += want;
+        self.promised += want;
+        true
     }
 
     /// Gives back whole blocks past the first `tokens` tokens (a conversation cut back).
@@ -581,6 +651,26 @@ mod tests {
         assert_eq!(pool.available(k8v4()), 3);
         drop(b);
         assert_eq!(pool.usage().promised_blocks, 0);
+    }
+
+    #[test]
+    fn a_format_takes_the_spare_blocks_another_format_no_longer_uses() {
+        let g = geometry();
+        let k4v4 = BlockFormat::of(&KvSpec::bits(4, 4)).unwrap();
+        let (a8, a4) = (k8v4().block_bytes(&g), k4v4.block_bytes(&g));
+        let pool = KvPool::new(g, Some(a8 * 20));
+        // k8v4 grows first and takes the whole budget (16 blocks, then the 4 left).
+        let t = pool.reserve(k8v4(), 17 * BLOCK).unwrap();
+        let mut t = t;
+        t.ensure(17 * BLOCK).unwrap();
+        assert_eq!(pool.usage().allocated_bytes, 20 * a8);
+        drop(t);
+        // Every k8v4 block is free again: k4v4 may have what the budget buys once they go.
+        let want = 20 * a8 / a4;
+        assert_eq!(pool.available(k4v4), want);
+        let mut u = pool.reserve(k4v4, want * BLOCK).expect("the k8v4 arena gives its blocks back");
+        u.ensure(want * BLOCK).unwrap();
+        assert!(pool.usage().allocated_bytes <= 20 * a8, "never past the budget");
     }
 
     #[test]

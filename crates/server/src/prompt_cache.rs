@@ -110,7 +110,9 @@ impl<'e> PromptCache<'e> {
 
     /// Keeps `seq`, then evicts least recently used entries beyond the budget. An entry larger
     /// than the whole budget is not kept.
-    pub fn put(&mut self, setting: String, seq: Sequence<'e>) {
+    pub fn put(&mut self, setting: String, mut seq: Sequence<'e>) {
+        // A kept conversation holds the blocks it wrote, not the room its request was promised.
+        seq.pool_room(None);
         let bytes = seq.kv_bytes().total() as u64;
         if bytes > self.budget {
             return;

@@ -214,6 +214,10 @@ impl<'e, 'c> Scheduler<'e, 'c> {
             }
         };
         let mut seq = seq;
+        // A kept conversation's next turn: room for the whole of it, as a new one is promised
+        // (the budget check above counted it; a pool holding other formats may still refuse,
+        // and then blocks are taken from what is free as tokens arrive).
+        seq.pool_room(Some(p.tokens.len() + p.max_tokens));
         if let Err(e) = seq.queue_prompt(&p.tokens[reused..], p.max_tokens) {
             m.requests_failed.fetch_add(1, Relaxed);
             let _ = p.events.send(Event::Error(ApiError::bad_request(Some("max_tokens"), e.to_string())));

@@ -109,6 +109,21 @@ impl<'e> Sequence<'e> {
         }))
     }
 
+    /// For a sequence in the engine's pool: gives back the room promised and not used (a
+    /// finished request kept for its next turn), or promises room for `tokens` tokens in all
+    /// (`Some`; false when the pool cannot). Sequences of their own buffers: always true.
+    pub fn pool_room(&mut self, tokens: Option<usize>) -> bool {
+        let Some(table) = self.caches.first().and_then(|c| c.paged_table()) else { return true };
+        let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+        match tokens {
+            None => {
+                t.release_promise();
+                true
+            }
+            Some(n) => t.promise(n),
+        }
+    }
+
     /// Resident bytes of every layer's cache.
     pub fn kv_bytes(&self) -> CacheBytes {
         self.caches.iter().map(|c| c.bytes()).fold(CacheBytes::default(), |a, b| a + b)
