@@ -49,7 +49,10 @@ pub fn run(
     fill: &dyn Fn(&mut Sequence<'_>, usize) -> Result<()>,
 ) -> Result<()> {
     let env = Env::detect();
-    let tokens = depth + n_prompt + n_gen + 1;
+    // Two untimed steps first: a batch shape's first step compiles kernels (MLX's quantized
+    // matmul for that row count included).
+    const WARMUP: usize = 2;
+    let tokens = depth + n_prompt + n_gen + WARMUP + 1;
     let mut rows = Vec::new();
     for (kv, s) in settings {
         // A fresh pool per setting: arrays of one precision never shrink for another.
@@ -71,7 +74,7 @@ pub fn run(
             let seq = if room { engine.pooled_sequence(s, SamplerSettings::default(), step, tokens)? } else { None };
             let Some(mut seq) = seq else { break };
             fill(&mut seq, depth)?;
-            seq.queue_prompt(&ids[depth..depth + n_prompt], n_gen + 1)?;
+            seq.queue_prompt(&ids[depth..depth + n_prompt], n_gen + WARMUP + 1)?;
             while seq.prefill_some(step, None)?.is_none() {}
             seqs.push(seq);
             // A pool refuses by itself; stop a runaway dense loop at the prediction.
@@ -80,6 +83,11 @@ pub fn run(
             }
         }
         eprintln!("{kv}: admitted {} sequences of {tokens} tokens in {:.1} s (predicted {predicted})", seqs.len(), t.elapsed().as_secs_f64());
+        for _ in 0..WARMUP {
+            let mut refs: Vec<&mut Sequence<'_>> = seqs.iter_mut().collect();
+            let none = vec![None; refs.len()];
+            decode_batch(&mut refs, &none)?;
+        }
         mlx_rs::memory::reset_peak_memory()?;
         let t = Instant::now();
         for _ in 0..n_gen {
