@@ -270,10 +270,10 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
     mlx_kv::host_profile::take();
     let t1 = Instant::now();
     let none = vec![None; batch];
-    for _ in 0..n_gen {
-        let mut refs: Vec<&mut models::engine::Sequence<'_>> = seqs.iter_mut().collect();
-        models::engine::decode_batch(&mut refs, &none)?;
-    }
+    // Pipelined as `generate` runs one sequence: step n + 1 is queued before step n is read.
+    let mut refs: Vec<&mut models::engine::Sequence<'_>> = seqs.iter_mut().collect();
+    models::engine::decode_steps(&mut refs, &none, n_gen, |_| {})?;
+    drop(refs);
     let decode_s = t1.elapsed().as_secs_f64();
     let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
     let decode_path = match seqs[0].attention_path() {

@@ -1,6 +1,6 @@
 //! `bench --pool-budget`: how many sequences of `depth + n_prompt + n_gen` tokens one KV budget
 //! holds per K/V setting, admitted one by one until refused, against what the formula predicts,
-//! and the aggregate decode speed of all of them at once. Pooled settings are admitted by the
+//! and the aggregate decode speed of all of them at once (pipelined steps). Pooled settings are admitted by the
 //! engine's block pool (whole 256-token blocks); others (dense) by the closed-form bytes per
 //! token, as `serve` admits them. Every admitted sequence's cache is really written, so the
 //! count is memory that exists, not arithmetic.
@@ -8,7 +8,7 @@
 use crate::results::{human_bytes, markdown_table, Env};
 use anyhow::{Context, Result};
 use mlx_kv::KvPool;
-use models::engine::{decode_batch, Engine, Sequence};
+use models::engine::{decode_batch, decode_steps, Engine, Sequence};
 use models::generate::CacheSettings;
 use models::sample::SamplerSettings;
 use serde::Serialize;
@@ -90,10 +90,10 @@ pub fn run(
         }
         mlx_rs::memory::reset_peak_memory()?;
         let t = Instant::now();
-        for _ in 0..n_gen {
+        {
             let mut refs: Vec<&mut Sequence<'_>> = seqs.iter_mut().collect();
             let none = vec![None; refs.len()];
-            decode_batch(&mut refs, &none)?;
+            decode_steps(&mut refs, &none, n_gen, |_| {})?;
         }
         let decode_s = t.elapsed().as_secs_f64();
         rows.push(PoolRow {

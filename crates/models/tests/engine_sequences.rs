@@ -193,6 +193,25 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
         }
         assert_eq!(seqs[b].history().len(), tok.encode(prompts[b], true).len() + steps);
     }
+    // Pipelined (step k + 1 queued before step k is read) the same batch computes the same
+    // thing, so the tokens must be identical, not merely close.
+    let mut piped: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(&settings(spec.clone()), SamplerSettings::default(), 16, 128).unwrap().unwrap()).collect();
+    let mut piped_tokens: Vec<Vec<u32>> = vec![Vec::new(); piped.len()];
+    for ((s, p), got) in piped.iter_mut().zip(&prompts).zip(piped_tokens.iter_mut()) {
+        s.queue_prompt(&tok.encode(p, true), steps).unwrap();
+        while s.prefill_some(16, None).unwrap().map(|(id, _)| got.push(id)).is_none() {}
+    }
+    {
+        let mut refs: Vec<&mut models::engine::Sequence<'_>> = piped.iter_mut().collect();
+        models::engine::decode_steps(&mut refs, &[None; 5], steps - 1, |out| {
+            for (b, (id, _)) in out.iter().enumerate() {
+                piped_tokens[b].push(*id);
+            }
+        })
+        .unwrap();
+    }
+    assert_eq!(piped_tokens, together, "pipelined batched decode must give the synchronous batch's tokens");
+    drop(piped);
     let path = seqs[1].attention_path().expect("decoded").to_string();
     assert!(path.starts_with("paged-cpu"), "a pooled k8v4 sequence decodes through the paged op, not {path}");
     let used = e.pool().unwrap().usage().used_blocks;

@@ -4,13 +4,13 @@
 //! weight is read once per step, and attention per sequence over its own cache, length and
 //! `KvSpec`.
 
-use super::scores::TokenLogprobs;
+use super::scores::{Picked, TokenLogprobs};
 use super::sequence::Sequence;
 use crate::error::{ModelError, Result};
 use crate::generate::{check_context, eval_caches};
 use mlx_kv::KvCache;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::transforms::eval;
+use mlx_rs::transforms::{async_eval, eval};
 use mlx_rs::{Array, Dtype};
 
 /// A produced token and, when asked, its scores.
@@ -75,24 +75,51 @@ impl<'e> Sequence<'e> {
 /// sampled with its own sequence's sampler (`logprobs[b]` asks for row `b`'s scores), and the
 /// new tokens are appended to their histories, waiting for the next step.
 pub fn decode_batch(seqs: &mut [&mut Sequence<'_>], logprobs: &[Option<usize>]) -> Result<Vec<Produced>> {
-    let Some(first) = seqs.first() else { return Ok(Vec::new()) };
+    let step = queue_step(seqs, logprobs, None)?;
+    read_step(seqs, step)
+}
+
+/// A batched decode step handed to the device and not yet read ([`queue_step`]).
+pub struct QueuedStep {
+    picked: Vec<Picked>,
+}
+
+/// Builds one batched decode step and starts it on the device without waiting (pipelining:
+/// the host builds step `n + 1` while the device runs step `n`). Each sequence feeds its one
+/// waiting token, or with `after`, the token that queued step sampled for it (still on the
+/// device; read it with [`read_step`] after queueing this one). Sequences whose sampler needs
+/// the history (repetition penalty) cannot run after an unread step.
+pub fn queue_step(seqs: &mut [&mut Sequence<'_>], logprobs: &[Option<usize>], after: Option<&QueuedStep>) -> Result<QueuedStep> {
+    let Some(first) = seqs.first() else { return Ok(QueuedStep { picked: Vec::new() }) };
     let model = first.model;
     let bad = |message: String| Err(ModelError::Invalid { flag: "--decode-concurrency", message });
-    if logprobs.len() != seqs.len() {
-        return bad(format!("{} logprobs settings for {} sequences", logprobs.len(), seqs.len()));
+    if logprobs.len() != seqs.len() || after.is_some_and(|a| a.picked.len() != seqs.len()) {
+        return bad(format!("{} logprobs settings and {:?} queued rows for {} sequences", logprobs.len(), after.map(|a| a.picked.len()), seqs.len()));
     }
+    let waiting = usize::from(after.is_none());
     let mut ids = Vec::with_capacity(seqs.len());
     for (b, s) in seqs.iter().enumerate() {
         if !std::ptr::addr_eq(s.model as *const _, model as *const _) {
             return bad(format!("sequence {b} runs another model than sequence 0"));
         }
-        if s.unfed() != 1 {
-            return bad(format!("sequence {b} has {} tokens waiting; a decode step feeds exactly one", s.unfed()));
+        if s.unfed() != waiting {
+            return bad(format!("sequence {b} has {} tokens waiting; a decode step feeds exactly one", s.unfed() + 1 - waiting));
         }
-        check_context(s.model, &s.settings, s.history.len() + 1)?;
-        ids.push(s.history[s.cached_tokens()]);
+        if after.is_some() && !s.pipelined {
+            return bad(format!("sequence {b} samples with a repetition penalty, which needs each token read before the next step"));
+        }
+        check_context(s.model, &s.settings, s.cached_tokens() + 2)?;
+        if after.is_none() {
+            ids.push(s.history[s.cached_tokens()]);
+        }
     }
-    let ids = Array::from_slice(&ids, &[ids.len() as i32, 1]).as_dtype(Dtype::Int32)?;
+    let ids = match after {
+        None => Array::from_slice(&ids, &[ids.len() as i32, 1]).as_dtype(Dtype::Int32)?,
+        Some(a) => {
+            let rows: Vec<Array> = a.picked.iter().map(|p| p.token.reshape(&[1, 1])).collect::<std::result::Result<_, _>>()?;
+            mlx_rs::ops::concatenate(&rows, 0)?.as_dtype(Dtype::Int32)?
+        }
+    };
     let logits = {
         let mut caches: Vec<&mut [KvCache]> = seqs.iter_mut().map(|s| s.caches.as_mut_slice()).collect();
         model.forward_batch(&ids, &mut caches)?
@@ -105,9 +132,33 @@ pub fn decode_batch(seqs: &mut [&mut Sequence<'_>], logprobs: &[Option<usize>]) 
     }
     let mut all: Vec<&Array> = picked.iter().flat_map(|p| p.arrays()).collect();
     all.extend(seqs.iter().flat_map(|s| s.caches.iter().flat_map(|c| c.arrays())));
-    eval(all)?;
+    async_eval(all)?;
+    Ok(QueuedStep { picked })
+}
+
+/// `n` decode steps for `seqs`, pipelined ([`queue_step`]: step `k + 1` is queued before step
+/// `k`'s tokens are read), each step's tokens handed to `on_step`.
+pub fn decode_steps(seqs: &mut [&mut Sequence<'_>], logprobs: &[Option<usize>], n: usize, mut on_step: impl FnMut(&[Produced])) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let mut queued = queue_step(seqs, logprobs, None)?;
+    for k in 0..n {
+        let next = if k + 1 < n { Some(queue_step(seqs, logprobs, Some(&queued))?) } else { None };
+        on_step(&read_step(seqs, queued)?);
+        match next {
+            Some(q) => queued = q,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Waits for a queued step and appends each sequence's token to its history.
+pub fn read_step(seqs: &mut [&mut Sequence<'_>], step: QueuedStep) -> Result<Vec<Produced>> {
+    eval(step.picked.iter().flat_map(|p| p.arrays()))?;
     let mut out = Vec::with_capacity(seqs.len());
-    for (s, p) in seqs.iter_mut().zip(&picked) {
+    for (s, p) in seqs.iter_mut().zip(&step.picked) {
         let token: u32 = p.token.item_cast::<u32>();
         s.history.push(token);
         out.push((token, p.read()?));

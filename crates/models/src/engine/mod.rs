@@ -46,7 +46,7 @@ mod decode;
 mod scores;
 mod sequence;
 
-pub use batch::decode_batch;
+pub use batch::{decode_batch, decode_steps, queue_step, read_step, QueuedStep};
 pub use scores::TokenLogprobs;
 pub use sequence::Sequence;
 
