@@ -8,12 +8,11 @@
 use crate::attention::{self, Choice};
 use crate::cache::KvCache;
 use crate::error::{KvError, Result};
-use crate::pool::{table_array, BlockFormat, BlockTable, PagedStore};
-use crate::store::Packed;
+use crate::paged_step;
+use crate::pool::{BlockFormat, PagedStore};
 use mlx_rs::ops::concatenate;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::{Array, Dtype};
-use std::sync::MutexGuard;
+use mlx_rs::Array;
 
 /// `q` `[S, Hq, 1, D]`, `k`/`v` `[S, Hkv, 1, D]` (RoPE applied): writes row `s` into
 /// `caches[s]` and returns its attention, `[S, Hq, 1, D]` in `q`'s dtype.
@@ -43,7 +42,7 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
         }
     }
     let mut outs: Vec<(Vec<usize>, Array)> = Vec::new();
-    for (_, fmt, choice, members) in groups {
+    for (_, _fmt, choice, members) in groups {
         let pick = |x: &Array| -> Result<Array> {
             if members.len() == s {
                 return Ok(x.clone());
@@ -63,7 +62,7 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
             rest = after;
             base = m + 1;
         }
-        let out = step_group(&mut group, fmt, choice, &gq, &gk, &gv, scale)?;
+        let out = step_group(&mut group, choice, &gq, &gk, &gv, scale)?;
         outs.push((members, out));
     }
     for i in single {
@@ -83,39 +82,16 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
     Ok(all.take_axis(&Array::from_slice(&inverse, &[s as i32]), 0)?)
 }
 
-fn lock(t: &crate::pool::SharedTable) -> MutexGuard<'_, BlockTable> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One group's step: every sequence's new row goes to slot `offset` of its blocks, then one
-/// attention op reads all of them through the table.
-fn step_group(group: &mut [&mut KvCache], fmt: BlockFormat, choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
-    let hkv = k.shape()[1] as usize;
-    let mut lens = Vec::with_capacity(group.len());
-    let mut rows = Vec::with_capacity(group.len() * hkv);
-    let tables: Vec<_> = group.iter_mut().map(|c| c.paged_direct(1).expect("grouped as paged").0.table().clone()).collect();
-    for (c, t) in group.iter().zip(&tables) {
-        let at = c.offset();
-        let mut t = lock(t);
-        t.ensure(at + 1)?;
-        lens.push(at + 1);
-        rows.extend((0..hkv).map(|h| t.row(at, h, hkv)));
-    }
-    let table = {
-        let guards: Vec<_> = tables.iter().map(lock).collect();
-        let refs: Vec<&BlockTable> = guards.iter().map(|g| &**g).collect();
-        table_array(&refs, &lens)
-    };
-    let (ks, vs) = group[0].paged_direct(1).expect("grouped as paged");
-    let out = match choice.path {
-        attention::Path::PagedCpu => {
-            let rows = Array::from_slice(&rows, &[rows.len() as i32]);
-            ks.put_rows(&rows, &Packed::quantize(k, fmt.k_group, fmt.k_bits)?)?;
-            vs.put_rows(&rows, &Packed::quantize(v, fmt.v_group, fmt.v_bits)?)?;
-            cpu_attend(ks, vs, q, &table, scale)?
-        }
-        attention::Path::PagedStep => gpu_step(ks, vs, q, k, v, &table, lens.iter().copied().max().unwrap_or(1), scale)?,
-        _ => unreachable!("choose_paged picks a paged path"),
+/// One group's step: the paged write and attention ([`crate::paged_step`]), then each cache's
+/// bookkeeping.
+fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    let ats: Vec<usize> = group.iter().map(|c| c.offset()).collect();
+    let out = {
+        let stores: Vec<(&PagedStore, &PagedStore)> = group.iter_mut().map(|c| {
+            let (ks, vs) = c.paged_direct(1).expect("grouped as paged");
+            (&*ks, &*vs)
+        }).collect();
+        paged_step::step(&stores, &ats, choice, q, k, v, scale)?
     };
     for c in group.iter_mut() {
         let len = c.offset() + 1;
@@ -125,21 +101,4 @@ fn step_group(group: &mut [&mut KvCache], fmt: BlockFormat, choice: Choice, q: &
         c.advance_one(choice);
     }
     Ok(out)
-}
-
-fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale: f32) -> Result<Array> {
-    let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
-    let kr = mlx_ext::cpu::PackedRef { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
-    let vr = mlx_ext::cpu::PackedRef { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table)?.as_dtype(q.dtype())?)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gpu_step(ks: &PagedStore, vs: &PagedStore, q: &Array, k: &Array, v: &Array, table: &Array, max_t: usize, scale: f32) -> Result<Array> {
-    let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
-    let kop = attention::fused::PagedPool { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
-    let vop = attention::fused::PagedPool { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
-    let ctr = ks.counters()?;
-    attention::fused::decode_step_paged(q, k, v, kop, vop, table, &ctr, max_t, scale)
 }

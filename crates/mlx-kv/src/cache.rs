@@ -517,10 +517,26 @@ impl KvCache {
     }
 
     fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-        if sinks.is_none() && k.shape()[0] == 1 && self.paged_direct(k.shape()[2] as usize).is_some() {
-            return crate::batch::update_and_attend(&mut [self], q, k, v, scale);
+        if sinks.is_none() && k.shape()[0] == 1 {
+            if let Some(out) = self.paged_step(q, k, v, scale)? {
+                return Ok(out);
+            }
         }
         self.update_and_attend_plain(q, k, v, scale, sinks)
+    }
+
+    /// One decode token of a pooled cache through the paged step, where a paged path reads
+    /// its widths ([`attention::choose_paged`]); `None` otherwise.
+    fn paged_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+        let (head_dim, at) = (self.head_dim, self.offset);
+        let rows = (q.shape()[1] / k.shape()[1]) as usize;
+        let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
+        let Some(choice) = attention::choose_paged(ks.bits, ks.group, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
+        let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, q, k, v, scale)?;
+        ks.set_written(at + 1);
+        vs.set_written(at + 1);
+        self.advance_one(choice);
+        Ok(Some(out))
     }
 
     /// For a sequence [`crate::batch`] could not group: the cache's own write and attention.

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cache_file;
 pub mod error;
 pub mod host_profile;
+mod paged_step;
 pub mod pool;
 pub mod rotation;
 pub mod spec;
