@@ -48,7 +48,7 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
                 return Ok(x.clone());
             }
             let idx: Vec<i32> = members.iter().map(|&i| i as i32).collect();
-            Ok(x.take_axis(&Array::from_slice(&idx, &[idx.len() as i32]), 0)?)
+            Ok(x.take_axis(Array::from_slice(&idx, &[idx.len() as i32]), 0)?)
         };
         let (gq, gk, gv) = (pick(q)?, pick(k)?, pick(v)?);
         let mut group: Vec<&mut KvCache> = Vec::with_capacity(members.len());
@@ -79,7 +79,7 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
     for (pos, &i) in order.iter().enumerate() {
         inverse[i] = pos as i32;
     }
-    Ok(all.take_axis(&Array::from_slice(&inverse, &[s as i32]), 0)?)
+    Ok(all.take_axis(Array::from_slice(&inverse, &[s as i32]), 0)?)
 }
 
 /// One group's step: the paged write and attention ([`crate::paged_step`]), then each cache's

@@ -405,7 +405,7 @@ impl Drop for BlockTable {
         let mut s = self.pool.lock();
         let a = &mut s.arenas[self.arena];
         a.promised -= self.promised;
-        a.free.extend(self.ids.drain(..));
+        a.free.append(&mut self.ids);
     }
 }
 

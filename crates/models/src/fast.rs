@@ -42,14 +42,14 @@ pub fn rope<'a>(
 /// `offsets[s]`: one op for the batch where MLX takes per-row offsets (its `rope` with an
 /// offset array), one of ours per row on the CPU backend (ours takes one offset).
 #[allow(clippy::too_many_arguments)]
-pub fn rope_rows<'a>(
+pub fn rope_rows(
     x: &Array,
     dims: i32,
     traditional: bool,
     base: Option<f32>,
     scale: f32,
     offsets: &[i32],
-    freqs: Option<&'a Array>,
+    freqs: Option<&Array>,
 ) -> Result<Array, Exception> {
     if offsets.windows(2).all(|w| w[0] == w[1]) {
         return rope(x, dims, traditional, base, scale, offsets.first().copied().unwrap_or(0), freqs);
