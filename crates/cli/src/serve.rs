@@ -37,10 +37,12 @@ pub struct ServeArgs {
     /// recently used beyond. `0` keeps none.
     #[arg(long, default_value = "256M")]
     pub prompt_cache_bytes: String,
-    /// KV bytes the server may hold in all (kept conversations plus the running requests). A
-    /// request whose cache could grow past it alone, by the closed-form bytes per token, is
-    /// refused with a 400; one that fits alone but not beside the running ones waits; default:
-    /// half the memory available at start.
+    /// KV bytes the server may hold in all (kept conversations plus the running requests): the
+    /// budget of the KV block pool that quantized per-token settings (k8v4, k4v4, ...) live in,
+    /// and of the closed-form bytes per token other settings (fp16) are counted by. A request
+    /// whose cache could grow past it alone (pooled: whole 256-token blocks) is refused with a
+    /// 400; one that fits alone but not beside the running ones waits; default: half the memory
+    /// available at start.
     #[arg(long)]
     pub kv_budget: Option<String>,
     /// Requests that may wait for the engine; more get a 503 with Retry-After.
