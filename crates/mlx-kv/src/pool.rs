@@ -698,7 +698,7 @@ mod tests {
             let (g, b) = (st.group, st.bits);
             let got = st.slice(0, n).unwrap().dequantize(g, b, Dtype::Float32).unwrap();
             let want = Packed::quantize(x, g, b).unwrap().dequantize(g, b, Dtype::Float32).unwrap();
-            let diff = (got - want).abs().unwrap().max(None).unwrap().item::<f32>();
+            let diff = (got - want).abs().unwrap().max(None).unwrap().item_cast::<f32>();
             assert_eq!(diff, 0.0, "the pooled rows must be the quantized rows exactly");
         }
         drop(stores);
