@@ -272,7 +272,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     let store = store_for(&path, &opts, &base, f.baseline_cache_mb);
     let (base_r, results) = sweep(&engine, &tokens, &entries, &base, &opts, store.as_ref())?;
     let model_name = path.file_name().map_or(String::new(), |s| s.to_string_lossy().into_owned());
-    let rows = to_rows(model, &model_name, &entries, &results, &opts, &Env::detect());
+    let rows = to_rows(model, &model_name, &entries, &results, &base_r, &opts, &Env::detect());
     print_table(&rows, &base_r);
     let model_stem = path.file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned());
     let stem = if file_stem.is_empty() { format!("ppl-{model_stem}-{}", opts.ctx) } else { format!("ppl-{model_stem}-{file_stem}-{}", opts.ctx) };
@@ -281,11 +281,12 @@ pub fn run(a: PplArgs) -> Result<()> {
     Ok(())
 }
 
-fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], results: &[PplResult], opts: &PplOptions, env: &Env) -> Vec<PplRow> {
+fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], results: &[PplResult], base: &PplResult, opts: &PplOptions, env: &Env) -> Vec<PplRow> {
     entries
         .iter()
         .zip(results)
-        .map(|(e, r)| PplRow {
+        .map(|(e, r)| (e, r, r.paired(base)))
+        .map(|(e, r, paired)| PplRow {
             model: model_name.to_string(),
             kv: e.name.clone(),
             ctx: opts.ctx,
@@ -298,6 +299,9 @@ fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], resul
             kld_mean: r.has_baseline().then(|| r.kld_mean()),
             kld_p99: r.has_baseline().then(|| r.kld_p99()),
             top1_agree: r.has_baseline().then(|| r.top1_agree()),
+            delta_ppl_pct: paired.map(|p| p.delta_ppl_pct),
+            delta_ppl_se_pct: paired.map(|p| p.delta_ppl_se_pct),
+            kld_se: paired.map(|p| p.kld_se),
             kv_bytes_per_token: e.settings.bytes_per_token(model),
             backend: env.backend.clone(),
             mlx_version: env.mlx_version.clone(),
@@ -316,8 +320,14 @@ fn print_table(rows: &[PplRow], base: &PplResult) {
             vec![
                 r.kv.clone(),
                 format!("{:.4} ± {:.4}", r.ppl, r.ppl_stderr),
-                format!("{:+.3}", 100.0 * (r.ppl / base.ppl() - 1.0)),
-                opt(r.kld_mean, 6),
+                match (r.delta_ppl_pct, r.delta_ppl_se_pct) {
+                    (Some(d), Some(se)) => format!("{d:+.3} ± {se:.3}"),
+                    _ => format!("{:+.3}", 100.0 * (r.ppl / base.ppl() - 1.0)),
+                },
+                match (r.kld_mean, r.kld_se) {
+                    (Some(k), Some(se)) => format!("{k:.6} ± {se:.6}"),
+                    (k, _) => opt(k, 6),
+                },
                 opt(r.kld_p99, 5),
                 opt(r.top1_agree, 2),
                 format!("{:.0}", r.kv_bytes_per_token),
@@ -325,7 +335,8 @@ fn print_table(rows: &[PplRow], base: &PplResult) {
         })
         .collect();
     println!("baseline ppl {:.4} ± {:.4} over {} tokens in {} windows", base.ppl(), base.ppl_stderr(), base.tokens(), base.windows);
-    print!("{}", markdown_table(&["kv", "ppl ± se", "Δppl %", "KLD mean", "KLD p99", "top-1 %", "KV B/token"], &table));
+    print!("{}", markdown_table(&["kv", "ppl ± se", "Δppl % ± se (paired)", "KLD mean ± se", "KLD p99", "top-1 %", "KV B/token"], &table));
+    println!("paired errors: the same tokens under both settings, clustered by window (a window's tokens are not independent)");
 }
 
 /// Merges into an existing file pair: a row measured the same way (model, kv, ctx, chunk,

@@ -193,6 +193,14 @@ pub struct PplRow {
     pub kld_mean: Option<f64>,
     pub kld_p99: Option<f64>,
     pub top1_agree: Option<f64>,
+    /// Paired against the baseline over the same tokens (`models::perplexity::Paired`): the
+    /// change in perplexity and its standard error, and the mean KLD's standard error.
+    #[serde(default)]
+    pub delta_ppl_pct: Option<f64>,
+    #[serde(default)]
+    pub delta_ppl_se_pct: Option<f64>,
+    #[serde(default)]
+    pub kld_se: Option<f64>,
     pub kv_bytes_per_token: f64,
     pub backend: String,
     pub mlx_version: String,

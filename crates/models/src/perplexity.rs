@@ -232,6 +232,52 @@ impl PplResult {
     }
 }
 
+/// A setting against the baseline over the same scored tokens (paired): the change in
+/// perplexity and the mean KLD, each with its standard error. Tokens of one window are not
+/// independent (one text, one cache), so the errors come from the spread of per-window means
+/// (clustered by window); with one window, from the per-token spread, which understates them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    /// `100 (ppl / ppl_base - 1)` = `100 (exp(mean(nll - nll_base)) - 1)`.
+    pub delta_ppl_pct: f64,
+    /// Its standard error, `100 exp(d) se(d)` (first order).
+    pub delta_ppl_se_pct: f64,
+    pub kld_mean: f64,
+    pub kld_se: f64,
+    /// Whether the errors are clustered by window (more than one window).
+    pub clustered: bool,
+}
+
+/// Mean and standard error of `v`'s values grouped in consecutive runs of `per` (the mean of
+/// the run means, and their spread over sqrt(runs)); per-value when there is one run.
+fn clustered_mean_se(v: &[f64], per: usize) -> (f64, f64, bool) {
+    let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let groups: Vec<f64> = if per > 0 && v.len() / per >= 2 { v.chunks(per).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect() } else { v.to_vec() };
+    let n = groups.len();
+    if n < 2 {
+        return (m, f64::NAN, false);
+    }
+    let gm = groups.iter().sum::<f64>() / n as f64;
+    let var = groups.iter().map(|x| (x - gm).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (m, (var / n as f64).sqrt(), groups.len() != v.len())
+}
+
+impl PplResult {
+    /// [`Paired`] statistics of this result against `base`, or `None` when they did not score
+    /// the same tokens (different window counts) or there is no KLD.
+    pub fn paired(&self, base: &PplResult) -> Option<Paired> {
+        if self.nll.len() != base.nll.len() || self.windows != base.windows || self.nll.is_empty() || self.kld.len() != self.nll.len() {
+            return None;
+        }
+        let per = self.nll.len() / self.windows.max(1);
+        let d: Vec<f64> = self.nll.iter().zip(&base.nll).map(|(&a, &b)| a as f64 - b as f64).collect();
+        let (dm, dse, clustered) = clustered_mean_se(&d, per);
+        let kl: Vec<f64> = self.kld.iter().map(|&x| x as f64).collect();
+        let (km, kse, _) = clustered_mean_se(&kl, per);
+        Some(Paired { delta_ppl_pct: 100.0 * dm.exp_m1(), delta_ppl_se_pct: 100.0 * dm.exp() * dse, kld_mean: km, kld_se: kse, clustered })
+    }
+}
+
 fn mean(v: &[f32]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -393,3 +439,36 @@ pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
 }
 
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(nll: Vec<f32>, kld: Vec<f32>, windows: usize) -> PplResult {
+        PplResult { nll, kld, top1_same: 0, windows }
+    }
+
+    #[test]
+    fn paired_errors_come_from_the_spread_of_window_means() {
+        // Base NLL 1 everywhere; the setting adds 0.01 in window 1 and 0.03 in window 2, with
+        // per-token noise that cancels inside each window: mean difference 0.02, window means
+        // 0.01 and 0.03, so se = sd(0.01, 0.03) / sqrt(2) = 0.01 exactly.
+        let base = result(vec![1.0; 4], vec![], 2);
+        let nll = vec![1.005, 1.015, 1.02, 1.04];
+        let kld = vec![0.001, 0.003, 0.002, 0.002];
+        let r = result(nll, kld, 2);
+        let p = r.paired(&base).expect("same tokens");
+        assert!(p.clustered);
+        assert!((p.delta_ppl_pct - 100.0 * (0.02f64.exp() - 1.0)).abs() < 1e-4, "{p:?}");
+        assert!((p.delta_ppl_se_pct - 100.0 * 0.02f64.exp() * 0.01).abs() < 1e-4, "{p:?}");
+        // KLD window means 0.002 and 0.002: no spread between windows.
+        assert!((p.kld_mean - 0.002).abs() < 1e-9 && p.kld_se.abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn results_over_different_tokens_are_not_paired() {
+        let base = result(vec![1.0; 4], vec![], 2);
+        assert!(result(vec![1.0; 6], vec![0.0; 6], 3).paired(&base).is_none());
+        assert!(result(vec![1.0; 4], vec![], 2).paired(&base).is_none(), "no KLD, no pairing");
+    }
+}
