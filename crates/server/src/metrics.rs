@@ -23,11 +23,17 @@ pub struct Metrics {
     /// Sequences in the running batch.
     pub running: AtomicU64,
     pub cancelled: AtomicU64,
+    /// The KV block pool (`mlx_kv::pool`): blocks held by sequences, free, and promised to
+    /// admitted requests; bytes its arrays take.
+    pub pool_used_blocks: AtomicU64,
+    pub pool_free_blocks: AtomicU64,
+    pub pool_promised_blocks: AtomicU64,
+    pub pool_allocated_bytes: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 18] = [
             ("kvsplit_requests_total", "counter", "Completion requests received", &self.requests),
             ("kvsplit_requests_failed_total", "counter", "Completion requests answered with an error", &self.requests_failed),
             ("kvsplit_prompt_tokens_total", "counter", "Prompt tokens of finished requests", &self.prompt_tokens),
@@ -42,6 +48,10 @@ impl Metrics {
             ("kvsplit_queue_depth", "gauge", "Requests waiting for the engine", &self.queue_depth),
             ("kvsplit_running_sequences", "gauge", "Sequences in the running batch", &self.running),
             ("kvsplit_cancelled_total", "counter", "Generations stopped by a client disconnect or shutdown", &self.cancelled),
+            ("kvsplit_kv_pool_used_blocks", "gauge", "KV pool blocks (256 tokens) held by sequences, kept ones included", &self.pool_used_blocks),
+            ("kvsplit_kv_pool_free_blocks", "gauge", "KV pool blocks allocated and free", &self.pool_free_blocks),
+            ("kvsplit_kv_pool_promised_blocks", "gauge", "KV pool blocks promised to admitted requests and not yet taken", &self.pool_promised_blocks),
+            ("kvsplit_kv_pool_allocated_bytes", "gauge", "Bytes the KV pool's arrays take", &self.pool_allocated_bytes),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in rows {
@@ -68,6 +78,6 @@ mod tests {
         assert!(text.contains("kvsplit_kv_resident_bytes 120\n"));
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(samples, text.lines().filter(|l| l.starts_with("# TYPE")).count());
-        assert_eq!(samples, 15);
+        assert_eq!(samples, 19);
     }
 }

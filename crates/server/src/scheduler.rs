@@ -352,6 +352,13 @@ impl<'e, 'c> Scheduler<'e, 'c> {
     fn publish(&self) {
         let m = self.metrics;
         m.active_kv_bytes.store(self.running.iter().map(|a| a.seq.kv_bytes().total() as u64).sum(), Relaxed);
+        if let Some(pool) = self.engine.pool() {
+            let u = pool.usage();
+            m.pool_used_blocks.store(u.used_blocks as u64, Relaxed);
+            m.pool_free_blocks.store(u.free_blocks as u64, Relaxed);
+            m.pool_promised_blocks.store(u.promised_blocks as u64, Relaxed);
+            m.pool_allocated_bytes.store(u.allocated_bytes as u64, Relaxed);
+        }
         m.prompt_cache_bytes.store(self.cache.bytes(), Relaxed);
         m.prompt_cache_entries.store(self.cache.len() as u64, Relaxed);
         m.running.store(self.running.len() as u64, Relaxed);
