@@ -94,10 +94,6 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
         paged_step::step(&stores, &ats, choice, q, k, v, scale)?
     };
     for c in group.iter_mut() {
-        let len = c.offset() + 1;
-        let (ks, vs) = c.paged_direct(1).expect("grouped as paged");
-        ks.set_written(len);
-        vs.set_written(len);
         c.advance_one(choice);
     }
     Ok(out)

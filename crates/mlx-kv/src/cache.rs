@@ -310,6 +310,10 @@ impl KvCache {
 
     /// For [`crate::batch`]: records one token written into the body by a batched step.
     pub(crate) fn advance_one(&mut self, choice: Choice) {
+        if let (Body::Paged(k), Body::Paged(v)) = (&mut self.body_k, &mut self.body_v) {
+            k.set_written(self.offset + 1);
+            v.set_written(self.offset + 1);
+        }
         self.last_path.set(Some(choice));
         self.body_pos.push(self.offset as i32);
         self.body_head += 1;
@@ -533,8 +537,6 @@ impl KvCache {
         let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
         let Some(choice) = attention::choose_paged(ks.bits, ks.group, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
         let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, q, k, v, scale)?;
-        ks.set_written(at + 1);
-        vs.set_written(at + 1);
         self.advance_one(choice);
         Ok(Some(out))
     }

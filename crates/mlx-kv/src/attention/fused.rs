@@ -543,14 +543,8 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
 /// each row laid out as a cache buffer's (MLX affine quantization along head_dim). They must be
 /// row-contiguous: [`decode_step_paged`] writes into them in place, and MLX hands a
 /// non-contiguous input to a kernel as a copy, where the write would be lost.
-#[derive(Clone, Copy)]
-pub struct PagedPool<'a> {
-    pub w: &'a Array,
-    pub scales: &'a Array,
-    pub biases: &'a Array,
-    pub bits: u8,
-    pub group: usize,
-}
+/// The same operand the CPU primitives take.
+pub type PagedPool<'a> = mlx_ext::cpu::PackedRef<'a>;
 
 /// Sequences, KV heads, query rows per KV head, head_dim and tokens per pool block of a paged
 /// step.
