@@ -347,12 +347,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
     if a.prefill_step == 0 {
         bail!("--prefill-step: must be at least 1");
     }
-    let settings: Vec<(String, CacheSettings)> = a
-        .kv
-        .list
-        .iter()
-        .map(|kv| Ok((kv.clone(), a.kv.rest.settings_for(kv).with_context(|| format!("--kv {kv}"))?)))
-        .collect::<Result<_>>()?;
+    let given: Vec<(String, CacheSettings)> = a.kv.given()?;
     let budget = a.memory_budget.as_deref().map(|b| parse_size(b, "--memory-budget")).transpose()?;
     let (engine, model_name, vocab): (Engine, String, usize) = match &a.random_model {
         Some(preset) => {
@@ -364,13 +359,16 @@ fn run_model(a: BenchArgs) -> Result<()> {
             (Engine::from_model(Box::new(m)), format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
         }
         None => {
-            let named: Vec<(&str, &CacheSettings)> = settings.iter().map(|(kv, s)| (kv.as_str(), s)).collect();
+            let named: Vec<(&str, &CacheSettings)> = given.iter().map(|(kv, s)| (kv.as_str(), s)).collect();
             let (loaded, path) = load(&a.model, &named)?;
             let name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
             (Engine::from_loaded(loaded), name, 0)
         }
     };
     let mut engine = engine;
+    let resolved = a.kv.resolve(&engine)?;
+    let settings: Vec<(String, CacheSettings)> = resolved.iter().map(|r| (r.name.clone(), r.settings.clone())).collect();
+    let source_of = |kv: &str| resolved.iter().find(|r| r.name == kv).map_or(String::new(), |r| r.source.clone());
     if batches.iter().any(|&b| b > 1) {
         engine.use_pool(None);
     }
@@ -394,14 +392,14 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     if let Some(b) = budget {
         println!("Memory budget {} ({b} bytes), model weights {}: longest context whose KV cache fits (closed-form bytes/token, activations not counted):", human_bytes(b as f64), human_bytes(weights as f64));
-        for (_, s) in &settings {
+        for (kv, s) in &settings {
             let per = s.bytes_per_token(model);
             match max_context_for_budget(b, weights, per) {
                 Some(n) => {
                     let note = if n as usize > model.max_context() { format!(" (beyond the model's trained {} tokens)", model.max_context()) } else { String::new() };
-                    println!("  {:>8}: {n} tokens at {per:.0} bytes/token{note}", s.spec.to_string());
+                    println!("  {kv:>8}: {n} tokens at {per:.0} bytes/token{note}");
                 }
-                None => println!("  {:>8}: the weights alone exceed the budget", s.spec),
+                None => println!("  {kv:>8}: the weights alone exceed the budget"),
             }
         }
     }
@@ -425,15 +423,15 @@ fn run_model(a: BenchArgs) -> Result<()> {
                 let tokens = d + a.n_prompt + a.n_gen;
                 let need = s.bytes_per_token(model) * (tokens * b) as f64;
                 if avail.is_some_and(|m| need > m as f64) {
-                    eprintln!("skip: {} at depth {d}, batch {b}: its KV caches ({}) exceed available memory", s.spec, human_bytes(need));
+                    eprintln!("skip: {kv} at depth {d}, batch {b}: its KV caches ({}) exceed available memory", human_bytes(need));
                     continue;
                 }
                 if tokens > model.max_context() {
                     if b > 1 {
-                        eprintln!("skip: {} at depth {d}, batch {b}: {tokens} tokens exceed the model's trained {}", s.spec, model.max_context());
+                        eprintln!("skip: {kv} at depth {d}, batch {b}: {tokens} tokens exceed the model's trained {}", model.max_context());
                         continue;
                     }
-                    eprintln!("note: {} at depth {d}: {tokens} tokens exceed the model's trained {} (speed only)", s.spec, model.max_context());
+                    eprintln!("note: {kv} at depth {d}: {tokens} tokens exceed the model's trained {} (speed only)", model.max_context());
                 }
                 plan.push((kv.clone(), s.clone(), d, b));
             }
@@ -455,8 +453,8 @@ fn run_model(a: BenchArgs) -> Result<()> {
     // drift of the machine (clocks, other load) does not fall on one K/V setting only.
     let mut all_samples: Vec<Vec<Sample>> = plan.iter().map(|_| Vec::new()).collect();
     for r in 0..a.repeats {
-        for ((_, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
-            bar.set_message(format!("{} depth {depth} batch {b} repeat {}", s.spec, r + 1));
+        for ((kv, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
+            bar.set_message(format!("{kv} depth {depth} batch {b} repeat {}", r + 1));
             samples.push(if *b == 1 {
                 measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?
             } else {
@@ -466,7 +464,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
             bar.inc(1);
         }
     }
-    for ((_, s, depth, b), samples) in plan.iter().zip(all_samples) {
+    for ((kv, s, depth, b), samples) in plan.iter().zip(all_samples) {
         let (pm, pmin, pmax) = stats(&samples.iter().map(|x| x.prefill_tps).collect::<Vec<_>>());
         let (dm, dmin, dmax) = stats(&samples.iter().map(|x| x.decode_tps).collect::<Vec<_>>());
         let (ttft, _, _) = stats(&samples.iter().map(|x| x.ttft_ms).collect::<Vec<_>>());
@@ -476,8 +474,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
             let per = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / (samples.len() * a.n_gen) as f64 * 1e3;
             bar.suspend(|| {
                 eprintln!(
-                    "decode split {} depth {depth} ({}): {:.3} ms/token, of which graph build {:.3} ms, waiting for the device {:.3} ms",
-                    s.spec,
+                    "decode split {kv} depth {depth} ({}): {:.3} ms/token, of which graph build {:.3} ms, waiting for the device {:.3} ms",
                     if a.sync_decode { "one step at a time" } else { "pipelined" },
                     per(|x| x.decode_s),
                     per(|x| x.decode_build_s),
@@ -500,7 +497,8 @@ fn run_model(a: BenchArgs) -> Result<()> {
             device: env.device.clone(),
             mlx_version: env.mlx_version.clone(),
             model: model_name.clone(),
-            kv: s.spec.to_string(),
+            kv: kv.clone(),
+            kv_source: source_of(kv),
             depth: *depth,
             n_prompt: a.n_prompt,
             n_gen: a.n_gen,

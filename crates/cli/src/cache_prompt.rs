@@ -45,6 +45,8 @@ pub fn run(a: CachePromptArgs) -> Result<()> {
     };
     let (loaded, _) = load(&a.model, &[(a.kv.kv.as_str(), &cache)])?;
     let engine = Engine::from_loaded(loaded);
+    let resolved = a.kv.resolve(&engine)?;
+    let cache = resolved.settings.clone();
     let tok = engine.tokenizer()?;
     let prompt = tok.encode(&text, true);
     if prompt.is_empty() {
@@ -67,6 +69,6 @@ pub fn run(a: CachePromptArgs) -> Result<()> {
     seq.save(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     println!("Prompt: {} tokens, {:.3} tokens-per-sec", prompt.len(), prompt.len() as f64 / secs.max(1e-9));
-    println!("Saved: {} ({:.3} MB, {}; model id {})", a.out.display(), size as f64 / 1e6, cache.spec, engine.model_id());
+    println!("Saved: {} ({:.3} MB, {} [{}]; model id {})", a.out.display(), size as f64 / 1e6, resolved.name, resolved.source, engine.model_id());
     Ok(())
 }

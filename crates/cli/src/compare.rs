@@ -4,7 +4,7 @@
 
 use crate::model_args::{load, ModelArgs};
 use crate::kv_args::{KvSweepArgs, SweepDefault};
-use crate::ppl::{baseline_settings, entries, named, options, read_text, store_for, sweep, WindowArgs};
+use crate::ppl::{baseline_settings, entries, given, named, options, read_text, store_for, sweep, WindowArgs};
 use crate::results::markdown_table;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -86,12 +86,13 @@ pub fn run(a: CompareArgs) -> Result<()> {
         bail!("--depth, --n, --windows and --prefill-step must each be at least 1");
     }
     let opts = options(&a.window, Some(a.windows))?;
-    let entries = entries(&a.kv)?;
+    let given = given(&a.kv)?;
+    let (loaded, path) = load(&a.model, &named(&given))?;
+    let engine = Engine::from_loaded(loaded);
+    let entries = entries(&a.kv, &engine)?;
     let Some(fp16) = entries.iter().position(|e| e.settings.spec.is_dense()) else {
         bail!("--kv: the list needs fp16, the reference of every ratio");
     };
-    let (loaded, path) = load(&a.model, &named(&entries))?;
-    let engine = Engine::from_loaded(loaded);
     let model = engine.model();
     let (text, label, _) = read_text(Some("wikitext"), None, a.data_dir.as_deref())?;
     let need = a.depth.max(opts.ctx * a.windows);

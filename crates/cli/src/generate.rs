@@ -96,6 +96,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let (loaded, path) = load(&a.model, &[(a.kv.kv.as_str(), &cache)])?;
     let engine = Engine::from_loaded(loaded);
+    // Default K/V flags with a saved cache mean "whatever the file holds"; anything else is a
+    // request to check, against the setting as resolved for this model.
+    let given = cache.spec.to_string() != "fp16" || !cache.layers.to_string().is_empty() || cache.max_kv_size.is_some() || !a.kv.kv_recipe.is_empty();
+    let resolved = a.kv.resolve(&engine)?;
+    let cache = resolved.settings.clone();
     let tok = engine.tokenizer()?;
     let mut text = read_prompt(&a)?;
     if a.chat {
@@ -117,8 +122,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut seq = match &a.prompt_cache_file {
         None => engine.sequence(&cache, sampler, a.prefill_step)?,
         Some(file) => {
-            // Default K/V flags mean "whatever the file holds"; anything else is a request to check.
-            let given = cache.spec.to_string() != "fp16" || !cache.layers.to_string().is_empty() || cache.max_kv_size.is_some();
             engine
                 .sequence_from_file_as(file, given.then_some(&cache), sampler, a.prefill_step)
                 .with_context(|| format!("--prompt-cache-file {}", file.display()))?
@@ -151,7 +154,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         println!(
             "KV cache: {:.3} MB ({}; K {:.3} MB, V {:.3} MB) [{} backend]",
             kv.total() as f64 / 1e6,
-            seq.settings().spec,
+            if from_file > 0 { seq.settings().spec.to_string() } else { format!("{}, {}", resolved.name, resolved.source) },
             kv.k() as f64 / 1e6,
             kv.v() as f64 / 1e6,
             mlx_kv::Backend::current().name()

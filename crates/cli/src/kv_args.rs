@@ -3,12 +3,15 @@
 //! repeatable list ([`KvSweepArgs`]) with the same flags beside it. Every spec of every command
 //! is built by [`KvArgs::spec_for`].
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use mlx_kv::spec::parse_groups;
 use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, Rotation};
+use models::engine::Engine;
 use models::generate::CacheSettings;
+use models::recipe::{self, ModelShape, Pick, Resolved};
 use std::marker::PhantomData;
+use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
 pub struct KvArgs {
@@ -41,6 +44,16 @@ pub struct KvArgs {
     /// Keep at most this many tokens in the cache (a rotating window); works with quantization.
     #[arg(long)]
     pub max_kv_size: Option<usize>,
+    /// A calibrated per-layer recipe (`kvsplit-mlx calibrate`) to run instead of --kv. Sweeps
+    /// (ppl, bench, compare) take several, each one more setting beside the --kv list.
+    #[arg(long, conflicts_with = "kv_plain")]
+    pub kv_recipe: Vec<PathBuf>,
+    /// Run a preset (k8v4, 8,4, ...) as the uniform setting its name says (every layer at those
+    /// bits, group 64, no rotation), as other engines mean it. Without it a preset runs the
+    /// model's shipped recipe at the same bytes, else the general choice (Hadamard-rotated keys
+    /// and values); every row says which ran.
+    #[arg(long)]
+    pub kv_plain: bool,
 }
 
 impl KvArgs {
@@ -71,6 +84,41 @@ impl KvArgs {
 
     pub fn settings(&self) -> Result<CacheSettings> {
         self.settings_for(&self.kv)
+    }
+
+    /// How presets become settings (`--kv-plain` or the automatic choice).
+    pub fn pick(&self) -> Pick {
+        if self.kv_plain {
+            Pick::Plain
+        } else {
+            Pick::Auto
+        }
+    }
+
+    /// The one setting a single-setting command (generate, serve, cache-prompt) runs on the
+    /// loaded model: the recipe file when given, else `--kv` resolved by [`Self::pick`].
+    pub fn resolve(&self, engine: &Engine) -> Result<Resolved> {
+        self.resolve_for(&self.single_pick()?, &ModelShape::of(engine))
+    }
+
+    /// The pick of a single-setting command: its one recipe file, else [`Self::pick`].
+    pub fn single_pick(&self) -> Result<Pick> {
+        Ok(match self.kv_recipe.as_slice() {
+            [] => self.pick(),
+            [one] => Pick::File(one.clone()),
+            _ => bail!("--kv-recipe: this command runs one setting; give one recipe"),
+        })
+    }
+
+    /// [`Self::resolve`] before the weights load (serve), from the model's file and config.
+    pub fn resolve_for(&self, pick: &Pick, model: &ModelShape) -> Result<Resolved> {
+        let what = match pick {
+            Pick::File(f) => format!("--kv-recipe {}", f.display()),
+            _ => format!("--kv {}", self.kv),
+        };
+        let r = recipe::resolve(self.settings()?, pick, model).with_context(|| what.clone())?;
+        r.settings.check(model.n_layers, model.head_dim).with_context(|| what)?;
+        Ok(r)
     }
 }
 
@@ -121,6 +169,31 @@ impl<D> KvSweepArgs<D> {
     /// Every setting of the list with the other flags applied, each error naming its value.
     pub fn specs(&self) -> Result<Vec<(String, KvSpec)>> {
         self.list.iter().map(|kv| Ok((kv.clone(), self.rest.spec_for(kv).map_err(|e| e.context(format!("--kv {kv}")))?))).collect()
+    }
+
+    /// The settings as given, before the model is known (to check them against its config
+    /// before any weight loads).
+    pub fn given(&self) -> Result<Vec<(String, CacheSettings)>> {
+        self.list.iter().map(|kv| Ok((kv.clone(), self.rest.settings_for(kv).with_context(|| format!("--kv {kv}"))?))).collect()
+    }
+
+    /// Every setting the sweep runs on the loaded model: each --kv value resolved by
+    /// `--kv-plain` or the automatic choice, then each --kv-recipe. Two entries that resolve to
+    /// the same setting are one error, naming both.
+    pub fn resolve(&self, engine: &Engine) -> Result<Vec<Resolved>> {
+        let model = ModelShape::of(engine);
+        let mut out: Vec<(String, Resolved)> = Vec::new();
+        let given = self.given()?.into_iter().map(|(kv, s)| (kv, s, self.rest.pick()));
+        let files = self.rest.kv_recipe.iter().map(|f| (format!("--kv-recipe {}", f.display()), self.rest.settings_for("fp16"), Pick::File(f.clone())));
+        for (what, settings, pick) in given.map(|(kv, s, p)| (format!("--kv {kv}"), Ok(s), p)).chain(files) {
+            let r = recipe::resolve(settings?, &pick, &model).with_context(|| what.clone())?;
+            r.settings.check(model.n_layers, model.head_dim).with_context(|| what.clone())?;
+            if let Some((other, _)) = out.iter().find(|(_, o)| o.name == r.name) {
+                bail!("{what} repeats the setting {} of {other}", r.name);
+            }
+            out.push((what, r));
+        }
+        Ok(out.into_iter().map(|(_, r)| r).collect())
     }
 }
 

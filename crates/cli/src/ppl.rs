@@ -74,35 +74,28 @@ impl SweepDefault for PplKv {
     const KV: &'static str = "fp16";
 }
 
-/// One setting of a sweep and the name its row gets.
+/// One setting of a sweep, the name its row gets and which choice it is
+/// ([`models::recipe::Resolved`]).
 pub struct Entry {
     pub name: String,
+    pub source: String,
     pub settings: CacheSettings,
 }
 
-/// Each entry's settings under its name, for checking them against the model before it loads.
-pub fn named(entries: &[Entry]) -> Vec<(&str, &CacheSettings)> {
-    entries.iter().map(|e| (e.name.as_str(), &e.settings)).collect()
+/// The sweep's settings as given, under their values, for checking them against the model's
+/// config before it loads.
+pub fn given<D>(sweep: &KvSweepArgs<D>) -> Result<Vec<(String, CacheSettings)>> {
+    sweep.given()
 }
 
-pub fn entries<D>(sweep: &KvSweepArgs<D>) -> Result<Vec<Entry>> {
-    let kv = &sweep.rest;
-    let mut out: Vec<Entry> = Vec::new();
-    for v in &sweep.list {
-        let settings = kv.settings_for(v).with_context(|| format!("--kv {v}"))?;
-        let mut name = settings.spec.to_string();
-        if !kv.kv_layers.is_empty() {
-            name = format!("{name}-layers[{}]", kv.kv_layers);
-        }
-        if let Some(w) = settings.max_kv_size {
-            name = format!("{name}-win{w}");
-        }
-        if out.iter().any(|e| e.name == name) {
-            bail!("--kv: '{v}' repeats the setting {name}");
-        }
-        out.push(Entry { name, settings });
-    }
-    Ok(out)
+/// Borrows [`given`]'s pairs the way [`crate::model_args::load`] takes them.
+pub fn named(given: &[(String, CacheSettings)]) -> Vec<(&str, &CacheSettings)> {
+    given.iter().map(|(n, s)| (n.as_str(), s)).collect()
+}
+
+/// The settings the sweep runs on the loaded model.
+pub fn entries<D>(sweep: &KvSweepArgs<D>, engine: &Engine) -> Result<Vec<Entry>> {
+    Ok(sweep.resolve(engine)?.into_iter().map(|r| Entry { name: r.name, source: r.source, settings: r.settings }).collect())
 }
 
 /// WikiText-2's test split: `wiki.test.raw` in `--data-dir` when given, else the cached copy
@@ -250,11 +243,12 @@ pub fn protocol(opts: &PplOptions, n: usize, total: usize) -> String {
 pub fn run(a: PplArgs) -> Result<()> {
     let f = &a;
     let opts = options(&f.window, f.max_windows)?;
-    let entries = entries(&f.kv)?;
+    let given = given(&f.kv)?;
     let base = baseline_settings(f.kv.rest.max_kv_size);
     let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
-    let (loaded, path) = load(&f.model, &named(&entries))?;
+    let (loaded, path) = load(&f.model, &named(&given))?;
     let engine = Engine::from_loaded(loaded);
+    let entries = entries(&f.kv, &engine)?;
     let model = engine.model();
     let tokenizer = engine.tokenizer()?;
     // No BOS unless the tokenizer's metadata asks for one (add_special follows it).
@@ -289,6 +283,7 @@ fn to_rows(model: &dyn LanguageModel, model_name: &str, entries: &[Entry], resul
         .map(|(e, r, paired)| PplRow {
             model: model_name.to_string(),
             kv: e.name.clone(),
+            kv_source: e.source.clone(),
             ctx: opts.ctx,
             chunk: opts.chunk,
             score_all: opts.score_all.to_string(),

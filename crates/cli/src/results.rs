@@ -97,6 +97,9 @@ pub struct ModelRow {
     pub mlx_version: String,
     pub model: String,
     pub kv: String,
+    /// Which choice ran (`plain`, `general`, `recipe:<name>`, `custom`); see [`PplRow`].
+    #[serde(default)]
+    pub kv_source: String,
     pub depth: usize,
     pub n_prompt: usize,
     pub n_gen: usize,
@@ -142,6 +145,9 @@ pub struct AttentionRow {
     pub mlx_version: String,
     pub model: String,
     pub kv: String,
+    /// Which choice ran (`plain`, `general`, `recipe:<name>`, `custom`); see [`PplRow`].
+    #[serde(default)]
+    pub kv_source: String,
     pub depth: usize,
     pub heads: usize,
     pub kv_heads: usize,
@@ -183,6 +189,10 @@ pub struct AttentionRow {
 pub struct PplRow {
     pub model: String,
     pub kv: String,
+    /// Which choice ran (`plain`, `general`, `recipe:<name>`, `custom`); empty in rows written
+    /// before presets meant recipes, when every preset ran plain.
+    #[serde(default)]
+    pub kv_source: String,
     pub ctx: usize,
     pub chunk: usize,
     pub score_all: String,

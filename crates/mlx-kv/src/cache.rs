@@ -367,8 +367,8 @@ impl KvCache {
         if self.opts.max_size.is_some() && l > self.opts.max_chunk {
             return Err(KvError::Capacity { requested: l, capacity: self.opts.max_chunk });
         }
-        let k = self.rotate(k)?;
-        let v = if self.spec.rotation == Rotation::KeysAndValues { self.rotate(v)? } else { v.clone() };
+        let k = if self.spec.rotation.keys() { self.rotate(k)? } else { k.clone() };
+        let v = if self.spec.rotation.values() { self.rotate(v)? } else { v.clone() };
         let mut from = 0usize;
         if self.sink_k.len() < self.spec.sinks {
             let n = (self.spec.sinks - self.sink_k.len()).min(l);
@@ -497,12 +497,12 @@ impl KvCache {
         if self.is_empty() {
             return Err(KvError::Shape("attend called on an empty cache".into()));
         }
-        let q = self.rotate(q)?;
+        let q = if self.spec.rotation.keys() { self.rotate(q)? } else { q.clone() };
         let (segments, mask) = (self.segments(), self.mask(l)?);
         let choice = attention::choose(&q, &segments, &mask, sinks);
         self.last_path.set(Some(choice));
         let out = attention::run(choice, &q, &segments, &mask, scale, sinks)?;
-        if self.spec.rotation == Rotation::KeysAndValues {
+        if self.spec.rotation.values() {
             self.rotate(&out)
         } else {
             Ok(out)
@@ -568,7 +568,6 @@ impl KvCache {
             && spec.sinks == 0
             && spec.residual == 0
             && spec.block_tokens() == 1
-            && spec.rotation == Rotation::None
             && self.opts.max_size.is_none()
             && self.tail_k.is_empty()
             && self.offset + 1 >= spec.quantized_kv_start;
@@ -600,7 +599,20 @@ impl KvCache {
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
-        let out = attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale)?;
+        // Rotation stays outside the kernel: the query and the new token enter the rotated
+        // frame before it and the output leaves it after, so the kernel only ever sees codes.
+        let (q, k, v) = match &self.rotation {
+            Some(h) => {
+                let h = h.as_dtype(q.dtype())?;
+                let rot = |x: &Array, on: bool| if on { mlx_rs::ops::matmul(x, &h) } else { Ok(x.clone()) };
+                (rot(q, spec.rotation.keys())?, rot(k, spec.rotation.keys())?, rot(v, spec.rotation.values())?)
+            }
+            None => (q.clone(), k.clone(), v.clone()),
+        };
+        let mut out = attention::fused::decode_step(&q, &k, &v, kop, vop, &pos, slot + 1, cap, scale)?;
+        if let (Some(h), true) = (&self.rotation, spec.rotation.values()) {
+            out = mlx_rs::ops::matmul(&out, h.as_dtype(out.dtype())?)?;
+        }
         bk.set_written(slot + 1);
         bv.set_written(slot + 1);
         self.step_pos = Some((pos, slot + 1));

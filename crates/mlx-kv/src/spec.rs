@@ -66,6 +66,30 @@ pub enum Rotation {
     /// Keys and values.
     #[cfg_attr(feature = "clap", value(name = "kv", alias = "keys-values"))]
     KeysAndValues,
+    /// Values only (the query is not rotated; the attention output is rotated back). Recipes
+    /// choose it per layer where keys lose nothing from rotation but values gain.
+    #[cfg_attr(feature = "clap", value(name = "v", alias = "values"))]
+    Values,
+}
+
+impl Rotation {
+    /// Keys (and so queries) are rotated.
+    pub fn keys(self) -> bool {
+        matches!(self, Rotation::Keys | Rotation::KeysAndValues)
+    }
+    /// Values are rotated (and so the attention output is rotated back).
+    pub fn values(self) -> bool {
+        matches!(self, Rotation::Values | Rotation::KeysAndValues)
+    }
+    /// The rotation with these two parts.
+    pub fn of(keys: bool, values: bool) -> Rotation {
+        match (keys, values) {
+            (false, false) => Rotation::None,
+            (true, false) => Rotation::Keys,
+            (true, true) => Rotation::KeysAndValues,
+            (false, true) => Rotation::Values,
+        }
+    }
 }
 
 impl FromStr for Rotation {
@@ -75,7 +99,8 @@ impl FromStr for Rotation {
             "none" => Ok(Rotation::None),
             "k" | "keys" => Ok(Rotation::Keys),
             "kv" | "keys-values" => Ok(Rotation::KeysAndValues),
-            _ => Err(invalid("--kv-rotate", format!("expected none, k or kv, got '{s}'"))),
+            "v" | "values" => Ok(Rotation::Values),
+            _ => Err(invalid("--kv-rotate", format!("expected none, k, v or kv, got '{s}'"))),
         }
     }
 }
@@ -234,7 +259,7 @@ impl KvSpec {
 
 /// The canonical text form, which [`KvSpec::from_canonical`] reads back: `fp16` or `k8v4`, then
 /// only the settings that differ from their defaults (`-g32,64`, `-pc`, `-r16`, `-s4`, `-rotk`,
-/// `-rotkv`, `-qs256`). A dense spec has no group suffix: its group sizes are never used.
+/// `-rotkv`, `-rotv`, `-qs256`). A dense spec has no group suffix: its group sizes are never used.
 impl fmt::Display for KvSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_dense() {
@@ -259,6 +284,7 @@ impl fmt::Display for KvSpec {
             Rotation::None => {}
             Rotation::Keys => write!(f, "-rotk")?,
             Rotation::KeysAndValues => write!(f, "-rotkv")?,
+            Rotation::Values => write!(f, "-rotv")?,
         }
         if self.quantized_kv_start > 0 {
             write!(f, "-qs{}", self.quantized_kv_start)?;
@@ -292,6 +318,8 @@ impl KvSpec {
                 spec.rotation = Rotation::Keys;
             } else if part == "rotkv" {
                 spec.rotation = Rotation::KeysAndValues;
+            } else if part == "rotv" {
+                spec.rotation = Rotation::Values;
             } else if let Some(n) = part.strip_prefix("qs") {
                 spec.quantized_kv_start = num(n)?;
             } else if let Some(n) = part.strip_prefix('r') {
@@ -306,7 +334,7 @@ impl KvSpec {
     }
 }
 
-/// One `--kv-layers` entry: a layer selector and the bits it gets.
+/// One `--kv-layers` entry: a layer selector.
 #[derive(Debug, Clone, PartialEq)]
 enum LayerSelector {
     First(usize),
@@ -314,16 +342,26 @@ enum LayerSelector {
     Range(usize, usize),
 }
 
-/// Per-layer bit overrides, e.g. `first:2=8,8;last:2=fp16;10-12=4,4`. Later entries win.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct LayerOverrides {
-    entries: Vec<(LayerSelector, u8, u8)>,
+/// What an entry gives its layers: new bit widths on the base setting, or a whole setting of
+/// their own (a calibrated recipe's layer: bits, groups, layout and rotation).
+#[derive(Debug, Clone, PartialEq)]
+enum Override {
+    Bits(u8, u8),
+    Spec(Box<KvSpec>),
 }
 
-/// The `--kv-layers` form [`LayerOverrides::parse`] reads back (bits as `K,V`).
+/// Per-layer overrides, e.g. `first:2=8,8;last:2=fp16;10-12=4,4` (bits on the base setting) or
+/// `3=k8v4-g128,32-rotv` (a whole setting in canonical text). Later entries win.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerOverrides {
+    entries: Vec<(LayerSelector, Override)>,
+}
+
+/// The `--kv-layers` form [`LayerOverrides::parse`] reads back (bits as `K,V`; whole settings
+/// always carry their `-g` part, which is what tells them from bits).
 impl fmt::Display for LayerOverrides {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (sel, k, v)) in self.entries.iter().enumerate() {
+        for (i, (sel, what)) in self.entries.iter().enumerate() {
             if i > 0 {
                 write!(f, ";")?;
             }
@@ -333,7 +371,17 @@ impl fmt::Display for LayerOverrides {
                 LayerSelector::Range(a, b) if a == b => write!(f, "{a}")?,
                 LayerSelector::Range(a, b) => write!(f, "{a}-{b}")?,
             }
-            write!(f, "={k},{v}")?;
+            match what {
+                Override::Bits(k, v) => write!(f, "={k},{v}")?,
+                Override::Spec(spec) => {
+                    let text = spec.to_string();
+                    if text.contains("-g") {
+                        write!(f, "={text}")?
+                    } else {
+                        write!(f, "={text}-g{},{}", spec.k.group, spec.v.group)?
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -345,13 +393,19 @@ impl LayerOverrides {
         self.entries.is_empty()
     }
 
+    /// One whole setting per layer, in order (a recipe).
+    pub fn per_layer(specs: &[KvSpec]) -> Self {
+        let entries = specs.iter().enumerate().map(|(i, s)| (LayerSelector::Range(i, i), Override::Spec(Box::new(s.clone())))).collect();
+        LayerOverrides { entries }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         const FLAG: &str = "--kv-layers";
         let mut entries = Vec::new();
         for item in s.split(';').map(str::trim).filter(|x| !x.is_empty()) {
             let (sel, bits) = item
                 .split_once('=')
-                .ok_or_else(|| invalid(FLAG, format!("'{item}' needs the form SELECTOR=K,V")))?;
+                .ok_or_else(|| invalid(FLAG, format!("'{item}' needs the form SELECTOR=K,V or SELECTOR=SETTING")))?;
             let num = |x: &str| {
                 x.trim()
                     .parse::<usize>()
@@ -372,8 +426,14 @@ impl LayerOverrides {
                 let i = num(sel)?;
                 LayerSelector::Range(i, i)
             };
-            let (k, v) = parse_bits_pair(bits, FLAG)?;
-            entries.push((selector, k, v));
+            let what = if bits.contains('-') {
+                let spec = KvSpec::from_canonical(bits.trim(), FLAG).map_err(|e| invalid(FLAG, e.to_string()))?;
+                Override::Spec(Box::new(spec))
+            } else {
+                let (k, v) = parse_bits_pair(bits, FLAG)?;
+                Override::Bits(k, v)
+            };
+            entries.push((selector, what));
         }
         Ok(LayerOverrides { entries })
     }
@@ -381,15 +441,20 @@ impl LayerOverrides {
     /// The spec for `layer` of `n_layers`, starting from `base`.
     pub fn apply(&self, base: &KvSpec, layer: usize, n_layers: usize) -> KvSpec {
         let mut spec = base.clone();
-        for (sel, k, v) in &self.entries {
+        for (sel, what) in &self.entries {
             let hit = match *sel {
                 LayerSelector::First(n) => layer < n,
                 LayerSelector::Last(n) => layer + n >= n_layers,
                 LayerSelector::Range(a, b) => (a..=b).contains(&layer),
             };
             if hit {
-                spec.k.bits = *k;
-                spec.v.bits = *v;
+                match what {
+                    Override::Bits(k, v) => {
+                        spec.k.bits = *k;
+                        spec.v.bits = *v;
+                    }
+                    Override::Spec(s) => spec = (**s).clone(),
+                }
             }
         }
         spec
@@ -397,7 +462,7 @@ impl LayerOverrides {
 
     /// Layers named beyond the model's depth are a user error, not something to ignore.
     pub fn validate(&self, n_layers: usize) -> Result<()> {
-        for (sel, _, _) in &self.entries {
+        for (sel, _) in &self.entries {
             let bad = match *sel {
                 LayerSelector::First(n) | LayerSelector::Last(n) => n > n_layers,
                 LayerSelector::Range(_, b) => b >= n_layers,
@@ -471,6 +536,8 @@ mod tests {
         s.quantized_kv_start = 300;
         specs.push(s.clone());
         s.rotation = Rotation::Keys;
+        specs.push(s.clone());
+        s.rotation = Rotation::Values;
         specs.push(s);
         let mut d = KvSpec::dense();
         d.sinks = 4;
@@ -490,6 +557,33 @@ mod tests {
         assert_eq!(o.to_string(), "first:2=8,8;last:1=16,16;5-6=4,2;3=2,2");
         assert_eq!(LayerOverrides::parse(&o.to_string()).unwrap(), o);
         assert_eq!(LayerOverrides::default().to_string(), "");
+    }
+
+    #[test]
+    fn whole_layer_settings_replace_the_base_and_round_trip() {
+        let mut a = KvSpec::bits(8, 4);
+        a.rotation = Rotation::Values;
+        a.k.group = 128;
+        let b = KvSpec::bits(4, 2);
+        let o = LayerOverrides::per_layer(&[a.clone(), b.clone(), KvSpec::dense()]);
+        let mut base = KvSpec::bits(2, 2);
+        base.rotation = Rotation::KeysAndValues;
+        assert_eq!(o.apply(&base, 0, 3), a);
+        // A whole setting does not inherit the base's rotation, unlike bits-only entries.
+        assert_eq!(o.apply(&base, 1, 3), b);
+        assert!(o.apply(&base, 2, 3).is_dense());
+        let text = o.to_string();
+        assert_eq!(text, "0=k8v4-g128,64-rotv;1=k4v2-g64,64;2=fp16-g64,64");
+        assert_eq!(LayerOverrides::parse(&text).unwrap(), o);
+        assert!(LayerOverrides::parse("0=k8v4-zz").unwrap_err().to_string().contains("--kv-layers"));
+    }
+
+    #[test]
+    fn rotation_parts_compose() {
+        for r in [Rotation::None, Rotation::Keys, Rotation::Values, Rotation::KeysAndValues] {
+            assert_eq!(Rotation::of(r.keys(), r.values()), r);
+        }
+        assert_eq!("v".parse::<Rotation>().unwrap(), Rotation::Values);
     }
 
     #[test]

@@ -30,14 +30,11 @@ fn check_heads(
     let k = Host::random([1, hkv, t, d], seed + 1);
     let v = Host::random([1, hkv, t, d], seed + 2);
     let (kb, vb) = (spec.k.bits, spec.v.bits);
-    let (qh, kh) = match spec.rotation {
-        Rotation::None => (q.tokens(0, t), k.tokens(0, t)),
-        _ => (rotate(&q), rotate(&k)),
-    };
-    let vh = if spec.rotation == Rotation::KeysAndValues { rotate(&v) } else { v.tokens(0, t) };
+    let (qh, kh) = if spec.rotation.keys() { (rotate(&q), rotate(&k)) } else { (q.tokens(0, t), k.tokens(0, t)) };
+    let vh = if spec.rotation.values() { rotate(&v) } else { v.tokens(0, t) };
     let bound = attention_bound(q_l1_max(&qh), scale, kh.max_abs(), vh.max_abs(), kb, vb)
         // Rotating the output back sums D terms of the per-element error, each weighted 1/sqrt(D).
-        * if spec.rotation == Rotation::KeysAndValues { (d as f64).sqrt() } else { 1.0 };
+        * if spec.rotation.values() { (d as f64).sqrt() } else { 1.0 };
     let mut cache = KvCache::new(spec.clone(), d, opts).unwrap();
     let mut at = 0;
     for &n in chunks {
@@ -85,6 +82,8 @@ fn residual_sinks_rotation_layout_and_start_stay_within_bound() {
     r.rotation = Rotation::Keys;
     specs.push(r.clone());
     r.rotation = Rotation::KeysAndValues;
+    specs.push(r.clone());
+    r.rotation = Rotation::Values;
     specs.push(r);
     let mut st = KvSpec::bits(8, 4);
     st.quantized_kv_start = 40;
@@ -183,7 +182,7 @@ fn quantized_store_roundtrip_is_within_half_a_step() {
 }
 
 fn key_error(spec: KvSpec, k: &Host) -> f64 {
-    let rot = spec.rotation != Rotation::None;
+    let rot = spec.rotation.keys();
     let t = k.shape[2];
     let mut cache = KvCache::new(spec, D, CacheOptions::default()).unwrap();
     cache.update(&k.array(), &k.array()).unwrap();

@@ -15,6 +15,7 @@ pub mod mlx_dir;
 pub mod model;
 pub mod perplexity;
 pub mod random;
+pub mod recipe;
 pub mod sample;
 pub mod weights;
 pub mod gguf;

@@ -2,26 +2,31 @@
 //!
 //! - a string: a preset (`k8v4`, `fp16`, ...) or bits (`"8,4"`, `"4"`);
 //! - an object: `{"bits": "8,4", "group_size": "64,32", "key_layout": "per-channel",
-//!   "residual": 128, "sinks": 4, "rotate": "kv", "layers": "first:2=8,8"}`, every key optional
-//!   except `bits`; unknown keys are refused by name.
+//!   "residual": 128, "sinks": 4, "rotate": "kv", "layers": "first:2=8,8", "plain": true}`,
+//!   every key optional except `bits`; unknown keys are refused by name.
+//!
+//! A bare preset resolves as `--kv` does (the model's recipe, else the general choice);
+//! `"plain": true` runs it uniform, as `--kv-plain`.
 
 use crate::api::ApiError;
 use mlx_kv::spec::parse_groups;
 use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, Rotation};
 use models::generate::CacheSettings;
+use models::recipe::{self, ModelShape, Pick};
 use serde_json::Value;
 
-const KEYS: &[&str] = &["bits", "group_size", "key_layout", "residual", "sinks", "rotate", "layers", "quantized_kv_start"];
+const KEYS: &[&str] = &["bits", "group_size", "key_layout", "residual", "sinks", "rotate", "layers", "quantized_kv_start", "plain"];
 
 fn bad(param: &str, message: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(Some(param), format!("{param}: {message}"))
 }
 
 /// The cache settings of a request: `default` when `kv` is absent; `max_kv_size` always comes
-/// from the server.
-pub fn settings(kv: Option<&Value>, default: &CacheSettings) -> Result<CacheSettings, ApiError> {
+/// from the server. Presets resolve against `model` when given.
+pub fn settings(kv: Option<&Value>, default: &CacheSettings, model: Option<&ModelShape>) -> Result<CacheSettings, ApiError> {
     let Some(kv) = kv else { return Ok(default.clone()) };
     let mut out = CacheSettings { max_kv_size: default.max_kv_size, ..Default::default() };
+    let mut pick = Pick::Auto;
     match kv {
         Value::String(s) => out.spec = KvSpec::parse(s).map_err(|e| bad("kv", e))?,
         Value::Object(m) => {
@@ -58,13 +63,21 @@ pub fn settings(kv: Option<&Value>, default: &CacheSettings) -> Result<CacheSett
             out.spec.residual = count("residual")?;
             out.spec.sinks = count("sinks")?;
             out.spec.quantized_kv_start = count("quantized_kv_start")?;
+            match m.get("plain") {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(Value::Bool(true)) => pick = Pick::Plain,
+                Some(other) => return Err(bad("kv.plain", format!("expected true or false, got {other}"))),
+            }
             if let Some(l) = text("layers")? {
                 out.layers = LayerOverrides::parse(&l).map_err(|e| bad("kv.layers", e))?;
             }
         }
         other => return Err(bad("kv", format!("expected a string or an object, got {other}"))),
     }
-    Ok(out)
+    match model {
+        Some(m) => Ok(recipe::resolve(out, &pick, m).map_err(|e| bad("kv", e))?.settings),
+        None => Ok(out),
+    }
 }
 
 #[cfg(test)]
@@ -73,12 +86,23 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn presets_resolve_against_the_model_unless_plain() {
+        let d = CacheSettings::default();
+        let m = ModelShape { id: "none".into(), n_layers: 2, head_dim: 64 };
+        assert_eq!(settings(Some(&json!("k8v4")), &d, Some(&m)).unwrap().spec.rotation, Rotation::KeysAndValues);
+        let plain = settings(Some(&json!({"bits": "k8v4", "plain": true})), &d, Some(&m)).unwrap();
+        assert_eq!(plain.spec, KvSpec::bits(8, 4));
+        let e = settings(Some(&json!({"bits": "k8v4", "plain": "yes"})), &d, Some(&m)).unwrap_err();
+        assert!(e.to_string().contains("kv.plain"), "{e}");
+    }
+
+    #[test]
     fn strings_and_objects_build_the_same_specs_as_the_cli() {
         let d = CacheSettings::default();
-        assert_eq!(settings(None, &d).unwrap().spec, d.spec);
-        assert_eq!(settings(Some(&json!("k8v4")), &d).unwrap().spec, KvSpec::bits(8, 4));
-        assert_eq!(settings(Some(&json!("8,4")), &d).unwrap().spec, KvSpec::bits(8, 4));
-        let s = settings(Some(&json!({"bits": "4,4", "group_size": "64,32", "key_layout": "per-channel", "residual": 128, "rotate": "kv"})), &d).unwrap();
+        assert_eq!(settings(None, &d, None).unwrap().spec, d.spec);
+        assert_eq!(settings(Some(&json!("k8v4")), &d, None).unwrap().spec, KvSpec::bits(8, 4));
+        assert_eq!(settings(Some(&json!("8,4")), &d, None).unwrap().spec, KvSpec::bits(8, 4));
+        let s = settings(Some(&json!({"bits": "4,4", "group_size": "64,32", "key_layout": "per-channel", "residual": 128, "rotate": "kv"})), &d, None).unwrap();
         assert_eq!((s.spec.k.bits, s.spec.v.bits, s.spec.k.group, s.spec.v.group, s.spec.residual), (4, 4, 64, 32, 128));
         assert_eq!(s.spec.key_layout, KeyLayout::PerChannel);
         assert_eq!(s.spec.rotation, Rotation::KeysAndValues);
@@ -96,7 +120,7 @@ mod tests {
             (json!({"bits": "8,4", "colour": "red"}), "kv"),
             (json!({"bits": "8,4", "rotate": "q"}), "kv.rotate"),
         ] {
-            let e = settings(Some(&v), &d).unwrap_err();
+            let e = settings(Some(&v), &d, None).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{v}: {}", e.message);
             assert!(e.message.starts_with(param), "{v}: {}", e.message);
         }

@@ -37,8 +37,12 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// The name `/v1/models` lists and requests must use (or omit).
     pub model_name: String,
-    /// K/V setting of requests without a `kv` field.
+    /// K/V setting of requests without a `kv` field (already resolved: a recipe or the
+    /// general choice where the server was started with a preset).
     pub cache: CacheSettings,
+    /// The model's identity and shape, which a request's preset resolves against as `--kv`
+    /// does (`None`: presets in requests run as given).
+    pub kv_model: Option<models::recipe::ModelShape>,
     /// Sampling defaults of requests that do not say.
     pub sampler: SamplerSettings,
     pub max_tokens: usize,

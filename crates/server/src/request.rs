@@ -96,7 +96,7 @@ fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat:
         return Err(bad("max_tokens", "max_tokens must be at least 1"));
     }
     let sampler = sampler(req, &config.sampler)?;
-    let settings = kv_field::settings(req.kv.as_ref(), &config.cache)?;
+    let settings = kv_field::settings(req.kv.as_ref(), &config.cache, config.kv_model.as_ref())?;
     settings.check(model.n_layers(), model.head_dim()).map_err(|e| bad("kv", format!("kv: {e}")))?;
     let stops: Vec<String> = req.stop.clone().map(|s| s.list()).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect();
     if stops.len() > 4 {

@@ -156,7 +156,8 @@ pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
 /// What the cache knows about one decode token before it writes it.
 pub struct StepCase {
     /// One new token and one query position, going straight into a quantized per-token body
-    /// (no sinks, residual tail, ring, rotation, learned sinks; quantization started).
+    /// (no sinks, residual tail, ring or learned sinks; quantization started). A Hadamard rotation
+    /// is applied around the step by the cache.
     pub direct: bool,
     pub k_bits: u8,
     pub v_bits: u8,
