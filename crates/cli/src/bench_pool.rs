@@ -61,8 +61,8 @@ pub fn run(
         let pool = engine.pool().expect("just made");
         let (admitted_by, per_seq) = match engine.pool_format(s) {
             Some(fmt) => {
-                pool.preallocate(fmt, budget / pool.block_bytes(fmt))?;
-                ("pool", KvPool::blocks_for(tokens) * pool.block_bytes(fmt))
+                pool.preallocate(&fmt, budget / pool.block_bytes(&fmt))?;
+                ("pool", KvPool::blocks_for(tokens) * pool.block_bytes(&fmt))
             }
             None => ("formula", (s.bytes_per_token(engine.model()) * tokens as f64).ceil() as usize),
         };

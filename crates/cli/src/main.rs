@@ -3,6 +3,7 @@
 mod bench;
 mod bench_attention;
 mod bench_pool;
+mod calibrate;
 mod cache_prompt;
 mod compare;
 mod convert;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchCmd),
     /// Draw PNG/SVG figures from bench and ppl result files.
     Plot(plot::PlotArgs),
+    /// Calibrate a per-layer K/V recipe for a model at a byte budget (for --kv-recipe and presets).
+    Calibrate(calibrate::CalibrateArgs),
     /// Perplexity, KL divergence and top-1 agreement of K/V settings (WikiText-2 or a file).
     Ppl(ppl::PplArgs),
     /// Quick side-by-side of fp16, k8v8, k8v4, k4v8, k4v4: KV bytes, decode speed, quality.
@@ -63,6 +66,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Plot(a) => plot::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
     }

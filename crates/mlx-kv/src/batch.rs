@@ -1,5 +1,6 @@
 //! One decode step for many sequences at once: each brings one token, its own cache, length and
-//! precision. Sequences whose caches live in the same pool with the same block format form a
+//! precision. Sequences whose caches live in the same pool with the same block format (their
+//! recipe: widths and rotation per layer) form a
 //! group, and a group's step is one quantize and one scatter per K and V array plus one
 //! attention op (CPU primitive) or one launch (CUDA) per layer, whatever the group's size;
 //! the rest (dense caches, windows, sinks, or widths no kernel reads) take their own
@@ -29,9 +30,10 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
         let head_dim = c.head_dim();
         let key = c.paged_direct(1).and_then(|(ks, _)| {
             let t = ks.table().lock().unwrap_or_else(|e| e.into_inner());
-            let fmt = t.format();
+            let fmt = t.format().clone();
+            let f = fmt.layer(ks.layer());
             let pool_id = t.pool().id();
-            attention::choose_paged(fmt.k_bits, fmt.k_group, fmt.v_bits, fmt.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
+            attention::choose_paged(f.k_bits, f.k_group, f.v_bits, f.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
         });
         match key {
             Some((pool, fmt, choice)) => match groups.iter_mut().find(|g| g.0 == pool && g.1 == fmt) {
@@ -86,6 +88,9 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
 /// bookkeeping.
 fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
     let ats: Vec<usize> = group.iter().map(|c| c.offset()).collect();
+    // One format, so one rotation for the whole group: applied once to the stacked rows.
+    let (q, k, v) = group[0].rotate_inputs(q, k, v)?;
+    let (q, k, v) = (&q, &k, &v);
     let out = {
         let stores: Vec<(&PagedStore, &PagedStore)> = group.iter_mut().map(|c| {
             let (ks, vs) = c.paged_direct(1).expect("grouped as paged");
@@ -96,5 +101,5 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
     for c in group.iter_mut() {
         c.advance_one(choice);
     }
-    Ok(out)
+    group[0].rotate_output(out)
 }

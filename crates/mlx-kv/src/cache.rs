@@ -9,7 +9,7 @@
 
 use crate::attention::{self, Choice, Mask, Segment, StepCase, Tensor};
 use crate::error::{KvError, Result};
-use crate::pool::{BlockFormat, Half, PagedStore, SharedTable};
+use crate::pool::{Half, LayerFormat, PagedStore, SharedTable};
 use crate::rotation::hadamard;
 use crate::spec::{KeyLayout, KvSpec, QuantSpec, Rotation};
 use crate::store::{FloatStore, QuantStore, TokenAxis};
@@ -276,11 +276,12 @@ impl KvCache {
     }
 
     /// A cache whose body lives in the pool blocks of `table`, which the sequence's layers
-    /// share (this is layer `layer`). The spec must be one the pool holds ([`BlockFormat::of`]).
+    /// share (this is layer `layer`). The spec must be the one the pool's format gives this
+    /// layer ([`LayerFormat::of`]).
     pub fn new_paged(spec: KvSpec, head_dim: usize, table: SharedTable, layer: usize) -> Result<Self> {
-        let fmt = table.lock().unwrap_or_else(|e| e.into_inner()).format();
-        if BlockFormat::of(&spec) != Some(fmt) {
-            return Err(KvError::InvalidSpec { flag: "--kv", message: format!("{spec} cannot live in a pool of {fmt:?} blocks") });
+        let fmt = table.lock().unwrap_or_else(|e| e.into_inner()).format().layer(layer);
+        if LayerFormat::of(&spec) != Some(fmt) {
+            return Err(KvError::InvalidSpec { flag: "--kv", message: format!("{spec} cannot live in pool blocks of {fmt:?} (layer {layer})") });
         }
         let mut cache = KvCache::new(spec, head_dim, CacheOptions::default())?;
         cache.body_k = Body::Paged(PagedStore::new(table.clone(), layer, Half::K));
@@ -536,9 +537,28 @@ impl KvCache {
         let rows = (q.shape()[1] / k.shape()[1]) as usize;
         let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
         let Some(choice) = attention::choose_paged(ks.bits, ks.group, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
-        let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, q, k, v, scale)?;
+        let (q, k, v) = self.rotate_inputs(q, k, v)?;
+        let (ks, vs) = self.paged_direct(1).expect("checked above");
+        let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, &q, &k, &v, scale)?;
         self.advance_one(choice);
-        Ok(Some(out))
+        Ok(Some(self.rotate_output(out)?))
+    }
+
+    /// A decode step's query and new token in the stored frame: query and key rotated when keys
+    /// are, value when values are. Kernels that write and attend in one go see only this frame.
+    pub(crate) fn rotate_inputs(&self, q: &Array, k: &Array, v: &Array) -> Result<(Array, Array, Array)> {
+        let r = self.spec.rotation;
+        let rot = |x: &Array, on: bool| if on { self.rotate(x) } else { Ok(x.clone()) };
+        Ok((rot(q, r.keys())?, rot(k, r.keys())?, rot(v, r.values())?))
+    }
+
+    /// The attention output back from the values' rotated frame (Hadamard is its own inverse).
+    pub(crate) fn rotate_output(&self, out: Array) -> Result<Array> {
+        if self.spec.rotation.values() {
+            self.rotate(&out)
+        } else {
+            Ok(out)
+        }
     }
 
     /// For a sequence [`crate::batch`] could not group: the cache's own write and attention.
@@ -562,6 +582,8 @@ impl KvCache {
     /// `--gpu-fused-fold off`) and no other op (the MLX-ops write is a `quantize` and three
     /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU).
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+        // Lazy: if the step is not taken, these ops are never run.
+        let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
             && q.shape()[2] == 1
@@ -601,15 +623,7 @@ impl KvCache {
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         // Rotation stays outside the kernel: the query and the new token enter the rotated
         // frame before it and the output leaves it after, so the kernel only ever sees codes.
-        let (q, k, v) = match &self.rotation {
-            Some(h) => {
-                let h = h.as_dtype(q.dtype())?;
-                let rot = |x: &Array, on: bool| if on { mlx_rs::ops::matmul(x, &h) } else { Ok(x.clone()) };
-                (rot(q, spec.rotation.keys())?, rot(k, spec.rotation.keys())?, rot(v, spec.rotation.values())?)
-            }
-            None => (q.clone(), k.clone(), v.clone()),
-        };
-        let mut out = attention::fused::decode_step(&q, &k, &v, kop, vop, &pos, slot + 1, cap, scale)?;
+        let mut out = attention::fused::decode_step(&rq, &rk, &rv, kop, vop, &pos, slot + 1, cap, scale)?;
         if let (Some(h), true) = (&self.rotation, spec.rotation.values()) {
             out = mlx_rs::ops::matmul(&out, h.as_dtype(out.dtype())?)?;
         }

@@ -27,28 +27,29 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// work item on the CPU) is negligible, small enough that a sequence wastes at most 255 slots.
 pub const BLOCK: usize = 256;
 
-/// The precision of a block: K and V widths and groups (per-token groups along head_dim).
+/// One layer's precision in the pool: K and V widths and groups (per-token groups along
+/// head_dim) and the Hadamard rotation the decode step applies around its kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct BlockFormat {
+pub struct LayerFormat {
     pub k_bits: u8,
     pub k_group: usize,
     pub v_bits: u8,
     pub v_group: usize,
+    pub rotation: Rotation,
 }
 
-impl BlockFormat {
+impl LayerFormat {
     /// The format of `spec`'s caches if they can live in the pool: K and V quantized with
-    /// per-token groups and nothing kept beside the body (no residual tail, sinks, rotation or
-    /// delayed start). Other settings keep their own growing buffers.
-    pub fn of(spec: &KvSpec) -> Option<BlockFormat> {
+    /// per-token groups and nothing kept beside the body (no residual tail, sinks or delayed
+    /// start). Other settings keep their own growing buffers.
+    pub fn of(spec: &KvSpec) -> Option<LayerFormat> {
         let plain = spec.k.is_quantized()
             && spec.v.is_quantized()
             && spec.key_layout == KeyLayout::PerToken
             && spec.residual == 0
             && spec.sinks == 0
-            && spec.rotation == Rotation::None
             && spec.quantized_kv_start == 0;
-        plain.then_some(BlockFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group })
+        plain.then_some(LayerFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group, rotation: spec.rotation })
     }
 
     /// Bytes of one token row of one head: packed codes plus a 16-bit scale and bias per group.
@@ -56,10 +57,35 @@ impl BlockFormat {
         head_dim * bits as usize / 8 + 4 * (head_dim / group)
     }
 
+    fn token_bytes(&self, head_dim: usize) -> usize {
+        Self::row_bytes(self.k_bits, self.k_group, head_dim) + Self::row_bytes(self.v_bits, self.v_group, head_dim)
+    }
+}
+
+/// The precision of a block: one [`LayerFormat`] per layer (a uniform preset repeats one; a
+/// calibrated recipe gives each layer its own). Sequences of one format share an arena.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlockFormat(Arc<[LayerFormat]>);
+
+impl BlockFormat {
+    /// Every layer at `spec` ([`LayerFormat::of`]).
+    pub fn of(spec: &KvSpec, layers: usize) -> Option<BlockFormat> {
+        let f = LayerFormat::of(spec)?;
+        Some(BlockFormat(vec![f; layers].into()))
+    }
+
+    /// One spec per layer; `None` if any layer cannot live in the pool.
+    pub fn of_layers(specs: &[KvSpec]) -> Option<BlockFormat> {
+        Some(BlockFormat(specs.iter().map(LayerFormat::of).collect::<Option<Vec<_>>>()?.into()))
+    }
+
+    pub fn layer(&self, i: usize) -> LayerFormat {
+        self.0[i]
+    }
+
     /// Bytes of one block across every layer, K and V.
     pub fn block_bytes(&self, g: &Geometry) -> usize {
-        let per_token = Self::row_bytes(self.k_bits, self.k_group, g.head_dim) + Self::row_bytes(self.v_bits, self.v_group, g.head_dim);
-        per_token * g.kv_heads * BLOCK * g.layers
+        self.0.iter().map(|f| f.token_bytes(g.head_dim)).sum::<usize>() * g.kv_heads * BLOCK
     }
 }
 
@@ -103,6 +129,7 @@ impl State {
         if let Some(i) = self.arenas.iter().position(|a| a.fmt == fmt) {
             return i;
         }
+        assert_eq!(fmt.0.len(), self.geometry.layers, "a block format has one layer format per layer of the pool");
         self.arenas.push(Arena { fmt, layers: Vec::new(), capacity: 0, free: Vec::new(), promised: 0 });
         self.arenas.len() - 1
     }
@@ -192,17 +219,18 @@ impl State {
                 },
             })
         };
-        let fmt = a.fmt;
+        let fmt = a.fmt.clone();
         let old = std::mem::take(&mut a.layers);
         let mut layers = Vec::with_capacity(g.layers);
         let mut old = old.into_iter();
-        for _ in 0..g.layers {
+        for l in 0..g.layers {
             let prev = old.next();
             let (pk, pv) = match prev {
                 Some(l) => (Some(l.k), Some(l.v)),
                 None => (None, None),
             };
-            layers.push(LayerArrays { k: grow(pk, fresh(fmt.k_bits, fmt.k_group)?)?, v: grow(pv, fresh(fmt.v_bits, fmt.v_group)?)? });
+            let f = fmt.layer(l);
+            layers.push(LayerArrays { k: grow(pk, fresh(f.k_bits, f.k_group)?)?, v: grow(pv, fresh(f.v_bits, f.v_group)?)? });
         }
         // Evaluated now: a lazy concatenate would otherwise be re-run inside the next step.
         mlx_rs::transforms::eval(layers.iter().flat_map(|l| [&l.k.w, &l.k.scales, &l.k.biases, &l.v.w, &l.v.scales, &l.v.biases]))?;
@@ -257,22 +285,22 @@ impl KvPool {
     }
 
     /// Bytes one block of `fmt` takes across all layers.
-    pub fn block_bytes(&self, fmt: BlockFormat) -> usize {
+    pub fn block_bytes(&self, fmt: &BlockFormat) -> usize {
         fmt.block_bytes(&self.lock().geometry)
     }
 
     /// Blocks of `fmt` that a new reservation could still get.
-    pub fn available(&self, fmt: BlockFormat) -> usize {
+    pub fn available(&self, fmt: &BlockFormat) -> usize {
         let mut s = self.lock();
-        let i = s.arena(fmt);
+        let i = s.arena(fmt.clone());
         s.available(i)
     }
 
     /// Allocates arrays for `blocks` blocks of `fmt` now (within the budget), so later growth
     /// never copies them: for a server that knows its format, or a benchmark.
-    pub fn preallocate(&self, fmt: BlockFormat, blocks: usize) -> Result<()> {
+    pub fn preallocate(&self, fmt: &BlockFormat, blocks: usize) -> Result<()> {
         let mut s = self.lock();
-        let i = s.arena(fmt);
+        let i = s.arena(fmt.clone());
         while s.arenas[i].capacity < blocks {
             s.grow(i)?;
         }
@@ -281,15 +309,15 @@ impl KvPool {
 
     /// Promises `tokens` tokens' worth of blocks of `fmt` to a new sequence, or `None` when
     /// they are not available (the caller waits or refuses).
-    pub fn reserve(&self, fmt: BlockFormat, tokens: usize) -> Option<BlockTable> {
+    pub fn reserve(&self, fmt: &BlockFormat, tokens: usize) -> Option<BlockTable> {
         let need = Self::blocks_for(tokens);
         let mut s = self.lock();
-        let i = s.arena(fmt);
+        let i = s.arena(fmt.clone());
         if s.available(i) < need {
             return None;
         }
         s.arenas[i].promised += need;
-        Some(BlockTable { pool: self.clone(), arena: i, fmt, ids: Vec::new(), promised: need, tokens: 0 })
+        Some(BlockTable { pool: self.clone(), arena: i, fmt: fmt.clone(), ids: Vec::new(), promised: need, tokens: 0 })
     }
 
     pub fn usage(&self) -> PoolUsage {
@@ -317,8 +345,8 @@ pub struct BlockTable {
 }
 
 impl BlockTable {
-    pub fn format(&self) -> BlockFormat {
-        self.fmt
+    pub fn format(&self) -> &BlockFormat {
+        &self.fmt
     }
 
     pub fn pool(&self) -> &KvPool {
@@ -436,7 +464,7 @@ fn table_lock(t: &SharedTable) -> MutexGuard<'_, BlockTable> {
 
 impl PagedStore {
     pub fn new(table: SharedTable, layer: usize, half: Half) -> PagedStore {
-        let fmt = table_lock(&table).format();
+        let fmt = table_lock(&table).format().layer(layer);
         let (bits, group) = match half {
             Half::K => (fmt.k_bits, fmt.k_group),
             Half::V => (fmt.v_bits, fmt.v_group),
@@ -628,7 +656,7 @@ mod tests {
     }
 
     fn k8v4() -> BlockFormat {
-        BlockFormat::of(&KvSpec::bits(8, 4)).expect("k8v4 pages")
+        BlockFormat::of(&KvSpec::bits(8, 4), 2).expect("k8v4 pages")
     }
 
     #[test]
@@ -636,6 +664,17 @@ mod tests {
         let f = k8v4();
         // K: 64 bytes + 4 bytes of scale/bias per group of 64; V: 32 + 4. Per head, layer, token.
         assert_eq!(f.block_bytes(&geometry()), (68 + 36) * 2 * BLOCK * 2);
+        // A recipe's layers add up their own widths: layer 0 k8v4, layer 1 k4v2 at group 32.
+        let mut b = KvSpec::bits(4, 2);
+        b.v.group = 32;
+        let mixed = BlockFormat::of_layers(&[KvSpec::bits(8, 4), b]).unwrap();
+        assert_eq!(mixed.block_bytes(&geometry()), (68 + 36 + 36 + 24) * 2 * BLOCK);
+        let mut rotated = KvSpec::bits(8, 4);
+        rotated.rotation = Rotation::KeysAndValues;
+        assert_eq!(BlockFormat::of(&rotated, 2).unwrap().layer(1).rotation, Rotation::KeysAndValues);
+        let mut pc = KvSpec::bits(4, 4);
+        pc.key_layout = KeyLayout::PerChannel;
+        assert!(BlockFormat::of_layers(&[KvSpec::bits(8, 4), pc]).is_none());
     }
 
     #[test]
@@ -643,12 +682,12 @@ mod tests {
         let g = geometry();
         let per = k8v4().block_bytes(&g);
         let pool = KvPool::new(g, Some(per * 5));
-        let a = pool.reserve(k8v4(), 3 * BLOCK).expect("3 of 5 blocks");
-        assert!(pool.reserve(k8v4(), 2 * BLOCK + 1).is_none(), "3 more blocks must not fit in the 2 left");
-        let b = pool.reserve(k8v4(), 2 * BLOCK).expect("the last 2");
-        assert_eq!(pool.available(k8v4()), 0);
+        let a = pool.reserve(&k8v4(), 3 * BLOCK).expect("3 of 5 blocks");
+        assert!(pool.reserve(&k8v4(), 2 * BLOCK + 1).is_none(), "3 more blocks must not fit in the 2 left");
+        let b = pool.reserve(&k8v4(), 2 * BLOCK).expect("the last 2");
+        assert_eq!(pool.available(&k8v4()), 0);
         drop(a);
-        assert_eq!(pool.available(k8v4()), 3);
+        assert_eq!(pool.available(&k8v4()), 3);
         drop(b);
         assert_eq!(pool.usage().promised_blocks, 0);
     }
@@ -656,19 +695,19 @@ mod tests {
     #[test]
     fn a_format_takes_the_spare_blocks_another_format_no_longer_uses() {
         let g = geometry();
-        let k4v4 = BlockFormat::of(&KvSpec::bits(4, 4)).unwrap();
+        let k4v4 = BlockFormat::of(&KvSpec::bits(4, 4), 2).unwrap();
         let (a8, a4) = (k8v4().block_bytes(&g), k4v4.block_bytes(&g));
         let pool = KvPool::new(g, Some(a8 * 20));
         // k8v4 grows first and takes the whole budget (16 blocks, then the 4 left).
-        let t = pool.reserve(k8v4(), 17 * BLOCK).unwrap();
+        let t = pool.reserve(&k8v4(), 17 * BLOCK).unwrap();
         let mut t = t;
         t.ensure(17 * BLOCK).unwrap();
         assert_eq!(pool.usage().allocated_bytes, 20 * a8);
         drop(t);
         // Every k8v4 block is free again: k4v4 may have what the budget buys once they go.
         let want = 20 * a8 / a4;
-        assert_eq!(pool.available(k4v4), want);
-        let mut u = pool.reserve(k4v4, want * BLOCK).expect("the k8v4 arena gives its blocks back");
+        assert_eq!(pool.available(&k4v4), want);
+        let mut u = pool.reserve(&k4v4, want * BLOCK).expect("the k8v4 arena gives its blocks back");
         u.ensure(want * BLOCK).unwrap();
         assert!(pool.usage().allocated_bytes <= 20 * a8, "never past the budget");
     }
@@ -681,7 +720,7 @@ mod tests {
         let mut stores = Vec::new();
         let mut inputs = Vec::new();
         for (i, n) in [300usize, 5].into_iter().enumerate() {
-            let t = Arc::new(Mutex::new(pool.reserve(k8v4(), n).unwrap()));
+            let t = Arc::new(Mutex::new(pool.reserve(&k8v4(), n).unwrap()));
             let mut st = PagedStore::new(t.clone(), 1, Half::V);
             let x = mlx_rs::random::normal::<f32>(&[1, 2, n as i32, 64], None, None, None).unwrap();
             // Written in two pieces that cross a block edge for the first sequence.

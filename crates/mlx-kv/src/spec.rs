@@ -54,7 +54,7 @@ impl FromStr for KeyLayout {
 }
 
 /// Which tensors get the Hadamard rotation (QuaRot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Rotation {
     /// No rotation.

@@ -1,5 +1,6 @@
 //! Model families, weight loading (GGUF, MLX/HF safetensors), tokenizer, sampling, generation.
 
+pub mod allocate;
 pub mod assets;
 pub mod chat;
 pub mod datasets;

@@ -43,8 +43,8 @@ pub struct Measured {
     pub delta_ppl_se_pct: f64,
     /// The sum of per-layer sensitivities the allocation minimised (its additive prediction).
     pub predicted_kld: f64,
-    /// The plain preset on the same windows, for comparison.
-    pub plain_kld_mean: f64,
+    /// The plain preset on the same windows, for comparison (`None` for a budget in bits).
+    pub plain_kld_mean: Option<f64>,
 }
 
 /// One calibrated recipe file.
@@ -286,7 +286,7 @@ mod tests {
             bits_per_element: 6.5,
             layers: vec!["k8v4-g64,64-rotv".into(), "k4v8-g128,32".into()],
             calibration: Calibration { text: "t".into(), text_sha256: "00".into(), start_token: 0, windows: 1, ctx: 512, chunk: 128 },
-            measured: Measured { kld_mean: 0.0, kld_se: 0.0, delta_ppl_pct: 0.0, delta_ppl_se_pct: 0.0, predicted_kld: 0.0, plain_kld_mean: 0.0 },
+            measured: Measured { kld_mean: 0.0, kld_se: 0.0, delta_ppl_pct: 0.0, delta_ppl_se_pct: 0.0, predicted_kld: 0.0, plain_kld_mean: None },
             method: "test".into(),
             command: "test".into(),
             created: "2026-12-05".into(),

@@ -133,8 +133,8 @@ const NEAR_TIE: f32 = 2e-2;
 #[test]
 fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     // Together they run from the engine's block pool (the quantized ones: two k8v4 sequences
-    // share one paged op per layer, k4v4 and k8v8 are groups of their own, dense keeps its
-    // buffers); alone from each sequence's own buffers.
+    // share one paged op per layer, k4v4, k8v8, rotated k8v4 and a per-layer recipe are groups
+    // of their own, dense keeps its buffers); alone from each sequence's own buffers.
     let mut e = model();
     e.use_pool(None);
     let tok = e.tokenizer().unwrap();
@@ -144,13 +144,24 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
         "1, 2, 3, 4, 5,",
         "In the beginning of the twentieth century, the city grew quickly because the railway brought workers and",
         "Question: what is two plus two? Answer:",
+        "The river flows",
+        "Once upon a time",
     ];
-    let specs = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), KvSpec::bits(8, 4)];
+    let mut rotated = KvSpec::bits(8, 4);
+    rotated.rotation = mlx_kv::Rotation::KeysAndValues;
+    let mut v_rotated = KvSpec::bits(4, 2);
+    v_rotated.rotation = mlx_kv::Rotation::Values;
+    v_rotated.v.group = 32;
+    let n_layers = e.model().n_layers();
+    let recipe: Vec<KvSpec> = (0..n_layers).map(|i| if i % 3 == 0 { v_rotated.clone() } else { KvSpec::bits(8, 4) }).collect();
+    let mut specs: Vec<CacheSettings> = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), KvSpec::bits(8, 4), rotated].into_iter().map(settings).collect();
+    specs.push(CacheSettings { layers: mlx_kv::LayerOverrides::per_layer(&recipe), ..settings(KvSpec::bits(8, 4)) });
+    let n = specs.len();
     let steps = 12;
     // Alone: each sequence's greedy tokens and, at each, the gap between its two best tokens.
     let mut alone: Vec<Vec<(u32, f32)>> = Vec::new();
     for (p, spec) in prompts.iter().zip(&specs) {
-        let mut s = e.sequence(&settings(spec.clone()), SamplerSettings::default(), 16).unwrap();
+        let mut s = e.sequence(spec, SamplerSettings::default(), 16).unwrap();
         let mut got = Vec::new();
         s.generate_scored(&tok.encode(p, true), steps, &[], Some(2), |id, sc| {
             let sc = sc.unwrap();
@@ -162,9 +173,9 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     }
     // Together: prompts fed in chunks of 16 tokens one sequence at a time, as the server
     // interleaves them, then decode steps over all four at once.
-    let mut seqs: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(&settings(spec.clone()), SamplerSettings::default(), 16, 128).unwrap().expect("no pool limit")).collect();
+    let mut seqs: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(spec, SamplerSettings::default(), 16, 128).unwrap().expect("no pool limit")).collect();
     let pooled = seqs.iter().filter(|s| s.caches()[0].paged_table().is_some()).count();
-    assert_eq!(pooled, 4, "every quantized sequence lives in the pool");
+    assert_eq!(pooled, n - 1, "every quantized sequence lives in the pool");
     let mut together: Vec<Vec<u32>> = vec![Vec::new(); seqs.len()];
     for (s, p) in seqs.iter_mut().zip(&prompts) {
         s.queue_prompt(&tok.encode(p, true), steps).unwrap();
@@ -179,7 +190,7 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     }
     for _ in 1..steps {
         let mut refs: Vec<&mut models::engine::Sequence<'_>> = seqs.iter_mut().collect();
-        let out = models::engine::decode_batch(&mut refs, &[None; 5]).unwrap();
+        let out = models::engine::decode_batch(&mut refs, &vec![None; n]).unwrap();
         for (b, (id, _)) in out.into_iter().enumerate() {
             together[b].push(id);
         }
@@ -188,14 +199,14 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
         let single: Vec<u32> = alone[b].iter().map(|x| x.0).collect();
         if let Some(i) = (0..steps).find(|&i| together[b][i] != single[i]) {
             let gap = alone[b][i].1;
-            assert!(gap < NEAR_TIE, "sequence {b} ({}) leaves its single-stream path at token {i} where the top two differ by {gap}: {:?} vs {:?}", specs[b], together[b], single);
+            assert!(gap < NEAR_TIE, "sequence {b} ({:?}) leaves its single-stream path at token {i} where the top two differ by {gap}: {:?} vs {:?}", specs[b], together[b], single);
             eprintln!("sequence {b}: near-tie at token {i} (gap {gap}), paths differ from there");
         }
         assert_eq!(seqs[b].history().len(), tok.encode(prompts[b], true).len() + steps);
     }
     // Pipelined (step k + 1 queued before step k is read) the same batch computes the same
     // thing, so the tokens must be identical, not merely close.
-    let mut piped: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(&settings(spec.clone()), SamplerSettings::default(), 16, 128).unwrap().unwrap()).collect();
+    let mut piped: Vec<_> = specs.iter().map(|spec| e.pooled_sequence(spec, SamplerSettings::default(), 16, 128).unwrap().unwrap()).collect();
     let mut piped_tokens: Vec<Vec<u32>> = vec![Vec::new(); piped.len()];
     for ((s, p), got) in piped.iter_mut().zip(&prompts).zip(piped_tokens.iter_mut()) {
         s.queue_prompt(&tok.encode(p, true), steps).unwrap();
@@ -203,7 +214,7 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     }
     {
         let mut refs: Vec<&mut models::engine::Sequence<'_>> = piped.iter_mut().collect();
-        models::engine::decode_steps(&mut refs, &[None; 5], steps - 1, |out| {
+        models::engine::decode_steps(&mut refs, &vec![None; n], steps - 1, |out| {
             for (b, (id, _)) in out.iter().enumerate() {
                 piped_tokens[b].push(*id);
             }
@@ -214,8 +225,12 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     drop(piped);
     let path = seqs[1].attention_path().expect("decoded").to_string();
     assert!(path.starts_with("paged-cpu"), "a pooled k8v4 sequence decodes through the paged op, not {path}");
+    for b in [5, 6] {
+        let path = seqs[b].attention_path().expect("decoded").to_string();
+        assert!(path.starts_with("paged-cpu"), "a pooled rotated or per-layer sequence decodes through the paged op, not {path}");
+    }
     let used = e.pool().unwrap().usage().used_blocks;
-    assert_eq!(used, 4, "one block per pooled sequence (each under 256 tokens)");
+    assert_eq!(used, n - 1, "one block per pooled sequence (each under 256 tokens)");
     drop(seqs);
     assert_eq!(e.pool().unwrap().usage().used_blocks, 0, "finished sequences give their blocks back");
 }

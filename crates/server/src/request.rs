@@ -143,7 +143,7 @@ fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat:
     let held = settings.max_kv_size.map_or(total, |w| w.min(total));
     // Pooled sequences take whole blocks, so the pool's count is the formula they are held to.
     let predicted = match (engine.pool(), engine.pool_format(&settings)) {
-        (Some(pool), Some(fmt)) => (mlx_kv::KvPool::blocks_for(held) * pool.block_bytes(fmt)) as u64,
+        (Some(pool), Some(fmt)) => (mlx_kv::KvPool::blocks_for(held) * pool.block_bytes(&fmt)) as u64,
         _ => (settings.bytes_per_token(model) * held as f64).ceil() as u64,
     };
     if predicted > config.kv_budget {

@@ -104,16 +104,17 @@ impl Engine {
     }
 
     /// The block format sequences of `cache` take in the pool, or `None` when they keep their
-    /// own buffers (no pool, a dense or otherwise unpooled spec, per-layer overrides, or a
-    /// window on any layer).
+    /// own buffers (no pool, a dense or otherwise unpooled spec on any layer, or a window on any
+    /// layer). Per-layer settings (a recipe) pool with one format per layer.
     pub fn pool_format(&self, cache: &CacheSettings) -> Option<BlockFormat> {
         self.pool.as_ref()?;
         let m = self.model.as_ref();
-        let windowed = cache.max_kv_size.is_some() || (0..m.n_layers()).any(|i| m.layer_window(i).is_some());
-        if windowed || !cache.layers.is_empty() {
+        let n = m.n_layers();
+        let windowed = cache.max_kv_size.is_some() || (0..n).any(|i| m.layer_window(i).is_some());
+        if windowed {
             return None;
         }
-        BlockFormat::of(&cache.spec)
+        BlockFormat::of_layers(&(0..n).map(|i| cache.layers.apply(&cache.spec, i, n)).collect::<Vec<_>>())
     }
 
     /// A new sequence whose caches live in the pool when [`Self::pool_format`] says so, with
@@ -122,10 +123,11 @@ impl Engine {
     pub fn pooled_sequence(&self, cache: &CacheSettings, sampler: SamplerSettings, prefill_step: usize, tokens: usize) -> Result<Option<Sequence<'_>>> {
         let mut seq = self.sequence(cache, sampler, prefill_step)?;
         let (Some(pool), Some(fmt)) = (self.pool.as_ref(), self.pool_format(cache)) else { return Ok(Some(seq)) };
-        let Some(table) = pool.reserve(fmt, tokens) else { return Ok(None) };
+        let Some(table) = pool.reserve(&fmt, tokens) else { return Ok(None) };
         let table = std::sync::Arc::new(std::sync::Mutex::new(table));
         let m = self.model.as_ref();
-        seq.caches = (0..m.n_layers()).map(|i| KvCache::new_paged(cache.spec.clone(), m.head_dim(), table.clone(), i)).collect::<std::result::Result<_, _>>()?;
+        let n = m.n_layers();
+        seq.caches = (0..n).map(|i| KvCache::new_paged(cache.layers.apply(&cache.spec, i, n), m.head_dim(), table.clone(), i)).collect::<std::result::Result<_, _>>()?;
         Ok(Some(seq))
     }
 

@@ -1,0 +1,293 @@
+//! `kvsplit-mlx calibrate`: a per-layer K/V recipe for one model at one byte budget.
+//!
+//! 1. Score calibration windows with the unquantized cache (the reference).
+//! 2. For every layer and each of K and V separately, score the windows with only that tensor
+//!    quantized, at each candidate setting ([`candidates`]): its KLD is the tensor's damage.
+//! 3. Choose one candidate per tensor with the least summed damage within the budget
+//!    ([`models::allocate`], exact multiple-choice knapsack).
+//! 4. Score the chosen recipe and the plain preset on the same windows and write the recipe
+//!    (JSON) with both, plus every measured damage as CSV beside it.
+//!
+//! Candidates are only settings our fast decode paths run (2, 4 and 8 bits, per-token groups,
+//! with or without the Hadamard rotation), so that a recipe never costs speed for quality.
+//! The calibration windows come from the end of the text unless `--start-token` says otherwise,
+//! and `ppl` scores windows from its start, so the two never share a token.
+
+use crate::model_args::{load, ModelArgs};
+use crate::ppl::{read_text, WindowArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mlx_kv::{KvSpec, LayerOverrides, QuantSpec, Rotation};
+use models::allocate::{allocate, quarter_bits, Choice};
+use models::engine::Engine;
+use models::generate::CacheSettings;
+use models::perplexity::{score_window, PplOptions, PplResult, WindowScore};
+use models::recipe::{bits_per_element, Calibration, Measured, Recipe, FORMAT, FORMAT_VERSION};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The byte budget: a preset (`k8v4`, `k4v4`, `k4v2`, `8,4`) whose uniform setting's bytes
+    /// the recipe may spend, or stored bits per element, K and V averaged (`6.5`), or bytes
+    /// per token over all layers (`9360B`).
+    #[arg(long)]
+    pub budget: String,
+    /// Calibration text: `wikitext` (the WikiText-2 raw test split; its end, which `ppl` does
+    /// not reach) or omit it and give --file.
+    #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
+    pub dataset: Option<String>,
+    /// A UTF-8 text file to calibrate on instead.
+    #[arg(long, conflicts_with = "dataset")]
+    pub file: Option<PathBuf>,
+    /// Directory holding wiki.test.raw (as for `ppl`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub window: WindowArgs,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 2)]
+    pub windows: usize,
+    /// First token of the first calibration window (default: the last windows of the text).
+    #[arg(long)]
+    pub start_token: Option<usize>,
+    /// Recipe file to write (default: recipes/<model>-<preset or bits>.json). The measured
+    /// damages go beside it as .sensitivity.csv.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Which tensor of a layer a candidate quantizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    K,
+    V,
+}
+
+/// One setting of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cand {
+    q: QuantSpec,
+    rotate: bool,
+}
+
+/// The candidates per tensor that `head_dim` allows (groups dividing it; rotation needs a power
+/// of two). 8 bits loses little whatever the group, so only groups 64 and 128 are tried; 4 and 2
+/// bits try every group with and without rotation, except 2-bit keys, which only the rotated
+/// small groups make usable at all.
+fn candidates(part: Part, head_dim: usize) -> Vec<Cand> {
+    let ok = |c: &Cand| head_dim.is_multiple_of(c.q.group) && (!c.rotate || head_dim.is_power_of_two());
+    all_candidates(part).into_iter().filter(ok).collect()
+}
+
+fn all_candidates(part: Part) -> Vec<Cand> {
+    let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate };
+    let mut v = vec![c(8, 64, false), c(8, 128, false)];
+    for g in [32, 64, 128] {
+        v.push(c(4, g, false));
+        v.push(c(4, g, true));
+    }
+    match part {
+        Part::K => v.extend([c(2, 32, true), c(2, 64, true)]),
+        Part::V => {
+            for g in [32, 64, 128] {
+                v.push(c(2, g, false));
+                v.push(c(2, g, true));
+            }
+        }
+    }
+    v
+}
+
+/// A layer's setting from its key and value candidates.
+fn layer_spec(k: Cand, v: Cand) -> KvSpec {
+    let mut s = KvSpec::bits(k.q.bits, v.q.bits);
+    s.k = k.q;
+    s.v = v.q;
+    s.rotation = Rotation::of(k.rotate, v.rotate);
+    s
+}
+
+/// Settings with one tensor of one layer at `cand` and everything else unquantized.
+fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand) -> CacheSettings {
+    let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false };
+    let spec = match part {
+        Part::K => layer_spec(cand, dense),
+        Part::V => layer_spec(dense, cand),
+    };
+    let mut specs = vec![KvSpec::dense(); n_layers];
+    specs[layer] = spec;
+    CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None }
+}
+
+/// The budget in stored bits per element (K and V averaged), and the preset it came from.
+fn parse_budget(text: &str, bytes_per_bit_element: f64) -> Result<(f64, String)> {
+    let t = text.trim();
+    if let Some(b) = t.strip_suffix('B') {
+        let bytes: f64 = b.trim().parse().with_context(|| format!("--budget {text}: not a byte count"))?;
+        return Ok((bytes / bytes_per_bit_element, "custom".into()));
+    }
+    if let Ok(bits) = t.parse::<f64>() {
+        if !(2.0..=16.0).contains(&bits) {
+            bail!("--budget {text}: bits per element must be between 2 and 16");
+        }
+        return Ok((bits, "custom".into()));
+    }
+    let spec = KvSpec::parse(t).with_context(|| format!("--budget {text}: not a preset, bits per element or bytes per token"))?;
+    if !spec.k.is_quantized() || !spec.v.is_quantized() {
+        bail!("--budget {text}: a budget preset quantizes both K and V");
+    }
+    Ok((bits_per_element(&spec), spec.to_string()))
+}
+
+fn score_all(engine: &Engine, windows: &[&[u32]], settings: &CacheSettings, opts: &PplOptions, base: &[WindowScore]) -> Result<PplResult> {
+    let mut r = PplResult::default();
+    for (w, b) in windows.iter().zip(base) {
+        r.add(&score_window(engine, w, settings, opts)?, Some(b))?;
+    }
+    Ok(r)
+}
+
+pub fn run(a: CalibrateArgs) -> Result<()> {
+    if a.windows == 0 {
+        bail!("--windows: must be at least 1");
+    }
+    let opts = PplOptions { ctx: a.window.ctx, chunk: a.window.chunk, score_all: a.window.score_all, max_windows: None };
+    opts.validate()?;
+    let (text, label, _) = read_text(a.dataset.as_deref(), a.file.as_deref(), a.data_dir.as_deref())?;
+    let (loaded, path) = load(&a.model, &[])?;
+    let engine = Engine::from_loaded(loaded);
+    let model = engine.model();
+    let (n_layers, head_dim, heads) = (model.n_layers(), model.head_dim(), model.n_kv_heads());
+    // Bytes per token of one bit per element, over K and V of every layer.
+    let per_bit = (2 * n_layers * heads * head_dim) as f64 / 8.0;
+    let (budget_bits, preset) = parse_budget(&a.budget, per_bit)?;
+    let tokens = engine.tokenizer()?.encode_with(&text, true, false);
+    let need = a.windows * opts.ctx;
+    if tokens.len() < need {
+        bail!("--windows {}: the text has {} tokens, fewer than {need}", a.windows, tokens.len());
+    }
+    let start = a.start_token.unwrap_or(tokens.len() - need);
+    if start + need > tokens.len() {
+        bail!("--start-token {start}: {need} tokens from there pass the text's end ({})", tokens.len());
+    }
+    let windows: Vec<&[u32]> = (0..a.windows).map(|w| &tokens[start + w * opts.ctx..start + (w + 1) * opts.ctx]).collect();
+    let dense = CacheSettings::default();
+    println!("model:   {} ({n_layers} layers, {heads} KV heads, head_dim {head_dim})", path.display());
+    println!("text:    {label}: windows {}..{} of {} tokens", start, start + need, tokens.len());
+    println!("budget:  {budget_bits:.4} bits per element ({preset}), {:.0} bytes per token", budget_bits * per_bit);
+
+    let base: Vec<WindowScore> = windows.iter().map(|w| score_window(&engine, w, &dense, &opts)).collect::<models::error::Result<_>>()?;
+    let parts = [Part::K, Part::V];
+    let total: usize = parts.iter().map(|&p| candidates(p, head_dim).len()).sum::<usize>() * n_layers;
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} probes [{elapsed_precise}<{eta_precise}] {msg}")?);
+    // items[2 * layer + part]: that tensor's candidates with their measured damage.
+    let mut items: Vec<Vec<(Cand, Choice)>> = Vec::new();
+    let mut csv = String::from("layer,tensor,bits,group,rotate,quarter_bits,kld_mean,kld_se\n");
+    for layer in 0..n_layers {
+        for part in parts {
+            let mut item = Vec::new();
+            for cand in candidates(part, head_dim) {
+                bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }));
+                let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
+                let cost = quarter_bits(cand.q.bits, cand.q.group);
+                csv.push_str(&format!("{layer},{part:?},{},{},{},{cost},{:.8},{:.8}\n", cand.q.bits, cand.q.group, cand.rotate, r.kld_mean(), kld_se(&r)));
+                item.push((cand, Choice { cost, damage: r.kld_mean() }));
+                bar.inc(1);
+            }
+            items.push(item);
+        }
+    }
+    bar.finish_and_clear();
+
+    let budget_units = (budget_bits * 2.0 * 4.0 * n_layers as f64 + 1e-9).floor() as u32;
+    let choices: Vec<Vec<Choice>> = items.iter().map(|it| it.iter().map(|(_, c)| *c).collect()).collect();
+    let Some(pick) = allocate(&choices, budget_units) else {
+        bail!("--budget {}: even the cheapest candidates (2-bit) exceed it", a.budget);
+    };
+    let chosen = |i: usize| items[i][pick[i]].0;
+    let specs: Vec<KvSpec> = (0..n_layers).map(|l| layer_spec(chosen(2 * l), chosen(2 * l + 1))).collect();
+    let predicted: f64 = pick.iter().zip(&items).map(|(&j, it)| it[j].1.damage).sum();
+    let bits = specs.iter().map(bits_per_element).sum::<f64>() / n_layers as f64;
+    println!("chosen:  {bits:.4} bits per element; summed single-tensor KLD {predicted:.6}");
+    for (l, s) in specs.iter().enumerate() {
+        println!("  layer {l:>2}: {s}");
+    }
+
+    let recipe_settings = CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None };
+    let measured = score_all(&engine, &windows, &recipe_settings, &opts, &base)?;
+    let plain_kld = match KvSpec::parse(&preset) {
+        Ok(p) => Some(score_all(&engine, &windows, &CacheSettings { spec: p, ..Default::default() }, &opts, &base)?.kld_mean()),
+        Err(_) => None,
+    };
+    let mut dense_r = PplResult::default();
+    for b in &base {
+        dense_r.add(b, Some(b))?;
+    }
+    let paired = measured.paired(&dense_r).context("the recipe and the reference cover the same tokens")?;
+    println!(
+        "measured on the calibration windows: recipe KLD {:.6} ± {:.6}, Δppl {:+.3} ± {:.3} %; plain {preset} KLD {}",
+        measured.kld_mean(),
+        paired.kld_se,
+        paired.delta_ppl_pct,
+        paired.delta_ppl_se_pct,
+        plain_kld.map_or("-".into(), |k| format!("{k:.6}"))
+    );
+
+    let id = engine.model_id();
+    let model_name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+    let stem = path.file_stem().map_or_else(|| "model".into(), |f| f.to_string_lossy().into_owned());
+    let tag = if preset == "custom" { format!("{budget_bits:.3}b") } else { preset.clone() };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("recipes/{stem}-{tag}.json")));
+    let recipe = Recipe {
+        format: FORMAT.into(),
+        version: FORMAT_VERSION,
+        model_id: id,
+        model_name,
+        preset,
+        budget_bits,
+        bits_per_element: bits,
+        layers: specs.iter().map(|s| s.to_string()).collect(),
+        calibration: Calibration {
+            text: a.file.as_ref().map_or_else(|| "wikitext-2-raw/wiki.test.raw".into(), |f| f.display().to_string()),
+            text_sha256: sha256_hex(text.as_bytes()),
+            start_token: start,
+            windows: a.windows,
+            ctx: opts.ctx,
+            chunk: opts.chunk,
+        },
+        measured: Measured {
+            kld_mean: measured.kld_mean(),
+            kld_se: paired.kld_se,
+            delta_ppl_pct: paired.delta_ppl_pct,
+            delta_ppl_se_pct: paired.delta_ppl_se_pct,
+            predicted_kld: predicted,
+            plain_kld_mean: plain_kld,
+        },
+        method: "per-tensor KLD with only that tensor quantized, at 2/4/8 bits, groups 32/64/128, with and without Hadamard rotation; \
+                 exact multiple-choice knapsack on the summed KLD within the budget"
+            .into(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        created: crate::results::Env::detect().date,
+    };
+    recipe.save(&out).with_context(|| format!("--out {}", out.display()))?;
+    let sens = out.with_extension("sensitivity.csv");
+    std::fs::File::create(&sens).and_then(|mut f| f.write_all(csv.as_bytes())).with_context(|| format!("writing {}", sens.display()))?;
+    println!("wrote {} and {}", out.display(), sens.display());
+    Ok(())
+}
+
+/// Standard error of the mean KLD, clustered by window (as `ppl` reports it; pairing a result
+/// with itself leaves the KLD's own spread).
+fn kld_se(r: &PplResult) -> f64 {
+    r.paired(r).map_or(f64::NAN, |p| p.kld_se)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
