@@ -8,7 +8,7 @@
 //! 4. Score the chosen recipe and the plain preset on the same windows and write the recipe
 //!    (JSON) with both, plus every measured damage as CSV beside it.
 //!
-//! Candidates are only settings our fast decode paths run (2, 4 and 8 bits, per-token groups,
+//! Candidates are only settings our fast decode paths run (2, 3, 4, 6 and 8 bits, per-token groups,
 //! with or without the Hadamard rotation), so that a recipe never costs speed for quality.
 //! The calibration windows come from the end of the text unless `--start-token` says otherwise,
 //! and `ppl` scores windows from its start, so the two never share a token.
@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mlx_kv::{KvSpec, LayerOverrides, QuantSpec, Rotation};
+use mlx_rs::Array;
 use models::allocate::{allocate, quarter_bits, Choice};
 use models::engine::Engine;
 use models::generate::CacheSettings;
@@ -33,9 +34,10 @@ pub struct CalibrateArgs {
     pub model: ModelArgs,
     /// The byte budget: a preset (`k8v4`, `k4v4`, `k4v2`, `8,4`) whose uniform setting's bytes
     /// the recipe may spend, or stored bits per element, K and V averaged (`6.5`), or bytes
-    /// per token over all layers (`9360B`).
-    #[arg(long)]
-    pub budget: String,
+    /// per token over all layers (`9360B`). Repeat it for one recipe per budget from the same
+    /// measurements.
+    #[arg(long, required = true)]
+    pub budget: Vec<String>,
     /// Calibration text: `wikitext` (the WikiText-2 raw test split; its end, which `ppl` does
     /// not reach) or omit it and give --file.
     #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
@@ -54,10 +56,23 @@ pub struct CalibrateArgs {
     /// First token of the first calibration window (default: the last windows of the text).
     #[arg(long)]
     pub start_token: Option<usize>,
-    /// Recipe file to write (default: recipes/<model>-<preset or bits>.json). The measured
-    /// damages go beside it as .sensitivity.csv.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    /// Directory for the recipes (<model>-<preset or bits>.json) and the measured damages
+    /// (<model>.sensitivity.csv).
+    #[arg(long, default_value = "recipes")]
+    pub out_dir: PathBuf,
+    /// How each candidate's damage is found: `all` scores every candidate of every tensor
+    /// (exact, 16-24 model runs per layer); `reference` scores three reference settings per
+    /// tensor and scales their KLD by each candidate's measured reconstruction error of that
+    /// tensor's real keys or values (KLD is second order in small errors), 6 runs per layer.
+    #[arg(long, value_enum, default_value = "reference")]
+    pub probes: Probes,
+}
+
+/// See [`CalibrateArgs::probes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Probes {
+    All,
+    Reference,
 }
 
 /// Which tensor of a layer a candidate quantizes.
@@ -75,9 +90,10 @@ struct Cand {
 }
 
 /// The candidates per tensor that `head_dim` allows (groups dividing it; rotation needs a power
-/// of two). 8 bits loses little whatever the group, so only groups 64 and 128 are tried; 4 and 2
-/// bits try every group with and without rotation, except 2-bit keys, which only the rotated
-/// small groups make usable at all.
+/// of two), all widths the fast decode paths read: 8 bits (little to gain from groups or
+/// rotation, so groups 64 and 128 only), 6, 4 and 3 bits at several groups with and without
+/// rotation, and 2 bits (values at every group and frame; keys only rotated at small groups,
+/// the only 2-bit keys that are usable at all).
 fn candidates(part: Part, head_dim: usize) -> Vec<Cand> {
     let ok = |c: &Cand| head_dim.is_multiple_of(c.q.group) && (!c.rotate || head_dim.is_power_of_two());
     all_candidates(part).into_iter().filter(ok).collect()
@@ -86,9 +102,11 @@ fn candidates(part: Part, head_dim: usize) -> Vec<Cand> {
 fn all_candidates(part: Part) -> Vec<Cand> {
     let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate };
     let mut v = vec![c(8, 64, false), c(8, 128, false)];
-    for g in [32, 64, 128] {
-        v.push(c(4, g, false));
-        v.push(c(4, g, true));
+    for (bits, groups) in [(6u8, &[64usize, 128][..]), (4, &[32, 64, 128]), (3, &[64, 128])] {
+        for &g in groups {
+            v.push(c(bits, g, false));
+            v.push(c(bits, g, true));
+        }
     }
     match part {
         Part::K => v.extend([c(2, 32, true), c(2, 64, true)]),
@@ -100,6 +118,58 @@ fn all_candidates(part: Part) -> Vec<Cand> {
         }
     }
     v
+}
+
+/// The settings `--probes reference` scores for a tensor: 4 bits at group 64 in either frame,
+/// and 2 bits rotated (2-bit errors are large enough that a 4-bit reference would extrapolate
+/// far outside the second-order regime).
+fn references(head_dim: usize) -> Vec<Cand> {
+    let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate };
+    let mut v = vec![c(4, false)];
+    if head_dim.is_power_of_two() {
+        v.extend([c(4, true), c(2, true)]);
+    }
+    v
+}
+
+/// The reference whose KLD scales to `cand`: same frame, and the 2-bit one for rotated 2 bits
+/// (3 bits and up scale from 4 bits: within a factor of five in squared error).
+fn reference_for(cand: Cand, refs: &[Cand]) -> Cand {
+    let want_bits = if cand.rotate && cand.q.bits == 2 { 2 } else { 4 };
+    *refs.iter().find(|r| r.rotate == cand.rotate && r.q.bits == want_bits).unwrap_or(&refs[0])
+}
+
+/// Mean squared reconstruction error of `x` (`[.., D]` float) stored at `cand`, measured in the
+/// frame it is stored in (the rotation is orthonormal, so the error is the same in the model's).
+fn reconstruction_mse(x: &Array, cand: Cand, h: Option<&Array>) -> Result<f64> {
+    let x = x.as_dtype(mlx_rs::Dtype::Float32)?;
+    let x = match (cand.rotate, h) {
+        (true, Some(h)) => mlx_rs::ops::matmul(&x, h)?,
+        _ => x,
+    };
+    let p = mlx_kv::store::Packed::quantize(&x, cand.q.group, cand.q.bits)?;
+    let back = p.dequantize(cand.q.group, cand.q.bits, mlx_rs::Dtype::Float32)?;
+    let e = back.subtract(&x)?.square()?.mean(None)?;
+    Ok(e.item_cast::<f32>() as f64)
+}
+
+/// Every layer's keys and values (`[1, Hkv, T, D]`, float) over the windows, from runs with the
+/// unquantized cache.
+fn capture(engine: &Engine, windows: &[&[u32]], chunk: usize) -> Result<Vec<(Vec<Array>, Vec<Array>)>> {
+    let n = engine.model().n_layers();
+    let mut out: Vec<(Vec<Array>, Vec<Array>)> = vec![(Vec::new(), Vec::new()); n];
+    for w in windows {
+        let mut seq = engine.sequence(&CacheSettings::default(), Default::default(), chunk)?;
+        for part in w.chunks(chunk) {
+            let logits = seq.forward(part, true)?;
+            mlx_rs::transforms::eval([&logits])?;
+        }
+        for (l, c) in seq.caches().iter().enumerate() {
+            out[l].0.push(c.dequantized_keys()?.context("a filled cache has keys")?);
+            out[l].1.push(c.dequantized_values()?.context("a filled cache has values")?);
+        }
+    }
+    Ok(out)
 }
 
 /// A layer's setting from its key and value candidates.
@@ -157,15 +227,15 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     }
     let opts = PplOptions { ctx: a.window.ctx, chunk: a.window.chunk, score_all: a.window.score_all, max_windows: None };
     opts.validate()?;
-    let (text, label, _) = read_text(a.dataset.as_deref(), a.file.as_deref(), a.data_dir.as_deref())?;
+    let (text_bytes, label, _) = read_text(a.dataset.as_deref(), a.file.as_deref(), a.data_dir.as_deref())?;
     let (loaded, path) = load(&a.model, &[])?;
     let engine = Engine::from_loaded(loaded);
     let model = engine.model();
     let (n_layers, head_dim, heads) = (model.n_layers(), model.head_dim(), model.n_kv_heads());
     // Bytes per token of one bit per element, over K and V of every layer.
     let per_bit = (2 * n_layers * heads * head_dim) as f64 / 8.0;
-    let (budget_bits, preset) = parse_budget(&a.budget, per_bit)?;
-    let tokens = engine.tokenizer()?.encode_with(&text, true, false);
+    let budgets: Vec<(f64, String)> = a.budget.iter().map(|b| parse_budget(b, per_bit)).collect::<Result<_>>()?;
+    let tokens = engine.tokenizer()?.encode_with(&text_bytes, true, false);
     let need = a.windows * opts.ctx;
     if tokens.len() < need {
         bail!("--windows {}: the text has {} tokens, fewer than {need}", a.windows, tokens.len());
@@ -178,106 +248,156 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let dense = CacheSettings::default();
     println!("model:   {} ({n_layers} layers, {heads} KV heads, head_dim {head_dim})", path.display());
     println!("text:    {label}: windows {}..{} of {} tokens", start, start + need, tokens.len());
-    println!("budget:  {budget_bits:.4} bits per element ({preset}), {:.0} bytes per token", budget_bits * per_bit);
+    for (bits, preset) in &budgets {
+        println!("budget:  {bits:.4} bits per element ({preset}), {:.0} bytes per token", bits * per_bit);
+    }
 
     let base: Vec<WindowScore> = windows.iter().map(|w| score_window(&engine, w, &dense, &opts)).collect::<models::error::Result<_>>()?;
     let parts = [Part::K, Part::V];
-    let total: usize = parts.iter().map(|&p| candidates(p, head_dim).len()).sum::<usize>() * n_layers;
+    let refs = references(head_dim);
+    let probed = |p: Part| match a.probes {
+        Probes::All => candidates(p, head_dim),
+        Probes::Reference => refs.clone(),
+    };
+    let total: usize = parts.iter().map(|&p| probed(p).len()).sum::<usize>() * n_layers;
+    println!("probes:  {total} model runs over {} window(s) ({:?})", a.windows, a.probes);
     let bar = ProgressBar::new(total as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} probes [{elapsed_precise}<{eta_precise}] {msg}")?);
-    // items[2 * layer + part]: that tensor's candidates with their measured damage.
+    let captured = match a.probes {
+        Probes::Reference => Some(capture(&engine, &windows, opts.chunk)?),
+        Probes::All => None,
+    };
+    let hadamard = if head_dim.is_power_of_two() { Some(mlx_kv::rotation::hadamard(head_dim, mlx_rs::Dtype::Float32)?) } else { None };
+    // items[2 * layer + part]: that tensor's candidates with their (measured or scaled) damage.
     let mut items: Vec<Vec<(Cand, Choice)>> = Vec::new();
-    let mut csv = String::from("layer,tensor,bits,group,rotate,quarter_bits,kld_mean,kld_se\n");
+    let mut csv = String::from("layer,tensor,bits,group,rotate,quarter_bits,kld_mean,kld_se,measured,reconstruction_mse\n");
+    let started = std::time::Instant::now();
+    let mut done = 0usize;
     for layer in 0..n_layers {
         for part in parts {
-            let mut item = Vec::new();
-            for cand in candidates(part, head_dim) {
+            let mut measured: Vec<(Cand, f64, f64)> = Vec::new();
+            for cand in probed(part) {
                 bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }));
                 let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
-                let cost = quarter_bits(cand.q.bits, cand.q.group);
-                csv.push_str(&format!("{layer},{part:?},{},{},{},{cost},{:.8},{:.8}\n", cand.q.bits, cand.q.group, cand.rotate, r.kld_mean(), kld_se(&r)));
-                item.push((cand, Choice { cost, damage: r.kld_mean() }));
+                measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
+                done += 1;
+                if bar.is_hidden() && done % (total / 20).max(1) == 0 {
+                    let el = started.elapsed().as_secs_f64();
+                    eprintln!("calibrate: {done}/{total} probes, {el:.0} s, about {:.0} s left", el / done as f64 * (total - done) as f64);
+                }
+            }
+            let mse = |c: Cand| -> Result<f64> {
+                let Some(cap) = &captured else { return Ok(f64::NAN) };
+                let xs = if part == Part::K { &cap[layer].0 } else { &cap[layer].1 };
+                let mut sum = 0.0;
+                for x in xs {
+                    sum += reconstruction_mse(x, c, hadamard.as_ref())?;
+                }
+                Ok(sum / xs.len() as f64)
+            };
+            let mut item = Vec::new();
+            for cand in candidates(part, head_dim) {
+                let cost = quarter_bits(cand.q.bits, cand.q.group);
+                let (damage, se, was_measured, e) = match measured.iter().find(|m| m.0 == cand) {
+                    Some(&(_, k, se)) => (k, se, true, mse(cand)?),
+                    None => {
+                        let r = reference_for(cand, &refs);
+                        let &(_, k_ref, _) = measured.iter().find(|m| m.0 == r).expect("references are probed");
+                        let (e, e_ref) = (mse(cand)?, mse(r)?);
+                        (k_ref * e / e_ref.max(f64::MIN_POSITIVE), f64::NAN, false, e)
+                    }
+                };
+                csv.push_str(&format!("{layer},{part:?},{},{},{},{cost},{damage:.8},{se:.8},{was_measured},{e:.6e}\n", cand.q.bits, cand.q.group, cand.rotate));
+                item.push((cand, Choice { cost, damage }));
             }
             items.push(item);
         }
     }
     bar.finish_and_clear();
 
-    let budget_units = (budget_bits * 2.0 * 4.0 * n_layers as f64 + 1e-9).floor() as u32;
-    let choices: Vec<Vec<Choice>> = items.iter().map(|it| it.iter().map(|(_, c)| *c).collect()).collect();
-    let Some(pick) = allocate(&choices, budget_units) else {
-        bail!("--budget {}: even the cheapest candidates (2-bit) exceed it", a.budget);
-    };
-    let chosen = |i: usize| items[i][pick[i]].0;
-    let specs: Vec<KvSpec> = (0..n_layers).map(|l| layer_spec(chosen(2 * l), chosen(2 * l + 1))).collect();
-    let predicted: f64 = pick.iter().zip(&items).map(|(&j, it)| it[j].1.damage).sum();
-    let bits = specs.iter().map(bits_per_element).sum::<f64>() / n_layers as f64;
-    println!("chosen:  {bits:.4} bits per element; summed single-tensor KLD {predicted:.6}");
-    for (l, s) in specs.iter().enumerate() {
-        println!("  layer {l:>2}: {s}");
-    }
-
-    let recipe_settings = CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None };
-    let measured = score_all(&engine, &windows, &recipe_settings, &opts, &base)?;
-    let plain_kld = match KvSpec::parse(&preset) {
-        Ok(p) => Some(score_all(&engine, &windows, &CacheSettings { spec: p, ..Default::default() }, &opts, &base)?.kld_mean()),
-        Err(_) => None,
-    };
+    let stem = path.file_stem().map_or_else(|| "model".into(), |f| f.to_string_lossy().into_owned());
+    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("--out-dir {}", a.out_dir.display()))?;
+    let sens = a.out_dir.join(format!("{stem}.sensitivity.csv"));
+    std::fs::File::create(&sens).and_then(|mut f| f.write_all(csv.as_bytes())).with_context(|| format!("writing {}", sens.display()))?;
+    println!("wrote {}", sens.display());
     let mut dense_r = PplResult::default();
     for b in &base {
         dense_r.add(b, Some(b))?;
     }
-    let paired = measured.paired(&dense_r).context("the recipe and the reference cover the same tokens")?;
-    println!(
-        "measured on the calibration windows: recipe KLD {:.6} ± {:.6}, Δppl {:+.3} ± {:.3} %; plain {preset} KLD {}",
-        measured.kld_mean(),
-        paired.kld_se,
-        paired.delta_ppl_pct,
-        paired.delta_ppl_se_pct,
-        plain_kld.map_or("-".into(), |k| format!("{k:.6}"))
-    );
-
-    let id = engine.model_id();
-    let model_name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
-    let stem = path.file_stem().map_or_else(|| "model".into(), |f| f.to_string_lossy().into_owned());
-    let tag = if preset == "custom" { format!("{budget_bits:.3}b") } else { preset.clone() };
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("recipes/{stem}-{tag}.json")));
-    let recipe = Recipe {
-        format: FORMAT.into(),
-        version: FORMAT_VERSION,
-        model_id: id,
-        model_name,
-        preset,
-        budget_bits,
-        bits_per_element: bits,
-        layers: specs.iter().map(|s| s.to_string()).collect(),
-        calibration: Calibration {
-            text: a.file.as_ref().map_or_else(|| "wikitext-2-raw/wiki.test.raw".into(), |f| f.display().to_string()),
-            text_sha256: sha256_hex(text.as_bytes()),
-            start_token: start,
-            windows: a.windows,
-            ctx: opts.ctx,
-            chunk: opts.chunk,
-        },
-        measured: Measured {
-            kld_mean: measured.kld_mean(),
-            kld_se: paired.kld_se,
-            delta_ppl_pct: paired.delta_ppl_pct,
-            delta_ppl_se_pct: paired.delta_ppl_se_pct,
-            predicted_kld: predicted,
-            plain_kld_mean: plain_kld,
-        },
-        method: "per-tensor KLD with only that tensor quantized, at 2/4/8 bits, groups 32/64/128, with and without Hadamard rotation; \
-                 exact multiple-choice knapsack on the summed KLD within the budget"
-            .into(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        created: crate::results::Env::detect().date,
-    };
-    recipe.save(&out).with_context(|| format!("--out {}", out.display()))?;
-    let sens = out.with_extension("sensitivity.csv");
-    std::fs::File::create(&sens).and_then(|mut f| f.write_all(csv.as_bytes())).with_context(|| format!("writing {}", sens.display()))?;
-    println!("wrote {} and {}", out.display(), sens.display());
+    let choices: Vec<Vec<Choice>> = items.iter().map(|it| it.iter().map(|(_, c)| *c).collect()).collect();
+    for ((budget_bits, preset), text) in budgets.into_iter().zip(&a.budget) {
+        let budget_units = (budget_bits * 2.0 * 4.0 * n_layers as f64 + 1e-9).floor() as u32;
+        let Some(pick) = allocate(&choices, budget_units) else {
+            bail!("--budget {text}: even the cheapest candidates (2-bit) exceed it");
+        };
+        let chosen = |i: usize| items[i][pick[i]].0;
+        let specs: Vec<KvSpec> = (0..n_layers).map(|l| layer_spec(chosen(2 * l), chosen(2 * l + 1))).collect();
+        let predicted: f64 = pick.iter().zip(&items).map(|(&j, it)| it[j].1.damage).sum();
+        let bits = specs.iter().map(bits_per_element).sum::<f64>() / n_layers as f64;
+        println!("budget {text}: {bits:.4} bits per element chosen; summed single-tensor damage {predicted:.6}");
+        for (l, s) in specs.iter().enumerate() {
+            println!("  layer {l:>2}: {s}");
+        }
+        let recipe_settings = CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None };
+        let measured = score_all(&engine, &windows, &recipe_settings, &opts, &base)?;
+        let plain_kld = match KvSpec::parse(&preset) {
+            Ok(p) => Some(score_all(&engine, &windows, &CacheSettings { spec: p, ..Default::default() }, &opts, &base)?.kld_mean()),
+            Err(_) => None,
+        };
+        let paired = measured.paired(&dense_r).context("the recipe and the reference cover the same tokens")?;
+        println!(
+            "  on the calibration windows: recipe KLD {:.6} ± {:.6}, Δppl {:+.3} ± {:.3} %; plain {preset} KLD {}",
+            measured.kld_mean(),
+            paired.kld_se,
+            paired.delta_ppl_pct,
+            paired.delta_ppl_se_pct,
+            plain_kld.map_or("-".into(), |k| format!("{k:.6}"))
+        );
+        let tag = if preset == "custom" { format!("{budget_bits:.3}b") } else { preset.clone() };
+        let out = a.out_dir.join(format!("{stem}-{tag}.json"));
+        let recipe = Recipe {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            model_id: engine.model_id(),
+            model_name: path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
+            preset,
+            budget_bits,
+            bits_per_element: bits,
+            layers: specs.iter().map(|s| s.to_string()).collect(),
+            calibration: Calibration {
+                text: a.file.as_ref().map_or_else(|| "wikitext-2-raw/wiki.test.raw".into(), |f| f.display().to_string()),
+                text_sha256: sha256_hex(text_bytes.as_bytes()),
+                start_token: start,
+                windows: a.windows,
+                ctx: opts.ctx,
+                chunk: opts.chunk,
+            },
+            measured: Measured {
+                kld_mean: measured.kld_mean(),
+                kld_se: paired.kld_se,
+                delta_ppl_pct: paired.delta_ppl_pct,
+                delta_ppl_se_pct: paired.delta_ppl_se_pct,
+                predicted_kld: predicted,
+                plain_kld_mean: plain_kld,
+            },
+            method: format!(
+                "per-tensor damage with only that tensor quantized, candidates 2/3/4/6/8 bits, groups 32/64/128, with and without Hadamard \
+                 rotation ({}); exact multiple-choice knapsack on the summed damage within the budget",
+                match a.probes {
+                    Probes::All => "every candidate's KLD measured",
+                    Probes::Reference => {
+                        "KLD measured at 4-bit g64 in both frames and 2-bit g64 rotated, scaled to the other candidates by their \
+                         reconstruction error of the tensor's real values"
+                    }
+                }
+            ),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            created: crate::results::Env::detect().date,
+        };
+        recipe.save(&out).with_context(|| format!("writing {}", out.display()))?;
+        println!("  wrote {}", out.display());
+    }
     Ok(())
 }
 

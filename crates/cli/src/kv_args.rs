@@ -46,12 +46,13 @@ pub struct KvArgs {
     pub max_kv_size: Option<usize>,
     /// A calibrated per-layer recipe (`kvsplit-mlx calibrate`) to run instead of --kv. Sweeps
     /// (ppl, bench, compare) take several, each one more setting beside the --kv list.
-    #[arg(long, conflicts_with = "kv_plain")]
+    #[arg(long)]
     pub kv_recipe: Vec<PathBuf>,
     /// Run a preset (k8v4, 8,4, ...) as the uniform setting its name says (every layer at those
     /// bits, group 64, no rotation), as other engines mean it. Without it a preset runs the
     /// model's shipped recipe at the same bytes, else the general choice (Hadamard-rotated keys
-    /// and values); every row says which ran.
+    /// and values); every row says which ran. In sweeps it applies to the --kv list, beside
+    /// any --kv-recipe entries.
     #[arg(long)]
     pub kv_plain: bool,
 }
@@ -105,6 +106,7 @@ impl KvArgs {
     pub fn single_pick(&self) -> Result<Pick> {
         Ok(match self.kv_recipe.as_slice() {
             [] => self.pick(),
+            [_] if self.kv_plain => bail!("--kv-plain: this command runs one setting, and --kv-recipe gives it"),
             [one] => Pick::File(one.clone()),
             _ => bail!("--kv-recipe: this command runs one setting; give one recipe"),
         })

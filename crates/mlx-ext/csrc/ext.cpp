@@ -38,7 +38,7 @@ using mlx::core::UnaryPrimitive;
 // ---- element order of packed units (kernels.cpp explains it) ----
 
 void permute(const float* x, int n, int bits, float* out) {
-  const int per = 8 / bits, unit = 8 * per;
+  const int per = phases_of(bits), unit = 8 * per;
   for (int e = 0; e < n; ++e) {
     const int u = e / unit, w = e % unit;
     out[u * unit + (w % per) * 8 + w / per] = x[e];
@@ -46,7 +46,7 @@ void permute(const float* x, int n, int bits, float* out) {
 }
 
 void unpermute(const float* x, int n, int bits, float* out) {
-  const int per = 8 / bits, unit = 8 * per;
+  const int per = phases_of(bits), unit = 8 * per;
   for (int e = 0; e < n; ++e) {
     const int u = e / unit, w = e % unit;
     out[e] = x[u * unit + (w % per) * 8 + w / per];
@@ -197,9 +197,9 @@ class Pool {
 // ---- checks shared by both primitives ----
 
 void check_bits_group(const char* what, int bits, int group, int len) {
-  if (bits != 2 && bits != 4 && bits != 8)
-    throw std::invalid_argument(std::string(what) + ": bits must be 2, 4 or 8, got " + std::to_string(bits));
-  const int unit = 64 / bits;  // elements in 8 packed bytes
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 6 && bits != 8)
+    throw std::invalid_argument(std::string(what) + ": bits must be 2, 3, 4, 6 or 8, got " + std::to_string(bits));
+  const int unit = unit_elems_of(bits);  // elements in one packed unit
   if (group <= 0 || group % unit != 0 || len % group != 0)
     throw std::invalid_argument(std::string(what) + ": group size " + std::to_string(group) +
                                 " must be a multiple of " + std::to_string(unit) + " and divide " +
@@ -319,7 +319,7 @@ class Dequantize : public PackedMatrixPrimitive {
     // spin on the cores BLAS needs for the matmul that follows (measured: 512-row prefill
     // 216 tok/s with the pool, against 281 before this primitive existed).
     enc.dispatch([y = out.data<float>(), pw, k, n, bits = bits_]() {
-      const int per = 8 / bits, unit = 8 * per;
+      const int per = phases_of(bits), unit = 8 * per;
       std::vector<float> row(k);
       for (int r = 0; r < n; ++r) {
         dequantize_rows(pw, k, r, r + 1, row.data());
@@ -597,7 +597,8 @@ extern "C" int kvsplit_cpu_dequantize(mlx_array* res, const mlx_array w_, const 
     const array &w = mlx_array_get_(w_), &s = mlx_array_get_(scales_), &b = mlx_array_get_(biases_);
     const Stream st = mlx_stream_get_(s_);
     require(w.ndim() == 2 && w.dtype() == mlx::core::uint32, std::string(what) + ": w must be uint32 [N, K*bits/32]");
-    require(bits == 2 || bits == 4 || bits == 8, std::string(what) + ": bits must be 2, 4 or 8, got " + std::to_string(bits));
+    require(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8,
+            std::string(what) + ": bits must be 2, 3, 4, 6 or 8, got " + std::to_string(bits));
     const int n = w.shape(0);
     const int64_t k64 = int64_t(w.shape(1)) * 32 / bits;
     require(k64 <= INT32_MAX, std::string(what) + ": rows too long");

@@ -1,5 +1,9 @@
-// CPU kernels over MLX affine-quantized rows (bits 2, 4, 8; groups along a row), compiled once
-// per instruction set: KV_NS names the namespace (see kernels.h and build.rs).
+// CPU kernels over MLX affine-quantized rows (bits 2, 3, 4, 6, 8; groups along a row), compiled
+// once per instruction set: KV_NS names the namespace (see kernels.h and build.rs).
+//
+// Bits 3 and 6 (MLX packs them as a little-endian bit stream, 8 or 4 codes per 3 bytes) use
+// 24-byte units whose lane i is the i-th 3-byte pack, phase j its j-th code: the same
+// lane/phase order as below, so everything after the unpack is shared.
 //
 // Packed order: MLX packs element e of a row into bits (e % (32/b)) * b of 32-bit word
 // e / (32/b), so byte i of a row holds elements i*p .. i*p+p-1 (p = 8/b codes per byte), one per
@@ -20,6 +24,17 @@ namespace kvsplit {
 namespace KV_NS {
 namespace {
 
+// Phase j of the unit at p: one code per lane.
+template <int B>
+inline F8 unit_codes(const uint8_t* p, int j) {
+  constexpr int mask = (1 << B) - 1;
+  if constexpr (unit_bytes_of(B) == 24) {
+    return F8::codes24(p, j * B, mask);
+  } else {
+    return F8::codes(p, j * B, mask);
+  }
+}
+
 inline float scale_at(const PackedRows& w, int64_t r, int g) {
   int64_t i = r * w.sb_stride + g;
   return w.f16 ? half_to_float(static_cast<const uint16_t*>(w.scales)[i]) : static_cast<const float*>(w.scales)[i];
@@ -34,7 +49,7 @@ inline float bias_at(const PackedRows& w, int64_t r, int g) {
 template <int B, int R>
 void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  constexpr int per = phases_of(B), unit = 8 * per, ub = unit_bytes_of(B);
   const int ng = k / w.group, upg = w.group / unit;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.w + r * w.row_bytes;
@@ -50,10 +65,10 @@ void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, in
       for (int m = 0; m < R; ++m) ga[m][0] = ga[m][1] = F8::zero();
       for (int u = 0; u < upg; ++u) {
         const int unit_idx = g * upg + u;
-        const uint8_t* p = row + unit_idx * 8;
+        const uint8_t* p = row + unit_idx * ub;
         const float* xu = xp + unit_idx * unit;
         for (int j = 0; j < per; ++j) {
-          F8 c = F8::codes(p, j * B, mask);
+          F8 c = unit_codes<B>(p, j);
           for (int m = 0; m < R; ++m) ga[m][(u * per + j) & 1] = fma(c, F8::load(xu + m * k + j * 8), ga[m][(u * per + j) & 1]);
         }
       }
@@ -89,7 +104,9 @@ void dot_rows_bits(const float* xp, const float* xsum, int rows, int k, const Pa
                    float* y, int64_t ldy) {
   switch (w.bits) {
     case 2: dot_rows_any<2>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
+    case 3: dot_rows_any<3>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
     case 4: dot_rows_any<4>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
+    case 6: dot_rows_any<6>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
     default: dot_rows_any<8>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
   }
 }
@@ -98,17 +115,17 @@ void dot_rows_bits(const float* xp, const float* xsum, int rows, int k, const Pa
 // weights already carry the value scale of the group being summed.
 template <int B, int R>
 void weighted_codes(const float* wt, int n, int d, const PackedRows& v, int64_t t0, int g, float* out) {
-  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  constexpr int per = phases_of(B), unit = 8 * per, ub = unit_bytes_of(B);
   const int upg = v.group / unit;
   for (int u = 0; u < upg; ++u) {
     const int unit_idx = g * upg + u;
     F8 acc[R][per];
     for (int m = 0; m < R; ++m)
       for (int j = 0; j < per; ++j) acc[m][j] = F8::zero();
-    const uint8_t* p = v.w + t0 * v.row_bytes + unit_idx * 8;
+    const uint8_t* p = v.w + t0 * v.row_bytes + unit_idx * ub;
     for (int t = 0; t < n; ++t, p += v.row_bytes) {
       F8 c[per];
-      for (int j = 0; j < per; ++j) c[j] = F8::codes(p, j * B, mask);
+      for (int j = 0; j < per; ++j) c[j] = unit_codes<B>(p, j);
       for (int m = 0; m < R; ++m) {
         const F8 s = F8::splat(wt[m * n + t]);
         for (int j = 0; j < per; ++j) acc[m][j] = fma(s, c[j], acc[m][j]);
@@ -138,7 +155,7 @@ void weighted_codes_any(const float* wt, int rows, int n, int d, const PackedRow
 // one shift+mask, convert and FMA per 8 elements, 8-lane stores.
 template <int B>
 void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
-  constexpr int per = 8 / B, mask = (1 << B) - 1, unit = 8 * per;
+  constexpr int per = phases_of(B), unit = 8 * per, ub = unit_bytes_of(B);
   const int ng = k / w.group, upg = w.group / unit;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.w + r * w.row_bytes;
@@ -147,8 +164,8 @@ void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float
       const F8 s = F8::splat(scale_at(w, r, g)), b = F8::splat(bias_at(w, r, g));
       for (int u = 0; u < upg; ++u) {
         const int unit_idx = g * upg + u;
-        const uint8_t* p = row + unit_idx * 8;
-        for (int j = 0; j < per; ++j) fma(F8::codes(p, j * B, mask), s, b).store(o + unit_idx * unit + j * 8);
+        const uint8_t* p = row + unit_idx * ub;
+        for (int j = 0; j < per; ++j) fma(unit_codes<B>(p, j), s, b).store(o + unit_idx * unit + j * 8);
       }
     }
   }
@@ -159,7 +176,9 @@ void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
   switch (w.bits) {
     case 2: dequantize_rows_b<2>(w, k, r0, r1, out); break;
+    case 3: dequantize_rows_b<3>(w, k, r0, r1, out); break;
     case 4: dequantize_rows_b<4>(w, k, r0, r1, out); break;
+    case 6: dequantize_rows_b<6>(w, k, r0, r1, out); break;
     default: dequantize_rows_b<8>(w, k, r0, r1, out); break;
   }
 }
@@ -227,7 +246,9 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
     float* tmp = wt + int64_t(rows) * n;  // rows x d
     switch (v.bits) {
       case 2: weighted_codes_any<2>(wt, rows, n, d, v, t0, g, tmp); break;
+      case 3: weighted_codes_any<3>(wt, rows, n, d, v, t0, g, tmp); break;
       case 4: weighted_codes_any<4>(wt, rows, n, d, v, t0, g, tmp); break;
+      case 6: weighted_codes_any<6>(wt, rows, n, d, v, t0, g, tmp); break;
       default: weighted_codes_any<8>(wt, rows, n, d, v, t0, g, tmp); break;
     }
     for (int r = 0; r < rows; ++r)

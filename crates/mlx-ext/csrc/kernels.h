@@ -19,7 +19,14 @@ struct PackedRows {
   int bits;
 };
 
-// The element order `PackedRows` codes unpack in: per 8-byte unit, phase j of every byte first
+// A packed unit is 8 lanes of codes. Bits 2, 4 and 8 give each lane one byte (8-byte units,
+// 8/bits codes per lane); bits 3 and 6 give each lane one 3-byte pack of MLX's little-endian bit
+// stream (24-byte units, 8 or 4 codes per lane). Phase j of a lane is its j-th code.
+constexpr int phases_of(int bits) { return bits == 3 ? 8 : bits == 6 ? 4 : 8 / bits; }
+constexpr int unit_bytes_of(int bits) { return bits == 3 || bits == 6 ? 24 : 8; }
+constexpr int unit_elems_of(int bits) { return 8 * phases_of(bits); }
+
+// The element order `PackedRows` codes unpack in: per unit, phase j of every lane first
 // (see kernels.cpp). `permute` writes x in that order so dot products need no shuffles.
 void permute(const float* x, int n, int bits, float* out);
 void unpermute(const float* x, int n, int bits, float* out);

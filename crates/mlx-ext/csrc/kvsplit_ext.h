@@ -28,7 +28,7 @@ int kvsplit_ext_cpu_threads(void);
 int kvsplit_ext_configure(int threads, bool force_generic);
 
 /* y = x W^T for an MLX affine-quantized W: `x` [..., K] float32, `w` [N, K*bits/32] uint32,
- * `scales`/`biases` [N, K/group] float32 or float16; y [..., N] float32. bits 2, 4 or 8. Meant
+ * `scales`/`biases` [N, K/group] float32 or float16; y [..., N] float32. bits 2, 3, 4, 6 or 8. Meant
  * for a few rows of x (decode); it reads W once per call whatever the row count. */
 int kvsplit_cpu_quantized_matvec(
     mlx_array* res,
@@ -42,7 +42,7 @@ int kvsplit_cpu_quantized_matvec(
 
 /* dequantize(W) as float32 [N, K] (natural element order, as MLX's dequantize): `w`
  * [N, K*bits/32] uint32, `scales`/`biases` [N, K/group] float32 or float16. For many-row
- * products, which then go to BLAS. bits 2, 4 or 8. */
+ * products, which then go to BLAS. bits 2, 3, 4, 6 or 8. */
 int kvsplit_cpu_dequantize(
     mlx_array* res,
     const mlx_array w,
@@ -57,7 +57,7 @@ int kvsplit_cpu_dequantize(
  * whole cache buffers `*_w` [B, Hkv, cap, D*bits/32] uint32 with `*_scales`/`*_biases`
  * [B, Hkv, cap, D/group] float16 or float32, of which the first `len` tokens are read. Every
  * query sees every one of them (no mask); Hq is a multiple of Hkv (grouped-query attention).
- * Returns [B, Hq, L, D] float32. Bits 2, 4 or 8 for each of K and V. */
+ * Returns [B, Hq, L, D] float32. Bits 2, 3, 4, 6 or 8 for each of K and V. */
 int kvsplit_cpu_quantized_decode_attention(
     mlx_array* res,
     const mlx_array q,

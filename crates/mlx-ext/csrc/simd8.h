@@ -54,6 +54,19 @@ struct F8 {
     b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(char(mask)));
     return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))};
   }
+  // Lane i = (24-bit little-endian value of p[3i..3i+3) >> shift) & mask for 24 bytes p; reads
+  // exactly those 24 bytes (two 16-byte loads at p and p + 8).
+  static F8 codes24(const uint8_t* p, int shift, int mask) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+    const __m256i x = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    // Low half: packs 0-3 from bytes 0..11 of p; high half: packs 4-7 from bytes 4..15 of p + 8.
+    const __m256i idx = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                         4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    __m256i w = _mm256_shuffle_epi8(x, idx);
+    w = _mm256_and_si256(_mm256_srl_epi32(w, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
+    return {_mm256_cvtepi32_ps(w)};
+  }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -112,6 +125,14 @@ struct F8 {
   static F8 codes(const uint8_t* p, int shift, int mask) {
     F8 r;
     for (int i = 0; i < 8; ++i) r.v[i] = float((p[i] >> shift) & mask);
+    return r;
+  }
+  static F8 codes24(const uint8_t* p, int shift, int mask) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t x = uint32_t(p[3 * i]) | uint32_t(p[3 * i + 1]) << 8 | uint32_t(p[3 * i + 2]) << 16;
+      r.v[i] = float((x >> shift) & uint32_t(mask));
+    }
     return r;
   }
   float sum() const {

@@ -10,10 +10,21 @@ pub fn enabled() -> bool {
     crate::options::current().cpu_kernels.on()
 }
 
-/// Codes the kernels unpack: MLX affine packing at these widths, with groups whose packed
-/// bytes are whole multiples of 8 (`64 / bits` elements).
+/// Codes the kernels unpack: MLX affine packing at 2, 3, 4, 6 or 8 bits, with groups that hold
+/// whole packed units ([`unit_elems`]).
 pub fn supports(bits: u8, group: usize, len: usize) -> bool {
-    matches!(bits, 2 | 4 | 8) && group > 0 && group.is_multiple_of(64 / bits as usize) && len.is_multiple_of(group)
+    unit_elems(bits).is_some_and(|unit| group > 0 && group.is_multiple_of(unit) && len.is_multiple_of(group))
+}
+
+/// Elements of one packed unit the kernels unpack at once (kernels.h `unit_elems_of`): 8 bytes
+/// for 2, 4 and 8 bits, 24 bytes (eight 3-byte packs of MLX's bit stream) for 3 and 6 bits.
+fn unit_elems(bits: u8) -> Option<usize> {
+    match bits {
+        2 | 4 | 8 => Some(64 / bits as usize),
+        3 => Some(64),
+        6 => Some(32),
+        _ => None,
+    }
 }
 
 /// Threads the kernels use (`--cpu-threads`, else every core). Starts their pool.

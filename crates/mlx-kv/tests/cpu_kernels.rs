@@ -42,6 +42,11 @@ fn matvec_matches_the_dequantized_product() {
         (8, 128, 5, 17, 384, false),
         (2, 32, 2, 50, 192, false),
         (2, 64, 1, 9, 64, true),
+        (6, 32, 3, 21, 192, true),
+        (6, 64, 1, 40, 128, false),
+        (6, 128, 5, 7, 256, true),
+        (3, 64, 2, 19, 192, false),
+        (3, 128, 1, 11, 256, true),
     ]
     .iter()
     .enumerate()
@@ -81,7 +86,17 @@ fn matvec_matches_the_dequantized_product() {
 fn dequantize_matches_mlx_element_for_element() {
     let base = seed();
     for (i, &(bits, group, n, k, f16)) in
-        [(4u8, 32usize, 96usize, 576usize, false), (4, 64, 40, 256, true), (8, 32, 33, 128, true), (8, 128, 17, 384, false), (2, 32, 50, 192, false), (2, 64, 9, 64, true)]
+        [
+            (4u8, 32usize, 96usize, 576usize, false),
+            (4, 64, 40, 256, true),
+            (8, 32, 33, 128, true),
+            (8, 128, 17, 384, false),
+            (2, 32, 50, 192, false),
+            (2, 64, 9, 64, true),
+            (6, 32, 21, 192, true),
+            (6, 64, 13, 64, false),
+            (3, 64, 11, 192, true),
+        ]
             .iter()
             .enumerate()
     {
@@ -106,8 +121,8 @@ fn dequantize_matches_mlx_element_for_element() {
     }
     let (_, wf) = host_matrix(8, 64, 1);
     let (w, s, b) = quantize(&wf, 32, 4).unwrap();
-    let err = our_dequantize(&w, &s, &b, 32, 3).unwrap_err().to_string();
-    assert!(err.contains("bits must be 2, 4 or 8"), "{err}");
+    let err = our_dequantize(&w, &s, &b, 32, 5).unwrap_err().to_string();
+    assert!(err.contains("bits must be 2, 3, 4, 6 or 8"), "{err}");
 }
 
 /// A whole cache buffer of `cap` tokens whose tokens from `len` on are huge: a kernel that read
@@ -136,6 +151,10 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
         (8, 8, 1, 64, 33, 40, (4, 32), (2, 64), true),
         (6, 1, 2, 128, 300, 300, (2, 64), (8, 128), false),
         (3, 3, 1, 128, 1, 16, (8, 128), (8, 64), true),
+        (9, 3, 1, 64, 1000, 1024, (6, 64), (6, 32), true),
+        (4, 2, 2, 128, 515, 600, (6, 128), (4, 64), false),
+        (4, 1, 1, 256, 300, 320, (8, 128), (3, 64), true),
+        (2, 2, 1, 64, 70, 80, (3, 64), (6, 64), false),
     ];
     for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
         let s = base + 100 * i as u64;
@@ -165,8 +184,8 @@ fn bad_arguments_are_errors_not_crashes() {
     let (_, wf) = host_matrix(8, 64, 1);
     let (w, s, b) = quantize(&wf, 32, 4).unwrap();
     let x = Array::ones::<f32>(&[1, 64]).unwrap();
-    let err = quantized_matvec(&x, &w, &s, &b, 32, 3).unwrap_err().to_string();
-    assert!(err.contains("bits must be 2, 4 or 8"), "{err}");
+    let err = quantized_matvec(&x, &w, &s, &b, 32, 5).unwrap_err().to_string();
+    assert!(err.contains("bits must be 2, 3, 4, 6 or 8"), "{err}");
     let err = quantized_matvec(&Array::ones::<f32>(&[1, 32]).unwrap(), &w, &s, &b, 32, 4).unwrap_err().to_string();
     assert!(err.contains("K = 32"), "{err}");
 
