@@ -446,6 +446,59 @@ where
     Ok(())
 }
 
+/// Whether a row was measured by a peer engine (`scripts/llamacpp-kld.py` writes
+/// `kv_source = "llama.cpp ..."`), not by us.
+fn is_peer(r: &PplRow) -> bool {
+    r.kv_source.starts_with("llama.cpp")
+}
+
+/// KLD against bytes per token, ours and the peer's, with our Pareto frontier (least KLD at
+/// no more bytes): what quality per byte each engine gives.
+fn kld_per_byte<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, base: &PplRow, ours: &[PplRow], peers: &[PplRow]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let pts = |rows: &[PplRow]| -> Vec<(f64, f64, String)> {
+        rows.iter().filter_map(|r| Some((r.kv_bytes_per_token, r.kld_mean.filter(|k| *k > 0.0)?, r.kv.clone()))).collect()
+    };
+    let (mine, theirs) = (pts(ours), pts(peers));
+    let x = lin_range(mine.iter().chain(&theirs).map(|p| p.0), true);
+    let y = log_range(mine.iter().chain(&theirs).map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("KLD vs KV bytes ({}, ctx {}, {} windows)", base.model, base.ctx, base.windows), (FONT, 18))
+        .margin(16)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, y.log_scale())?;
+    chart.configure_mesh().x_desc("KV bytes per token (all layers)").y_desc("KLD vs the unquantized cache (nats)").x_label_formatter(&|v| si_bytes(*v)).label_style((FONT, 13)).draw()?;
+    let mut sorted = mine.clone();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut front = Vec::new();
+    let mut best = f64::INFINITY;
+    for p in &sorted {
+        if p.1 < best {
+            best = p.1;
+            front.push((p.0, p.1));
+        }
+    }
+    let blue = RGBColor(31, 119, 180);
+    let red = RGBColor(214, 39, 40);
+    chart.draw_series(LineSeries::new(front, blue.mix(0.6).stroke_width(2)))?.label("kvsplit-mlx frontier").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart
+        .draw_series(mine.iter().map(|(bx, k, kv)| EmptyElement::at((*bx, *k)) + Circle::new((0, 0), 5, blue.filled()) + Text::new(kv.clone(), (7, -16), (FONT, 12).into_font().color(&blue))))?
+        .label("kvsplit-mlx")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 5, blue.filled()));
+    let peer_name = peers.first().map_or_else(|| "peer".to_string(), |r| r.kv_source.clone());
+    chart
+        .draw_series(theirs.iter().map(|(bx, k, kv)| EmptyElement::at((*bx, *k)) + TriangleMarker::new((0, 0), 7, red.filled()) + Text::new(kv.clone(), (7, 4), (FONT, 12).into_font().color(&red))))?
+        .label(peer_name)
+        .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 7, red.filled()));
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font((FONT, 13)).draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// "measured at commit C on D" for the rows a figure draws (every commit and the date range,
 /// when rows come from several runs), so a reader can tell which engine a figure shows.
 pub fn provenance<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
@@ -537,8 +590,15 @@ pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf
         same_engine("attention-time-vs-context", d.attention.iter().map(|r| r.engine.as_str()))?;
         render!(out, "attention-time-vs-context", written, provenance(attention), attention_time, d);
     }
-    match comparable_ppl(&d.ppl) {
+    let (peers, own): (Vec<PplRow>, Vec<PplRow>) = d.ppl.iter().cloned().partition(is_peer);
+    match comparable_ppl(&own) {
         Some((base, rows)) => {
+            let same = |r: &PplRow| r.model == base.model && r.ctx == base.ctx && r.chunk == base.chunk && r.score_all == base.score_all && r.windows == base.windows;
+            let peers: Vec<PplRow> = peers.into_iter().filter(same).collect();
+            if !peers.is_empty() {
+                let stamp = provenance(std::iter::once(&base).chain(&rows).chain(&peers).map(|r| (r.commit.as_str(), r.date.as_str())));
+                render!(out, "kld-per-byte", written, stamp, kld_per_byte, &base, &rows, &peers);
+            }
             same_engine("ppl-kld", rows.iter().map(|r| r.engine.as_str()))?;
             let stamp = provenance(std::iter::once(&base).chain(&rows).map(|r| (r.commit.as_str(), r.date.as_str())));
             render!(out, "ppl-kld", written, stamp.clone(), ppl_kld, &base, &rows);
