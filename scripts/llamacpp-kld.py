@@ -406,7 +406,8 @@ def main():
                     help=f"cache types to compare with f16: TYPE (K and V) or K/V, comma-separated (default {DEFAULT_SETTINGS})")
     ap.add_argument("--baseline", default="f16",
                     help="the cache every setting is compared with: TYPE or K/V (default f16, llama.cpp's "
-                         "default cache; f32 shows how far f16 itself is from exact)")
+                         "default cache; an f32 cache scores exactly as f16: with flash attention llama.cpp "
+                         "casts f32 K/V to f16 before attention)")
     ap.add_argument("--rotation", choices=["on", "off", "both"], default="on",
                     help="llama.cpp's Hadamard rotation of quantized caches: on (its default), off "
                          "(LLAMA_ATTN_ROT_DISABLE=1) or both (each setting twice) (default on)")
