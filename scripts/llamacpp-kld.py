@@ -147,6 +147,7 @@ class Log:
     def __init__(self, L):
         self.lines = []
         self._partial = ""
+        self._warned = set()  # one context per setting repeats the same warnings
         self._cb = L.llama_log_callback(self._on)  # kept alive: llama.cpp holds the pointer
         L.llama_log_set(self._cb, None)
 
@@ -156,7 +157,8 @@ class Log:
         for line in done:
             if "attn_rot_" in line or "llama_kv_cache: size" in line:
                 self.lines.append(line)
-            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            if level in (3, 4) and line not in self._warned:  # GGML_LOG_LEVEL_WARN, _ERROR
+                self._warned.add(line)
                 print(f"[llama.cpp] {line}", file=sys.stderr, flush=True)
 
     def take(self):
