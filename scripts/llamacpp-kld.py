@@ -359,7 +359,8 @@ def cpu_name():
 
 
 def write_rows(out_dir, stem, rows, key):
-    """CSV + JSON; rows of an existing file measured the same way (`key`) are replaced."""
+    """CSV + JSON; a row of an existing file measured the same way (`key`) is replaced in its
+    place, other new rows are appended."""
     import csv
 
     os.makedirs(out_dir, exist_ok=True)
@@ -368,8 +369,9 @@ def write_rows(out_dir, stem, rows, key):
     if os.path.isfile(jpath):
         with open(jpath, encoding="utf-8") as f:
             old = json.load(f)
-    new_keys = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new_keys] + rows
+    new = {key(r): r for r in rows}
+    merged = [new.pop(key(r), r) for r in old]
+    merged += [r for r in rows if key(r) in new]
     with open(jpath, "w", encoding="utf-8") as f:
         json.dump(merged, f, indent=2)
         f.write("\n")
