@@ -128,8 +128,13 @@ pub fn bits_per_element(spec: &KvSpec) -> f64 {
     (spec.k.bits_per_element() + spec.v.bits_per_element()) / 2.0
 }
 
-/// The recipes that ship with the project, compiled in so that a bare binary finds them.
-const SHIPPED: &[(&str, &str)] = &[];
+/// The recipes that ship with the project (crates/models/recipes, made by `calibrate`; the
+/// command that made each is in the file), compiled in so that a bare binary finds them.
+const SHIPPED: &[(&str, &str)] = &[
+    ("SmolLM2-135M-Instruct.Q4_1-k8v4.json", include_str!("../recipes/SmolLM2-135M-Instruct.Q4_1-k8v4.json")),
+    ("SmolLM2-135M-Instruct.Q4_1-k4v4.json", include_str!("../recipes/SmolLM2-135M-Instruct.Q4_1-k4v4.json")),
+    ("SmolLM2-135M-Instruct.Q4_1-k4v2.json", include_str!("../recipes/SmolLM2-135M-Instruct.Q4_1-k4v2.json")),
+];
 
 /// The shipped recipe for this model at `preset` (`k8v4`), if any, with the name it ships under.
 pub fn shipped(model_id: &str, preset: &str) -> Option<(PathBuf, Recipe)> {
