@@ -350,6 +350,7 @@ mod tests {
             mlx_version: "0.32.2".into(),
             model: "m.gguf".into(),
             kv: kv.into(),
+            kv_source: "plain".into(),
             depth,
             n_prompt: 512,
             n_gen: 64,

@@ -93,7 +93,7 @@ mod tests {
         let plain = settings(Some(&json!({"bits": "k8v4", "plain": true})), &d, Some(&m)).unwrap();
         assert_eq!(plain.spec, KvSpec::bits(8, 4));
         let e = settings(Some(&json!({"bits": "k8v4", "plain": "yes"})), &d, Some(&m)).unwrap_err();
-        assert!(e.to_string().contains("kv.plain"), "{e}");
+        assert_eq!(e.param.as_deref(), Some("kv.plain"), "{}", e.message);
     }
 
     #[test]

@@ -7,6 +7,7 @@ fn ppl_row(kv: &str, ppl: f64, bytes: f64) -> PplRow {
     PplRow {
         model: "tiny.gguf".into(),
         kv: kv.into(),
+        kv_source: "plain".into(),
         ctx: 512,
         chunk: 512,
         score_all: "false".into(),
