@@ -382,7 +382,7 @@ mod tests {
         assert_eq!(read_rows::<ModelRow>(&j).unwrap(), rows);
         let cols = columns(&c).unwrap();
         assert_eq!(cols.first().map(String::as_str), Some("kind"));
-        assert_eq!(cols.len(), 26);
+        assert_eq!(cols.len(), 27);
         // Rows written before `--batch` existed have no `batch` column: single-stream.
         let old = dir.join("old.csv");
         let text = std::fs::read_to_string(&c).unwrap();
