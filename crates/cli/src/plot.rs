@@ -408,6 +408,14 @@ where
     Ok(())
 }
 
+/// The points (bytes, loss) that no point with as few or fewer bytes beats, by bytes.
+fn pareto_front(pts: impl Iterator<Item = (f64, f64)>) -> Vec<(f64, f64)> {
+    let mut sorted: Vec<(f64, f64)> = pts.collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut best = f64::INFINITY;
+    sorted.into_iter().filter(|p| p.1 < best && { best = p.1; true }).collect()
+}
+
 /// Memory per token vs quality; the Pareto-optimal settings are joined by a line.
 fn frontier<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, base: &PplRow, rows: &[PplRow]) -> Result<()>
 where
@@ -424,16 +432,7 @@ where
         .y_label_area_size(70)
         .build_cartesian_2d(x, y)?;
     chart.configure_mesh().x_desc("KV bytes per token (all layers)").y_desc("Δ perplexity vs fp16").x_label_formatter(&|v| si_bytes(*v)).label_style((FONT, 13)).draw()?;
-    let mut sorted = pts.clone();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut front = Vec::new();
-    let mut best = f64::INFINITY;
-    for p in &sorted {
-        if p.1 < best {
-            best = p.1;
-            front.push((p.0, p.1));
-        }
-    }
+    let front = pareto_front(pts.iter().map(|p| (p.0, p.1)));
     chart.draw_series(LineSeries::new(front, BLACK.mix(0.5).stroke_width(2)))?.label("Pareto frontier").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5).stroke_width(2)));
     for &(bx, dy, kv) in &pts {
         let c = color(kv);
@@ -472,16 +471,7 @@ where
         .y_label_area_size(80)
         .build_cartesian_2d(x, y.log_scale())?;
     chart.configure_mesh().x_desc("KV bytes per token (all layers)").y_desc("KLD vs the unquantized cache (nats)").x_label_formatter(&|v| si_bytes(*v)).label_style((FONT, 13)).draw()?;
-    let mut sorted = mine.clone();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut front = Vec::new();
-    let mut best = f64::INFINITY;
-    for p in &sorted {
-        if p.1 < best {
-            best = p.1;
-            front.push((p.0, p.1));
-        }
-    }
+    let front = pareto_front(mine.iter().map(|p| (p.0, p.1)));
     let blue = RGBColor(31, 119, 180);
     let red = RGBColor(214, 39, 40);
     chart.draw_series(LineSeries::new(front, blue.mix(0.6).stroke_width(2)))?.label("kvsplit-mlx frontier").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
