@@ -55,7 +55,8 @@ check("paris" in text.lower(), "greedy SmolLM2 names Paris")
 u = r.usage
 check(u.prompt_tokens > 0 and 0 < u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens, f"usage adds up ({u})")
 kv = r.model_extra["kv_cache"]
-check(kv["setting"] == "k8v4" and 0 < kv["resident_bytes"] and kv["prompt_cache_hit"] is False, f"kv_cache reported ({kv})")
+check(kv["setting"] == "k8v4+recipe" and 0 < kv["resident_bytes"] and kv["prompt_cache_hit"] is False, f"kv_cache reported ({kv})")
+check(kv["source"] == "recipe:SmolLM2-135M-Instruct.Q4_1-k8v4", f"the preset ran SmolLM2's shipped recipe ({kv['source']})")
 check(r.choices[0].finish_reason in ("stop", "length"), "finish_reason is stop or length")
 
 # Turn 2 extends turn 1: the kept conversation serves the shared prefix.
@@ -81,6 +82,10 @@ check(len(r1b.choices[0].message.content) > 0, "and answers")
 # The same conversation under another setting never reuses a k8v4 cache.
 r3 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "fp16"})
 check(r3.model_extra["kv_cache"]["prompt_cache_hit"] is False, "another K/V setting misses the prompt cache")
+# The uniform k8v4 (as other engines run it) is another setting than the recipe, so another cache.
+rp = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": {"bits": "k8v4", "plain": True}})
+kvp = rp.model_extra["kv_cache"]
+check((kvp["setting"], kvp["source"], kvp["prompt_cache_hit"]) == ("k8v4", "plain", False), f"plain k8v4 is its own setting ({kvp})")
 ratio = kv2["resident_bytes"] / max(1, r3.model_extra["kv_cache"]["resident_bytes"])
 check(r3.model_extra["kv_cache"]["resident_bytes"] > kv2["resident_bytes"], f"k8v4 holds fewer bytes than the dense cache (ratio {ratio:.3f})")
 

@@ -90,14 +90,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let id = models::load::model_id(&path).with_context(|| format!("--model {}", path.display()))?;
     let shape = models::recipe::ModelShape { id: id.hash, n_layers: cfg.num_hidden_layers(), head_dim: cfg.head_dim() };
     let resolved = a.kv.resolve_for(&a.kv.single_pick()?, &shape).with_context(|| format!("on {}", path.display()))?;
-    let cache = resolved.settings.clone();
     let name = match a.model.model.as_str() {
         "default" => "default".to_string(),
         m if models::hub::looks_like_repo_id(m) && !path.exists() => m.to_string(),
         _ => path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
     };
     let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port).parse().with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let config = server::ServeConfig { addr, model_name: name.clone(), cache: cache.clone(), kv_model: Some(shape), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prefill_step_decoding: a.prefill_step_decoding, prompt_cache_bytes, kv_budget, queue: a.queue, decode_concurrency: a.decode_concurrency, prompt_cache_files: a.prompt_cache_file.clone() };
+    let config = server::ServeConfig { addr, model_name: name.clone(), cache: resolved.clone(), kv_model: Some(shape), sampler, max_tokens: a.max_tokens, prefill_step: a.prefill_step, prefill_step_decoding: a.prefill_step_decoding, prompt_cache_bytes, kv_budget, queue: a.queue, decode_concurrency: a.decode_concurrency, prompt_cache_files: a.prompt_cache_file.clone() };
     eprintln!("loading {} ...", path.display());
     let load_path = path.clone();
     let load = move || -> models::error::Result<Engine> { Ok(Engine::from_loaded(models::load::load(&load_path, compute_dtype())?)) };

@@ -187,6 +187,15 @@ pub struct Resolved {
     pub source: String,
 }
 
+impl Resolved {
+    /// Settings that run as given, with no model to resolve against (`plain` for a bare
+    /// preset, else `custom`).
+    pub fn given(settings: CacheSettings) -> Resolved {
+        let source = if is_preset(&settings) { "plain" } else { "custom" };
+        Resolved { name: name_of(&settings), source: source.into(), settings }
+    }
+}
+
 /// Whether `settings` is a bare preset: quantized K and V at default groups, nothing else set.
 fn is_preset(settings: &CacheSettings) -> bool {
     let s = &settings.spec;

@@ -124,8 +124,11 @@ pub struct Usage {
 /// Our extension: what the request's cache costs and whether a kept conversation served it.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct KvCacheReport {
-    /// The K/V setting (`k8v4`, ...).
+    /// The K/V setting that ran (`k8v4+recipe`, `k8v4-rotkv`, `fp16`, ...).
     pub setting: String,
+    /// Which choice it is: `recipe:<name>` (the model's calibrated recipe), `general` (same
+    /// bits, rotated), `plain` (uniform, as asked) or `custom` (flags beyond a preset).
+    pub source: String,
     /// Resident bytes of this conversation's cache after the request.
     pub resident_bytes: u64,
     /// What a 16-bit cache of the same allocation (whole 256-token steps) takes.

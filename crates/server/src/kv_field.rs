@@ -12,7 +12,7 @@ use crate::api::ApiError;
 use mlx_kv::spec::parse_groups;
 use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, Rotation};
 use models::generate::CacheSettings;
-use models::recipe::{self, ModelShape, Pick};
+use models::recipe::{self, ModelShape, Pick, Resolved};
 use serde_json::Value;
 
 const KEYS: &[&str] = &["bits", "group_size", "key_layout", "residual", "sinks", "rotate", "layers", "quantized_kv_start", "plain"];
@@ -21,11 +21,11 @@ fn bad(param: &str, message: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(Some(param), format!("{param}: {message}"))
 }
 
-/// The cache settings of a request: `default` when `kv` is absent; `max_kv_size` always comes
-/// from the server. Presets resolve against `model` when given.
-pub fn settings(kv: Option<&Value>, default: &CacheSettings, model: Option<&ModelShape>) -> Result<CacheSettings, ApiError> {
+/// The cache setting of a request and its name: `default` when `kv` is absent; `max_kv_size`
+/// always comes from the server. Presets resolve against `model` when given.
+pub fn settings(kv: Option<&Value>, default: &Resolved, model: Option<&ModelShape>) -> Result<Resolved, ApiError> {
     let Some(kv) = kv else { return Ok(default.clone()) };
-    let mut out = CacheSettings { max_kv_size: default.max_kv_size, ..Default::default() };
+    let mut out = CacheSettings { max_kv_size: default.settings.max_kv_size, ..Default::default() };
     let mut pick = Pick::Auto;
     match kv {
         Value::String(s) => out.spec = KvSpec::parse(s).map_err(|e| bad("kv", e))?,
@@ -75,8 +75,8 @@ pub fn settings(kv: Option<&Value>, default: &CacheSettings, model: Option<&Mode
         other => return Err(bad("kv", format!("expected a string or an object, got {other}"))),
     }
     match model {
-        Some(m) => Ok(recipe::resolve(out, &pick, m).map_err(|e| bad("kv", e))?.settings),
-        None => Ok(out),
+        Some(m) => recipe::resolve(out, &pick, m).map_err(|e| bad("kv", e)),
+        None => Ok(Resolved::given(out)),
     }
 }
 
@@ -87,22 +87,27 @@ mod tests {
 
     #[test]
     fn presets_resolve_against_the_model_unless_plain() {
-        let d = CacheSettings::default();
+        let d = Resolved::given(CacheSettings::default());
         let m = ModelShape { id: "none".into(), n_layers: 2, head_dim: 64 };
-        assert_eq!(settings(Some(&json!("k8v4")), &d, Some(&m)).unwrap().spec.rotation, Rotation::KeysAndValues);
+        assert_eq!(settings(Some(&json!("k8v4")), &d, Some(&m)).unwrap().settings.spec.rotation, Rotation::KeysAndValues);
         let plain = settings(Some(&json!({"bits": "k8v4", "plain": true})), &d, Some(&m)).unwrap();
-        assert_eq!(plain.spec, KvSpec::bits(8, 4));
+        assert_eq!(plain.settings.spec, KvSpec::bits(8, 4));
+        assert_eq!((plain.name.as_str(), plain.source.as_str()), ("k8v4", "plain"));
+        let general = settings(Some(&json!("k8v4")), &d, Some(&m)).unwrap();
+        assert_eq!((general.name.as_str(), general.source.as_str()), ("k8v4-rotkv", "general"));
         let e = settings(Some(&json!({"bits": "k8v4", "plain": "yes"})), &d, Some(&m)).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("kv.plain"), "{}", e.message);
     }
 
     #[test]
     fn strings_and_objects_build_the_same_specs_as_the_cli() {
-        let d = CacheSettings::default();
-        assert_eq!(settings(None, &d, None).unwrap().spec, d.spec);
-        assert_eq!(settings(Some(&json!("k8v4")), &d, None).unwrap().spec, KvSpec::bits(8, 4));
-        assert_eq!(settings(Some(&json!("8,4")), &d, None).unwrap().spec, KvSpec::bits(8, 4));
-        let s = settings(Some(&json!({"bits": "4,4", "group_size": "64,32", "key_layout": "per-channel", "residual": 128, "rotate": "kv"})), &d, None).unwrap();
+        let d = Resolved::given(CacheSettings::default());
+        assert_eq!(settings(None, &d, None).unwrap().settings.spec, d.settings.spec);
+        assert_eq!(settings(Some(&json!("k8v4")), &d, None).unwrap().settings.spec, KvSpec::bits(8, 4));
+        assert_eq!(settings(Some(&json!("8,4")), &d, None).unwrap().settings.spec, KvSpec::bits(8, 4));
+        let r = settings(Some(&json!({"bits": "4,4", "group_size": "64,32", "key_layout": "per-channel", "residual": 128, "rotate": "kv"})), &d, None).unwrap();
+        assert_eq!(r.source, "custom");
+        let s = r.settings;
         assert_eq!((s.spec.k.bits, s.spec.v.bits, s.spec.k.group, s.spec.v.group, s.spec.residual), (4, 4, 64, 32, 128));
         assert_eq!(s.spec.key_layout, KeyLayout::PerChannel);
         assert_eq!(s.spec.rotation, Rotation::KeysAndValues);
@@ -110,7 +115,7 @@ mod tests {
 
     #[test]
     fn bad_kv_values_are_400s_naming_the_field() {
-        let d = CacheSettings::default();
+        let d = Resolved::given(CacheSettings::default());
         for (v, param) in [
             (json!("k7v4"), "kv"),
             (json!(3), "kv"),

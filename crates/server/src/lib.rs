@@ -26,7 +26,6 @@ pub mod scheduler;
 pub mod worker;
 
 use models::engine::Engine;
-use models::generate::CacheSettings;
 use models::sample::SamplerSettings;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,9 +36,9 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// The name `/v1/models` lists and requests must use (or omit).
     pub model_name: String,
-    /// K/V setting of requests without a `kv` field (already resolved: a recipe or the
-    /// general choice where the server was started with a preset).
-    pub cache: CacheSettings,
+    /// K/V setting of requests without a `kv` field and its name (already resolved: a recipe
+    /// or the general choice where the server was started with a preset).
+    pub cache: models::recipe::Resolved,
     /// The model's identity and shape, which a request's preset resolves against as `--kv`
     /// does (`None`: presets in requests run as given).
     pub kv_model: Option<models::recipe::ModelShape>,

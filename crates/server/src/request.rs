@@ -8,6 +8,7 @@ use crate::{kv_field, ServeConfig};
 use models::chat::{render, Message};
 use models::engine::Engine;
 use models::generate::CacheSettings;
+use models::recipe::Resolved;
 use models::sample::SamplerSettings;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -17,8 +18,9 @@ pub struct Plan {
     pub tokens: Vec<u32>,
     pub max_tokens: usize,
     pub sampler: SamplerSettings,
-    pub settings: CacheSettings,
-    /// The prompt cache's key for `settings`.
+    /// The setting that runs, with the name and source answers report.
+    pub kv: Resolved,
+    /// The prompt cache's key for the setting.
     pub key: String,
     pub stops: Vec<String>,
     pub logprobs: Option<usize>,
@@ -63,8 +65,8 @@ pub fn plan(engine: &Engine, config: &ServeConfig, job: Job) -> Result<Plan, (Ap
             tokens: p.0,
             max_tokens: p.1,
             sampler: p.2,
-            key: setting_key(&p.3),
-            settings: p.3,
+            key: setting_key(&p.3.settings),
+            kv: p.3,
             stops: p.4,
             logprobs: p.5,
             predicted: p.6,
@@ -75,7 +77,7 @@ pub fn plan(engine: &Engine, config: &ServeConfig, job: Job) -> Result<Plan, (Ap
     }
 }
 
-type Checked = (Vec<u32>, usize, SamplerSettings, CacheSettings, Vec<String>, Option<usize>, u64);
+type Checked = (Vec<u32>, usize, SamplerSettings, Resolved, Vec<String>, Option<usize>, u64);
 
 fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat: bool) -> Result<Checked, ApiError> {
     let model = engine.model();
@@ -96,7 +98,8 @@ fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat:
         return Err(bad("max_tokens", "max_tokens must be at least 1"));
     }
     let sampler = sampler(req, &config.sampler)?;
-    let settings = kv_field::settings(req.kv.as_ref(), &config.cache, config.kv_model.as_ref())?;
+    let kv = kv_field::settings(req.kv.as_ref(), &config.cache, config.kv_model.as_ref())?;
+    let settings = &kv.settings;
     settings.check(model.n_layers(), model.head_dim()).map_err(|e| bad("kv", format!("kv: {e}")))?;
     let stops: Vec<String> = req.stop.clone().map(|s| s.list()).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect();
     if stops.len() > 4 {
@@ -142,15 +145,15 @@ fn checked(engine: &Engine, config: &ServeConfig, req: &CompletionRequest, chat:
     // The cache this request can grow to, from the closed form; it must fit the budget alone.
     let held = settings.max_kv_size.map_or(total, |w| w.min(total));
     // Pooled sequences take whole blocks, so the pool's count is the formula they are held to.
-    let predicted = match (engine.pool(), engine.pool_format(&settings)) {
+    let predicted = match (engine.pool(), engine.pool_format(settings)) {
         (Some(pool), Some(fmt)) => (mlx_kv::KvPool::blocks_for(held) * pool.block_bytes(&fmt)) as u64,
         _ => (settings.bytes_per_token(model) * held as f64).ceil() as u64,
     };
     if predicted > config.kv_budget {
         return Err(bad(
             "max_tokens",
-            format!("this request's KV cache could reach {predicted} bytes ({held} tokens of {}), more than the server's --kv-budget of {} bytes", settings.spec, config.kv_budget),
+            format!("this request's KV cache could reach {predicted} bytes ({held} tokens of {}), more than the server's --kv-budget of {} bytes", kv.name, config.kv_budget),
         ));
     }
-    Ok((tokens, max_tokens, sampler, settings, stops, logprobs, predicted))
+    Ok((tokens, max_tokens, sampler, kv, stops, logprobs, predicted))
 }

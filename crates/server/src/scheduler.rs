@@ -23,6 +23,9 @@ struct Active<'e> {
     seq: Sequence<'e>,
     out: Output<'e>,
     key: String,
+    /// The setting's name and source (`k8v4+recipe`, `recipe:...`), as the answer reports.
+    kv_name: String,
+    kv_source: String,
     max_tokens: usize,
     logprobs: Option<usize>,
     predicted: u64,
@@ -191,12 +194,12 @@ impl<'e, 'c> Scheduler<'e, 'c> {
             None => {
                 m.prompt_cache_misses.fetch_add(1, Relaxed);
                 let room = p.tokens.len() + p.max_tokens;
-                let mut made = self.engine.pooled_sequence(&p.settings, p.sampler.clone(), self.config.prefill_step, room);
+                let mut made = self.engine.pooled_sequence(&p.kv.settings, p.sampler.clone(), self.config.prefill_step, room);
                 if matches!(made, Ok(None)) {
                     // Blocks of kept conversations, or arrays of another format, hold the pool:
                     // free what the prompt cache keeps and try once more.
                     self.cache.evict_to(0);
-                    made = self.engine.pooled_sequence(&p.settings, p.sampler.clone(), self.config.prefill_step, room);
+                    made = self.engine.pooled_sequence(&p.kv.settings, p.sampler.clone(), self.config.prefill_step, room);
                 }
                 match made {
                     Ok(Some(s)) => (s, 0),
@@ -228,6 +231,8 @@ impl<'e, 'c> Scheduler<'e, 'c> {
             seq,
             out: Output::new(tok, p.events, p.stops),
             key: p.key,
+            kv_name: p.kv.name,
+            kv_source: p.kv.source,
             max_tokens: p.max_tokens,
             logprobs: p.logprobs,
             predicted: p.predicted,
@@ -321,7 +326,8 @@ impl<'e, 'c> Scheduler<'e, 'c> {
         let fp16_per_token = (2 * model.n_layers() * model.n_kv_heads() * model.head_dim() * 2) as u64;
         let slots = cached.div_ceil(mlx_kv::store::STEP) * mlx_kv::store::STEP;
         let kv_cache = KvCacheReport {
-            setting: a.seq.settings().spec.to_string(),
+            setting: a.kv_name.clone(),
+            source: a.kv_source.clone(),
             resident_bytes: resident,
             fp16_bytes: fp16_per_token * slots as u64,
             prompt_cache_hit: a.reused > 0,
