@@ -37,6 +37,22 @@ __device__ __forceinline__ float kv_code(unsigned w, int e) {
   }
 }
 
+// Code `j` of a run of B-bit codes packed as MLX packs a row: one little-endian bit stream over
+// u32 words, code j at bit j * B. 2-, 4- and 8-bit codes never straddle a word (kv_code); MLX
+// packs 3-bit codes 8 to 3 bytes and 6-bit codes 4 to 3 bytes, so some of theirs straddle two
+// words and are joined with a funnel shift. `j` is a constant after unrolling, so the straddle
+// test and the word index fold away.
+template <int B>
+__device__ __forceinline__ float kv_code_at(const unsigned* w, int j) {
+  if constexpr ((B & (B - 1)) == 0) {
+    return kv_code<B>(w[j * B / 32], (j * B % 32) / B);
+  } else {
+    const int bit = j * B, wi = bit >> 5, sh = bit & 31;
+    const unsigned x = sh + B <= 32 ? w[wi] >> sh : __funnelshift_r(w[wi], w[wi + 1], sh);
+    return __uint_as_float((x & ((1u << B) - 1u)) | 0x4b000000u) - 8388608.f;
+  }
+}
+
 __device__ __forceinline__ float kv_warp_max(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
@@ -65,7 +81,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 kv_from_float<__nv_bfloat16
 // (max - min) / (2^B - 1) with its sign and the bias chosen by the edge of larger magnitude,
 // and codes are round((x - bias) / scale) clamped to 2^B - 1. Called by one warp; each lane
 // owns D / 32 consecutive values. Codes are staged in `code_s` (D bytes) and packed into u32
-// words little end first.
+// words as one little-endian bit stream (code j at bit j * B), which is MLX's layout for every
+// width: 3- and 6-bit codes may straddle two words, and each word takes the parts that fall in it.
 template <int D, int G, int B, typename T>
 __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half* sc, __half* bi,
                                                 unsigned char* code_s, int lane) {
@@ -103,12 +120,26 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
     code_s[lane * VPL + i] = (unsigned char)fminf(fmaxf(roundf((v[i] - bias) / scale), 0.f), n_bins);
   }
   __syncwarp();
-  constexpr int PW = 32 / B;
-  for (int wi = lane; wi < D * B / 32; wi += 32) {
-    uint32_t word = 0u;
+  if constexpr ((B & (B - 1)) == 0) {
+    constexpr int PW = 32 / B;
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      uint32_t word = 0u;
 #pragma unroll
-    for (int e = 0; e < PW; ++e) word |= (uint32_t)code_s[wi * PW + e] << (e * B);
-    w[wi] = word;
+      for (int e = 0; e < PW; ++e) word |= (uint32_t)code_s[wi * PW + e] << (e * B);
+      w[wi] = word;
+    }
+  } else {
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      // Codes j0..j1 have bits in word wi; a negative shift is the high part of a code that
+      // began in the word before.
+      uint32_t word = 0u;
+      for (int j = 32 * wi / B; j <= (32 * wi + 31) / B; ++j) {
+        const int sh = j * B - 32 * wi;
+        const uint32_t c = code_s[j];
+        word |= sh >= 0 ? c << sh : c >> -sh;
+      }
+      w[wi] = word;
+    }
   }
 }
 
