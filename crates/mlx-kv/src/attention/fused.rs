@@ -117,7 +117,7 @@ pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> u
         vd *= 2;
     }
     let mut least = 1;
-    while least * bits < 16 || (least * bits) % 8 != 0 {
+    while least * bits < 16 || !(least * bits).is_multiple_of(8) {
         least *= 2;
     }
     vd.max(head_dim / 32).max(least).min(v_group).min(head_dim)

@@ -75,6 +75,49 @@ template <> __device__ __forceinline__ float kv_from_float<float>(float x) { ret
 template <> __device__ __forceinline__ __half kv_from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 kv_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Packs D B-bit codes (one byte each in `code`) into the D * B / 32 words of a row, lane `lane`
+// of a warp writing every 32nd word.
+template <int D, int B>
+__device__ __forceinline__ void kv_pack_codes(const unsigned char* code, uint32_t* w, int lane) {
+  if constexpr ((B & (B - 1)) == 0) {
+    constexpr int PW = 32 / B;
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      uint32_t word = 0u;
+#pragma unroll
+      for (int e = 0; e < PW; ++e) word |= (uint32_t)code[wi * PW + e] << (e * B);
+      w[wi] = word;
+    }
+  } else {
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      // Codes 32 wi / B .. (32 wi + 31) / B have bits in word wi; a negative shift is the high
+      // part of a code that began in the word before.
+      uint32_t word = 0u;
+      for (int j = 32 * wi / B; j <= (32 * wi + 31) / B; ++j) {
+        const int sh = j * B - 32 * wi;
+        const uint32_t c = code[j];
+        word |= sh >= 0 ? c << sh : c >> -sh;
+      }
+      w[wi] = word;
+    }
+  }
+}
+
+// NB bytes (at most 8) that start `mis` bytes (0-3) into the aligned word `p[0]`, as
+// (NB + 3) / 4 words from their first byte: the aligned words that hold them are loaded (none
+// past them, which may lie past the buffer's end) and funnel-shifted down. 3- and 6-bit value
+// codes of a lane start at any byte.
+template <int NB>
+__device__ __forceinline__ void kv_load_bytes(const unsigned* p, unsigned mis, unsigned* out) {
+  constexpr int MAXMIS = NB % 4 == 0 ? 0 : (NB % 2 == 0 ? 2 : 3);  // bytes start at multiples of NB
+  constexpr int WIN = (NB + MAXMIS + 3) / 4;
+  unsigned x[WIN + 1];
+#pragma unroll
+  for (int w = 0; w < WIN; ++w) x[w] = 4u * w < mis + NB ? p[w] : 0u;
+  x[WIN] = 0u;
+#pragma unroll
+  for (int w = 0; w < (NB + 3) / 4; ++w) out[w] = __funnelshift_r(x[w], x[w + 1], 8u * mis);
+}
+
 // Quantizes one row of D values (one KV head's new token) into B-bit codes with one scale and
 // bias per G values, as MLX's affine_quantize does (same formulas and order, so the codes
 // match MLX's `quantize`): its running max starts at 0 and its min at FLT_MAX, the scale is
@@ -120,27 +163,7 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
     code_s[lane * VPL + i] = (unsigned char)fminf(fmaxf(roundf((v[i] - bias) / scale), 0.f), n_bins);
   }
   __syncwarp();
-  if constexpr ((B & (B - 1)) == 0) {
-    constexpr int PW = 32 / B;
-    for (int wi = lane; wi < D * B / 32; wi += 32) {
-      uint32_t word = 0u;
-#pragma unroll
-      for (int e = 0; e < PW; ++e) word |= (uint32_t)code_s[wi * PW + e] << (e * B);
-      w[wi] = word;
-    }
-  } else {
-    for (int wi = lane; wi < D * B / 32; wi += 32) {
-      // Codes j0..j1 have bits in word wi; a negative shift is the high part of a code that
-      // began in the word before.
-      uint32_t word = 0u;
-      for (int j = 32 * wi / B; j <= (32 * wi + 31) / B; ++j) {
-        const int sh = j * B - 32 * wi;
-        const uint32_t c = code_s[j];
-        word |= sh >= 0 ? c << sh : c >> -sh;
-      }
-      w[wi] = word;
-    }
-  }
+  kv_pack_codes<D, B>(code_s, w, lane);
 }
 
 // ---- Tensor-core helpers (the KV_MMA variant of decode_partial.cu) ----

@@ -37,13 +37,9 @@ constexpr int LPT = D / VD;
 constexpr int TPW = 32 / LPT;
 constexpr int VB = VD * BV / 8;   // bytes of value codes per lane and token
 constexpr bool VPOW2 = (BV & (BV - 1)) == 0;
-// Words a lane holds per token (VBW): 2/4/8 bits load one aligned 2-, 4- or 8-byte word; 3/6
-// bits load the VWIN aligned words that cover VB bytes at the worst misalignment (VMIS bytes)
-// and keep VREAL words after the shift.
-constexpr int VMIS = VB % 4 == 0 ? 0 : (VB % 2 == 0 ? 2 : 3);
-constexpr int VREAL = VB >= 4 ? (VB + 3) / 4 : 1;
-constexpr int VWIN = VPOW2 ? VREAL : (VB + VMIS + 3) / 4;
-constexpr int VBW = VREAL;
+// Words a lane holds per token: 2/4/8 bits load one aligned 2-, 4- or 8-byte word; 3/6 bits
+// load the aligned words that cover VB bytes and keep them shifted to the first (kv_load_bytes).
+constexpr int VBW = VB >= 4 ? (VB + 3) / 4 : 1;
 static_assert(32 % TPW == 0, "value steps must tile 32 tokens");
 static_assert(VD * BV % 8 == 0 && (VPOW2 ? (VB == 2 || VB == 4 || VB == 8) : VB <= 8),
               "a lane's value codes are whole bytes, at most 8");
@@ -413,16 +409,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
       const size_t row = row0 + tt;
       const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
       if constexpr (!VPOW2) {
-        const unsigned* vp = vw + row * VW + (voff >> 2);
-        unsigned x[VWIN + 1];
-#pragma unroll
-        for (int w = 0; w < VWIN; ++w) {
-          // A word past the lane's bytes may lie past the buffer's end: not loaded.
-          x[w] = 4u * w < vmis + VB ? vp[w] : 0u;
-        }
-        x[VWIN] = 0u;
-#pragma unroll
-        for (int w = 0; w < VREAL; ++w) vwv[n][w] = __funnelshift_r(x[w], x[w + 1], 8u * vmis);
+        kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
       } else if constexpr (VB == 8) {
         const uint2 x = *reinterpret_cast<const uint2*>(vrow);
         vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
