@@ -90,6 +90,13 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
     let ats: Vec<usize> = group.iter().map(|c| c.offset()).collect();
     // One format, so one rotation for the whole group: applied once to the stacked rows.
     let (q, k, v) = group[0].rotate_inputs(q, k, v)?;
+    // Centers are per sequence: each member's row less its own.
+    let k = if group.len() == 1 || !group[0].centered() {
+        group[0].center_keys(&k)?
+    } else {
+        let rows: Vec<Array> = group.iter_mut().enumerate().map(|(i, c)| c.center_keys(&k.index(i as i32..i as i32 + 1))).collect::<Result<_>>()?;
+        concatenate(&rows, 0)?
+    };
     let (q, k, v) = (&q, &k, &v);
     let out = {
         let stores: Vec<(&PagedStore, &PagedStore)> = group.iter_mut().map(|c| {

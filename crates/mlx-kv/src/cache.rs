@@ -219,6 +219,10 @@ pub struct KvCache {
     tail_v: FloatStore,
     offset: usize,
     rotation: Option<Array>,
+    /// Centered keys ([`KeyLayout::Centered`]): the per-channel mean `[B, Hkv, 1, D]` of the
+    /// first keys, in the stored (rotated) frame, taken off every key stored since. Any vector
+    /// keeps attention exact; this one takes the offset out of the groups' ranges.
+    key_center: Option<Array>,
     head_dim: usize,
     /// The fused decode step's position counter on the device and the value it will hold once
     /// the queued steps ran (see [`KvCache::fused_step`]).
@@ -249,7 +253,7 @@ impl KvCache {
             }
         }
         let k_axis = match spec.key_layout {
-            KeyLayout::PerToken => TokenAxis::Rows,
+            KeyLayout::PerToken | KeyLayout::Centered => TokenAxis::Rows,
             KeyLayout::PerChannel => TokenAxis::Cols,
         };
         let rotation = match spec.rotation {
@@ -269,6 +273,7 @@ impl KvCache {
             tail_v: FloatStore::default(),
             offset: 0,
             rotation,
+            key_center: None,
             head_dim,
             step_pos: None,
             last_path: std::cell::Cell::new(None),
@@ -369,6 +374,7 @@ impl KvCache {
             return Err(KvError::Capacity { requested: l, capacity: self.opts.max_chunk });
         }
         let k = if self.spec.rotation.keys() { self.rotate(k)? } else { k.clone() };
+        let k = self.center_keys(&k)?;
         let v = if self.spec.rotation.values() { self.rotate(v)? } else { v.clone() };
         let mut from = 0usize;
         if self.sink_k.len() < self.spec.sinks {
@@ -498,6 +504,11 @@ impl KvCache {
         if self.is_empty() {
             return Err(KvError::Shape("attend called on an empty cache".into()));
         }
+        if sinks.is_some() && self.key_center.is_some() {
+            // A learned sink logit is not shifted with the scores, so centering would change
+            // its weight.
+            return Err(KvError::InvalidSpec { flag: "--kv-key-layout", message: "centered keys cannot serve a model with learned attention sinks".into() });
+        }
         let q = if self.spec.rotation.keys() { self.rotate(q)? } else { q.clone() };
         let (segments, mask) = (self.segments(), self.mask(l)?);
         let choice = attention::choose(&q, &segments, &mask, sinks);
@@ -538,6 +549,7 @@ impl KvCache {
         let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
         let Some(choice) = attention::choose_paged(ks.bits, ks.group, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
         let (q, k, v) = self.rotate_inputs(q, k, v)?;
+        let k = self.center_keys(&k)?;
         let (ks, vs) = self.paged_direct(1).expect("checked above");
         let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, &q, &k, &v, scale)?;
         self.advance_one(choice);
@@ -550,6 +562,23 @@ impl KvCache {
         let r = self.spec.rotation;
         let rot = |x: &Array, on: bool| if on { self.rotate(x) } else { Ok(x.clone()) };
         Ok((rot(q, r.keys())?, rot(k, r.keys())?, rot(v, r.values())?))
+    }
+
+    pub(crate) fn centered(&self) -> bool {
+        self.spec.key_layout == KeyLayout::Centered && self.spec.k.is_quantized()
+    }
+
+    /// Keys (already rotated) less the cache's key center, which the first keys set; unchanged
+    /// unless keys are quantized and centered.
+    pub(crate) fn center_keys(&mut self, k: &Array) -> Result<Array> {
+        if !self.centered() {
+            return Ok(k.clone());
+        }
+        if self.key_center.is_none() {
+            self.key_center = Some(k.mean_axis(2, true)?);
+        }
+        let c = self.key_center.as_ref().expect("set above");
+        Ok(k.subtract(c.as_dtype(k.dtype())?)?)
     }
 
     /// The attention output back from the values' rotated frame (Hadamard is its own inverse).
@@ -584,6 +613,9 @@ impl KvCache {
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
         // Lazy: if the step is not taken, these ops are never run.
         let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+        // Any center keeps attention exact, so taking it from these keys is right even when
+        // the step is not taken and `update` stores them instead.
+        let rk = self.center_keys(&rk)?;
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
             && q.shape()[2] == 1
@@ -692,6 +724,9 @@ impl KvCache {
         for (name, store, keep) in floats {
             out.extend(store.slice(0, keep).map(|a| (name.to_string(), a)));
         }
+        if let Some(c) = &self.key_center {
+            out.push(("key_center".to_string(), c.clone()));
+        }
         for (name, body) in [("body_k", &self.body_k), ("body_v", &self.body_v)] {
             match body {
                 Body::Float(s) => out.extend(s.slots(0, n_body).map(|a| (name.to_string(), a))),
@@ -767,6 +802,10 @@ impl KvCache {
             }
             Ok(Some(a))
         };
+        let center = take_float("key_center")?;
+        if center.as_ref().is_some_and(|c| c.shape()[2] != 1) {
+            return Err(KvError::Shape(format!("'key_center' is {:?}; expected one token", center.as_ref().map(|c| c.shape().to_vec()))));
+        }
         let floats = ["sink_k", "sink_v", "tail_k", "tail_v"].map(&mut take_float);
         let [sink_k, sink_v, tail_k, tail_v] = floats;
         let (sink_k, sink_v, tail_k, tail_v) = (sink_k?, sink_v?, tail_k?, tail_v?);
@@ -797,6 +836,13 @@ impl KvCache {
         cache.body_pos = (n_sink as i32..(n_sink + body_k) as i32).collect();
         cache.body_head = body_k;
         cache.offset = n_sink + body_k + n_tail;
+        if center.is_some() && !cache.centered() {
+            return Err(KvError::Shape(format!("'key_center' saved for {}, whose keys are not centered", cache.spec)));
+        }
+        if center.is_none() && cache.offset > 0 && cache.centered() {
+            return Err(KvError::Shape(format!("{} keys are centered, but no 'key_center' was saved", cache.spec)));
+        }
+        cache.key_center = center;
         Ok(cache)
     }
 
@@ -815,6 +861,7 @@ impl KvCache {
     pub fn arrays(&self) -> Vec<&Array> {
         let mut all = self.body_k.arrays();
         all.extend(self.body_v.arrays());
+        all.extend(self.key_center.as_ref());
         for s in [&self.sink_k, &self.sink_v, &self.tail_k, &self.tail_v] {
             all.extend(s.arrays());
         }

@@ -36,6 +36,9 @@ pub struct LayerFormat {
     pub v_bits: u8,
     pub v_group: usize,
     pub rotation: Rotation,
+    /// Keys stored less the sequence's key center ([`KeyLayout::Centered`]); each sequence's
+    /// cache keeps its own center, the blocks only codes.
+    pub centered: bool,
 }
 
 impl LayerFormat {
@@ -45,11 +48,11 @@ impl LayerFormat {
     pub fn of(spec: &KvSpec) -> Option<LayerFormat> {
         let plain = spec.k.is_quantized()
             && spec.v.is_quantized()
-            && spec.key_layout == KeyLayout::PerToken
+            && spec.key_layout != KeyLayout::PerChannel
             && spec.residual == 0
             && spec.sinks == 0
             && spec.quantized_kv_start == 0;
-        plain.then_some(LayerFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group, rotation: spec.rotation })
+        plain.then_some(LayerFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group, rotation: spec.rotation, centered: spec.key_layout == KeyLayout::Centered })
     }
 
     /// Bytes of one token row of one head: packed codes plus a 16-bit scale and bias per group.

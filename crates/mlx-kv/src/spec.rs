@@ -40,6 +40,11 @@ pub enum KeyLayout {
     PerToken,
     /// Groups run along the token axis, so an outlier channel gets its own scale (KIVI).
     PerChannel,
+    /// Per-token groups of keys less one per-channel mean, taken from the sequence's first
+    /// keys. Softmax ignores a constant added to every score, and `q·(k - m)` differs from
+    /// `q·k` by `q·m` for every key alike, so attention is unchanged while the channels whose
+    /// offset would set every group's range no longer do. Fast paths read it as per-token.
+    Centered,
 }
 
 impl FromStr for KeyLayout {
@@ -48,7 +53,8 @@ impl FromStr for KeyLayout {
         match s {
             "per-token" => Ok(KeyLayout::PerToken),
             "per-channel" => Ok(KeyLayout::PerChannel),
-            _ => Err(invalid("--kv-key-layout", format!("expected per-token or per-channel, got '{s}'"))),
+            "centered" => Ok(KeyLayout::Centered),
+            _ => Err(invalid("--kv-key-layout", format!("expected per-token, per-channel or centered, got '{s}'"))),
         }
     }
 }
@@ -224,7 +230,7 @@ impl KvSpec {
 
     /// Checks the setting against the model's head_dim; errors name the offending flag.
     pub fn validate(&self, head_dim: usize) -> Result<()> {
-        let per_token_k = self.key_layout == KeyLayout::PerToken;
+        let per_token_k = self.key_layout != KeyLayout::PerChannel;
         if self.k.is_quantized() && per_token_k && !head_dim.is_multiple_of(self.k.group) {
             return Err(KvError::GroupMismatch { which: "key", head_dim, group: self.k.group });
         }
@@ -271,8 +277,10 @@ impl fmt::Display for KvSpec {
                 write!(f, "-g{},{}", self.k.group, self.v.group)?;
             }
         }
-        if self.key_layout == KeyLayout::PerChannel {
-            write!(f, "-pc")?;
+        match self.key_layout {
+            KeyLayout::PerToken => {}
+            KeyLayout::PerChannel => write!(f, "-pc")?,
+            KeyLayout::Centered => write!(f, "-kc")?,
         }
         if self.residual > 0 {
             write!(f, "-r{}", self.residual)?;
@@ -314,6 +322,8 @@ impl KvSpec {
                 spec.v.group = gv;
             } else if part == "pc" {
                 spec.key_layout = KeyLayout::PerChannel;
+            } else if part == "kc" {
+                spec.key_layout = KeyLayout::Centered;
             } else if part == "rotk" {
                 spec.rotation = Rotation::Keys;
             } else if part == "rotkv" {

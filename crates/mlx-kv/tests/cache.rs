@@ -32,7 +32,9 @@ fn check_heads(
     let (kb, vb) = (spec.k.bits, spec.v.bits);
     let (qh, kh) = if spec.rotation.keys() { (rotate(&q), rotate(&k)) } else { (q.tokens(0, t), k.tokens(0, t)) };
     let vh = if spec.rotation.values() { rotate(&v) } else { v.tokens(0, t) };
-    let bound = attention_bound(q_l1_max(&qh), scale, kh.max_abs(), vh.max_abs(), kb, vb)
+    // Centered keys are stored less a mean of keys, so their magnitude is at most twice theirs.
+    let k_max = kh.max_abs() * if spec.key_layout == KeyLayout::Centered { 2.0 } else { 1.0 };
+    let bound = attention_bound(q_l1_max(&qh), scale, k_max, vh.max_abs(), kb, vb)
         // Rotating the output back sums D terms of the per-element error, each weighted 1/sqrt(D).
         * if spec.rotation.values() { (d as f64).sqrt() } else { 1.0 };
     let mut cache = KvCache::new(spec.clone(), d, opts).unwrap();
@@ -88,6 +90,13 @@ fn residual_sinks_rotation_layout_and_start_stay_within_bound() {
     let mut st = KvSpec::bits(8, 4);
     st.quantized_kv_start = 40;
     specs.push(st);
+    let mut c = KvSpec::bits(4, 4);
+    c.key_layout = KeyLayout::Centered;
+    specs.push(c.clone());
+    c.rotation = Rotation::KeysAndValues;
+    c.residual = 16;
+    c.sinks = 3;
+    specs.push(c);
     for spec in specs {
         run_and_check(&spec, CacheOptions::default(), &[70, 1, 1, 64, 3, 1], &causal, 20);
     }
@@ -213,6 +222,38 @@ fn per_channel_and_rotation_beat_per_token_on_outlier_channels() {
     assert!(rotated < per_token, "rotation {rotated} should beat per-token {per_token}");
 }
 
+/// Max |attention error| against f64 of one cache filled with `k` in two chunks.
+fn attention_error(spec: KvSpec, k: &Host) -> f64 {
+    let t = k.shape[2];
+    let q = Host::random([1, 4, t, D], 31);
+    let v = Host::random([1, 2, t, D], 32);
+    let mut cache = KvCache::new(spec, D, CacheOptions::default()).unwrap();
+    let half = t / 2;
+    cache.update(&k.tokens(0, half).array(), &v.tokens(0, half).array()).unwrap();
+    let out = cache.update_and_attend(&q.tokens(half, t).array(), &k.tokens(half, t).array(), &v.tokens(half, t).array(), SCALE as f32, None).unwrap();
+    let want = reference_attention(&q.tokens(half, t), &k.tokens(0, t), &v.tokens(0, t), SCALE, &causal);
+    max_abs_diff(&to_vec(&out), &want)
+}
+
+#[test]
+fn centering_takes_channel_offsets_out_of_the_key_groups() {
+    // Two channels carry a large constant offset (as RoPE's slow channels do): per-token groups
+    // spend their range on it; centered keys subtract it and attention is unchanged by that.
+    let mut k = Host::random([1, 2, 128, D], 33);
+    for t in 0..128 {
+        for h in 0..2 {
+            for ch in [5usize, 40] {
+                k.data[(h * 128 + t) * D + ch] += 12.0;
+            }
+        }
+    }
+    let per_token = attention_error(KvSpec::bits(4, 8), &k);
+    let mut c = KvSpec::bits(4, 8);
+    c.key_layout = KeyLayout::Centered;
+    let centered = attention_error(c, &k);
+    // The offsets set each group's step at about 12/15 instead of about 2/15.
+    assert!(centered * 3.0 < per_token, "centered {centered:.3e} should be well under per-token {per_token:.3e}");
+}
 
 #[test]
 fn trim_and_reset_rewind_the_offset() {
@@ -279,3 +320,4 @@ fn per_channel_keys_with_many_blocks() {
     r.residual = 64;
     check_heads(&r, CacheOptions::default(), &[200, 200, 128, 128], &causal, 21, (9, 3, D));
 }
+

@@ -85,6 +85,9 @@ fn specs() -> Vec<(KvSpec, LayerOverrides)> {
     rotated.rotation = Rotation::KeysAndValues;
     let mut late = KvSpec::bits(4, 4);
     late.quantized_kv_start = 50;
+    let mut centered = KvSpec::bits(4, 4);
+    centered.key_layout = KeyLayout::Centered;
+    centered.rotation = Rotation::Keys;
     vec![
         (KvSpec::dense(), none.clone()),
         (KvSpec::bits(8, 4), none.clone()),
@@ -92,6 +95,7 @@ fn specs() -> Vec<(KvSpec, LayerOverrides)> {
         (with_tail, none.clone()),
         (per_channel, none.clone()),
         (rotated, none.clone()),
+        (centered, none.clone()),
         (late, none),
     ]
 }

@@ -132,9 +132,12 @@ const NEAR_TIE: f32 = 2e-2;
 
 #[test]
 fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
-    // Together they run from the engine's block pool (the quantized ones: two k8v4 sequences
-    // share one paged op per layer, k4v4, k8v8, rotated k8v4 and a per-layer recipe are groups
-    // of their own, dense keeps its buffers); alone from each sequence's own buffers.
+    // Together they run from the engine's block pool (the quantized ones: two centered k4v4
+    // sequences share one paged op per layer, each less its own key center; k8v4, k4v4, k8v8,
+    // rotated k8v4 and a per-layer recipe are groups of their own, dense keeps its buffers);
+    // alone from each sequence's own buffers. Eight at most: with nine (even with the extra
+    // rows dense) a k8v4 sequence parted from its path at a top-two gap of 0.13, so the batch's
+    // size changes the weights' matmul rounding and 4-bit codes amplify it; not yet explained.
     let mut e = model();
     e.use_pool(None);
     let tok = e.tokenizer().unwrap();
@@ -146,6 +149,7 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
         "Question: what is two plus two? Answer:",
         "The river flows",
         "Once upon a time",
+        "Dear friend, I write to tell you that",
     ];
     let mut rotated = KvSpec::bits(8, 4);
     rotated.rotation = mlx_kv::Rotation::KeysAndValues;
@@ -154,8 +158,12 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     v_rotated.v.group = 32;
     let n_layers = e.model().n_layers();
     let recipe: Vec<KvSpec> = (0..n_layers).map(|i| if i % 3 == 0 { v_rotated.clone() } else { KvSpec::bits(8, 4) }).collect();
-    let mut specs: Vec<CacheSettings> = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), KvSpec::bits(8, 4), rotated].into_iter().map(settings).collect();
+    // Two centered sequences: one group, each row less its own sequence's key center.
+    let mut centered = KvSpec::bits(4, 4);
+    centered.key_layout = mlx_kv::KeyLayout::Centered;
+    let mut specs: Vec<CacheSettings> = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), centered.clone(), rotated].into_iter().map(settings).collect();
     specs.push(CacheSettings { layers: mlx_kv::LayerOverrides::per_layer(&recipe), ..settings(KvSpec::bits(8, 4)) });
+    specs.push(settings(centered));
     let n = specs.len();
     let steps = 12;
     // Alone: each sequence's greedy tokens and, at each, the gap between its two best tokens.
