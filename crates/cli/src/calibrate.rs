@@ -14,11 +14,11 @@
 //! and `ppl` scores windows from its start, so the two never share a token.
 
 use crate::model_args::{load, ModelArgs};
-use crate::ppl::{read_text, WindowArgs};
+use crate::ppl::{TextArgs, WindowArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mlx_kv::{KvSpec, LayerOverrides, QuantSpec, Rotation};
+use mlx_kv::{KeyLayout, KvSpec, LayerOverrides, QuantSpec, Rotation};
 use mlx_rs::Array;
 use models::allocate::{allocate, quarter_bits, Choice};
 use models::engine::Engine;
@@ -38,16 +38,10 @@ pub struct CalibrateArgs {
     /// measurements.
     #[arg(long, required = true)]
     pub budget: Vec<String>,
-    /// Calibration text: `wikitext` (the WikiText-2 raw test split; its end, which `ppl` does
-    /// not reach) or omit it and give --file.
-    #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
-    pub dataset: Option<String>,
-    /// A UTF-8 text file to calibrate on instead.
-    #[arg(long, conflicts_with = "dataset")]
-    pub file: Option<PathBuf>,
-    /// Directory holding wiki.test.raw (as for `ppl`).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    /// Calibration text (by default its last windows, which `ppl` does not reach: see
+    /// --start-token).
+    #[command(flatten)]
+    pub text: TextArgs,
     #[command(flatten)]
     pub window: WindowArgs,
     /// Calibration windows.
@@ -87,6 +81,8 @@ enum Part {
 struct Cand {
     q: QuantSpec,
     rotate: bool,
+    /// Keys stored less their per-channel mean ([`KeyLayout::Centered`]); keys only.
+    center: bool,
 }
 
 /// The candidates per tensor that `head_dim` allows (groups dividing it; rotation needs a power
@@ -100,7 +96,7 @@ fn candidates(part: Part, head_dim: usize) -> Vec<Cand> {
 }
 
 fn all_candidates(part: Part) -> Vec<Cand> {
-    let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate };
+    let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate, center: false };
     let mut v = vec![c(8, 64, false), c(8, 128, false)];
     for (bits, groups) in [(6u8, &[64usize, 128][..]), (4, &[32, 64, 128]), (3, &[64, 128])] {
         for &g in groups {
@@ -109,7 +105,13 @@ fn all_candidates(part: Part) -> Vec<Cand> {
         }
     }
     match part {
-        Part::K => v.extend([c(2, 32, true), c(2, 64, true)]),
+        Part::K => {
+            v.extend([c(2, 32, true), c(2, 64, true)]);
+            // Below 8 bits every key candidate also comes centered (8-bit steps are too fine
+            // for a channel offset to matter).
+            let centered: Vec<Cand> = v.iter().filter(|x| x.q.bits < 8).map(|x| Cand { center: true, ..*x }).collect();
+            v.extend(centered);
+        }
         Part::V => {
             for g in [32, 64, 128] {
                 v.push(c(2, g, false));
@@ -124,7 +126,7 @@ fn all_candidates(part: Part) -> Vec<Cand> {
 /// and 2 bits rotated (2-bit errors are large enough that a 4-bit reference would extrapolate
 /// far outside the second-order regime).
 fn references(head_dim: usize) -> Vec<Cand> {
-    let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate };
+    let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate, center: false };
     let mut v = vec![c(4, false)];
     if head_dim.is_power_of_two() {
         v.extend([c(4, true), c(2, true)]);
@@ -133,20 +135,25 @@ fn references(head_dim: usize) -> Vec<Cand> {
 }
 
 /// The reference whose KLD scales to `cand`: same frame, and the 2-bit one for rotated 2 bits
-/// (3 bits and up scale from 4 bits: within a factor of five in squared error).
+/// (3 bits and up scale from 4 bits: within a factor of five in squared error). Centered keys
+/// scale from the uncentered reference: centering changes which errors, not how they act.
 fn reference_for(cand: Cand, refs: &[Cand]) -> Cand {
     let want_bits = if cand.rotate && cand.q.bits == 2 { 2 } else { 4 };
     *refs.iter().find(|r| r.rotate == cand.rotate && r.q.bits == want_bits).unwrap_or(&refs[0])
 }
 
-/// Mean squared reconstruction error of `x` (`[.., D]` float) stored at `cand`, measured in the
-/// frame it is stored in (the rotation is orthonormal, so the error is the same in the model's).
-fn reconstruction_mse(x: &Array, cand: Cand, h: Option<&Array>) -> Result<f64> {
+/// Mean squared reconstruction error of `x` (`[1, H, T, D]` float) stored at `cand`, measured in
+/// the frame it is stored in (the rotation is orthonormal, so the error is the same in the
+/// model's). A centered candidate subtracts the mean of the first `chunk` tokens, as the cache
+/// takes its center from the first chunk it is given.
+fn reconstruction_mse(x: &Array, cand: Cand, h: Option<&Array>, chunk: usize) -> Result<f64> {
+    use mlx_rs::ops::indexing::IndexOp;
     let x = x.as_dtype(mlx_rs::Dtype::Float32)?;
     let x = match (cand.rotate, h) {
         (true, Some(h)) => mlx_rs::ops::matmul(&x, h)?,
         _ => x,
     };
+    let x = if cand.center { x.subtract(x.index((.., .., ..chunk as i32, ..)).mean_axis(2, true)?)? } else { x };
     let p = mlx_kv::store::Packed::quantize(&x, cand.q.group, cand.q.bits)?;
     let back = p.dequantize(cand.q.group, cand.q.bits, mlx_rs::Dtype::Float32)?;
     let e = back.subtract(&x)?.square()?.mean(None)?;
@@ -178,12 +185,15 @@ fn layer_spec(k: Cand, v: Cand) -> KvSpec {
     s.k = k.q;
     s.v = v.q;
     s.rotation = Rotation::of(k.rotate, v.rotate);
+    if k.center {
+        s.key_layout = KeyLayout::Centered;
+    }
     s
 }
 
 /// Settings with one tensor of one layer at `cand` and everything else unquantized.
 fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand) -> CacheSettings {
-    let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false };
+    let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false, center: false };
     let spec = match part {
         Part::K => layer_spec(cand, dense),
         Part::V => layer_spec(dense, cand),
@@ -227,7 +237,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     }
     let opts = PplOptions { ctx: a.window.ctx, chunk: a.window.chunk, score_all: a.window.score_all, max_windows: None };
     opts.validate()?;
-    let (text_bytes, label, _) = read_text(a.dataset.as_deref(), a.file.as_deref(), a.data_dir.as_deref())?;
+    let (text_bytes, label, _) = a.text.read()?;
     let (loaded, path) = load(&a.model, &[])?;
     let engine = Engine::from_loaded(loaded);
     let model = engine.model();
@@ -270,14 +280,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let hadamard = if head_dim.is_power_of_two() { Some(mlx_kv::rotation::hadamard(head_dim, mlx_rs::Dtype::Float32)?) } else { None };
     // items[2 * layer + part]: that tensor's candidates with their (measured or scaled) damage.
     let mut items: Vec<Vec<(Cand, Choice)>> = Vec::new();
-    let mut csv = String::from("layer,tensor,bits,group,rotate,quarter_bits,kld_mean,kld_se,measured,reconstruction_mse\n");
+    let mut csv = String::from("layer,tensor,bits,group,rotate,center,quarter_bits,kld_mean,kld_se,measured,reconstruction_mse\n");
     let started = std::time::Instant::now();
     let mut done = 0usize;
     for layer in 0..n_layers {
         for part in parts {
             let mut measured: Vec<(Cand, f64, f64)> = Vec::new();
             for cand in probed(part) {
-                bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }));
+                bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }, if cand.center { " centered" } else { "" }));
                 let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
                 measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
@@ -292,7 +302,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                 let xs = if part == Part::K { &cap[layer].0 } else { &cap[layer].1 };
                 let mut sum = 0.0;
                 for x in xs {
-                    sum += reconstruction_mse(x, c, hadamard.as_ref())?;
+                    sum += reconstruction_mse(x, c, hadamard.as_ref(), opts.chunk)?;
                 }
                 Ok(sum / xs.len() as f64)
             };
@@ -308,7 +318,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                         (k_ref * e / e_ref.max(f64::MIN_POSITIVE), f64::NAN, false, e)
                     }
                 };
-                csv.push_str(&format!("{layer},{part:?},{},{},{},{cost},{damage:.8},{se:.8},{was_measured},{e:.6e}\n", cand.q.bits, cand.q.group, cand.rotate));
+                csv.push_str(&format!("{layer},{part:?},{},{},{},{},{cost},{damage:.8},{se:.8},{was_measured},{e:.6e}\n", cand.q.bits, cand.q.group, cand.rotate, cand.center));
                 item.push((cand, Choice { cost, damage }));
             }
             items.push(item);
@@ -366,7 +376,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             bits_per_element: bits,
             layers: specs.iter().map(|s| s.to_string()).collect(),
             calibration: Calibration {
-                text: a.file.as_ref().map_or_else(|| "wikitext-2-raw/wiki.test.raw".into(), |f| f.display().to_string()),
+                text: a.text.file.as_ref().map_or_else(|| "wikitext-2-raw/wiki.test.raw".into(), |f| f.display().to_string()),
                 text_sha256: sha256_hex(text_bytes.as_bytes()),
                 start_token: start,
                 windows: a.windows,
@@ -383,7 +393,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             },
             method: format!(
                 "per-tensor damage with only that tensor quantized, candidates 2/3/4/6/8 bits, groups 32/64/128, with and without Hadamard \
-                 rotation ({}); exact multiple-choice knapsack on the summed damage within the budget",
+                 rotation, keys below 8 bits also centered ({}); exact multiple-choice knapsack on the summed damage within the budget",
                 match a.probes {
                     Probes::All => "every candidate's KLD measured",
                     Probes::Reference => {

@@ -20,20 +20,34 @@ use models::engine::Engine;
 use models::perplexity::{fnv1a, score_window, BaselineStore, PplOptions, PplResult, FNV_OFFSET};
 use std::path::{Path, PathBuf};
 
+/// Which text a command reads (`ppl` scores it, `calibrate` measures on it).
 #[derive(Args, Debug)]
-pub struct PplArgs {
+pub struct TextArgs {
     /// Dataset: `wikitext` is the WikiText-2 raw test split: wiki.test.raw from --data-dir, else
     /// the cached copy, which is fetched once from the hub (Salesforce/wikitext) when missing.
     /// Omit it to use --file.
     #[arg(value_parser = ["wikitext"], required_unless_present = "file")]
     pub dataset: Option<String>,
-    /// Score this UTF-8 text file instead of a dataset.
+    /// A UTF-8 text file instead of a dataset.
     #[arg(long, conflicts_with = "dataset")]
     pub file: Option<PathBuf>,
     /// Directory holding wiki.test.raw (default: $KVSPLIT_CACHE/data/wikitext-2-raw, filled by
     /// setup or from the hub).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+impl TextArgs {
+    /// The text, its label for output lines and a file stem for result names ([`read_text`]).
+    pub fn read(&self) -> Result<(String, String, String)> {
+        read_text(self.dataset.as_deref(), self.file.as_deref(), self.data_dir.as_deref())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PplArgs {
+    #[command(flatten)]
+    pub text: TextArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -245,7 +259,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     let opts = options(&f.window, f.max_windows)?;
     let given = given(&f.kv)?;
     let base = baseline_settings(f.kv.rest.max_kv_size);
-    let (text, label, file_stem) = read_text(f.dataset.as_deref(), f.file.as_deref(), f.data_dir.as_deref())?;
+    let (text, label, file_stem) = f.text.read()?;
     let (loaded, path) = load(&f.model, &named(&given))?;
     let engine = Engine::from_loaded(loaded);
     let entries = entries(&f.kv, &engine)?;
