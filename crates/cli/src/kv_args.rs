@@ -22,8 +22,9 @@ pub struct KvArgs {
     /// Quantization group size for keys and values (`64`) or separately (`64,32`): 32, 64 or 128.
     #[arg(long, default_value = "64")]
     pub kv_group_size: String,
-    /// Key layout: `per-token` (groups along head_dim, like mlx-lm) or `per-channel` (groups
-    /// along tokens, KIVI).
+    /// Key layout: `per-token` (groups along head_dim, like mlx-lm), `per-channel` (groups
+    /// along tokens, KIVI; the MLX-ops paths only) or `centered` (per-token groups of keys less
+    /// their per-channel mean, which leaves attention exact; every fast path).
     #[arg(long, value_enum, default_value = "per-token")]
     pub kv_key_layout: KeyLayout,
     /// Newest tokens kept in full precision, quantized in blocks as they age (KIVI residual).
