@@ -94,8 +94,9 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
     let k = if group.len() == 1 || !group[0].centered() {
         group[0].center_keys(&k)?
     } else {
-        let rows: Vec<Array> = group.iter_mut().enumerate().map(|(i, c)| c.center_keys(&k.index(i as i32..i as i32 + 1))).collect::<Result<_>>()?;
-        concatenate(&rows, 0)?
+        // One subtract of the stacked centers (a member without one yet takes its own row).
+        let centers: Vec<Array> = group.iter_mut().enumerate().map(|(i, c)| c.key_center_for(&k.index(i as i32..i as i32 + 1))).collect::<Result<_>>()?;
+        k.subtract(concatenate(&centers, 0)?.as_dtype(k.dtype())?)?
     };
     let (q, k, v) = (&q, &k, &v);
     let out = {

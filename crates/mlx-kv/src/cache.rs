@@ -574,11 +574,16 @@ impl KvCache {
         if !self.centered() {
             return Ok(k.clone());
         }
+        let c = self.key_center_for(k)?;
+        Ok(k.subtract(c.as_dtype(k.dtype())?)?)
+    }
+
+    /// The key center, taken from `k` (rotated keys) if the cache has none yet.
+    pub(crate) fn key_center_for(&mut self, k: &Array) -> Result<Array> {
         if self.key_center.is_none() {
             self.key_center = Some(k.mean_axis(2, true)?);
         }
-        let c = self.key_center.as_ref().expect("set above");
-        Ok(k.subtract(c.as_dtype(k.dtype())?)?)
+        Ok(self.key_center.clone().expect("set above"))
     }
 
     /// The attention output back from the values' rotated frame (Hadamard is its own inverse).
