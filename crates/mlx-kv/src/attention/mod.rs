@@ -177,6 +177,21 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
     fused::covers(case.k_bits, case.v_bits, case.head_dim, rows).then(|| pick(Path::FusedStep, "one new token into a quantized per-token body"))
 }
 
+/// Whether this backend's fast decode path reads a cache of `spec` with per-token keys (query
+/// rows aside): on the CPU our primitive, on CUDA the fused kernel. True where no fast path would
+/// run anyway (Metal, `--gpu-fused off`), since every setting then takes MLX's ops alike.
+pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
+    if !spec.k.is_quantized() || !spec.v.is_quantized() {
+        return true;
+    }
+    let per_token = spec.key_layout != crate::KeyLayout::PerChannel;
+    if Backend::current() == Backend::Cpu {
+        return !mlx_ext::options::current().cpu_kernels.on()
+            || (per_token && mlx_ext::cpu::supports(spec.k.bits, spec.k.group, head_dim) && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim));
+    }
+    fused_allowed().is_err() || (per_token && fused::covers(spec.k.bits, spec.v.bits, head_dim, 1))
+}
+
 /// The path for a decode step of sequences whose caches live in pool blocks of these widths
 /// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
 /// its gathered blocks instead.
@@ -192,4 +207,26 @@ pub fn choose_paged(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head
     }
     fused_allowed().ok()?;
     fused::covers(k_bits, v_bits, head_dim, rows).then(|| pick(Path::PagedStep, "decode tokens into pool blocks, one launch per layer for the batch"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{KeyLayout, KvSpec};
+
+    #[test]
+    fn the_cpu_fast_path_reads_per_token_widths_it_unpacks() {
+        if Backend::current() != Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
+            return;
+        }
+        assert!(fast_path_reads(&KvSpec::bits(8, 4), 64));
+        assert!(fast_path_reads(&KvSpec::bits(6, 3), 64));
+        assert!(fast_path_reads(&KvSpec::dense(), 64));
+        assert!(!fast_path_reads(&KvSpec::bits(5, 4), 64), "no 5-bit unpack");
+        let mut pc = KvSpec::bits(4, 4);
+        pc.key_layout = KeyLayout::PerChannel;
+        assert!(!fast_path_reads(&pc, 64), "per-channel keys take the block path");
+        pc.key_layout = KeyLayout::Centered;
+        assert!(fast_path_reads(&pc, 64));
+    }
 }
