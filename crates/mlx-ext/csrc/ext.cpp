@@ -90,6 +90,22 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
 }
 
+void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
+                           int64_t t1, float* m, float* l, float* out, float* scratch) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch);
+#endif
+  generic::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch);
+}
+
+void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, const float* v,
+                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch);
+#endif
+  generic::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch);
+}
+
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
 #if defined(KVSPLIT_HAVE_AVX2)
   if (use_avx2()) return avx2::dequantize_rows(w, k, r0, r1, out);
@@ -336,28 +352,43 @@ class Dequantize : public PackedMatrixPrimitive {
 
 // ---- decode attention over a packed cache ----
 
+// `k_channels`: keys are stored per channel (K^T rows, groups of `k_group` tokens), and
+// `tail` float tokens follow the packed ones.
 struct AttnParams {
   int len, k_group, k_bits, v_group, v_bits;
+  bool k_channels = false;
+  int tail = 0;
 };
 
-// A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows.
+// A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
+// packed (keys per token or per channel) or, for `Float`, float rows at tk / tv.
 struct AttnItem {
+  enum Kind { Tokens, Channels, Float };
   int bh;
   PackedRows k, v;
   int64_t t0, t1;
+  Kind kind = Tokens;
+  const float *tk = nullptr, *tv = nullptr;
+  int64_t tk_stride = 0, tv_stride = 0;
 };
 
-// The query rows of every head, permuted for the keys' bits, with per-group sums.
+// The query rows of every head: permuted for per-token keys' bits with per-group sums, and in
+// natural order where per-channel keys or float tokens read them.
 struct Queries {
-  std::vector<float> qp, qsum;
+  std::vector<float> qp, qsum, qn;
 };
 
 Queries permute_queries(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int n, int d, const AttnParams& p) {
-  const int kng = d / p.k_group;
-  Queries q{std::vector<float>(size_t(n) * d), std::vector<float>(size_t(n) * kng, 0.0f)};
+  Queries q;
   std::vector<float> qrow(d);
+  if (p.k_channels || p.tail > 0) q.qn.resize(size_t(n) * d);
+  // Per-channel groups run along tokens: k_group says nothing about head_dim there.
+  const int kng = p.k_channels ? 0 : d / p.k_group;
+  if (!p.k_channels) q.qp.resize(size_t(n) * d), q.qsum.assign(size_t(n) * kng, 0.0f);
   for (int64_t r = 0; r < n; ++r) {
     for (int e = 0; e < d; ++e) qrow[e] = qd[qrows[r] + e * qlast];
+    if (!q.qn.empty()) std::copy(qrow.begin(), qrow.end(), q.qn.begin() + r * d);
+    if (p.k_channels) continue;
     permute(qrow.data(), d, p.k_bits, q.qp.data() + r * d);
     for (int e = 0; e < d; ++e) q.qsum[r * kng + e / p.k_group] += qrow[e];
   }
@@ -368,7 +399,7 @@ Queries permute_queries(const float* qd, const std::vector<int64_t>& qrows, int6
 // items with their running maxima and writes row r of head h to o[(h * rows + r) * d].
 void attend_items(const Queries& q, const std::vector<AttnItem>& items, int heads, int rows, int d, const AttnParams& p,
                   float* o, bool parallel) {
-  const int kng = d / p.k_group;
+  const int kng = p.k_channels ? 0 : d / p.k_group;
   const int stride = rows * (d + 2);  // per item: m, l, then out
   std::vector<float> parts(items.size() * size_t(stride));
   Pool::get().run(int(items.size()), [&](int i) {
@@ -379,9 +410,26 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
       return;
     }
     thread_local std::vector<float> scratch;
-    scratch.resize(size_t(rows) * (2 * (it.t1 - it.t0) + d) + 2 * size_t(it.t1 - it.t0));
-    attend_block(q.qp.data() + int64_t(it.bh) * rows * d, q.qsum.data() + int64_t(it.bh) * rows * kng, rows, d, it.k,
-                 it.v, it.t0, it.t1, part, part + rows, part + 2 * rows, scratch.data());
+    const int64_t n = it.t1 - it.t0;
+    float *m = part, *l = part + rows, *out = part + 2 * rows;
+    switch (it.kind) {
+      case AttnItem::Tokens:
+        scratch.resize(size_t(rows) * (2 * n + d) + 2 * size_t(n));
+        attend_block(q.qp.data() + int64_t(it.bh) * rows * d, q.qsum.data() + int64_t(it.bh) * rows * kng, rows, d,
+                     it.k, it.v, it.t0, it.t1, m, l, out, scratch.data());
+        break;
+      case AttnItem::Channels:
+        scratch.resize(size_t(channel_scratch(rows, d, n)));
+        attend_block_channels(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.k, it.v, it.t0, it.t1, m, l, out,
+                              scratch.data());
+        break;
+      case AttnItem::Float:
+        scratch.resize(size_t(rows) * n + d);
+        attend_float_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.tk + it.t0 * it.tk_stride,
+                           it.tk_stride, it.tv + it.t0 * it.tv_stride, it.tv_stride, int(n), p.v_bits, m, l, out,
+                           scratch.data());
+        break;
+    }
   }, parallel);
   std::vector<float> acc(d);
   size_t first = 0;
@@ -426,25 +474,41 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
     per_head = std::min<int64_t>(per_head, (t + 63) / 64);
     per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
-    const int64_t block = (t + per_head - 1) / per_head;
+    int64_t block = (t + per_head - 1) / per_head;
+    // Per-channel codes can only be cut between token groups (len is a whole number of them).
+    if (p_.k_channels) block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
     std::vector<AttnItem> items;
     for (int bi = 0; bi < b; ++bi) {
       for (int h = 0; h < hkv; ++h) {
         auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
+        // Axis 2 holds tokens in the per-token layout and channels (K^T rows) per channel.
         PackedRows k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
         PackedRows v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
-        for (int64_t c = 0; c < per_head; ++c) {
-          items.push_back({bi * hkv + h, k, v, c * block, std::min(t, (c + 1) * block)});
+        for (int64_t t0 = 0; t0 < t; t0 += block) {
+          AttnItem it{bi * hkv + h, k, v, t0, std::min(t, t0 + block)};
+          it.kind = p_.k_channels ? AttnItem::Channels : AttnItem::Tokens;
+          items.push_back(it);
+        }
+        if (p_.tail > 0) {
+          const array &tk = in[7], &tv = in[8];
+          AttnItem it{bi * hkv + h, k, v, 0, p_.tail};
+          it.kind = AttnItem::Float;
+          it.tk = tk.data<float>() + off(tk);
+          it.tv = tv.data<float>() + off(tv);
+          it.tk_stride = tk.strides()[2];
+          it.tv_stride = tv.strides()[2];
+          items.push_back(it);
         }
       }
     }
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_input_array(q);
+    if (p_.tail > 0) enc.set_input_array(in[7]), enc.set_input_array(in[8]);
     enc.set_output_array(out);
     enc.dispatch([qd = q.data<float>(), o = out.data<float>(), items = std::move(items), p = p_, rows, d,
                   qrows = std::move(qrows), qlast, bh]() {
       const Queries qs = permute_queries(qd, qrows, qlast, bh * rows, d, p);
-      const int64_t bytes = p.len * bh * (int64_t(d) * (p.k_bits + p.v_bits) / 8);
+      const int64_t bytes = (p.len * int64_t(p.k_bits + p.v_bits) / 8 + int64_t(p.tail) * 8) * bh * d;
       attend_items(qs, items, bh, rows, d, p, o, bytes >= kParallelBytes);
     });
   }
@@ -454,7 +518,7 @@ class QuantizedDecodeAttention : public CpuPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
     return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
-           p_.v_bits == o.v_bits;
+           p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail;
   }
 
  private:
@@ -615,7 +679,9 @@ extern "C" int kvsplit_cpu_dequantize(mlx_array* res, const mlx_array w_, const 
 extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array kw_,
                                                       const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
                                                       const mlx_array vs_, const mlx_array vb_, int len, int k_group,
-                                                      int k_bits, int v_group, int v_bits, const mlx_stream s_) {
+                                                      int k_bits, int v_group, int v_bits, bool k_per_channel,
+                                                      const mlx_array tail_k_, const mlx_array tail_v_,
+                                                      const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit decode attention";
     const array& q = mlx_array_get_(q_);
@@ -624,28 +690,52 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     const Stream st = mlx_stream_get_(s_);
     require(q.ndim() == 4 && q.dtype() == mlx::core::float32, std::string(what) + ": q must be float32 [B, Hq, L, D]");
     const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
-    check_bits_group("kvsplit decode attention (keys)", k_bits, k_group, d);
     check_bits_group("kvsplit decode attention (values)", v_bits, v_group, d);
     for (const array* w : {&kw, &vw})
-      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == b && w->shape(1) == kw.shape(1) &&
-                  w->shape(2) == kw.shape(2),
-              std::string(what) + ": packed cache buffers must be uint32 [B, Hkv, capacity, D*bits/32]");
-    require(int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits && int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
-            std::string(what) + ": packed width does not match D and bits");
-    const int hkv = kw.shape(1), cap = kw.shape(2);
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == b && w->shape(1) == kw.shape(1),
+              std::string(what) + ": packed cache buffers must be uint32 [B, Hkv, ...]");
+    const int hkv = kw.shape(1), cap = vw.shape(2);
     require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    require(int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
+            std::string(what) + ": values must be [B, Hkv, capacity, D*bits/32]");
+    if (k_per_channel) {
+      const int64_t kcap = int64_t(kw.shape(3)) * 32 / k_bits;
+      check_bits_group("kvsplit decode attention (per-channel keys)", k_bits, k_group, int(kcap));
+      require(kw.shape(2) == d && kcap * k_bits == int64_t(kw.shape(3)) * 32 && kcap >= len,
+              std::string(what) + ": per-channel keys must be uint32 [B, Hkv, D, capacity*bits/32]");
+      require(len % k_group == 0, std::string(what) + ": per-channel keys hold whole groups of " +
+                                      std::to_string(k_group) + " tokens, not " + std::to_string(len));
+      require(ks.shape() == kb.shape() && ks.ndim() == 4 && ks.shape(0) == b && ks.shape(1) == hkv &&
+                  ks.shape(2) == d && ks.shape(3) == kcap / k_group,
+              std::string(what) + ": per-channel key scales and biases must be [B, Hkv, D, capacity/group]");
+    } else {
+      check_bits_group("kvsplit decode attention (keys)", k_bits, k_group, d);
+      require(kw.shape(2) == cap && int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits,
+              std::string(what) + ": keys must be [B, Hkv, capacity, D*bits/32] like the values");
+      require(ks.shape() == kb.shape() && ks.ndim() == 4 && ks.shape(0) == b && ks.shape(1) == hkv &&
+                  ks.shape(2) == cap && ks.shape(3) == d / k_group,
+              std::string(what) + ": scales and biases must be [B, Hkv, capacity, D/group]");
+    }
+    check_scale_dtype(what, ks, kb);
+    require(vs.shape() == vb.shape() && vs.ndim() == 4 && vs.shape(0) == b && vs.shape(1) == hkv &&
+                vs.shape(2) == cap && vs.shape(3) == d / v_group,
+            std::string(what) + ": scales and biases must be [B, Hkv, capacity, D/group]");
+    check_scale_dtype(what, vs, vb);
     require(len >= 1 && len <= cap, std::string(what) + ": len " + std::to_string(len) + " outside 1.." +
                                         std::to_string(cap));
-    for (auto [w, s, bi, g] : {std::tuple{&kw, &ks, &kb, k_group}, std::tuple{&vw, &vs, &vb, v_group}}) {
-      require(s->shape() == bi->shape() && s->ndim() == 4 && s->shape(0) == b && s->shape(1) == hkv &&
-                  s->shape(2) == cap && s->shape(3) == d / g,
-              std::string(what) + ": scales and biases must be [B, Hkv, capacity, D/group]");
-      check_scale_dtype(what, *s, *bi);
-      (void)w;
+    std::vector<array> inputs{q, kw, ks, kb, vw, vs, vb};
+    int tail = 0;
+    if (tail_k_.ctx != nullptr || tail_v_.ctx != nullptr) {
+      require(tail_k_.ctx != nullptr && tail_v_.ctx != nullptr, std::string(what) + ": a float tail needs both K and V");
+      const array &tk = mlx_array_get_(tail_k_), &tv = mlx_array_get_(tail_v_);
+      require(tk.ndim() == 4 && tk.dtype() == mlx::core::float32 && tk.shape() == tv.shape() &&
+                  tv.dtype() == mlx::core::float32 && tk.shape(0) == b && tk.shape(1) == hkv && tk.shape(3) == d,
+              std::string(what) + ": the float tail must be float32 K and V [B, Hkv, n, D]");
+      tail = tk.shape(2);
+      if (tail > 0) inputs.push_back(tk), inputs.push_back(tv);
     }
-    AttnParams p{len, k_group, k_bits, v_group, v_bits};
-    array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p),
-              {q, kw, ks, kb, vw, vs, vb});
+    AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
+    array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p), std::move(inputs));
     mlx_array_set_(*res, out);
   });
 }

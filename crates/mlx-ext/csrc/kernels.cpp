@@ -188,12 +188,10 @@ void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRow
   dot_rows_bits(xp, xsum, rows, k, w, r0, r1, y + r0, ldy);
 }
 
-void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
-                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
-  const int n = int(t1 - t0);
-  float* s = scratch;          // rows x n scores, then probabilities
-  float* wt = scratch + rows * int64_t(n);  // rows x n probabilities times one group's value scale
-  dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
+namespace {
+
+// Scores s (rows x n) become exp(s - max) in place; m and l get each row's max and sum.
+void softmax_rows(float* s, int rows, int n, float* m, float* l) {
   for (int r = 0; r < rows; ++r) {
     float* sr = s + int64_t(r) * n;
     int t = 0;
@@ -216,6 +214,12 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
     m[r] = mr;
     l[r] = lr;
   }
+}
+
+// out (rows x d, values' permuted order) = sum over tokens [t0, t0 + n) of p[r][t] v_t, for the
+// probabilities s; scratch as attend_block's after its scores (rows * (n + d) + 2 n floats).
+void weighted_values(const float* s, int rows, int d, const PackedRows& v, int64_t t0, int n, float* out,
+                     float* wt) {
   const int vng = d / v.group;
   float* vsc = wt + int64_t(rows) * n + int64_t(rows) * d;  // n value scales, then n biases
   float* vbi = vsc + n;
@@ -253,6 +257,107 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
     }
     for (int r = 0; r < rows; ++r)
       for (int e = g * v.group; e < (g + 1) * v.group; ++e) out[int64_t(r) * d + e] += tmp[int64_t(r) * d + e];
+  }
+}
+
+// Scores of per-channel keys, token groups [g0, g1): s[r * lds + (t - g0 * group)]. Per group,
+// q . k_t = sum_e (q_e s_eg) c_et + sum_e q_e b_eg: the first term is weighted_codes with the
+// channels as its "tokens" and this group's tokens as its elements (so it comes out in the
+// permuted unit order, undone here), the second a constant of the group.
+template <int B>
+void channel_scores(const float* q, int rows, int d, const PackedRows& kt, int64_t g0, int64_t g1, float* s,
+                    int64_t lds, float* scratch) {
+  constexpr int per = phases_of(B), unit = 8 * per;
+  const int group = kt.group;
+  // weighted_codes counts groups from its operand's first byte: start it at group g0.
+  PackedRows k = kt;
+  k.w += g0 * (int64_t(group) * B / 8);
+  float* wt = scratch;                      // rows x d: q_e s_eg
+  float* sc = wt + int64_t(rows) * d;       // d scales
+  float* bi = sc + d;                       // d biases
+  float* cst = bi + d;                      // rows constants
+  float* tmp = cst + rows;                  // one unit
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int e = 0; e < d; ++e) {
+      sc[e] = scale_at(kt, e, int(g));
+      bi[e] = bias_at(kt, e, int(g));
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + int64_t(r) * d;
+      float* wr = wt + int64_t(r) * d;
+      F8 c = F8::zero();
+      for (int e = 0; e < d; e += 8) {
+        const F8 qv = F8::load(qr + e);
+        (qv * F8::load(sc + e)).store(wr + e);
+        c = fma(qv, F8::load(bi + e), c);
+      }
+      cst[r] = c.sum();
+    }
+    weighted_codes_any<B>(wt, rows, d, int(lds), k, 0, int(g - g0), s);
+    for (int r = 0; r < rows; ++r) {
+      float* sr = s + int64_t(r) * lds + (g - g0) * group;
+      for (int u0 = 0; u0 < group; u0 += unit) {
+        for (int j = 0; j < per; ++j)
+          for (int i = 0; i < 8; ++i) tmp[i * per + j] = sr[u0 + j * 8 + i];
+        for (int w = 0; w < unit; ++w) sr[u0 + w] = tmp[w] + cst[r];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
+                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
+  const int n = int(t1 - t0);
+  float* s = scratch;          // rows x n scores, then probabilities
+  float* wt = scratch + rows * int64_t(n);  // rows x n probabilities times one group's value scale
+  dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
+  softmax_rows(s, rows, n, m, l);
+  weighted_values(s, rows, d, v, t0, n, out, wt);
+}
+
+void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
+                           int64_t t1, float* m, float* l, float* out, float* scratch) {
+  const int n = int(t1 - t0);
+  float* s = scratch;
+  float* wt = scratch + rows * int64_t(n);
+  // After attend_block's own scratch (rows * (2n + d) + 2n), so both fit one allocation.
+  float* cs = wt + int64_t(rows) * (n + d) + 2 * int64_t(n);
+  const int64_t g0 = t0 / kt.group, g1 = t1 / kt.group;
+  switch (kt.bits) {
+    case 2: channel_scores<2>(q, rows, d, kt, g0, g1, s, n, cs); break;
+    case 3: channel_scores<3>(q, rows, d, kt, g0, g1, s, n, cs); break;
+    case 4: channel_scores<4>(q, rows, d, kt, g0, g1, s, n, cs); break;
+    case 6: channel_scores<6>(q, rows, d, kt, g0, g1, s, n, cs); break;
+    default: channel_scores<8>(q, rows, d, kt, g0, g1, s, n, cs); break;
+  }
+  softmax_rows(s, rows, n, m, l);
+  weighted_values(s, rows, d, v, t0, n, out, wt);
+}
+
+void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, const float* v,
+                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch) {
+  float* s = scratch;  // rows x n
+  float* nat = s + int64_t(rows) * n;  // d: one output row in natural order
+  for (int r = 0; r < rows; ++r) {
+    const float* qr = q + int64_t(r) * d;
+    for (int t = 0; t < n; ++t) {
+      const float* kt = k + t * k_stride;
+      F8 acc = F8::zero();
+      for (int e = 0; e < d; e += 8) acc = fma(F8::load(qr + e), F8::load(kt + e), acc);
+      s[int64_t(r) * n + t] = acc.sum();
+    }
+  }
+  softmax_rows(s, rows, n, m, l);
+  for (int r = 0; r < rows; ++r) {
+    for (int e = 0; e < d; e += 8) F8::zero().store(nat + e);
+    for (int t = 0; t < n; ++t) {
+      const F8 p = F8::splat(s[int64_t(r) * n + t]);
+      const float* vt = v + t * v_stride;
+      for (int e = 0; e < d; e += 8) fma(p, F8::load(vt + e), F8::load(nat + e)).store(nat + e);
+    }
+    permute(nat, d, v_bits, out + int64_t(r) * d);
   }
 }
 

@@ -31,6 +31,11 @@ constexpr int unit_elems_of(int bits) { return 8 * phases_of(bits); }
 void permute(const float* x, int n, int bits, float* out);
 void unpermute(const float* x, int n, int bits, float* out);
 
+// Floats attend_block_channels needs for `rows` query rows over n = t1 - t0 tokens.
+inline int64_t channel_scratch(int rows, int d, int64_t n) {
+  return int64_t(rows) * (2 * n + 2 * d) + 2 * n + 2 * d + rows + 64;
+}
+
 #define KVSPLIT_KERNELS(NS)                                                                 \
   namespace NS {                                                                             \
   /* y[m*ldy + r] = x_m . W_r for r in [r0, r1), m < rows. xp: permuted rows of x (K each), */ \
@@ -44,6 +49,18 @@ void unpermute(const float* x, int n, int bits, float* out);
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
                     float* out, float* scratch);                                              \
+  /* attend_block for per-channel keys: kt's row e is channel e of K^T (groups of kt.group  */ \
+  /* tokens along the row; t0, t1 multiples of it), q the query rows in natural order. */     \
+  /* scratch: channel_scratch floats. */                                                      \
+  void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt,           \
+                             const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l, \
+                             float* out, float* scratch);                                     \
+  /* The same over float tokens: k and v rows t at k + t * k_stride, v + t * v_stride (d     */ \
+  /* each); q natural; out in the permuted order of `v_bits` so it merges with packed blocks.*/ \
+  /* scratch: rows * n + d floats. */                                                         \
+  void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, \
+                          const float* v, int64_t v_stride, int n, int v_bits, float* m,      \
+                          float* l, float* out, float* scratch);                              \
   /* out[(r-r0)*k ..] = row r of W as f32 in the permuted order, for r in [r0, r1). */        \
   void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out);      \
   }

@@ -57,6 +57,10 @@ int kvsplit_cpu_dequantize(
  * whole cache buffers `*_w` [B, Hkv, cap, D*bits/32] uint32 with `*_scales`/`*_biases`
  * [B, Hkv, cap, D/group] float16 or float32, of which the first `len` tokens are read. Every
  * query sees every one of them (no mask); Hq is a multiple of Hkv (grouped-query attention).
+ * With `k_per_channel` the keys are stored transposed (KIVI): `k_w` [B, Hkv, D, cap*bits/32]
+ * with scales/biases [B, Hkv, D, cap/group], groups of `k_group` tokens, `len` a multiple of it.
+ * `tail_k`/`tail_v` (float32 [B, Hkv, n, D], any strides but the last; ctx NULL for none) are
+ * float tokens every query also sees, after the packed ones.
  * Returns [B, Hq, L, D] float32. Bits 2, 3, 4, 6 or 8 for each of K and V. */
 int kvsplit_cpu_quantized_decode_attention(
     mlx_array* res,
@@ -72,6 +76,9 @@ int kvsplit_cpu_quantized_decode_attention(
     int k_bits,
     int v_group,
     int v_bits,
+    bool k_per_channel,
+    const mlx_array tail_k,
+    const mlx_array tail_v,
     const mlx_stream s);
 
 /* Decode attention of S sequences (q [S, Hq, 1, D] float32, scaled) over a block pool: packed

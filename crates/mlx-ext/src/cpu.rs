@@ -78,7 +78,25 @@ pub fn dequantize(w: &Array, scales: &Array, biases: &Array, group: i32, bits: i
 /// `len` tokens of whole packed cache buffers (`[B, Hkv, cap, ...]`), every query seeing every
 /// token. Returns `[B, Hq, L, D]` f32.
 pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Result<Array> {
+    decode_attention_with(q, k, v, len, KeyAxis::Tokens, None)
+}
+
+/// How packed keys are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAxis {
+    /// `[B, Hkv, cap, D*bits/32]`: groups along head_dim, as the values.
+    Tokens,
+    /// `[B, Hkv, D, cap*bits/32]` (K transposed, KIVI): groups of `group` tokens per channel;
+    /// `len` must be a whole number of groups.
+    Channels,
+}
+
+/// [`decode_attention`] with keys in either layout, and float tokens (`tail`: K and V
+/// `[B, Hkv, n, D]`) that every query also sees, folded into the same softmax.
+pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
+    let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
+    let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
     call(|out, s| unsafe {
         ffi::kvsplit_cpu_quantized_decode_attention(
             out,
@@ -94,6 +112,9 @@ pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Re
             k.bits as i32,
             v.group as i32,
             v.bits as i32,
+            keys == KeyAxis::Channels,
+            tk,
+            tv,
             s,
         )
     })

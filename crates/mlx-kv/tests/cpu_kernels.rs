@@ -8,6 +8,7 @@ use common::*;
 use mlx_ext::cpu::{dequantize as our_dequantize, quantized_matvec};
 use mlx_kv::attention::PackedOperand;
 use mlx_kv::store::Packed;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{concatenate, dequantize, quantize};
 use mlx_rs::{Array, Dtype};
 
@@ -177,6 +178,91 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
         let bound = 2e-5 * vd.max_abs().max(1.0);
         assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, len {len}): max error {err} > {bound}");
     }
+}
+
+/// `poisoned_cache` for per-channel keys, packed as `QuantStore` packs them: each head's K^T
+/// `[D, cap]` quantized along tokens (`[B, H, D, cap*bits/32]`, scales `[B, H, D, cap/group]`).
+/// `len` is a whole number of groups, so the poisoned tokens have groups of their own.
+fn poisoned_channels(h: &Host, cap: usize, group: usize, bits: u8, f16: bool) -> (Packed, Host) {
+    let [b, hk, len, d] = h.shape;
+    let tail = Array::from_slice(&vec![1.0e4f32; b * hk * (cap - len) * d], &[b as i32, hk as i32, (cap - len) as i32, d as i32]);
+    let kt = concatenate(&[h.array(), tail], 2).unwrap().swap_axes(2, 3).unwrap().contiguous().unwrap();
+    let (w, mut s, mut bi) = quantize(&kt, group as i32, bits as i32).unwrap();
+    assert_eq!(w.shape(), &[b as i32, hk as i32, d as i32, (cap * bits as usize / 32) as i32]);
+    if f16 {
+        s = s.as_dtype(Dtype::Float16).unwrap();
+        bi = bi.as_dtype(Dtype::Float16).unwrap();
+    }
+    let deq = dequantize(&w, f32(&s), &f32(&bi), group as i32, bits as i32).unwrap().swap_axes(2, 3).unwrap();
+    let deq = Host { data: to_vec(&deq), shape: [b, hk, cap, d] }.tokens(0, len);
+    (Packed { w, scales: s, biases: bi }, deq)
+}
+
+fn concat_tokens(a: &Host, b: &Host) -> Host {
+    let c = concatenate(&[a.array(), b.array()], 2).unwrap();
+    Host { data: to_vec(&c), shape: [a.shape[0], a.shape[1], a.shape[2] + b.shape[2], a.shape[3]] }
+}
+
+/// Per-channel keys (and a float tail after them) against float64 over the same dequantized
+/// keys and values: as the per-token case, only f32 summation order and the exp differ.
+#[test]
+fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
+    use mlx_ext::cpu::{decode_attention_with, KeyAxis};
+    let base = seed();
+    // (hq, hkv, l, d, len, cap, k bits/group (tokens), v bits/group, f16, tail tokens)
+    let cases = [
+        (9, 3, 1, 64, 4096, 4352, (4u8, 64usize), (4u8, 64usize), true, 17),
+        (4, 2, 1, 128, 768, 1024, (2, 32), (8, 64), false, 0),
+        (8, 8, 1, 64, 32, 256, (8, 32), (2, 32), true, 1),
+        (6, 1, 2, 128, 384, 512, (6, 64), (6, 32), false, 40),
+        (4, 2, 1, 64, 640, 768, (3, 64), (4, 32), true, 63),
+        (4, 1, 1, 64, 1024, 1024, (6, 32), (3, 64), true, 5),
+        (3, 3, 1, 128, 256, 256, (8, 128), (4, 128), false, 0),
+        (2, 2, 1, 64, 192, 256, (3, 64), (8, 64), false, 200),
+    ];
+    use mlx_ext::{CpuBuild, EngineOptions};
+    // Both builds of the kernels (other tests' bounds hold for either meanwhile).
+    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16, n_tail)) in cases.iter().enumerate() {
+        let build = if i % 2 == 0 { CpuBuild::Generic } else { CpuBuild::Auto };
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, l, d], s);
+        let (kp, kd) = poisoned_channels(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
+        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
+        // The tail as the cache hands it over: a token slice of a larger buffer (strided heads).
+        let tk_buf = Host::random([1, hkv, n_tail + 3, d], s + 3);
+        let tv_buf = Host::random([1, hkv, n_tail + 3, d], s + 4);
+        let (tk, tv) = (tk_buf.tokens(1, n_tail + 1), tv_buf.tokens(1, n_tail + 1));
+        let view = |a: &Host| a.array().index((.., .., 1..(n_tail + 1) as i32, ..));
+        let (tka, tva) = (view(&tk_buf), view(&tv_buf));
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let got = decode_attention_with(
+            &qs,
+            PackedOperand { full: &kp, bits: kb, group: kg }.as_ref(),
+            PackedOperand { full: &vp, bits: vb, group: vg }.as_ref(),
+            len,
+            KeyAxis::Channels,
+            (n_tail > 0).then_some((&tka, &tva)),
+        )
+        .unwrap();
+        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
+        let got = to_vec(&got);
+        let (kr, vr) = if n_tail > 0 { (concat_tokens(&kd, &tk), concat_tokens(&vd, &tv)) } else { (kd, vd) };
+        let want = reference_attention(&q, &kr, &vr, scale, &|_, _| true);
+        let err = max_abs_diff(&got, &want);
+        let bound = 2e-5 * vr.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} {build:?} (per-channel k{kb}/g{kg} v{vb}/g{vg}, len {len}, tail {n_tail}): max error {err} > {bound}");
+    }
+    mlx_ext::options::install(EngineOptions::default()).unwrap();
+    // A length that cuts a key group cannot be read.
+    let (kp, _) = poisoned_channels(&Host::random([1, 1, 64, 64], 5), 256, 64, 4, true);
+    let (vp, _) = poisoned_cache(&Host::random([1, 1, 64, 64], 6), 256, 64, 4, true);
+    let q = Array::ones::<f32>(&[1, 2, 1, 64]).unwrap();
+    let k = PackedOperand { full: &kp, bits: 4, group: 64 }.as_ref();
+    let v = PackedOperand { full: &vp, bits: 4, group: 64 }.as_ref();
+    let err = decode_attention_with(&q, k, v, 40, KeyAxis::Channels, None).unwrap_err().to_string();
+    assert!(err.contains("whole groups of 64 tokens"), "{err}");
 }
 
 #[test]
