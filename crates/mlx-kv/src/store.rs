@@ -321,12 +321,9 @@ impl QuantStore {
     }
 
     /// The whole allocated buffers and their token capacity (for kernels that index rows
-    /// themselves); row-layout stores only.
+    /// themselves; with `Cols` a row is one channel of every token).
     pub fn full(&self) -> Option<(Packed, usize)> {
-        match (self.axis, &self.packed) {
-            (TokenAxis::Rows, Some(p)) => Some((p.clone(), self.cap())),
-            _ => None,
-        }
+        self.packed.as_ref().map(|p| (p.clone(), self.cap()))
     }
 
     /// Dequantized tokens `[start, end)` as `[B, H, L, D]` — one block at a time, never the

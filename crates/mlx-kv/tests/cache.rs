@@ -321,3 +321,44 @@ fn per_channel_keys_with_many_blocks() {
     check_heads(&r, CacheOptions::default(), &[200, 200, 128, 128], &causal, 21, (9, 3, D));
 }
 
+
+/// Per-channel caches decode through our CPU primitive (whole key groups in the body, the
+/// newer tokens in the float tail, both in one softmax), within the same f64 bound as every
+/// path; the path check makes sure the primitive, not the block path, produced the numbers.
+#[test]
+fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
+    use mlx_kv::attention::Path;
+    let on_cpu = mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && mlx_ext::options::current().cpu_kernels.on();
+    let (hq, hkv, prompt, steps) = (9, 3, 150, 70);
+    let t = prompt + steps;
+    for (i, &(kb, vb, group, residual)) in [(4u8, 4u8, 64usize, 0usize), (2, 8, 32, 32), (3, 6, 64, 0), (8, 3, 128, 0), (6, 2, 32, 64)].iter().enumerate() {
+        let seed = 50 + 10 * i as u64;
+        let mut spec = KvSpec::bits(kb, vb);
+        spec.key_layout = KeyLayout::PerChannel;
+        spec.k.group = group;
+        spec.residual = residual;
+        let q = Host::random([1, hq, t, D], seed);
+        let k = Host::random([1, hkv, t, D], seed + 1);
+        let v = Host::random([1, hkv, t, D], seed + 2);
+        let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), kb, vb);
+        let mut cache = KvCache::new(spec.clone(), D, CacheOptions::default()).unwrap();
+        let mut tails = std::collections::BTreeSet::new();
+        cache.update(&k.tokens(0, prompt).array(), &v.tokens(0, prompt).array()).unwrap();
+        for z in prompt + 1..=t {
+            let a = z - 1;
+            let out = cache
+                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+                .unwrap();
+            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &causal);
+            let err = max_abs_diff(&to_vec(&out), &want);
+            assert!(err <= bound, "{spec} token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+            if on_cpu {
+                let path = cache.last_path().expect("attention ran");
+                assert_eq!(path.path, Path::CpuPrimitive, "{spec} token {a}: {path}");
+            }
+            tails.insert(z % group);
+        }
+        // The steps cover tails from none (or just the residual) to a whole group less one.
+        assert!(group > steps || (tails.contains(&0) && tails.contains(&(group - 1))), "{spec}: tails {tails:?}");
+    }
+}

@@ -1,9 +1,11 @@
 //! Attention on MLX's CPU backend, for every cache setting (dense included).
 //!
-//! Decode over a packed row-layout cache (one query position, no mask, 2/4/8-bit codes) runs our
-//! own primitive ([`primitive`]: `mlx_ext::cpu`, C++ in `crates/mlx-ext/csrc/`): it reads the
-//! codes in place, once, on every core. Everything else (prefill chunks, masks, windows, per-channel keys,
-//! dense caches) takes the block path below, made of MLX ops that are fast on the CPU, because
+//! Decode over one packed body (no mask, 2/3/4/6/8-bit codes) runs our own primitive
+//! ([`primitive`]: `mlx_ext::cpu`, C++ in `crates/mlx-ext/csrc/`): it reads the codes in place,
+//! once, on every core. Per-channel keys ([`primitive_channels`]) go there too, with the float
+//! tail of tokens that do not fill a key group yet in the same softmax. Everything else (prefill
+//! chunks, masks, windows, sinks, per-token bodies with a residual tail, dense caches) takes the
+//! block path below, made of MLX ops that are fast on the CPU, because
 //! MLX's CPU `quantized_matmul` is scalar code, its `exp` costs about 17 ns per element, and its
 //! `scaled_dot_product_attention` is a softmax over the whole `L × T` score matrix:
 //! - quantized keys and values (2, 4 or 8 bits, per-token groups) are read as their packed bytes;
@@ -14,7 +16,7 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use super::types::{apply_mask, kv_heads, Mask, PackedOperand, Segment, Tensor};
+use super::types::{apply_mask, kv_heads, ChannelBody, Mask, PackedOperand, Segment, Tensor};
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
@@ -316,4 +318,17 @@ pub fn primitive_covers(k: &PackedOperand, v: &PackedOperand, head_dim: usize) -
 pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scale: f32) -> Result<Array> {
     let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
     Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
+}
+
+/// Whether our CPU primitive reads a per-channel body: key groups of whole packed units that
+/// tile the buffer's capacity (token groups), values as [`primitive_covers`].
+pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool {
+    mlx_ext::cpu::supports(b.k.bits, b.k.group, b.cap) && mlx_ext::cpu::supports(b.v.bits, b.v.group, head_dim)
+}
+
+/// Our CPU primitive over a per-channel body and its float tail, in one softmax.
+pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, mlx_ext::cpu::KeyAxis::Channels, b.tail)?;
+    Ok(out.as_dtype(q.dtype())?)
 }

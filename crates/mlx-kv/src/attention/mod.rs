@@ -27,7 +27,7 @@ pub use types::{causal_visible, Mask, PackedOperand, Segment, Tensor};
 use crate::error::Result;
 use crate::Backend;
 use mlx_rs::Array;
-use types::single_packed_body;
+use types::{channel_packed_body, single_packed_body};
 
 /// A way of computing attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +109,13 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         return match body {
             Some((k, v, _, _)) if cpu::primitive_covers(&k, &v, d) => pick(Path::CpuPrimitive, "one packed per-token body, no mask or sinks"),
             Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
-            None => pick(Path::CpuBlocks, "float, masked, windowed or per-channel cache, or learned sinks"),
+            None => match channel_packed_body(segments, mask, sinks) {
+                Some(b) if cpu::channel_primitive_covers(&b, d) => {
+                    pick(Path::CpuPrimitive, "one packed per-channel body and its float tail, no mask or sinks")
+                }
+                Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
+                None => pick(Path::CpuBlocks, "float, masked or windowed cache, sinks, or a per-token body with a tail"),
+            },
         };
     }
     if segments.iter().all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_)))) {
@@ -135,10 +141,13 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
         Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scale, sinks),
         Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scale, sinks),
         Path::CpuBlocks => cpu::blocks(q, segments, mask, scale, sinks),
-        Path::CpuPrimitive => {
-            let (k, v, len, _) = body();
-            cpu::primitive(q, k, v, len, scale)
-        }
+        Path::CpuPrimitive => match single_packed_body(segments, mask, sinks) {
+            Some((k, v, len, _)) => cpu::primitive(q, k, v, len, scale),
+            None => {
+                let b = channel_packed_body(segments, mask, sinks).expect("the CPU primitive needs one packed body");
+                cpu::primitive_channels(q, &b, scale)
+            }
+        },
         Path::FusedGpu => {
             let (k, v, len, cap) = body();
             fused::attend(q, k, v, len, cap, scale)
@@ -177,8 +186,8 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
     fused::covers(case.k_bits, case.v_bits, case.head_dim, rows).then(|| pick(Path::FusedStep, "one new token into a quantized per-token body"))
 }
 
-/// Whether this backend's fast decode path reads a cache of `spec` with per-token keys (query
-/// rows aside): on the CPU our primitive, on CUDA the fused kernel. True where no fast path would
+/// Whether this backend's fast decode path reads a cache of `spec` (query rows aside): on the
+/// CPU our primitive (keys per token or per channel), on CUDA the fused kernel (per-token keys). True where no fast path would
 /// run anyway (Metal, `--gpu-fused off`), since every setting then takes MLX's ops alike.
 pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
     if !spec.k.is_quantized() || !spec.v.is_quantized() {
@@ -186,8 +195,11 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
     }
     let per_token = spec.key_layout != crate::KeyLayout::PerChannel;
     if Backend::current() == Backend::Cpu {
+        // Per-channel key groups run along tokens: they must tile the buffers, which grow in
+        // steps of STEP tokens.
+        let k_len = if per_token { head_dim } else { crate::store::STEP };
         return !mlx_ext::options::current().cpu_kernels.on()
-            || (per_token && mlx_ext::cpu::supports(spec.k.bits, spec.k.group, head_dim) && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim));
+            || (mlx_ext::cpu::supports(spec.k.bits, spec.k.group, k_len) && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim));
     }
     fused_allowed().is_err() || (per_token && fused::covers(spec.k.bits, spec.v.bits, head_dim, 1))
 }
@@ -225,7 +237,11 @@ mod tests {
         assert!(!fast_path_reads(&KvSpec::bits(5, 4), 64), "no 5-bit unpack");
         let mut pc = KvSpec::bits(4, 4);
         pc.key_layout = KeyLayout::PerChannel;
-        assert!(!fast_path_reads(&pc, 64), "per-channel keys take the block path");
+        assert!(fast_path_reads(&pc, 64), "per-channel keys take the primitive too");
+        pc.k.bits = 3;
+        pc.k.group = 32;
+        assert!(!fast_path_reads(&pc, 64), "3-bit codes come in units of 64 tokens");
+        pc.k.bits = 4;
         pc.key_layout = KeyLayout::Centered;
         assert!(fast_path_reads(&pc, 64));
     }

@@ -129,3 +129,36 @@ pub(crate) fn single_packed_body<'a>(
     let v = PackedOperand { full: vf, bits: *vb, group: *vg };
     Some((k, v, seg.len, *cap))
 }
+
+/// What the CPU primitive reads of a per-channel cache: one quantized body whose keys are stored
+/// per channel (whole token groups), then the float tail of newer tokens that do not fill a
+/// group yet (and any residual), no mask, no learned sinks.
+pub(crate) struct ChannelBody<'a> {
+    pub k: PackedOperand<'a>,
+    pub v: PackedOperand<'a>,
+    /// Body tokens (a whole number of key groups).
+    pub len: usize,
+    /// Token capacity of the key buffers.
+    pub cap: usize,
+    /// The tail's K and V, `[B, Hkv, n, D]`.
+    pub tail: Option<(&'a Array, &'a Array)>,
+}
+
+pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<ChannelBody<'a>> {
+    let (Mask::None, None) = (mask, sinks) else { return None };
+    let (seg, tail) = match segments {
+        [seg] => (seg, None),
+        [seg, Segment { k: Tensor::Float(tk), v: Tensor::Float(tv), .. }] => (seg, Some((tk, tv))),
+        _ => return None,
+    };
+    let (
+        Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Cols, full: Some((kf, cap)), .. },
+        Tensor::Quant { bits: vb, group: vg, axis: TokenAxis::Rows, full: Some((vf, _)), .. },
+    ) = (&seg.k, &seg.v)
+    else {
+        return None;
+    };
+    let k = PackedOperand { full: kf, bits: *kb, group: *kg };
+    let v = PackedOperand { full: vf, bits: *vb, group: *vg };
+    Some(ChannelBody { k, v, len: seg.len, cap: *cap, tail })
+}
