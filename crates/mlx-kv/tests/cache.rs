@@ -362,3 +362,41 @@ fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
         assert!(group > steps || (tails.contains(&0) && tails.contains(&(group - 1))), "{spec}: tails {tails:?}");
     }
 }
+
+/// A per-channel ring (`--max-kv-size`, no sinks): steps whose window still covers every cached
+/// token need no mask and take the primitive; once the ring holds older tokens (it keeps a
+/// chunk's slack beyond the window) they are masked and take the block path. Both within the
+/// bound, across the switch.
+#[test]
+fn per_channel_ring_decodes_within_bound_on_either_path() {
+    use mlx_kv::attention::Path;
+    let on_cpu = mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && mlx_ext::options::current().cpu_kernels.on();
+    let (w, group) = (128usize, 32usize);
+    let visible = move |q: usize, k: usize| k <= q && k + w > q;
+    let mut spec = KvSpec::bits(4, 4);
+    spec.key_layout = KeyLayout::PerChannel;
+    spec.k.group = group;
+    let (hq, hkv, prompt, t) = (4, 2, 100, 300);
+    let q = Host::random([1, hq, t, D], 70);
+    let k = Host::random([1, hkv, t, D], 71);
+    let v = Host::random([1, hkv, t, D], 72);
+    let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), 4, 4);
+    let mut cache = KvCache::new(spec.clone(), D, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
+    for a in (0..prompt).step_by(16) {
+        let z = (a + 16).min(prompt);
+        cache.update(&k.tokens(a, z).array(), &v.tokens(a, z).array()).unwrap();
+    }
+    let mut primitive_steps = 0;
+    for z in prompt + 1..=t {
+        let a = z - 1;
+        let out = cache
+            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+            .unwrap();
+        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
+        let err = max_abs_diff(&to_vec(&out), &want);
+        assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+        primitive_steps += usize::from(cache.last_path().is_some_and(|c| c.path == Path::CpuPrimitive));
+    }
+    assert!(!on_cpu || primitive_steps > 0, "no ring step took the primitive");
+    eprintln!("{primitive_steps} of {} ring steps on the primitive", t - prompt);
+}
