@@ -83,6 +83,8 @@ struct Cand {
     rotate: bool,
     /// Keys stored less their per-channel mean ([`KeyLayout::Centered`]); keys only.
     center: bool,
+    /// Key groups along tokens ([`KeyLayout::PerChannel`], KIVI); `q.group` counts tokens.
+    channel: bool,
 }
 
 /// The candidates per tensor that `head_dim` allows (groups dividing it; rotation needs a power
@@ -91,12 +93,12 @@ struct Cand {
 /// rotation, and 2 bits (values at every group and frame; keys only rotated at small groups,
 /// the only 2-bit keys that are usable at all).
 fn candidates(part: Part, head_dim: usize) -> Vec<Cand> {
-    let ok = |c: &Cand| head_dim.is_multiple_of(c.q.group) && (!c.rotate || head_dim.is_power_of_two());
+    let ok = |c: &Cand| (c.channel || head_dim.is_multiple_of(c.q.group)) && (!c.rotate || head_dim.is_power_of_two());
     all_candidates(part).into_iter().filter(ok).collect()
 }
 
 fn all_candidates(part: Part) -> Vec<Cand> {
-    let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate, center: false };
+    let c = |bits, group, rotate| Cand { q: QuantSpec { bits, group }, rotate, center: false, channel: false };
     let mut v = vec![c(8, 64, false), c(8, 128, false)];
     for (bits, groups) in [(6u8, &[64usize, 128][..]), (4, &[32, 64, 128]), (3, &[64, 128])] {
         for &g in groups {
@@ -111,6 +113,14 @@ fn all_candidates(part: Part) -> Vec<Cand> {
             // for a channel offset to matter).
             let centered: Vec<Cand> = v.iter().filter(|x| x.q.bits < 8).map(|x| Cand { center: true, ..*x }).collect();
             v.extend(centered);
+            // Per-channel keys: groups of 64 or 128 tokens, either frame.
+            for bits in [6u8, 4, 3, 2] {
+                for g in [64, 128] {
+                    for rotate in [false, true] {
+                        v.push(Cand { q: QuantSpec { bits, group: g }, rotate, center: false, channel: true });
+                    }
+                }
+            }
         }
         Part::V => {
             for g in [32, 64, 128] {
@@ -126,7 +136,7 @@ fn all_candidates(part: Part) -> Vec<Cand> {
 /// and 2 bits rotated (2-bit errors are large enough that a 4-bit reference would extrapolate
 /// far outside the second-order regime).
 fn references(head_dim: usize) -> Vec<Cand> {
-    let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate, center: false };
+    let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate, center: false, channel: false };
     let mut v = vec![c(4, false)];
     if head_dim.is_power_of_two() {
         v.extend([c(4, true), c(2, true)]);
@@ -154,6 +164,13 @@ fn reconstruction_mse(x: &Array, cand: Cand, h: Option<&Array>, chunk: usize) ->
         _ => x,
     };
     let x = if cand.center { x.subtract(x.index((.., .., ..chunk as i32, ..)).mean_axis(2, true)?)? } else { x };
+    // Per-channel groups run along tokens: quantize the transpose (whole groups only).
+    let x = if cand.channel {
+        let t = x.shape()[2] / cand.q.group as i32 * cand.q.group as i32;
+        x.index((.., .., ..t, ..)).swap_axes(2, 3)?
+    } else {
+        x
+    };
     let p = mlx_kv::store::Packed::quantize(&x, cand.q.group, cand.q.bits)?;
     let back = p.dequantize(cand.q.group, cand.q.bits, mlx_rs::Dtype::Float32)?;
     let e = back.subtract(&x)?.square()?.mean(None)?;
@@ -188,12 +205,15 @@ fn layer_spec(k: Cand, v: Cand) -> KvSpec {
     if k.center {
         s.key_layout = KeyLayout::Centered;
     }
+    if k.channel {
+        s.key_layout = KeyLayout::PerChannel;
+    }
     s
 }
 
 /// Settings with one tensor of one layer at `cand` and everything else unquantized.
 fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand) -> CacheSettings {
-    let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false, center: false };
+    let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false, center: false, channel: false };
     let spec = match part {
         Part::K => layer_spec(cand, dense),
         Part::V => layer_spec(dense, cand),
@@ -280,14 +300,14 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let hadamard = if head_dim.is_power_of_two() { Some(mlx_kv::rotation::hadamard(head_dim, mlx_rs::Dtype::Float32)?) } else { None };
     // items[2 * layer + part]: that tensor's candidates with their (measured or scaled) damage.
     let mut items: Vec<Vec<(Cand, Choice)>> = Vec::new();
-    let mut csv = String::from("layer,tensor,bits,group,rotate,center,quarter_bits,kld_mean,kld_se,measured,reconstruction_mse\n");
+    let mut csv = String::from("layer,tensor,bits,group,rotate,center,channel,quarter_bits,kld_mean,kld_se,measured,reconstruction_mse\n");
     let started = std::time::Instant::now();
     let mut done = 0usize;
     for layer in 0..n_layers {
         for part in parts {
             let mut measured: Vec<(Cand, f64, f64)> = Vec::new();
             for cand in probed(part) {
-                bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }, if cand.center { " centered" } else { "" }));
+                bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }, if cand.center { " centered" } else if cand.channel { " per-channel" } else { "" }));
                 let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
                 measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
@@ -318,7 +338,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                         (k_ref * e / e_ref.max(f64::MIN_POSITIVE), f64::NAN, false, e)
                     }
                 };
-                csv.push_str(&format!("{layer},{part:?},{},{},{},{},{cost},{damage:.8},{se:.8},{was_measured},{e:.6e}\n", cand.q.bits, cand.q.group, cand.rotate, cand.center));
+                csv.push_str(&format!("{layer},{part:?},{},{},{},{},{},{cost},{damage:.8},{se:.8},{was_measured},{e:.6e}\n", cand.q.bits, cand.q.group, cand.rotate, cand.center, cand.channel));
                 item.push((cand, Choice { cost, damage }));
             }
             items.push(item);
@@ -393,7 +413,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             },
             method: format!(
                 "per-tensor damage with only that tensor quantized, candidates 2/3/4/6/8 bits, groups 32/64/128, with and without Hadamard \
-                 rotation, keys below 8 bits also centered ({}); exact multiple-choice knapsack on the summed damage within the budget",
+                 rotation, keys below 8 bits also centered or per-channel (groups of 64/128 tokens) ({}); exact multiple-choice knapsack on the summed damage within the budget",
                 match a.probes {
                     Probes::All => "every candidate's KLD measured",
                     Probes::Reference => {
