@@ -285,8 +285,10 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     let base: Vec<WindowScore> = windows.iter().map(|w| score_window(&engine, w, &dense, &opts)).collect::<models::error::Result<_>>()?;
     let parts = [Part::K, Part::V];
     let refs = references(head_dim);
+    // A per-channel group longer than a window would never leave the float tail.
+    let offered = |p: Part| -> Vec<Cand> { candidates(p, head_dim).into_iter().filter(|c| !c.channel || c.q.group <= opts.ctx).collect() };
     let probed = |p: Part| match a.probes {
-        Probes::All => candidates(p, head_dim),
+        Probes::All => offered(p),
         Probes::Reference => refs.clone(),
     };
     let total: usize = parts.iter().map(|&p| probed(p).len()).sum::<usize>() * n_layers;
@@ -327,7 +329,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                 Ok(sum / xs.len() as f64)
             };
             let mut item = Vec::new();
-            for cand in candidates(part, head_dim) {
+            for cand in offered(part) {
                 let cost = quarter_bits(cand.q.bits, cand.q.group);
                 let (damage, se, was_measured, e) = match measured.iter().find(|m| m.0 == cand) {
                     Some(&(_, k, se)) => (k, se, true, mse(cand)?),
