@@ -13,6 +13,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "simd8.h"
 
@@ -23,6 +24,18 @@
 namespace kvsplit {
 namespace KV_NS {
 namespace {
+
+// Calls f with the code width as a compile-time constant (the widths the kernels unpack).
+template <class F>
+inline void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 // Phase j of the unit at p: one code per lane.
 template <int B>
@@ -102,13 +115,7 @@ void dot_rows_any(const float* xp, const float* xsum, int rows, int k, const Pac
 
 void dot_rows_bits(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int64_t r0, int64_t r1,
                    float* y, int64_t ldy) {
-  switch (w.bits) {
-    case 2: dot_rows_any<2>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
-    case 3: dot_rows_any<3>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
-    case 4: dot_rows_any<4>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
-    case 6: dot_rows_any<6>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
-    default: dot_rows_any<8>(xp, xsum, rows, k, w, r0, r1, y, ldy); break;
-  }
+  with_bits(w.bits, [&](auto b) { dot_rows_any<decltype(b)::value>(xp, xsum, rows, k, w, r0, r1, y, ldy); });
 }
 
 // out[m*d + e] (values' permuted order) = sum_t wt[m*n + t] * code(t, e), for R rows; the
@@ -174,13 +181,7 @@ void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float
 }  // namespace
 
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
-  switch (w.bits) {
-    case 2: dequantize_rows_b<2>(w, k, r0, r1, out); break;
-    case 3: dequantize_rows_b<3>(w, k, r0, r1, out); break;
-    case 4: dequantize_rows_b<4>(w, k, r0, r1, out); break;
-    case 6: dequantize_rows_b<6>(w, k, r0, r1, out); break;
-    default: dequantize_rows_b<8>(w, k, r0, r1, out); break;
-  }
+  with_bits(w.bits, [&](auto b) { dequantize_rows_b<decltype(b)::value>(w, k, r0, r1, out); });
 }
 
 void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int r0, int r1, float* y,
@@ -248,13 +249,7 @@ void weighted_values(const float* s, int rows, int d, const PackedRows& v, int64
       for (int e = 0; e < v.group; ++e) out[int64_t(r) * d + g * v.group + e] = bsum;
     }
     float* tmp = wt + int64_t(rows) * n;  // rows x d
-    switch (v.bits) {
-      case 2: weighted_codes_any<2>(wt, rows, n, d, v, t0, g, tmp); break;
-      case 3: weighted_codes_any<3>(wt, rows, n, d, v, t0, g, tmp); break;
-      case 4: weighted_codes_any<4>(wt, rows, n, d, v, t0, g, tmp); break;
-      case 6: weighted_codes_any<6>(wt, rows, n, d, v, t0, g, tmp); break;
-      default: weighted_codes_any<8>(wt, rows, n, d, v, t0, g, tmp); break;
-    }
+    with_bits(v.bits, [&](auto b) { weighted_codes_any<decltype(b)::value>(wt, rows, n, d, v, t0, g, tmp); });
     for (int r = 0; r < rows; ++r)
       for (int e = g * v.group; e < (g + 1) * v.group; ++e) out[int64_t(r) * d + e] += tmp[int64_t(r) * d + e];
   }
@@ -325,13 +320,7 @@ void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt
   // After attend_block's own scratch (rows * (2n + d) + 2n), so both fit one allocation.
   float* cs = wt + int64_t(rows) * (n + d) + 2 * int64_t(n);
   const int64_t g0 = t0 / kt.group, g1 = t1 / kt.group;
-  switch (kt.bits) {
-    case 2: channel_scores<2>(q, rows, d, kt, g0, g1, s, n, cs); break;
-    case 3: channel_scores<3>(q, rows, d, kt, g0, g1, s, n, cs); break;
-    case 4: channel_scores<4>(q, rows, d, kt, g0, g1, s, n, cs); break;
-    case 6: channel_scores<6>(q, rows, d, kt, g0, g1, s, n, cs); break;
-    default: channel_scores<8>(q, rows, d, kt, g0, g1, s, n, cs); break;
-  }
+  with_bits(kt.bits, [&](auto b) { channel_scores<decltype(b)::value>(q, rows, d, kt, g0, g1, s, n, cs); });
   softmax_rows(s, rows, n, m, l);
   weighted_values(s, rows, d, v, t0, n, out, wt);
 }
