@@ -6,6 +6,7 @@
 #include "kvsplit_ext.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -528,7 +529,10 @@ class QuantizedDecodeAttention : public CpuPrimitive {
 // Decode attention of S sequences over a block pool (mlx-kv `pool.rs`): caches `[blocks, Hkv,
 // BLOCK, ...]` shared by every sequence, and a table `[S, 1 + max_blocks]` holding each
 // sequence's length then its block ids. Each (sequence, head, block) is one work item, so one
-// op per layer serves the whole batch whatever the lengths.
+// op per layer serves the whole batch whatever the lengths. With per-channel keys a block's keys
+// are `[Hkv, D, BLOCK...]` channel rows holding whole groups of `k_group` tokens; a sequence's
+// last `len % k_group` tokens are not in the blocks yet but in its float K/V tail (row s of
+// `[S, Hkv, T, D]`, the first `len % k_group` slots).
 class PagedDecodeAttention : public CpuPrimitive {
  public:
   PagedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
@@ -541,39 +545,61 @@ class PagedDecodeAttention : public CpuPrimitive {
     for (size_t i = 1; i < 7; ++i) check_last_dense("kvsplit paged attention: pool", in[i]);
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int s = q.shape(0), hq = q.shape(1), d = q.shape(3);
-    const int hkv = in[1].shape(1), rows = hq / hkv, block = in[1].shape(2), nb = in[1].shape(0);
+    // Rows per (block, head): tokens for values, and for keys tokens or channels.
+    const int hkv = in[1].shape(1), rows = hq / hkv, block = in[4].shape(2), krows = in[1].shape(2), nb = in[1].shape(0);
     const int width = table.shape(1);
-    // Row offsets of block 0, head 0; a block's head h starts `id * hkv + h` rows later.
+    // Row offsets of block 0, head 0; a block's head h starts `(id * hkv + h) * rows` later.
     PackedRows k0 = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, 0, 0, 2);
     PackedRows v0 = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, 0, 0, 2);
+    const float *tk = nullptr, *tv = nullptr;
+    std::array<int64_t, 3> tks{}, tvs{};
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_input_array(q);
     enc.set_input_array(table);
+    if (p_.tail > 0) {
+      tk = in[8].data<float>(), tv = in[9].data<float>();
+      for (int i = 0; i < 3; ++i) tks[i] = in[8].strides()[i], tvs[i] = in[9].strides()[i];
+      enc.set_input_array(in[8]), enc.set_input_array(in[9]);
+    }
     enc.set_output_array(out);
     enc.dispatch([qd = q.data<float>(), td = table.data<int32_t>(), o = out.data<float>(), k0, v0, p = p_, rows, d, s, hkv,
-                  block, nb, width, qrows = std::move(qrows), qlast]() {
+                  block, krows, nb, width, tk, tv, tks, tvs, qrows = std::move(qrows), qlast]() {
       std::vector<AttnItem> items;
       int64_t tokens = 0;
+      const size_t ke = k0.f16 ? 2 : 4, ve = v0.f16 ? 2 : 4;
       for (int si = 0; si < s; ++si) {
         const int64_t len = td[int64_t(si) * width];
+        // Tokens still in the float tail (per-channel keys only), and those in the blocks.
+        const int64_t n_tail = p.k_channels ? len % p.k_group : 0;
+        const int64_t packed = len - n_tail;
         // The Rust side builds the table; a bad row (checked again here, as an exception cannot
         // leave a dispatched task) gets no items, so its output rows come out NaN, not garbage.
-        if (len < 1 || (len + block - 1) / block > width - 1) continue;
+        if (len < 1 || (packed + block - 1) / block > width - 1 || n_tail > p.tail) continue;
         tokens += len;
         for (int h = 0; h < hkv; ++h) {
-          for (int64_t j = 0; j * block < len; ++j) {
+          for (int64_t j = 0; j * block < packed; ++j) {
             const int64_t id = td[int64_t(si) * width + 1 + j];
             if (id < 0 || id >= nb) continue;
-            const int64_t row = (id * hkv + h) * block;
+            const int64_t krow = (id * hkv + h) * krows, vrow = (id * hkv + h) * block;
             PackedRows k = k0, v = v0;
-            k.w += row * k.row_bytes;
-            v.w += row * v.row_bytes;
-            const size_t ke = k.f16 ? 2 : 4, ve = v.f16 ? 2 : 4;
-            k.scales = static_cast<const char*>(k.scales) + row * k.sb_stride * ke;
-            k.biases = static_cast<const char*>(k.biases) + row * k.sb_stride * ke;
-            v.scales = static_cast<const char*>(v.scales) + row * v.sb_stride * ve;
-            v.biases = static_cast<const char*>(v.biases) + row * v.sb_stride * ve;
-            items.push_back({si * hkv + h, k, v, 0, std::min<int64_t>(block, len - j * block)});
+            k.w += krow * k.row_bytes;
+            v.w += vrow * v.row_bytes;
+            k.scales = static_cast<const char*>(k.scales) + krow * k.sb_stride * ke;
+            k.biases = static_cast<const char*>(k.biases) + krow * k.sb_stride * ke;
+            v.scales = static_cast<const char*>(v.scales) + vrow * v.sb_stride * ve;
+            v.biases = static_cast<const char*>(v.biases) + vrow * v.sb_stride * ve;
+            AttnItem it{si * hkv + h, k, v, 0, std::min<int64_t>(block, packed - j * block)};
+            it.kind = p.k_channels ? AttnItem::Channels : AttnItem::Tokens;
+            items.push_back(it);
+          }
+          if (n_tail > 0) {
+            AttnItem it{si * hkv + h, k0, v0, 0, n_tail};
+            it.kind = AttnItem::Float;
+            it.tk = tk + si * tks[0] + h * tks[1];
+            it.tv = tv + si * tvs[0] + h * tvs[1];
+            it.tk_stride = tks[2];
+            it.tv_stride = tvs[2];
+            items.push_back(it);
           }
         }
       }
@@ -587,7 +613,8 @@ class PagedDecodeAttention : public CpuPrimitive {
 
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const PagedDecodeAttention&>(other).p_;
-    return p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group && p_.v_bits == o.v_bits;
+    return p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group && p_.v_bits == o.v_bits &&
+           p_.k_channels == o.k_channels && p_.tail == o.tail;
   }
 
  private:
@@ -743,7 +770,8 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
 extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array kw_,
                                                   const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
                                                   const mlx_array vs_, const mlx_array vb_, const mlx_array table_,
-                                                  int k_group, int k_bits, int v_group, int v_bits, const mlx_stream s_) {
+                                                  int k_group, int k_bits, int v_group, int v_bits, bool k_per_channel,
+                                                  const mlx_array tail_k_, const mlx_array tail_v_, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit paged attention";
     const array& q = mlx_array_get_(q_);
@@ -754,29 +782,51 @@ extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_arra
     require(q.ndim() == 4 && q.dtype() == mlx::core::float32 && q.shape(2) == 1,
             std::string(what) + ": q must be float32 [S, Hq, 1, D]");
     const int s = q.shape(0), hq = q.shape(1), d = q.shape(3);
-    check_bits_group("kvsplit paged attention (keys)", k_bits, k_group, d);
     check_bits_group("kvsplit paged attention (values)", v_bits, v_group, d);
     for (const array* w : {&kw, &vw})
-      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == kw.shape(0) &&
-                  w->shape(1) == kw.shape(1) && w->shape(2) == kw.shape(2) && w->flags().row_contiguous,
-              std::string(what) + ": pool arrays must be contiguous uint32 [blocks, Hkv, BLOCK, D*bits/32]");
-    require(int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits && int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
-            std::string(what) + ": packed width does not match D and bits");
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == vw.shape(0) &&
+                  w->shape(1) == vw.shape(1) && w->flags().row_contiguous,
+              std::string(what) + ": pool arrays must be contiguous uint32 [blocks, Hkv, ...]");
+    const int block = vw.shape(2);
+    require(int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
+            std::string(what) + ": values must be [blocks, Hkv, BLOCK, D*bits/32]");
+    // Keys: [blocks, Hkv, BLOCK, D*bits/32] by token, or [blocks, Hkv, D, BLOCK*bits/32] by channel.
+    const int k_rows = k_per_channel ? d : block, k_along = k_per_channel ? block : d;
+    if (k_per_channel) {
+      check_bits_group("kvsplit paged attention (per-channel keys)", k_bits, k_group, block);
+    } else {
+      check_bits_group("kvsplit paged attention (keys)", k_bits, k_group, d);
+    }
+    require(kw.shape(2) == k_rows && int64_t(kw.shape(3)) * 32 == int64_t(k_along) * k_bits,
+            std::string(what) + (k_per_channel ? ": per-channel keys must be [blocks, Hkv, D, BLOCK*bits/32]"
+                                               : ": keys must be [blocks, Hkv, BLOCK, D*bits/32]"));
     const int hkv = kw.shape(1);
     require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
-    for (auto [s2, bi, g] : {std::tuple{&ks, &kb, k_group}, std::tuple{&vs, &vb, v_group}}) {
+    for (auto [s2, bi, g, r, a] : {std::tuple{&ks, &kb, k_group, k_rows, k_along}, std::tuple{&vs, &vb, v_group, block, d}}) {
       require(s2->shape() == bi->shape() && s2->ndim() == 4 && s2->shape(0) == kw.shape(0) && s2->shape(1) == hkv &&
-                  s2->shape(2) == kw.shape(2) && s2->shape(3) == d / g && s2->flags().row_contiguous &&
+                  s2->shape(2) == r && s2->shape(3) == a / g && s2->flags().row_contiguous &&
                   bi->flags().row_contiguous,
-              std::string(what) + ": scales and biases must be contiguous [blocks, Hkv, BLOCK, D/group]");
+              std::string(what) + ": scales and biases must be contiguous and match their codes' groups");
       check_scale_dtype(what, *s2, *bi);
     }
     require(table.ndim() == 2 && table.dtype() == mlx::core::int32 && table.shape(0) == s && table.shape(1) >= 2 &&
                 table.flags().row_contiguous,
             std::string(what) + ": table must be contiguous int32 [S, 1 + max_blocks]");
-    AttnParams p{0, k_group, k_bits, v_group, v_bits};
-    array out(q.shape(), mlx::core::float32, std::make_shared<PagedDecodeAttention>(st, p),
-              {q, kw, ks, kb, vw, vs, vb, table});
+    std::vector<array> inputs{q, kw, ks, kb, vw, vs, vb, table};
+    int tail = 0;
+    if (tail_k_.ctx != nullptr || tail_v_.ctx != nullptr) {
+      require(k_per_channel, std::string(what) + ": a float tail goes with per-channel keys only");
+      require(tail_k_.ctx != nullptr && tail_v_.ctx != nullptr, std::string(what) + ": a float tail needs both K and V");
+      const array &tk = mlx_array_get_(tail_k_), &tv = mlx_array_get_(tail_v_);
+      require(tk.ndim() == 4 && tk.dtype() == mlx::core::float32 && tk.shape() == tv.shape() &&
+                  tv.dtype() == mlx::core::float32 && tk.shape(0) == s && tk.shape(1) == hkv && tk.shape(3) == d &&
+                  tk.strides()[3] == 1 && tv.strides()[3] == 1,
+              std::string(what) + ": the float tails must be float32 K and V [S, Hkv, n, D], rows dense");
+      tail = tk.shape(2);
+      if (tail > 0) inputs.push_back(tk), inputs.push_back(tv);
+    }
+    AttnParams p{0, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
+    array out(q.shape(), mlx::core::float32, std::make_shared<PagedDecodeAttention>(st, p), std::move(inputs));
     mlx_array_set_(*res, out);
   });
 }

@@ -123,9 +123,13 @@ pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, 
 /// Decode attention of `S` sequences (`q` `[S, Hq, 1, D]`, already multiplied by the softmax
 /// scale) over a block pool (`[blocks, Hkv, BLOCK, ...]` packed K and V, contiguous) through
 /// `table` (int32 `[S, 1 + max_blocks]`: each sequence's length, then its block ids), as one op.
+/// With [`KeyAxis::Channels`] keys are `[blocks, Hkv, D, BLOCK...]` in whole groups, and each
+/// sequence's last `len % group` tokens come from `tail` (K and V `[S, Hkv, n, D]`, row `s`).
 /// Returns `[S, Hq, 1, D]` f32.
-pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array) -> Result<Array> {
+pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array, keys: KeyAxis, tail: Option<(&Array, &Array)>) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
+    let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
+    let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
     call(|out, s| unsafe {
         ffi::kvsplit_cpu_paged_decode_attention(
             out,
@@ -141,6 +145,9 @@ pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Arr
             k.bits as i32,
             v.group as i32,
             v.bits as i32,
+            keys == KeyAxis::Channels,
+            tk,
+            tv,
             s,
         )
     })

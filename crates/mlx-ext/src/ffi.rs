@@ -60,6 +60,9 @@ extern "C" {
         k_bits: c_int,
         v_group: c_int,
         v_bits: c_int,
+        k_per_channel: bool,
+        tail_k: mlx_array,
+        tail_v: mlx_array,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_rms_norm(res: *mut mlx_array, x: mlx_array, weight: mlx_array, eps: f32, s: mlx_stream) -> c_int;

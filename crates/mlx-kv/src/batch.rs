@@ -28,13 +28,17 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
     let rows = (q.shape()[1] / k.shape()[1]) as usize;
     for (i, c) in caches.iter_mut().enumerate() {
         let head_dim = c.head_dim();
-        let key = c.paged_direct(1).and_then(|(ks, _)| {
+        let key = |ks: &PagedStore| {
             let t = ks.table().lock().unwrap_or_else(|e| e.into_inner());
             let fmt = t.format().clone();
             let f = fmt.layer(ks.layer());
             let pool_id = t.pool().id();
-            attention::choose_paged(f.k_bits, f.k_group, f.v_bits, f.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
-        });
+            attention::choose_paged(f.k_bits, f.k_group, f.k_channels, f.v_bits, f.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
+        };
+        let key = match c.paged_channels() {
+            Some((ks, _)) => key(ks),
+            None => c.paged_direct(1).and_then(|(ks, _)| key(ks)),
+        };
         match key {
             Some((pool, fmt, choice)) => match groups.iter_mut().find(|g| g.0 == pool && g.1 == fmt) {
                 Some(g) => g.3.push(i),
@@ -87,6 +91,9 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
 /// One group's step: the paged write and attention ([`crate::paged_step`]), then each cache's
 /// bookkeeping.
 fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    if group[0].paged_channels().is_some() {
+        return step_channels(group, choice, q, k, v, scale);
+    }
     let ats: Vec<usize> = group.iter().map(|c| c.offset()).collect();
     // One format, so one rotation for the whole group: applied once to the stacked rows.
     let (q, k, v) = group[0].rotate_inputs(q, k, v)?;
@@ -108,6 +115,27 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
     };
     for c in group.iter_mut() {
         c.advance_one(choice);
+    }
+    group[0].rotate_output(out)
+}
+
+/// A group with per-channel keys: each cache writes its own token (into its float tail, and a
+/// finished key group into the blocks, once every `group` steps), then one op attends over
+/// every member's blocks and tail.
+fn step_channels(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    for (i, c) in group.iter_mut().enumerate() {
+        let r = i as i32..i as i32 + 1;
+        c.update(&k.index((r.clone(), ..)), &v.index((r, ..)))?;
+    }
+    let q = group[0].rotate_query(q)?;
+    let lens: Vec<usize> = group.iter().map(|c| c.offset()).collect();
+    let tails: Vec<Option<(Array, Array)>> = group.iter().map(|c| c.float_tail()).collect();
+    let out = {
+        let stores: Vec<(&PagedStore, &PagedStore)> = group.iter().map(|c| c.paged_channels().expect("grouped as per-channel")).collect();
+        paged_step::attend_channels(&stores, &lens, &tails, &q, scale)?
+    };
+    for c in group.iter() {
+        c.set_path(choice);
     }
     group[0].rotate_output(out)
 }

@@ -87,7 +87,7 @@ impl Body {
                 .map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis, full: s.full() }),
             // Gathered from the blocks (a copy of the packed rows, for prefill chunks and the
             // MLX-ops path); decode steps read the blocks in place (`crate::batch`).
-            Body::Paged(s) => s.slice(0, slots).map(|p| Tensor::Quant { full: Some((p.clone(), slots)), p, bits: s.bits, group: s.group, axis: TokenAxis::Rows }),
+            Body::Paged(s) => s.slice(0, slots).map(|p| Tensor::Quant { full: Some((p.clone(), slots)), p, bits: s.bits, group: s.group, axis: s.axis }),
         }
     }
 
@@ -145,7 +145,7 @@ fn take_body(
         Body::Paged(_) | Body::Quant(_) => {
             let (bits, group, axis) = match body {
                 Body::Quant(s) => (s.bits, s.group, s.axis),
-                Body::Paged(s) => (s.bits, s.group, TokenAxis::Rows),
+                Body::Paged(s) => (s.bits, s.group, s.axis),
                 Body::Float(_) => unreachable!(),
             };
             let parts = ["w", "scales", "biases"].map(|p| arrays.remove(&format!("{name}.{p}")));
@@ -260,6 +260,7 @@ impl KvCache {
             Rotation::None => None,
             _ => Some(hadamard(head_dim, Dtype::Float32)?),
         };
+        let tail_step = if spec.block_tokens() > 1 { spec.block_tokens() } else { 0 };
         Ok(KvCache {
             body_k: Body::new(&spec.k, k_axis),
             body_v: Body::new(&spec.v, TokenAxis::Rows),
@@ -269,8 +270,9 @@ impl KvCache {
             sink_v: FloatStore::default(),
             body_pos: Vec::new(),
             body_head: 0,
-            tail_k: FloatStore::default(),
-            tail_v: FloatStore::default(),
+            // Per-channel keys keep their unfinished group here: it grows a group at a time.
+            tail_k: FloatStore::with_step(tail_step),
+            tail_v: FloatStore::with_step(tail_step),
             offset: 0,
             rotation,
             key_center: None,
@@ -309,9 +311,41 @@ impl KvCache {
             return None;
         }
         match (&mut self.body_k, &mut self.body_v) {
-            (Body::Paged(k), Body::Paged(v)) => Some((k, v)),
+            (Body::Paged(k), Body::Paged(v)) if k.axis == TokenAxis::Rows => Some((k, v)),
             _ => None,
         }
+    }
+
+    /// For [`crate::batch`]: the pooled K and V stores of a cache with per-channel keys, whose
+    /// decode step writes through [`Self::update`] (float tail, whole groups into the blocks)
+    /// and attends with [`crate::paged_step::attend_channels`].
+    pub(crate) fn paged_channels(&self) -> Option<(&PagedStore, &PagedStore)> {
+        if !self.sink_k.is_empty() || self.opts.max_size.is_some() {
+            return None;
+        }
+        match (&self.body_k, &self.body_v) {
+            (Body::Paged(k), Body::Paged(v)) if k.axis == TokenAxis::Cols => Some((k, v)),
+            _ => None,
+        }
+    }
+
+    /// The float tail (K and V `[B, Hkv, n, D]`), if any tokens are in it.
+    pub(crate) fn float_tail(&self) -> Option<(Array, Array)> {
+        self.tail_k.view().zip(self.tail_v.view())
+    }
+
+    /// A decode query in the stored frame (rotated when keys are).
+    pub(crate) fn rotate_query(&self, q: &Array) -> Result<Array> {
+        if self.spec.rotation.keys() {
+            self.rotate(q)
+        } else {
+            Ok(q.clone())
+        }
+    }
+
+    /// Records the path a batched step took for this cache.
+    pub(crate) fn set_path(&self, choice: Choice) {
+        self.last_path.set(Some(choice));
     }
 
     /// For [`crate::batch`]: records one token written into the body by a batched step.
@@ -546,8 +580,19 @@ impl KvCache {
     fn paged_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
         let (head_dim, at) = (self.head_dim, self.offset);
         let rows = (q.shape()[1] / k.shape()[1]) as usize;
+        if q.shape()[2] == 1 && k.shape()[2] == 1 {
+            if let Some((ks, vs)) = self.paged_channels() {
+                let Some(choice) = attention::choose_paged(ks.bits, ks.group, true, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
+                self.update(k, v)?;
+                let q = self.rotate_query(q)?;
+                let (ks, vs) = self.paged_channels().expect("checked above");
+                let out = crate::paged_step::attend_channels(&[(ks, vs)], &[self.offset], &[self.float_tail()], &q, scale)?;
+                self.set_path(choice);
+                return Ok(Some(self.rotate_output(out)?));
+            }
+        }
         let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
-        let Some(choice) = attention::choose_paged(ks.bits, ks.group, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
+        let Some(choice) = attention::choose_paged(ks.bits, ks.group, false, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
         let (q, k, v) = self.rotate_inputs(q, k, v)?;
         let k = self.center_keys(&k)?;
         let (ks, vs) = self.paged_direct(1).expect("checked above");

@@ -17,7 +17,7 @@
 
 use crate::error::{KvError, Result};
 use crate::spec::{KeyLayout, KvSpec, Rotation};
-use crate::store::Packed;
+use crate::store::{Packed, TokenAxis};
 use mlx_rs::ops::indexing::{IndexMutOp, IndexOp};
 use mlx_rs::ops::{concatenate, zeros_dtype};
 use mlx_rs::{Array, Dtype};
@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const BLOCK: usize = 256;
 
 /// One layer's precision in the pool: K and V widths and groups (per-token groups along
-/// head_dim) and the Hadamard rotation the decode step applies around its kernel.
+/// head_dim, or for per-channel keys groups of `k_group` tokens along each channel) and the
+/// Hadamard rotation the decode step applies around its kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LayerFormat {
     pub k_bits: u8,
@@ -39,23 +40,37 @@ pub struct LayerFormat {
     /// Keys stored less the sequence's key center ([`KeyLayout::Centered`]); each sequence's
     /// cache keeps its own center, the blocks only codes.
     pub centered: bool,
+    /// Keys per channel ([`KeyLayout::PerChannel`]): a block's keys are `[Hkv, D, BLOCK]`
+    /// codes, whole groups only; each sequence keeps its unfinished group in float itself.
+    pub k_channels: bool,
 }
 
 impl LayerFormat {
-    /// The format of `spec`'s caches if they can live in the pool: K and V quantized with
-    /// per-token groups and nothing kept beside the body (no residual tail, sinks or delayed
-    /// start). Other settings keep their own growing buffers.
+    /// The format of `spec`'s caches if they can live in the pool: K and V quantized and
+    /// nothing kept beside the body (no residual tail, sinks or delayed start) but, with
+    /// per-channel keys, the unfinished key group, whose groups must tile a block. Other
+    /// settings keep their own growing buffers.
     pub fn of(spec: &KvSpec) -> Option<LayerFormat> {
+        let k_channels = spec.key_layout == KeyLayout::PerChannel;
         let plain = spec.k.is_quantized()
             && spec.v.is_quantized()
-            && spec.key_layout != KeyLayout::PerChannel
+            && (!k_channels || BLOCK.is_multiple_of(spec.k.group))
             && spec.residual == 0
             && spec.sinks == 0
             && spec.quantized_kv_start == 0;
-        plain.then_some(LayerFormat { k_bits: spec.k.bits, k_group: spec.k.group, v_bits: spec.v.bits, v_group: spec.v.group, rotation: spec.rotation, centered: spec.key_layout == KeyLayout::Centered })
+        plain.then_some(LayerFormat {
+            k_bits: spec.k.bits,
+            k_group: spec.k.group,
+            v_bits: spec.v.bits,
+            v_group: spec.v.group,
+            rotation: spec.rotation,
+            centered: spec.key_layout == KeyLayout::Centered,
+            k_channels,
+        })
     }
 
-    /// Bytes of one token row of one head: packed codes plus a 16-bit scale and bias per group.
+    /// Bytes of one token of one head: packed codes plus a 16-bit scale and bias per group
+    /// (per channel, a group's scale and bias are spread over its `group` tokens: the same sum).
     fn row_bytes(bits: u8, group: usize, head_dim: usize) -> usize {
         head_dim * bits as usize / 8 + 4 * (head_dim / group)
     }
@@ -204,12 +219,14 @@ impl State {
         // MLX's `zeros` is a broadcast of one element; adding a zero gives every array a
         // buffer of its own, which the CUDA step writes into in place.
         let own = |shape: &[i32], dtype: Dtype| -> Result<Array> { Ok(zeros_dtype(shape, dtype)?.add(zeros_dtype(&[1], dtype)?)?) };
-        let fresh = |bits: u8, group: usize| -> Result<Packed> {
-            let (n, h, d) = (extra as i32, g.kv_heads as i32, g.head_dim);
+        let fresh = |bits: u8, group: usize, channels: bool| -> Result<Packed> {
+            let (n, h, d, b) = (extra as i32, g.kv_heads as i32, g.head_dim, BLOCK);
+            // Rows of tokens (codes along head_dim) or, per channel, rows of channels.
+            let (rows, along) = if channels { (d, b) } else { (b, d) };
             Ok(Packed {
-                w: own(&[n, h, BLOCK as i32, (d * bits as usize / 32) as i32], Dtype::Uint32)?,
-                scales: own(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
-                biases: own(&[n, h, BLOCK as i32, (d / group) as i32], Dtype::Float16)?,
+                w: own(&[n, h, rows as i32, (along * bits as usize / 32) as i32], Dtype::Uint32)?,
+                scales: own(&[n, h, rows as i32, (along / group) as i32], Dtype::Float16)?,
+                biases: own(&[n, h, rows as i32, (along / group) as i32], Dtype::Float16)?,
             })
         };
         let grow = |old: Option<Packed>, new: Packed| -> Result<Packed> {
@@ -233,7 +250,7 @@ impl State {
                 None => (None, None),
             };
             let f = fmt.layer(l);
-            layers.push(LayerArrays { k: grow(pk, fresh(f.k_bits, f.k_group)?)?, v: grow(pv, fresh(f.v_bits, f.v_group)?)? });
+            layers.push(LayerArrays { k: grow(pk, fresh(f.k_bits, f.k_group, f.k_channels)?)?, v: grow(pv, fresh(f.v_bits, f.v_group, false)?)? });
         }
         // Evaluated now: a lazy concatenate would otherwise be re-run inside the next step.
         mlx_rs::transforms::eval(layers.iter().flat_map(|l| [&l.k.w, &l.k.scales, &l.k.biases, &l.v.w, &l.v.scales, &l.v.biases]))?;
@@ -458,6 +475,8 @@ pub struct PagedStore {
     half: Half,
     pub bits: u8,
     pub group: usize,
+    /// `Cols` for per-channel keys: written and read in whole groups of `group` tokens.
+    pub axis: TokenAxis,
     len: usize,
 }
 
@@ -472,7 +491,8 @@ impl PagedStore {
             Half::K => (fmt.k_bits, fmt.k_group),
             Half::V => (fmt.v_bits, fmt.v_group),
         };
-        PagedStore { table, layer, half, bits, group, len: 0 }
+        let axis = if half == Half::K && fmt.k_channels { TokenAxis::Cols } else { TokenAxis::Rows };
+        PagedStore { table, layer, half, bits, group, axis, len: 0 }
     }
 
     pub fn table(&self) -> &SharedTable {
@@ -503,29 +523,72 @@ impl PagedStore {
     }
 
     /// Flat row indices of tokens `[start, end)` for every head, head-major (the order of a
-    /// `[1, Hkv, L, ...]` tensor's rows).
+    /// `[1, Hkv, L, ...]` tensor's rows). Per channel a row is one channel's codes of one token
+    /// group (see [`Self::unit_cols`]), in the order (head, channel, group) of a packed
+    /// `[1, Hkv, D, L...]` tensor.
     fn rows(&self, start: usize, end: usize) -> Array {
         let t = table_lock(&self.table);
-        let h = t.pool.lock().geometry.kv_heads;
-        let rows: Vec<i32> = (0..h).flat_map(|head| (start..end).map(move |p| (head, p))).map(|(head, p)| t.row(p, head, h)).collect();
+        let (h, d) = {
+            let s = t.pool.lock();
+            (s.geometry.kv_heads, s.geometry.head_dim)
+        };
+        let rows: Vec<i32> = match self.axis {
+            TokenAxis::Rows => (0..h).flat_map(|head| (start..end).map(move |p| (head, p))).map(|(head, p)| t.row(p, head, h)).collect(),
+            TokenAxis::Cols => {
+                let per = BLOCK / self.group;
+                let mut v = Vec::with_capacity(h * d * (end - start) / self.group);
+                for head in 0..h {
+                    for c in 0..d {
+                        for g0 in (start..end).step_by(self.group) {
+                            let id = t.ids[g0 / BLOCK] as usize;
+                            v.push((((id * h + head) * d + c) * per + g0 % BLOCK / self.group) as i32);
+                        }
+                    }
+                }
+                v
+            }
+        };
         Array::from_slice(&rows, &[rows.len() as i32])
     }
 
-    /// Quantizes `x` (`[1, Hkv, L, D]`) and writes it at token `at`.
+    /// Columns of one row of `a` in the flat view [`Self::rows`] indexes: a token's codes, or
+    /// per channel one group's (`a`'s last axis holds a block's BLOCK / group of them).
+    fn unit_cols(&self, a: &Array) -> i32 {
+        let cols = a.shape()[3];
+        match self.axis {
+            TokenAxis::Rows => cols,
+            TokenAxis::Cols => cols / (BLOCK / self.group) as i32,
+        }
+    }
+
+    fn check_groups(&self, at: usize, l: usize) -> Result<()> {
+        if self.axis == TokenAxis::Cols && !(at.is_multiple_of(self.group) && l.is_multiple_of(self.group)) {
+            return Err(KvError::Shape(format!("per-channel keys enter the pool in whole groups of {}: tokens {at}..{}", self.group, at + l)));
+        }
+        Ok(())
+    }
+
+    /// Quantizes `x` (`[1, Hkv, L, D]`) and writes it at token `at` (per channel: whole groups).
     pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
         let l = x.shape()[2] as usize;
+        self.check_groups(at, l)?;
         table_lock(&self.table).ensure(at + l)?;
-        let q = Packed::quantize(x, self.group, self.bits)?;
+        let q = match self.axis {
+            TokenAxis::Rows => Packed::quantize(x, self.group, self.bits)?,
+            TokenAxis::Cols => Packed::quantize(&x.swap_axes(2, 3)?, self.group, self.bits)?,
+        };
         self.put(at, l, &q)
     }
 
-    /// Writes `l` packed tokens (`[1, Hkv, L, ...]`) at token `at`; room must exist.
+    /// Writes `l` packed tokens (`[1, Hkv, L, ...]`, per channel `[1, Hkv, D, ...]`) at token
+    /// `at`; room must exist.
     fn put(&mut self, at: usize, l: usize, q: &Packed) -> Result<()> {
         let rows = self.rows(at, at + l);
+        let unit = |a: &Array| self.unit_cols(a);
         self.with_arrays(|p, _| -> Result<()> {
             for (dst, src) in [(&mut p.w, &q.w), (&mut p.scales, &q.scales), (&mut p.biases, &q.biases)] {
                 let sh = dst.shape().to_vec();
-                let cols = sh[3];
+                let cols = unit(dst);
                 // Scattered into a flat view and reshaped back: MLX writes in place when the
                 // pool holds the only reference, which it does between steps.
                 let mut flat = dst.reshape(&[-1, cols])?;
@@ -541,6 +604,7 @@ impl PagedStore {
     /// Replaces the contents with `len` packed tokens as [`Self::slice`] gives them.
     pub fn restore(&mut self, len: usize, q: &Packed) -> Result<()> {
         self.len = 0;
+        self.check_groups(0, len)?;
         if len > 0 {
             table_lock(&self.table).ensure(len)?;
             self.put(0, len, q)?;
@@ -548,17 +612,26 @@ impl PagedStore {
         Ok(())
     }
 
-    /// Tokens `[start, end)` gathered from their blocks as `[1, Hkv, L, ...]` (a copy of the
-    /// packed rows, never dequantized): for prefill attention and saving.
+    /// Tokens `[start, end)` gathered from their blocks as `[1, Hkv, L, ...]` (per channel
+    /// `[1, Hkv, D, ...]`, whole groups): a copy of the packed rows, never dequantized, for
+    /// prefill attention and saving.
     pub fn slice(&self, start: usize, end: usize) -> Option<Packed> {
-        if end <= start {
+        if end <= start || self.check_groups(start, end - start).is_err() {
             return None;
         }
         let rows = self.rows(start, end);
+        let axis = self.axis;
+        let (n, groups) = ((end - start) as i32, ((end - start) / self.group) as i32);
+        let unit = |a: &Array| self.unit_cols(a);
         self.with_arrays(|p, h| {
+            let d = p.w.shape()[2];
             let take = |a: &Array| -> Option<Array> {
-                let cols = a.shape()[3];
-                a.reshape(&[-1, cols]).ok()?.take_axis(&rows, 0).ok()?.reshape(&[1, h as i32, (end - start) as i32, cols]).ok()
+                let cols = unit(a);
+                let shape = match axis {
+                    TokenAxis::Rows => [1, h as i32, n, cols],
+                    TokenAxis::Cols => [1, h as i32, d, groups * cols],
+                };
+                a.reshape(&[-1, cols]).ok()?.take_axis(&rows, 0).ok()?.reshape(&shape).ok()
             };
             Some(Packed { w: take(&p.w)?, scales: take(&p.scales)?, biases: take(&p.biases)? })
         })
@@ -675,9 +748,40 @@ mod tests {
         let mut rotated = KvSpec::bits(8, 4);
         rotated.rotation = Rotation::KeysAndValues;
         assert_eq!(BlockFormat::of(&rotated, 2).unwrap().layer(1).rotation, Rotation::KeysAndValues);
+        // Per-channel keys: a group's scale and bias spread over its tokens, the same bytes.
         let mut pc = KvSpec::bits(4, 4);
         pc.key_layout = KeyLayout::PerChannel;
-        assert!(BlockFormat::of_layers(&[KvSpec::bits(8, 4), pc]).is_none());
+        let f = BlockFormat::of_layers(&[KvSpec::bits(8, 4), pc.clone()]).expect("per-channel groups of 64 tile a block");
+        assert!(f.layer(1).k_channels && !f.layer(0).k_channels);
+        assert_eq!(f.block_bytes(&geometry()), (68 + 36 + 36 + 36) * 2 * BLOCK);
+        pc.k.group = 96;
+        assert!(LayerFormat::of(&pc).is_none(), "groups of 96 tokens do not tile a 256-token block");
+    }
+
+    #[test]
+    fn per_channel_keys_land_in_whole_groups_and_read_back() {
+        let g = geometry();
+        let pool = KvPool::new(g, None);
+        let mut pc = KvSpec::bits(4, 4);
+        pc.key_layout = KeyLayout::PerChannel;
+        let fmt = BlockFormat::of(&pc, 2).unwrap();
+        // Another sequence first, so this one's blocks are not the arena's first.
+        let other = Arc::new(Mutex::new(pool.reserve(&fmt, 256).unwrap()));
+        other.lock().unwrap().ensure(256).unwrap();
+        let t = Arc::new(Mutex::new(pool.reserve(&fmt, 384).unwrap()));
+        let mut st = PagedStore::new(t.clone(), 1, Half::K);
+        assert_eq!(st.axis, TokenAxis::Cols);
+        let x = mlx_rs::random::normal::<f32>(&[1, 2, 384, 64], None, None, None).unwrap();
+        // 192 then 192 tokens: the second write starts inside block 0 and ends in block 1.
+        st.write(0, &x.index((.., .., 0..192, ..))).unwrap();
+        st.write(192, &x.index((.., .., 192.., ..))).unwrap();
+        assert!(st.write(384, &x.index((.., .., 0..10, ..))).is_err(), "a partial group never enters the blocks");
+        let got = st.slice(0, 384).unwrap().dequantize(64, 4, Dtype::Float32).unwrap();
+        let want = Packed::quantize(&x.swap_axes(2, 3).unwrap(), 64, 4).unwrap().dequantize(64, 4, Dtype::Float32).unwrap();
+        let diff = (got - want).abs().unwrap().max(None).unwrap().item_cast::<f32>();
+        assert_eq!(diff, 0.0, "the pooled codes must be the per-channel codes exactly");
+        let mid = st.slice(128, 320).unwrap().dequantize(64, 4, Dtype::Float32).unwrap();
+        assert_eq!(mid.shape(), &[1, 2, 64, 192]);
     }
 
     #[test]

@@ -28,9 +28,21 @@ pub struct FloatStore {
     data: Option<Array>,
     head: usize,
     end: usize,
+    /// Growth step in tokens; 0 means [`STEP`].
+    step: usize,
 }
 
 impl FloatStore {
+    /// A store that grows in steps of `step` tokens: a tail that never holds more than a key
+    /// group between steps need not reserve 256 float slots per layer.
+    pub fn with_step(step: usize) -> Self {
+        FloatStore { step, ..Default::default() }
+    }
+
+    fn step(&self) -> usize {
+        if self.step == 0 { STEP } else { self.step }
+    }
+
     pub fn len(&self) -> usize {
         self.end - self.head
     }
@@ -46,7 +58,7 @@ impl FloatStore {
         let cap = self.data.as_ref().map_or(0, |d| d.shape()[2] as usize);
         if need > cap {
             let sh = x.shape();
-            let grow = round_up(need, STEP) - cap;
+            let grow = round_up(need, self.step()) - cap;
             let fresh = zeros_dtype(&[sh[0], sh[1], grow as i32, sh[3]], x.dtype())?;
             self.data = Some(match self.data.take() {
                 Some(old) => concatenate(&[old, fresh], 2)?,
@@ -91,7 +103,7 @@ impl FloatStore {
             // Keep the buffer: the next append reuses it from slot 0.
             self.head = 0;
             self.end = 0;
-        } else if self.head >= STEP {
+        } else if self.head >= self.step() {
             let rest = self.view();
             self.clear();
             if let Some(rest) = rest {

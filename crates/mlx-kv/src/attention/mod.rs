@@ -206,15 +206,17 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
 
 /// The path for a decode step of sequences whose caches live in pool blocks of these widths
 /// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
-/// its gathered blocks instead.
-pub fn choose_paged(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head_dim: usize, rows: usize) -> Option<Choice> {
+/// its gathered blocks instead. Per-channel keys (`k_channels`, groups of `k_group` tokens)
+/// have a paged path on the CPU only.
+pub fn choose_paged(k_bits: u8, k_group: usize, k_channels: bool, v_bits: u8, v_group: usize, head_dim: usize, rows: usize) -> Option<Choice> {
     if Backend::current() == Backend::Cpu {
+        let k_len = if k_channels { crate::pool::BLOCK } else { head_dim };
         let ok = mlx_ext::options::current().cpu_kernels.on()
-            && mlx_ext::cpu::supports(k_bits, k_group, head_dim)
+            && mlx_ext::cpu::supports(k_bits, k_group, k_len)
             && mlx_ext::cpu::supports(v_bits, v_group, head_dim);
         return ok.then(|| pick(Path::PagedCpu, "decode tokens into pool blocks, one op per layer for the batch"));
     }
-    if !mlx_ext::options::current().gpu_fused_step.on() {
+    if k_channels || !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;

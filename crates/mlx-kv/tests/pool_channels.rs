@@ -1,0 +1,140 @@
+//! Per-channel keys in the pool: whole key groups in the blocks, the unfinished group in each
+//! sequence's float tail, one paged op reading both. The pooled cache stores exactly what a
+//! cache with its own buffers stores, so their attention agrees to float32 rounding; both stay
+//! within the float64 reference's bound for the bit widths.
+
+mod common;
+
+use common::*;
+use mlx_kv::pool::SharedTable;
+use mlx_kv::{Backend, KeyLayout, KvCache, KvPool, KvSpec, Rotation};
+use std::sync::{Arc, Mutex};
+
+const D: usize = 64;
+const HQ: usize = 4;
+const HKV: usize = 2;
+
+fn per_channel(k_bits: u8, v_bits: u8, group: usize, rotation: Rotation) -> KvSpec {
+    let mut s = KvSpec::bits(k_bits, v_bits);
+    s.key_layout = KeyLayout::PerChannel;
+    s.k.group = group;
+    s.rotation = rotation;
+    s
+}
+
+fn cpu_kernels() -> bool {
+    Backend::current() == Backend::Cpu && mlx_ext::options::current().cpu_kernels.on()
+}
+
+fn pooled(pool: &KvPool, spec: &KvSpec, tokens: usize) -> KvCache {
+    let fmt = mlx_kv::BlockFormat::of(spec, 1).expect("per-channel keys with groups that tile a block live in the pool");
+    let table: SharedTable = Arc::new(Mutex::new(pool.reserve(&fmt, tokens).expect("no budget")));
+    KvCache::new_paged(spec.clone(), D, table, 0).unwrap()
+}
+
+fn rotate(x: &Host) -> Host {
+    let h = mlx_kv::rotation::hadamard(x.shape[3], mlx_rs::Dtype::Float32).unwrap();
+    Host { data: to_vec(&mlx_rs::ops::matmul(x.array(), &h).unwrap()), shape: x.shape }
+}
+
+fn path(c: &KvCache) -> String {
+    c.last_path().map(|p| p.to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_pooled_per_channel_cache_decodes_like_one_with_its_own_buffers() {
+    if !cpu_kernels() {
+        return;
+    }
+    let pool = KvPool::new(mlx_kv::Geometry { layers: 1, kv_heads: HKV, head_dim: D }, None);
+    // 4- and 3-bit keys (3-bit codes come in units of 64 tokens), rotated or not; a 100-token
+    // prefill leaves a partial group, then decode crosses group edges and the block edge at 256.
+    let specs = [per_channel(4, 4, 64, Rotation::None), per_channel(3, 2, 64, Rotation::KeysAndValues), per_channel(4, 4, 128, Rotation::Keys)];
+    let (prefill, total) = (100usize, 330usize);
+    for (n, spec) in specs.iter().enumerate() {
+        let seed = 40 + 3 * n as u64;
+        let q = Host::random([1, HQ, total, D], seed);
+        let k = Host::random([1, HKV, total, D], seed + 1);
+        let v = Host::random([1, HKV, total, D], seed + 2);
+        let scale = 1.0 / (D as f64).sqrt();
+        let mut own = KvCache::new(spec.clone(), D, Default::default()).unwrap();
+        let mut paged = pooled(&pool, spec, total);
+        let (a, z) = (0, prefill);
+        for c in [&mut own, &mut paged] {
+            c.update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), scale as f32, None).unwrap();
+        }
+        // The bound the widths allow, in the frame the cache stores (rotated K and V spread
+        // the output error over D terms of weight 1/sqrt(D) when rotated back).
+        let (qh, kh) = if spec.rotation.keys() { (rotate(&q), rotate(&k)) } else { (q.tokens(0, total), k.tokens(0, total)) };
+        let vh = if spec.rotation.values() { rotate(&v) } else { v.tokens(0, total) };
+        let bound = attention_bound(q_l1_max(&qh), scale, kh.max_abs(), vh.max_abs(), spec.k.bits, spec.v.bits)
+            * if spec.rotation.values() { (D as f64).sqrt() } else { 1.0 };
+        let mut worst = 0.0f64;
+        for t in prefill..total {
+            let (qa, ka, va) = (q.tokens(t, t + 1).array(), k.tokens(t, t + 1).array(), v.tokens(t, t + 1).array());
+            let want = to_vec(&own.update_and_attend(&qa, &ka, &va, scale as f32, None).unwrap());
+            let got = to_vec(&paged.update_and_attend(&qa, &ka, &va, scale as f32, None).unwrap());
+            assert!(path(&paged).starts_with("paged-cpu"), "{spec} token {t}: a pooled per-channel step took {}", path(&paged));
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 2e-5, "{spec} token {t}: pooled and own-buffer caches differ by {diff:.2e}");
+            let reference = reference_attention(&q.tokens(t, t + 1), &k.tokens(0, t + 1), &v.tokens(0, t + 1), scale, &|_, _| true);
+            worst = worst.max(max_abs_diff(&got, &reference));
+        }
+        assert!(worst <= bound, "{spec}: max error {worst:.3e} exceeds bound {bound:.3e}");
+        assert_eq!(paged.offset(), total);
+        // Only whole groups take blocks; the tail lives with the sequence.
+        let ids = paged.paged_table().unwrap().lock().unwrap().ids().len();
+        let grouped = total / spec.k.group * spec.k.group;
+        assert_eq!(ids, KvPool::blocks_for(grouped), "{spec}: {ids} blocks for {grouped} tokens in whole groups");
+    }
+}
+
+#[test]
+fn a_batch_of_per_channel_sequences_at_different_lengths_matches_each_alone() {
+    if !cpu_kernels() {
+        return;
+    }
+    let pool = KvPool::new(mlx_kv::Geometry { layers: 1, kv_heads: HKV, head_dim: D }, None);
+    let spec = per_channel(4, 4, 64, Rotation::KeysAndValues);
+    // Prefills that leave empty, partial and almost whole tail groups; a per-token k8v4
+    // sequence rides along in its own group of the same step.
+    let lens = [64usize, 70, 127, 200];
+    let steps = 70;
+    let specs: Vec<KvSpec> = lens.iter().map(|_| spec.clone()).chain([KvSpec::bits(8, 4)]).collect();
+    let lens: Vec<usize> = lens.into_iter().chain([33]).collect();
+    let s = specs.len();
+    let scale = 0.125f32;
+    let data: Vec<(Host, Host, Host)> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (Host::random([1, HQ, n + steps, D], 90 + i as u64), Host::random([1, HKV, n + steps, D], 190 + i as u64), Host::random([1, HKV, n + steps, D], 290 + i as u64)))
+        .collect();
+    let mut together: Vec<KvCache> = specs.iter().zip(&lens).map(|(sp, &n)| pooled(&pool, sp, n + steps)).collect();
+    let mut alone: Vec<KvCache> = specs.iter().zip(&lens).map(|(sp, &n)| pooled(&pool, sp, n + steps)).collect();
+    for (i, &n) in lens.iter().enumerate() {
+        let (q, k, v) = &data[i];
+        for c in [&mut together[i], &mut alone[i]] {
+            c.update_and_attend(&q.tokens(0, n).array(), &k.tokens(0, n).array(), &v.tokens(0, n).array(), scale, None).unwrap();
+        }
+    }
+    let stack = |f: &dyn Fn(usize) -> mlx_rs::Array| mlx_rs::ops::concatenate(&(0..s).map(f).collect::<Vec<_>>(), 0).unwrap();
+    for step in 0..steps {
+        let at = |i: usize| lens[i] + step;
+        let q = stack(&|i| data[i].0.tokens(at(i), at(i) + 1).array());
+        let k = stack(&|i| data[i].1.tokens(at(i), at(i) + 1).array());
+        let v = stack(&|i| data[i].2.tokens(at(i), at(i) + 1).array());
+        let mut refs: Vec<&mut KvCache> = together.iter_mut().collect();
+        let out = to_vec(&mlx_kv::batch::update_and_attend(&mut refs, &q, &k, &v, scale).unwrap());
+        let per = HQ * D;
+        for i in 0..s {
+            let (q1, k1, v1) = (data[i].0.tokens(at(i), at(i) + 1).array(), data[i].1.tokens(at(i), at(i) + 1).array(), data[i].2.tokens(at(i), at(i) + 1).array());
+            let want = to_vec(&alone[i].update_and_attend(&q1, &k1, &v1, scale, None).unwrap());
+            let diff = out[i * per..(i + 1) * per].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff <= 2e-5, "sequence {i} ({}) step {step}: batched and alone differ by {diff:.2e}", specs[i]);
+            assert!(path(&together[i]).starts_with("paged-cpu"), "sequence {i}: the batch step took {}", path(&together[i]));
+        }
+    }
+    for (i, c) in together.iter().enumerate() {
+        assert_eq!(c.offset(), lens[i] + steps);
+    }
+}
