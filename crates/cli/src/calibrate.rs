@@ -134,22 +134,40 @@ fn all_candidates(part: Part) -> Vec<Cand> {
 
 /// The settings `--probes reference` scores for a tensor: 4 bits at group 64 in either frame,
 /// and 2 bits rotated (2-bit errors are large enough that a 4-bit reference would extrapolate
-/// far outside the second-order regime).
-fn references(head_dim: usize) -> Vec<Cand> {
+/// far outside the second-order regime); for keys also 4-bit per-channel groups of 128 tokens in
+/// either frame, since a per-channel error acts on the scores unlike a per-token one of the
+/// same size (Gemma's per-channel keys lose to rotation, though rotation lowers their
+/// reconstruction error).
+fn references(part: Part, head_dim: usize, ctx: usize) -> Vec<Cand> {
     let c = |bits, rotate| Cand { q: QuantSpec { bits, group: 64.min(head_dim) }, rotate, center: false, channel: false };
+    let pc = |rotate| Cand { q: QuantSpec { bits: 4, group: 128 }, rotate, center: false, channel: true };
     let mut v = vec![c(4, false)];
     if head_dim.is_power_of_two() {
         v.extend([c(4, true), c(2, true)]);
     }
+    // A group longer than a window would never leave the float tail.
+    if part == Part::K && ctx >= 128 {
+        v.push(pc(false));
+        if head_dim.is_power_of_two() {
+            v.push(pc(true));
+        }
+    }
     v
 }
 
-/// The reference whose KLD scales to `cand`: same frame, and the 2-bit one for rotated 2 bits
-/// (3 bits and up scale from 4 bits: within a factor of five in squared error). Centered keys
-/// scale from the uncentered reference: centering changes which errors, not how they act.
+/// The reference whose KLD scales to `cand`: same layout (per-token or per-channel) and frame,
+/// and the 2-bit one for rotated 2-bit per-token codes (3 bits and up scale from 4 bits: within
+/// a factor of five in squared error). Centered keys scale from the uncentered reference:
+/// centering changes which errors, not how they act.
 fn reference_for(cand: Cand, refs: &[Cand]) -> Cand {
-    let want_bits = if cand.rotate && cand.q.bits == 2 { 2 } else { 4 };
-    *refs.iter().find(|r| r.rotate == cand.rotate && r.q.bits == want_bits).unwrap_or(&refs[0])
+    let want_bits = if cand.rotate && cand.q.bits == 2 && !cand.channel { 2 } else { 4 };
+    let same = |r: &&Cand| r.rotate == cand.rotate && r.channel == cand.channel;
+    *refs
+        .iter()
+        .filter(same)
+        .find(|r| r.q.bits == want_bits)
+        .or_else(|| refs.iter().find(|r| r.rotate == cand.rotate && !r.channel && r.q.bits == want_bits))
+        .unwrap_or(&refs[0])
 }
 
 /// Mean squared reconstruction error of `x` (`[1, H, T, D]` float) stored at `cand`, measured in
@@ -284,12 +302,12 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
 
     let base: Vec<WindowScore> = windows.iter().map(|w| score_window(&engine, w, &dense, &opts)).collect::<models::error::Result<_>>()?;
     let parts = [Part::K, Part::V];
-    let refs = references(head_dim);
+    let refs = |p: Part| references(p, head_dim, opts.ctx);
     // A per-channel group longer than a window would never leave the float tail.
     let offered = |p: Part| -> Vec<Cand> { candidates(p, head_dim).into_iter().filter(|c| !c.channel || c.q.group <= opts.ctx).collect() };
     let probed = |p: Part| match a.probes {
         Probes::All => offered(p),
-        Probes::Reference => refs.clone(),
+        Probes::Reference => refs(p),
     };
     let total: usize = parts.iter().map(|&p| probed(p).len()).sum::<usize>() * n_layers;
     println!("probes:  {total} model runs over {} window(s) ({:?})", a.windows, a.probes);
@@ -334,7 +352,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                 let (damage, se, was_measured, e) = match measured.iter().find(|m| m.0 == cand) {
                     Some(&(_, k, se)) => (k, se, true, mse(cand)?),
                     None => {
-                        let r = reference_for(cand, &refs);
+                        let r = reference_for(cand, &refs(part));
                         let &(_, k_ref, _) = measured.iter().find(|m| m.0 == r).expect("references are probed");
                         let (e, e_ref) = (mse(cand)?, mse(r)?);
                         (k_ref * e / e_ref.max(f64::MIN_POSITIVE), f64::NAN, false, e)
@@ -419,8 +437,9 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                 match a.probes {
                     Probes::All => "every candidate's KLD measured",
                     Probes::Reference => {
-                        "KLD measured at 4-bit g64 in both frames and 2-bit g64 rotated, scaled to the other candidates by their \
-                         reconstruction error of the tensor's real values"
+                        "KLD measured at 4-bit g64 in both frames and 2-bit g64 rotated, and for keys 4-bit per-channel g128 in \
+                         both frames, scaled to the other candidates of the same layout and frame by their reconstruction error of \
+                         the tensor's real values"
                     }
                 }
             ),
@@ -442,4 +461,32 @@ fn kld_se(r: &PplResult) -> f64 {
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(bits: u8, group: usize, rotate: bool, channel: bool) -> Cand {
+        Cand { q: QuantSpec { bits, group }, rotate, center: false, channel }
+    }
+
+    #[test]
+    fn per_channel_keys_scale_from_a_per_channel_reference_in_their_own_frame() {
+        let refs = references(Part::K, 64, 512);
+        assert_eq!(refs.len(), 5, "three per-token and two per-channel key references");
+        for rotate in [false, true] {
+            for bits in [2u8, 3, 6] {
+                let r = reference_for(cand(bits, 64, rotate, true), &refs);
+                assert!(r.channel && r.rotate == rotate && r.q.bits == 4, "{bits}-bit per-channel keys took {r:?}");
+            }
+        }
+        assert_eq!(reference_for(cand(2, 32, true, false), &refs), cand(2, 64, true, false));
+        assert_eq!(reference_for(cand(6, 128, false, false), &refs), cand(4, 64, false, false));
+        // Values are never per channel; windows shorter than a group get no per-channel probe,
+        // and per-channel candidates fall back to the per-token reference of their frame.
+        assert!(references(Part::V, 64, 512).iter().all(|r| !r.channel));
+        let short = references(Part::K, 64, 96);
+        assert_eq!(reference_for(cand(4, 64, true, true), &short), cand(4, 64, true, false));
+    }
 }

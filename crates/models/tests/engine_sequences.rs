@@ -133,7 +133,8 @@ const NEAR_TIE: f32 = 2e-2;
 #[test]
 fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     // Together they run from the engine's block pool (the quantized ones: two centered k4v4
-    // sequences share one paged op per layer, each less its own key center; k8v4, k4v4, k8v8,
+    // sequences share one paged op per layer, each less its own key center; k8v4, k4v4,
+    // rotated per-channel k4v4 (whole key groups in blocks, the rest in its float tail),
     // rotated k8v4 and a per-layer recipe are groups of their own, dense keeps its buffers);
     // alone from each sequence's own buffers. Eight at most: with nine (even with the extra
     // rows dense) a k8v4 sequence parted from its path at a top-two gap of 0.13, so the batch's
@@ -161,7 +162,10 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     // Two centered sequences: one group, each row less its own sequence's key center.
     let mut centered = KvSpec::bits(4, 4);
     centered.key_layout = mlx_kv::KeyLayout::Centered;
-    let mut specs: Vec<CacheSettings> = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), KvSpec::bits(8, 8), centered.clone(), rotated].into_iter().map(settings).collect();
+    let mut per_channel = KvSpec::bits(4, 4);
+    per_channel.key_layout = mlx_kv::KeyLayout::PerChannel;
+    per_channel.rotation = mlx_kv::Rotation::KeysAndValues;
+    let mut specs: Vec<CacheSettings> = [KvSpec::dense(), KvSpec::bits(8, 4), KvSpec::bits(4, 4), per_channel, centered.clone(), rotated].into_iter().map(settings).collect();
     specs.push(CacheSettings { layers: mlx_kv::LayerOverrides::per_layer(&recipe), ..settings(KvSpec::bits(8, 4)) });
     specs.push(settings(centered));
     let n = specs.len();
@@ -233,9 +237,9 @@ fn a_batch_of_mixed_lengths_and_settings_decodes_as_each_sequence_alone() {
     drop(piped);
     let path = seqs[1].attention_path().expect("decoded").to_string();
     assert!(path.starts_with("paged-cpu"), "a pooled k8v4 sequence decodes through the paged op, not {path}");
-    for b in [5, 6] {
+    for b in [3, 5, 6] {
         let path = seqs[b].attention_path().expect("decoded").to_string();
-        assert!(path.starts_with("paged-cpu"), "a pooled rotated or per-layer sequence decodes through the paged op, not {path}");
+        assert!(path.starts_with("paged-cpu"), "a pooled per-channel, rotated or per-layer sequence decodes through the paged op, not {path}");
     }
     let used = e.pool().unwrap().usage().used_blocks;
     assert_eq!(used, n - 1, "one block per pooled sequence (each under 256 tokens)");
