@@ -65,27 +65,36 @@ r2 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, 
 kv2 = r2.model_extra["kv_cache"]
 check(kv2["prompt_cache_hit"] is True and kv2["cached_tokens"] >= u.prompt_tokens - 1, f"turn 2 reuses the kept cache ({kv2['cached_tokens']} tokens)")
 check(len(r2.choices[0].message.content) > 0, "turn 2 answers")
-# A request whose history ends inside the kept conversation (turn 2 regenerated) reuses it, trimmed.
+# A request whose history ends inside the kept conversation (turn 2 regenerated) reuses it,
+# trimmed. The recipe's keys are grouped per channel (64 or 128 tokens), whose codes are cut
+# only between whole groups: the reuse is the last group edge before the history's end.
 r1b = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=16, extra_body={"kv": "k8v4"})
 kv1b = r1b.model_extra["kv_cache"]
-check(kv1b["prompt_cache_hit"] is True and kv1b["cached_tokens"] == r2.usage.prompt_tokens - 1, f"a history ending inside a kept conversation reuses it ({kv1b['cached_tokens']} of {r2.usage.prompt_tokens})")
+p2 = r2.usage.prompt_tokens
+check(kv1b["cached_tokens"] % 64 == 0 and kv1b["cached_tokens"] <= p2 - 1 and kv1b["prompt_cache_hit"] == (kv1b["cached_tokens"] > 0),
+      f"a per-channel recipe cuts a kept conversation at a key-group edge ({kv1b['cached_tokens']} of {p2})")
+check(len(r1b.choices[0].message.content) > 0, "and answers")
+# The uniform k8v4 (as other engines run it) is another setting than the recipe, so another cache.
+PLAIN = {"kv": {"bits": "k8v4", "plain": True}}
+rp = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body=PLAIN)
+kvp = rp.model_extra["kv_cache"]
+check((kvp["setting"], kvp["source"], kvp["prompt_cache_hit"]) == ("k8v4", "plain", False), f"plain k8v4 is its own setting ({kvp})")
+# Per-token keys cut anywhere: regenerating the plain conversation reuses all but the last token.
+rpb = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body=PLAIN)
+kvpb = rpb.model_extra["kv_cache"]
+check(kvpb["prompt_cache_hit"] is True and kvpb["cached_tokens"] == p2 - 1, f"a history ending inside a kept conversation reuses it ({kvpb['cached_tokens']} of {p2})")
 # A new conversation that shares only the chat template's opening gets a copy of that prefix
 # and does not cut the kept one.
 copies = metric("kvsplit_prompt_cache_copies_total")
-rc = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, extra_body={"kv": "k8v4"})
+rc = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, extra_body=PLAIN)
 kvc = rc.model_extra["kv_cache"]
 check(kvc["prompt_cache_hit"] is True and 0 < kvc["cached_tokens"] < rc.usage.prompt_tokens, f"a new conversation reuses the shared opening ({kvc['cached_tokens']} of {rc.usage.prompt_tokens} tokens)")
 check(metric("kvsplit_prompt_cache_copies_total") == copies + 1, "by copying it out of the kept conversation")
-r1c = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "k8v4"})
-check(r1c.model_extra["kv_cache"]["cached_tokens"] == r2.usage.prompt_tokens - 1, "a new conversation with the same system prompt leaves the kept one whole")
-check(len(r1b.choices[0].message.content) > 0, "and answers")
+r1c = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body=PLAIN)
+check(r1c.model_extra["kv_cache"]["cached_tokens"] == p2 - 1, "a new conversation with the same system prompt leaves the kept one whole")
 # The same conversation under another setting never reuses a k8v4 cache.
 r3 = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": "fp16"})
 check(r3.model_extra["kv_cache"]["prompt_cache_hit"] is False, "another K/V setting misses the prompt cache")
-# The uniform k8v4 (as other engines run it) is another setting than the recipe, so another cache.
-rp = client.chat.completions.create(model=MODEL, messages=msgs2, max_tokens=4, extra_body={"kv": {"bits": "k8v4", "plain": True}})
-kvp = rp.model_extra["kv_cache"]
-check((kvp["setting"], kvp["source"], kvp["prompt_cache_hit"]) == ("k8v4", "plain", False), f"plain k8v4 is its own setting ({kvp})")
 ratio = kv2["resident_bytes"] / max(1, r3.model_extra["kv_cache"]["resident_bytes"])
 check(r3.model_extra["kv_cache"]["resident_bytes"] > kv2["resident_bytes"], f"k8v4 holds fewer bytes than the dense cache (ratio {ratio:.3f})")
 

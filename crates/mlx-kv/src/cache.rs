@@ -260,7 +260,11 @@ impl KvCache {
             Rotation::None => None,
             _ => Some(hadamard(head_dim, Dtype::Float32)?),
         };
-        let tail_step = if spec.block_tokens() > 1 { spec.block_tokens() } else { 0 };
+        // Per-channel keys keep their unfinished group here (K and V) until it is whole: in
+        // 16 bits, growing 16 tokens at a time, so that a short conversation's cache stays
+        // below a 16-bit one's.
+        let per_channel = spec.block_tokens() > 1;
+        let tail = || if per_channel { FloatStore::narrowed(16, Dtype::Float16) } else { FloatStore::default() };
         Ok(KvCache {
             body_k: Body::new(&spec.k, k_axis),
             body_v: Body::new(&spec.v, TokenAxis::Rows),
@@ -270,9 +274,8 @@ impl KvCache {
             sink_v: FloatStore::default(),
             body_pos: Vec::new(),
             body_head: 0,
-            // Per-channel keys keep their unfinished group here: it grows a group at a time.
-            tail_k: FloatStore::with_step(tail_step),
-            tail_v: FloatStore::with_step(tail_step),
+            tail_k: tail(),
+            tail_v: tail(),
             offset: 0,
             rotation,
             key_center: None,
@@ -440,6 +443,15 @@ impl KvCache {
         if self.tail_k.is_empty() && n_flush == n_new {
             // Common decode case: the new tokens go straight to the body, no tail copy.
             return self.write_body(&k, &v, start_pos);
+        }
+        if self.tail_k.is_empty() && n_flush > 0 {
+            // Whole groups of a prefill chunk go to the body from the chunk itself (a narrowed
+            // tail would round them first, so the codes would depend on where chunks end);
+            // only the rest waits in the tail.
+            let (f, z) = (n_flush as i32, n_new as i32);
+            self.write_body(&k.index((.., .., 0..f, ..)), &v.index((.., .., 0..f, ..)), start_pos)?;
+            self.tail_k.append(&k.index((.., .., f..z, ..)))?;
+            return self.tail_v.append(&v.index((.., .., f..z, ..)));
         }
         let tail_start = start_pos - self.tail_k.len();
         self.tail_k.append(&k)?;
@@ -719,26 +731,48 @@ impl KvCache {
         Ok(Some(out))
     }
 
-    /// Whether [`KvCache::trim`] can remove the newest `n` tokens in full.
+    /// Whether [`KvCache::trim`] can remove the newest `n` tokens in full: always within the
+    /// float tail; into the body unless a ring has wrapped, and with per-channel keys only down
+    /// to a whole key group (a group's codes share one scale per channel).
     pub fn can_trim(&self, n: usize) -> bool {
+        if n <= self.tail_k.len() {
+            return true;
+        }
         let wrapped = self.ring_slots().is_some_and(|r| self.body_head > r);
-        let body_trimmable = !wrapped && self.spec.block_tokens() == 1;
-        n <= self.tail_k.len() || (body_trimmable && n <= self.tail_k.len() + self.body_pos.len())
+        let from_body = n - self.tail_k.len();
+        !wrapped && from_body <= self.body_pos.len() && (self.body_pos.len() - from_body).is_multiple_of(self.spec.block_tokens())
+    }
+
+    /// The most of the first `n` tokens this cache can be cut back to ([`Self::trim`],
+    /// [`Self::fork`]): `n` itself, or with per-channel keys the last whole key group before it.
+    pub fn reusable(&self, n: usize) -> usize {
+        let n = n.min(self.offset);
+        if self.can_trim(self.offset - n) {
+            return n;
+        }
+        let block = self.spec.block_tokens();
+        let sinks = self.sink_k.len();
+        if n < sinks {
+            return 0;
+        }
+        let m = sinks + (n - sinks) / block * block;
+        if self.can_trim(self.offset - m) { m } else { 0 }
     }
 
     /// Removes the newest `n` tokens where possible; returns how many were removed. A ring that
-    /// has wrapped, and quantized per-channel groups, cannot be trimmed.
+    /// has wrapped cannot be cut into its body, and per-channel keys only to a whole key group.
     pub fn trim(&mut self, n: usize) -> usize {
         let from_tail = n.min(self.tail_k.len());
         self.tail_k.truncate(self.tail_k.len() - from_tail);
         self.tail_v.truncate(self.tail_v.len() - from_tail);
         let mut done = from_tail;
         let wrapped = self.ring_slots().is_some_and(|r| self.body_head > r);
-        let body_trimmable = !wrapped && self.spec.block_tokens() == 1;
-        if done < n && body_trimmable {
-            let m = (n - done).min(self.body_pos.len());
+        if done < n && !wrapped {
+            let block = self.spec.block_tokens();
+            let keep = (self.body_pos.len() - (n - done).min(self.body_pos.len())).div_ceil(block) * block;
+            let m = self.body_pos.len() - keep;
             self.body_head -= m;
-            self.body_pos.truncate(self.body_pos.len() - m);
+            self.body_pos.truncate(keep);
             done += m;
         }
         self.offset -= done;

@@ -30,13 +30,18 @@ pub struct FloatStore {
     end: usize,
     /// Growth step in tokens; 0 means [`STEP`].
     step: usize,
+    /// Stores float32 input at this narrower dtype; reads give float32 back.
+    store_as: Option<Dtype>,
+    narrowed: bool,
 }
 
 impl FloatStore {
-    /// A store that grows in steps of `step` tokens: a tail that never holds more than a key
-    /// group between steps need not reserve 256 float slots per layer.
-    pub fn with_step(step: usize) -> Self {
-        FloatStore { step, ..Default::default() }
+    /// A store that grows in steps of `step` tokens and keeps float32 tokens as `dtype` (16-bit),
+    /// for a tail whose tokens will be quantized anyway: half the bytes, and a rounding (2^-11
+    /// relative for f16) far below any code's step. Reads widen back, so callers see the dtype
+    /// they wrote.
+    pub fn narrowed(step: usize, dtype: Dtype) -> Self {
+        FloatStore { step, store_as: Some(dtype), ..Default::default() }
     }
 
     fn step(&self) -> usize {
@@ -53,6 +58,14 @@ impl FloatStore {
 
     /// Writes `x` (`[B, H, L, D]`) at raw slot `at` (ring users pass slots; appends pass `end`).
     pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
+        let narrow = x.dtype() == Dtype::Float32 && self.store_as.is_some();
+        let x = &match self.store_as {
+            Some(d) if narrow => {
+                self.narrowed = true;
+                x.as_dtype(d)?
+            }
+            _ => x.clone(),
+        };
         let l = x.shape()[2] as usize;
         let need = at + l;
         let cap = self.data.as_ref().map_or(0, |d| d.shape()[2] as usize);
@@ -84,7 +97,8 @@ impl FloatStore {
     /// Raw slots `[start, end)` of the buffer.
     pub fn slots(&self, start: usize, end: usize) -> Option<Array> {
         let d = self.data.as_ref()?;
-        (end > start).then(|| d.index((.., .., start as i32..end as i32, ..)))
+        let widen = |a: Array| if self.narrowed { a.as_dtype(Dtype::Float32).unwrap_or(a) } else { a };
+        (end > start).then(|| widen(d.index((.., .., start as i32..end as i32, ..))))
     }
 
     /// Valid tokens `[start, end)`, counted from the oldest valid token.

@@ -138,3 +138,39 @@ fn a_batch_of_per_channel_sequences_at_different_lengths_matches_each_alone() {
         assert_eq!(c.offset(), lens[i] + steps);
     }
 }
+
+#[test]
+fn per_channel_caches_cut_back_only_to_whole_key_groups_and_continue_as_if_never_longer() {
+    let spec = per_channel(4, 4, 64, Rotation::None);
+    let (n, cut, more) = (200usize, 128usize, 40usize);
+    let q = Host::random([1, HQ, n + more, D], 7);
+    let k = Host::random([1, HKV, n + more, D], 8);
+    let v = Host::random([1, HKV, n + more, D], 9);
+    let feed = |c: &mut KvCache, a: usize, z: usize| c.update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), 0.125, None).unwrap();
+    let mut long = KvCache::new(spec.clone(), D, Default::default()).unwrap();
+    feed(&mut long, 0, n);
+    // 192 tokens in three whole groups, 8 in the float tail.
+    assert!(long.can_trim(8) && long.can_trim(72) && long.can_trim(200));
+    assert!(!long.can_trim(9) && !long.can_trim(60), "a cut inside a key group");
+    assert_eq!(long.reusable(193), 193, "a cut inside the float tail is exact");
+    assert_eq!(long.reusable(191), 128);
+    assert_eq!(long.reusable(150), 128);
+    assert_eq!(long.reusable(63), 0);
+    let copy = long.fork(cut).unwrap().expect("a whole-group prefix can be copied");
+    assert!(long.fork(150).unwrap().is_none(), "a prefix ending inside a group cannot");
+    assert_eq!(long.trim(n - cut), n - cut);
+    let mut short = KvCache::new(spec, D, Default::default()).unwrap();
+    feed(&mut short, 0, cut);
+    let mut copy = copy;
+    for t in n..n + more {
+        // The same continuation after the cut: token positions differ from the uncut run, but
+        // the three caches hold the same codes, so they must agree exactly.
+        let (q1, k1, v1) = (q.tokens(t, t + 1).array(), k.tokens(t, t + 1).array(), v.tokens(t, t + 1).array());
+        let a = to_vec(&long.update_and_attend(&q1, &k1, &v1, 0.125, None).unwrap());
+        let b = to_vec(&short.update_and_attend(&q1, &k1, &v1, 0.125, None).unwrap());
+        let c = to_vec(&copy.update_and_attend(&q1, &k1, &v1, 0.125, None).unwrap());
+        let d1 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let d2 = c.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(d1 <= 1e-6 && d2 <= 1e-6, "token {t}: trimmed {d1:.2e}, forked {d2:.2e} from a cache that never held the cut tokens");
+    }
+}

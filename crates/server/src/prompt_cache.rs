@@ -74,7 +74,8 @@ impl<'e> PromptCache<'e> {
             .filter(|(_, e)| e.setting == setting)
             .map(|(i, e)| {
                 let held = e.seq.cached_tokens();
-                let reuse = common_prefix(e.seq.history(), tokens).min(held).min(usable);
+                // Per-channel key groups are cut whole: the rest is read again.
+                let reuse = e.seq.reusable(common_prefix(e.seq.history(), tokens).min(held).min(usable));
                 (i, reuse, 2 * reuse >= held)
             })
             .filter(|&(_, reuse, _)| reuse > 0)
@@ -100,7 +101,7 @@ impl<'e> PromptCache<'e> {
         }
         let mut entry = self.entries.swap_remove(i);
         if !entry.seq.trim_to(reuse) {
-            // A wrapped window or per-channel groups cannot be cut back there: keep it whole.
+            // `reusable` said it can be cut there; keep it whole if not.
             entry.last_used = self.clock;
             self.entries.push(entry);
             return None;

@@ -62,6 +62,21 @@ impl<'e> Sequence<'e> {
     /// Cuts the cache and history back to their first `n` tokens, for reusing a kept
     /// conversation from a common prefix. False (and nothing changed) where a cache cannot drop
     /// tokens: a rotating window that has wrapped, or per-channel key groups.
+    /// The most of the first `n` cached tokens every cache can be cut back to ([`Self::trim_to`],
+    /// [`Self::fork`]): `n`, or less where per-channel key groups (or a wrapped window) allow
+    /// only coarser cuts.
+    pub fn reusable(&self, n: usize) -> usize {
+        let mut m = n.min(self.cached_tokens()).min(self.history.len());
+        // Each cache may cut coarser than the last; repeat until every one can cut there.
+        loop {
+            let next = self.caches.iter().map(|c| c.reusable(m)).min().unwrap_or(m);
+            if next == m {
+                return m;
+            }
+            m = next;
+        }
+    }
+
     pub fn trim_to(&mut self, n: usize) -> bool {
         let fed = self.cached_tokens();
         if n > fed {
