@@ -247,4 +247,18 @@ mod tests {
         pc.key_layout = KeyLayout::Centered;
         assert!(fast_path_reads(&pc, 64));
     }
+
+    #[test]
+    fn the_cpu_pool_reads_per_channel_keys_whose_groups_tile_a_block() {
+        if Backend::current() != Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
+            return;
+        }
+        let paged = |k_bits, k_group, channels| choose_paged(k_bits, k_group, channels, 4, 64, 64, 1).map(|c| c.path);
+        assert_eq!(paged(4, 64, true), Some(Path::PagedCpu));
+        assert_eq!(paged(3, 64, true), Some(Path::PagedCpu), "3-bit units of 64 tokens tile 256");
+        assert_eq!(paged(6, 128, true), Some(Path::PagedCpu));
+        assert_eq!(paged(4, 96, true), None, "groups of 96 tokens do not tile a 256-token block");
+        assert_eq!(paged(3, 32, true), None, "3-bit codes come in units of 64 tokens");
+        assert_eq!(paged(8, 64, false), Some(Path::PagedCpu));
+    }
 }
