@@ -555,7 +555,7 @@ impl KvCache {
             // its weight.
             return Err(KvError::InvalidSpec { flag: "--kv-key-layout", message: "centered keys cannot serve a model with learned attention sinks".into() });
         }
-        let q = if self.spec.rotation.keys() { self.rotate(q)? } else { q.clone() };
+        let q = self.rotate_query(q)?;
         let (segments, mask) = (self.segments(), self.mask(l)?);
         let choice = attention::choose(&q, &segments, &mask, sinks);
         self.last_path.set(Some(choice));
