@@ -583,20 +583,7 @@ impl PagedStore {
     /// Writes `l` packed tokens (`[1, Hkv, L, ...]`, per channel `[1, Hkv, D, ...]`) at token
     /// `at`; room must exist.
     fn put(&mut self, at: usize, l: usize, q: &Packed) -> Result<()> {
-        let rows = self.rows(at, at + l);
-        let unit = |a: &Array| self.unit_cols(a);
-        self.with_arrays(|p, _| -> Result<()> {
-            for (dst, src) in [(&mut p.w, &q.w), (&mut p.scales, &q.scales), (&mut p.biases, &q.biases)] {
-                let sh = dst.shape().to_vec();
-                let cols = unit(dst);
-                // Scattered into a flat view and reshaped back: MLX writes in place when the
-                // pool holds the only reference, which it does between steps.
-                let mut flat = dst.reshape(&[-1, cols])?;
-                flat.index_mut(rows.clone(), &src.reshape(&[-1, cols])?);
-                *dst = flat.reshape(&sh)?;
-            }
-            Ok(())
-        })?;
+        self.put_rows(&self.rows(at, at + l), q)?;
         self.len = self.len.max(at + l);
         Ok(())
     }
@@ -675,14 +662,19 @@ impl PagedStore {
         table_lock(&self.table).truncate(tokens);
     }
 
-    /// Writes packed rows (`[N, ...]` each) at flat rows `rows` of this layer's half: the
-    /// batched step's one scatter for every sequence's new token.
+    /// Writes packed rows at flat rows `rows` of this layer's half (rows of the group-row view
+    /// per channel, see [`Self::rows`]): a write's scatter, and the batched step's one scatter
+    /// for every sequence's new token.
     pub fn put_rows(&self, rows: &Array, q: &Packed) -> Result<()> {
+        let unit = |a: &Array| self.unit_cols(a);
         self.with_arrays(|p, _| -> Result<()> {
             for (dst, src) in [(&mut p.w, &q.w), (&mut p.scales, &q.scales), (&mut p.biases, &q.biases)] {
                 let sh = dst.shape().to_vec();
-                let mut flat = dst.reshape(&[-1, sh[3]])?;
-                flat.index_mut(rows.clone(), &src.reshape(&[-1, sh[3]])?);
+                let cols = unit(dst);
+                // Scattered into a flat view and reshaped back: MLX writes in place when the
+                // pool holds the only reference, which it does between steps.
+                let mut flat = dst.reshape(&[-1, cols])?;
+                flat.index_mut(rows.clone(), &src.reshape(&[-1, cols])?);
                 *dst = flat.reshape(&sh)?;
             }
             Ok(())
