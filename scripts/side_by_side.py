@@ -203,7 +203,7 @@ def report(a):
     rows, info, commands = [], {}, []
 
     # Ours first: the bench loads once, warms up every setting, then measures.
-    cmd = [a.bin, "bench", "--model", a.gguf, "--kv", "fp16,k8v4", "-d", "0", "-p", str(a.prompt_tokens),
+    cmd = [a.bin, "bench", "--model", a.gguf, "--kv", "fp16,k8v4", "--kv-plain", "-d", "0", "-p", str(a.prompt_tokens),
            "-n", str(a.gen), "-r", str(a.repeats), "--text", a.text, "--out", data_dir, "--name", f"{stem}-kvsplit"]
     print(f"[side-by-side] {shlex.join(cmd)}", file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True, stdout=sys.stderr)
