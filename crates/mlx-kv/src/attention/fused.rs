@@ -9,10 +9,15 @@
 //! splits and writes the output in the query dtype, so a layer's decode attention is two
 //! launches and nothing else.
 //!
+//! Keys and values may each be 2, 3, 4, 6 or 8 bits ([`covers`]), packed as MLX packs them: 3-
+//! and 6-bit codes form a little-endian bit stream (8 or 4 codes to 3 bytes), so some straddle
+//! two u32 words.
+//!
 //! Pass 1 has two bodies. Where [`mma_applies`] (groups of 64, head_dim 64/128, 4/8-bit keys,
-//! f16/bf16 queries), scores and value sums run on tensor cores (`mma.sync` m16n8k16, codes
-//! turned into f16 through the mantissa of 1024.0); elsewhere lanes own whole tokens for the
-//! scores and dim slices for the values on CUDA cores. docs/fused-attention-h200.md has the
+//! 2/4/8-bit values, f16/bf16 queries), scores and value sums run on tensor cores (`mma.sync`
+//! m16n8k16, codes turned into f16 through the mantissa of 1024.0); elsewhere, 3- and 6-bit
+//! widths included, lanes own whole tokens for the scores and dim slices for the values on CUDA
+//! cores. docs/fused-attention-h200.md has the
 //! layouts, the precision argument and the profiles.
 //!
 //! The decode step ([`decode_step`], what `KvCache::update_and_attend` uses for one new token)
@@ -64,44 +69,58 @@ pub fn poison_outputs(on: bool) {
 
 /// Whether the fused kernel covers these widths and shapes (the dispatcher in [`super`] checks
 /// the backend and the options). head_dim must be a power of two so that the lanes sharing a
-/// value dim slice are a power-of-two stride apart (they are summed with xor shuffles).
+/// value dim slice are a power-of-two stride apart (they are summed with xor shuffles). Every
+/// width reads and writes MLX's packing; 5 bits (5-byte packs) is not covered.
 pub fn covers(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
-    let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
-    pow2(k_bits)
-        && pow2(v_bits)
+    let read = |b: u8| matches!(b, 2 | 3 | 4 | 6 | 8);
+    read(k_bits)
+        && read(v_bits)
         && matches!(head_dim, 32 | 64 | 128 | 256)
         && (1..=8).contains(&rows)
 }
 
 /// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
-/// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, at most 8 query
-/// rows per KV head, and f16 or bf16 queries (its query fragments are f16: an f32 query would
-/// be rounded). Elsewhere the CUDA-core variant runs.
+/// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, 2-, 4- or 8-bit
+/// values, at most 8 query rows per KV head, and f16 or bf16 queries (its query fragments are
+/// f16: an f32 query would be rounded). Elsewhere the CUDA-core variant runs: for 3- and 6-bit
+/// keys or values always. The tensor-core variant turns two codes into an f16 pair with one
+/// byte permute or mask, which needs codes at fixed positions in a byte or nibble; a 6-bit code
+/// pair sits at different shifts in a 3-byte pack (two shifts and masks per pair), and a lane's
+/// 8-dim value chunk is 6 bytes at 2-byte alignment, so 3/6 bits would need their own fragment
+/// loaders: not written.
 pub fn mma_applies(k: &PackedOperand, v: &PackedOperand, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
-    mlx_ext::options::current().gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, head_dim, rows, q_dtype)
+    mlx_ext::options::current().gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.bits, v.group, head_dim, rows, q_dtype)
 }
 
 /// The shapes [`mma_applies`] accepts, whatever `--gpu-fused-mma` says (fused_check's error bounds).
-pub fn mma_covers(k_bits: u8, k_group: usize, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
+pub fn mma_covers(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
     k_group == 64
         && v_group == 64
         && matches!(head_dim, 64 | 128)
         && matches!(k_bits, 4 | 8)
+        && matches!(v_bits, 2 | 4 | 8)
         && (1..=8).contains(&rows)
         && matches!(q_dtype, Dtype::Float16 | Dtype::Bfloat16)
 }
 
 /// Dims each lane owns in the value pass: a power of two with at most 64 bits of codes per
-/// lane and token (one 2-, 4- or 8-byte load) and at most 32 accumulators per lane
-/// (`rows * dims`, so the kernel stays near 130 registers), but enough that 32 lanes cover
-/// head_dim, at least 2 bytes of codes (the smallest load the kernel issues), and inside one value group (one scale and bias per lane and token).
+/// lane and token (one 2-, 4- or 8-byte load; 3 or 6 bytes at 3/6 bits, one or two aligned
+/// words) and at most 32 accumulators per lane (`rows * dims`, so the kernel stays near 130
+/// registers), but enough that 32 lanes cover head_dim, at least 2 bytes of codes (the smallest
+/// load the kernel issues) in whole bytes (3/6 bits: 4 or 8 dims at least), and inside one
+/// value group (one scale and bias per lane and token).
 pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> usize {
-    let cap = (64 / v_bits as usize).min(32 / rows.max(1)).max(1);
+    let bits = v_bits as usize;
+    let cap = (64 / bits).min(32 / rows.max(1)).max(1);
     let mut vd = 1;
     while vd * 2 <= cap {
         vd *= 2;
     }
-    vd.max(head_dim / 32).max(16 / v_bits as usize).min(v_group).min(head_dim)
+    let mut least = 1;
+    while least * bits < 16 || !(least * bits).is_multiple_of(8) {
+        least *= 2;
+    }
+    vd.max(head_dim / 32).max(least).min(v_group).min(head_dim)
 }
 
 /// Token splits for `t` tokens over `heads` blocks rows: `(n_split, per)` with `per` a multiple
@@ -655,7 +674,7 @@ pub fn decode_step_paged(
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let mut ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale).to_vec();
     ints.push(("BLOCK", block));
-    let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, d as usize, rows as usize, q.dtype());
+    let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.bits, v.group, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, k.w, k.scales, k.biases, v.w, v.scales, v.biases, table, ctr];
     // MLX names a compiled custom kernel by its name and template arguments only, not by its
     // inputs' dtypes: both dtypes go in as (otherwise unused) type arguments, or an f16 and a
@@ -759,17 +778,30 @@ mod tests {
     }
 
     #[test]
+    fn three_and_six_bits_run_on_cuda_cores() {
+        for (k, v) in [(6, 6), (3, 3), (8, 6), (6, 4), (4, 3)] {
+            assert!(covers(k, v, 128, 4), "k{k}v{v}");
+            assert!(!mma_covers(k, 64, v, 64, 128, 4, Dtype::Float16), "k{k}v{v} has no tensor-core variant");
+        }
+        assert!(mma_covers(8, 64, 4, 64, 128, 4, Dtype::Float16));
+        assert!(!covers(5, 5, 128, 4) && !covers(8, 5, 128, 4), "5-bit packs are 5 bytes: not read");
+    }
+
+    #[test]
     fn value_dims_fit_the_lanes_and_the_groups() {
         for d in [32usize, 64, 128, 256] {
-            for bits in [2u8, 4, 8] {
+            for bits in [2u8, 3, 4, 6, 8] {
                 for rows in 1..=8usize {
                     for group in [32usize, 64, 128].into_iter().filter(|g| *g <= d) {
                         let vd = value_dims(d, bits, rows, group);
                         assert!(vd.is_power_of_two() && d % vd == 0, "d={d} vd={vd}");
                         assert!(d / vd <= 32, "d={d} vd={vd}: more than 32 lanes per token");
                         assert!(group % vd == 0, "vd={vd} straddles groups of {group}");
+                        assert_eq!(vd * bits as usize % 8, 0, "d={d} bits={bits} rows={rows}: codes end inside a byte");
                         let bytes = vd * bits as usize / 8;
-                        assert!(matches!(bytes, 2 | 4 | 8), "d={d} bits={bits} rows={rows}: {bytes}-byte value load");
+                        // 2/4/8 bits: one aligned load; 3/6 bits: one or two aligned words.
+                        let loads = if bits.is_power_of_two() { matches!(bytes, 2 | 4 | 8) } else { matches!(bytes, 3 | 6) };
+                        assert!(loads, "d={d} bits={bits} rows={rows}: {bytes}-byte value load");
                         assert!(rows * vd <= 64, "d={d} rows={rows} vd={vd}: too many accumulators");
                     }
                 }
