@@ -22,7 +22,11 @@
 //! 5. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
 //!    f64 causal attention.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--bits LIST]
+//! 6. Per-channel keys (`--channels`): decode steps over a per-channel body and its float tail
+//!    (`fused::attend_channels`), across a key-group edge (the tail fills and is quantized),
+//!    against f64 attention over the dequantized cache; each step must take the fused kernel.
+//!
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--bits LIST]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --bits     the bit pairs of the decode and paged checks instead, e.g. `k6v6,k3v3,k8v6`
 //!              (every pair is a few kernel variants to compile on the GPU machine)
@@ -34,6 +38,7 @@
 //!   --paged    only the paged-step checks: tensor cores on and off, one launch and two (a
 //!              run of its own: its ~60 kernel variants would push the full run past a
 //!              10-minute device call; `--check` runs the default one, tensor cores and fold)
+//!   --channels only the per-channel key checks (`--bits` picks their pairs too)
 
 use mlx_ext::{EngineOptions, Toggle};
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
@@ -286,6 +291,72 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
                 "  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: new tokens vs MLX quantize {token_err:.2e}  out {err:.2e}  {}",
                 if pass { "pass" } else { "FAIL" }
             );
+        }
+    }
+    ok
+}
+
+/// Per-channel keys (`attend_channels`): a cache of `t - 3` tokens, then three decode steps
+/// (`update_and_attend`, the cache writing each token into its float tail first, as a model
+/// layer calls it), each checked against f64 attention over the dequantized cache (body and
+/// tail) with the bound of [`bound`], and each required to take the fused kernel. The cases
+/// put a key-group edge inside the three steps (the tail fills, is quantized, and the next
+/// step runs with an empty tail) or leave a long tail, and cover the recipes' shapes: SmolLM2
+/// (D 64, 3 rows), Llama-3.1-8B (D 128, 4 rows), Gemma-3 (D 256, 4 rows, value groups of 128),
+/// with keys rotated in one (the query enters the rotated frame outside the kernel).
+fn channel_correctness(seed: u64, quick: bool) -> bool {
+    let key = random::key(seed ^ 31).unwrap();
+    let mut ok = true;
+    println!("per-channel keys (seed {seed}): three decode steps; max |out - f64 ref over dequantized body + tail|; paths");
+    let pairs = bits_flag().unwrap_or_else(|| if quick { vec![(6, 6), (4, 4)] } else { vec![(6, 6), (6, 8), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2), (8, 4)] });
+    // (hkv, rows, d, key group, value group, tokens after the steps, keys rotated): 770, 1154
+    // and 4098 reach a group edge in their first step (the tail fills, is quantized, and that
+    // step attends with an empty tail), then start a new tail; 1000 keeps a tail of 104.
+    let cases = [(3, 3, 64, 64, 64, 770, false), (8, 4, 128, 128, 64, 1000, false), (1, 4, 256, 64, 128, 1154, true), (2, 1, 64, 128, 64, 4098, false)];
+    for &(hkv, rep, d, gk, gv, t, rotated) in &cases {
+        for &(kb, vb) in &pairs {
+            let mut spec = KvSpec::bits(kb, vb);
+            spec.key_layout = mlx_kv::KeyLayout::PerChannel;
+            spec.k.group = gk;
+            spec.v.group = gv;
+            if rotated {
+                spec.rotation = mlx_kv::Rotation::Keys;
+            }
+            let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut worst, mut paths, mut pass) = (0.0f64, Vec::new(), true);
+            for i in 0..3u64 {
+                let ki = random::key(seed ^ (2000 + i)).unwrap();
+                let (k1, k2) = random::split(&ki, 2).unwrap();
+                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let q = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
+                set_fused(true);
+                mlx_kv::attention::fused::poison_outputs(true);
+                let out = host(&cache.update_and_attend(&q, &kn, &vn, scale, None).unwrap());
+                mlx_kv::attention::fused::poison_outputs(false);
+                let path = cache.last_path().map_or("none", |c| c.path.name());
+                paths.push(path);
+                // The query as the engine hands it to the kernel: rotated by the same op when
+                // keys are, then scaled in its dtype.
+                let qr = if rotated {
+                    let h = mlx_kv::rotation::hadamard(d as usize, Dtype::Float32).unwrap().as_dtype(q.dtype()).unwrap();
+                    mlx_rs::ops::matmul(&q, &h).unwrap()
+                } else {
+                    q
+                };
+                let qs = host(&(&qr * Array::from_f32(scale).as_dtype(qr.dtype()).unwrap()));
+                let n = (t - 2 + i as i32) as usize;
+                let kd = host(&cache.dequantized_keys().unwrap().unwrap());
+                let vd = host(&cache.dequantized_values().unwrap().unwrap());
+                let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: n, d: d as usize }, 1.0);
+                let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                worst = worst.max(err);
+                pass &= err < bound(kb, vb, rep, d, &vd) && path == "fused-gpu" && cache.len() == n;
+            }
+            ok &= pass;
+            let rot = if rotated { "-rotk" } else { "" };
+            println!("  hkv={hkv} rep={rep} d={d} g{gk},{gv} t={}..{t} k{kb}v{vb}-pc{rot}: out {worst:.2e}  paths {paths:?}  {}", t - 2, if pass { "pass" } else { "FAIL" });
         }
     }
     ok
@@ -592,6 +663,9 @@ fn main() {
         // The default path only (tensor cores where they apply, one launch per step).
         let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true);
         finish(ok);
+    }
+    if std::env::args().any(|a| a == "--channels") {
+        finish(channel_correctness(seed, quick));
     }
     if std::env::args().any(|a| a == "--paged") {
         let mut ok = true;

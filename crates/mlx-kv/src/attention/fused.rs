@@ -31,12 +31,18 @@
 //! block pool (`KV_PAGED`): one launch per layer for all of them, rows found through a block
 //! table, each sequence's length read from that table on the GPU.
 //!
+//! [`attend_channels`] reads per-channel keys (codes along tokens, one scale per channel and
+//! group of tokens) and the float tail of tokens that do not fill a key group yet, in one
+//! softmax (`kernels/decode_channels.cu`, then the same merge). The cache writes the new token
+//! into its tail with MLX ops first, so that kernel only reads. Per-channel keys have no fused
+//! step and no paged kernel: a pooled per-channel cache attends over its gathered blocks.
+//!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. There is no
 //! Metal kernel: on Metal the dispatcher runs the MLX-ops path, which MLX implements there. A
 //! fused Metal kernel returns only when a Mac can test it.
 
-use super::types::PackedOperand;
+use super::types::{ChannelBody, PackedOperand};
 use crate::error::{KvError, Result};
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
@@ -57,6 +63,7 @@ const TARGET_BLOCKS: usize = mlx_ext::options::DEFAULT_FUSED_BLOCKS;
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
+const CHANNELS: &str = include_str!("kernels/decode_channels.cu");
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -77,6 +84,13 @@ pub fn covers(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
         && read(v_bits)
         && matches!(head_dim, 32 | 64 | 128 | 256)
         && (1..=8).contains(&rows)
+}
+
+/// Whether [`attend_channels`] covers per-channel keys of these widths and shapes: what
+/// [`covers`] takes, with key groups (along tokens) of whole 32-token tiles, so that a tile's
+/// tokens share one scale per channel.
+pub fn covers_channels(k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: usize) -> bool {
+    covers(k_bits, v_bits, head_dim, rows) && k_group > 0 && k_group.is_multiple_of(32)
 }
 
 /// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
@@ -174,6 +188,13 @@ const MERGE_DEF: KernelDef = KernelDef {
     body: MERGE,
     inputs: &["part_o", "part_m", "part_l", "meta"],
     outputs: &["out"],
+};
+const CHANNELS_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_channels_partial",
+    defines: "",
+    body: CHANNELS,
+    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "meta"],
+    outputs: &["out_o", "out_m", "out_l"],
 };
 const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_partial",
@@ -494,6 +515,64 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }
 
+/// Decode attention of `q` (`[B, Hq, L, D]`, unscaled) over a per-channel key body and its float
+/// tail (`b`, see [`ChannelBody`]): the body's `b.len` tokens (whole key groups) and then the
+/// tail's, in one softmax, in two launches (`kernels/decode_channels.cu`, then the merge).
+/// Returns `[B, Hq, L, D]` in `q`'s dtype.
+pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
+    let qs = q.shape();
+    let (bs, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let hkv = b.k.full.w.shape()[1];
+    let (bh, rows) = (bs * hkv, hq / hkv * l);
+    let q3 = (q * Array::from_f32(scale).as_dtype(q.dtype())?).reshape(&[bs, hkv, hq / hkv, l, d])?.reshape(&[bh, rows, d])?;
+    // An empty tail still needs an input: one zero row, never read (T = len).
+    let empty;
+    let (tk, tv, n) = match b.tail {
+        Some((tk, tv)) => (tk, tv, tk.shape()[2] as usize),
+        None => {
+            empty = mlx_rs::ops::zeros_dtype(&[bs, hkv, 1, d], Dtype::Float16)?;
+            (&empty, &empty, 0)
+        }
+    };
+    let t = b.len + n;
+    if t == 0 || b.len > b.cap || !b.len.is_multiple_of(b.k.group) {
+        return Err(KvError::Shape(format!("fused per-channel attention: {} body tokens (capacity {}, key groups of {})", b.len, b.cap, b.k.group)));
+    }
+    let (n_split, per) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, b.v.bits, rows as usize, b.v.group);
+    let meta = Array::from_slice(&[t as i32, 0, per as i32, n_split as i32, b.len as i32], &[5]);
+    let ns = n_split as i32;
+    let (k, v) = (b.k.full, b.v.full);
+    let parts = run_kernel(
+        &CHANNELS_DEF,
+        false,
+        &[&q3, &k.w, &k.scales, &k.biases, &v.w, &v.scales, &v.biases, tk, tv, &meta],
+        &[
+            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        ],
+        (ns * 32 * WARPS, bh),
+        32 * WARPS,
+        &shape_args(d, (b.k.bits, b.k.group), (b.v.bits, b.v.group), rows, vd, 1.0),
+        // Both dtypes in the kernel's name (see `decode_step_paged`): the tail is f16, bf16 or
+        // f32 (a narrowed f16 tail reads back as f32).
+        &[("OT", q.dtype()), ("TT", tk.dtype())],
+    )?;
+    let out = run_kernel(
+        &MERGE_DEF,
+        false,
+        &[&parts[0], &parts[1], &parts[2], &meta],
+        &[Out { shape: &[bh, rows, d], dtype: q.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q.dtype())],
+    )?;
+    let out = out.into_iter().next().expect("the merge kernel has one output");
+    Ok(out.reshape(&[bs, hkv, hq / hkv, l, d])?.reshape(&[bs, hq, l, d])?)
+}
+
 /// One decode step of a layer in two launches and no other op: the new token's key and value
 /// (`k_new`, `v_new`: `[B, Hkv, 1, D]`) are quantized on the GPU and written in place into
 /// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
@@ -785,6 +864,13 @@ mod tests {
         }
         assert!(mma_covers(8, 64, 4, 64, 128, 4, Dtype::Float16));
         assert!(!covers(5, 5, 128, 4) && !covers(8, 5, 128, 4), "5-bit packs are 5 bytes: not read");
+    }
+
+    #[test]
+    fn per_channel_key_groups_must_be_whole_tiles() {
+        assert!(covers_channels(6, 64, 6, 64, 3) && covers_channels(3, 128, 2, 128, 4) && covers_channels(4, 64, 4, 256, 4));
+        assert!(!covers_channels(6, 48, 6, 64, 3), "a 32-token tile would straddle two key groups");
+        assert!(!covers_channels(5, 64, 4, 64, 3) && !covers_channels(6, 64, 6, 96, 3) && !covers_channels(6, 64, 6, 64, 9));
     }
 
     #[test]
