@@ -26,7 +26,7 @@
 //!    (`fused::attend_channels`), across a key-group edge (the tail fills and is quantized),
 //!    against f64 attention over the dequantized cache; each step must take the fused kernel.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--bits LIST]
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--no-mma] [--bits LIST]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --bits     the bit pairs of the decode and paged checks instead, e.g. `k6v6,k3v3,k8v6`
 //!              (every pair is a few kernel variants to compile on the GPU machine)
@@ -39,6 +39,7 @@
 //!              run of its own: its ~60 kernel variants would push the full run past a
 //!              10-minute device call; `--check` runs the default one, tensor cores and fold)
 //!   --channels only the per-channel key checks (`--bits` picks their pairs too)
+//!   --no-mma   tensor cores off for `--check`: every case on the CUDA-core variant
 
 use mlx_ext::{EngineOptions, Toggle};
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
@@ -659,8 +660,11 @@ fn main() {
         return;
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
+    if std::env::args().any(|a| a == "--no-mma") {
+        set_option(|o| o.gpu_fused_mma = Toggle::from_bool(false));
+    }
     if std::env::args().any(|a| a == "--check") {
-        // The default path only (tensor cores where they apply, one launch per step).
+        // The default path only (tensor cores where they apply unless --no-mma, one launch per step).
         let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true);
         finish(ok);
     }
