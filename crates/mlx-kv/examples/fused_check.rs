@@ -339,14 +339,14 @@ fn channel_correctness(seed: u64, quick: bool) -> bool {
                 let path = cache.last_path().map_or("none", |c| c.path.name());
                 paths.push(path);
                 // The query as the engine hands it to the kernel: rotated by the same op when
-                // keys are, then scaled in its dtype.
+                // keys are; the kernel scales it (in f32), the reference in f64.
                 let qr = if rotated {
                     let h = mlx_kv::rotation::hadamard(d as usize, Dtype::Float32).unwrap().as_dtype(q.dtype()).unwrap();
                     mlx_rs::ops::matmul(&q, &h).unwrap()
                 } else {
                     q
                 };
-                let qs = host(&(&qr * Array::from_f32(scale).as_dtype(qr.dtype()).unwrap()));
+                let qs: Vec<f32> = host(&qr).iter().map(|x| (*x as f64 * scale as f64) as f32).collect();
                 let n = (t - 2 + i as i32) as usize;
                 let kd = host(&cache.dequantized_keys().unwrap().unwrap());
                 let vd = host(&cache.dequantized_values().unwrap().unwrap());

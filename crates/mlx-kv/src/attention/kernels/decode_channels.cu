@@ -57,7 +57,8 @@ __shared__ float sm_o[WARPS][REP][D];
 // is capped at 48 KB, which D = 256 with 8 rows would pass with both).
 float (*const qk_s)[D] = sm_o[warp];
 
-for (int i = threadIdx.x; i < REP * D; i += blockDim.x) q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]);
+// The query scale is applied here (SCALE_BITS, an f32's bits), not by an op before the launch.
+for (int i = threadIdx.x; i < REP * D; i += blockDim.x) q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
 __syncthreads();
 
 const int sub = lane / LPT;      // which token of a value step this lane reads
