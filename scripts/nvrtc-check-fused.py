@@ -8,19 +8,26 @@ Needs NVRTC 13 and the CUDA headers, e.g. from the PyPI wheels nvidia-cuda-nvrtc
 nvidia-cuda-runtime==13.0.* unpacked into a folder given as the first argument (the folder
 holding nvidia/cu13/{lib,include}).
 NVRTC loads libnvrtc-builtins by name, so put the lib folder on LD_LIBRARY_PATH.
-Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py /tmp/nvrtc/x [--mma-only] [--paged]
+Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py /tmp/nvrtc/x [--mma-only] [--paged] [--channels] [--widths 3,6]
   --mma-only  compile only the cases that have a tensor-core variant
   --paged     compile only the paged step kernels (fused.rs `decode_step_paged`) and their merge
+  --channels  compile only the per-channel key kernel (fused.rs `attend_channels`)
+  --widths    compile only the cases whose key or value width is in the list (e.g. 3,6)
 """
 import ctypes, os, sys
 
 root = sys.argv[1]
 mma_only, paged_only = "--mma-only" in sys.argv[2:], "--paged" in sys.argv[2:]
+channels_only = "--channels" in sys.argv[2:]
+widths = None
+if "--widths" in sys.argv[2:]:
+    widths = {int(b) for b in sys.argv[sys.argv.index("--widths") + 1].split(",")}
 lib = ctypes.CDLL(os.path.join(root, "nvidia/cu13/lib/libnvrtc.so.13"))
 inc = os.path.join(root, "nvidia/cu13/include")
 kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/attention/kernels")
 read = lambda n: open(os.path.join(kdir, n)).read()
 common, partial, merge = read("decode_common.cuh"), read("decode_partial.cu"), read("decode_merge.cu")
+channels = read("decode_channels.cu")
 
 PRELUDE = ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\ntypedef unsigned int uint32_t;\ntypedef int int32_t;\n"
            # MLX passes an input's shape by value (`const __grid_constant__ Shape x_shape`) when
@@ -34,7 +41,10 @@ def value_dims(d, bv, rep, gv):
     vd = 1
     while vd * 2 <= cap:
         vd *= 2
-    return min(max(vd, d // 32, 16 // bv), gv, d)
+    least = 1
+    while least * bv < 16 or (least * bv) % 8:
+        least *= 2
+    return min(max(vd, d // 32, least), gv, d)
 
 
 def program(name, body, params, consts, step=0, fold=0, mma=0, paged=0):
@@ -63,11 +73,33 @@ def compile_one(label, src):
 
 
 ok = True
+if channels_only:
+    # Per-channel keys: the shipped recipes' widths and shapes (SmolLM2 D=64 rows 3, Gemma D=256
+    # rows 4 with value groups of 128), Llama-3.1-8B's, and tails in f16, bf16 and f32.
+    for (d, rep, gv) in [(64, 3, 64), (128, 4, 64), (256, 4, 128), (256, 8, 64), (32, 1, 32)]:
+        for (bk, bv) in [(6, 6), (6, 8), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2), (8, 4), (6, 4), (4, 6), (8, 8)]:
+            for (qt, tt) in [("__half", "float"), ("__half", "__half"), ("__nv_bfloat16", "__nv_bfloat16")]:
+                if widths and bk not in widths and bv not in widths:
+                    continue
+                vd = value_dims(d, bv, rep, gv)
+                params = [f"const {qt}* q", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape", "const __half* ks",
+                          "const __grid_constant__ Shape ks_shape", "const __half* kb", "const uint32_t* vw",
+                          "const __grid_constant__ Shape vw_shape", "const __half* vs", "const __half* vb", f"const {tt}* tk",
+                          "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", "const int32_t* meta",
+                          "float* out_o", "float* out_m", "float* out_l"]
+                consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000)
+                ok &= compile_one(f"channels q={qt} tail={tt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_channels", channels, params, consts))
+    sys.exit(0 if ok else 1)
 # bf16 queries only with --paged (fused_check's paged case uses them; same code as f16 elsewhere).
 for qt in ["__half", "float"] + (["__nv_bfloat16"] if paged_only else []):
     # fused_check's correctness shapes x its bit pairs, and the whole-model presets.
+    # 3/6 bits (MLX's 3-byte packs): every shape, and rows that give 3-byte value loads.
     cases = [(d, bk, bv, rep) for (d, rep) in [(128, 4), (64, 3), (256, 8), (64, 1)]
-             for (bk, bv) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]] + [(128, 8, 4, 7), (32, 2, 2, 1)]
+             for (bk, bv) in [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2),
+                              (6, 6), (8, 6), (6, 4), (4, 6), (3, 3), (6, 3)]] + \
+            [(128, 8, 4, 7), (32, 2, 2, 1), (128, 6, 6, 5), (128, 6, 6, 8), (32, 6, 6, 1), (32, 3, 3, 1), (128, 3, 3, 1)]
+    if widths:
+        cases = [c for c in cases if c[1] in widths or c[2] in widths]
     for (d, bk, bv, rep) in cases:
         g = 64 if d >= 64 else 32
         vd = value_dims(d, bv, rep, g)
@@ -75,7 +107,7 @@ for qt in ["__half", "float"] + (["__nv_bfloat16"] if paged_only else []):
                   "const __half* vs", "const __half* vb", "const int32_t* meta", "float* out_o", "float* out_m", "float* out_l"]
         consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000)
         # The tensor-core variant where fused.rs `mma_applies` picks it.
-        for mma in ([0, 1] if qt != "float" and g == 64 and d in (64, 128) and bk in (4, 8) else [0]):
+        for mma in ([0, 1] if qt != "float" and g == 64 and d in (64, 128) and bk in (4, 8) and bv in (2, 4, 8) else [0]):
             tag = f"{'mma ' if mma else ''}q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}"
             # Paged steps (BLOCK 256, the pool's), two launches and one.
             paged = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",

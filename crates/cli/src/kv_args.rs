@@ -23,8 +23,10 @@ pub struct KvArgs {
     #[arg(long, default_value = "64")]
     pub kv_group_size: String,
     /// Key layout: `per-token` (groups along head_dim, like mlx-lm), `per-channel` (groups
-    /// along tokens, KIVI; the MLX-ops paths only) or `centered` (per-token groups of keys less
-    /// their per-channel mean, which leaves attention exact; every fast path).
+    /// of the key group size along tokens, KIVI, the newest unfinished group in 16-bit float)
+    /// or `centered` (per-token groups of keys less their per-channel mean, which leaves
+    /// attention exact). Every layout runs on the fast decode paths (CPU primitive, fused CUDA
+    /// kernel).
     #[arg(long, value_enum, default_value = "per-token")]
     pub kv_key_layout: KeyLayout,
     /// Newest tokens kept in full precision, quantized in blocks as they age (KIVI residual).

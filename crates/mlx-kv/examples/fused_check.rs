@@ -22,8 +22,14 @@
 //! 5. Prefill chunks (the MLX-ops path over the quantized cache, which `ppl` uses) against
 //!    f64 causal attention.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged]
+//! 6. Per-channel keys (`--channels`): decode steps over a per-channel body and its float tail
+//!    (`fused::attend_channels`), across a key-group edge (the tail fills and is quantized),
+//!    against f64 attention over the dequantized cache; each step must take the fused kernel.
+//!
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--no-mma] [--bits LIST]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
+//!   --bits     the bit pairs of the decode and paged checks instead, e.g. `k6v6,k3v3,k8v6`
+//!              (every pair is a few kernel variants to compile on the GPU machine)
 //!   --ops      also check and time the MLX-ops path (its quantized_matmul kernels take minutes
 //!              of JIT compilation on a fresh GPU machine)
 //!   --profile  no checks: a few k8v4 steps at 32K and 128K, for `ncu -k regex:kvsplit_attn`
@@ -32,6 +38,8 @@
 //!   --paged    only the paged-step checks: tensor cores on and off, one launch and two (a
 //!              run of its own: its ~60 kernel variants would push the full run past a
 //!              10-minute device call; `--check` runs the default one, tensor cores and fold)
+//!   --channels only the per-channel key checks (`--bits` picks their pairs too)
+//!   --no-mma   tensor cores off for `--check`: every case on the CUDA-core variant
 
 use mlx_ext::{EngineOptions, Toggle};
 use mlx_kv::{CacheOptions, KvCache, KvSpec};
@@ -66,13 +74,13 @@ fn fill(spec: &KvSpec, hkv: i32, t: i32, d: i32, key: &Array) -> (KvCache, Array
 /// tokens stays far below a generous 1e-3. The tensor-core variant also rounds each dequantized
 /// value and each softmax weight to f16 (relative error at most 2^-11 each), which moves the
 /// output by at most 2^-10 max|v|.
-fn bound(k_bits: u8, rep: i32, d: i32, v: &[f32]) -> f64 {
-    bound_vmax(k_bits, rep, d, v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs())))
+fn bound(k_bits: u8, v_bits: u8, rep: i32, d: i32, v: &[f32]) -> f64 {
+    bound_vmax(k_bits, v_bits, rep, d, v.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs())))
 }
 
 /// [`bound`] given max |v|.
-fn bound_vmax(k_bits: u8, rep: i32, d: i32, vmax: f64) -> f64 {
-    let mma = mlx_ext::options::current().gpu_fused_mma.on() && mlx_kv::attention::fused::mma_covers(k_bits, 64, 64, d as usize, rep as usize, Dtype::Float16);
+fn bound_vmax(k_bits: u8, v_bits: u8, rep: i32, d: i32, vmax: f64) -> f64 {
+    let mma = mlx_ext::options::current().gpu_fused_mma.on() && mlx_kv::attention::fused::mma_covers(k_bits, 64, v_bits, 64, d as usize, rep as usize, Dtype::Float16);
     if mma { 1e-3 + vmax * 2f64.powi(-10) } else { 1e-3 }
 }
 
@@ -88,14 +96,36 @@ fn set_fused(on: bool) {
     set_option(|o| o.gpu_fused = Toggle::from_bool(on));
 }
 
-/// Bit pairs of the correctness checks; `--quick` keeps two (every variant is compiled on first
-/// use, about 3 s each on the GPU machine).
-fn bit_pairs(quick: bool) -> &'static [(u8, u8)] {
-    if quick {
-        &[(8, 4), (4, 2)]
-    } else {
-        &[(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2)]
+/// Bit pairs of the correctness checks: `--bits` if given, else all; `--quick` keeps two (every
+/// variant is compiled on first use, about 3 s each on the GPU machine). 3- and 6-bit pairs run
+/// on CUDA cores only (see `fused::mma_applies`); k8v6 and k6v4 also check the 2/4/8-bit code
+/// paths of that variant where the tensor cores would otherwise take them.
+fn bit_pairs(quick: bool) -> Vec<(u8, u8)> {
+    if let Some(pairs) = bits_flag() {
+        return pairs;
     }
+    if quick {
+        vec![(8, 4), (4, 2)]
+    } else {
+        vec![(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (8, 2), (2, 2), (6, 6), (8, 6), (6, 4), (4, 6), (3, 3), (6, 3)]
+    }
+}
+
+/// `--bits k6v6,k3v3`: the pairs to check, if given (exits with a message on a bad pair).
+fn bits_flag() -> Option<Vec<(u8, u8)>> {
+    let args: Vec<String> = std::env::args().collect();
+    let list = args.iter().position(|a| a == "--bits").map(|i| args.get(i + 1).cloned().unwrap_or_default())?;
+    let pairs: Vec<(u8, u8)> = list
+        .split(',')
+        .map(|p| match KvSpec::parse(p) {
+            Ok(s) if !s.is_dense() && s.k.is_quantized() && s.v.is_quantized() => (s.k.bits, s.v.bits),
+            _ => {
+                eprintln!("fused_check: --bits wants pairs like k6v6,k8v4; got '{p}'");
+                std::process::exit(2);
+            }
+        })
+        .collect();
+    Some(pairs)
 }
 
 fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
@@ -103,7 +133,7 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
     let mut ok = true;
     println!("correctness (seed {seed}, tensor cores {}): max |out - f64 ref over dequantized cache|", mlx_ext::options::current().gpu_fused_mma.on());
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 777), (1, 8, 256, 300), (2, 1, 64, 5000)] {
-        for &(kb, vb) in bit_pairs(quick) {
+        for &(kb, vb) in &bit_pairs(quick) {
             let spec = KvSpec::bits(kb, vb);
             let (cache, _, _) = fill(&spec, hkv, t, d, &key);
             // f16 queries: what the GPU path computes in (CUDA qmm has no f32-activation kernel
@@ -124,7 +154,7 @@ fn correctness(seed: u64, with_ops: bool, quick: bool) -> bool {
             let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: t as usize, d: d as usize }, 1.0);
             let err = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             let (ef, eo) = (err(&fused), if with_ops { err(&ops) } else { f64::NAN });
-            let pass = ef < bound(kb, rep, d, &vd);
+            let pass = ef < bound(kb, vb, rep, d, &vd);
             ok &= pass;
             println!("  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: fused {ef:.2e}  ops {eo:.2e}  {}", if pass { "pass" } else { "FAIL" });
         }
@@ -219,7 +249,7 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     // t: tokens after the three steps; 1 + 2 = 3 starts from an empty cache, 771 grows the
     // buffer (768 = 3 x 256 filled before the steps).
     for &(hkv, rep, d, t) in &[(8, 4, 128, 1000), (3, 3, 64, 771), (1, 8, 256, 300), (2, 1, 64, 5000), (2, 4, 128, 3)] {
-        for &(kb, vb) in bit_pairs(quick) {
+        for &(kb, vb) in &bit_pairs(quick) {
             let spec = KvSpec::bits(kb, vb);
             let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
             let (mut twin, _, _) = fill(&spec, hkv, t - 3, d, &key);
@@ -256,12 +286,78 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
             // The kernel's quantizer repeats MLX's formulas in the same order: expect the same
             // codes, scales and biases (0 difference); attention bound as above.
-            let pass = err < bound(kb, rep, d, &vd) && token_err == 0.0 && cache.len() == t as usize;
+            let pass = err < bound(kb, vb, rep, d, &vd) && token_err == 0.0 && cache.len() == t as usize;
             ok &= pass;
             println!(
                 "  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb}: new tokens vs MLX quantize {token_err:.2e}  out {err:.2e}  {}",
                 if pass { "pass" } else { "FAIL" }
             );
+        }
+    }
+    ok
+}
+
+/// Per-channel keys (`attend_channels`): a cache of `t - 3` tokens, then three decode steps
+/// (`update_and_attend`, the cache writing each token into its float tail first, as a model
+/// layer calls it), each checked against f64 attention over the dequantized cache (body and
+/// tail) with the bound of [`bound`], and each required to take the fused kernel. The cases
+/// put a key-group edge inside the three steps (the tail fills, is quantized, and the next
+/// step runs with an empty tail) or leave a long tail, and cover the recipes' shapes: SmolLM2
+/// (D 64, 3 rows), Llama-3.1-8B (D 128, 4 rows), Gemma-3 (D 256, 4 rows, value groups of 128),
+/// with keys rotated in one (the query enters the rotated frame outside the kernel).
+fn channel_correctness(seed: u64, quick: bool) -> bool {
+    let key = random::key(seed ^ 31).unwrap();
+    let mut ok = true;
+    println!("per-channel keys (seed {seed}): three decode steps; max |out - f64 ref over dequantized body + tail|; paths");
+    let pairs = bits_flag().unwrap_or_else(|| if quick { vec![(6, 6), (4, 4)] } else { vec![(6, 6), (6, 8), (4, 4), (4, 3), (3, 3), (3, 2), (2, 2), (8, 4)] });
+    // (hkv, rows, d, key group, value group, tokens after the steps, keys rotated): 770, 1154
+    // and 4098 reach a group edge in their first step (the tail fills, is quantized, and that
+    // step attends with an empty tail), then start a new tail; 1000 keeps a tail of 104.
+    let cases = [(3, 3, 64, 64, 64, 770, false), (8, 4, 128, 128, 64, 1000, false), (1, 4, 256, 64, 128, 1154, true), (2, 1, 64, 128, 64, 4098, false)];
+    for &(hkv, rep, d, gk, gv, t, rotated) in &cases {
+        for &(kb, vb) in &pairs {
+            let mut spec = KvSpec::bits(kb, vb);
+            spec.key_layout = mlx_kv::KeyLayout::PerChannel;
+            spec.k.group = gk;
+            spec.v.group = gv;
+            if rotated {
+                spec.rotation = mlx_kv::Rotation::Keys;
+            }
+            let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut worst, mut paths, mut pass) = (0.0f64, Vec::new(), true);
+            for i in 0..3u64 {
+                let ki = random::key(seed ^ (2000 + i)).unwrap();
+                let (k1, k2) = random::split(&ki, 2).unwrap();
+                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let q = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
+                set_fused(true);
+                mlx_kv::attention::fused::poison_outputs(true);
+                let out = host(&cache.update_and_attend(&q, &kn, &vn, scale, None).unwrap());
+                mlx_kv::attention::fused::poison_outputs(false);
+                let path = cache.last_path().map_or("none", |c| c.path.name());
+                paths.push(path);
+                // The query as the engine hands it to the kernel: rotated by the same op when
+                // keys are; the kernel scales it (in f32), the reference in f64.
+                let qr = if rotated {
+                    let h = mlx_kv::rotation::hadamard(d as usize, Dtype::Float32).unwrap().as_dtype(q.dtype()).unwrap();
+                    mlx_rs::ops::matmul(&q, &h).unwrap()
+                } else {
+                    q
+                };
+                let qs: Vec<f32> = host(&qr).iter().map(|x| (*x as f64 * scale as f64) as f32).collect();
+                let n = (t - 2 + i as i32) as usize;
+                let kd = host(&cache.dequantized_keys().unwrap().unwrap());
+                let vd = host(&cache.dequantized_values().unwrap().unwrap());
+                let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: n, d: d as usize }, 1.0);
+                let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                worst = worst.max(err);
+                pass &= err < bound(kb, vb, rep, d, &vd) && path == "fused-gpu" && cache.len() == n;
+            }
+            ok &= pass;
+            let rot = if rotated { "-rotk" } else { "" };
+            println!("  hkv={hkv} rep={rep} d={d} g{gk},{gv} t={}..{t} k{kb}v{vb}-pc{rot}: out {worst:.2e}  paths {paths:?}  {}", t - 2, if pass { "pass" } else { "FAIL" });
         }
     }
     ok
@@ -286,9 +382,12 @@ fn host_pool(p: &Pool) -> HostPool {
     HostPool { w: p.0.as_slice::<u32>().to_vec(), s: host(&p.1), b: host(&p.2) }
 }
 
-/// Code `j` of row `row` (`wpr` u32 words per row), as MLX packs them (little end first).
+/// Code `j` of row `row` (`wpr` u32 words per row), as MLX packs them: one little-endian bit
+/// stream per row, code j at bit j * bits (a 3- or 6-bit code may straddle two words).
 fn code(w: &[u32], row: usize, wpr: usize, bits: usize, j: usize) -> u32 {
-    (w[row * wpr + j * bits / 32] >> (j * bits % 32)) & ((1u32 << bits) - 1)
+    let (word, shift) = (row * wpr + j * bits / 32, j * bits % 32);
+    let hi = if shift + bits > 32 { (w[word + 1] as u64) << 32 } else { 0 };
+    (((hi | w[word] as u64) >> shift) & ((1u64 << bits) - 1)) as u32
 }
 
 /// Row `row` of a pool dequantized exactly (code * scale + bias, groups of 64, in f64).
@@ -334,7 +433,7 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     let zeros = || Array::from_slice(&[0i32; 1024], &[1024]).add(Array::from_int(0)).unwrap();
     let mut ctr = zeros();
     ctr.eval().unwrap();
-    let pairs: &[(u8, u8)] = if quick { &[(8, 4)] } else { &[(8, 4), (4, 4), (8, 8)] };
+    let pairs: Vec<(u8, u8)> = bits_flag().unwrap_or_else(|| if quick { vec![(8, 4)] } else { vec![(8, 4), (4, 4), (8, 8), (6, 6), (3, 3)] });
     let mut ok = true;
     for (ci, (hkv, rep, d, lens)) in paged_cases(quick).into_iter().enumerate() {
         let (s, ud, uh) = (lens.len(), d as usize, hkv as usize);
@@ -446,7 +545,7 @@ fn paged_correctness(seed: u64, quick: bool, fold: bool) -> bool {
                     }
                 }
             }
-            let b = bound_vmax(kb, rep, d, vmax);
+            let b = bound_vmax(kb, vb, rep, d, vmax);
             for (g, w) in out.iter().zip(&want) {
                 let e = (*g as f64 - w).abs();
                 let e = if e.is_nan() { f64::INFINITY } else { e };
@@ -561,10 +660,16 @@ fn main() {
         return;
     }
     let with_ops = std::env::args().any(|a| a == "--ops");
+    if std::env::args().any(|a| a == "--no-mma") {
+        set_option(|o| o.gpu_fused_mma = Toggle::from_bool(false));
+    }
     if std::env::args().any(|a| a == "--check") {
-        // The default path only (tensor cores where they apply, one launch per step).
+        // The default path only (tensor cores where they apply unless --no-mma, one launch per step).
         let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true);
         finish(ok);
+    }
+    if std::env::args().any(|a| a == "--channels") {
+        finish(channel_correctness(seed, quick));
     }
     if std::env::args().any(|a| a == "--paged") {
         let mut ok = true;
@@ -595,7 +700,14 @@ fn main() {
     for &t in depths {
         // Enough distinct caches that together they are at least twice the L2 (50 MB).
         let n_batch = if t <= 32768 { 16 } else { 8 };
-        for (label, spec) in [("fp16", KvSpec::dense()), ("k8v8", KvSpec::bits(8, 8)), ("k8v4", KvSpec::bits(8, 4)), ("k4v4", KvSpec::bits(4, 4)), ("k4v2", KvSpec::bits(4, 2))] {
+        for (label, spec) in [
+            ("fp16", KvSpec::dense()),
+            ("k8v8", KvSpec::bits(8, 8)),
+            ("k8v4", KvSpec::bits(8, 4)),
+            ("k6v6", KvSpec::bits(6, 6)),
+            ("k4v4", KvSpec::bits(4, 4)),
+            ("k4v2", KvSpec::bits(4, 2)),
+        ] {
             let mut caches: Vec<KvCache> = (0..n_batch).map(|i| fill(&spec, hkv, t, d, &random::key(seed ^ (100 + i as u64)).unwrap()).0).collect();
             let bytes = {
                 let (kb, vb) = spec.bytes_per_token_per_head(d as usize, 2);

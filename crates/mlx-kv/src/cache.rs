@@ -116,6 +116,23 @@ impl Body {
     }
 }
 
+/// The rotation `h` in `dtype`, cast once and kept in `kept`: on the GPU (f16) a rotated
+/// layer's decode step applies it up to four times, and each cast would be one more op, which
+/// costs there about as much as a small kernel.
+fn rotation_in(kept: &std::cell::RefCell<Option<Array>>, h: &Array, dtype: Dtype) -> Result<Array> {
+    if h.dtype() == dtype {
+        return Ok(h.clone());
+    }
+    let mut kept = kept.borrow_mut();
+    if let Some(c) = kept.as_ref().filter(|c| c.dtype() == dtype) {
+        return Ok(c.clone());
+    }
+    let c = h.as_dtype(dtype)?;
+    c.eval()?;
+    *kept = Some(c.clone());
+    Ok(c)
+}
+
 /// Moves a body's saved arrays (named `name`, as [`KvCache::state`] wrote them) out of `arrays`
 /// into `body` after checking their shapes; returns the tokens it now holds.
 fn take_body(
@@ -218,7 +235,9 @@ pub struct KvCache {
     tail_k: FloatStore,
     tail_v: FloatStore,
     offset: usize,
+    /// The Hadamard matrix in f32, and a copy in the last other dtype it was applied in.
     rotation: Option<Array>,
+    rotation_cast: std::cell::RefCell<Option<Array>>,
     /// Centered keys ([`KeyLayout::Centered`]): the per-channel mean `[B, Hkv, 1, D]` of the
     /// first keys, in the stored (rotated) frame, taken off every key stored since. Any vector
     /// keeps attention exact; this one takes the offset out of the groups' ranges.
@@ -278,6 +297,7 @@ impl KvCache {
             tail_v: tail(),
             offset: 0,
             rotation,
+            rotation_cast: std::cell::RefCell::new(None),
             key_center: None,
             head_dim,
             step_pos: None,
@@ -399,10 +419,11 @@ impl KvCache {
 
     fn rotate(&self, x: &Array) -> Result<Array> {
         match &self.rotation {
-            Some(h) => Ok(mlx_rs::ops::matmul(x, h.as_dtype(x.dtype())?)?),
+            Some(h) => Ok(mlx_rs::ops::matmul(x, rotation_in(&self.rotation_cast, h, x.dtype())?)?),
             None => Ok(x.clone()),
         }
     }
+
 
     /// Appends `k`, `v` (`[B, Hkv, L, D]`, RoPE already applied).
     pub fn update(&mut self, k: &Array, v: &Array) -> Result<()> {
@@ -719,7 +740,7 @@ impl KvCache {
         // frame before it and the output leaves it after, so the kernel only ever sees codes.
         let mut out = attention::fused::decode_step(&rq, &rk, &rv, kop, vop, &pos, slot + 1, cap, scale)?;
         if let (Some(h), true) = (&self.rotation, spec.rotation.values()) {
-            out = mlx_rs::ops::matmul(&out, h.as_dtype(out.dtype())?)?;
+            out = mlx_rs::ops::matmul(&out, rotation_in(&self.rotation_cast, h, out.dtype())?)?;
         }
         bk.set_written(slot + 1);
         bv.set_written(slot + 1);

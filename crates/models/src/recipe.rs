@@ -238,8 +238,8 @@ pub fn resolve(settings: CacheSettings, pick: &Pick, model: &ModelShape) -> Resu
         Pick::Auto if !is_preset(&settings) => Ok(Resolved { name: name_of(&settings), source: "custom".into(), settings }),
         Pick::Auto => {
             let preset = settings.spec.to_string();
-            // A recipe with widths this backend's fast path lacks would decode slower than the
-            // preset (the GPU's fused kernel reads 2/4/8 bits): the general choice runs instead.
+            // A recipe with settings this backend's fast path lacks would decode slower than
+            // the preset (`fast_path_reads`): the general choice runs instead.
             let fast = |r: &Recipe| r.specs().is_ok_and(|specs| specs.iter().all(|s| mlx_kv::attention::fast_path_reads(s, model.head_dim)));
             if let Some((path, recipe)) = shipped(model_id, &preset).filter(|(_, r)| fast(r)) {
                 let layers = recipe.overrides_for(model_id, n, &path)?;

@@ -9,10 +9,15 @@
 //! splits and writes the output in the query dtype, so a layer's decode attention is two
 //! launches and nothing else.
 //!
+//! Keys and values may each be 2, 3, 4, 6 or 8 bits ([`covers`]), packed as MLX packs them: 3-
+//! and 6-bit codes form a little-endian bit stream (8 or 4 codes to 3 bytes), so some straddle
+//! two u32 words.
+//!
 //! Pass 1 has two bodies. Where [`mma_applies`] (groups of 64, head_dim 64/128, 4/8-bit keys,
-//! f16/bf16 queries), scores and value sums run on tensor cores (`mma.sync` m16n8k16, codes
-//! turned into f16 through the mantissa of 1024.0); elsewhere lanes own whole tokens for the
-//! scores and dim slices for the values on CUDA cores. docs/fused-attention-h200.md has the
+//! 2/4/8-bit values, f16/bf16 queries), scores and value sums run on tensor cores (`mma.sync`
+//! m16n8k16, codes turned into f16 through the mantissa of 1024.0); elsewhere, 3- and 6-bit
+//! widths included, lanes own whole tokens for the scores and dim slices for the values on CUDA
+//! cores. docs/fused-attention-h200.md has the
 //! layouts, the precision argument and the profiles.
 //!
 //! The decode step ([`decode_step`], what `KvCache::update_and_attend` uses for one new token)
@@ -26,12 +31,18 @@
 //! block pool (`KV_PAGED`): one launch per layer for all of them, rows found through a block
 //! table, each sequence's length read from that table on the GPU.
 //!
+//! [`attend_channels`] reads per-channel keys (codes along tokens, one scale per channel and
+//! group of tokens) and the float tail of tokens that do not fill a key group yet, in one
+//! softmax (`kernels/decode_channels.cu`, then the same merge). The cache writes the new token
+//! into its tail with MLX ops first, so that kernel only reads. Per-channel keys have no fused
+//! step and no paged kernel: a pooled per-channel cache attends over its gathered blocks.
+//!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. There is no
 //! Metal kernel: on Metal the dispatcher runs the MLX-ops path, which MLX implements there. A
 //! fused Metal kernel returns only when a Mac can test it.
 
-use super::types::PackedOperand;
+use super::types::{ChannelBody, PackedOperand};
 use crate::error::{KvError, Result};
 use mlx_rs::{Array, Dtype};
 use std::ffi::CString;
@@ -52,6 +63,7 @@ const TARGET_BLOCKS: usize = mlx_ext::options::DEFAULT_FUSED_BLOCKS;
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
+const CHANNELS: &str = include_str!("kernels/decode_channels.cu");
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -64,44 +76,65 @@ pub fn poison_outputs(on: bool) {
 
 /// Whether the fused kernel covers these widths and shapes (the dispatcher in [`super`] checks
 /// the backend and the options). head_dim must be a power of two so that the lanes sharing a
-/// value dim slice are a power-of-two stride apart (they are summed with xor shuffles).
+/// value dim slice are a power-of-two stride apart (they are summed with xor shuffles). Every
+/// width reads and writes MLX's packing; 5 bits (5-byte packs) is not covered.
 pub fn covers(k_bits: u8, v_bits: u8, head_dim: usize, rows: usize) -> bool {
-    let pow2 = |b: u8| matches!(b, 2 | 4 | 8);
-    pow2(k_bits)
-        && pow2(v_bits)
+    let read = |b: u8| matches!(b, 2 | 3 | 4 | 6 | 8);
+    read(k_bits)
+        && read(v_bits)
         && matches!(head_dim, 32 | 64 | 128 | 256)
         && (1..=8).contains(&rows)
 }
 
+/// Whether [`attend_channels`] covers per-channel keys of these widths and shapes: what
+/// [`covers`] takes, with key groups (along tokens) of whole 32-token tiles, so that a tile's
+/// tokens share one scale per channel.
+pub fn covers_channels(k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: usize) -> bool {
+    covers(k_bits, v_bits, head_dim, rows) && k_group > 0 && k_group.is_multiple_of(32)
+}
+
 /// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
-/// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, at most 8 query
-/// rows per KV head, and f16 or bf16 queries (its query fragments are f16: an f32 query would
-/// be rounded). Elsewhere the CUDA-core variant runs.
+/// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, 2-, 4- or 8-bit
+/// values, at most 8 query rows per KV head, and f16 or bf16 queries (its query fragments are
+/// f16: an f32 query would be rounded). Elsewhere the CUDA-core variant runs: for 3- and 6-bit
+/// keys or values always. The tensor-core variant turns two codes into an f16 pair with one
+/// byte permute or mask, which needs codes at fixed positions in a byte or nibble; a 6-bit code
+/// pair sits at different shifts in a 3-byte pack (two shifts and masks per pair), and a lane's
+/// 8-dim value chunk is 6 bytes at 2-byte alignment, so 3/6 bits would need their own fragment
+/// loaders: not written.
 pub fn mma_applies(k: &PackedOperand, v: &PackedOperand, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
-    mlx_ext::options::current().gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, head_dim, rows, q_dtype)
+    mlx_ext::options::current().gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.bits, v.group, head_dim, rows, q_dtype)
 }
 
 /// The shapes [`mma_applies`] accepts, whatever `--gpu-fused-mma` says (fused_check's error bounds).
-pub fn mma_covers(k_bits: u8, k_group: usize, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
+pub fn mma_covers(k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head_dim: usize, rows: usize, q_dtype: Dtype) -> bool {
     k_group == 64
         && v_group == 64
         && matches!(head_dim, 64 | 128)
         && matches!(k_bits, 4 | 8)
+        && matches!(v_bits, 2 | 4 | 8)
         && (1..=8).contains(&rows)
         && matches!(q_dtype, Dtype::Float16 | Dtype::Bfloat16)
 }
 
 /// Dims each lane owns in the value pass: a power of two with at most 64 bits of codes per
-/// lane and token (one 2-, 4- or 8-byte load) and at most 32 accumulators per lane
-/// (`rows * dims`, so the kernel stays near 130 registers), but enough that 32 lanes cover
-/// head_dim, at least 2 bytes of codes (the smallest load the kernel issues), and inside one value group (one scale and bias per lane and token).
+/// lane and token (one 2-, 4- or 8-byte load; 3 or 6 bytes at 3/6 bits, one or two aligned
+/// words) and at most 32 accumulators per lane (`rows * dims`, so the kernel stays near 130
+/// registers), but enough that 32 lanes cover head_dim, at least 2 bytes of codes (the smallest
+/// load the kernel issues) in whole bytes (3/6 bits: 4 or 8 dims at least), and inside one
+/// value group (one scale and bias per lane and token).
 pub fn value_dims(head_dim: usize, v_bits: u8, rows: usize, v_group: usize) -> usize {
-    let cap = (64 / v_bits as usize).min(32 / rows.max(1)).max(1);
+    let bits = v_bits as usize;
+    let cap = (64 / bits).min(32 / rows.max(1)).max(1);
     let mut vd = 1;
     while vd * 2 <= cap {
         vd *= 2;
     }
-    vd.max(head_dim / 32).max(16 / v_bits as usize).min(v_group).min(head_dim)
+    let mut least = 1;
+    while least * bits < 16 || !(least * bits).is_multiple_of(8) {
+        least *= 2;
+    }
+    vd.max(head_dim / 32).max(least).min(v_group).min(head_dim)
 }
 
 /// Token splits for `t` tokens over `heads` blocks rows: `(n_split, per)` with `per` a multiple
@@ -155,6 +188,13 @@ const MERGE_DEF: KernelDef = KernelDef {
     body: MERGE,
     inputs: &["part_o", "part_m", "part_l", "meta"],
     outputs: &["out"],
+};
+const CHANNELS_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_channels_partial",
+    defines: "",
+    body: CHANNELS,
+    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "meta"],
+    outputs: &["out_o", "out_m", "out_l"],
 };
 const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_partial",
@@ -475,6 +515,65 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }
 
+/// Decode attention of `q` (`[B, Hq, L, D]`, unscaled) over a per-channel key body and its float
+/// tail (`b`, see [`ChannelBody`]): the body's `b.len` tokens (whole key groups) and then the
+/// tail's, in one softmax, in two launches (`kernels/decode_channels.cu`, then the merge).
+/// Returns `[B, Hq, L, D]` in `q`'s dtype.
+pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
+    let qs = q.shape();
+    let (bs, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let hkv = b.k.full.w.shape()[1];
+    let (bh, rows) = (bs * hkv, hq / hkv * l);
+    // Unscaled: the kernel scales the query (one op less per layer; ops cost on the GPU).
+    let q3 = q.reshape(&[bs, hkv, hq / hkv, l, d])?.reshape(&[bh, rows, d])?;
+    // An empty tail still needs an input: one zero row, never read (T = len).
+    let empty;
+    let (tk, tv, n) = match b.tail {
+        Some((tk, tv)) => (tk, tv, tk.shape()[2] as usize),
+        None => {
+            empty = mlx_rs::ops::zeros_dtype(&[bs, hkv, 1, d], Dtype::Float16)?;
+            (&empty, &empty, 0)
+        }
+    };
+    let t = b.len + n;
+    if t == 0 || b.len > b.cap || !b.len.is_multiple_of(b.k.group) {
+        return Err(KvError::Shape(format!("fused per-channel attention: {} body tokens (capacity {}, key groups of {})", b.len, b.cap, b.k.group)));
+    }
+    let (n_split, per) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, b.v.bits, rows as usize, b.v.group);
+    let meta = Array::from_slice(&[t as i32, 0, per as i32, n_split as i32, b.len as i32], &[5]);
+    let ns = n_split as i32;
+    let (k, v) = (b.k.full, b.v.full);
+    let parts = run_kernel(
+        &CHANNELS_DEF,
+        false,
+        &[&q3, &k.w, &k.scales, &k.biases, &v.w, &v.scales, &v.biases, tk, tv, &meta],
+        &[
+            Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+            Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        ],
+        (ns * 32 * WARPS, bh),
+        32 * WARPS,
+        &shape_args(d, (b.k.bits, b.k.group), (b.v.bits, b.v.group), rows, vd, scale),
+        // Both dtypes in the kernel's name (see `decode_step_paged`): the tail is f16, bf16 or
+        // f32 (a narrowed f16 tail reads back as f32).
+        &[("OT", q.dtype()), ("TT", tk.dtype())],
+    )?;
+    let out = run_kernel(
+        &MERGE_DEF,
+        false,
+        &[&parts[0], &parts[1], &parts[2], &meta],
+        &[Out { shape: &[bh, rows, d], dtype: q.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q.dtype())],
+    )?;
+    let out = out.into_iter().next().expect("the merge kernel has one output");
+    Ok(out.reshape(&[bs, hkv, hq / hkv, l, d])?.reshape(&[bs, hq, l, d])?)
+}
+
 /// One decode step of a layer in two launches and no other op: the new token's key and value
 /// (`k_new`, `v_new`: `[B, Hkv, 1, D]`) are quantized on the GPU and written in place into
 /// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
@@ -655,7 +754,7 @@ pub fn decode_step_paged(
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let mut ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale).to_vec();
     ints.push(("BLOCK", block));
-    let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.group, d as usize, rows as usize, q.dtype());
+    let mma = opts.gpu_fused_mma.on() && mma_covers(k.bits, k.group, v.bits, v.group, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, k.w, k.scales, k.biases, v.w, v.scales, v.biases, table, ctr];
     // MLX names a compiled custom kernel by its name and template arguments only, not by its
     // inputs' dtypes: both dtypes go in as (otherwise unused) type arguments, or an f16 and a
@@ -759,17 +858,37 @@ mod tests {
     }
 
     #[test]
+    fn three_and_six_bits_run_on_cuda_cores() {
+        for (k, v) in [(6, 6), (3, 3), (8, 6), (6, 4), (4, 3)] {
+            assert!(covers(k, v, 128, 4), "k{k}v{v}");
+            assert!(!mma_covers(k, 64, v, 64, 128, 4, Dtype::Float16), "k{k}v{v} has no tensor-core variant");
+        }
+        assert!(mma_covers(8, 64, 4, 64, 128, 4, Dtype::Float16));
+        assert!(!covers(5, 5, 128, 4) && !covers(8, 5, 128, 4), "5-bit packs are 5 bytes: not read");
+    }
+
+    #[test]
+    fn per_channel_key_groups_must_be_whole_tiles() {
+        assert!(covers_channels(6, 64, 6, 64, 3) && covers_channels(3, 128, 2, 128, 4) && covers_channels(4, 64, 4, 256, 4));
+        assert!(!covers_channels(6, 48, 6, 64, 3), "a 32-token tile would straddle two key groups");
+        assert!(!covers_channels(5, 64, 4, 64, 3) && !covers_channels(6, 64, 6, 96, 3) && !covers_channels(6, 64, 6, 64, 9));
+    }
+
+    #[test]
     fn value_dims_fit_the_lanes_and_the_groups() {
         for d in [32usize, 64, 128, 256] {
-            for bits in [2u8, 4, 8] {
+            for bits in [2u8, 3, 4, 6, 8] {
                 for rows in 1..=8usize {
                     for group in [32usize, 64, 128].into_iter().filter(|g| *g <= d) {
                         let vd = value_dims(d, bits, rows, group);
                         assert!(vd.is_power_of_two() && d % vd == 0, "d={d} vd={vd}");
                         assert!(d / vd <= 32, "d={d} vd={vd}: more than 32 lanes per token");
                         assert!(group % vd == 0, "vd={vd} straddles groups of {group}");
+                        assert_eq!(vd * bits as usize % 8, 0, "d={d} bits={bits} rows={rows}: codes end inside a byte");
                         let bytes = vd * bits as usize / 8;
-                        assert!(matches!(bytes, 2 | 4 | 8), "d={d} bits={bits} rows={rows}: {bytes}-byte value load");
+                        // 2/4/8 bits: one aligned load; 3/6 bits: one or two aligned words.
+                        let loads = if bits.is_power_of_two() { matches!(bytes, 2 | 4 | 8) } else { matches!(bytes, 3 | 6) };
+                        assert!(loads, "d={d} bits={bits} rows={rows}: {bytes}-byte value load");
                         assert!(rows * vd <= 64, "d={d} rows={rows} vd={vd}: too many accumulators");
                     }
                 }

@@ -121,13 +121,22 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
     if segments.iter().all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_)))) {
         return pick(Path::Sdpa, "every segment in float");
     }
+    let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
     let Some((k, v, _, _)) = body else {
-        return pick(Path::MlxQuantized, "several segments, a mask, per-channel keys or learned sinks");
+        let Some(b) = channel_packed_body(segments, mask, sinks) else {
+            return pick(Path::MlxQuantized, "several segments, a mask, or learned sinks");
+        };
+        if let Err(why) = fused_allowed() {
+            return pick(Path::MlxQuantized, why);
+        }
+        if !fused::covers_channels(b.k.bits, b.k.group, b.v.bits, d, rows) {
+            return pick(Path::MlxQuantized, "per-channel widths, key groups, head_dim or query rows the fused kernel does not cover");
+        }
+        return pick(Path::FusedGpu, "one packed per-channel body and its float tail, no mask or sinks");
     };
     if let Err(why) = fused_allowed() {
         return pick(Path::MlxQuantized, why);
     }
-    let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
     if !fused::covers(k.bits, v.bits, d, rows) {
         return pick(Path::MlxQuantized, "widths, head_dim or query rows the fused kernel does not cover");
     }
@@ -136,7 +145,6 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
 
 /// Runs `choice` (from [`choose`] on the same arguments).
 pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-    let body = || single_packed_body(segments, mask, sinks).expect("the chosen path needs one packed body");
     match choice.path {
         Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scale, sinks),
         Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scale, sinks),
@@ -148,10 +156,13 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
                 cpu::primitive_channels(q, &b, scale)
             }
         },
-        Path::FusedGpu => {
-            let (k, v, len, cap) = body();
-            fused::attend(q, k, v, len, cap, scale)
-        }
+        Path::FusedGpu => match single_packed_body(segments, mask, sinks) {
+            Some((k, v, len, cap)) => fused::attend(q, k, v, len, cap, scale),
+            None => {
+                let b = channel_packed_body(segments, mask, sinks).expect("the fused kernel needs one packed body");
+                fused::attend_channels(q, &b, scale)
+            }
+        },
         Path::FusedStep => unreachable!("the fused step runs through the cache (choose_step)"),
         Path::PagedCpu | Path::PagedStep => unreachable!("paged steps run through crate::batch (choose_paged)"),
     }
@@ -187,8 +198,9 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
 }
 
 /// Whether this backend's fast decode path reads a cache of `spec` (query rows aside): on the
-/// CPU our primitive (keys per token or per channel), on CUDA the fused kernel (per-token keys). True where no fast path would
-/// run anyway (Metal, `--gpu-fused off`), since every setting then takes MLX's ops alike.
+/// CPU our primitive, on CUDA the fused kernel (keys per token or per channel, see
+/// [`fused::covers_channels`]). True where no fast path would run anyway (Metal,
+/// `--gpu-fused off`), since every setting then takes MLX's ops alike.
 pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
     if !spec.k.is_quantized() || !spec.v.is_quantized() {
         return true;
@@ -201,13 +213,19 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
         return !mlx_ext::options::current().cpu_kernels.on()
             || (mlx_ext::cpu::supports(spec.k.bits, spec.k.group, k_len) && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim));
     }
-    fused_allowed().is_err() || (per_token && fused::covers(spec.k.bits, spec.v.bits, head_dim, 1))
+    fused_allowed().is_err()
+        || if per_token {
+            fused::covers(spec.k.bits, spec.v.bits, head_dim, 1)
+        } else {
+            fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)
+        }
 }
 
 /// The path for a decode step of sequences whose caches live in pool blocks of these widths
 /// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
 /// its gathered blocks instead. Per-channel keys (`k_channels`, groups of `k_group` tokens)
-/// have a paged path on the CPU only.
+/// have a paged path on the CPU only; on CUDA they attend over the gathered blocks (the fused
+/// per-channel kernel where it covers them, through [`choose`]).
 pub fn choose_paged(k_bits: u8, k_group: usize, k_channels: bool, v_bits: u8, v_group: usize, head_dim: usize, rows: usize) -> Option<Choice> {
     if Backend::current() == Backend::Cpu {
         let k_len = if k_channels { crate::pool::BLOCK } else { head_dim };

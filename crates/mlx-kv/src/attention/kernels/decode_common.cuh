@@ -37,6 +37,22 @@ __device__ __forceinline__ float kv_code(unsigned w, int e) {
   }
 }
 
+// Code `j` of a run of B-bit codes packed as MLX packs a row: one little-endian bit stream over
+// u32 words, code j at bit j * B. 2-, 4- and 8-bit codes never straddle a word (kv_code); MLX
+// packs 3-bit codes 8 to 3 bytes and 6-bit codes 4 to 3 bytes, so some of theirs straddle two
+// words and are joined with a funnel shift. `j` is a constant after unrolling, so the straddle
+// test and the word index fold away.
+template <int B>
+__device__ __forceinline__ float kv_code_at(const unsigned* w, int j) {
+  if constexpr ((B & (B - 1)) == 0) {
+    return kv_code<B>(w[j * B / 32], (j * B % 32) / B);
+  } else {
+    const int bit = j * B, wi = bit >> 5, sh = bit & 31;
+    const unsigned x = sh + B <= 32 ? w[wi] >> sh : __funnelshift_r(w[wi], w[wi + 1], sh);
+    return __uint_as_float((x & ((1u << B) - 1u)) | 0x4b000000u) - 8388608.f;
+  }
+}
+
 __device__ __forceinline__ float kv_warp_max(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
@@ -59,13 +75,57 @@ template <> __device__ __forceinline__ float kv_from_float<float>(float x) { ret
 template <> __device__ __forceinline__ __half kv_from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 kv_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// Packs D B-bit codes (one byte each in `code`) into the D * B / 32 words of a row, lane `lane`
+// of a warp writing every 32nd word.
+template <int D, int B>
+__device__ __forceinline__ void kv_pack_codes(const unsigned char* code, uint32_t* w, int lane) {
+  if constexpr ((B & (B - 1)) == 0) {
+    constexpr int PW = 32 / B;
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      uint32_t word = 0u;
+#pragma unroll
+      for (int e = 0; e < PW; ++e) word |= (uint32_t)code[wi * PW + e] << (e * B);
+      w[wi] = word;
+    }
+  } else {
+    for (int wi = lane; wi < D * B / 32; wi += 32) {
+      // Codes 32 wi / B .. (32 wi + 31) / B have bits in word wi; a negative shift is the high
+      // part of a code that began in the word before.
+      uint32_t word = 0u;
+      for (int j = 32 * wi / B; j <= (32 * wi + 31) / B; ++j) {
+        const int sh = j * B - 32 * wi;
+        const uint32_t c = code[j];
+        word |= sh >= 0 ? c << sh : c >> -sh;
+      }
+      w[wi] = word;
+    }
+  }
+}
+
+// NB bytes (at most 8) that start `mis` bytes (0-3) into the aligned word `p[0]`, as
+// (NB + 3) / 4 words from their first byte: the aligned words that hold them are loaded (none
+// past them, which may lie past the buffer's end) and funnel-shifted down. 3- and 6-bit value
+// codes of a lane start at any byte.
+template <int NB>
+__device__ __forceinline__ void kv_load_bytes(const unsigned* p, unsigned mis, unsigned* out) {
+  constexpr int MAXMIS = NB % 4 == 0 ? 0 : (NB % 2 == 0 ? 2 : 3);  // bytes start at multiples of NB
+  constexpr int WIN = (NB + MAXMIS + 3) / 4;
+  unsigned x[WIN + 1];
+#pragma unroll
+  for (int w = 0; w < WIN; ++w) x[w] = 4u * w < mis + NB ? p[w] : 0u;
+  x[WIN] = 0u;
+#pragma unroll
+  for (int w = 0; w < (NB + 3) / 4; ++w) out[w] = __funnelshift_r(x[w], x[w + 1], 8u * mis);
+}
+
 // Quantizes one row of D values (one KV head's new token) into B-bit codes with one scale and
 // bias per G values, as MLX's affine_quantize does (same formulas and order, so the codes
 // match MLX's `quantize`): its running max starts at 0 and its min at FLT_MAX, the scale is
 // (max - min) / (2^B - 1) with its sign and the bias chosen by the edge of larger magnitude,
 // and codes are round((x - bias) / scale) clamped to 2^B - 1. Called by one warp; each lane
 // owns D / 32 consecutive values. Codes are staged in `code_s` (D bytes) and packed into u32
-// words little end first.
+// words as one little-endian bit stream (code j at bit j * B), which is MLX's layout for every
+// width: 3- and 6-bit codes may straddle two words, and each word takes the parts that fall in it.
 template <int D, int G, int B, typename T>
 __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half* sc, __half* bi,
                                                 unsigned char* code_s, int lane) {
@@ -103,13 +163,7 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
     code_s[lane * VPL + i] = (unsigned char)fminf(fmaxf(roundf((v[i] - bias) / scale), 0.f), n_bins);
   }
   __syncwarp();
-  constexpr int PW = 32 / B;
-  for (int wi = lane; wi < D * B / 32; wi += 32) {
-    uint32_t word = 0u;
-#pragma unroll
-    for (int e = 0; e < PW; ++e) word |= (uint32_t)code_s[wi * PW + e] << (e * B);
-    w[wi] = word;
-  }
+  kv_pack_codes<D, B>(code_s, w, lane);
 }
 
 // ---- Tensor-core helpers (the KV_MMA variant of decode_partial.cu) ----

@@ -10,6 +10,11 @@
 // Values: LPT = D / VD lanes cover one token (each owns VD dims, loaded as one 2/4/8-byte
 // word), TPW = 32 / LPT tokens per step; the value-group bias contributes p * bias to every
 // dim of the group, so it is kept as one running sum per lane and query row.
+// 3- and 6-bit codes (MLX packs them as a bit stream, 8 or 4 codes to 3 bytes): a key row is
+// still whole u32 words per group, read as for 2/4/8 bits, with codes that straddle two words
+// joined (kv_code_at); a lane's value bytes (3 or 6) start at any byte, so the lane loads the
+// one or two aligned words that cover them and shifts them into place as they arrive (keeping
+// the aligned window until use cost 32 more registers at 8 query rows, and spills).
 // Output per (head, split, row): unnormalised o, running max m, denominator l; the merge
 // kernel combines the splits.
 // KV_STEP (a decode step, fused.rs `decode_step`): the block whose split holds the new token
@@ -31,8 +36,13 @@ constexpr int GKW = GK * BK / 32; // words per key group
 constexpr int LPT = D / VD;
 constexpr int TPW = 32 / LPT;
 constexpr int VB = VD * BV / 8;   // bytes of value codes per lane and token
-constexpr int VBW = VB >= 4 ? VB / 4 : 1;
+constexpr bool VPOW2 = (BV & (BV - 1)) == 0;
+// Words a lane holds per token: 2/4/8 bits load one aligned 2-, 4- or 8-byte word; 3/6 bits
+// load the aligned words that cover VB bytes and keep them shifted to the first (kv_load_bytes).
+constexpr int VBW = VB >= 4 ? (VB + 3) / 4 : 1;
 static_assert(32 % TPW == 0, "value steps must tile 32 tokens");
+static_assert(VD * BV % 8 == 0 && (VPOW2 ? (VB == 2 || VB == 4 || VB == 8) : VB <= 8),
+              "a lane's value codes are whole bytes, at most 8");
 
 const int lane = threadIdx.x & 31;
 const int warp = threadIdx.x >> 5;
@@ -134,8 +144,8 @@ __syncthreads();
 //   2tg+9 of each 16.
 // Precision: keys' codes and the f16 queries are exact in f16 and the dots accumulate in f32;
 // values are rounded to f16 (as a dense f16 cache stores them) and p to f16.
-static_assert(GK == 64 && GV == 64 && D % 64 == 0 && D <= 128 && REP <= 8 && (BK == 4 || BK == 8),
-              "tensor-core variant: groups of 64, head_dim 64 or 128, at most 8 rows");
+static_assert(GK == 64 && GV == 64 && D % 64 == 0 && D <= 128 && REP <= 8 && (BK == 4 || BK == 8) && VPOW2,
+              "tensor-core variant: groups of 64, head_dim 64 or 128, at most 8 rows, 4/8-bit keys, 2/4/8-bit values");
 constexpr int NG = D / 64;                 // key and value groups per row
 constexpr int CW = BK / 2;                 // u32 words of a lane's 16-dim key chunk
 constexpr int VCW = BV >= 4 ? BV / 4 : 1;  // u32 words of a lane's 8-dim value chunk
@@ -355,6 +365,9 @@ __shared__ float p_s[WARPS][REP][32];
 const int sub = lane / LPT;      // which token of a value step this lane reads
 const int d0 = (lane % LPT) * VD;
 const int vgrp = d0 / GV;
+// 3/6 bits: the lane's first value byte, the aligned word holding it and its byte in that word.
+const unsigned voff = (unsigned)d0 * BV / 8;
+const unsigned vmis = VPOW2 ? 0u : voff & 3u;
 
 float m[REP], l[REP], accb[REP], acc[REP][VD];
 #pragma unroll
@@ -395,7 +408,9 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     if (tt < nt) {
       const size_t row = row0 + tt;
       const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
-      if constexpr (VB == 8) {
+      if constexpr (!VPOW2) {
+        kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
+      } else if constexpr (VB == 8) {
         const uint2 x = *reinterpret_cast<const uint2*>(vrow);
         vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
       } else if constexpr (VB == 4) {
@@ -417,14 +432,10 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
       for (int r = 0; r < REP; ++r) dot[r] = 0.f;
 #pragma unroll
-      for (int w = 0; w < GKW; ++w) {
+      for (int j = 0; j < GK; ++j) {
+        const float c = kv_code_at<BK>(kwv + g * GKW, j);
 #pragma unroll
-        for (int e = 0; e < 32 / BK; ++e) {
-          const float c = kv_code<BK>(kwv[g * GKW + w], e);
-          const int j = g * GK + w * (32 / BK) + e;
-#pragma unroll
-          for (int r = 0; r < REP; ++r) dot[r] = fmaf(q_s[r * D + j], c, dot[r]);
-        }
+        for (int r = 0; r < REP; ++r) dot[r] = fmaf(q_s[r * D + g * GK + j], c, dot[r]);
       }
 #pragma unroll
       for (int r = 0; r < REP; ++r) s[r] += ksc[g] * dot[r] + kbi[g] * qg_s[r * KG + g];
@@ -448,6 +459,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
   for (int n = 0; n < NV; ++n) {
     const int tt = sub + n * TPW;
+    const unsigned* vc = vwv[n];
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
       const float p = p_s[warp][r][tt];
@@ -455,7 +467,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
       accb[r] = fmaf(p, vbi[n], accb[r]);
 #pragma unroll
       for (int i = 0; i < VD; ++i) {
-        acc[r][i] = fmaf(ps, kv_code<BV>(vwv[n][(i * BV) >> 5], ((i * BV) & 31) / BV), acc[r][i]);
+        acc[r][i] = fmaf(ps, kv_code_at<BV>(vc, i), acc[r][i]);
       }
     }
   }

@@ -1,0 +1,262 @@
+// Split-precision decode attention, pass 1, for per-channel keys (KIVI-style, fused.rs
+// `attend_channels`): one block per (token split, KV head), WARPS warps each walking 32-token
+// tiles of the split, as decode_partial.cu's CUDA-core variant does; its merge pass
+// (decode_merge.cu) finishes the job.
+//
+// Keys: the body's codes run along tokens, one row per channel (`kw` [BH, D, KWR] u32, MLX's
+// bit stream per row, so a 32-token tile of one channel is BK consecutive words), with one
+// scale and bias per channel and group of GK tokens (`ks`, `kb` [BH, D, KGR]). GK is a multiple
+// of 32 and tiles start at multiples of 32, so a tile lies in one key group and its score is
+//   s[t] = sum_d (q[d] * scale[d]) * code[d, t] + sum_d q[d] * bias[d]:
+// per tile, the warp folds the group's scales into the query once (qk_s, D * REP products) and
+// sums q * bias once; then each lane owns one token and walks the channels. Every step of that
+// walk is one warp load of the channel's BK words for the tile (one 32-byte sector at most:
+// the lanes read adjacent codes of one row), so loads are contiguous without staging.
+// Tail: tokens [TB, T) are the cache's newest ones, not yet a whole key group, in float
+// (`tk`, `tv` [BH, NT, D]); their tiles take plain dot products and plain value sums in the
+// same online softmax. TB is a multiple of GK, so no tile mixes body and tail.
+// Values stay per token and are read exactly as decode_partial.cu reads them (LPT lanes per
+// token, VD dims each, the group bias kept as one running sum); that part and the warp and
+// block merges at the end repeat decode_partial.cu's CUDA-core code (kept in step by hand:
+// sharing it would reshape a kernel that is already checked).
+constexpr int VW = D * BV / 32;
+constexpr int VG = D / GV;
+constexpr int LPT = D / VD;
+constexpr int TPW = 32 / LPT;
+constexpr int NV = 32 / TPW;       // value steps per tile
+constexpr int VB = VD * BV / 8;    // bytes of value codes per lane and token
+constexpr bool VPOW2 = (BV & (BV - 1)) == 0;
+constexpr bool KPOW2 = (BK & (BK - 1)) == 0;
+constexpr int VBW = VB >= 4 ? (VB + 3) / 4 : 1;
+constexpr int CH = D < 32 ? D : 32; // channels whose loads are issued together (one latency each)
+static_assert(GK % 32 == 0, "a 32-token tile lies in one key group");
+static_assert(D % CH == 0 && 32 % TPW == 0, "whole channel chunks and value steps");
+
+const int lane = threadIdx.x & 31;
+const int warp = threadIdx.x >> 5;
+const int split = blockIdx.x;
+const int bh = blockIdx.y;
+const int n_split = gridDim.x;
+const int T = meta[0];
+const int PER = meta[2];
+const int TB = meta[4];
+const int KWR = kw_shape[3];   // words per channel row: the key buffer's capacity * BK / 32
+const int KGR = ks_shape[3];   // key groups per channel row
+const int VCAP = vw_shape[2];
+const int NT = tk_shape[2];
+const int t0 = split * PER;
+const int t1 = min(T, t0 + PER);
+
+__shared__ __align__(16) float q_s[REP * D];
+__shared__ float p_s[WARPS][REP][32];
+__shared__ float sm_m[WARPS][REP];
+__shared__ float sm_l[WARPS][REP];
+__shared__ float sm_o[WARPS][REP][D];
+// A warp's query times its tile's key scales, per channel. It shares sm_o's storage: each warp
+// uses only its own slice, qk_s inside its tile loop and sm_o after it (static shared memory
+// is capped at 48 KB, which D = 256 with 8 rows would pass with both).
+float (*const qk_s)[D] = sm_o[warp];
+
+// The query scale is applied here (SCALE_BITS, an f32's bits), not by an op before the launch.
+for (int i = threadIdx.x; i < REP * D; i += blockDim.x) q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
+__syncthreads();
+
+const int sub = lane / LPT;      // which token of a value step this lane reads
+const int d0 = (lane % LPT) * VD;
+const int vgrp = d0 / GV;
+const unsigned voff = (unsigned)d0 * BV / 8;
+const unsigned vmis = VPOW2 ? 0u : voff & 3u;
+// This lane's code in a channel's words of a tile: bit lane * BK of the BK words.
+const int kwi = lane * BK / 32;
+const int ksh = lane * BK % 32;
+
+float m[REP], l[REP], accb[REP], acc[REP][VD];
+#pragma unroll
+for (int r = 0; r < REP; ++r) {
+  m[r] = -KV_INF; l[r] = 0.f; accb[r] = 0.f;
+#pragma unroll
+  for (int i = 0; i < VD; ++i) acc[r][i] = 0.f;
+}
+
+for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
+  const int t = base + lane;
+  const bool valid = t < t1;
+  const int nt = min(32, t1 - base);
+  const bool body = base < TB;
+  float s[REP];
+  if (body) {
+    // Value loads first (as decode_partial.cu), so their latency overlaps the key walk.
+    const size_t row0 = (size_t)bh * VCAP + base;
+    unsigned vwv[NV][VBW];
+    float vsc[NV], vbi[NV];
+#pragma unroll
+    for (int n = 0; n < NV; ++n) {
+      const int tt = sub + n * TPW;
+      vsc[n] = 0.f; vbi[n] = 0.f;
+#pragma unroll
+      for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
+      if (tt < nt) {
+        const size_t row = row0 + tt;
+        const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
+        if constexpr (!VPOW2) {
+          kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
+        } else if constexpr (VB == 8) {
+          const uint2 x = *reinterpret_cast<const uint2*>(vrow);
+          vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
+        } else if constexpr (VB == 4) {
+          vwv[n][0] = *reinterpret_cast<const unsigned*>(vrow);
+        } else {
+          vwv[n][0] = *reinterpret_cast<const unsigned short*>(vrow);
+        }
+        vsc[n] = __half2float(vs[row * VG + vgrp]);
+        vbi[n] = __half2float(vb[row * VG + vgrp]);
+      }
+    }
+    // The tile's key group folded into the query: qk_s[r][d] = q[r][d] * scale[d], and
+    // s starts from sum_d q[r][d] * bias[d] (lanes own every 32nd channel).
+    const int g = base / GK;
+#pragma unroll
+    for (int r = 0; r < REP; ++r) s[r] = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      const size_t at = ((size_t)bh * D + d) * KGR + g;
+      const float sc = __half2float(ks[at]), bi = __half2float(kb[at]);
+#pragma unroll
+      for (int r = 0; r < REP; ++r) {
+        qk_s[r][d] = q_s[r * D + d] * sc;
+        s[r] = fmaf(q_s[r * D + d], bi, s[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < REP; ++r) s[r] = kv_warp_sum(s[r]);
+    __syncwarp();
+    const uint32_t* kt = kw + (size_t)bh * D * KWR + (size_t)base * BK / 32;
+#pragma unroll 1
+    for (int c0 = 0; c0 < D; c0 += CH) {
+      unsigned lo[CH], hi[CH];
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const uint32_t* w = kt + (size_t)(c0 + c) * KWR;
+        lo[c] = w[kwi];
+        // 3/6 bits: a code that straddles two words takes the next one (still in the tile).
+        hi[c] = !KPOW2 && ksh + BK > 32 ? w[kwi + 1] : 0u;
+      }
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const float code = KPOW2 ? kv_code<BK>(lo[c], ksh / BK)
+                                 : __uint_as_float((__funnelshift_r(lo[c], hi[c], ksh) & ((1u << BK) - 1u)) | 0x4b000000u) - 8388608.f;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) s[r] = fmaf(qk_s[r][c0 + c], code, s[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
+    __syncwarp();
+    // Softmax, then the values (as decode_partial.cu).
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
+      const float alpha = __expf(m[r] - m_new);
+      const float p = valid ? __expf(s[r] - m_new) : 0.f;
+      l[r] = l[r] * alpha + p;
+      accb[r] *= alpha;
+#pragma unroll
+      for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
+      p_s[warp][r][lane] = p;
+      m[r] = m_new;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < NV; ++n) {
+      const int tt = sub + n * TPW;
+#pragma unroll
+      for (int r = 0; r < REP; ++r) {
+        const float p = p_s[warp][r][tt];
+        const float ps = p * vsc[n];
+        accb[r] = fmaf(p, vbi[n], accb[r]);
+#pragma unroll
+        for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(ps, kv_code_at<BV>(vwv[n], i), acc[r][i]);
+      }
+    }
+  } else {
+    // Tail tile: float keys and values, row t - TB of the tail.
+    const size_t trow = (size_t)bh * NT + (t - TB);
+#pragma unroll
+    for (int r = 0; r < REP; ++r) s[r] = 0.f;
+    if (valid) {
+#pragma unroll 1
+      for (int c0 = 0; c0 < D; c0 += CH) {
+        float k[CH];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) k[c] = kv_to_float(tk[trow * D + c0 + c]);
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+#pragma unroll
+          for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c0 + c], k[c], s[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
+      const float alpha = __expf(m[r] - m_new);
+      const float p = valid ? __expf(s[r] - m_new) : 0.f;
+      l[r] = l[r] * alpha + p;
+      accb[r] *= alpha;
+#pragma unroll
+      for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
+      p_s[warp][r][lane] = p;
+      m[r] = m_new;
+    }
+    __syncwarp();
+    for (int n = 0; n < NV; ++n) {
+      const int tt = sub + n * TPW;
+      if (tt < nt) {
+        const size_t vrow = ((size_t)bh * NT + (base + tt - TB)) * D + d0;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+          const float p = p_s[warp][r][tt];
+#pragma unroll
+          for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(p, kv_to_float(tv[vrow + i]), acc[r][i]);
+        }
+      }
+    }
+  }
+  // The next tile's qk_s writes must not overtake this tile's reads by other lanes.
+  __syncwarp();
+}
+
+// Per warp: sum the lanes' denominators, and the value sums of lanes that own the same dims.
+// qk_s aliases this warp's sm_o slice: every lane is past its last read (the __syncwarp above).
+#pragma unroll
+for (int r = 0; r < REP; ++r) {
+  const float lw = kv_warp_sum(l[r]);
+#pragma unroll
+  for (int i = 0; i < VD; ++i) {
+    float a = acc[r][i] + accb[r];
+#pragma unroll
+    for (int off = LPT; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+    if (sub == 0) sm_o[warp][r][d0 + i] = a;
+  }
+  if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lw; }
+}
+__syncthreads();
+// Per block: merge the warps (a warp that saw no token has m = -inf and weight 0).
+for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+  const int r = i / D, d = i % D;
+  float M = -KV_INF;
+  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
+  float L = 0.f, O = 0.f;
+  if (M > -KV_INF) {
+    for (int w = 0; w < WARPS; ++w) {
+      const float c = sm_m[w][r] > -KV_INF ? __expf(sm_m[w][r] - M) : 0.f;
+      L += sm_l[w][r] * c;
+      O += sm_o[w][r][d] * c;
+    }
+  }
+  const size_t o = ((size_t)bh * n_split + split) * REP + r;
+  out_o[o * D + d] = O;
+  if (d == 0) { out_m[o] = M; out_l[o] = L; }
+}
