@@ -246,6 +246,9 @@ pub struct KvCache {
     /// The fused decode step's position counter on the device and the value it will hold once
     /// the queued steps ran (see [`KvCache::fused_step`]).
     step_pos: Option<(Array, usize)>,
+    /// The per-channel step's counter (see [`KvCache::channel_step`]) and the (tail row, body
+    /// tokens) it will hold once the queued steps ran.
+    chan_pos: Option<(Array, usize, usize)>,
     /// The path the last attention took (see [`KvCache::last_path`]).
     last_path: std::cell::Cell<Option<Choice>>,
 }
@@ -301,6 +304,7 @@ impl KvCache {
             key_center: None,
             head_dim,
             step_pos: None,
+            chan_pos: None,
             last_path: std::cell::Cell::new(None),
         })
     }
@@ -683,7 +687,11 @@ impl KvCache {
             if let Some(out) = self.fused_step(q, k, v, scale)? {
                 return Ok(out);
             }
+            if let Some(out) = self.channel_step(q, k, v, scale)? {
+                return Ok(out);
+            }
         }
+        self.chan_pos = None;
         self.update(k, v)?;
         self.attend(q, scale, sinks)
     }
@@ -748,6 +756,63 @@ impl KvCache {
         self.last_path.set(Some(choice));
         self.body_pos.push(self.offset as i32);
         self.body_head += 1;
+        self.offset += 1;
+        Ok(Some(out))
+    }
+
+    /// One decode token of a per-channel cache through the fused per-channel step, where
+    /// [`attention::choose_channel_step`] says so and the token fits the float tail without
+    /// completing a key group: the kernel writes the token's K and V into the tail buffers in
+    /// place and attends over body and tail in one launch ([`attention::fused::step_channels`]),
+    /// where the MLX-ops step is two tail writes, two contiguity copies of the tail, a host
+    /// array upload and two launches. The token that completes a group, and one that needs the
+    /// tail to grow, take the MLX-ops path (quantizing a group is a whole-group op).
+    fn channel_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+        let spec = &self.spec;
+        let block = spec.block_tokens();
+        let (ks, qs) = (k.shape(), q.shape());
+        let direct = ks[2] == 1
+            && qs[2] == 1
+            && block > 1
+            && spec.sinks == 0
+            && self.opts.max_size.is_none()
+            && self.sink_k.is_empty()
+            && !self.body_pos.is_empty()
+            && self.tail_k.len() + 1 < spec.residual + block
+            && self.body_pos.len().is_multiple_of(block);
+        if !direct {
+            return Ok(None);
+        }
+        let (Body::Quant(bk), Body::Quant(bv)) = (&self.body_k, &self.body_v) else { return Ok(None) };
+        if bk.axis != TokenAxis::Cols || bv.axis != TokenAxis::Rows {
+            return Ok(None);
+        }
+        let hkv = ks[1];
+        let rows = (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize);
+        let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, self.head_dim, rows) else { return Ok(None) };
+        let (Some(tk), Some(tv)) = (self.tail_k.room_for_one(k.dtype()), self.tail_v.room_for_one(v.dtype())) else { return Ok(None) };
+        let (Some((kf, _)), Some((vf, _))) = (bk.full(), bv.full()) else { return Ok(None) };
+        let (row, body) = (self.tail_k.len(), self.body_pos.len());
+        let pos = match self.chan_pos.take() {
+            Some((p, r, b)) if (r, b) == (row, body) => p,
+            // On the device (an add of a host array), as `fused_step`'s counter.
+            _ => {
+                let mut init = vec![0i32; 1024];
+                init[0] = row as i32;
+                init[1022] = body as i32;
+                Array::from_slice(&init, &[1024]).add(Array::from_int(0))?
+            }
+        };
+        let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+        let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
+        let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
+        let (tk, tv) = (tk.clone(), tv.clone());
+        let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, &tk, &tv, &pos, body + row + 1, scale)?;
+        let out = self.rotate_output(out)?;
+        self.tail_k.wrote_one();
+        self.tail_v.wrote_one();
+        self.chan_pos = Some((pos, row + 1, body));
+        self.last_path.set(Some(choice));
         self.offset += 1;
         Ok(Some(out))
     }

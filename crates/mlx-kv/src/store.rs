@@ -110,6 +110,21 @@ impl FloatStore {
         self.slots(self.head, self.end)
     }
 
+    /// The whole buffer (`[B, H, cap, D]`, row-contiguous) when a kernel may write the next
+    /// token into it in place (fused.rs `step_channels`): valid slots start at 0, there is room
+    /// for one more, and a token of dtype `x` is stored as the buffer's dtype without widening
+    /// changes (same dtype, or float32 into a store already narrowed).
+    pub(crate) fn room_for_one(&self, x: Dtype) -> Option<&Array> {
+        let d = self.data.as_ref()?;
+        let same = d.dtype() == x || (x == Dtype::Float32 && self.narrowed && self.store_as == Some(d.dtype()));
+        (self.head == 0 && self.end < d.shape()[2] as usize && same).then_some(d)
+    }
+
+    /// Counts the token a kernel wrote at slot `end` (after [`Self::room_for_one`]).
+    pub(crate) fn wrote_one(&mut self) {
+        self.end += 1;
+    }
+
     /// Drops the oldest `n` valid tokens.
     pub fn drop_front(&mut self, n: usize) -> Result<()> {
         self.head = (self.head + n).min(self.end);

@@ -61,9 +61,10 @@ const WARPS: i32 = 4;
 const TARGET_BLOCKS: usize = mlx_ext::options::DEFAULT_FUSED_BLOCKS;
 
 const COMMON: &str = include_str!("kernels/decode_common.cuh");
-const PARTIAL: &str = include_str!("kernels/decode_partial.cu");
+// The fold (the merge inside the step launch) is shared by both attention passes.
+const PARTIAL: &str = concat!(include_str!("kernels/decode_partial.cu"), include_str!("kernels/decode_fold.cu"));
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
-const CHANNELS: &str = include_str!("kernels/decode_channels.cu");
+const CHANNELS: &str = concat!(include_str!("kernels/decode_channels.cu"), include_str!("kernels/decode_fold.cu"));
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -195,6 +196,20 @@ const CHANNELS_DEF: KernelDef = KernelDef {
     body: CHANNELS,
     inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "meta"],
     outputs: &["out_o", "out_m", "out_l"],
+};
+const CHANNELS_STEP_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_channels_step",
+    defines: "#define KV_CSTEP 1\n",
+    body: CHANNELS,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "pos"],
+    outputs: &["out_o", "out_m", "out_l"],
+};
+const CHANNELS_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_channels_fold",
+    defines: "#define KV_CSTEP 1\n#define KV_FOLD 1\n",
+    body: CHANNELS,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "pos"],
+    outputs: &["part", "out"],
 };
 const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_partial",
@@ -572,6 +587,72 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
     )?;
     let out = out.into_iter().next().expect("the merge kernel has one output");
     Ok(out.reshape(&[bs, hkv, hq / hkv, l, d])?.reshape(&[bs, hq, l, d])?)
+}
+
+/// One decode step of a layer with per-channel keys, in one launch (two with
+/// `--gpu-fused-fold off`) and no other op: the new token's key and value (`k_new`, `v_new`:
+/// `[B, Hkv, 1, D]`) are written in place into row `pos[0]` of the cache's float tail buffers
+/// (`tk`, `tv`: the whole `[B, Hkv, NT, D]` buffers, row-contiguous, rows past the tail's
+/// tokens unused), rounded to the tail's dtype as `astype` rounds, then `q` (`[B, Hq, 1, D]`,
+/// unscaled) attends over the body's `pos[1022]` tokens (whole key groups, `b.len`, which only
+/// sizes the splits here) and the tail's `pos[0] + 1` as [`attend_channels`] does.
+///
+/// `pos` is an int32 device array of 1024 elements: `pos[0]` the new token's tail row,
+/// `pos[1022]` the body's tokens, the rest 0 (the fold's arrival counters); the step adds one
+/// to `pos[0]`, so consecutive steps into one tail reuse it. `t` is the tokens after the step
+/// (body and tail): it sizes the splits only. Sound for the reasons [`decode_step`] gives: the
+/// cache owns the tail buffers and later readers depend on this step's output.
+/// Returns `[B, Hq, 1, D]` in `q`'s dtype.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, tk: &Array, tv: &Array, pos: &Array, t: usize, scale: f32) -> Result<Array> {
+    let s = q.shape();
+    let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
+    let hkv = k_new.shape()[1];
+    if l != 1 || hq % hkv != 0 || tk.shape() != tv.shape() || tk.shape()[1] != hkv || tk.shape()[3] != d || tk.dtype() != tv.dtype() {
+        return Err(KvError::Shape(format!("fused per-channel step: q {s:?}, tail {:?}/{:?} with {hkv} KV heads", tk.shape(), tv.shape())));
+    }
+    if t == 0 {
+        return Err(KvError::Capacity { requested: t, capacity: 0 });
+    }
+    let (bh, rows) = (b * hkv, hq / hkv);
+    let (n_split, _) = split_plan(t, bh as usize);
+    let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
+    let ns = n_split as i32;
+    let ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale);
+    let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, tk, tv, pos];
+    // Both dtypes in the name (see `decode_step_paged`); the tail's picks TT.
+    let types = [("OT", q.dtype()), ("TT", tk.dtype()), ("KT", k_new.dtype())];
+    // pos[1022] holds the body length, so at most 1021 heads' counters.
+    if mlx_ext::options::current().gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1021 {
+        let out = run_kernel(
+            &CHANNELS_FOLD_DEF,
+            false,
+            &inputs,
+            &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+            (ns * 32 * WARPS, bh),
+            32 * WARPS,
+            &ints,
+            &types,
+        )?;
+        return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
+    }
+    let parts_out = [
+        Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+        Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
+    ];
+    let parts = run_kernel(&CHANNELS_STEP_DEF, false, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &types)?;
+    let out = run_kernel(
+        &STEP_MERGE_DEF,
+        false,
+        &[&parts[0], &parts[1], &parts[2], pos],
+        &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+        (d, bh * rows),
+        d,
+        &[("D", d), ("REP", rows)],
+        &[("OT", q.dtype())],
+    )?;
+    Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }
 
 /// One decode step of a layer in two launches and no other op: the new token's key and value

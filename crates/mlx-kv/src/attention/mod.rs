@@ -197,6 +197,19 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
     fused::covers(case.k_bits, case.v_bits, case.head_dim, rows).then(|| pick(Path::FusedStep, "one new token into a quantized per-token body"))
 }
 
+/// `Some(FusedStep)` when a per-channel cache should hand its decode token to the fused
+/// per-channel step ([`fused::step_channels`]: the token written into the float tail and
+/// attention over body and tail in one launch); `None` when it writes the token with MLX ops
+/// and then calls [`choose`]. `direct` as in [`StepCase`], for a per-channel cache whose tail
+/// has room for the token without a group flush.
+pub fn choose_channel_step(direct: bool, k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: Option<usize>) -> Option<Choice> {
+    if !direct || !mlx_ext::options::current().gpu_fused_step.on() {
+        return None;
+    }
+    fused_allowed().ok()?;
+    fused::covers_channels(k_bits, k_group, v_bits, head_dim, rows?).then(|| pick(Path::FusedStep, "one new token into a per-channel cache's float tail"))
+}
+
 /// Whether this backend's fast decode path reads a cache of `spec` (query rows aside): on the
 /// CPU our primitive, on CUDA the fused kernel (keys per token or per channel, see
 /// [`fused::covers_channels`]). True where no fast path would run anyway (Metal,

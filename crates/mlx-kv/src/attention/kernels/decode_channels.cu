@@ -37,9 +37,35 @@ const int warp = threadIdx.x >> 5;
 const int split = blockIdx.x;
 const int bh = blockIdx.y;
 const int n_split = gridDim.x;
+#ifndef KV_FOLD
+#define KV_FOLD 0
+#endif
+#ifndef KV_PAGED
+#define KV_PAGED 0
+#endif
+#ifndef KV_CSTEP
+#define KV_CSTEP 0
+#endif
+#if KV_FOLD
+// One scratch output for the splits' partial results (as decode_partial.cu's fold).
+float* const out_o = part;
+float* const out_m = part + (size_t)gridDim.y * gridDim.x * REP * D;
+float* const out_l = out_m + (size_t)gridDim.y * gridDim.x * REP;
+#endif
+#if KV_CSTEP
+// The decode step (fused.rs `step_channels`): `tk`, `tv` are the cache's whole tail buffers
+// (capacity NT rows per head, read in place: no contiguity copy), pos[0] the tail row of the
+// new token and pos[1022] the body's tokens. The token's K and V rows are written into the
+// tail in its dtype (TT; the same rounding as MLX's astype) by the block that reads them.
+const int NEW = pos[0];
+const int TB = pos[1022];
+const int T = TB + NEW + 1;
+const int PER = ((T + n_split - 1) / n_split + 31) / 32 * 32;
+#else
 const int T = meta[0];
 const int PER = meta[2];
 const int TB = meta[4];
+#endif
 const int KWR = kw_shape[3];   // words per channel row: the key buffer's capacity * BK / 32
 const int KGR = ks_shape[3];   // key groups per channel row
 const int VCAP = vw_shape[2];
@@ -57,6 +83,18 @@ __shared__ float sm_o[WARPS][REP][D];
 // is capped at 48 KB, which D = 256 with 8 rows would pass with both).
 float (*const qk_s)[D] = sm_o[warp];
 
+#if KV_CSTEP
+if (split == (T - 1) / PER && warp < 2) {
+  const size_t row = ((size_t)bh * NT + NEW) * D;
+  TT* const dst = const_cast<TT*>(warp == 0 ? tk : tv) + row;
+  if (warp == 0) {
+    for (int i = lane; i < D; i += 32) dst[i] = kv_from_float<TT>(kv_to_float(knew[(size_t)bh * D + i]));
+  } else {
+    for (int i = lane; i < D; i += 32) dst[i] = kv_from_float<TT>(kv_to_float(vnew[(size_t)bh * D + i]));
+  }
+  __threadfence_block();
+}
+#endif
 // The query scale is applied here (SCALE_BITS, an f32's bits), not by an op before the launch.
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
 __syncthreads();
