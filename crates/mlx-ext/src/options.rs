@@ -87,6 +87,10 @@ pub struct EngineOptions {
     /// (`off`: partial and merge kernels)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_fold: Toggle,
+    /// GPU: Hadamard rotations of a per-channel layer's decode step inside its one-launch
+    /// kernel (`off`: matmul ops around the kernel)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_fused_rotate: Toggle,
     /// GPU: tensor-core (mma) variant of the attention pass where it covers the shape
     /// (`off`: the CUDA-core variant)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
@@ -121,6 +125,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused: Toggle::On,
     gpu_fused_step: Toggle::On,
     gpu_fused_fold: Toggle::On,
+    gpu_fused_rotate: Toggle::On,
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     cpu_kernels: Toggle::On,
@@ -143,10 +148,11 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
+            self.gpu_fused_rotate.name(),
             self.gpu_fused_mma.name(),
             self.gpu_fused_blocks,
             self.cpu_kernels.name(),

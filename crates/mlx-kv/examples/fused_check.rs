@@ -319,16 +319,21 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
     // (hkv, rows, d, key group, value group, tokens after the steps, keys rotated): 770, 1154
     // and 4098 reach a group edge in their first step (the tail fills, is quantized, and that
     // step attends with an empty tail), then start a new tail; 1000 keeps a tail of 104.
-    let cases = [(3, 3, 64, 64, 64, 770, false), (8, 4, 128, 128, 64, 1000, false), (1, 4, 256, 64, 128, 1154, true), (2, 1, 64, 128, 64, 4098, false)];
-    for &(hkv, rep, d, gk, gv, t, rotated) in &cases {
+    // Rotation: 0 none, 1 keys, 3 keys and values (the fused step rotates inside its one
+    // launch; elsewhere matmul ops around the kernel).
+    let cases = [(3, 3, 64, 64, 64, 770, 0u8), (8, 4, 128, 128, 64, 1000, 0), (1, 4, 256, 64, 128, 1154, 1), (2, 1, 64, 128, 64, 4098, 0), (3, 3, 64, 128, 64, 1000, 3)];
+    for &(hkv, rep, d, gk, gv, t, rot_mode) in &cases {
+        let rotated = rot_mode & 1 != 0;
         for &(kb, vb) in &pairs {
             let mut spec = KvSpec::bits(kb, vb);
             spec.key_layout = mlx_kv::KeyLayout::PerChannel;
             spec.k.group = gk;
             spec.v.group = gv;
-            if rotated {
-                spec.rotation = mlx_kv::Rotation::Keys;
-            }
+            spec.rotation = match rot_mode {
+                0 => mlx_kv::Rotation::None,
+                1 => mlx_kv::Rotation::Keys,
+                _ => mlx_kv::Rotation::KeysAndValues,
+            };
             let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
             let scale = 1.0 / (d as f32).sqrt();
             let (mut worst, mut paths, mut pass) = (0.0f64, Vec::new(), true);
@@ -356,7 +361,13 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 let n = (t - 2 + i as i32) as usize;
                 let kd = host(&cache.dequantized_keys().unwrap().unwrap());
                 let vd = host(&cache.dequantized_values().unwrap().unwrap());
-                let want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: n, d: d as usize }, 1.0);
+                let mut want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: n, d: d as usize }, 1.0);
+                if rot_mode & 2 != 0 {
+                    // Values rotated: the output leaves their frame (times the Hadamard matrix).
+                    let du = d as usize;
+                    let h = |j: usize, c: usize| if (j & c).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / (du as f64).sqrt();
+                    want = want.chunks(du).flat_map(|row| (0..du).map(move |c| (0..du).map(|j| row[j] * h(j, c)).sum::<f64>()).collect::<Vec<_>>()).collect();
+                }
                 let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
                 worst = worst.max(err);
                 // The step runs where the tail has room: every step but one that completes a
@@ -369,7 +380,7 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 pass &= err < bound(kb, vb, rep, d, &vd) && path == want_path && cache.len() == n;
             }
             ok &= pass;
-            let rot = if rotated { "-rotk" } else { "" };
+            let rot = ["", "-rotk", "", "-rotkv"][rot_mode as usize];
             println!("  hkv={hkv} rep={rep} d={d} g{gk},{gv} t={}..{t} k{kb}v{vb}-pc{rot}: out {worst:.2e}  paths {paths:?}  {}", t - 2, if pass { "pass" } else { "FAIL" });
         }
     }

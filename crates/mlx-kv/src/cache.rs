@@ -803,12 +803,22 @@ impl KvCache {
                 Array::from_slice(&init, &[1024]).add(Array::from_int(0))?
             }
         };
-        let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+        // Rotations run inside the one-launch kernel (no matmul ops around it); with the merge
+        // as a second launch they stay MLX ops.
+        let t = body + row + 1;
+        let r = self.spec.rotation;
+        let inside = attention::fused::channel_fold_applies(t, (ks[0] * hkv) as usize, self.head_dim) && mlx_ext::options::current().gpu_fused_rotate.on();
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         let (tk, tv) = (tk.clone(), tv.clone());
-        let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, &tk, &tv, &pos, body + row + 1, scale)?;
-        let out = self.rotate_output(out)?;
+        let out = if inside {
+            let rot = r.keys() as u8 | (r.values() as u8) << 1;
+            attention::fused::step_channels(q, k, v, kop, vop, &tk, &tv, &pos, t, scale, rot)?
+        } else {
+            let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+            let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, &tk, &tv, &pos, t, scale, 0)?;
+            self.rotate_output(out)?
+        };
         self.tail_k.wrote_one();
         self.tail_v.wrote_one();
         self.chan_pos = Some((pos, row + 1, body));

@@ -604,7 +604,13 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
 /// cache owns the tail buffers and later readers depend on this step's output.
 /// Returns `[B, Hq, 1, D]` in `q`'s dtype.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, tk: &Array, tv: &Array, pos: &Array, t: usize, scale: f32) -> Result<Array> {
+///
+/// `rot` (only where [`channel_fold_applies`]; 0 otherwise): Hadamard rotations done in the
+/// kernel instead of as matmul ops around it: bit 0 keys (`q` and `k_new` come unrotated and
+/// enter the stored frame in f32 inside), bit 1 values (`v_new` unrotated, the output rotated
+/// back before it is written).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, tk: &Array, tv: &Array, pos: &Array, t: usize, scale: f32, rot: u8) -> Result<Array> {
     let s = q.shape();
     let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
     let hkv = k_new.shape()[1];
@@ -618,12 +624,16 @@ pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOp
     let (n_split, _) = split_plan(t, bh as usize);
     let vd = value_dims(d as usize, v.bits, rows as usize, v.group);
     let ns = n_split as i32;
-    let ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale);
+    let fold = channel_fold_applies(t, bh as usize, d as usize);
+    if rot != 0 && !fold {
+        return Err(KvError::Shape("fused per-channel step: in-kernel rotation needs the folded launch".into()));
+    }
+    let mut ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale).to_vec();
+    ints.push(("ROT", rot as i32));
     let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, tk, tv, pos];
     // Both dtypes in the name (see `decode_step_paged`); the tail's picks TT.
     let types = [("OT", q.dtype()), ("TT", tk.dtype()), ("KT", k_new.dtype())];
-    // pos[1022] holds the body length, so at most 1021 heads' counters.
-    if mlx_ext::options::current().gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1021 {
+    if fold {
         let out = run_kernel(
             &CHANNELS_FOLD_DEF,
             false,
@@ -653,6 +663,14 @@ pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOp
         &[("OT", q.dtype())],
     )?;
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
+}
+
+/// Whether [`step_channels`] of `t` tokens over `bh` heads runs as one launch (the fold), where
+/// it can also rotate: `--gpu-fused-fold on`, split weights fitting the kernel's staging, and
+/// pos[1022] (the body length) clear of the heads' arrival counters.
+pub(crate) fn channel_fold_applies(t: usize, bh: usize, d: usize) -> bool {
+    let (n_split, _) = split_plan(t, bh);
+    mlx_ext::options::current().gpu_fused_fold.on() && n_split <= WARPS as usize * d && bh < 1021
 }
 
 /// One decode step of a layer in two launches and no other op: the new token's key and value

@@ -53,8 +53,24 @@
       for (int s2 = 0; s2 < n_split; ++s2) {
         o += __ldcg(&out_o[(((size_t)bh * n_split + s2) * REP + r) * D + dd]) * c_s[r * MAXS + s2];
       }
+#if KV_CSTEP
+      // Values rotated (decode_channels.cu, ROT bit 2): the output leaves the values' frame
+      // below (o H), staged in q_s, which the tiles no longer read.
+      if (ROT & 2) { q_s[i] = o / kv_l[r]; continue; }
+#endif
       out[((size_t)bh * REP + r) * D + dd] = kv_from_float<OT>(o / kv_l[r]);
     }
+#if KV_CSTEP
+    if (ROT & 2) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+        const int r = i / D, c = i % D;
+        float x = 0.f;
+        for (int j = 0; j < D; ++j) x += (__popc(j & c) & 1) ? -q_s[r * D + j] : q_s[r * D + j];
+        out[((size_t)bh * REP + r) * D + c] = kv_from_float<OT>(x * KV_HSCALE);
+      }
+    }
+#endif
     if (threadIdx.x == 0) {
       // Every split of this head has arrived, so nothing increments the counter again in this
       // launch, and the next launch runs after this one.
