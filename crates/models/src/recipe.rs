@@ -238,9 +238,10 @@ pub fn resolve(settings: CacheSettings, pick: &Pick, model: &ModelShape) -> Resu
         Pick::Auto if !is_preset(&settings) => Ok(Resolved { name: name_of(&settings), source: "custom".into(), settings }),
         Pick::Auto => {
             let preset = settings.spec.to_string();
-            // A recipe with settings this backend's fast path lacks would decode slower than
-            // the preset (`fast_path_reads`): the general choice runs instead.
-            let fast = |r: &Recipe| r.specs().is_ok_and(|specs| specs.iter().all(|s| mlx_kv::attention::fast_path_reads(s, model.head_dim)));
+            // A recipe with settings this backend's fast path lacks, or whose step is still far
+            // slower there (`preset_may_use`), would decode slower than the preset: the
+            // general choice runs instead.
+            let fast = |r: &Recipe| r.specs().is_ok_and(|specs| specs.iter().all(|s| mlx_kv::attention::preset_may_use(s, model.head_dim)));
             if let Some((path, recipe)) = shipped(model_id, &preset).filter(|(_, r)| fast(r)) {
                 let layers = recipe.overrides_for(model_id, n, &path)?;
                 let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());

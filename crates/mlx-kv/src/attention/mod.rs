@@ -234,6 +234,19 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
         }
 }
 
+/// Whether a preset may run a recipe with this layer setting by default: the fast path reads it
+/// and the whole step stays near the preset's speed. On CUDA a per-channel layer reads through
+/// the fused kernel, but its step still writes the float tail and rotates with MLX ops (about
+/// ten launches per layer more than the fused step): SmolLM2's k8v4 recipe decoded at 0.43x of
+/// plain k8v4 at 4K on an H100 (docs/fused-attention-h200.md, session 12), so until the
+/// per-channel step is fused, presets there keep per-token keys. `--kv-recipe` still runs it.
+pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
+    let slow_step = fused_allowed().is_ok()
+        && spec.k.is_quantized()
+        && spec.key_layout == crate::KeyLayout::PerChannel;
+    fast_path_reads(spec, head_dim) && !slow_step
+}
+
 /// The path for a decode step of sequences whose caches live in pool blocks of these widths
 /// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
 /// its gathered blocks instead. Per-channel keys (`k_channels`, groups of `k_group` tokens)
@@ -271,6 +284,7 @@ mod tests {
         let mut pc = KvSpec::bits(4, 4);
         pc.key_layout = KeyLayout::PerChannel;
         assert!(fast_path_reads(&pc, 64), "per-channel keys take the primitive too");
+        assert!(preset_may_use(&pc, 64), "on the CPU a preset may run a per-channel recipe");
         pc.k.bits = 3;
         pc.k.group = 32;
         assert!(!fast_path_reads(&pc, 64), "3-bit codes come in units of 64 tokens");
