@@ -33,9 +33,13 @@
 //!
 //! [`attend_channels`] reads per-channel keys (codes along tokens, one scale per channel and
 //! group of tokens) and the float tail of tokens that do not fill a key group yet, in one
-//! softmax (`kernels/decode_channels.cu`, then the same merge). The cache writes the new token
-//! into its tail with MLX ops first, so that kernel only reads. Per-channel keys have no fused
-//! step and no paged kernel: a pooled per-channel cache attends over its gathered blocks.
+//! softmax (`kernels/decode_channels.cu`, then the same merge). [`step_channels`] is its decode
+//! step: the same kernel (`KV_CSTEP`) writes the new token's K and V into the cache's float
+//! tail buffers in place (read whole, so MLX makes no contiguity copy), can apply the layer's
+//! Hadamard rotations itself (query and new token in, output out in the fold), and merges in
+//! the same launch; a token that completes a key group still goes through MLX ops (the group
+//! is quantized as a whole). Per-channel keys have no paged kernel: a pooled per-channel cache
+//! attends over its gathered blocks.
 //!
 //! CUDA is compiled and checked on the H200 (`mlx_fast_cuda_kernel_*`);
 //! `scripts/nvrtc-check-fused.py` compiles both kernels with NVRTC without a GPU. There is no

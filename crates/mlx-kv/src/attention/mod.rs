@@ -235,11 +235,13 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
 }
 
 /// Whether a preset may run a recipe with this layer setting by default: the fast path reads it
-/// and the whole step stays near the preset's speed. On CUDA a per-channel layer reads through
-/// the fused kernel, but its step still writes the float tail and rotates with MLX ops (about
-/// ten launches per layer more than the fused step): SmolLM2's k8v4 recipe decoded at 0.43x of
-/// plain k8v4 at 4K on an H100 (docs/fused-attention-h200.md, session 12), so until the
-/// per-channel step is fused, presets there keep per-token keys. `--kv-recipe` still runs it.
+/// and the whole step stays near the preset's speed. On CUDA a per-channel layer's decode step
+/// is now one launch too ([`fused::step_channels`]: the token written into the float tail in
+/// place, the Hadamard rotations inside), but SmolLM2's k8v4 recipe still decoded at about 0.5x
+/// of plain k8v4 at 4K on an H100 with the in-place tail write (158 against 316 tok/s, best
+/// repeats in one run; 0.43x before, docs/fused-attention-h200.md, sessions 12 and 12c; the
+/// in-kernel rotation is checked but not yet timed), so presets there keep per-token keys.
+/// `--kv-recipe` still runs it.
 pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
     let slow_step = fused_allowed().is_ok()
         && spec.k.is_quantized()

@@ -19,6 +19,9 @@
 // token, VD dims each, the group bias kept as one running sum); that part and the warp and
 // block merges at the end repeat decode_partial.cu's CUDA-core code (kept in step by hand:
 // sharing it would reshape a kernel that is already checked).
+// KV_CSTEP (fused.rs `step_channels`): a decode step; the block whose split holds the new token
+// writes it into the tail buffers first (rotated when ROT says so), T and TB come from `pos`,
+// and with KV_FOLD the merge follows in the same launch (decode_fold.cu).
 constexpr int VW = D * BV / 32;
 constexpr int VG = D / GV;
 constexpr int LPT = D / VD;
