@@ -398,3 +398,27 @@ impl QuantStore {
             .map_or((0, 0), |p| (p.w.nbytes(), p.scales.nbytes() + p.biases.nbytes()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_may_write_the_next_token_only_into_room_from_slot_zero() {
+        let mut t = FloatStore::narrowed(16, Dtype::Float16);
+        assert!(t.room_for_one(Dtype::Float16).is_none(), "no buffer yet");
+        t.append(&zeros_dtype(&[1, 2, 3, 8], Dtype::Float16).unwrap()).unwrap();
+        let buf = t.room_for_one(Dtype::Float16).expect("16 slots, 3 used");
+        assert_eq!(buf.shape(), [1, 2, 16, 8]);
+        assert!(t.room_for_one(Dtype::Bfloat16).is_none() && t.room_for_one(Dtype::Float32).is_none(), "dtypes must match");
+        t.wrote_one();
+        assert_eq!(t.len(), 4);
+        t.drop_front(1).unwrap();
+        assert!(t.room_for_one(Dtype::Float16).is_none(), "valid slots must start at 0");
+        t.drop_front(3).unwrap();
+        assert!(t.room_for_one(Dtype::Float16).is_some(), "an emptied tail keeps its buffer");
+        let mut full = FloatStore::narrowed(16, Dtype::Float16);
+        full.append(&zeros_dtype(&[1, 1, 16, 8], Dtype::Float16).unwrap()).unwrap();
+        assert!(full.room_for_one(Dtype::Float16).is_none(), "a full buffer grows through MLX ops");
+    }
+}

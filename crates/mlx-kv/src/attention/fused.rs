@@ -921,6 +921,16 @@ mod tests {
     }
 
     #[test]
+    fn channel_step_sources_name_their_shape_parameters_and_carry_the_fold() {
+        for def in [&CHANNELS_STEP_DEF, &CHANNELS_FOLD_DEF, &CHANNELS_DEF] {
+            let source = [def.defines, def.body].concat();
+            assert!(source.contains("#if KV_FOLD") && source.contains("KV_CSTEP"), "{}", def.stem);
+            let (_, body) = include_files(def, &source, 3).expect("temp dir is writable");
+            assert!(body.contains("tk_shape") && body.contains("kw_shape") && body.contains("vw_shape"), "{body}");
+        }
+    }
+
+    #[test]
     fn paged_splits_cover_every_sequence_up_to_the_longest() {
         // The kernel's own split of T_s: ceil(T_s / n_split) rounded up to whole tiles.
         for heads in [1usize, 8, 64, 1024] {
