@@ -88,8 +88,9 @@ pub struct EngineOptions {
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_fold: Toggle,
     /// GPU: Hadamard rotations of a per-channel layer's decode step inside its one-launch
-    /// kernel (`off`: matmul ops around the kernel)
-    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    /// kernel (`off`, the default until it is timed: matmul ops around the kernel; `on` passes
+    /// fused_check on an H100)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::Off))]
     pub gpu_fused_rotate: Toggle,
     /// GPU: tensor-core (mma) variant of the attention pass where it covers the shape
     /// (`off`: the CUDA-core variant)
@@ -125,7 +126,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused: Toggle::On,
     gpu_fused_step: Toggle::On,
     gpu_fused_fold: Toggle::On,
-    gpu_fused_rotate: Toggle::On,
+    gpu_fused_rotate: Toggle::Off,
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     cpu_kernels: Toggle::On,

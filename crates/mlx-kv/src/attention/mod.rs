@@ -240,7 +240,8 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
 /// place, the Hadamard rotations inside), but SmolLM2's k8v4 recipe still decoded at about 0.5x
 /// of plain k8v4 at 4K on an H100 with the in-place tail write (158 against 316 tok/s, best
 /// repeats in one run; 0.43x before, docs/fused-attention-h200.md, sessions 12 and 12c; the
-/// in-kernel rotation is checked but not yet timed), so presets there keep per-token keys.
+/// in-kernel rotation, `--gpu-fused-rotate on`, is checked but not yet timed, so off by
+/// default), so presets there keep per-token keys.
 /// `--kv-recipe` still runs it.
 pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
     let slow_step = fused_allowed().is_ok()
