@@ -607,7 +607,6 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
 /// (body and tail): it sizes the splits only. Sound for the reasons [`decode_step`] gives: the
 /// cache owns the tail buffers and later readers depend on this step's output.
 /// Returns `[B, Hq, 1, D]` in `q`'s dtype.
-#[allow(clippy::too_many_arguments)]
 ///
 /// `rot` (only where [`channel_fold_applies`]; 0 otherwise): Hadamard rotations done in the
 /// kernel instead of as matmul ops around it: bit 0 keys (`q` and `k_new` come unrotated and
