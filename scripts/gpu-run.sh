@@ -11,7 +11,8 @@
 #   B  .device/p2 + .device/rt (binaries, env, data, wheels) + .device/m2 (model part 2)
 #      `source .device/rt/gpu-env.sh` assembles everything under /tmp and copies rt there, so
 #      later calls on the warm machine `source /tmp/kvrt/gpu-env.sh` and carry nothing.
-#   C  .device/m3 (model part 3), only for runs of the real model (generate, ppl, bench --model)
+#   C  .device/m3 (model part 3), only for runs of the real model (generate, ppl, bench --model),
+#      and D .device/m4 (part 4) when the working tree leaves the calls too little room for it
 # Random-weight speed runs (`bench --random-model`) need no model and can run in call B.
 #
 # Usage: scripts/gpu-run.sh        (builds with $CARGO_TARGET_DIR, default target/)
@@ -63,11 +64,13 @@ for z in /tmp/kvrt/*.bin.xz; do
   [ -f "\${z%.bin.xz}" ] || { xz -dc "\$z" > "\${z%.bin.xz}" && chmod +x "\${z%.bin.xz}"; }
 done
 mkdir -p /tmp/kvm \$KVSPLIT_CACHE/models \$KVSPLIT_CACHE/data/wikitext-2-raw
-for d in .device/m2 .device/m3; do [ -d \$d ] && cp \$d/* /tmp/kvm/ 2>/dev/null; done
+for d in .device/m2 .device/m3 .device/m4; do [ -d \$d ] && cp \$d/* /tmp/kvm/ 2>/dev/null; done
 [ -f \$KVSPLIT_CACHE/data/wikitext-2-raw/wiki.test.raw ] || cp /tmp/kvrt/data/wiki.test.raw \$KVSPLIT_CACHE/data/wikitext-2-raw/
 m=\$KVSPLIT_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f \$m ] && [ -f /tmp/kvm/part.1 ] && [ -f /tmp/kvm/part.2 ] && [ -f /tmp/kvm/part.3 ]; then
-  cat /tmp/kvm/part.1 /tmp/kvm/part.2 /tmp/kvm/part.3 > \$m.tmp
+parts=\$(ls /tmp/kvm/part.* 2>/dev/null | sort -t. -k2 -n)
+# Assembled once every part has come (their sizes add up to the model's).
+if [ ! -f \$m ] && [ -n "\$parts" ] && [ "\$(cat \$parts | wc -c)" = "$(stat -c %s "$model")" ]; then
+  cat \$parts > \$m.tmp
   echo "$sha  \$m.tmp" | sha256sum -c --quiet - && mv \$m.tmp \$m
 fi
 [ -f \$m ] && echo "gpu-env: default model ready" || echo "gpu-env: default model not (yet) assembled: make call C for real-model runs"
@@ -84,14 +87,22 @@ total=$(stat -c %s "$model")
 m1=$((limit - tree - p1 - margin))
 m2=$((limit - tree - p2 - rt - margin))
 if [ $m2 -lt 0 ]; then echo "gpu-run: call B is over 64 MiB without the model ($((tree + p2 + rt)) bytes)" >&2; exit 1; fi
-m3=$((total - m1 - m2))
-if [ $((m3 + tree + margin)) -gt $limit ]; then echo "gpu-run: model part 3 ($m3 bytes) does not fit one call" >&2; exit 1; fi
-rm -rf .device/m1 .device/m2 .device/m3 && mkdir -p .device/m1 .device/m2 .device/m3
+# What is left goes in calls C (and D) that carry nothing else.
+room=$((limit - tree - margin))
+m3=$((total - m1 - m2)); m4=0
+if [ $m3 -gt $room ]; then m4=$((m3 - room)); m3=$room; fi
+if [ $m4 -gt $room ]; then echo "gpu-run: the model needs more than four calls ($m4 bytes left for part 4)" >&2; exit 1; fi
+rm -rf .device/m1 .device/m2 .device/m3 .device/m4 && mkdir -p .device/m1 .device/m2 .device/m3
 dd if="$model" of=.device/m1/part.1 bs=1M iflag=count_bytes count=$m1 status=none
 dd if="$model" of=.device/m2/part.2 bs=1M iflag=skip_bytes,count_bytes skip=$m1 count=$m2 status=none
-dd if="$model" of=.device/m3/part.3 bs=1M iflag=skip_bytes skip=$((m1 + m2)) status=none
-cat .device/m1/part.1 .device/m2/part.2 .device/m3/part.3 | sha256sum | grep -q "^$sha " || { echo "gpu-run: model parts do not reassemble" >&2; exit 1; }
-echo "gpu-run: staged; call A $((tree + p1 + m1)) bytes, B $((tree + p2 + rt + m2)), C $((tree + m3)) (limit $limit)"
+dd if="$model" of=.device/m3/part.3 bs=1M iflag=skip_bytes,count_bytes skip=$((m1 + m2)) count=$m3 status=none
+if [ $m4 -gt 0 ]; then
+  mkdir -p .device/m4
+  dd if="$model" of=.device/m4/part.4 bs=1M iflag=skip_bytes skip=$((m1 + m2 + m3)) status=none
+fi
+cat .device/m*/part.* | sha256sum | grep -q "^$sha " || { echo "gpu-run: model parts do not reassemble" >&2; exit 1; }
+echo "gpu-run: staged; call A $((tree + p1 + m1)) bytes, B $((tree + p2 + rt + m2)), C $((tree + m3))$([ $m4 -gt 0 ] && echo ", D $((tree + m4))") (limit $limit)"
+[ $m4 -gt 0 ] && echo "gpu-run: the model takes a fourth call: D run(carry=[\".device/m4\"], command=\"source /tmp/kvrt/gpu-env.sh && ...\") after C"
 cat <<'CALLS'
 Make these calls back to back (the machine forgets /tmp about 30 s after a call):
  A run(carry=[".device/p1", ".device/m1"], timeout_s=120,

@@ -88,9 +88,8 @@ pub struct EngineOptions {
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_fold: Toggle,
     /// GPU: Hadamard rotations of a per-channel layer's decode step inside its one-launch
-    /// kernel (`off`, the default until it is timed: matmul ops around the kernel; `on` passes
-    /// fused_check on an H100)
-    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::Off))]
+    /// kernel (`off`: matmul ops around the kernel)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_rotate: Toggle,
     /// GPU: tensor-core (mma) variant of the attention pass where it covers the shape
     /// (`off`: the CUDA-core variant)
@@ -121,12 +120,16 @@ pub struct EngineOptions {
     pub host_profile: bool,
 }
 
+/// Options added after result rows began recording them, with the behaviour rows from before
+/// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now.
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off")];
+
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused: Toggle::On,
     gpu_fused_step: Toggle::On,
     gpu_fused_fold: Toggle::On,
-    gpu_fused_rotate: Toggle::Off,
+    gpu_fused_rotate: Toggle::On,
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     cpu_kernels: Toggle::On,
@@ -171,25 +174,29 @@ impl EngineOptions {
         )
     }
 
-    /// The `key=value` pairs where `self` and `other` differ, as `key: a vs b`.
+    /// The `key=value` pairs where two `describe` strings differ, as `key: a vs b`. A key one
+    /// side lacks takes the value in [`BEFORE_OPTION`] (what rows recorded before the option
+    /// existed ran), else reads `(absent)`.
     pub fn differences(a: &str, b: &str) -> Vec<String> {
         let pairs = |s: &str| -> Vec<(String, String)> {
             s.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
+        let before: Vec<(String, String)> = BEFORE_OPTION.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let (pa, pb) = (pairs(a), pairs(b));
-        let mut out = Vec::new();
-        for (k, va) in &pa {
-            let vb = pb.iter().find(|(kb, _)| kb == k).map(|(_, v)| v.as_str()).unwrap_or("(absent)");
-            if va != vb {
-                out.push(format!("{k}: {va} vs {vb}"));
-            }
-        }
-        for (k, vb) in &pb {
-            if !pa.iter().any(|(ka, _)| ka == k) {
-                out.push(format!("{k}: (absent) vs {vb}"));
-            }
-        }
-        out
+        let value = |side: &[(String, String)], k: &str| -> String {
+            side.iter()
+                .chain(before.iter())
+                .find(|(kk, _)| kk == k)
+                .map_or_else(|| "(absent)".to_string(), |(_, v)| v.clone())
+        };
+        let mut keys: Vec<&str> = pa.iter().map(|(k, _)| k.as_str()).collect();
+        keys.extend(pb.iter().map(|(k, _)| k.as_str()).filter(|k| !pa.iter().any(|(ka, _)| ka == k)));
+        keys.into_iter()
+            .filter_map(|k| {
+                let (va, vb) = (value(&pa, k), value(&pb, k));
+                (va != vb).then(|| format!("{k}: {va} vs {vb}"))
+            })
+            .collect()
     }
 }
 
@@ -233,5 +240,11 @@ mod tests {
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);
         assert_eq!(EngineOptions::differences("a=1", "a=1 b=2"), vec!["b: (absent) vs 2".to_string()]);
+        // A row from before gpu-fused-rotate existed ran the rotations as matmul ops (off).
+        let older = da.replace(" gpu-fused-rotate=on", "");
+        assert_ne!(older, da);
+        let unrotated = da.replace("gpu-fused-rotate=on", "gpu-fused-rotate=off");
+        assert!(EngineOptions::differences(&older, &unrotated).is_empty());
+        assert_eq!(EngineOptions::differences(&older, &da), vec!["gpu-fused-rotate: off vs on".to_string()]);
     }
 }

@@ -153,7 +153,14 @@ fn rows_measured_with_different_engine_options_are_not_drawn_together() {
     let d = Data { ppl: vec![ppl_row("fp16", 10.0, 15360.0), ppl], ..Default::default() };
     let err = draw_all(&d, &out, None).unwrap_err().to_string();
     assert!(err.contains("ppl-kld") && err.contains("cpu-kernels: on vs off"), "{err}");
-    let d = Data { model: vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: same, ..model_row("k8v4", 0, 25.0) }], ..Default::default() };
+    let d = Data { model: vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: same.clone(), ..model_row("k8v4", 0, 25.0) }], ..Default::default() };
     assert!(draw_all(&d, &out, None).is_ok());
+    // A row from before `gpu-fused-rotate` existed ran it off: it pairs with `off`, not with `on`.
+    let before = same.replace(" gpu-fused-rotate=on", "");
+    let off = same.replace("gpu-fused-rotate=on", "gpu-fused-rotate=off");
+    let pair = |a: &str, b: &str| Data { model: vec![ModelRow { engine: a.into(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: b.into(), ..model_row("k8v4", 0, 25.0) }], ..Default::default() };
+    assert!(draw_all(&pair(&before, &off), &out, None).is_ok());
+    let err = draw_all(&pair(&before, &same), &out, None).unwrap_err().to_string();
+    assert!(err.contains("gpu-fused-rotate: off vs on"), "{err}");
     std::fs::remove_dir_all(&out).ok();
 }

@@ -235,18 +235,18 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
 }
 
 /// Whether a preset may run a recipe with this layer setting by default: the fast path reads it
-/// and the whole step stays near the preset's speed. On CUDA a per-channel layer's decode step
-/// is now one launch too ([`fused::step_channels`]: the token written into the float tail in
-/// place, the Hadamard rotations inside), but SmolLM2's k8v4 recipe still decoded at about 0.5x
-/// of plain k8v4 at 4K on an H100 with the in-place tail write (158 against 316 tok/s, best
-/// repeats in one run; 0.43x before, docs/fused-attention-h200.md, sessions 12 and 12c; the
-/// in-kernel rotation, `--gpu-fused-rotate on`, is checked but not yet timed, so off by
-/// default), so presets there keep per-token keys.
-/// `--kv-recipe` still runs it.
+/// and the step does not fall back to MLX ops around the kernel. On CUDA a per-channel layer's
+/// decode step is one launch ([`fused::step_channels`]: the token written into the float tail in
+/// place, the Hadamard rotations inside with `--gpu-fused-rotate on`); with the rotations as
+/// matmul ops instead, SmolLM2's k8v4 recipe decoded at about half of plain k8v4 at 4K on an
+/// H100, and with them inside at 0.80-0.88x, which is faster than the rotated per-token general
+/// choice the preset would run instead (docs/fused-attention-h200.md, session 13).
 pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
     let slow_step = fused_allowed().is_ok()
         && spec.k.is_quantized()
-        && spec.key_layout == crate::KeyLayout::PerChannel;
+        && spec.key_layout == crate::KeyLayout::PerChannel
+        && spec.rotation != crate::Rotation::None
+        && !mlx_ext::options::current().gpu_fused_rotate.on();
     fast_path_reads(spec, head_dim) && !slow_step
 }
 

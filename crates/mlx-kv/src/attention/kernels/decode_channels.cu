@@ -16,19 +16,15 @@
 // (`tk`, `tv` [BH, NT, D]); their tiles take plain dot products and plain value sums in the
 // same online softmax. TB is a multiple of GK, so no tile mixes body and tail.
 // Values stay per token and are read exactly as decode_partial.cu reads them (LPT lanes per
-// token, VD dims each, the group bias kept as one running sum); that part and the warp and
-// block merges at the end repeat decode_partial.cu's CUDA-core code (kept in step by hand:
-// sharing it would reshape a kernel that is already checked).
+// token, VD dims each, the group bias kept as one running sum): the value loads, the online
+// softmax and the warp and block merges are decode_common.cuh's CUDA-core pass functions.
 // KV_CSTEP (fused.rs `step_channels`): a decode step; the block whose split holds the new token
 // writes it into the tail buffers first (rotated when ROT says so), T and TB come from `pos`,
 // and with KV_FOLD the merge follows in the same launch (decode_fold.cu).
-constexpr int VW = D * BV / 32;
-constexpr int VG = D / GV;
 constexpr int LPT = D / VD;
 constexpr int TPW = 32 / LPT;
 constexpr int NV = 32 / TPW;       // value steps per tile
 constexpr int VB = VD * BV / 8;    // bytes of value codes per lane and token
-constexpr bool VPOW2 = (BV & (BV - 1)) == 0;
 constexpr bool KPOW2 = (BK & (BK - 1)) == 0;
 constexpr int VBW = VB >= 4 ? (VB + 3) / 4 : 1;
 constexpr int CH = D < 32 ? D : 32; // channels whose loads are issued together (one latency each)
@@ -132,9 +128,6 @@ __syncthreads();
 
 const int sub = lane / LPT;      // which token of a value step this lane reads
 const int d0 = (lane % LPT) * VD;
-const int vgrp = d0 / GV;
-const unsigned voff = (unsigned)d0 * BV / 8;
-const unsigned vmis = VPOW2 ? 0u : voff & 3u;
 // This lane's code in a channel's words of a tile: bit lane * BK of the BK words.
 const int kwi = lane * BK / 32;
 const int ksh = lane * BK % 32;
@@ -158,29 +151,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     const size_t row0 = (size_t)bh * VCAP + base;
     unsigned vwv[NV][VBW];
     float vsc[NV], vbi[NV];
-#pragma unroll
-    for (int n = 0; n < NV; ++n) {
-      const int tt = sub + n * TPW;
-      vsc[n] = 0.f; vbi[n] = 0.f;
-#pragma unroll
-      for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
-      if (tt < nt) {
-        const size_t row = row0 + tt;
-        const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
-        if constexpr (!VPOW2) {
-          kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
-        } else if constexpr (VB == 8) {
-          const uint2 x = *reinterpret_cast<const uint2*>(vrow);
-          vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
-        } else if constexpr (VB == 4) {
-          vwv[n][0] = *reinterpret_cast<const unsigned*>(vrow);
-        } else {
-          vwv[n][0] = *reinterpret_cast<const unsigned short*>(vrow);
-        }
-        vsc[n] = __half2float(vs[row * VG + vgrp]);
-        vbi[n] = __half2float(vb[row * VG + vgrp]);
-      }
-    }
+    kv_load_value_tile<D, BV, GV, VD, VBW>(vw, vs, vb, row0, nt, sub, d0, vwv, vsc, vbi);
     // The tile's key group folded into the query: qk_s[r][d] = q[r][d] * scale[d], and
     // s starts from sum_d q[r][d] * bias[d] (lanes own every 32nd channel).
     const int g = base / GK;
@@ -220,32 +191,9 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
     for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
     __syncwarp();
-    // Softmax, then the values (as decode_partial.cu).
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
-      const float alpha = __expf(m[r] - m_new);
-      const float p = valid ? __expf(s[r] - m_new) : 0.f;
-      l[r] = l[r] * alpha + p;
-      accb[r] *= alpha;
-#pragma unroll
-      for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
-      p_s[warp][r][lane] = p;
-      m[r] = m_new;
-    }
+    kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
     __syncwarp();
-#pragma unroll
-    for (int n = 0; n < NV; ++n) {
-      const int tt = sub + n * TPW;
-#pragma unroll
-      for (int r = 0; r < REP; ++r) {
-        const float p = p_s[warp][r][tt];
-        const float ps = p * vsc[n];
-        accb[r] = fmaf(p, vbi[n], accb[r]);
-#pragma unroll
-        for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(ps, kv_code_at<BV>(vwv[n], i), acc[r][i]);
-      }
-    }
+    kv_accumulate_values<D, BV, REP, VD, VBW>(p_s[warp], vwv, vsc, vbi, sub, accb, acc);
   } else {
     // Tail tile: float keys and values, row t - TB of the tail.
     const size_t trow = (size_t)bh * NT + (t - TB);
@@ -267,18 +215,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
     for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
     __syncwarp();
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
-      const float alpha = __expf(m[r] - m_new);
-      const float p = valid ? __expf(s[r] - m_new) : 0.f;
-      l[r] = l[r] * alpha + p;
-      accb[r] *= alpha;
-#pragma unroll
-      for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
-      p_s[warp][r][lane] = p;
-      m[r] = m_new;
-    }
+    kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
     __syncwarp();
     for (int n = 0; n < NV; ++n) {
       const int tt = sub + n * TPW;
@@ -297,35 +234,8 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   __syncwarp();
 }
 
-// Per warp: sum the lanes' denominators, and the value sums of lanes that own the same dims.
-// qk_s aliases this warp's sm_o slice: every lane is past its last read (the __syncwarp above).
-#pragma unroll
-for (int r = 0; r < REP; ++r) {
-  const float lw = kv_warp_sum(l[r]);
-#pragma unroll
-  for (int i = 0; i < VD; ++i) {
-    float a = acc[r][i] + accb[r];
-#pragma unroll
-    for (int off = LPT; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-    if (sub == 0) sm_o[warp][r][d0 + i] = a;
-  }
-  if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lw; }
-}
+// Per warp, then per block; qk_s aliases this warp's sm_o slice, and every lane is past its
+// last read of it (the __syncwarp above).
+kv_warp_finish<D, REP, VD>(m, l, accb, acc, lane, sm_m[warp], sm_l[warp], sm_o[warp]);
 __syncthreads();
-// Per block: merge the warps (a warp that saw no token has m = -inf and weight 0).
-for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-  const int r = i / D, d = i % D;
-  float M = -KV_INF;
-  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
-  float L = 0.f, O = 0.f;
-  if (M > -KV_INF) {
-    for (int w = 0; w < WARPS; ++w) {
-      const float c = sm_m[w][r] > -KV_INF ? __expf(sm_m[w][r] - M) : 0.f;
-      L += sm_l[w][r] * c;
-      O += sm_o[w][r][d] * c;
-    }
-  }
-  const size_t o = ((size_t)bh * n_split + split) * REP + r;
-  out_o[o * D + d] = O;
-  if (d == 0) { out_m[o] = M; out_l[o] = L; }
-}
+kv_block_finish<D, REP, WARPS>(sm_m, sm_l, sm_o, ((size_t)bh * n_split + split) * REP, out_o, out_m, out_l);

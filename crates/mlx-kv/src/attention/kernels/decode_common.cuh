@@ -166,6 +166,142 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
   kv_pack_codes<D, B>(code_s, w, lane);
 }
 
+// ---- The CUDA-core attention pass (decode_partial.cu without KV_MMA, decode_channels.cu) ----
+// Both kernels read values per token the same way and keep the same online softmax and
+// block-end merges; the pieces are here once. A lane owns VD dims of one token per value step
+// (LPT = D / VD lanes a token, TPW = 32 / LPT tokens a step, NV = 32 / TPW steps a tile).
+
+// This lane's value codes, scale and bias for the NV tokens it reads in a 32-token tile whose
+// first buffer row is `row0` (a tile's rows are consecutive), issued together so one memory
+// latency is paid per tile. Tokens at or past `nt` get zero codes and scale (their p is 0).
+template <int D, int BV, int GV, int VD, int VBW>
+__device__ __forceinline__ void kv_load_value_tile(const uint32_t* vw, const __half* vs, const __half* vb,
+                                                   size_t row0, int nt, int sub, int d0,
+                                                   unsigned (*vwv)[VBW], float* vsc, float* vbi) {
+  constexpr int VW = D * BV / 32;
+  constexpr int VG = D / GV;
+  constexpr int TPW = 32 / (D / VD);
+  constexpr int NV = 32 / TPW;
+  constexpr int VB = VD * BV / 8;
+  constexpr bool VPOW2 = (BV & (BV - 1)) == 0;
+  static_assert(VBW == (VB >= 4 ? (VB + 3) / 4 : 1), "words a lane holds per token");
+  const int vgrp = d0 / GV;
+  const unsigned voff = (unsigned)d0 * BV / 8;
+  const unsigned vmis = VPOW2 ? 0u : voff & 3u;
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
+    vsc[n] = 0.f; vbi[n] = 0.f;
+#pragma unroll
+    for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
+    if (tt < nt) {
+      const size_t row = row0 + tt;
+      const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
+      if constexpr (!VPOW2) {
+        kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
+      } else if constexpr (VB == 8) {
+        const uint2 x = *reinterpret_cast<const uint2*>(vrow);
+        vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
+      } else if constexpr (VB == 4) {
+        vwv[n][0] = *reinterpret_cast<const unsigned*>(vrow);
+      } else {
+        vwv[n][0] = *reinterpret_cast<const unsigned short*>(vrow);
+      }
+      vsc[n] = __half2float(vs[row * VG + vgrp]);
+      vbi[n] = __half2float(vb[row * VG + vgrp]);
+    }
+  }
+}
+
+// One tile's online-softmax update: this lane's scores `s` (-inf where not `valid`) against the
+// running max `m`, denominator `l` and value sums (rescaled), and the tile's weights into
+// `p_w` (this warp's [REP][32] slice of shared memory) for the value step.
+template <int REP, int VD>
+__device__ __forceinline__ void kv_softmax_tile(const float* s, bool valid, float* m, float* l, float* accb,
+                                                float (*acc)[VD], float (*p_w)[32], int lane) {
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
+    const float alpha = __expf(m[r] - m_new);
+    const float p = valid ? __expf(s[r] - m_new) : 0.f;
+    l[r] = l[r] * alpha + p;
+    accb[r] *= alpha;
+#pragma unroll
+    for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
+    p_w[r][lane] = p;
+    m[r] = m_new;
+  }
+}
+
+// The value step of a packed tile: p * scale * code into the lane's dims, and p * bias into one
+// running sum per row (the group bias adds the same amount to every dim of the group).
+template <int D, int BV, int REP, int VD, int VBW>
+__device__ __forceinline__ void kv_accumulate_values(const float (*p_w)[32], const unsigned (*vwv)[VBW],
+                                                     const float* vsc, const float* vbi, int sub,
+                                                     float* accb, float (*acc)[VD]) {
+  constexpr int TPW = 32 / (D / VD);
+  constexpr int NV = 32 / TPW;
+#pragma unroll
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      const float p = p_w[r][tt];
+      const float ps = p * vsc[n];
+      accb[r] = fmaf(p, vbi[n], accb[r]);
+#pragma unroll
+      for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(ps, kv_code_at<BV>(vwv[n], i), acc[r][i]);
+    }
+  }
+}
+
+// Per warp, after its last tile: the lanes' denominators summed, and the value sums of the
+// lanes that own the same dims, into the warp's slot of the block's shared arrays.
+template <int D, int REP, int VD>
+__device__ __forceinline__ void kv_warp_finish(const float* m, const float* l, const float* accb,
+                                               const float (*acc)[VD], int lane, float* sm_m_w,
+                                               float* sm_l_w, float (*sm_o_w)[D]) {
+  constexpr int LPT = D / VD;
+  const int sub = lane / LPT;
+  const int d0 = (lane % LPT) * VD;
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    const float lw = kv_warp_sum(l[r]);
+#pragma unroll
+    for (int i = 0; i < VD; ++i) {
+      float a = acc[r][i] + accb[r];
+#pragma unroll
+      for (int off = LPT; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+      if (sub == 0) sm_o_w[r][d0 + i] = a;
+    }
+    if (lane == 0) { sm_m_w[r] = m[r]; sm_l_w[r] = lw; }
+  }
+}
+
+// Per block, after a barrier: the warps merged (a warp that saw no token has m = -inf and
+// weight 0) into this split's partial result, row `o0 + r` of out_o / out_m / out_l.
+template <int D, int REP, int WARPS>
+__device__ __forceinline__ void kv_block_finish(const float (*sm_m)[REP], const float (*sm_l)[REP],
+                                                const float (*sm_o)[REP][D], size_t o0,
+                                                float* out_o, float* out_m, float* out_l) {
+  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float M = -KV_INF;
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
+    float L = 0.f, O = 0.f;
+    if (M > -KV_INF) {
+      for (int w = 0; w < WARPS; ++w) {
+        const float c = sm_m[w][r] > -KV_INF ? __expf(sm_m[w][r] - M) : 0.f;
+        L += sm_l[w][r] * c;
+        O += sm_o[w][r][d] * c;
+      }
+    }
+    const size_t o = o0 + r;
+    out_o[o * D + d] = O;
+    if (d == 0) { out_m[o] = M; out_l[o] = L; }
+  }
+}
+
 // ---- Tensor-core helpers (the KV_MMA variant of decode_partial.cu) ----
 // Packed f16 pairs travel as u32 words: low half first, as the MMA fragments expect.
 

@@ -364,10 +364,6 @@ for (int rr = 0; rr < 2; ++rr) {
 __shared__ float p_s[WARPS][REP][32];
 const int sub = lane / LPT;      // which token of a value step this lane reads
 const int d0 = (lane % LPT) * VD;
-const int vgrp = d0 / GV;
-// 3/6 bits: the lane's first value byte, the aligned word holding it and its byte in that word.
-const unsigned voff = (unsigned)d0 * BV / 8;
-const unsigned vmis = VPOW2 ? 0u : voff & 3u;
 
 float m[REP], l[REP], accb[REP], acc[REP][VD];
 #pragma unroll
@@ -399,29 +395,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   }
   unsigned vwv[NV][VBW];
   float vsc[NV], vbi[NV];
-#pragma unroll
-  for (int n = 0; n < NV; ++n) {
-    const int tt = sub + n * TPW;
-    vsc[n] = 0.f; vbi[n] = 0.f;
-#pragma unroll
-    for (int w = 0; w < VBW; ++w) vwv[n][w] = 0u;
-    if (tt < nt) {
-      const size_t row = row0 + tt;
-      const unsigned char* vrow = reinterpret_cast<const unsigned char*>(vw + row * VW) + (d0 * BV / 8);
-      if constexpr (!VPOW2) {
-        kv_load_bytes<VB>(vw + row * VW + (voff >> 2), vmis, vwv[n]);
-      } else if constexpr (VB == 8) {
-        const uint2 x = *reinterpret_cast<const uint2*>(vrow);
-        vwv[n][0] = x.x; vwv[n][VBW - 1] = x.y;
-      } else if constexpr (VB == 4) {
-        vwv[n][0] = *reinterpret_cast<const unsigned*>(vrow);
-      } else {
-        vwv[n][0] = *reinterpret_cast<const unsigned short*>(vrow);
-      }
-      vsc[n] = __half2float(vs[row * VG + vgrp]);
-      vbi[n] = __half2float(vb[row * VG + vgrp]);
-    }
-  }
+  kv_load_value_tile<D, BV, GV, VD, VBW>(vw, vs, vb, row0, nt, sub, d0, vwv, vsc, vbi);
   float s[REP];
 #pragma unroll
   for (int r = 0; r < REP; ++r) s[r] = valid ? 0.f : -KV_INF;
@@ -442,67 +416,14 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     }
   }
   __syncwarp();
-#pragma unroll
-  for (int r = 0; r < REP; ++r) {
-    const float m_new = fmaxf(m[r], kv_warp_max(s[r]));
-    const float alpha = __expf(m[r] - m_new);
-    const float p = valid ? __expf(s[r] - m_new) : 0.f;
-    l[r] = l[r] * alpha + p;
-    accb[r] *= alpha;
-#pragma unroll
-    for (int i = 0; i < VD; ++i) acc[r][i] *= alpha;
-    p_s[warp][r][lane] = p;
-    m[r] = m_new;
-  }
+  kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
   __syncwarp();
   // Tokens past the split's end were not loaded (their codes and scale are 0) and their p is 0.
-#pragma unroll
-  for (int n = 0; n < NV; ++n) {
-    const int tt = sub + n * TPW;
-    const unsigned* vc = vwv[n];
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      const float p = p_s[warp][r][tt];
-      const float ps = p * vsc[n];
-      accb[r] = fmaf(p, vbi[n], accb[r]);
-#pragma unroll
-      for (int i = 0; i < VD; ++i) {
-        acc[r][i] = fmaf(ps, kv_code_at<BV>(vc, i), acc[r][i]);
-      }
-    }
-  }
+  kv_accumulate_values<D, BV, REP, VD, VBW>(p_s[warp], vwv, vsc, vbi, sub, accb, acc);
 }
 
-// Per warp: sum the lanes' denominators, and the value sums of lanes that own the same dims.
-#pragma unroll
-for (int r = 0; r < REP; ++r) {
-  const float lw = kv_warp_sum(l[r]);
-#pragma unroll
-  for (int i = 0; i < VD; ++i) {
-    float a = acc[r][i] + accb[r];
-#pragma unroll
-    for (int off = LPT; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-    if (sub == 0) sm_o[warp][r][d0 + i] = a;
-  }
-  if (lane == 0) { sm_m[warp][r] = m[r]; sm_l[warp][r] = lw; }
-}
+kv_warp_finish<D, REP, VD>(m, l, accb, acc, lane, sm_m[warp], sm_l[warp], sm_o[warp]);
 #endif
 __syncthreads();
-// Per block: merge the warps (a warp that saw no token has m = -inf and weight 0).
-for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-  const int r = i / D, d = i % D;
-  float M = -KV_INF;
-  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w][r]);
-  float L = 0.f, O = 0.f;
-  if (M > -KV_INF) {
-    for (int w = 0; w < WARPS; ++w) {
-      const float c = sm_m[w][r] > -KV_INF ? __expf(sm_m[w][r] - M) : 0.f;
-      L += sm_l[w][r] * c;
-      O += sm_o[w][r][d] * c;
-    }
-  }
-  const size_t o = ((size_t)bh * n_split + split) * REP + r;
-  out_o[o * D + d] = O;
-  if (d == 0) { out_m[o] = M; out_l[o] = L; }
-}
+kv_block_finish<D, REP, WARPS>(sm_m, sm_l, sm_o, ((size_t)bh * n_split + split) * REP, out_o, out_m, out_l);
 // The fold (KV_FOLD) follows in decode_fold.cu, appended to this source by fused.rs.
