@@ -136,6 +136,9 @@ const SHIPPED: &[(&str, &str)] = &[
     ("SmolLM2-135M-Instruct.Q4_1-k4v2.json", include_str!("../recipes/SmolLM2-135M-Instruct.Q4_1-k4v2.json")),
     ("gemma-3-270m-q4_k_m-k8v4.json", include_str!("../recipes/gemma-3-270m-q4_k_m-k8v4.json")),
     ("gemma-3-270m-q4_k_m-k4v4.json", include_str!("../recipes/gemma-3-270m-q4_k_m-k4v4.json")),
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m-k8v4.json", include_str!("../recipes/qwen2.5-coder-0.5b-instruct-q4_k_m-k8v4.json")),
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m-k4v4.json", include_str!("../recipes/qwen2.5-coder-0.5b-instruct-q4_k_m-k4v4.json")),
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m-k4v2.json", include_str!("../recipes/qwen2.5-coder-0.5b-instruct-q4_k_m-k4v2.json")),
 ];
 
 /// The shipped recipe for this model at `preset` (`k8v4`), if any, with the name it ships under.
