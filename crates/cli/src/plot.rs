@@ -542,7 +542,8 @@ macro_rules! render {
 /// Refuses rows of one figure that ran with different engine options: their numbers are not
 /// comparable. The message names each option that differs.
 fn same_engine<'a>(figure: &str, engines: impl Iterator<Item = &'a str>) -> Result<()> {
-    // Strings that differ only by keys at their defaults describe one setup.
+    // Strings that differ only by a key one of them lacks, at the value it had before the
+    // option existed (`EngineOptions::differences`), describe one setup.
     let mut seen: Vec<&str> = Vec::new();
     for e in engines {
         let same = |s: &&str| *s == e || (!s.is_empty() && !e.is_empty() && mlx_ext::EngineOptions::differences(s, e).is_empty());

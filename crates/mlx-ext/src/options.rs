@@ -181,13 +181,14 @@ impl EngineOptions {
         let pairs = |s: &str| -> Vec<(String, String)> {
             s.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
-        let before: Vec<(String, String)> = BEFORE_OPTION.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let (pa, pb) = (pairs(a), pairs(b));
         let value = |side: &[(String, String)], k: &str| -> String {
             side.iter()
-                .chain(before.iter())
                 .find(|(kk, _)| kk == k)
-                .map_or_else(|| "(absent)".to_string(), |(_, v)| v.clone())
+                .map(|(_, v)| v.as_str())
+                .or_else(|| BEFORE_OPTION.iter().find(|(kk, _)| *kk == k).map(|(_, v)| *v))
+                .unwrap_or("(absent)")
+                .to_string()
         };
         let mut keys: Vec<&str> = pa.iter().map(|(k, _)| k.as_str()).collect();
         keys.extend(pb.iter().map(|(k, _)| k.as_str()).filter(|k| !pa.iter().any(|(ka, _)| ka == k)));
