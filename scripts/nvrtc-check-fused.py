@@ -13,12 +13,16 @@ Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py
   --paged     compile only the paged step kernels (fused.rs `decode_step_paged`) and their merge
   --channels  compile only the per-channel key kernel (fused.rs `attend_channels`)
   --widths    compile only the cases whose key or value width is in the list (e.g. 3,6)
+  --frame     compile only the steps that enter the stored frame themselves (Hadamard rotations
+              and key center inside the launch: fused.rs `decode_step` with a `StoredFrame`, and
+              `step_channels`' one-launch variant)
 """
 import ctypes, os, sys
 
 root = sys.argv[1]
 mma_only, paged_only = "--mma-only" in sys.argv[2:], "--paged" in sys.argv[2:]
 channels_only = "--channels" in sys.argv[2:]
+frame_only = "--frame" in sys.argv[2:]
 widths = None
 if "--widths" in sys.argv[2:]:
     widths = {int(b) for b in sys.argv[sys.argv.index("--widths") + 1].split(",")}
@@ -26,8 +30,10 @@ lib = ctypes.CDLL(os.path.join(root, "nvidia/cu13/lib/libnvrtc.so.13"))
 inc = os.path.join(root, "nvidia/cu13/include")
 kdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-kv/src/attention/kernels")
 read = lambda n: open(os.path.join(kdir, n)).read()
-common, partial, merge = read("decode_common.cuh"), read("decode_partial.cu"), read("decode_merge.cu")
-channels = read("decode_channels.cu")
+common, merge = read("decode_common.cuh"), read("decode_merge.cu")
+# As fused.rs builds them: the fold (compiled only where KV_FOLD is 1) follows both passes.
+partial = read("decode_partial.cu") + read("decode_fold.cu")
+channels = read("decode_channels.cu") + read("decode_fold.cu")
 
 PRELUDE = ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\ntypedef unsigned int uint32_t;\ntypedef int int32_t;\n"
            # MLX passes an input's shape by value (`const __grid_constant__ Shape x_shape`) when
@@ -47,8 +53,8 @@ def value_dims(d, bv, rep, gv):
     return min(max(vd, d // 32, least), gv, d)
 
 
-def program(name, body, params, consts, step=0, fold=0, mma=0, paged=0):
-    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n#define KV_MMA {mma}\n#define KV_PAGED {paged}\n" + body
+def program(name, body, params, consts, step=0, fold=0, mma=0, paged=0, extra=""):
+    body = f"#define KV_STEP {step}\n#define KV_FOLD {fold}\n#define KV_MMA {mma}\n#define KV_PAGED {paged}\n{extra}" + body
     c = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items() if isinstance(v, int))
     c += "".join(f"  using {k} = {v};\n" for k, v in consts.items() if isinstance(v, str))
     return PRELUDE + common + "namespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n" + c + body + "\n}\n}\n"
@@ -73,6 +79,37 @@ def compile_one(label, src):
 
 
 ok = True
+if frame_only:
+    # The shapes of fused_check --frame: SmolLM2 (D=64, 3 rows), Qwen2.5 (64, 7), Gemma-3 (256,
+    # 4), Llama-3.1-8B (128, 4); f16 queries (the models' decode dtype) and f32.
+    for (d, rep) in [(64, 3), (64, 7), (256, 4), (128, 4)]:
+        for (bk, bv) in [(8, 4), (4, 4), (8, 6), (6, 6), (4, 2), (2, 3)]:
+            for qt in ["__half", "float"]:
+                if widths and bk not in widths and bv not in widths:
+                    continue
+                g = 64
+                vd = value_dims(d, bv, rep, g)
+                consts = dict(D=d, BK=bk, BV=bv, GK=g, GV=g, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000, ROT=3, OT=qt)
+                step = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
+                        "const __half* ks", "const __half* kb", "const uint32_t* vw", "const __half* vs", "const __half* vb",
+                        "const int32_t* pos"]
+                mmas = [0, 1] if qt != "float" and d in (64, 128) and bk in (4, 8) and bv in (2, 4, 8) else [0]
+                for mma in mmas:
+                    tag = f"{'mma ' if mma else ''}q={qt} D={d} k{bk}v{bv} rep={rep} VD={vd}"
+                    ok &= compile_one(f"step rot fold {tag}", program("kvsplit_step_rot_fold", partial, step + ["float* part", f"{qt}* out"], consts, 1, 1, mma, extra="#define KV_ROT 1\n"))
+                    ok &= compile_one(f"step rot+center fold {tag}", program("kvsplit_step_rotc_fold", partial, step + [f"const {qt}* kc", "float* part", f"{qt}* out"], consts, 1, 1, mma, extra="#define KV_ROT 1\n#define KV_CENTER 1\n"))
+    # The per-channel one-launch step (KV_CSTEP, rotations inside): the recipes' shapes.
+    for (d, rep, gv) in [(64, 3, 64), (256, 4, 128), (64, 7, 64)]:
+        for (bk, bv) in [(6, 6), (4, 4), (4, 3)]:
+            qt, tt = "__half", "__half"
+            vd = value_dims(d, bv, rep, gv)
+            params = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
+                      "const __half* ks", "const __grid_constant__ Shape ks_shape", "const __half* kb", "const uint32_t* vw",
+                      "const __grid_constant__ Shape vw_shape", "const __half* vs", "const __half* vb", f"const {tt}* tk",
+                      "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", "const int32_t* pos", "float* part", f"{qt}* out"]
+            consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000, ROT=3, OT=qt, TT=tt, KT=qt)
+            ok &= compile_one(f"channels step fold D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_channels_fold", channels, params, consts, 0, 1, extra="#define KV_CSTEP 1\n"))
+    sys.exit(0 if ok else 1)
 if channels_only:
     # Per-channel keys: the shipped recipes' widths and shapes (SmolLM2 D=64 rows 3, Gemma D=256
     # rows 4 with value groups of 128), Llama-3.1-8B's, and tails in f16, bf16 and f32.

@@ -26,7 +26,10 @@
 //!    (`fused::attend_channels`), across a key-group edge (the tail fills and is quantized),
 //!    against f64 attention over the dequantized cache; each step must take the fused kernel.
 //!
-//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--no-mma] [--bits LIST]
+//! 7. The fused step entering the stored frame itself (`--frame`: Hadamard rotations and the key
+//!    center inside the launch) against an MLX-ops twin and f64 attention.
+//!
+//! Usage: fused_check [--quick] [--ops] [--profile] [--prefill] [--check] [--paged] [--channels] [--frame] [--no-mma] [--bits LIST]
 //!   --quick    check two bit pairs (k8v4, k4v2), benchmark 4K and 32K only
 //!   --bits     the bit pairs of the decode and paged checks instead, e.g. `k6v6,k3v3,k8v6`
 //!              (every pair is a few kernel variants to compile on the GPU machine)
@@ -39,6 +42,8 @@
 //!              run of its own: its ~60 kernel variants would push the full run past a
 //!              10-minute device call; `--check` runs the default one, tensor cores and fold)
 //!   --channels only the per-channel key checks (`--bits` picks their pairs too)
+//!   --frame    only the checks of the fused step entering the stored frame itself (rotations,
+//!              key center; `--bits` picks their pairs too; `--check` runs them as well)
 //!   --no-mma   tensor cores off for `--check`: every case on the CUDA-core variant
 
 use mlx_ext::{EngineOptions, Toggle};
@@ -297,6 +302,108 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
     ok
 }
 
+/// `x` (rows of `d`) times the Sylvester Hadamard matrix over sqrt(d), in f64: the frame change
+/// the cache's rotations make (its own inverse).
+fn hadamard_rows(x: &[f64], d: usize) -> Vec<f64> {
+    let h = |j: usize, c: usize| if (j & c).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / (d as f64).sqrt();
+    x.chunks(d).flat_map(|row| (0..d).map(move |c| (0..d).map(|j| row[j] * h(j, c)).sum::<f64>())).collect()
+}
+
+/// The fused decode step entering the cache's stored frame itself (`fused::StoredFrame`: the
+/// Hadamard rotations of keys and values, the key center of `KeyLayout::Centered`), as the
+/// general choice (`rotkv`) and the recipes' per-token layers (`kc-rotkv`, `rotv`) run it. Per
+/// case, three steps through `update_and_attend` on a filled cache and, beside it, a twin cache
+/// that takes the same tokens through the MLX-ops write (rotation as an f16 matmul, center
+/// subtracted, MLX's `quantize`):
+/// - each new token as stored against the twin's: the kernel rotates in f32 and the twin in
+///   f16, so a code may round the other way; the bound is one quantization step of the row
+///   (its range 2 max|x| over 2^bits - 1) plus 2^-9 max|x| for the f16 scale and bias;
+/// - the last output against f64 attention with the query rotated in f64 over the
+///   dequantized cache (stored frame), rotated back in f64 when values are rotated, within
+///   [`bound`];
+/// - every step on the fused step path.
+fn frame_step_correctness(seed: u64, quick: bool) -> bool {
+    set_option(|o| o.gpu_fused_step = Toggle::On);
+    set_option(|o| o.gpu_fused_fold = Toggle::On);
+    set_option(|o| o.gpu_fused_rotate = Toggle::On);
+    let key = random::key(seed ^ 53).unwrap();
+    let mut ok = true;
+    println!("fused step in the stored frame (seed {seed}, tensor cores {}): new token vs MLX-ops twin; max |out - f64 ref|; paths", mlx_ext::options::current().gpu_fused_mma.on());
+    let pairs = bits_flag().unwrap_or_else(|| if quick { vec![(8, 4), (8, 6)] } else { vec![(8, 4), (4, 4), (8, 6), (6, 6), (4, 2), (2, 3)] });
+    // (hkv, rows, d, tokens after the steps, rotation, centered keys): SmolLM2's general choice,
+    // Qwen2.5's centered rotated layers (14 query heads over 2), Gemma-3's `rotv` layers,
+    // keys alone, and centering alone.
+    let cases = [
+        (3, 3, 64, 771, mlx_kv::Rotation::KeysAndValues, false),
+        (2, 7, 64, 500, mlx_kv::Rotation::KeysAndValues, true),
+        (1, 4, 256, 300, mlx_kv::Rotation::Values, false),
+        (8, 4, 128, 1000, mlx_kv::Rotation::Keys, false),
+        (2, 7, 64, 300, mlx_kv::Rotation::None, true),
+    ];
+    for &(hkv, rep, d, t, rotation, centered) in &cases {
+        for &(kb, vb) in &pairs {
+            let mut spec = KvSpec::bits(kb, vb);
+            spec.rotation = rotation;
+            if centered {
+                spec.key_layout = mlx_kv::KeyLayout::Centered;
+            }
+            let (mut cache, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let (mut twin, _, _) = fill(&spec, hkv, t - 3, d, &key);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (du, hkvu) = (d as usize, hkv as usize);
+            let (mut token_err, mut token_bound, mut paths) = (0.0f64, f64::INFINITY, Vec::new());
+            let (mut out, mut q) = (Vec::new(), None);
+            for i in 0..3u64 {
+                let ki = random::key(seed ^ (3000 + i)).unwrap();
+                let (k1, k2) = random::split(&ki, 2).unwrap();
+                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+                let qi = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
+                set_fused(true);
+                mlx_kv::attention::fused::poison_outputs(true);
+                out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
+                mlx_kv::attention::fused::poison_outputs(false);
+                paths.push(cache.last_path().map_or("none", |c| c.path.name()));
+                twin.update(&kn, &vn).unwrap();
+                twin.eval().unwrap();
+                let n = (t - 2 + i as i32) as usize;
+                for (mine, theirs, bits) in [
+                    (cache.dequantized_keys().unwrap().unwrap(), twin.dequantized_keys().unwrap().unwrap(), kb),
+                    (cache.dequantized_values().unwrap().unwrap(), twin.dequantized_values().unwrap().unwrap(), vb),
+                ] {
+                    let (a, b) = (last_rows(&host(&mine), hkvu, n, du), last_rows(&host(&theirs), hkvu, n, du));
+                    for (ra, rb) in a.chunks(du).zip(b.chunks(du)) {
+                        let max = rb.iter().fold(0.0f64, |m, x| m.max((*x as f64).abs()));
+                        let lim = 2.0 * max / ((1u32 << bits) - 1) as f64 + max * 2f64.powi(-9);
+                        token_bound = token_bound.min(lim);
+                        let e = ra.iter().zip(rb).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+                        token_err = token_err.max(e / lim);
+                    }
+                }
+                q = Some(qi);
+            }
+            let kd = host(&cache.dequantized_keys().unwrap().unwrap());
+            let vd = host(&cache.dequantized_values().unwrap().unwrap());
+            let q64: Vec<f64> = host(q.as_ref().unwrap()).iter().map(|x| *x as f64).collect();
+            let q64 = if rotation.keys() { hadamard_rows(&q64, du) } else { q64 };
+            let qs: Vec<f32> = q64.iter().map(|x| (x * scale as f64) as f32).collect();
+            let mut want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkvu, l: 1, t: t as usize, d: du }, 1.0);
+            if rotation.values() {
+                want = hadamard_rows(&want, du);
+            }
+            let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
+            let pass = err < bound(kb, vb, rep, d, &vd) && token_err <= 1.0 && paths.iter().all(|p| *p == "fused-step") && cache.len() == t as usize;
+            ok &= pass;
+            println!(
+                "  hkv={hkv} rep={rep} d={d} t={t} k{kb}v{vb} {rotation:?}{}: new tokens {token_err:.2} of a step (tightest {token_bound:.1e})  out {err:.2e}  paths {paths:?}  {}",
+                if centered { " centered" } else { "" },
+                if pass { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    ok
+}
+
 /// Per-channel keys (`attend_channels`): a cache of `t - 3` tokens, then three decode steps
 /// (`update_and_attend`, the cache writing each token into its float tail first, as a model
 /// layer calls it), each checked against f64 attention over the dequantized cache (body and
@@ -304,7 +411,8 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
 /// put a key-group edge inside the three steps (the tail fills, is quantized, and the next
 /// step runs with an empty tail) or leave a long tail, and cover the recipes' shapes: SmolLM2
 /// (D 64, 3 rows), Llama-3.1-8B (D 128, 4 rows), Gemma-3 (D 256, 4 rows, value groups of 128),
-/// with keys rotated in one (the query enters the rotated frame outside the kernel).
+/// with keys rotated in one and keys and values in another (the fused step rotates inside its
+/// launch, elsewhere MLX ops rotate around the kernel).
 ///
 /// With `step` the cache hands each token that fits its tail to the fused per-channel step
 /// (`fused::step_channels`, path fused-step: the kernel writes the token into the tail buffers
@@ -366,9 +474,7 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 let mut want = reference(&qs, &kd, &vd, Dims { hq: (hkv * rep) as usize, hkv: hkv as usize, l: 1, t: n, d: d as usize }, 1.0);
                 if rot_mode & 2 != 0 {
                     // Values rotated: the output leaves their frame (times the Hadamard matrix).
-                    let du = d as usize;
-                    let h = |j: usize, c: usize| if (j & c).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / (du as f64).sqrt();
-                    want = want.chunks(du).flat_map(|row| (0..du).map(move |c| (0..du).map(|j| row[j] * h(j, c)).sum::<f64>()).collect::<Vec<_>>()).collect();
+                    want = hadamard_rows(&want, d as usize);
                 }
                 let err = out.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0f64, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) });
                 worst = worst.max(err);
@@ -691,8 +797,11 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--check") {
         // The default path only (tensor cores where they apply unless --no-mma, one launch per step).
-        let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true);
+        let ok = correctness(seed, false, quick) & step_correctness(seed, quick, true) & paged_correctness(seed, quick, true) & frame_step_correctness(seed, quick);
         finish(ok);
+    }
+    if std::env::args().any(|a| a == "--frame") {
+        finish(frame_step_correctness(seed, quick));
     }
     if std::env::args().any(|a| a == "--channels") {
         let mut ok = true;

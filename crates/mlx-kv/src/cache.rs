@@ -707,6 +707,7 @@ impl KvCache {
         // Any center keeps attention exact, so taking it from these keys is right even when
         // the step is not taken and `update` stores them instead.
         let rk = self.center_keys(&rk)?;
+        let centered = self.centered();
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
             && q.shape()[2] == 1
@@ -744,10 +745,21 @@ impl KvCache {
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
-        // Rotation stays outside the kernel: the query and the new token enter the rotated
-        // frame before it and the output leaves it after, so the kernel only ever sees codes.
-        let mut out = attention::fused::decode_step(&rq, &rk, &rv, kop, vop, &pos, slot + 1, cap, scale)?;
-        if let (Some(h), true) = (&self.rotation, spec.rotation.values()) {
+        // The stored frame (rotations, key center) is entered inside the one-launch kernel
+        // (`--gpu-fused-rotate on`); otherwise MLX ops around the launch enter it and leave it,
+        // and the kernel only sees the frame's values. The center exists by now
+        // (`center_keys` above sets it from this token when the cache had none).
+        let r = spec.rotation;
+        let inside = (r != crate::Rotation::None || centered)
+            && mlx_ext::options::current().gpu_fused_rotate.on()
+            && attention::fused::step_fold_applies(slot + 1, (b * hkv) as usize, self.head_dim);
+        let mut out = if inside {
+            let frame = attention::fused::StoredFrame { rot: r.keys() as u8 | (r.values() as u8) << 1, center: if centered { self.key_center.as_ref() } else { None } };
+            attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale, Some(frame))?
+        } else {
+            attention::fused::decode_step(&rq, &rk, &rv, kop, vop, &pos, slot + 1, cap, scale, None)?
+        };
+        if let (Some(h), true, false) = (&self.rotation, r.values(), inside) {
             out = mlx_rs::ops::matmul(&out, rotation_in(&self.rotation_cast, h, out.dtype())?)?;
         }
         bk.set_written(slot + 1);

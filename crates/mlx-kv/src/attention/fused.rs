@@ -229,6 +229,20 @@ const STEP_FOLD_DEF: KernelDef = KernelDef {
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
     outputs: &["part", "out"],
 };
+const STEP_ROT_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_rot_fold",
+    defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_ROT 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    outputs: &["part", "out"],
+};
+const STEP_ROT_CENTER_FOLD_DEF: KernelDef = KernelDef {
+    stem: "kvsplit_step_rotc_fold",
+    defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_ROT 1\n#define KV_CENTER 1\n",
+    body: PARTIAL,
+    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos", "kc"],
+    outputs: &["part", "out"],
+};
 const PAGED_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_paged_partial",
     defines: "#define KV_STEP 1\n#define KV_PAGED 1\n",
@@ -676,6 +690,26 @@ pub(crate) fn channel_fold_applies(t: usize, bh: usize, d: usize) -> bool {
     mlx_ext::options::current().gpu_fused_fold.on() && n_split <= WARPS as usize * d && bh < 1021
 }
 
+/// The stored frame of a cache whose [`decode_step`] enters it inside the kernel, where MLX
+/// ops around the launch would otherwise do it (three matmuls and a subtract per layer and
+/// token, each an op MLX dispatches): `rot` bit 0 keys rotated, bit 1 values rotated (the
+/// Sylvester Hadamard matrix over sqrt(head_dim), as [`crate::rotation::hadamard`]), and
+/// `center` the cache's key center (`[B, Hkv, 1, D]`, in the keys' frame), taken off each new
+/// key.
+#[derive(Clone, Copy)]
+pub struct StoredFrame<'a> {
+    pub rot: u8,
+    pub center: Option<&'a Array>,
+}
+
+/// Whether [`decode_step`] of `t` tokens over `bh` heads runs as one launch (the fold), which it
+/// needs to enter a [`StoredFrame`]: `--gpu-fused-fold on`, split weights fitting the kernel's
+/// staging, and the heads' arrival counters inside `pos`.
+pub fn step_fold_applies(t: usize, bh: usize, d: usize) -> bool {
+    let (n_split, _) = split_plan(t, bh);
+    mlx_ext::options::current().gpu_fused_fold.on() && n_split <= WARPS as usize * d && bh < 1022
+}
+
 /// One decode step of a layer in two launches and no other op: the new token's key and value
 /// (`k_new`, `v_new`: `[B, Hkv, 1, D]`) are quantized on the GPU and written in place into
 /// slot `t - 1` of the cache buffers (`k.full`, `v.full`, capacity `cap`), then attention of
@@ -687,8 +721,12 @@ pub(crate) fn channel_fold_applies(t: usize, bh: usize, d: usize) -> bool {
 /// is sound here because the cache owns them, nothing else reads them in the same graph, and
 /// MLX runs the step's launches in data order (every later reader depends on this step's
 /// output). Returns `[B, Hq, 1, D]` in `q`'s dtype.
+///
+/// With a `frame` (only where [`step_fold_applies`]), `q`, `k_new` and `v_new` come in the
+/// model's frame and the kernel moves them into the cache's, and the output back out of the
+/// values' frame, in f32 ([`StoredFrame`]).
 #[allow(clippy::too_many_arguments)]
-pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, pos: &Array, t: usize, cap: usize, scale: f32) -> Result<Array> {
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, pos: &Array, t: usize, cap: usize, scale: f32, frame: Option<StoredFrame>) -> Result<Array> {
     let s = q.shape();
     let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
     let hkv = k_new.shape()[1];
@@ -705,6 +743,38 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     let ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale);
     let mma = mma_applies(&k, &v, d as usize, rows as usize, q.dtype());
     let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, pos];
+    let fold = step_fold_applies(t, bh as usize, d as usize);
+    if let Some(frame) = frame {
+        if !fold {
+            return Err(KvError::Shape("fused decode step: entering the cache's frame needs the folded launch".into()));
+        }
+        if let Some(c) = frame.center {
+            if c.shape() != [b, hkv, 1, d] {
+                return Err(KvError::Shape(format!("fused decode step: key center {:?}, want [{b}, {hkv}, 1, {d}]", c.shape())));
+            }
+        }
+        let mut ints = ints.to_vec();
+        ints.push(("ROT", frame.rot as i32));
+        let mut inputs = inputs.to_vec();
+        let def = match frame.center {
+            Some(c) => {
+                inputs.push(c);
+                &STEP_ROT_CENTER_FOLD_DEF
+            }
+            None => &STEP_ROT_FOLD_DEF,
+        };
+        let out = run_kernel(
+            def,
+            mma,
+            &inputs,
+            &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
+            (ns * 32 * WARPS, bh),
+            32 * WARPS,
+            &ints,
+            &[("OT", q.dtype())],
+        )?;
+        return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
+    }
     let parts_out = [
         Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
@@ -712,7 +782,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     ];
     // One launch: the last block of each head merges its splits (split weights are staged in
     // the kernel's WARPS * D shared floats; arrival counters live in pos[1..1023]).
-    if mlx_ext::options::current().gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1022 {
+    if fold {
         let out = run_kernel(
             &STEP_FOLD_DEF,
             mma,

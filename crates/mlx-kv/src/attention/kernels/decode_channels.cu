@@ -45,6 +45,8 @@ const int n_split = gridDim.x;
 #ifndef KV_CSTEP
 #define KV_CSTEP 0
 #endif
+// The fold's output rotation (decode_fold.cu) reads ROT, which every step variant is given.
+#define KV_ROT KV_CSTEP
 #if KV_FOLD
 // One scratch output for the splits' partial results (as decode_partial.cu's fold).
 float* const out_o = part;
@@ -52,7 +54,6 @@ float* const out_m = part + (size_t)gridDim.y * gridDim.x * REP * D;
 float* const out_l = out_m + (size_t)gridDim.y * gridDim.x * REP;
 #endif
 #if KV_CSTEP
-#define KV_HSCALE rsqrtf((float)D)
 // The decode step (fused.rs `step_channels`): `tk`, `tv` are the cache's whole tail buffers
 // (capacity NT rows per head, read in place: no contiguity copy), pos[0] the tail row of the
 // new token and pos[1022] the body's tokens. The token's K and V rows are written into the
@@ -87,43 +88,25 @@ float (*const qk_s)[D] = sm_o[warp];
 if (split == (T - 1) / PER && warp < 2) {
   const size_t row = ((size_t)bh * NT + NEW) * D;
   TT* const dst = const_cast<TT*>(warp == 0 ? tk : tv) + row;
-  // ROT bit 0: keys rotated (the new key enters the stored frame here), bit 1: values.
-  const bool rot = warp == 0 ? (ROT & 1) : (ROT & 2);
-  for (int i = lane; i < D; i += 32) {
-    float x;
-    if (rot) {
-      x = 0.f;
-      for (int j = 0; j < D; ++j) {
-        const float e = kv_to_float(warp == 0 ? knew[(size_t)bh * D + j] : vnew[(size_t)bh * D + j]);
-        x += (__popc(i & j) & 1) ? -e : e;
-      }
-      x *= KV_HSCALE;
-    } else {
-      x = kv_to_float(warp == 0 ? knew[(size_t)bh * D + i] : vnew[(size_t)bh * D + i]);
-    }
-    dst[i] = kv_from_float<TT>(x);
-  }
+  // ROT bit 0: keys rotated (the new key enters the stored frame here), bit 1: values. The row
+  // is staged in this warp's slice of sm_o, which the tiles use only after the barrier below.
+  float* const x = &sm_o[warp][0][0];
+  for (int i = lane; i < D; i += 32) x[i] = kv_to_float(warp == 0 ? knew[(size_t)bh * D + i] : vnew[(size_t)bh * D + i]);
+  __syncwarp();
+  if (warp == 0 ? (ROT & 1) : (ROT & 2)) kv_hadamard<D, false>(x, 1, lane, 32);
+  for (int i = lane; i < D; i += 32) dst[i] = kv_from_float<TT>(x[i]);
   __threadfence_block();
 }
 #endif
 // The query scale is applied here (SCALE_BITS, an f32's bits), not by an op before the launch.
-#if KV_CSTEP
-// Keys rotated (ROT bit 0): the query enters the stored frame here, q H with H the Sylvester
-// Hadamard matrix over 1/sqrt(D) (H[j][i] = +-1 by the parity of j & i), in f32.
-if (ROT & 1) {
-  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-    const int r = i / D, c = i % D;
-    const auto* qr = q + ((size_t)bh * REP + r) * D;
-    float x = 0.f;
-    for (int j = 0; j < D; ++j) {
-      const float e = kv_to_float(qr[j]);
-      x += (__popc(j & c) & 1) ? -e : e;
-    }
-    q_s[i] = x * KV_HSCALE * __int_as_float(SCALE_BITS);
-  }
-} else
-#endif
 for (int i = threadIdx.x; i < REP * D; i += blockDim.x) q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * __int_as_float(SCALE_BITS);
+#if KV_CSTEP
+// Keys rotated (ROT bit 0): the query enters the stored frame here (q H / sqrt(D), in f32).
+if (ROT & 1) {
+  __syncthreads();
+  kv_hadamard<D, true>(q_s, REP, threadIdx.x, blockDim.x);
+}
+#endif
 __syncthreads();
 
 const int sub = lane / LPT;      // which token of a value step this lane reads

@@ -166,6 +166,35 @@ __device__ __forceinline__ void kv_quantize_row(const T* x, uint32_t* w, __half*
   kv_pack_codes<D, B>(code_s, w, lane);
 }
 
+// x <- x H / sqrt(D) in place, for `rows` rows of D floats in shared memory, H the Sylvester
+// Hadamard matrix (H[j][i] = -1 where popc(i & j) is odd; symmetric, and over sqrt(D) its own
+// inverse): the fast Walsh-Hadamard transform, log2(D) rounds of D / 2 butterflies per row in
+// f32, the scale folded into the last round. Threads `tid` of `n` share each round and the
+// rounds are separated by the block's barrier (BLOCK: every thread of the block calls this) or
+// the warp's (one warp's lanes call it). The caller synchronises before (x written); the last
+// round's barrier makes the result visible to the same threads after.
+// One row is D log2(D) / 2 butterflies, against D^2 multiply-adds for the sign loop.
+template <int D, bool BLOCK>
+__device__ __forceinline__ void kv_hadamard(float* x, int rows, int tid, int n) {
+  static_assert(D > 1 && (D & (D - 1)) == 0, "Sylvester Hadamard needs a power-of-two width");
+  for (int h = 1; h < D; h <<= 1) {
+    const float s = 2 * h == D ? rsqrtf((float)D) : 1.f;
+    for (int p = tid; p < rows * (D / 2); p += n) {
+      const int r = p / (D / 2), k = p % (D / 2);
+      // The pair's low index has bit h clear: k's bits below h stay, the rest move up one.
+      const int i = r * D + (k / h) * 2 * h + k % h;
+      const float a = x[i], b = x[i + h];
+      x[i] = (a + b) * s;
+      x[i + h] = (a - b) * s;
+    }
+    if constexpr (BLOCK) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+  }
+}
+
 // ---- The CUDA-core attention pass (decode_partial.cu without KV_MMA, decode_channels.cu) ----
 // Both kernels read values per token the same way and keep the same online softmax and
 // block-end merges; the pieces are here once. A lane owns VD dims of one token per value step

@@ -1,8 +1,8 @@
 // The merge folded into a step launch (KV_FOLD), appended by fused.rs to the attention pass
 // of decode_partial.cu and of decode_channels.cu (KV_CSTEP). It needs from the pass: out_o,
-// out_m, out_l (the block's partial results, carved from `part`), sm_o, pos (or ctr), the
-// block coordinates, and OT; pos[1 + bh] and pos[1023] are arrival counters, pos[0] the
-// counter the step advances.
+// out_m, out_l (the block's partial results, carved from `part`), sm_o, q_s, pos (or ctr),
+// the block coordinates, OT, and KV_ROT (with ROT where it is 1); pos[1 + bh] and pos[1023]
+// are arrival counters, pos[0] the counter the step advances.
 
 #if KV_FOLD
 // The merge folded into this launch (fused.rs `decode_step` with fold): the last block of a
@@ -53,22 +53,18 @@
       for (int s2 = 0; s2 < n_split; ++s2) {
         o += __ldcg(&out_o[(((size_t)bh * n_split + s2) * REP + r) * D + dd]) * c_s[r * MAXS + s2];
       }
-#if KV_CSTEP
-      // Values rotated (decode_channels.cu, ROT bit 2): the output leaves the values' frame
-      // below (o H), staged in q_s, which the tiles no longer read.
+#if KV_ROT
+      // Values rotated (ROT bit 1): the output leaves the values' frame below (o H / sqrt(D)),
+      // staged in q_s, which the tiles no longer read.
       if (ROT & 2) { q_s[i] = o / kv_l[r]; continue; }
 #endif
       out[((size_t)bh * REP + r) * D + dd] = kv_from_float<OT>(o / kv_l[r]);
     }
-#if KV_CSTEP
+#if KV_ROT
     if (ROT & 2) {
       __syncthreads();
-      for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-        const int r = i / D, c = i % D;
-        float x = 0.f;
-        for (int j = 0; j < D; ++j) x += (__popc(j & c) & 1) ? -q_s[r * D + j] : q_s[r * D + j];
-        out[((size_t)bh * REP + r) * D + c] = kv_from_float<OT>(x * KV_HSCALE);
-      }
+      kv_hadamard<D, true>(q_s, REP, threadIdx.x, blockDim.x);
+      for (int i = threadIdx.x; i < REP * D; i += blockDim.x) out[(size_t)bh * REP * D + i] = kv_from_float<OT>(q_s[i]);
     }
 #endif
     if (threadIdx.x == 0) {

@@ -23,6 +23,13 @@
 // block's own tile loads see those writes after the barrier below. T is pos[0] + 1, the
 // capacity comes from the key buffer's shape, and splits are even slices of T over the grid
 // (a trailing split may be empty). Queries are scaled by SCALE_BITS (an f32's bits) here.
+// KV_ROT (with KV_STEP and KV_FOLD, fused.rs `decode_step` with a `StoredFrame`): the layer's
+// Hadamard rotations (ROT bit 0 keys, bit 1 values) run here instead of as matmul ops around
+// the launch: the new key and the query enter the keys' frame before the write and the tiles,
+// the new value enters the values' frame, and the fold rotates the output back
+// (decode_fold.cu); with KV_CENTER the cache's key center (`kc`, in the keys' frame) comes off
+// the new key before it is quantized (a shift of every key by one vector moves every score of
+// a query by the same amount, so the query needs no change).
 // KV_PAGED (with KV_STEP, fused.rs `decode_step_paged`): one launch serves S sequences whose
 // rows live in a block pool (`[NB, HKV, BLOCK, W]`); grid row bh is sequence bh / HKV, head
 // bh % HKV. `table` row s holds T_s and then the pool blocks of the sequence's tokens, so
@@ -58,6 +65,14 @@ const int n_split = gridDim.x;
 #ifndef KV_PAGED
 #define KV_PAGED 0
 #endif
+#ifndef KV_ROT
+#define KV_ROT 0
+#endif
+#ifndef KV_CENTER
+#define KV_CENTER 0
+#endif
+static_assert(!KV_ROT || (KV_STEP && KV_FOLD && !KV_PAGED), "in-kernel rotation: the one-launch step");
+static_assert(!KV_CENTER || KV_ROT, "the key center is taken off in the rotating step");
 #if KV_FOLD
 // One scratch output for the splits' partial results (fewer buffers for MLX to allocate).
 float* const out_o = part;
@@ -103,6 +118,30 @@ __shared__ float sm_o[WARPS][REP][D];
 __shared__ unsigned char code_s[2][D];
 if (T > 0 && split == (T - 1) / PER) {
   const size_t row = kv_row(T - 1);
+#if KV_ROT
+  // The new key and value enter the stored frame first (ROT bit 0: keys rotated, bit 1:
+  // values; KV_CENTER: the key center `kc`, in that frame, taken off), in f32, staged in this
+  // warp's slice of sm_o, which the block uses only at its end.
+  if (warp < 2) {
+    float* const x = &sm_o[warp][0][0];
+    for (int i = lane; i < D; i += 32) x[i] = kv_to_float(warp == 0 ? knew[(size_t)bh * D + i] : vnew[(size_t)bh * D + i]);
+    __syncwarp();
+    if (warp == 0 ? (ROT & 1) : (ROT & 2)) kv_hadamard<D, false>(x, 1, lane, 32);
+#if KV_CENTER
+    if (warp == 0) {
+      for (int i = lane; i < D; i += 32) x[i] -= kv_to_float(kc[(size_t)bh * D + i]);
+      __syncwarp();
+    }
+#endif
+    if (warp == 0) {
+      kv_quantize_row<D, GK, BK>(x, const_cast<uint32_t*>(kw) + row * KW, const_cast<__half*>(ks) + row * KG,
+                                 const_cast<__half*>(kb) + row * KG, code_s[0], lane);
+    } else {
+      kv_quantize_row<D, GV, BV>(x, const_cast<uint32_t*>(vw) + row * VW, const_cast<__half*>(vs) + row * VG,
+                                 const_cast<__half*>(vb) + row * VG, code_s[1], lane);
+    }
+  }
+#else
   if (warp == 0) {
     kv_quantize_row<D, GK, BK>(knew + (size_t)bh * D, const_cast<uint32_t*>(kw) + row * KW,
                                const_cast<__half*>(ks) + row * KG, const_cast<__half*>(kb) + row * KG, code_s[0], lane);
@@ -110,6 +149,7 @@ if (T > 0 && split == (T - 1) / PER) {
     kv_quantize_row<D, GV, BV>(vnew + (size_t)bh * D, const_cast<uint32_t*>(vw) + row * VW,
                                const_cast<__half*>(vs) + row * VG, const_cast<__half*>(vb) + row * VG, code_s[1], lane);
   }
+#endif
   __threadfence_block();
 }
 #endif
@@ -119,6 +159,10 @@ for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
   q_s[i] = kv_to_float(q[(size_t)bh * REP * D + i]) * (KV_MMA ? 1.f : __int_as_float(SCALE_BITS));
 }
 __syncthreads();
+#if KV_ROT
+// Keys rotated (ROT bit 0): the query enters their frame here (q H / sqrt(D), in f32).
+if (ROT & 1) kv_hadamard<D, true>(q_s, REP, threadIdx.x, blockDim.x);
+#endif
 for (int i = threadIdx.x; i < REP * KG; i += blockDim.x) {
   const int r = i / KG, g = i % KG;
   float s = 0.f;
