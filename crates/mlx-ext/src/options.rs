@@ -87,8 +87,9 @@ pub struct EngineOptions {
     /// (`off`: partial and merge kernels)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_fold: Toggle,
-    /// GPU: Hadamard rotations of a per-channel layer's decode step inside its one-launch
-    /// kernel (`off`: matmul ops around the kernel)
+    /// GPU: a decode step enters the cache's stored frame inside its one-launch kernel:
+    /// Hadamard rotations (per-token and per-channel layers) and the key center (`off`: matmul
+    /// and subtract ops around the kernel)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_fused_rotate: Toggle,
     /// GPU: tensor-core (mma) variant of the attention pass where it covers the shape

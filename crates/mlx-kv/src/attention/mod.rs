@@ -239,8 +239,9 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
 /// decode step is one launch ([`fused::step_channels`]: the token written into the float tail in
 /// place, the Hadamard rotations inside with `--gpu-fused-rotate on`); with the rotations as
 /// matmul ops instead, SmolLM2's k8v4 recipe decoded at about half of plain k8v4 at 4K on an
-/// H100, and with them inside at 0.80-0.88x, which is faster than the rotated per-token general
-/// choice the preset would run instead (docs/fused-attention-h200.md, session 13).
+/// H100, and with them inside at 0.80-0.88x (docs/fused-attention-h200.md, session 13; 0.82x in
+/// session 14). Rotated per-token layers enter their frame inside [`fused::decode_step`] with
+/// the option on, and are never refused.
 pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
     let slow_step = fused_allowed().is_ok()
         && spec.k.is_quantized()
