@@ -16,6 +16,7 @@ pub mod mlx_dir;
 pub mod model;
 pub mod perplexity;
 pub mod random;
+pub mod random_gguf;
 pub mod recipe;
 pub mod sample;
 pub mod weights;

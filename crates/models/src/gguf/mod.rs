@@ -6,12 +6,14 @@
 //! order and [`TensorInfo::shape`] gives the row-major one, so a `token_embd.weight` with ggml
 //! shape `[576, 49152]` is a `[49152, 576]` matrix, rows of 576 contiguous values.
 
+mod encode;
 mod error;
 mod mlx;
 mod quants;
 mod reader;
 mod types;
 mod value;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,8 @@ pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
 pub use value::{MetaArray, MetaValue};
+pub use encode::{quantize_block_q4_0, quantize_q4_0, Q4_0_BLOCK, Q4_0_BYTES};
+pub use writer::{GgufWriter, TensorSpec};
 
 enum Storage {
     Mmap(memmap2::Mmap),
