@@ -541,11 +541,22 @@ macro_rules! render {
 
 /// Refuses rows of one figure that ran with different engine options: their numbers are not
 /// comparable. The message names each option that differs.
-fn same_engine<'a>(figure: &str, engines: impl Iterator<Item = &'a str>) -> Result<()> {
+/// The engine options of a row that can change what its backend computes: on the CPU backend
+/// the `gpu-*` options choose between CUDA kernels that never run, so rows measured there
+/// before and after a GPU default changed still describe one setup.
+fn options_in_effect(engine: &str, backend: &str) -> String {
+    if backend != "cpu" {
+        return engine.to_string();
+    }
+    engine.split_whitespace().filter(|kv| !kv.starts_with("gpu-")).collect::<Vec<_>>().join(" ")
+}
+
+fn same_engine<'a>(figure: &str, rows: impl Iterator<Item = (&'a str, &'a str)>) -> Result<()> {
     // Strings that differ only by a key one of them lacks, at the value it had before the
     // option existed (`EngineOptions::differences`), describe one setup.
+    let engines: Vec<String> = rows.map(|(engine, backend)| options_in_effect(engine, backend)).collect();
     let mut seen: Vec<&str> = Vec::new();
-    for e in engines {
+    for e in engines.iter().map(String::as_str) {
         let same = |s: &&str| *s == e || (!s.is_empty() && !e.is_empty() && mlx_ext::EngineOptions::differences(s, e).is_empty());
         if !seen.iter().any(same) {
             seen.push(e);
@@ -576,11 +587,11 @@ pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf
         render!(out, "kv-memory-vs-context", written, provenance(model.clone().chain(attention.clone()).chain(ppl)), kv_memory, d);
     }
     if !d.model.is_empty() {
-        same_engine("throughput-vs-depth", d.model.iter().map(|r| r.engine.as_str()))?;
+        same_engine("throughput-vs-depth", d.model.iter().map(|r| (r.engine.as_str(), r.backend.as_str())))?;
         render!(out, "throughput-vs-depth", written, provenance(model), throughput, d);
     }
     if !d.attention.is_empty() {
-        same_engine("attention-time-vs-context", d.attention.iter().map(|r| r.engine.as_str()))?;
+        same_engine("attention-time-vs-context", d.attention.iter().map(|r| (r.engine.as_str(), r.backend.as_str())))?;
         render!(out, "attention-time-vs-context", written, provenance(attention), attention_time, d);
     }
     let (peers, own): (Vec<PplRow>, Vec<PplRow>) = d.ppl.iter().cloned().partition(is_peer);
@@ -592,7 +603,7 @@ pub fn draw_all(d: &Data, out: &Path, font: Option<&Path>) -> Result<Vec<PathBuf
                 let stamp = provenance(std::iter::once(&base).chain(&rows).chain(&peers).map(|r| (r.commit.as_str(), r.date.as_str())));
                 render!(out, "kld-per-byte", written, stamp, kld_per_byte, &base, &rows, &peers);
             }
-            same_engine("ppl-kld", rows.iter().map(|r| r.engine.as_str()))?;
+            same_engine("ppl-kld", rows.iter().map(|r| (r.engine.as_str(), r.backend.as_str())))?;
             let stamp = provenance(std::iter::once(&base).chain(&rows).map(|r| (r.commit.as_str(), r.date.as_str())));
             render!(out, "ppl-kld", written, stamp.clone(), ppl_kld, &base, &rows);
             render!(out, "kv-bits-heatmap", written, stamp.clone(), heatmap, &base, &rows);

@@ -162,5 +162,20 @@ fn rows_measured_with_different_engine_options_are_not_drawn_together() {
     assert!(draw_all(&pair(&before, &off), &out, None).is_ok());
     let err = draw_all(&pair(&before, &same), &out, None).unwrap_err().to_string();
     assert!(err.contains("gpu-fused-rotate: off vs on"), "{err}");
+    // On the CPU backend the gpu-* options select kernels that never run: such rows pair, and
+    // the same rows measured on CUDA do not.
+    let on_backend = |backend: &str| {
+        let mut a = ppl_row("k8v4", 10.1, 6240.0);
+        a.engine = off.clone();
+        let mut base = ppl_row("fp16", 10.0, 15360.0);
+        base.engine = same.clone();
+        for r in [&mut a, &mut base] {
+            r.backend = backend.into();
+        }
+        Data { ppl: vec![base, a], ..Default::default() }
+    };
+    assert!(draw_all(&on_backend("cpu"), &out, None).is_ok());
+    let err = draw_all(&on_backend("cuda"), &out, None).unwrap_err().to_string();
+    assert!(err.contains("ppl-kld") && err.contains("gpu-fused-rotate: on vs off"), "{err}");
     std::fs::remove_dir_all(&out).ok();
 }
