@@ -30,14 +30,17 @@ margin=$((3 * 512 * 1024))
 ../shared/device/stage-mlx-cuda.sh .device >/dev/null
 CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx
 CARGO_TARGET_DIR=$target cargo build --release -q -p mlx-kv --example fused_check
-for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check"; do
+# write_random_gguf makes the random Llama-3.1-8B Q4_0 GGUF on the GPU machine (4.5 GB, too big
+# to carry), the one file both this engine and llama.cpp's CUDA build are timed on.
+CARGO_TARGET_DIR=$target cargo build --release -q -p models --example write_random_gguf
+for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check" "$target/release/examples/write_random_gguf"; do
   # An RPATH (old dtags) would be searched before LD_LIBRARY_PATH and load the CPU libmlx.so.
   readelf -d "$b" | grep -q RUNPATH || { echo "gpu-run: $b has no RUNPATH" >&2; exit 1; }
   # xz: the stripped CLI is over 13 MB and every byte of a call counts against the model's share.
   strip -o ".device/rt/$(basename "$b")" "$b"
   xz -9 -f -S .bin.xz ".device/rt/$(basename "$b")"
 done
-rm -f .device/rt/conformance .device/rt/kvsplit-mlx .device/rt/fused_check
+rm -f .device/rt/conformance .device/rt/kvsplit-mlx .device/rt/fused_check .device/rt/write_random_gguf
 mkdir -p .device/rt/whl .device/rt/data
 install -m 644 "$wiki" .device/rt/data/wiki.test.raw
 # MLX's Python package (linked against libmlx.so, which the CUDA runtime provides) and mlx-lm,
@@ -113,6 +116,7 @@ Make these calls back to back (the machine forgets /tmp about 30 s after a call)
        command="source /tmp/kvrt/gpu-env.sh && $KVRT/kvsplit-mlx generate --kv 8,4 --prompt 'The capital of France is' --max-tokens 32 2>&1 | tee $OUT/generate.log")
 Later calls on the warm machine: command="source /tmp/kvrt/gpu-env.sh && ...", no carry. Examples:
   $KVRT/kvsplit-mlx ppl wikitext --kv fp16,k8v8,k8v4,k4v4 --ctx 512 --max-windows 8 --out $OUT
+  $KVRT/write_random_gguf llama3.1-8b /tmp/llama8b-q4_0.gguf && $KVRT/kvsplit-mlx bench --model /tmp/llama8b-q4_0.gguf ...
   $KVRT/kvsplit-mlx bench --random-model llama3.1-8b --random-weights q4 --fill random --kv fp16,k8v4 -d 4096,16384,32768 -p 128 -n 64 -r 2 --out $OUT
   python3 scripts/mlxlm-decode-bench.py --quick
 First use of every kernel shape compiles it (NVRTC, seconds each; MLX's own quantized_matmul
