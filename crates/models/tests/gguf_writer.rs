@@ -2,7 +2,6 @@
 //! the reader's module must not be reached from: the crate keeps no import circles).
 
 use models::gguf::{quantize_q4_0, GgmlType, GgufFile, GgufWriter, MetaArray, MetaValue};
-use std::io::Write;
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
