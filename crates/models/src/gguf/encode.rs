@@ -54,12 +54,19 @@ pub fn quantize_q4_0(values: &[f32]) -> Result<Vec<u8>, DequantError> {
     Ok(out)
 }
 
-pub(super) fn put_str(out: &mut Vec<u8>, s: &str) {
+/// The ggml id of a type, the inverse of [`GgmlType::from_id`]; `u32::MAX` for none.
+pub fn type_id(ty: GgmlType) -> u32 {
+    (0..64).find(|&i| GgmlType::from_id(i) == Some(ty)).unwrap_or(u32::MAX)
+}
+
+/// A GGUF string: u64 length, then the UTF-8 bytes.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-pub(super) fn value_type(v: &MetaValue) -> u32 {
+/// The GGUF type id of a metadata value.
+pub fn value_type(v: &MetaValue) -> u32 {
     match v {
         MetaValue::U8(_) => 0,
         MetaValue::I8(_) => 1,
@@ -77,7 +84,8 @@ pub(super) fn value_type(v: &MetaValue) -> u32 {
     }
 }
 
-pub(super) fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+/// A metadata value's bytes after its type id (arrays carry their element type and count).
+pub fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
     match v {
         MetaValue::U8(x) => out.push(*x),
         MetaValue::I8(x) => out.extend_from_slice(&x.to_le_bytes()),

@@ -24,7 +24,7 @@ pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
 pub use value::{MetaArray, MetaValue};
-pub use encode::{quantize_block_q4_0, quantize_q4_0, Q4_0_BLOCK, Q4_0_BYTES};
+pub use encode::{put_str, put_value, quantize_block_q4_0, quantize_q4_0, type_id, value_type, Q4_0_BLOCK, Q4_0_BYTES};
 pub use writer::{GgufWriter, TensorSpec};
 
 enum Storage {

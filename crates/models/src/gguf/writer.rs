@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::encode::{put_str, put_value, value_type};
+use super::encode::{put_str, put_value, type_id, value_type};
 use super::error::GgufError;
 use super::reader::DEFAULT_ALIGNMENT;
 use super::types::GgmlType;
@@ -210,11 +210,6 @@ impl GgufWriter {
         head.resize(data_start as usize, 0);
         out.write_all(&head)
     }
-}
-
-/// The ggml id of a type, the inverse of [`GgmlType::from_id`]; `u32::MAX` for none.
-fn type_id(ty: GgmlType) -> u32 {
-    (0..64).find(|&i| GgmlType::from_id(i) == Some(ty)).unwrap_or(u32::MAX)
 }
 
 fn io_error(path: &Path, what: &str, e: io::Error) -> ModelError {
