@@ -101,6 +101,23 @@ fn set_fused(on: bool) {
     set_option(|o| o.gpu_fused = Toggle::from_bool(on));
 }
 
+/// One decode step as a model layer calls it (`update_and_attend`, with the fused path on and
+/// outputs poisoned so an element the kernel fails to write reads NaN): the new token's K and
+/// V (`[1, hkv, 1, d]`) and the query (`[1, hkv * rep, 1, d]`) drawn in f16 from `seed`.
+/// Returns the output on the host, then K, V and the query.
+fn poisoned_step(cache: &mut KvCache, seed: u64, hkv: i32, rep: i32, d: i32, scale: f32) -> (Vec<f32>, Array, Array, Array) {
+    let ki = random::key(seed).unwrap();
+    let (k1, k2) = random::split(&ki, 2).unwrap();
+    let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
+    let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
+    let q = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
+    set_fused(true);
+    mlx_kv::attention::fused::poison_outputs(true);
+    let out = host(&cache.update_and_attend(&q, &kn, &vn, scale, None).unwrap());
+    mlx_kv::attention::fused::poison_outputs(false);
+    (out, kn, vn, q)
+}
+
 /// Bit pairs of the correctness checks: `--bits` if given, else all; `--quick` keeps two (every
 /// variant is compiled on first use, about 3 s each on the GPU machine). 3- and 6-bit pairs run
 /// on CUDA cores only (see `fused::mma_applies`); k8v6 and k6v4 also check the 2/4/8-bit code
@@ -263,15 +280,8 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
             let mut out = Vec::new();
             let mut q = None;
             for i in 0..3u64 {
-                let ki = random::key(seed ^ (1000 + i)).unwrap();
-                let (k1, k2) = random::split(&ki, 2).unwrap();
-                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let qi = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
-                set_fused(true);
-                mlx_kv::attention::fused::poison_outputs(true);
-                out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
-                mlx_kv::attention::fused::poison_outputs(false);
+                let (step_out, kn, vn, qi) = poisoned_step(&mut cache, seed ^ (1000 + i), hkv, rep, d, scale);
+                out = step_out;
                 twin.update(&kn, &vn).unwrap();
                 twin.eval().unwrap();
                 let n = (t - 2 + i as i32) as usize;
@@ -354,15 +364,8 @@ fn frame_step_correctness(seed: u64, quick: bool) -> bool {
             let (mut token_err, mut token_bound, mut paths) = (0.0f64, f64::INFINITY, Vec::new());
             let (mut out, mut q) = (Vec::new(), None);
             for i in 0..3u64 {
-                let ki = random::key(seed ^ (3000 + i)).unwrap();
-                let (k1, k2) = random::split(&ki, 2).unwrap();
-                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let qi = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
-                set_fused(true);
-                mlx_kv::attention::fused::poison_outputs(true);
-                out = host(&cache.update_and_attend(&qi, &kn, &vn, scale, None).unwrap());
-                mlx_kv::attention::fused::poison_outputs(false);
+                let (step_out, kn, vn, qi) = poisoned_step(&mut cache, seed ^ (3000 + i), hkv, rep, d, scale);
+                out = step_out;
                 paths.push(cache.last_path().map_or("none", |c| c.path.name()));
                 twin.update(&kn, &vn).unwrap();
                 twin.eval().unwrap();
@@ -448,15 +451,7 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
             let scale = 1.0 / (d as f32).sqrt();
             let (mut worst, mut paths, mut pass) = (0.0f64, Vec::new(), true);
             for i in 0..3u64 {
-                let ki = random::key(seed ^ (2000 + i)).unwrap();
-                let (k1, k2) = random::split(&ki, 2).unwrap();
-                let kn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k1).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let vn = random::normal::<f32>(&[1, hkv, 1, d], None, None, &k2).unwrap().as_dtype(Dtype::Float16).unwrap();
-                let q = random::normal::<f32>(&[1, hkv * rep, 1, d], None, None, &ki).unwrap().as_dtype(Dtype::Float16).unwrap();
-                set_fused(true);
-                mlx_kv::attention::fused::poison_outputs(true);
-                let out = host(&cache.update_and_attend(&q, &kn, &vn, scale, None).unwrap());
-                mlx_kv::attention::fused::poison_outputs(false);
+                let (out, _, _, q) = poisoned_step(&mut cache, seed ^ (2000 + i), hkv, rep, d, scale);
                 let path = cache.last_path().map_or("none", |c| c.path.name());
                 paths.push(path);
                 // The query as the engine hands it to the kernel: rotated by the same op when
