@@ -215,25 +215,27 @@ const CHANNELS_FOLD_DEF: KernelDef = KernelDef {
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "pos"],
     outputs: &["part", "out"],
 };
+/// The decode step's inputs (the query, the new token's K and V, the cache buffers, `pos`).
+const STEP_INPUTS: &[&str] = &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"];
 const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_partial",
     defines: "#define KV_STEP 1\n",
     body: PARTIAL,
-    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    inputs: STEP_INPUTS,
     outputs: &["out_o", "out_m", "out_l"],
 };
 const STEP_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_fold",
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n",
     body: PARTIAL,
-    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    inputs: STEP_INPUTS,
     outputs: &["part", "out"],
 };
 const STEP_ROT_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_rot_fold",
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_ROT 1\n",
     body: PARTIAL,
-    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"],
+    inputs: STEP_INPUTS,
     outputs: &["part", "out"],
 };
 const STEP_ROT_CENTER_FOLD_DEF: KernelDef = KernelDef {
