@@ -702,11 +702,6 @@ impl KvCache {
     /// `--gpu-fused-fold off`) and no other op (the MLX-ops write is a `quantize` and three
     /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU).
     fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
-        // Lazy: if the step is not taken, these ops are never run.
-        let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
-        // Any center keeps attention exact, so taking it from these keys is right even when
-        // the step is not taken and `update` stores them instead.
-        let rk = self.center_keys(&rk)?;
         let centered = self.centered();
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
@@ -717,7 +712,7 @@ impl KvCache {
             && self.opts.max_size.is_none()
             && self.tail_k.is_empty()
             && self.offset + 1 >= spec.quantized_kv_start;
-        let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { return Ok(None) };
+        let (Body::Quant(bk), Body::Quant(bv)) = (&self.body_k, &self.body_v) else { return Ok(None) };
         let (ks, qs) = (k.shape(), q.shape());
         let (b, hkv) = (ks[0], ks[1]);
         let case = StepCase {
@@ -729,6 +724,26 @@ impl KvCache {
         };
         let Some(choice) = attention::choose_step(&case) else { return Ok(None) };
         let slot = self.body_head;
+        // The stored frame (rotations, key center) is entered inside the one-launch kernel
+        // (`--gpu-fused-rotate on`); otherwise MLX ops around the launch enter it and leave it,
+        // and the kernel only sees the frame's values. Decided before any frame op is built:
+        // building them costs host time per layer and token even when they are never run.
+        let r = spec.rotation;
+        let inside = (r != crate::Rotation::None || centered)
+            && mlx_ext::options::current().gpu_fused_rotate.on()
+            && attention::fused::step_fold_applies(slot + 1, (b * hkv) as usize, self.head_dim);
+        let outside = if inside {
+            if centered && self.key_center.is_none() {
+                // Only a cache whose first stored token is this one: the kernel needs a center.
+                let (_, rk, _) = self.rotate_inputs(q, k, v)?;
+                self.key_center_for(&rk)?;
+            }
+            None
+        } else {
+            let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+            Some((rq, self.center_keys(&rk)?, rv))
+        };
+        let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { unreachable!("matched above") };
         bk.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
         bv.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
         let pos = match self.step_pos.take() {
@@ -745,19 +760,12 @@ impl KvCache {
         let ((kf, cap), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
-        // The stored frame (rotations, key center) is entered inside the one-launch kernel
-        // (`--gpu-fused-rotate on`); otherwise MLX ops around the launch enter it and leave it,
-        // and the kernel only sees the frame's values. The center exists by now
-        // (`center_keys` above sets it from this token when the cache had none).
-        let r = spec.rotation;
-        let inside = (r != crate::Rotation::None || centered)
-            && mlx_ext::options::current().gpu_fused_rotate.on()
-            && attention::fused::step_fold_applies(slot + 1, (b * hkv) as usize, self.head_dim);
-        let mut out = if inside {
-            let frame = attention::fused::StoredFrame { rot: r.keys() as u8 | (r.values() as u8) << 1, center: if centered { self.key_center.as_ref() } else { None } };
-            attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale, Some(frame))?
-        } else {
-            attention::fused::decode_step(&rq, &rk, &rv, kop, vop, &pos, slot + 1, cap, scale, None)?
+        let mut out = match &outside {
+            None => {
+                let frame = attention::fused::StoredFrame { rot: r.keys() as u8 | (r.values() as u8) << 1, center: if centered { self.key_center.as_ref() } else { None } };
+                attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale, Some(frame))?
+            }
+            Some((rq, rk, rv)) => attention::fused::decode_step(rq, rk, rv, kop, vop, &pos, slot + 1, cap, scale, None)?,
         };
         if let (Some(h), true, false) = (&self.rotation, r.values(), inside) {
             out = mlx_rs::ops::matmul(&out, rotation_in(&self.rotation_cast, h, out.dtype())?)?;
@@ -777,8 +785,9 @@ impl KvCache {
     /// completing a key group: the kernel writes the token's K and V into the tail buffers in
     /// place and attends over body and tail in one launch ([`attention::fused::step_channels`]),
     /// where the MLX-ops step is two tail writes, two contiguity copies of the tail, a host
-    /// array upload and two launches. The token that completes a group, and one that needs the
-    /// tail to grow, take the MLX-ops path (quantizing a group is a whole-group op).
+    /// array upload and two launches. The tail takes room for its whole group first (it grows
+    /// 16 tokens at a time in prefill); the token that completes a group takes the MLX-ops path
+    /// (quantizing a group is a whole-group op).
     fn channel_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
         let spec = &self.spec;
         let block = spec.block_tokens();
@@ -802,6 +811,9 @@ impl KvCache {
         let hkv = ks[1];
         let rows = (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize);
         let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, self.head_dim, rows) else { return Ok(None) };
+        let group_end = spec.residual + block;
+        self.tail_k.reserve(group_end, k)?;
+        self.tail_v.reserve(group_end, v)?;
         let (Some(tk), Some(tv)) = (self.tail_k.room_for_one(k.dtype()), self.tail_v.room_for_one(v.dtype())) else { return Ok(None) };
         let (Some((kf, _)), Some((vf, _))) = (bk.full(), bv.full()) else { return Ok(None) };
         let (row, body) = (self.tail_k.len(), self.body_pos.len());

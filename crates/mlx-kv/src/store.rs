@@ -68,6 +68,16 @@ impl FloatStore {
         };
         let l = x.shape()[2] as usize;
         let need = at + l;
+        self.grow_to(need, x)?;
+        let data = self.data.as_mut().unwrap();
+        data.index_mut((.., .., at as i32..need as i32, ..), x);
+        self.end = self.end.max(need);
+        Ok(())
+    }
+
+    /// Grows the buffer to at least `need` slots (a whole number of steps) for tokens shaped
+    /// and typed like `x` as stored.
+    fn grow_to(&mut self, need: usize, x: &Array) -> Result<()> {
         let cap = self.data.as_ref().map_or(0, |d| d.shape()[2] as usize);
         if need > cap {
             let sh = x.shape();
@@ -78,10 +88,25 @@ impl FloatStore {
                 None => fresh,
             });
         }
-        let data = self.data.as_mut().unwrap();
-        data.index_mut((.., .., at as i32..need as i32, ..), x);
-        self.end = self.end.max(need);
         Ok(())
+    }
+
+    /// Room for `need` valid tokens like `x` (`[B, H, 1, D]`) without writing any, for a
+    /// kernel that writes tokens in place ([`Self::room_for_one`]): a per-channel tail takes its
+    /// whole group at once in decode, where growing a step at a time would send each growing
+    /// token through MLX ops instead of the kernel.
+    pub(crate) fn reserve(&mut self, need: usize, x: &Array) -> Result<()> {
+        if self.head != 0 {
+            return Ok(());
+        }
+        match (self.store_as, &self.data) {
+            // As `write` would store such a token; a buffer that exists keeps its dtype.
+            (Some(d), None) if x.dtype() == Dtype::Float32 => {
+                self.narrowed = true;
+                self.grow_to(need, &x.as_dtype(d)?)
+            }
+            _ => self.grow_to(need, x),
+        }
     }
 
     pub fn append(&mut self, x: &Array) -> Result<()> {
@@ -420,5 +445,24 @@ mod tests {
         let mut full = FloatStore::narrowed(16, Dtype::Float16);
         full.append(&zeros_dtype(&[1, 1, 16, 8], Dtype::Float16).unwrap()).unwrap();
         assert!(full.room_for_one(Dtype::Float16).is_none(), "a full buffer grows through MLX ops");
+    }
+
+    #[test]
+    fn a_reserved_tail_keeps_its_tokens_and_takes_float32_narrowed() {
+        let tok = |v: f32| Array::full::<f32>(&[1, 2, 1, 8], Array::from_f32(v)).unwrap();
+        let mut t = FloatStore::narrowed(16, Dtype::Float16);
+        t.reserve(40, &tok(0.0)).unwrap();
+        assert_eq!(t.len(), 0, "reserving writes no token");
+        let buf = t.room_for_one(Dtype::Float32).expect("float32 tokens go in narrowed");
+        assert_eq!((buf.shape(), buf.dtype()), ([1, 2, 48, 8].as_slice(), Dtype::Float16), "whole steps of 16");
+        t.append(&tok(1.5)).unwrap();
+        t.append(&tok(-2.0)).unwrap();
+        t.reserve(64, &tok(0.0)).unwrap();
+        assert_eq!(t.room_for_one(Dtype::Float32).unwrap().shape()[2], 64);
+        let kept: Vec<f32> = t.view().unwrap().index((0, 1, .., 0)).as_slice::<f32>().to_vec();
+        assert_eq!(kept, [1.5, -2.0], "growing keeps the tokens, read back as float32");
+        t.drop_front(1).unwrap();
+        t.reserve(80, &tok(0.0)).unwrap();
+        assert_eq!(t.room_for_one(Dtype::Float32).map(|b| b.shape()[2]), None, "a tail not starting at slot 0 is left alone");
     }
 }
