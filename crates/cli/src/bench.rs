@@ -531,8 +531,8 @@ fn run_model(a: BenchArgs) -> Result<()> {
         "# Whole-model benchmark\n\nmodel `{model_name}`, backend {} ({}), MLX {}, machine {}, commit {}, {}; engine options: {}.\n\
          Depth tokens entered the cache by {}. Prefill tok/s: `-p` tokens after `depth` cached tokens; decode tok/s: `-n` greedy steps, each evaluated; \
          median [min–max] over {} repeats after a warm-up. KV measured = resident bytes of all layers' caches after the run \
-         (allocation grows in 256-token steps); formula = closed-form bytes/token × tokens. The fp16 setting is stored in the \
-         compute dtype ({:?}).\n\n",
+         (allocation grows in 256-token steps); formula = closed-form bytes/token × tokens. The fp16 setting stores 16-bit floats \
+         (compute dtype {:?}; the CPU narrows f32 to f16 and widens it inside its decode primitive).\n\n",
         env.backend, env.device, env.mlx_version, env.machine, env.commit, env.date, env.engine,
         if random_fill { "random keys and values written into every layer (`--fill random`, speed only)" } else { "prefill over the text" },
         a.repeats, model.dtype()

@@ -183,7 +183,7 @@ fn measure(spec: &KvSpec, s: &Shape, ctx: usize, a: &AttentionArgs) -> Result<At
         prefill.push(ms);
         prefill_peak = prefill_peak.max(peak);
     }
-    let float_bytes = float_size();
+    let float_bytes = KvSpec::dense_element_bytes(Backend::current().compute_dtype());
     let (bk, bv) = spec.bytes_per_token_per_head(d, float_bytes);
     let formula = ((bk + bv) * (kvh * ctx) as f64).round() as u64;
     let (dm, dmin, dmax) = stats(&decode);

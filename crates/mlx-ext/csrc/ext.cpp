@@ -107,6 +107,14 @@ void attend_float_block(const float* q, int rows, int d, const float* k, int64_t
   generic::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch);
 }
 
+void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, const uint16_t* v,
+                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch);
+#endif
+  generic::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch);
+}
+
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
 #if defined(KVSPLIT_HAVE_AVX2)
   if (use_avx2()) return avx2::dequantize_rows(w, k, r0, r1, out);
@@ -355,22 +363,27 @@ class Dequantize : public PackedMatrixPrimitive {
 
 // `k_channels`: keys are stored per channel (K^T rows, groups of `k_group` tokens), and
 // `tail` float tokens follow the packed ones.
+// `dense`: no packed tokens, keys and values are 16-bit float rows (a dense cache; v_bits 8 makes
+// the values' order the natural one).
 struct AttnParams {
   int len, k_group, k_bits, v_group, v_bits;
   bool k_channels = false;
   int tail = 0;
+  bool dense = false;
 };
 
 // A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
 // packed (keys per token or per channel) or, for `Float`, float rows at tk / tv.
+// `Half`: f16 rows at hk / hv (strides in the float fields).
 struct AttnItem {
-  enum Kind { Tokens, Channels, Float };
+  enum Kind { Tokens, Channels, Float, Half };
   int bh;
   PackedRows k, v;
   int64_t t0, t1;
   Kind kind = Tokens;
   const float *tk = nullptr, *tv = nullptr;
   int64_t tk_stride = 0, tv_stride = 0;
+  const uint16_t *hk = nullptr, *hv = nullptr;
 };
 
 // The query rows of every head: permuted for per-token keys' bits with per-group sums, and in
@@ -382,14 +395,15 @@ struct Queries {
 Queries permute_queries(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int n, int d, const AttnParams& p) {
   Queries q;
   std::vector<float> qrow(d);
-  if (p.k_channels || p.tail > 0) q.qn.resize(size_t(n) * d);
+  const bool natural_only = p.k_channels || p.dense;
+  if (natural_only || p.tail > 0) q.qn.resize(size_t(n) * d);
   // Per-channel groups run along tokens: k_group says nothing about head_dim there.
-  const int kng = p.k_channels ? 0 : d / p.k_group;
-  if (!p.k_channels) q.qp.resize(size_t(n) * d), q.qsum.assign(size_t(n) * kng, 0.0f);
+  const int kng = natural_only ? 0 : d / p.k_group;
+  if (!natural_only) q.qp.resize(size_t(n) * d), q.qsum.assign(size_t(n) * kng, 0.0f);
   for (int64_t r = 0; r < n; ++r) {
     for (int e = 0; e < d; ++e) qrow[e] = qd[qrows[r] + e * qlast];
     if (!q.qn.empty()) std::copy(qrow.begin(), qrow.end(), q.qn.begin() + r * d);
-    if (p.k_channels) continue;
+    if (natural_only) continue;
     permute(qrow.data(), d, p.k_bits, q.qp.data() + r * d);
     for (int e = 0; e < d; ++e) q.qsum[r * kng + e / p.k_group] += qrow[e];
   }
@@ -400,7 +414,7 @@ Queries permute_queries(const float* qd, const std::vector<int64_t>& qrows, int6
 // items with their running maxima and writes row r of head h to o[(h * rows + r) * d].
 void attend_items(const Queries& q, const std::vector<AttnItem>& items, int heads, int rows, int d, const AttnParams& p,
                   float* o, bool parallel) {
-  const int kng = p.k_channels ? 0 : d / p.k_group;
+  const int kng = p.k_channels || p.dense ? 0 : d / p.k_group;
   const int stride = rows * (d + 2);  // per item: m, l, then out
   std::vector<float> parts(items.size() * size_t(stride));
   Pool::get().run(int(items.size()), [&](int i) {
@@ -429,6 +443,11 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
         attend_float_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.tk + it.t0 * it.tk_stride,
                            it.tk_stride, it.tv + it.t0 * it.tv_stride, it.tv_stride, int(n), p.v_bits, m, l, out,
                            scratch.data());
+        break;
+      case AttnItem::Half:
+        scratch.resize(size_t(half_scratch(rows, d, n)));
+        attend_half_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.hk + it.t0 * it.tk_stride, it.tk_stride,
+                          it.hv + it.t0 * it.tv_stride, it.tv_stride, int(n), m, l, out, scratch.data());
         break;
     }
   }, parallel);
@@ -520,6 +539,66 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
     return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
            p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail;
+  }
+
+ private:
+  AttnParams p_;
+};
+
+// Decode attention over a 16-bit dense cache (`[B, Hkv, cap, D]` f16 K and V, the first `len`
+// tokens valid), every query seeing every token: the same blocks, threads and merge as the
+// packed caches, so a dense cache decodes on the fast path instead of widening its window.
+class DenseDecodeAttention : public CpuPrimitive {
+ public:
+  DenseDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array &q = in[0], &k = in[1], &v = in[2];
+    std::vector<int64_t> qrows = row_offsets(q);
+    const int64_t qlast = q.strides()[3];
+    check_last_dense("kvsplit dense decode attention: keys", k);
+    check_last_dense("kvsplit dense decode attention: values", v);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
+    const int hkv = k.shape(1), rows = hq / hkv * l, bh = b * hkv;
+    const int64_t t = p_.len;
+    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
+    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
+    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
+    const int64_t block = (t + per_head - 1) / per_head;
+    std::vector<AttnItem> items;
+    const auto* kd = reinterpret_cast<const uint16_t*>(k.data<mlx::core::float16_t>());
+    const auto* vd = reinterpret_cast<const uint16_t*>(v.data<mlx::core::float16_t>());
+    for (int bi = 0; bi < b; ++bi) {
+      for (int h = 0; h < hkv; ++h) {
+        for (int64_t t0 = 0; t0 < t; t0 += block) {
+          AttnItem it{bi * hkv + h, {}, {}, t0, std::min(t, t0 + block)};
+          it.kind = AttnItem::Half;
+          it.hk = kd + int64_t(bi) * k.strides()[0] + int64_t(h) * k.strides()[1];
+          it.hv = vd + int64_t(bi) * v.strides()[0] + int64_t(h) * v.strides()[1];
+          it.tk_stride = k.strides()[2];
+          it.tv_stride = v.strides()[2];
+          items.push_back(it);
+        }
+      }
+    }
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    enc.set_input_array(q);
+    enc.set_input_array(k);
+    enc.set_input_array(v);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), items = std::move(items), p = p_, rows, d,
+                  qrows = std::move(qrows), qlast, bh]() {
+      const Queries qs = permute_queries(qd, qrows, qlast, bh * rows, d, p);
+      const int64_t bytes = p.len * int64_t(4) * bh * d;
+      attend_items(qs, items, bh, rows, d, p, o, bytes >= kParallelBytes);
+    });
+  }
+
+  const char* name() const override { return "KvsplitDenseDecodeAttention"; }
+
+  bool is_equivalent(const Primitive& other) const override {
+    return p_.len == static_cast<const DenseDecodeAttention&>(other).p_.len;
   }
 
  private:
@@ -763,6 +842,28 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p), std::move(inputs));
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array k_,
+                                                  const mlx_array v_, int len, const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit dense decode attention";
+    const array &q = mlx_array_get_(q_), &k = mlx_array_get_(k_), &v = mlx_array_get_(v_);
+    require(q.ndim() == 4 && q.dtype() == mlx::core::float32, std::string(what) + ": q must be float32 [B, Hq, L, D]");
+    const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    require(k.ndim() == 4 && k.dtype() == mlx::core::float16 && v.dtype() == mlx::core::float16 && k.shape() == v.shape() &&
+                k.shape(0) == b && k.shape(3) == d,
+            std::string(what) + ": keys and values must be float16 [B, Hkv, capacity, D] like q's batch and head_dim");
+    const int hkv = k.shape(1);
+    require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    require(d % 8 == 0, std::string(what) + ": head_dim " + std::to_string(d) + " is not a multiple of 8");
+    require(len >= 1 && len <= k.shape(2),
+            std::string(what) + ": len " + std::to_string(len) + " outside 1.." + std::to_string(k.shape(2)));
+    AttnParams p{len, d, 8, d, 8};
+    p.dense = true;
+    array out(q.shape(), mlx::core::float32, std::make_shared<DenseDecodeAttention>(mlx_stream_get_(s_), p), {q, k, v});
     mlx_array_set_(*res, out);
   });
 }

@@ -350,5 +350,42 @@ void attend_float_block(const float* q, int rows, int d, const float* k, int64_t
   }
 }
 
+// A 16-bit dense cache is read where it lies: each token's key and value are widened once into
+// a row of f32 (F16C), which every query row of the head then uses, so the cache is streamed
+// once per step at half the bytes of an f32 one.
+void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, const uint16_t* v,
+                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch) {
+  float* s = scratch;                        // rows x n scores, then probabilities
+  float* acc = s + int64_t(rows) * n;        // rows x d outputs
+  float* row = acc + int64_t(rows) * d;      // d: one widened token
+  for (int t = 0; t < n; ++t) {
+    const uint16_t* kt = k + t * k_stride;
+    for (int e = 0; e < d; e += 8) F8::load_half(kt + e).store(row + e);
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + int64_t(r) * d;
+      F8 a0 = F8::zero(), a1 = F8::zero();
+      int e = 0;
+      for (; e + 16 <= d; e += 16) {
+        a0 = fma(F8::load(qr + e), F8::load(row + e), a0);
+        a1 = fma(F8::load(qr + e + 8), F8::load(row + e + 8), a1);
+      }
+      if (e < d) a0 = fma(F8::load(qr + e), F8::load(row + e), a0);
+      s[int64_t(r) * n + t] = (a0 + a1).sum();
+    }
+  }
+  softmax_rows(s, rows, n, m, l);
+  for (int64_t i = 0; i < int64_t(rows) * d; i += 8) F8::zero().store(acc + i);
+  for (int t = 0; t < n; ++t) {
+    const uint16_t* vt = v + t * v_stride;
+    for (int e = 0; e < d; e += 8) F8::load_half(vt + e).store(row + e);
+    for (int r = 0; r < rows; ++r) {
+      const F8 p = F8::splat(s[int64_t(r) * n + t]);
+      float* ar = acc + int64_t(r) * d;
+      for (int e = 0; e < d; e += 8) fma(p, F8::load(row + e), F8::load(ar + e)).store(ar + e);
+    }
+  }
+  std::copy(acc, acc + int64_t(rows) * d, out);
+}
+
 }  // namespace KV_NS
 }  // namespace kvsplit

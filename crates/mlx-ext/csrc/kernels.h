@@ -36,6 +36,9 @@ inline int64_t channel_scratch(int rows, int d, int64_t n) {
   return int64_t(rows) * (2 * n + 2 * d) + 2 * n + 2 * d + rows + 64;
 }
 
+// Floats attend_half_block needs for `rows` query rows over n tokens of head_dim d.
+inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) * (n + d) + d; }
+
 #define KVSPLIT_KERNELS(NS)                                                                 \
   namespace NS {                                                                             \
   /* y[m*ldy + r] = x_m . W_r for r in [r0, r1), m < rows. xp: permuted rows of x (K each), */ \
@@ -61,6 +64,11 @@ inline int64_t channel_scratch(int rows, int d, int64_t n) {
   void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, \
                           const float* v, int64_t v_stride, int n, int v_bits, float* m,      \
                           float* l, float* out, float* scratch);                              \
+  /* attend_float_block over f16 tokens (bit patterns), out in natural order. */              \
+  /* scratch: half_scratch floats. */                                                         \
+  void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, \
+                         const uint16_t* v, int64_t v_stride, int n, float* m, float* l,     \
+                         float* out, float* scratch);                                         \
   /* out[(r-r0)*k ..] = row r of W as f32 in the permuted order, for r in [r0, r1). */        \
   void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out);      \
   }

@@ -47,6 +47,8 @@ struct F8 {
   static F8 zero() { return {_mm256_setzero_ps()}; }
   static F8 splat(float x) { return {_mm256_set1_ps(x)}; }
   static F8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  // Eight f16 bit patterns widened (F16C, which every AVX2 CPU has).
+  static F8 load_half(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   // Lane i = (p[i] >> shift) & mask for 8 bytes p.
   static F8 codes(const uint8_t* p, int shift, int mask) {
@@ -119,6 +121,11 @@ struct F8 {
   static F8 load(const float* p) {
     F8 r;
     std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static F8 load_half(const uint16_t* p) {
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = half_to_float(p[i]);
     return r;
   }
   void store(float* p) const { std::memcpy(p, v, sizeof(v)); }

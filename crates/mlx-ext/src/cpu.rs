@@ -81,6 +81,15 @@ pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Re
     decode_attention_with(q, k, v, len, KeyAxis::Tokens, None)
 }
 
+/// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
+/// `len` tokens of a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`, the whole buffers),
+/// every query seeing every token; each token is widened to f32 once, inside the op. Returns
+/// `[B, Hq, L, D]` f32.
+pub fn dense_decode_attention(q: &Array, k: &Array, v: &Array, len: usize) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, s) })
+}
+
 /// How packed keys are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyAxis {

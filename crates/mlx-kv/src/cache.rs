@@ -66,6 +66,10 @@ impl Body {
     fn new(q: &QuantSpec, axis: TokenAxis) -> Self {
         if q.is_quantized() {
             Body::Quant(QuantStore::new(q.bits, q.group, axis))
+        } else if crate::Backend::current() == crate::Backend::Cpu {
+            // The CPU computes in f32; a dense ("fp16") cache stores 16 bits there as on the
+            // GPU, and the decode primitive widens each token as it reads it.
+            Body::Float(FloatStore::narrowed(0, Dtype::Float16))
         } else {
             Body::Float(FloatStore::default())
         }
@@ -81,7 +85,7 @@ impl Body {
 
     fn tensor(&self, slots: usize) -> Option<Tensor> {
         match self {
-            Body::Float(s) => s.slots(0, slots).map(Tensor::Float),
+            Body::Float(s) => s.stored_slots(0, slots).map(Tensor::Float),
             Body::Quant(s) => s
                 .slice(0, slots)
                 .map(|p| Tensor::Quant { p, bits: s.bits, group: s.group, axis: s.axis, full: s.full() }),

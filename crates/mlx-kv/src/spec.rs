@@ -250,6 +250,12 @@ impl KvSpec {
         Ok(())
     }
 
+    /// Bytes of one element of a dense (unquantized) cache for a model computing in `compute`:
+    /// 16 bits on the CPU, which narrows its f32 (see `cache::Body`), else the compute dtype's.
+    pub fn dense_element_bytes(compute: mlx_rs::Dtype) -> usize {
+        if compute == mlx_rs::Dtype::Float32 && crate::Backend::current() != crate::Backend::Cpu { 4 } else { 2 }
+    }
+
     /// Bytes per cached token per KV head, K and V, as the closed-form formula gives them.
     pub fn bytes_per_token_per_head(&self, head_dim: usize, float_bytes: usize) -> (f64, f64) {
         let per = |q: &QuantSpec| {

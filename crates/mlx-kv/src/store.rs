@@ -126,6 +126,13 @@ impl FloatStore {
         (end > start).then(|| widen(d.index((.., .., start as i32..end as i32, ..))))
     }
 
+    /// Raw slots `[start, end)` as stored (16-bit where the store narrows), for readers that
+    /// widen as they go: the decode primitive and the CPU attention blocks.
+    pub(crate) fn stored_slots(&self, start: usize, end: usize) -> Option<Array> {
+        let d = self.data.as_ref()?;
+        (end > start).then(|| d.index((.., .., start as i32..end as i32, ..)))
+    }
+
     /// Valid tokens `[start, end)`, counted from the oldest valid token.
     pub fn slice(&self, start: usize, end: usize) -> Option<Array> {
         self.slots(self.head + start, self.head + end)

@@ -265,6 +265,47 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
     assert!(err.contains("whole groups of 64 tokens"), "{err}");
 }
 
+/// A 16-bit dense cache read in place: float64 attention over the same f16 values (the kernel
+/// widens them exactly), so only f32 summation order and the exp differ, as for packed caches.
+/// Tokens past `len` are huge, and the cache is a token slice of a larger buffer (strided heads).
+#[test]
+fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
+    use mlx_ext::cpu::dense_decode_attention;
+    use mlx_ext::{CpuBuild, EngineOptions};
+    let base = seed();
+    // (hq, hkv, l, d, len, cap)
+    let cases = [(9, 3, 1, 64, 4096, 4352), (4, 2, 1, 128, 777, 800), (8, 8, 1, 64, 1, 16), (6, 1, 2, 256, 300, 512), (2, 2, 1, 72, 70, 80)];
+    for (i, &(hq, hkv, l, d, len, cap)) in cases.iter().enumerate() {
+        let build = if i % 2 == 0 { CpuBuild::Generic } else { CpuBuild::Auto };
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, l, d], s);
+        let half = |h: &Host| {
+            let poison = Array::from_slice(&vec![1.0e4f32; hkv * (cap - len) * d], &[1, hkv as i32, (cap - len) as i32, d as i32]);
+            let full = concatenate(&[h.array(), poison], 2).unwrap().as_dtype(Dtype::Float16).unwrap();
+            let exact = Host { data: to_vec(&full.as_dtype(Dtype::Float32).unwrap()), shape: [1, hkv, cap, d] }.tokens(0, len);
+            (full, exact)
+        };
+        let (k, kd) = half(&Host::random([1, hkv, len, d], s + 1));
+        let (v, vd) = half(&Host::random([1, hkv, len, d], s + 2));
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let got = dense_decode_attention(&qs, &k, &v, len).unwrap();
+        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
+        let want = reference_attention(&q, &kd, &vd, scale, &|_, _| true);
+        let err = max_abs_diff(&to_vec(&got), &want);
+        let bound = 2e-5 * vd.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} {build:?} (dense f16, d {d}, len {len}): max error {err} > {bound}");
+    }
+    mlx_ext::options::install(EngineOptions::default()).unwrap();
+    let k = Array::zeros::<f32>(&[1, 2, 10, 64]).unwrap().as_dtype(Dtype::Float16).unwrap();
+    let q = Array::ones::<f32>(&[1, 4, 1, 64]).unwrap();
+    let err = dense_decode_attention(&q, &k, &k, 11).unwrap_err().to_string();
+    assert!(err.contains("len 11 outside 1..10"), "{err}");
+    let err = dense_decode_attention(&q, &k.as_dtype(Dtype::Float32).unwrap(), &k, 5).unwrap_err().to_string();
+    assert!(err.contains("must be float16"), "{err}");
+}
+
 #[test]
 fn bad_arguments_are_errors_not_crashes() {
     let (_, wf) = host_matrix(8, 64, 1);

@@ -47,7 +47,7 @@ impl CacheSettings {
     /// Closed-form bytes one token costs across all layers (K and V, scales and biases).
     pub fn bytes_per_token(&self, model: &dyn LanguageModel) -> f64 {
         let n = model.n_layers();
-        let float_bytes = if model.dtype() == mlx_rs::Dtype::Float32 { 4 } else { 2 };
+        let float_bytes = mlx_kv::KvSpec::dense_element_bytes(model.dtype());
         (0..n)
             .map(|i| {
                 let (k, v) = self.layers.apply(&self.spec, i, n).bytes_per_token_per_head(model.head_dim(), float_bytes);

@@ -320,6 +320,21 @@ pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scal
     Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
 }
 
+/// Whether our CPU primitive reads a dense body: 16-bit float (what a dense cache stores on the
+/// CPU), head_dim a multiple of 8.
+pub(crate) fn dense_primitive_covers(k: &Array, head_dim: usize) -> bool {
+    k.dtype() == Dtype::Float16 && head_dim.is_multiple_of(8)
+}
+
+/// Our CPU primitive over a dense 16-bit body (`k`, `v` `[B, Hkv, T, D]`), every query seeing
+/// every token: each token is widened once, in the op, where the block path would widen the
+/// whole window into f32 blocks for BLAS.
+pub(crate) fn primitive_dense(q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+    let len = k.shape()[2] as usize;
+    Ok(mlx_ext::cpu::dense_decode_attention(&qs, k, v, len)?.as_dtype(q.dtype())?)
+}
+
 /// Whether our CPU primitive reads a per-channel body: key groups of whole packed units that
 /// tile the buffer's capacity (token groups), values as [`primitive_covers`].
 pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool {

@@ -106,6 +106,13 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         if !mlx_ext::options::current().cpu_kernels.on() {
             return pick(Path::CpuBlocks, "--cpu-kernels off");
         }
+        if let Some((k, _)) = types::dense_body(segments, mask, sinks) {
+            return if cpu::dense_primitive_covers(k, d) {
+                pick(Path::CpuPrimitive, "one 16-bit dense body, no mask or sinks")
+            } else {
+                pick(Path::CpuBlocks, "a dense body the primitive does not read (not f16, head_dim not a multiple of 8)")
+            };
+        }
         return match body {
             Some((k, v, _, _)) if cpu::primitive_covers(&k, &v, d) => pick(Path::CpuPrimitive, "one packed per-token body, no mask or sinks"),
             Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
@@ -151,6 +158,10 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
         Path::CpuBlocks => cpu::blocks(q, segments, mask, scale, sinks),
         Path::CpuPrimitive => match single_packed_body(segments, mask, sinks) {
             Some((k, v, len, _)) => cpu::primitive(q, k, v, len, scale),
+            None if types::dense_body(segments, mask, sinks).is_some() => {
+                let (k, v) = types::dense_body(segments, mask, sinks).expect("checked");
+                cpu::primitive_dense(q, k, v, scale)
+            }
             None => {
                 let b = channel_packed_body(segments, mask, sinks).expect("the CPU primitive needs one packed body");
                 cpu::primitive_channels(q, &b, scale)

@@ -144,6 +144,15 @@ pub(crate) struct ChannelBody<'a> {
     pub tail: Option<(&'a Array, &'a Array)>,
 }
 
+/// K and V of a cache that is one dense segment (`[B, Hkv, T, D]` as stored), every query
+/// seeing every token.
+pub(crate) fn dense_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<(&'a Array, &'a Array)> {
+    match (segments, mask, sinks) {
+        ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], Mask::None, None) => Some((k, v)),
+        _ => None,
+    }
+}
+
 pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<ChannelBody<'a>> {
     let (Mask::None, None) = (mask, sinks) else { return None };
     let (seg, tail) = match segments {

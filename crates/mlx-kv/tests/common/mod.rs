@@ -89,7 +89,9 @@ pub fn reference_attention(q: &Host, k: &Host, v: &Host, scale: f64, visible: &d
 /// and bias (relative 2^-11, over at most `range` and `max_abs`).
 pub fn quant_elem_bound(max_abs: f64, bits: u8) -> f64 {
     if bits >= 16 {
-        return F32_ELEM;
+        // A dense cache stores 16-bit floats on every backend: one rounding to nearest, relative
+        // 2^-12 (half of F16_REL, the spacing), then f32 arithmetic.
+        return max_abs * F16_REL / 2.0 + F32_ELEM;
     }
     let range = 2.0 * max_abs;
     range / (1u64 << bits) as f64 + (range + max_abs) * F16_REL
