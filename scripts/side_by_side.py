@@ -212,7 +212,7 @@ def report(a):
     for r in ours:
         rows.append({"engine": "kvsplit-mlx", "cache": r["kv"], "prompt_tokens": r["n_prompt"], "gen_tokens": r["n_gen"],
                      "repeats": r["repeats"], "prefill_tps": r["prefill_tps_median"], "decode_tps": r["decode_tps_median"],
-                     "settings": "bench, prefill_step=512 (default)" + ("; stored as f32 on CPU" if r["kv"] == "fp16" else "")})
+                     "settings": "bench, prefill_step=512 (default)" + ("; 16-bit floats (f16 on CPU, widened in the decode primitive)" if r["kv"] == "fp16" else "")})
     info["kvsplit"] = {"mlx": ours[0]["mlx_version"], "commit": ours[0]["commit"], "blas": a.our_blas}
 
     for mode, python, extra, skip in (("llamacpp", a.llamacpp_python, ["--gguf", a.gguf], a.skip_llamacpp),
@@ -293,7 +293,7 @@ def report(a):
         "## How each number is measured",
         "- kvsplit-mlx: `bench` rows (prefill: timed prefill of the prompt in 512-token chunks; decode: "
         "steps ÷ time of the whole greedy loop, pipelined as `generate` runs it: the next step's graph is "
-        "built while the current one runs; `bench --sync-decode` times one step at a time). `fp16` is stored as f32 on CPU.",
+        "built while the current one runs; `bench --sync-decode` times one step at a time). `fp16` stores 16-bit floats on every backend (on the CPU f16, widened inside our decode primitive; f32 before commit 32e7552).",
         "- llama.cpp: wall clock around `Llama.eval` of the prompt (batches of n_batch) and around each "
         "single-token `Llama.eval` + `llama_synchronize`; the host argmax that picks the next token is "
         "outside the timed region. llama.cpp's own perf counters are in the JSON (`perf_*_tps`).",

@@ -14,10 +14,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "ext_common.h"
@@ -545,6 +547,115 @@ class QuantizedDecodeAttention : public CpuPrimitive {
   AttnParams p_;
 };
 
+// One token's row of D floats quantized as MLX's CPU `quantize` does (same formulas, order and
+// rounding, so the codes and the f16 scales match `mx.quantize` then `astype(float16)` bit for
+// bit): per group the min and max, a signed scale from the edge of larger magnitude, codes
+// rint((x - bias) / scale) clamped to 2^bits - 1, packed as MLX's little-endian bit stream.
+template <typename S>
+void quantize_token(const float* x, int d, int group, int bits, uint8_t* codes, S* scales, S* biases) {
+  const float n_bins = float((1 << bits) - 1);
+  std::fill(codes, codes + int64_t(d) * bits / 8, uint8_t(0));
+  for (int g = 0; g < d / group; ++g) {
+    const float* w = x + int64_t(g) * group;
+    float w_min = std::numeric_limits<float>::infinity(), w_max = -w_min;
+    for (int j = 0; j < group; ++j) w_max = std::max(w_max, w[j]), w_min = std::min(w_min, w[j]);
+    const bool mask = std::abs(w_min) > std::abs(w_max);
+    float scale = std::max((w_max - w_min) / n_bins, 1e-7f);
+    scale = mask ? scale : -scale;
+    const float edge = mask ? w_min : w_max;
+    const float q0 = std::rint(edge / scale);
+    float bias = 0;
+    if (q0 != 0) scale = edge / q0, bias = edge;
+    scales[g] = static_cast<S>(scale);
+    biases[g] = static_cast<S>(bias);
+    for (int j = 0; j < group; ++j) {
+      uint32_t c = uint32_t(std::min(std::max(std::rint((w[j] - bias) / scale), 0.0f), n_bins));
+      for (int64_t p = int64_t(g * group + j) * bits, left = bits; left > 0;) {
+        const int off = int(p % 8), take = std::min<int>(8 - off, int(left));
+        codes[p / 8] |= uint8_t((c & ((1u << take) - 1)) << off);
+        c >>= take, p += take, left -= take;
+      }
+    }
+  }
+}
+
+// The decode step of a packed per-token cache: the new token's K and V (`[B, Hkv, 1, D]` f32)
+// are quantized into row `len - 1` of the cache buffers, in place, then every query attends over
+// the first `len` tokens as QuantizedDecodeAttention does, all in one op: the MLX-ops write is a
+// `quantize` and three slice updates each for K and V. The write happens on the stream, in order
+// after every earlier reader of the buffers, so nothing reads a half-written row.
+class QuantizedDecodeStep : public CpuPrimitive {
+ public:
+  QuantizedDecodeStep(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array& q = in[0];
+    std::vector<int64_t> qrows = row_offsets(q);
+    const int64_t qlast = q.strides()[3];
+    for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit decode step: cache", in[i]);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
+    const int hkv = in[1].shape(1), rows = hq / hkv * l, bh = b * hkv;
+    const int64_t t = p_.len, slot = t - 1;
+    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
+    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
+    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
+    const int64_t block = (t + per_head - 1) / per_head;
+    std::vector<AttnItem> items;
+    // Where each (sequence, head) row `slot` of K and V goes, and the new token's floats.
+    struct Write {
+      uint8_t* codes;
+      void *scales, *biases;
+      const float* x;
+      int group, bits;
+    };
+    std::vector<Write> writes;
+    const bool f16 = in[2].dtype() == mlx::core::float16;
+    for (int bi = 0; bi < b; ++bi) {
+      for (int h = 0; h < hkv; ++h) {
+        auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
+        PackedRows k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
+        PackedRows v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
+        for (int64_t t0 = 0; t0 < t; t0 += block) items.push_back(AttnItem{bi * hkv + h, k, v, t0, std::min(t, t0 + block)});
+        for (int kv = 0; kv < 2; ++kv) {
+          const PackedRows& r = kv == 0 ? k : v;
+          const array& x = in[7 + kv];
+          const int64_t sb = slot * r.sb_stride * (f16 ? 2 : 4);
+          writes.push_back(Write{const_cast<uint8_t*>(r.w) + slot * r.row_bytes,
+                                 const_cast<char*>(static_cast<const char*>(r.scales)) + sb,
+                                 const_cast<char*>(static_cast<const char*>(r.biases)) + sb,
+                                 x.data<float>() + off(x), r.group, r.bits});
+        }
+      }
+    }
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    for (const array& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), items = std::move(items), writes = std::move(writes),
+                  p = p_, rows, d, qrows = std::move(qrows), qlast, bh, f16]() {
+      for (const Write& w : writes) {
+        if (f16) {
+          quantize_token(w.x, d, w.group, w.bits, w.codes, static_cast<mlx::core::float16_t*>(w.scales),
+                         static_cast<mlx::core::float16_t*>(w.biases));
+        } else {
+          quantize_token(w.x, d, w.group, w.bits, w.codes, static_cast<float*>(w.scales), static_cast<float*>(w.biases));
+        }
+      }
+      const Queries qs = permute_queries(qd, qrows, qlast, bh * rows, d, p);
+      const int64_t bytes = p.len * int64_t(p.k_bits + p.v_bits) / 8 * bh * d;
+      attend_items(qs, items, bh, rows, d, p, o, bytes >= kParallelBytes);
+    });
+  }
+
+  const char* name() const override { return "KvsplitQuantizedDecodeStep"; }
+
+  // Never merged with another step: each writes a token.
+  bool is_equivalent(const Primitive&) const override { return false; }
+
+ private:
+  AttnParams p_;
+};
+
 // Decode attention over a 16-bit dense cache (`[B, Hkv, cap, D]` f16 K and V, the first `len`
 // tokens valid), every query seeing every token: the same blocks, threads and merge as the
 // packed caches, so a dense cache decodes on the fast path instead of widening its window.
@@ -842,6 +953,49 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p), std::move(inputs));
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q_, const mlx_array k_new_,
+                                                 const mlx_array v_new_, const mlx_array kw_, const mlx_array ks_,
+                                                 const mlx_array kb_, const mlx_array vw_, const mlx_array vs_,
+                                                 const mlx_array vb_, int slot, int k_group, int k_bits, int v_group,
+                                                 int v_bits, const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit decode step";
+    const array& q = mlx_array_get_(q_);
+    const array &kn = mlx_array_get_(k_new_), &vn = mlx_array_get_(v_new_);
+    const array &kw = mlx_array_get_(kw_), &ks = mlx_array_get_(ks_), &kb = mlx_array_get_(kb_);
+    const array &vw = mlx_array_get_(vw_), &vs = mlx_array_get_(vs_), &vb = mlx_array_get_(vb_);
+    require(q.ndim() == 4 && q.dtype() == mlx::core::float32 && q.shape(2) == 1,
+            std::string(what) + ": q must be float32 [B, Hq, 1, D]");
+    const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    check_bits_group("kvsplit decode step (keys)", k_bits, k_group, d);
+    check_bits_group("kvsplit decode step (values)", v_bits, v_group, d);
+    for (const array* w : {&kw, &vw})
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == b && w->shape(1) == kw.shape(1),
+              std::string(what) + ": packed cache buffers must be uint32 [B, Hkv, ...]");
+    const int hkv = kw.shape(1), cap = kw.shape(2);
+    require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    require(vw.shape(2) == cap && int64_t(kw.shape(3)) * 32 == int64_t(d) * k_bits &&
+                int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits,
+            std::string(what) + ": keys and values must be [B, Hkv, capacity, D*bits/32]");
+    for (auto [s, bi, g] : {std::tuple{&ks, &kb, k_group}, std::tuple{&vs, &vb, v_group}}) {
+      require(s->shape() == bi->shape() && s->ndim() == 4 && s->shape(0) == b && s->shape(1) == hkv &&
+                  s->shape(2) == cap && s->shape(3) == d / g && s->dtype() == ks.dtype() && bi->dtype() == ks.dtype(),
+              std::string(what) + ": scales and biases must be [B, Hkv, capacity, D/group], all of one dtype");
+    }
+    check_scale_dtype(what, ks, kb);
+    for (const array* x : {&kn, &vn})
+      require(x->ndim() == 4 && x->dtype() == mlx::core::float32 && x->shape(0) == b && x->shape(1) == hkv &&
+                  x->shape(2) == 1 && x->shape(3) == d,
+              std::string(what) + ": the new key and value must be float32 [B, Hkv, 1, D]");
+    require(slot >= 0 && slot < cap,
+            std::string(what) + ": slot " + std::to_string(slot) + " outside 0.." + std::to_string(cap - 1));
+    AttnParams p{slot + 1, k_group, k_bits, v_group, v_bits};
+    array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeStep>(mlx_stream_get_(s_), p),
+              {q, kw, ks, kb, vw, vs, vb, kn, vn});
     mlx_array_set_(*res, out);
   });
 }

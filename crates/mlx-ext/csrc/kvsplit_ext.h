@@ -52,6 +52,17 @@ int kvsplit_cpu_dequantize(
     int bits,
     const mlx_stream s);
 
+/* The decode step of a packed per-token cache in one op: the new token's `k_new`/`v_new`
+ * (float32 [B, Hkv, 1, D]) are quantized as MLX's `quantize` does (codes and scales bit for bit)
+ * into row `slot` of the whole cache buffers (in place; shapes as in
+ * kvsplit_cpu_quantized_decode_attention, scales and biases all float16 or all float32), then
+ * `q` (float32 [B, Hq, 1, D], already scaled) attends over tokens 0..slot. Returns
+ * [B, Hq, 1, D] float32. */
+int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const mlx_array k_new, const mlx_array v_new,
+                                      const mlx_array k_w, const mlx_array k_scales, const mlx_array k_biases,
+                                      const mlx_array v_w, const mlx_array v_scales, const mlx_array v_biases, int slot,
+                                      int k_group, int k_bits, int v_group, int v_bits, const mlx_stream s);
+
 /* Decode attention over a 16-bit dense cache: `q` [B, Hq, L, D] float32 (already multiplied by
  * the softmax scale), `k`/`v` whole float16 cache buffers [B, Hkv, cap, D] (any strides but the
  * last), of which the first `len` tokens are read, each widened once per step (no mask; Hq a

@@ -81,6 +81,37 @@ pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Re
     decode_attention_with(q, k, v, len, KeyAxis::Tokens, None)
 }
 
+/// A packed per-token cache's decode step as one op: `k_new`/`v_new` (`[B, Hkv, 1, D]`) are
+/// quantized as MLX's `quantize` would (same codes and scales) and written into row `slot` of
+/// the whole buffers `k`/`v` in place, then `q` (`[B, Hq, 1, D]`, already multiplied by the
+/// softmax scale) attends over tokens `0..=slot`. Returns `[B, Hq, 1, D]` f32. The caller owns
+/// the buffers and must count the row as written.
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, slot: usize) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    // The op reads each head's row through the batch and head strides; rows are contiguous.
+    let (kn, vn) = (k_new.as_dtype(Dtype::Float32)?, v_new.as_dtype(Dtype::Float32)?);
+    call(|out, s| unsafe {
+        ffi::kvsplit_cpu_quantized_decode_step(
+            out,
+            q.as_ptr(),
+            kn.as_ptr(),
+            vn.as_ptr(),
+            k.w.as_ptr(),
+            k.scales.as_ptr(),
+            k.biases.as_ptr(),
+            v.w.as_ptr(),
+            v.scales.as_ptr(),
+            v.biases.as_ptr(),
+            slot as i32,
+            k.group as i32,
+            k.bits as i32,
+            v.group as i32,
+            v.bits as i32,
+            s,
+        )
+    })
+}
+
 /// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
 /// `len` tokens of a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`, the whole buffers),
 /// every query seeing every token; each token is widened to f32 once, inside the op. Returns

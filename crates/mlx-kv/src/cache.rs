@@ -722,11 +722,16 @@ impl KvCache {
         let case = StepCase {
             direct: direct && bk.axis == TokenAxis::Rows,
             k_bits: bk.bits,
+            k_group: bk.group,
             v_bits: bv.bits,
+            v_group: bv.group,
             head_dim: self.head_dim,
             rows: (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize),
         };
         let Some(choice) = attention::choose_step(&case) else { return Ok(None) };
+        if choice.path == attention::Path::CpuStep {
+            return self.cpu_step(q, k, v, scale, choice).map(Some);
+        }
         let slot = self.body_head;
         // The stored frame (rotations, key center) is entered inside the one-launch kernel
         // (`--gpu-fused-rotate on`); otherwise MLX ops around the launch enter it and leave it,
@@ -782,6 +787,31 @@ impl KvCache {
         self.body_head += 1;
         self.offset += 1;
         Ok(Some(out))
+    }
+
+    /// [`Self::fused_step`] on the CPU ([`attention::Path::CpuStep`]): the frame is entered with
+    /// MLX ops (rotations are matmuls, cheap there), then one op quantizes and writes the token
+    /// into row `body_head` of the buffers and attends ([`mlx_ext::cpu::decode_step`]).
+    fn cpu_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, choice: Choice) -> Result<Array> {
+        let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
+        let rk = self.center_keys(&rk)?;
+        let (b, hkv) = (k.shape()[0], k.shape()[1]);
+        let slot = self.body_head;
+        let (Body::Quant(bk), Body::Quant(bv)) = (&mut self.body_k, &mut self.body_v) else { unreachable!("choose_step saw both quantized") };
+        bk.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
+        bv.reserve_rows(slot + 1, b, hkv, self.head_dim)?;
+        let ((kf, _), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
+        let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
+        let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
+        let qs = rq.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+        let out = mlx_ext::cpu::decode_step(&qs, &rk, &rv, kop.as_ref(), vop.as_ref(), slot)?.as_dtype(q.dtype())?;
+        bk.set_written(slot + 1);
+        bv.set_written(slot + 1);
+        self.last_path.set(Some(choice));
+        self.body_pos.push(self.offset as i32);
+        self.body_head += 1;
+        self.offset += 1;
+        self.rotate_output(out)
     }
 
     /// One decode token of a per-channel cache through the fused per-channel step, where

@@ -265,6 +265,73 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
     assert!(err.contains("whole groups of 64 tokens"), "{err}");
 }
 
+/// The CPU decode step writes the new token's codes, scales and biases into row `slot` exactly
+/// as MLX's `quantize` (then f16) gives them, leaves every other row alone, and attends exactly
+/// as the decode primitive does over the first `slot + 1` rows afterwards.
+#[test]
+fn decode_step_writes_mlx_codes_in_place_and_attends_like_the_primitive() {
+    use mlx_ext::cpu::decode_step;
+    let base = seed();
+    // (hq, hkv, d, slot, cap, k bits/group, v bits/group, f16 scales)
+    let cases = [
+        (9, 3, 64, 300, 512, (8u8, 64usize), (4u8, 64usize), true),
+        (4, 2, 128, 0, 256, (6, 64), (3, 64), true),
+        (8, 8, 64, 255, 256, (4, 32), (2, 64), false),
+        (4, 1, 256, 17, 256, (3, 128), (6, 64), true),
+    ];
+    for (i, &(hq, hkv, d, slot, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
+        let s = base + 100 * i as u64;
+        let (kp, _) = poisoned_cache(&Host::random([1, hkv, slot.max(1), d], s + 1), cap, kg, kb, f16);
+        let (vp, _) = poisoned_cache(&Host::random([1, hkv, slot.max(1), d], s + 2), cap, vg, vb, f16);
+        let before = |p: &Packed| [to_u32(&p.w), to_bits(&p.scales), to_bits(&p.biases)];
+        let (k0, v0) = (before(&kp), before(&vp));
+        let kn = Host::random([1, hkv, 1, d], s + 3).array() * Array::from_f32(3.0);
+        let vn = Host::random([1, hkv, 1, d], s + 4).array();
+        let q = Host::random([1, hq, 1, d], s + 5).array() * Array::from_f32(1.0 / (d as f32).sqrt());
+        let kop = PackedOperand { full: &kp, bits: kb, group: kg };
+        let vop = PackedOperand { full: &vp, bits: vb, group: vg };
+        let got = decode_step(&q, &kn, &vn, kop.as_ref(), vop.as_ref(), slot).unwrap();
+        got.eval().unwrap();
+        for (p, old, x, bits, group) in [(&kp, &k0, &kn, kb, kg), (&vp, &v0, &vn, vb, vg)] {
+            let (w, sc, bi) = quantize(x, group as i32, bits as i32).unwrap();
+            let dt = if f16 { Dtype::Float16 } else { Dtype::Float32 };
+            let want = [to_u32(&w), to_bits(&sc.as_dtype(dt).unwrap()), to_bits(&bi.as_dtype(dt).unwrap())];
+            let now = before(p);
+            for (j, name) in ["codes", "scales", "biases"].iter().enumerate() {
+                let per_row = want[j].len() / hkv;
+                for h in 0..hkv {
+                    let row = |v: &Vec<u32>, t: usize| v[(h * cap + t) * per_row..(h * cap + t + 1) * per_row].to_vec();
+                    assert_eq!(row(&now[j], slot), want[j][h * per_row..(h + 1) * per_row].to_vec(), "case {i}: {name} of head {h} differ from MLX's quantize");
+                    for t in [0, slot.saturating_sub(1), (slot + 1).min(cap - 1)] {
+                        if t != slot {
+                            assert_eq!(row(&now[j], t), row(&old[j], t), "case {i}: {name} row {t} changed");
+                        }
+                    }
+                }
+            }
+        }
+        let want = decode_attention(&q, kop, vop, slot + 1).unwrap();
+        assert_eq!(to_vec(&got), to_vec(&want), "case {i}: the step attends as the primitive does");
+    }
+    let (kp, _) = poisoned_cache(&Host::random([1, 1, 4, 64], 9), 8, 64, 8, true);
+    let x = Array::zeros::<f32>(&[1, 1, 1, 64]).unwrap();
+    let op = PackedOperand { full: &kp, bits: 8, group: 64 };
+    let err = decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op.as_ref(), op.as_ref(), 8).unwrap_err().to_string();
+    assert!(err.contains("slot 8 outside 0..7"), "{err}");
+}
+
+fn to_u32(a: &Array) -> Vec<u32> {
+    a.as_slice::<u32>().to_vec()
+}
+
+/// Scales or biases as bit patterns, so equality is exact whatever the dtype.
+fn to_bits(a: &Array) -> Vec<u32> {
+    match a.dtype() {
+        Dtype::Float16 => a.view::<u16>().unwrap().as_slice::<u16>().iter().map(|&x| x as u32).collect(),
+        _ => a.as_slice::<f32>().iter().map(|x| x.to_bits()).collect(),
+    }
+}
+
 /// A 16-bit dense cache read in place: float64 attention over the same f16 values (the kernel
 /// widens them exactly), so only f32 summation order and the exp differ, as for packed caches.
 /// Tokens past `len` are huge, and the cache is a token slice of a larger buffer (strided heads).

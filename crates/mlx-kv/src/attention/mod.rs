@@ -42,6 +42,8 @@ pub enum Path {
     FusedStep,
     /// Our CPU decode primitive over the packed buffers.
     CpuPrimitive,
+    /// Our CPU decode step: quantizes and writes the new token in place, then attends, in one op.
+    CpuStep,
     /// Blocks of MLX ops on the CPU (packed codes widened one block at a time).
     CpuBlocks,
     /// Our CPU primitive over pool blocks, every sequence of a decode step in one op.
@@ -59,6 +61,7 @@ impl Path {
             Path::FusedGpu => "fused-gpu",
             Path::FusedStep => "fused-step",
             Path::CpuPrimitive => "cpu-primitive",
+            Path::CpuStep => "cpu-step",
             Path::CpuBlocks => "cpu-blocks",
             Path::PagedCpu => "paged-cpu",
             Path::PagedStep => "paged-step",
@@ -174,7 +177,7 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
                 fused::attend_channels(q, &b, scale)
             }
         },
-        Path::FusedStep => unreachable!("the fused step runs through the cache (choose_step)"),
+        Path::FusedStep | Path::CpuStep => unreachable!("decode steps run through the cache (choose_step)"),
         Path::PagedCpu | Path::PagedStep => unreachable!("paged steps run through crate::batch (choose_paged)"),
     }
 }
@@ -191,16 +194,29 @@ pub struct StepCase {
     /// is applied around the step by the cache.
     pub direct: bool,
     pub k_bits: u8,
+    pub k_group: usize,
     pub v_bits: u8,
+    pub v_group: usize,
     pub head_dim: usize,
     /// Query rows per KV head (GQA), `None` if the heads do not divide.
     pub rows: Option<usize>,
 }
 
-/// `Some(FusedStep)` when the cache should hand the token to the fused decode step; `None` when
-/// it writes the token with MLX ops and then calls [`choose`].
+/// `Some(FusedStep)` (CUDA) or `Some(CpuStep)` when the cache should hand the token to a decode
+/// step that writes it and attends in one op; `None` when it writes the token with MLX ops and
+/// then calls [`choose`].
 pub fn choose_step(case: &StepCase) -> Option<Choice> {
-    if !case.direct || !mlx_ext::options::current().gpu_fused_step.on() {
+    if !case.direct {
+        return None;
+    }
+    if Backend::current() == Backend::Cpu {
+        let ok = mlx_ext::options::current().cpu_kernels.on()
+            && case.rows.is_some()
+            && mlx_ext::cpu::supports(case.k_bits, case.k_group, case.head_dim)
+            && mlx_ext::cpu::supports(case.v_bits, case.v_group, case.head_dim);
+        return ok.then(|| pick(Path::CpuStep, "one new token into a quantized per-token body"));
+    }
+    if !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;
