@@ -3,6 +3,7 @@
 //! - [`cpu`]: safe wrappers of our C++ `mlx::core::Primitive`s (`csrc/`): a quantized
 //!   matrix-vector product, a dequantize, decode attention over a packed split-precision cache,
 //!   RMSNorm and RoPE. They run inside MLX's graph like any op, on the CPU backend only.
+//! - [`graph`]: ordering after ops that write their inputs in place (MLX's `depends`).
 //! - [`options`]: [`EngineOptions`], the typed kernel-path choices (fused GPU step and variants,
 //!   CPU primitives, threads, weight handling, profiling) that every command takes as flags and
 //!   every result row records.
@@ -13,6 +14,7 @@
 
 pub mod cpu;
 mod ffi;
+pub mod graph;
 pub mod options;
 pub mod tensor_bytes;
 

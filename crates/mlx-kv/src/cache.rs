@@ -804,7 +804,15 @@ impl KvCache {
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         let qs = rq.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-        let out = mlx_ext::cpu::decode_step(&qs, &rk, &rv, kop.as_ref(), vop.as_ref(), slot)?.as_dtype(q.dtype())?;
+        let out = mlx_ext::cpu::decode_step(&qs, &rk, &rv, kop.as_ref(), vop.as_ref(), slot)?;
+        // The op wrote row `slot` in place: whatever touches these buffers next (the next
+        // step reads the row) must come after it in the graph.
+        let bufs = mlx_ext::graph::depends(&[&kf.w, &kf.scales, &kf.biases, &vf.w, &vf.scales, &vf.biases], &[&out])?;
+        let mut bufs = bufs.into_iter();
+        let mut take = || bufs.next().expect("six buffers");
+        bk.share_buffers(crate::store::Packed { w: take(), scales: take(), biases: take() });
+        bv.share_buffers(crate::store::Packed { w: take(), scales: take(), biases: take() });
+        let out = out.as_dtype(q.dtype())?;
         bk.set_written(slot + 1);
         bv.set_written(slot + 1);
         self.last_path.set(Some(choice));

@@ -332,6 +332,14 @@ impl QuantStore {
         Ok(())
     }
 
+    /// Swaps in buffers that share the current ones' memory (same shapes), such as
+    /// [`mlx_ext::graph::depends`] gives after an op wrote into them in place, so that later
+    /// readers and writers of this store come after that op in the graph.
+    pub(crate) fn share_buffers(&mut self, p: Packed) {
+        debug_assert!(self.packed.as_ref().is_some_and(|q| q.w.shape() == p.w.shape() && q.scales.shape() == p.scales.shape()));
+        self.packed = Some(p);
+    }
+
     /// Records that tokens up to `len` were written outside [`Self::write`].
     pub fn set_written(&mut self, len: usize) {
         debug_assert!(len <= self.cap());

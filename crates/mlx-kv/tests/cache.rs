@@ -403,3 +403,29 @@ fn per_channel_ring_decodes_within_bound_on_either_path() {
     assert!(!on_cpu || primitive_steps > 0, "no ring step took the primitive");
     eprintln!("{primitive_steps} of {} ring steps on the primitive", t - prompt);
 }
+
+/// Decode steps that write the cache in place (the CPU step, the fused GPU step) must stay in
+/// order when nothing is evaluated between them: a prompt fed token by token builds every
+/// step's graph before any runs, and the steps' queries and keys do not depend on each other.
+/// Each step's output must still see exactly the tokens before it.
+#[test]
+fn lazy_token_by_token_steps_see_every_earlier_token() {
+    let (t, hq, hkv) = (40, 4, 2);
+    let q = Host::random([1, hq, t, D], 71);
+    let k = Host::random([1, hkv, t, D], 72);
+    let v = Host::random([1, hkv, t, D], 73);
+    for spec in [KvSpec::bits(8, 4), KvSpec::bits(4, 8), KvSpec::dense()] {
+        let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), spec.k.bits, spec.v.bits);
+        let mut cache = KvCache::new(spec.clone(), D, CacheOptions::default()).unwrap();
+        let outs: Vec<_> = (0..t)
+            .map(|i| cache.update_and_attend(&q.tokens(i, i + 1).array(), &k.tokens(i, i + 1).array(), &v.tokens(i, i + 1).array(), SCALE as f32, None).unwrap())
+            .collect();
+        mlx_rs::transforms::eval(outs.iter()).unwrap();
+        for (i, out) in outs.iter().enumerate() {
+            let want = reference_attention(&q.tokens(i, i + 1), &k.tokens(0, i + 1), &v.tokens(0, i + 1), SCALE, &|_, _| true);
+            let err = max_abs_diff(&to_vec(out), &want);
+            assert!(err <= bound, "{spec} step {i}: max error {err:.3e} exceeds bound {bound:.3e}");
+        }
+        println!("{spec}: last path {:?}", cache.last_path().map(|c| c.path));
+    }
+}

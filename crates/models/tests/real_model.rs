@@ -43,6 +43,17 @@ fn load() -> (Model, GgufFile) {
     (Model::new(cfg, w, Dtype::Float32).unwrap(), g)
 }
 
+/// KL(p || q) of the softmax distributions of two logit vectors, in f64.
+fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |v: &[f32]| {
+        let m = v.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+        let z = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        v.iter().map(|&x| x as f64 - z).collect::<Vec<_>>()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
 }
@@ -63,11 +74,19 @@ fn capital_of_france_is_paris_with_dense_and_k8v4_caches() {
     let k8v4 = last_logits(&model, &prompt, &KvSpec::bits(8, 4), 2);
     assert_eq!(argmax(&k8v4), paris, "k8v4 cache: greedy next token is not ' Paris'");
     // One token at a time takes the CPU decode kernels (quantized matvec for every linear layer,
-    // packed-cache attention for k8v4). With a dense cache only float32 rounding separates the
-    // paths; with k8v4, rounding can flip a code, so there only the answer is compared.
+    // the decode primitive's attention over the 16-bit dense cache or the packed one). With a
+    // dense cache both read the same f16 keys and values; what separates them is arithmetic:
+    // the block path's exp has relative error 1e-5 (cpu.rs), the primitive's 2e-7, and the
+    // summation orders differ. 30 layers carry that to the logits, but it must stay far below
+    // what any cache setting costs (k8v8: KLD 3.7e-4 on WikiText-2), so: the same answer and a
+    // KLD under 1e-6 between the two next-token distributions. With k8v4, rounding can flip a
+    // code, so there only the answer is compared.
     let steps = last_logits(&model, &prompt, &KvSpec::dense(), 1);
+    assert_eq!(argmax(&steps), paris, "dense cache, token by token: greedy next token is not ' Paris'");
+    let kld = kl_divergence(&dense, &steps);
     let d = dense.iter().zip(&steps).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(d < 1e-3, "token-by-token decode differs from one pass by {d}");
+    eprintln!("dense, token by token against one pass: KLD {kld:e}, max |logit diff| {d}");
+    assert!(kld < 1e-6, "token-by-token decode differs from one pass: KLD {kld:e}, max |logit diff| {d}");
     let steps = last_logits(&model, &prompt, &KvSpec::bits(8, 4), 1);
     assert_eq!(argmax(&steps), paris, "k8v4 cache, token by token: greedy next token is not ' Paris'");
     let _ = argmax_axis(Array::from_slice(&[0f32], &[1]), 0, None);
