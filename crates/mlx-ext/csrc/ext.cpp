@@ -478,6 +478,15 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
   }
 }
 
+// Tokens per work item when `bh` heads attend over `t` tokens: enough blocks for every thread
+// to get several, none shorter than 64 tokens or longer than 2048.
+int64_t token_block(int64_t t, int bh) {
+  int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
+  per_head = std::min<int64_t>(per_head, (t + 63) / 64);
+  per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
+  return (t + per_head - 1) / per_head;
+}
+
 class QuantizedDecodeAttention : public CpuPrimitive {
  public:
   QuantizedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
@@ -492,11 +501,7 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     const int hkv = in[1].shape(1), rep = hq / hkv, rows = rep * l;
     const int bh = b * hkv;
     const int64_t t = p_.len;
-    // Enough blocks for every thread to get several, none longer than 2048 tokens.
-    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
-    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
-    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
-    int64_t block = (t + per_head - 1) / per_head;
+    int64_t block = token_block(t, bh);
     // Per-channel codes can only be cut between token groups (len is a whole number of them).
     if (p_.k_channels) block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
     std::vector<AttnItem> items;
@@ -597,10 +602,7 @@ class QuantizedDecodeStep : public CpuPrimitive {
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
     const int hkv = in[1].shape(1), rows = hq / hkv * l, bh = b * hkv;
     const int64_t t = p_.len, slot = t - 1;
-    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
-    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
-    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
-    const int64_t block = (t + per_head - 1) / per_head;
+    const int64_t block = token_block(t, bh);
     std::vector<AttnItem> items;
     // Where each (sequence, head) row `slot` of K and V goes, and the new token's floats.
     struct Write {
@@ -673,10 +675,7 @@ class DenseDecodeAttention : public CpuPrimitive {
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
     const int hkv = k.shape(1), rows = hq / hkv * l, bh = b * hkv;
     const int64_t t = p_.len;
-    int64_t per_head = std::max<int64_t>(1, (int64_t(Pool::get().size()) * 4 + bh - 1) / bh);
-    per_head = std::min<int64_t>(per_head, (t + 63) / 64);
-    per_head = std::max<int64_t>(per_head, (t + 2047) / 2048);
-    const int64_t block = (t + per_head - 1) / per_head;
+    const int64_t block = token_block(t, bh);
     std::vector<AttnItem> items;
     const auto* kd = reinterpret_cast<const uint16_t*>(k.data<mlx::core::float16_t>());
     const auto* vd = reinterpret_cast<const uint16_t*>(v.data<mlx::core::float16_t>());
