@@ -109,12 +109,10 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         if !mlx_ext::options::current().cpu_kernels.on() {
             return pick(Path::CpuBlocks, "--cpu-kernels off");
         }
-        if let Some((k, _)) = types::dense_body(segments, mask, sinks) {
-            return if cpu::dense_primitive_covers(k, d) {
-                pick(Path::CpuPrimitive, "one 16-bit dense body, no mask or sinks")
-            } else {
-                pick(Path::CpuBlocks, "a dense body the primitive does not read (not f16, head_dim not a multiple of 8)")
-            };
+        // A lone float segment is a dense cache (16-bit on the CPU) or a quantized cache whose
+        // tokens all wait in its f32 tail; the primitive reads the former.
+        if types::dense_body(segments, mask, sinks).is_some_and(|(k, _)| cpu::dense_primitive_covers(k, d)) {
+            return pick(Path::CpuPrimitive, "one 16-bit dense body, no mask or sinks");
         }
         return match body {
             Some((k, v, _, _)) if cpu::primitive_covers(&k, &v, d) => pick(Path::CpuPrimitive, "one packed per-token body, no mask or sinks"),
