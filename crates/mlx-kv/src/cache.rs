@@ -381,9 +381,17 @@ impl KvCache {
 
     /// For [`crate::batch`]: records one token written into the body by a batched step.
     pub(crate) fn advance_one(&mut self, choice: Choice) {
-        if let (Body::Paged(k), Body::Paged(v)) = (&mut self.body_k, &mut self.body_v) {
-            k.set_written(self.offset + 1);
-            v.set_written(self.offset + 1);
+        match (&mut self.body_k, &mut self.body_v) {
+            (Body::Paged(k), Body::Paged(v)) => {
+                k.set_written(self.offset + 1);
+                v.set_written(self.offset + 1);
+            }
+            // The decode steps write row `body_head` of the buffers themselves.
+            (Body::Quant(k), Body::Quant(v)) => {
+                k.set_written(self.body_head + 1);
+                v.set_written(self.body_head + 1);
+            }
+            _ => {}
         }
         self.last_path.set(Some(choice));
         self.body_pos.push(self.offset as i32);
@@ -779,13 +787,8 @@ impl KvCache {
         if let (Some(h), true, false) = (&self.rotation, r.values(), inside) {
             out = mlx_rs::ops::matmul(&out, rotation_in(&self.rotation_cast, h, out.dtype())?)?;
         }
-        bk.set_written(slot + 1);
-        bv.set_written(slot + 1);
         self.step_pos = Some((pos, slot + 1));
-        self.last_path.set(Some(choice));
-        self.body_pos.push(self.offset as i32);
-        self.body_head += 1;
-        self.offset += 1;
+        self.advance_one(choice);
         Ok(Some(out))
     }
 
@@ -812,14 +815,8 @@ impl KvCache {
         let mut take = || bufs.next().expect("six buffers");
         bk.share_buffers(crate::store::Packed { w: take(), scales: take(), biases: take() });
         bv.share_buffers(crate::store::Packed { w: take(), scales: take(), biases: take() });
-        let out = out.as_dtype(q.dtype())?;
-        bk.set_written(slot + 1);
-        bv.set_written(slot + 1);
-        self.last_path.set(Some(choice));
-        self.body_pos.push(self.offset as i32);
-        self.body_head += 1;
-        self.offset += 1;
-        self.rotate_output(out)
+        self.advance_one(choice);
+        self.rotate_output(out.as_dtype(q.dtype())?)
     }
 
     /// One decode token of a per-channel cache through the fused per-channel step, where

@@ -58,14 +58,7 @@ impl FloatStore {
 
     /// Writes `x` (`[B, H, L, D]`) at raw slot `at` (ring users pass slots; appends pass `end`).
     pub fn write(&mut self, at: usize, x: &Array) -> Result<()> {
-        let narrow = x.dtype() == Dtype::Float32 && self.store_as.is_some();
-        let x = &match self.store_as {
-            Some(d) if narrow => {
-                self.narrowed = true;
-                x.as_dtype(d)?
-            }
-            _ => x.clone(),
-        };
+        let x = &self.as_stored(x)?;
         let l = x.shape()[2] as usize;
         let need = at + l;
         self.grow_to(need, x)?;
@@ -73,6 +66,17 @@ impl FloatStore {
         data.index_mut((.., .., at as i32..need as i32, ..), x);
         self.end = self.end.max(need);
         Ok(())
+    }
+
+    /// `x` as this store keeps it: float32 narrowed to `store_as` where the store narrows.
+    fn as_stored(&mut self, x: &Array) -> Result<Array> {
+        match self.store_as {
+            Some(d) if x.dtype() == Dtype::Float32 => {
+                self.narrowed = true;
+                Ok(x.as_dtype(d)?)
+            }
+            _ => Ok(x.clone()),
+        }
     }
 
     /// Grows the buffer to at least `need` slots (a whole number of steps) for tokens shaped
@@ -99,14 +103,8 @@ impl FloatStore {
         if self.head != 0 {
             return Ok(());
         }
-        match (self.store_as, &self.data) {
-            // As `write` would store such a token; a buffer that exists keeps its dtype.
-            (Some(d), None) if x.dtype() == Dtype::Float32 => {
-                self.narrowed = true;
-                self.grow_to(need, &x.as_dtype(d)?)
-            }
-            _ => self.grow_to(need, x),
-        }
+        let x = self.as_stored(x)?;
+        self.grow_to(need, &x)
     }
 
     pub fn append(&mut self, x: &Array) -> Result<()> {

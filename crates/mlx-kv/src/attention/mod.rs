@@ -157,13 +157,10 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
         Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scale, sinks),
         Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scale, sinks),
         Path::CpuBlocks => cpu::blocks(q, segments, mask, scale, sinks),
-        Path::CpuPrimitive => match single_packed_body(segments, mask, sinks) {
-            Some((k, v, len, _)) => cpu::primitive(q, k, v, len, scale),
-            None if types::dense_body(segments, mask, sinks).is_some() => {
-                let (k, v) = types::dense_body(segments, mask, sinks).expect("checked");
-                cpu::primitive_dense(q, k, v, scale)
-            }
-            None => {
+        Path::CpuPrimitive => match (single_packed_body(segments, mask, sinks), types::dense_body(segments, mask, sinks)) {
+            (Some((k, v, len, _)), _) => cpu::primitive(q, k, v, len, scale),
+            (None, Some((k, v))) => cpu::primitive_dense(q, k, v, scale),
+            (None, None) => {
                 let b = channel_packed_body(segments, mask, sinks).expect("the CPU primitive needs one packed body");
                 cpu::primitive_channels(q, &b, scale)
             }
