@@ -175,6 +175,10 @@ struct Sample {
     apply_host_s: f64,
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 fn greedy(logits: &Array) -> Result<Array> {
     let v = *logits.shape().last().unwrap_or(&1);
     Ok(argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
@@ -445,6 +449,9 @@ fn run_model(a: BenchArgs) -> Result<()> {
             measure_batch(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, b)?;
         }
     }
+    if mlx_kv::host_profile::enabled() {
+        eprintln!("host-profile: {:.3} warm-up done", unix_now());
+    }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} runs [{elapsed_precise}<{eta_precise}] {msg}")?);
@@ -455,11 +462,26 @@ fn run_model(a: BenchArgs) -> Result<()> {
     for r in 0..a.repeats {
         for ((kv, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{kv} depth {depth} batch {b} repeat {}", r + 1));
-            samples.push(if *b == 1 {
+            let t_start = unix_now();
+            let sample = if *b == 1 {
                 measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?
             } else {
                 measure_batch(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, *b)?
-            });
+            };
+            if mlx_kv::host_profile::enabled() {
+                // Each repeat on its own line, stamped like the new-launch lines, so that a slow
+                // repeat can be matched with what was first built or compiled during it.
+                bar.suspend(|| {
+                    eprintln!(
+                        "host-profile: {t_start:.3}-{:.3} repeat {} {kv} depth {depth} batch {b}: prefill {:.2} tok/s, decode {:.2} tok/s",
+                        unix_now(),
+                        r + 1,
+                        sample.prefill_tps,
+                        sample.decode_tps
+                    )
+                });
+            }
+            samples.push(sample);
             mlx_rs::memory::clear_cache()?;
             bar.inc(1);
         }

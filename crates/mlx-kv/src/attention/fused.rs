@@ -402,6 +402,9 @@ fn run_kernel(
         let cfg = match cached {
             Some(c) => c.raw,
             None => {
+                if crate::host_profile::enabled() {
+                    crate::host_profile::new_launch(def.stem, mma, ints, types, grid);
+                }
                 let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
                 let built = (|| -> Result<()> {
                     for o in outputs {
