@@ -442,8 +442,16 @@ fn run_model(a: BenchArgs) -> Result<()> {
         }
     }
 
-    // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out.
-    for (_, s) in &settings {
+    // Warm-up (excluded): every K/V setting's code path once, so first-use costs stay out. On
+    // a GPU that includes decoding past a key group boundary (`Engine::warm_up`): CUDA compiles
+    // each custom-kernel variant at its first use, seconds each, which would otherwise land in
+    // the first timed repeat.
+    for (kv, s) in &settings {
+        if mlx_kv::Backend::current() == mlx_kv::Backend::Gpu {
+            let t = Instant::now();
+            let steps = engine.warm_up(s, a.prefill_step)?;
+            eprintln!("warm-up {kv}: {steps} decode steps in {:.1} s (first use of each kernel variant)", t.elapsed().as_secs_f64());
+        }
         measure(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
         for &b in batches.iter().filter(|&&b| b > 1) {
             measure_batch(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, b)?;

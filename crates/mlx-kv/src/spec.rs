@@ -228,6 +228,14 @@ impl KvSpec {
         }
     }
 
+    /// Tokens after which a cache of this spec has taken every one of its code paths at least
+    /// once: the dense start and sinks, the residual's first block quantized, a per-channel key
+    /// group completed and the step after it. A warm-up that decodes this far meets every
+    /// kernel variant the spec uses (on CUDA each is compiled at its first use).
+    pub fn first_use_tokens(&self) -> usize {
+        self.quantized_kv_start + self.sinks + self.residual + self.block_tokens() + 2
+    }
+
     /// Checks the setting against the model's head_dim; errors name the offending flag.
     pub fn validate(&self, head_dim: usize) -> Result<()> {
         let per_token_k = self.key_layout != KeyLayout::PerChannel;

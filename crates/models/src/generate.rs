@@ -44,6 +44,12 @@ impl CacheSettings {
             .collect()
     }
 
+    /// The most tokens any layer needs to take all its code paths once
+    /// ([`mlx_kv::KvSpec::first_use_tokens`]).
+    pub fn first_use_tokens(&self, n_layers: usize) -> usize {
+        (0..n_layers).map(|i| self.layers.apply(&self.spec, i, n_layers).first_use_tokens()).max().unwrap_or(2)
+    }
+
     /// Closed-form bytes one token costs across all layers (K and V, scales and biases).
     pub fn bytes_per_token(&self, model: &dyn LanguageModel) -> f64 {
         let n = model.n_layers();

@@ -256,3 +256,23 @@ fn a_decode_step_refuses_a_sequence_with_a_prompt_still_waiting() {
     let err = models::engine::decode_batch(&mut [&mut a], &[None]).err().expect("a prompt is waiting");
     assert!(err.to_string().contains("waiting"), "{err}");
 }
+
+/// The warm-up decodes past a per-channel key group (so its completion path runs once) and, in a
+/// pooled engine, gives every block it took back: warming up must not shrink the budget that
+/// requests are admitted by.
+#[test]
+fn warm_up_crosses_a_key_group_and_returns_its_pool_blocks() {
+    let mut e = model();
+    e.use_pool(Some(64 << 20));
+    let mut spec = KvSpec::bits(4, 4);
+    spec.key_layout = mlx_kv::KeyLayout::PerChannel;
+    spec.k.group = 32;
+    let s = settings(spec.clone());
+    assert_eq!(spec.first_use_tokens(), 32 + 2);
+    let steps = e.warm_up(&s, 512).unwrap();
+    assert_eq!(steps, spec.first_use_tokens());
+    let u = e.pool().expect("a pool was set").usage();
+    assert_eq!((u.used_blocks, u.promised_blocks), (0, 0), "{u:?}");
+    // The plain per-token setting: nothing to wait for but the step after the first.
+    assert_eq!(KvSpec::bits(8, 4).first_use_tokens(), 3);
+}

@@ -71,6 +71,16 @@ pub fn start(
             // same budget the scheduler admits by.
             engine.use_pool(Some(config.kv_budget as usize));
             let engine = engine;
+            // On a GPU the default setting's kernels compile at their first use (seconds each on
+            // CUDA); pay that before the first request, not inside it.
+            if mlx_kv::Backend::current() == mlx_kv::Backend::Gpu {
+                let t = std::time::Instant::now();
+                if let Err(e) = engine.warm_up(&config.cache.settings, config.prefill_step) {
+                    let _ = ready_tx.send(Err(format!("warm-up of --kv {}: {e}", config.cache.name)));
+                    return;
+                }
+                eprintln!("serve: warmed up --kv {} in {:.1} s", config.cache.name, t.elapsed().as_secs_f64());
+            }
             let mut cache: PromptCache<'_> = PromptCache::new(config.prompt_cache_bytes);
             for f in &config.prompt_cache_files {
                 match engine.sequence_from_file(f, config.sampler.clone(), config.prefill_step) {

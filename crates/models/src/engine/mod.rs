@@ -131,6 +131,35 @@ impl Engine {
         Ok(Some(seq))
     }
 
+    /// Runs a throwaway sequence of `cache` through every code path it will take: a short
+    /// prefill, then decode steps past [`CacheSettings::first_use_tokens`] (so a per-channel
+    /// key group completes). On CUDA, MLX compiles each custom-kernel variant with NVRTC the
+    /// first time it runs, about 2 s each, and keeps none of ours on disk; a per-channel recipe
+    /// uses about ten, so without this the first request (or a timed repeat) stalls for tens
+    /// of seconds at its first group boundary. Pooled when the engine has a pool, as requests
+    /// are. Returns the steps decoded.
+    pub fn warm_up(&self, cache: &CacheSettings, prefill_step: usize) -> Result<usize> {
+        let m = self.model.as_ref();
+        let steps = cache.first_use_tokens(m.n_layers());
+        // Ids every vocabulary has; what they say does not matter, only the shapes they take.
+        let prompt: Vec<u32> = (1..9).collect();
+        let mut seq = match self.pooled_sequence(cache, SamplerSettings::default(), prefill_step, prompt.len() + steps + 1)? {
+            Some(seq) => seq,
+            None => self.sequence(cache, SamplerSettings::default(), prefill_step)?,
+        };
+        let greedy = |logits: &mlx_rs::Array| -> Result<mlx_rs::Array> {
+            let v = *logits.shape().last().unwrap_or(&1);
+            Ok(mlx_rs::ops::indexing::argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
+        };
+        let mut y = greedy(&seq.prefill(&prompt)?)?;
+        for _ in 0..steps {
+            let next = greedy(&seq.step(&y)?)?;
+            seq.eval_with(&next)?;
+            y = next;
+        }
+        Ok(steps)
+    }
+
     /// The hash that saved caches record and check ([`crate::load::model_id`]); `none` for
     /// random weights.
     pub fn model_id(&self) -> String {
