@@ -119,6 +119,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt: the prompt encodes to no tokens");
     }
+    if mlx_kv::Backend::current() == mlx_kv::Backend::Gpu {
+        // First-use kernel compiles (seconds each on CUDA) before the prompt, not in the middle
+        // of the streamed text; the reported speeds then exclude them, and this line shows them.
+        let t = std::time::Instant::now();
+        engine.warm_up(&cache, a.prefill_step)?;
+        eprintln!("warm-up: {:.1} s", t.elapsed().as_secs_f64());
+    }
     let mut seq = match &a.prompt_cache_file {
         None => engine.sequence(&cache, sampler, a.prefill_step)?,
         Some(file) => {
