@@ -131,8 +131,10 @@ impl Engine {
         Ok(Some(seq))
     }
 
-    /// Runs a throwaway sequence of `cache` through every code path it will take: a short
-    /// prefill, then decode steps past [`CacheSettings::first_use_tokens`] (so a per-channel
+    /// Runs a throwaway sequence of `cache` through every code path it will take: a prompt of
+    /// one full `prefill_step` chunk and a short one (MLX picks its quantized-matmul kernels
+    /// by row count, and a cold server's first 4K-token request once spent 78 s compiling
+    /// them), then decode steps past [`CacheSettings::first_use_tokens`] (so a per-channel
     /// key group completes). On CUDA, MLX compiles each custom-kernel variant with NVRTC the
     /// first time it runs, about 2 s each, and keeps none of ours on disk; a per-channel recipe
     /// uses about ten, so without this the first request (or a timed repeat) stalls for tens
@@ -142,7 +144,7 @@ impl Engine {
         let m = self.model.as_ref();
         let steps = cache.first_use_tokens(m.n_layers());
         // Ids every vocabulary has; what they say does not matter, only the shapes they take.
-        let prompt: Vec<u32> = (1..9).collect();
+        let prompt: Vec<u32> = (0..prefill_step.min(2048) + 8).map(|i| 1 + (i % 64) as u32).collect();
         let mut seq = match self.pooled_sequence(cache, SamplerSettings::default(), prefill_step, prompt.len() + steps + 1)? {
             Some(seq) => seq,
             None => self.sequence(cache, SamplerSettings::default(), prefill_step)?,
