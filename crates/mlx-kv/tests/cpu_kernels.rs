@@ -16,6 +16,16 @@ fn decode_attention(q: &Array, k: PackedOperand, v: PackedOperand, len: usize) -
     mlx_ext::cpu::decode_attention(q, k.as_ref(), v.as_ref(), len)
 }
 
+/// Engine options (the CPU build among them) are process-wide and tests run in parallel: a test
+/// that installs a build holds this while it runs, and so does one that compares two calls bit
+/// for bit, which must both see the same build (the AVX2 and baseline builds sum in different
+/// orders, so a switch between the calls moved the last bits of a result).
+static OPTIONS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn options_lock() -> std::sync::MutexGuard<'static, ()> {
+    OPTIONS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn seed() -> u64 {
     let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000;
     eprintln!("seed {s}");
@@ -207,6 +217,7 @@ fn concat_tokens(a: &Host, b: &Host) -> Host {
 /// keys and values: as the per-token case, only f32 summation order and the exp differ.
 #[test]
 fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
+    let _options = options_lock();
     use mlx_ext::cpu::{decode_attention_with, KeyAxis};
     let base = seed();
     // (hq, hkv, l, d, len, cap, k bits/group (tokens), v bits/group, f16, tail tokens)
@@ -270,6 +281,7 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
 /// as the decode primitive does over the first `slot + 1` rows afterwards.
 #[test]
 fn decode_step_writes_mlx_codes_in_place_and_attends_like_the_primitive() {
+    let _options = options_lock();
     use mlx_ext::cpu::decode_step;
     let base = seed();
     // (hq, hkv, d, slot, cap, k bits/group, v bits/group, f16 scales)
@@ -337,6 +349,7 @@ fn to_bits(a: &Array) -> Vec<u32> {
 /// Tokens past `len` are huge, and the cache is a token slice of a larger buffer (strided heads).
 #[test]
 fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
+    let _options = options_lock();
     use mlx_ext::cpu::dense_decode_attention;
     use mlx_ext::{CpuBuild, EngineOptions};
     let base = seed();
@@ -464,6 +477,7 @@ fn rms_norm_and_rope_match_mlx_fast() {
 
 #[test]
 fn the_baseline_build_chosen_by_option_matches_the_dequantized_product_too() {
+    let _options = options_lock();
     use mlx_ext::{CpuBuild, EngineOptions};
     // Other tests of this binary may run under either build meanwhile; their bounds hold for both.
     let (xh, x) = host_matrix(3, 256, 7);
