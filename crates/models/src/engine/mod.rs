@@ -149,16 +149,9 @@ impl Engine {
             Some(seq) => seq,
             None => self.sequence(cache, SamplerSettings::default(), prefill_step)?,
         };
-        let greedy = |logits: &mlx_rs::Array| -> Result<mlx_rs::Array> {
-            let v = *logits.shape().last().unwrap_or(&1);
-            Ok(mlx_rs::ops::indexing::argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
-        };
-        let mut y = greedy(&seq.prefill(&prompt)?)?;
-        for _ in 0..steps {
-            let next = greedy(&seq.step(&y)?)?;
-            seq.eval_with(&next)?;
-            y = next;
-        }
+        // The loop requests run: the first token comes from the prefill, then `steps` decode
+        // steps, with no stop token.
+        seq.generate(&prompt, steps + 1, &[], |_| true)?;
         Ok(steps)
     }
 
