@@ -175,10 +175,6 @@ struct Sample {
     apply_host_s: f64,
 }
 
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
 fn greedy(logits: &Array) -> Result<Array> {
     let v = *logits.shape().last().unwrap_or(&1);
     Ok(argmax_axis(logits.reshape(&[1, v])?, -1, None)?)
@@ -458,7 +454,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
         }
     }
     if mlx_kv::host_profile::enabled() {
-        eprintln!("host-profile: {:.3} warm-up done", unix_now());
+        eprintln!("host-profile: {:.3} warm-up done", mlx_kv::host_profile::unix_now());
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -470,7 +466,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
     for r in 0..a.repeats {
         for ((kv, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{kv} depth {depth} batch {b} repeat {}", r + 1));
-            let t_start = unix_now();
+            let t_start = mlx_kv::host_profile::unix_now();
             let sample = if *b == 1 {
                 measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?
             } else {
@@ -482,7 +478,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
                 bar.suspend(|| {
                     eprintln!(
                         "host-profile: {t_start:.3}-{:.3} repeat {} {kv} depth {depth} batch {b}: prefill {:.2} tok/s, decode {:.2} tok/s",
-                        unix_now(),
+                        mlx_kv::host_profile::unix_now(),
                         r + 1,
                         sample.prefill_tps,
                         sample.decode_tps

@@ -28,8 +28,13 @@ pub fn take() -> (f64, f64) {
 /// (a new set of template arguments is an NVRTC compile when MLX evaluates it), stamped with
 /// Unix seconds so that it can be set beside bench's repeats and MLX's PTX cache file times.
 pub(crate) fn new_launch(stem: &str, mma: bool, ints: &[(&str, i32)], types: &[(&str, mlx_rs::Dtype)], grid: (i32, i32)) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let now = unix_now();
     let ints: Vec<String> = ints.iter().map(|(n, v)| format!("{n}={v}")).collect();
     let types: Vec<String> = types.iter().map(|(n, d)| format!("{n}={d:?}")).collect();
     eprintln!("host-profile: {now:.3} new launch {stem}{} [{} {}] grid {grid:?}", if mma { " (mma)" } else { "" }, ints.join(" "), types.join(" "));
+}
+
+/// Unix time in seconds, the stamp of every `--host-profile` line.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
