@@ -109,6 +109,11 @@ pub struct BenchArgs {
     /// the current one); the build/eval split printed per row is then additive.
     #[arg(long)]
     pub sync_decode: bool,
+    /// Mark the last repeat's decode steps of each row with the CUDA driver's profiler range
+    /// (cuProfilerStart/Stop), for `ncu --profile-from-start off` or `nsys
+    /// --capture-range=cudaProfilerApi`: the profile then holds decode steps only. GPU only.
+    #[arg(long)]
+    pub cuda_profile_range: bool,
     /// Sequences decoded together, comma-separated (e.g. `1,4,16`): each of B sequences holds
     /// `depth` tokens and reads its own `-p` prompt (chunks interleaved, as `serve` runs them),
     /// then `-n` decode steps run all B at once (the engine's batched decode, as `serve`'s
@@ -183,7 +188,7 @@ fn greedy(logits: &Array) -> Result<Array> {
 
 /// One measurement: depth untimed, then prompt prefill and `n_gen` decode steps timed.
 #[allow(clippy::too_many_arguments)]
-fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, sync: bool) -> Result<Sample> {
+fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize, n_prompt: usize, n_gen: usize, step: usize, random_fill: bool, sync: bool, profile: bool) -> Result<Sample> {
     let model = engine.model();
     let mut seq = engine.sequence(settings, SamplerSettings::default(), step)?;
     if depth > 0 && random_fill {
@@ -199,6 +204,7 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
     mlx_kv::host_profile::take();
+    let range = if profile { Some(crate::cuda_profile::Range::start()?) } else { None };
     let t1 = Instant::now();
     let mut decode_build_s = 0.0;
     for _ in 0..n_gen {
@@ -217,6 +223,7 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     }
     seq.eval_with(&y)?;
     let decode_s = t1.elapsed().as_secs_f64();
+    drop(range);
     let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
     let decode_path = match seq.attention_path() {
         Some(c) if n_gen > 0 => c.to_string(),
@@ -442,13 +449,16 @@ fn run_model(a: BenchArgs) -> Result<()> {
     // a GPU that includes decoding past a key group boundary (`Engine::warm_up`): CUDA compiles
     // each custom-kernel variant at its first use, seconds each, which would otherwise land in
     // the first timed repeat.
+    if a.cuda_profile_range && mlx_kv::Backend::current() != mlx_kv::Backend::Gpu {
+        bail!("--cuda-profile-range marks CUDA decode steps: this run is on the CPU backend");
+    }
     for (kv, s) in &settings {
         if mlx_kv::Backend::current() == mlx_kv::Backend::Gpu {
             let t = Instant::now();
             let steps = engine.warm_up(s, a.prefill_step)?;
             eprintln!("warm-up {kv}: {steps} decode steps in {:.1} s (first use of each kernel variant)", t.elapsed().as_secs_f64());
         }
-        measure(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode)?;
+        measure(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, a.sync_decode, false)?;
         for &b in batches.iter().filter(|&&b| b > 1) {
             measure_batch(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, b)?;
         }
@@ -468,7 +478,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
             bar.set_message(format!("{kv} depth {depth} batch {b} repeat {}", r + 1));
             let t_start = mlx_kv::host_profile::unix_now();
             let sample = if *b == 1 {
-                measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode)?
+                measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode, a.cuda_profile_range && r + 1 == a.repeats)?
             } else {
                 measure_batch(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, *b)?
             };

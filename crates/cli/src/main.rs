@@ -6,6 +6,7 @@ mod bench_pool;
 mod calibrate;
 mod cache_prompt;
 mod compare;
+mod cuda_profile;
 mod convert;
 mod flag_values;
 mod generate;
