@@ -93,6 +93,15 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
 }
 
+void attend_block_causal(const float* qp, const float* qsum, int rows, int rep, int d, const PackedRows& k,
+                         const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l,
+                         float* out, float* scratch) {
+#if defined(KVSPLIT_HAVE_AVX2)
+  if (use_avx2()) return avx2::attend_block_causal(qp, qsum, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+#endif
+  generic::attend_block_causal(qp, qsum, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+}
+
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
                            int64_t t1, float* m, float* l, float* out, float* scratch) {
 #if defined(KVSPLIT_HAVE_AVX2)
@@ -372,6 +381,9 @@ struct AttnParams {
   bool k_channels = false;
   int tail = 0;
   bool dense = false;
+  // Query token i of L sits at position len - L + i and sees tokens 0..=that (a prefill chunk
+  // whose own tokens are already in the cache). Per-token keys, no tail.
+  bool causal = false;
 };
 
 // A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
@@ -487,11 +499,76 @@ int64_t token_block(int64_t t, int bh) {
   return (t + per_head - 1) / per_head;
 }
 
+// Query tokens per work item of a causal prefill: rep * kCausalTile rows share every key block
+// they read (48 rows for SmolLM2's rep 3), and a 512-token chunk gives each of 3 KV heads 32
+// items to spread over the threads.
+constexpr int kCausalTile = 16;
+// Tokens per key block of a causal item: a block's scores (rows x 256 f32) stay in L2.
+constexpr int64_t kCausalBlock = 256;
+
+// Causal prefill over a packed per-token cache: work item = (head, tile of query tokens). The
+// tile's first token at position P0 sees tokens [0, P0] like every later row of the tile, so
+// [0, P0) runs in unmasked blocks and [P0, P1) as one masked block, all merged in the item by
+// their running maxima: no partial results leave the item, and each key block is widened once
+// per four rows of the tile instead of once per query token.
+void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int bh, int rep, int l, int d,
+                   const std::vector<std::pair<PackedRows, PackedRows>>& heads, const AttnParams& p, float* o,
+                   bool parallel) {
+  // Rows in tile order (head, token, query head) so a tile's rows are contiguous.
+  std::vector<int64_t> tiled(qrows.size());
+  for (int h = 0; h < bh; ++h)
+    for (int i = 0; i < l; ++i)
+      for (int j = 0; j < rep; ++j) tiled[(int64_t(h) * l + i) * rep + j] = qrows[(int64_t(h) * rep + j) * l + i];
+  const Queries q = permute_queries(qd, tiled, qlast, bh * rep * l, d, p);
+  const int kng = d / p.k_group;
+  const int tiles = (l + kCausalTile - 1) / kCausalTile;
+  Pool::get().run(bh * tiles, [&](int item) {
+    const int h = item / tiles, i0 = (item % tiles) * kCausalTile, i1 = std::min(l, i0 + kCausalTile);
+    const int rows = rep * (i1 - i0);
+    const int64_t first = p.len - l + i0, end = p.len - l + i1;
+    const float* qp = q.qp.data() + (int64_t(h) * l + i0) * rep * d;
+    const float* qs = q.qsum.data() + (int64_t(h) * l + i0) * rep * kng;
+    const PackedRows &k = heads[h].first, &v = heads[h].second;
+    thread_local std::vector<float> scratch, state;
+    const int64_t most = std::max<int64_t>(kCausalBlock, end - first);
+    scratch.resize(size_t(rows) * (2 * most + d) + 2 * size_t(most));
+    // Running max, denominator and output of the item, then the block's own.
+    state.assign(size_t(rows) * (d + 2) * 2, 0.0f);
+    float *m = state.data(), *den = m + rows, *acc = den + rows;
+    float *bm = acc + int64_t(rows) * d, *bl = bm + rows, *bo = bl + rows;
+    std::fill(m, m + rows, -INFINITY);
+    auto merge = [&] {
+      for (int r = 0; r < rows; ++r) {
+        const float mx = std::max(m[r], bm[r]);
+        const float a = std::exp(m[r] - mx), b = std::exp(bm[r] - mx);
+        den[r] = den[r] * a + bl[r] * b;
+        m[r] = mx;
+        float* ar = acc + int64_t(r) * d;
+        const float* br = bo + int64_t(r) * d;
+        for (int e = 0; e < d; ++e) ar[e] = ar[e] * a + br[e] * b;
+      }
+    };
+    for (int64_t t0 = 0; t0 < first; t0 += kCausalBlock) {
+      attend_block(qp, qs, rows, d, k, v, t0, std::min(first, t0 + kCausalBlock), bm, bl, bo, scratch.data());
+      merge();
+    }
+    attend_block_causal(qp, qs, rows, rep, d, k, v, first, end, first, bm, bl, bo, scratch.data());
+    merge();
+    for (int r = 0; r < rows; ++r) {
+      float* ar = acc + int64_t(r) * d;
+      for (int e = 0; e < d; ++e) ar[e] /= den[r];
+      const int i = i0 + r / rep, j = r % rep;
+      unpermute(ar, d, p.v_bits, o + ((int64_t(h) * rep + j) * l + i) * d);
+    }
+  }, parallel);
+}
+
 class QuantizedDecodeAttention : public CpuPrimitive {
  public:
   QuantizedDecodeAttention(Stream s, AttnParams p) : CpuPrimitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
+    if (p_.causal) return eval_causal(in, out);
     const array& q = in[0];
     std::vector<int64_t> qrows = row_offsets(q);  // [B, Hq, L] rows of any view
     const int64_t qlast = q.strides()[3];
@@ -545,10 +622,37 @@ class QuantizedDecodeAttention : public CpuPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
     return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
-           p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail;
+           p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail && p_.causal == o.causal;
   }
 
  private:
+  void eval_causal(const std::vector<array>& in, array& out) {
+    const array& q = in[0];
+    std::vector<int64_t> qrows = row_offsets(q);
+    const int64_t qlast = q.strides()[3];
+    for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit prefill attention: cache", in[i]);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
+    const int hkv = in[1].shape(1), rep = hq / hkv;
+    std::vector<std::pair<PackedRows, PackedRows>> heads;
+    for (int bi = 0; bi < b; ++bi) {
+      for (int h = 0; h < hkv; ++h) {
+        auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
+        heads.emplace_back(packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2),
+                           packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2));
+      }
+    }
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    enc.set_input_array(q);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), heads = std::move(heads), p = p_, rep, l, d,
+                  qrows = std::move(qrows), qlast, bh = b * hkv]() {
+      // Multiply-adds of the chunk: each query row against about len - L/2 tokens.
+      const int64_t work = int64_t(bh) * rep * l * (p.len - l / 2) * d;
+      attend_causal(qd, qrows, qlast, bh, rep, l, d, heads, p, o, work >= kParallelBytes);
+    });
+  }
+
   AttnParams p_;
 };
 
@@ -896,7 +1000,7 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
                                                       const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
                                                       const mlx_array vs_, const mlx_array vb_, int len, int k_group,
                                                       int k_bits, int v_group, int v_bits, bool k_per_channel,
-                                                      const mlx_array tail_k_, const mlx_array tail_v_,
+                                                      const mlx_array tail_k_, const mlx_array tail_v_, bool causal,
                                                       const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit decode attention";
@@ -951,6 +1055,13 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
       if (tail > 0) inputs.push_back(tk), inputs.push_back(tv);
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
+    if (causal) {
+      require(!k_per_channel && tail == 0,
+              std::string(what) + ": a causal (prefill) call reads per-token keys and no float tail");
+      require(q.shape(2) <= len, std::string(what) + ": a causal chunk of " + std::to_string(q.shape(2)) +
+                                     " queries needs its own tokens in the cache (len " + std::to_string(len) + ")");
+      p.causal = true;
+    }
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeAttention>(st, p), std::move(inputs));
     mlx_array_set_(*res, out);
   });

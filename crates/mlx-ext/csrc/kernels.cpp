@@ -312,6 +312,23 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   weighted_values(s, rows, d, v, t0, n, out, wt);
 }
 
+void attend_block_causal(const float* qp, const float* qsum, int rows, int rep, int d, const PackedRows& k,
+                         const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l,
+                         float* out, float* scratch) {
+  const int n = int(t1 - t0);
+  float* s = scratch;
+  float* wt = scratch + rows * int64_t(n);
+  // Masked scores are computed and then dropped: the block is the tile's own diagonal, a small
+  // share of the keys a tile reads, and keeping dot_rows whole keeps it one loop.
+  dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t seen = first_pos + r / rep + 1 - t0;  // tokens of the block row r sees
+    for (int64_t t = std::max<int64_t>(seen, 0); t < n; ++t) s[int64_t(r) * n + t] = -INFINITY;
+  }
+  softmax_rows(s, rows, n, m, l);
+  weighted_values(s, rows, d, v, t0, n, out, wt);
+}
+
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
                            int64_t t1, float* m, float* l, float* out, float* scratch) {
   const int n = int(t1 - t0);

@@ -79,6 +79,8 @@ int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q, const 
  * with scales/biases [B, Hkv, D, cap/group], groups of `k_group` tokens, `len` a multiple of it.
  * `tail_k`/`tail_v` (float32 [B, Hkv, n, D], any strides but the last; ctx NULL for none) are
  * float tokens every query also sees, after the packed ones.
+ * `causal` (per-token keys, no tail, L <= len): a prefill chunk whose own tokens are the last
+ * L of the `len`; query i sees tokens 0..=len - L + i.
  * Returns [B, Hq, L, D] float32. Bits 2, 3, 4, 6 or 8 for each of K and V. */
 int kvsplit_cpu_quantized_decode_attention(
     mlx_array* res,
@@ -97,6 +99,7 @@ int kvsplit_cpu_quantized_decode_attention(
     bool k_per_channel,
     const mlx_array tail_k,
     const mlx_array tail_v,
+    bool causal,
     const mlx_stream s);
 
 /* Decode attention of S sequences (q [S, Hq, 1, D] float32, scaled) over a block pool: packed

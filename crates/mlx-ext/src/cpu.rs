@@ -134,6 +134,19 @@ pub enum KeyAxis {
 /// [`decode_attention`] with keys in either layout, and float tokens (`tail`: K and V
 /// `[B, Hkv, n, D]`) that every query also sees, folded into the same softmax.
 pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>) -> Result<Array> {
+    attention_call(q, k, v, len, keys, tail, false)
+}
+
+/// Causal attention of a prefill chunk `q` (`[B, Hq, L, D]`, already multiplied by the softmax
+/// scale) whose own tokens are the last `L` of the first `len` in the packed per-token buffers:
+/// query `i` sees tokens `0..=len - L + i`. Query tiles share each block of codes they read, so
+/// the window is streamed once per tile, never widened beyond a block. Returns `[B, Hq, L, D]`
+/// f32.
+pub fn prefill_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Result<Array> {
+    attention_call(q, k, v, len, KeyAxis::Tokens, None, true)
+}
+
+fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, causal: bool) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
     let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
     let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
@@ -155,6 +168,7 @@ pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, 
             keys == KeyAxis::Channels,
             tk,
             tv,
+            causal,
             s,
         )
     })

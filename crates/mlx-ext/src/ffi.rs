@@ -63,6 +63,7 @@ extern "C" {
         k_per_channel: bool,
         tail_k: mlx_array,
         tail_v: mlx_array,
+        causal: bool,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_paged_decode_attention(

@@ -103,6 +103,10 @@ pub struct EngineOptions {
     /// CPU ops (`off`: MLX ops only)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub cpu_kernels: Toggle,
+    /// CPU: prefill chunks over a packed per-token cache attend in our causal primitive (`off`:
+    /// the block path of MLX ops and BLAS)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub cpu_prefill: Toggle,
     /// CPU: threads of our primitives' pool (0: one per core)
     #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = 0))]
     pub cpu_threads: usize,
@@ -122,8 +126,9 @@ pub struct EngineOptions {
 }
 
 /// Options added after result rows began recording them, with the behaviour rows from before
-/// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now.
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off")];
+/// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now; prefill
+/// chunks took the block path before `cpu-prefill` existed.
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
@@ -134,6 +139,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     cpu_kernels: Toggle::On,
+    cpu_prefill: Toggle::On,
     cpu_threads: 0,
     cpu_build: CpuBuild::Auto,
     cpu_matvec_rows: DEFAULT_MATVEC_ROWS,
@@ -153,7 +159,7 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
@@ -161,6 +167,7 @@ impl EngineOptions {
             self.gpu_fused_mma.name(),
             self.gpu_fused_blocks,
             self.cpu_kernels.name(),
+            self.cpu_prefill.name(),
             self.cpu_threads,
             match self.cpu_build {
                 CpuBuild::Auto => "auto",
@@ -238,7 +245,7 @@ mod tests {
         let a = EngineOptions::default();
         let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
         let (da, db) = (a.describe(), b.describe());
-        assert_eq!(da.split_whitespace().count(), 12, "{da}");
+        assert_eq!(da.split_whitespace().count(), 13, "{da}");
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);
         assert_eq!(EngineOptions::differences("a=1", "a=1 b=2"), vec!["b: (absent) vs 2".to_string()]);

@@ -190,6 +190,91 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
     }
 }
 
+/// The causal prefill primitive: query i of a chunk of L sees tokens 0..=len - L + i, tiles of
+/// 16 query tokens cut the chunk (L not a multiple of 16 included), and rows from the depth
+/// before the chunk cross several 256-token key blocks. Same bound as decode: f32 sums and the
+/// polynomial exp over the same dequantized values, plus the merge of a tile's blocks.
+#[test]
+fn prefill_attention_is_causal_and_matches_float64() {
+    let base = seed();
+    // (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales)
+    let cases = [
+        (9, 3, 64, 64, 600, 640, (8u8, 64usize), (4u8, 64usize), true),
+        (4, 2, 37, 128, 37, 48, (8, 64), (4, 32), false),
+        (8, 8, 5, 64, 300, 320, (4, 32), (2, 64), true),
+        (6, 1, 20, 128, 1030, 1040, (2, 64), (8, 128), false),
+        (4, 1, 17, 256, 100, 128, (8, 128), (3, 64), true),
+        (9, 3, 1, 64, 50, 64, (6, 64), (6, 32), false),
+    ];
+    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, l, d], s);
+        let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
+        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let got = mlx_ext::cpu::prefill_attention(
+            &qs,
+            PackedOperand { full: &kp, bits: kb, group: kg }.as_ref(),
+            PackedOperand { full: &vp, bits: vb, group: vg }.as_ref(),
+            len,
+        )
+        .unwrap();
+        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
+        let got = to_vec(&got);
+        let want = reference_attention(&q, &kd, &vd, scale, &|qpos, t| t <= qpos);
+        let err = max_abs_diff(&got, &want);
+        let bound = 2e-5 * vd.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, l {l}, len {len}): max error {err} > {bound}");
+    }
+    // The block path (MLX ops and BLAS) computes the same causal attention, for a 512-token
+    // chunk at depth 0 with a strided query and outlier channels (both f32 over the same codes).
+    {
+        use mlx_kv::attention::{Mask, Segment, Tensor};
+        use mlx_kv::store::TokenAxis;
+        let (hq, hkv, l, d, len, cap) = (9, 3, 512, 64, 512, 520);
+        // Outlier channels, as real keys have, make some rows' softmax peaked.
+        let spiky = |mut h: Host, k: f32| {
+            for (i, x) in h.data.iter_mut().enumerate() {
+                if i % 64 == 3 {
+                    *x *= k;
+                }
+            }
+            h
+        };
+        // Laid out [B, L, Hq, D] and viewed as [B, Hq, L, D], as the model hands it over.
+        let q = spiky(Host::random([1, l, hq, d], base + 7), 8.0).array().swap_axes(1, 2).unwrap();
+        let (kp, _) = poisoned_cache(&spiky(Host::random([1, hkv, len, d], base + 8), 8.0), cap, 64, 8, true);
+        let (vp, _) = poisoned_cache(&spiky(Host::random([1, hkv, len, d], base + 9), 8.0), cap, 64, 4, true);
+        let slice = |p: &Packed| Packed { w: p.w.index((.., .., ..len as i32, ..)), scales: p.scales.index((.., .., ..len as i32, ..)), biases: p.biases.index((.., .., ..len as i32, ..)) };
+        let clone = |p: &Packed| Packed { w: p.w.clone(), scales: p.scales.clone(), biases: p.biases.clone() };
+        let seg = Segment {
+            k: Tensor::Quant { p: slice(&kp), bits: 8, group: 64, axis: TokenAxis::Rows, full: Some((clone(&kp), cap)) },
+            v: Tensor::Quant { p: slice(&vp), bits: 4, group: 64, axis: TokenAxis::Rows, full: Some((clone(&vp), cap)) },
+            len,
+        };
+        let scale = 0.125;
+        let blocks = to_vec(&mlx_kv::attention::cpu::blocks(&q, std::slice::from_ref(&seg), &Mask::Causal, scale, None).unwrap());
+        let ours = mlx_kv::attention::cpu::primitive_prefill(
+            &q,
+            PackedOperand { full: &kp, bits: 8, group: 64 },
+            PackedOperand { full: &vp, bits: 4, group: 64 },
+            len,
+            scale,
+        )
+        .unwrap();
+        let ours: Vec<f64> = to_vec(&ours).iter().map(|&x| x as f64).collect();
+        let err = max_abs_diff(&blocks, &ours);
+        assert!(err <= 1e-4, "block path and prefill primitive differ by {err}");
+    }
+    // A chunk longer than the tokens written cannot hold its own keys.
+    let q = Array::ones::<f32>(&[1, 2, 8, 64]).unwrap();
+    let (kp, _) = poisoned_cache(&Host::random([1, 2, 4, 64], 1), 16, 64, 8, false);
+    let op = PackedOperand { full: &kp, bits: 8, group: 64 };
+    let err = mlx_ext::cpu::prefill_attention(&q, op.as_ref(), op.as_ref(), 4).unwrap_err().to_string();
+    assert!(err.contains("causal chunk of 8 queries"), "{err}");
+}
+
 /// `poisoned_cache` for per-channel keys, packed as `QuantStore` packs them: each head's K^T
 /// `[D, cap]` quantized along tokens (`[B, H, D, cap*bits/32]`, scales `[B, H, D, cap/group]`).
 /// `len` is a whole number of groups, so the poisoned tokens have groups of their own.

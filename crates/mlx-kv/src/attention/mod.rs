@@ -27,7 +27,7 @@ pub use types::{causal_visible, Mask, PackedOperand, Segment, Tensor};
 use crate::error::Result;
 use crate::Backend;
 use mlx_rs::Array;
-use types::{channel_packed_body, single_packed_body};
+use types::{causal_packed_body, channel_packed_body, single_packed_body};
 
 /// A way of computing attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,8 @@ pub enum Path {
     FusedStep,
     /// Our CPU decode primitive over the packed buffers.
     CpuPrimitive,
+    /// Our CPU causal primitive for a prefill chunk over the packed buffers.
+    CpuPrefill,
     /// Our CPU decode step: quantizes and writes the new token in place, then attends, in one op.
     CpuStep,
     /// Blocks of MLX ops on the CPU (packed codes widened one block at a time).
@@ -62,6 +64,7 @@ impl Path {
             Path::FusedStep => "fused-step",
             Path::CpuPrimitive => "cpu-primitive",
             Path::CpuStep => "cpu-step",
+            Path::CpuPrefill => "cpu-prefill",
             Path::CpuBlocks => "cpu-blocks",
             Path::PagedCpu => "paged-cpu",
             Path::PagedStep => "paged-step",
@@ -114,6 +117,11 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         if types::dense_body(segments, mask, sinks).is_some_and(|(k, _)| cpu::dense_primitive_covers(k, d)) {
             return pick(Path::CpuPrimitive, "one 16-bit dense body, no mask or sinks");
         }
+        if let Some((k, v, len, _)) = causal_packed_body(segments, mask, sinks) {
+            if mlx_ext::options::current().cpu_prefill.on() && cpu::primitive_covers(&k, &v, d) && qs[2] as usize <= len {
+                return pick(Path::CpuPrefill, "a causal chunk over one packed per-token body");
+            }
+        }
         return match body {
             Some((k, v, _, _)) if cpu::primitive_covers(&k, &v, d) => pick(Path::CpuPrimitive, "one packed per-token body, no mask or sinks"),
             Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
@@ -165,6 +173,10 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
                 cpu::primitive_channels(q, &b, scale)
             }
         },
+        Path::CpuPrefill => {
+            let (k, v, len, _) = causal_packed_body(segments, mask, sinks).expect("the CPU prefill primitive needs one packed body");
+            cpu::primitive_prefill(q, k, v, len, scale)
+        }
         Path::FusedGpu => match single_packed_body(segments, mask, sinks) {
             Some((k, v, len, cap)) => fused::attend(q, k, v, len, cap, scale),
             None => {

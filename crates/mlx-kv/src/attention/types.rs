@@ -117,7 +117,23 @@ pub(crate) fn single_packed_body<'a>(
     mask: &Mask,
     sinks: Option<&Array>,
 ) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
-    let ([seg], Mask::None, None) = (segments, mask, sinks) else { return None };
+    let Mask::None = mask else { return None };
+    packed_body(segments, sinks)
+}
+
+/// [`single_packed_body`] for a causal prefill chunk (`Mask::Causal`): the chunk's own tokens
+/// are the body's last ones.
+pub(crate) fn causal_packed_body<'a>(
+    segments: &'a [Segment],
+    mask: &Mask,
+    sinks: Option<&Array>,
+) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
+    let Mask::Causal = mask else { return None };
+    packed_body(segments, sinks)
+}
+
+fn packed_body<'a>(segments: &'a [Segment], sinks: Option<&Array>) -> Option<(PackedOperand<'a>, PackedOperand<'a>, usize, usize)> {
+    let ([seg], None) = (segments, sinks) else { return None };
     let (
         Tensor::Quant { bits: kb, group: kg, axis: TokenAxis::Rows, full: Some((kf, cap)), .. },
         Tensor::Quant { bits: vb, group: vg, full: Some((vf, _)), .. },
