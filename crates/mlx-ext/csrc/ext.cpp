@@ -93,13 +93,12 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
 }
 
-void attend_block_causal(const float* qp, const float* qsum, int rows, int rep, int d, const PackedRows& k,
-                         const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l,
-                         float* out, float* scratch) {
+void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k, const PackedRows& v, int64_t t0,
+                 int64_t t1, int64_t first_pos, float* m, float* l, float* out, float* scratch) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_block_causal(qp, qsum, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_tile(qp, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
 #endif
-  generic::attend_block_causal(qp, qsum, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+  generic::attend_tile(qp, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
 }
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
@@ -499,9 +498,9 @@ int64_t token_block(int64_t t, int bh) {
   return (t + per_head - 1) / per_head;
 }
 
-// Query tokens per work item of a causal prefill: rep * kCausalTile rows share every key block
-// they read (48 rows for SmolLM2's rep 3), and a 512-token chunk gives each of 3 KV heads 32
-// items to spread over the threads.
+// Query tokens per work item of a causal prefill: rep * kCausalTile rows share every block they
+// widen (48 rows for SmolLM2's rep 3), and a 512-token chunk gives each of 3 KV heads 32 items
+// to spread over the threads.
 constexpr int kCausalTile = 16;
 // Tokens per key block of a causal item: a block's scores (rows x 256 f32) stay in L2.
 constexpr int64_t kCausalBlock = 256;
@@ -509,8 +508,8 @@ constexpr int64_t kCausalBlock = 256;
 // Causal prefill over a packed per-token cache: work item = (head, tile of query tokens). The
 // tile's first token at position P0 sees tokens [0, P0] like every later row of the tile, so
 // [0, P0) runs in unmasked blocks and [P0, P1) as one masked block, all merged in the item by
-// their running maxima: no partial results leave the item, and each key block is widened once
-// per four rows of the tile instead of once per query token.
+// their running maxima: no partial results leave the item. Each block is widened to f32 once
+// per tile (1/rows of the multiply-adds) and multiplied in register tiles, no horizontal sums.
 void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int bh, int rep, int l, int d,
                    const std::vector<std::pair<PackedRows, PackedRows>>& heads, const AttnParams& p, float* o,
                    bool parallel) {
@@ -520,18 +519,16 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
     for (int i = 0; i < l; ++i)
       for (int j = 0; j < rep; ++j) tiled[(int64_t(h) * l + i) * rep + j] = qrows[(int64_t(h) * rep + j) * l + i];
   const Queries q = permute_queries(qd, tiled, qlast, bh * rep * l, d, p);
-  const int kng = d / p.k_group;
   const int tiles = (l + kCausalTile - 1) / kCausalTile;
   Pool::get().run(bh * tiles, [&](int item) {
     const int h = item / tiles, i0 = (item % tiles) * kCausalTile, i1 = std::min(l, i0 + kCausalTile);
     const int rows = rep * (i1 - i0);
     const int64_t first = p.len - l + i0, end = p.len - l + i1;
     const float* qp = q.qp.data() + (int64_t(h) * l + i0) * rep * d;
-    const float* qs = q.qsum.data() + (int64_t(h) * l + i0) * rep * kng;
     const PackedRows &k = heads[h].first, &v = heads[h].second;
     thread_local std::vector<float> scratch, state;
     const int64_t most = std::max<int64_t>(kCausalBlock, end - first);
-    scratch.resize(size_t(rows) * (2 * most + d) + 2 * size_t(most));
+    scratch.resize(size_t(tile_scratch(rows, d, most)));
     // Running max, denominator and output of the item, then the block's own.
     state.assign(size_t(rows) * (d + 2) * 2, 0.0f);
     float *m = state.data(), *den = m + rows, *acc = den + rows;
@@ -549,10 +546,10 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
       }
     };
     for (int64_t t0 = 0; t0 < first; t0 += kCausalBlock) {
-      attend_block(qp, qs, rows, d, k, v, t0, std::min(first, t0 + kCausalBlock), bm, bl, bo, scratch.data());
+      attend_tile(qp, rows, rep, d, k, v, t0, std::min(first, t0 + kCausalBlock), -1, bm, bl, bo, scratch.data());
       merge();
     }
-    attend_block_causal(qp, qs, rows, rep, d, k, v, first, end, first, bm, bl, bo, scratch.data());
+    attend_tile(qp, rows, rep, d, k, v, first, end, first, bm, bl, bo, scratch.data());
     merge();
     for (int r = 0; r < rows; ++r) {
       float* ar = acc + int64_t(r) * d;

@@ -312,21 +312,96 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   weighted_values(s, rows, d, v, t0, n, out, wt);
 }
 
-void attend_block_causal(const float* qp, const float* qsum, int rows, int rep, int d, const PackedRows& k,
-                         const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l,
-                         float* out, float* scratch) {
-  const int n = int(t1 - t0);
-  float* s = scratch;
-  float* wt = scratch + rows * int64_t(n);
-  // Masked scores are computed and then dropped: the block is the tile's own diagonal, a small
-  // share of the keys a tile reads, and keeping dot_rows whole keeps it one loop.
-  dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
-  for (int r = 0; r < rows; ++r) {
-    const int64_t seen = first_pos + r / rep + 1 - t0;  // tokens of the block row r sees
-    for (int64_t t = std::max<int64_t>(seen, 0); t < n; ++t) s[int64_t(r) * n + t] = -INFINITY;
+namespace {
+
+// s[r * ld + t] = q_r . kt[:, t] for R rows and 16 (or 8) tokens from t: kt is K^T (d x ld).
+template <int R, int W>
+inline void score_tile(const float* q, int d, const float* kt, int64_t ld, int t, float* s) {
+  F8 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = F8::zero();
+  for (int e = 0; e < d; ++e) {
+    F8 kv[W];
+    for (int w = 0; w < W; ++w) kv[w] = F8::load(kt + e * ld + t + 8 * w);
+    for (int r = 0; r < R; ++r) {
+      const F8 qb = F8::splat(q[r * d + e]);
+      for (int w = 0; w < W; ++w) acc[r][w] = fma(qb, kv[w], acc[r][w]);
+    }
   }
-  softmax_rows(s, rows, n, m, l);
-  weighted_values(s, rows, d, v, t0, n, out, wt);
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w].store(s + r * ld + t + 8 * w);
+}
+
+// out[r * d + e] = sum_t p[r * ld + t] vb[t * d + e] for R rows and 16 (or 8) dims from e.
+template <int R, int W>
+inline void value_tile(const float* p, int64_t ld, int n, const float* vb, int d, int e, float* out) {
+  F8 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = F8::zero();
+  for (int t = 0; t < n; ++t) {
+    F8 vv[W];
+    for (int w = 0; w < W; ++w) vv[w] = F8::load(vb + int64_t(t) * d + e + 8 * w);
+    for (int r = 0; r < R; ++r) {
+      const F8 pb = F8::splat(p[r * ld + t]);
+      for (int w = 0; w < W; ++w) acc[r][w] = fma(pb, vv[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w].store(out + int64_t(r) * d + e + 8 * w);
+}
+
+template <int R>
+void tile_products(const float* qp, int d, const float* kt, int64_t ld, float* s, const float* vb, int n,
+                   float* out, bool scores) {
+  if (scores) {
+    int t = 0;
+    for (; t + 16 <= ld; t += 16) score_tile<R, 2>(qp, d, kt, ld, t, s);
+    if (t < ld) score_tile<R, 1>(qp, d, kt, ld, t, s);
+  } else {
+    int e = 0;
+    for (; e + 16 <= d; e += 16) value_tile<R, 2>(s, ld, n, vb, d, e, out);
+    if (e < d) value_tile<R, 1>(s, ld, n, vb, d, e, out);
+  }
+}
+
+void tile_rows(const float* qp, int rows, int d, const float* kt, int64_t ld, float* s, const float* vb, int n,
+               float* out, bool scores) {
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    const float* q = qp + int64_t(r0) * d;
+    float* sr = s + r0 * ld;
+    float* o = out + int64_t(r0) * d;
+    switch (std::min(4, rows - r0)) {
+      case 1: tile_products<1>(q, d, kt, ld, sr, vb, n, o, scores); break;
+      case 2: tile_products<2>(q, d, kt, ld, sr, vb, n, o, scores); break;
+      case 3: tile_products<3>(q, d, kt, ld, sr, vb, n, o, scores); break;
+      default: tile_products<4>(q, d, kt, ld, sr, vb, n, o, scores); break;
+    }
+  }
+}
+
+}  // namespace
+
+void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k, const PackedRows& v, int64_t t0,
+                 int64_t t1, int64_t first_pos, float* m, float* l, float* out, float* scratch) {
+  const int n = int(t1 - t0);
+  const int64_t ld = (n + 7) / 8 * 8;  // score row stride: whole vectors, padding masked below
+  float* kt = scratch;                 // d x ld: K^T of the block (the keys' permuted order)
+  float* rows_f = kt + int64_t(d) * ld;  // ld x d: widened rows (keys, then values)
+  float* s = rows_f + ld * d;          // rows x ld scores, then probabilities
+  dequantize_rows(k, d, t0, t1, rows_f);
+  for (int t = 0; t < n; ++t)
+    for (int e = 0; e < d; ++e) kt[int64_t(e) * ld + t] = rows_f[int64_t(t) * d + e];
+  for (int e = 0; e < d; ++e)
+    for (int64_t t = n; t < ld; ++t) kt[e * ld + t] = 0.0f;
+  tile_rows(qp, rows, d, kt, ld, s, nullptr, n, out, true);
+  for (int r = 0; r < rows; ++r) {
+    // Row r sees the block up to its own position (causal), and never the padding.
+    int64_t seen = first_pos < 0 ? n : std::min<int64_t>(n, first_pos + r / rep + 1 - t0);
+    for (int64_t t = std::max<int64_t>(seen, 0); t < ld; ++t) s[r * ld + t] = -INFINITY;
+  }
+  softmax_rows(s, rows, int(ld), m, l);
+  dequantize_rows(v, d, t0, t1, rows_f);
+  tile_rows(nullptr, rows, d, nullptr, ld, s, rows_f, n, out, false);
 }
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,

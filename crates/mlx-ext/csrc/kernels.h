@@ -36,6 +36,12 @@ inline int64_t channel_scratch(int rows, int d, int64_t n) {
   return int64_t(rows) * (2 * n + 2 * d) + 2 * n + 2 * d + rows + 64;
 }
 
+// Floats attend_tile needs for `rows` query rows over n tokens of head_dim d.
+inline int64_t tile_scratch(int rows, int d, int64_t n) {
+  const int64_t ld = (n + 7) / 8 * 8;
+  return 2 * int64_t(d) * ld + int64_t(rows) * ld;
+}
+
 // Floats attend_half_block needs for `rows` query rows over n tokens of head_dim d.
 inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) * (n + d) + d; }
 
@@ -52,12 +58,13 @@ inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) *
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
                     float* out, float* scratch);                                              \
-  /* attend_block where query row r (token r / rep of a tile whose first token sits at       */ \
-  /* position first_pos) sees only tokens up to first_pos + r / rep (causal prefill). t0 must */ \
-  /* be at most first_pos, so every row sees at least one token. Same scratch. */              \
-  void attend_block_causal(const float* qp, const float* qsum, int rows, int rep, int d,       \
-                           const PackedRows& k, const PackedRows& v, int64_t t0, int64_t t1,   \
-                           int64_t first_pos, float* m, float* l, float* out, float* scratch); \
+  /* A prefill tile's rows (qp permuted for the keys' bits, no sums) over tokens [t0, t1):   */ \
+  /* the block's keys and values widened to f32 once and multiplied in register tiles; with  */ \
+  /* first_pos >= 0 row r sees tokens up to first_pos + r / rep. out in the values' permuted */ \
+  /* order. scratch: tile_scratch floats. */                                                    \
+  void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k,             \
+                   const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m,   \
+                   float* l, float* out, float* scratch);                                       \
   /* attend_block for per-channel keys: kt's row e is channel e of K^T (groups of kt.group  */ \
   /* tokens along the row; t0, t1 multiples of it), q the query rows in natural order. */     \
   /* scratch: channel_scratch floats. */                                                      \

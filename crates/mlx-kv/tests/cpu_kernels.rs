@@ -192,10 +192,14 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
 
 /// The causal prefill primitive: query i of a chunk of L sees tokens 0..=len - L + i, tiles of
 /// 16 query tokens cut the chunk (L not a multiple of 16 included), and rows from the depth
-/// before the chunk cross several 256-token key blocks. Same bound as decode: f32 sums and the
-/// polynomial exp over the same dequantized values, plus the merge of a tile's blocks.
+/// before the chunk cross several 256-token key blocks; head_dim 64-256 (one not a multiple of
+/// 16 would take the 8-wide tail), blocks not a multiple of 8 tokens (padding masked). Same bound
+/// as decode: f32 sums and the polynomial exp over the same dequantized values, plus the merge
+/// of a tile's blocks. Cases alternate between the AVX2 and the baseline build.
 #[test]
 fn prefill_attention_is_causal_and_matches_float64() {
+    let _options = options_lock();
+    use mlx_ext::{CpuBuild, EngineOptions};
     let base = seed();
     // (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales)
     let cases = [
@@ -213,6 +217,8 @@ fn prefill_attention_is_causal_and_matches_float64() {
         let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
         let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
         let qs = q.array() * Array::from_f32(scale as f32);
+        let build = if i % 2 == 0 { CpuBuild::Auto } else { CpuBuild::Generic };
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
         let got = mlx_ext::cpu::prefill_attention(
             &qs,
             PackedOperand { full: &kp, bits: kb, group: kg }.as_ref(),
@@ -225,8 +231,9 @@ fn prefill_attention_is_causal_and_matches_float64() {
         let want = reference_attention(&q, &kd, &vd, scale, &|qpos, t| t <= qpos);
         let err = max_abs_diff(&got, &want);
         let bound = 2e-5 * vd.max_abs().max(1.0);
-        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, l {l}, len {len}): max error {err} > {bound}");
+        assert!(err <= bound, "case {i} ({build:?}, k{kb}/g{kg} v{vb}/g{vg}, l {l}, len {len}): max error {err} > {bound}");
     }
+    mlx_ext::options::install(EngineOptions::default()).unwrap();
     // The block path (MLX ops and BLAS) computes the same causal attention, for a 512-token
     // chunk at depth 0 with a strided query and outlier channels (both f32 over the same codes).
     {
