@@ -93,12 +93,12 @@ void attend_block(const float* qp, const float* qsum, int rows, int d, const Pac
   generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
 }
 
-void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k, const PackedRows& v, int64_t t0,
-                 int64_t t1, int64_t first_pos, float* m, float* l, float* out, float* scratch) {
+void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src, int64_t t0, int64_t t1,
+                 int64_t first_pos, float* m, float* l, float* out, float* scratch) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_tile(qp, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch);
 #endif
-  generic::attend_tile(qp, rows, rep, d, k, v, t0, t1, first_pos, m, l, out, scratch);
+  generic::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch);
 }
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
@@ -511,8 +511,7 @@ constexpr int64_t kCausalBlock = 256;
 // their running maxima: no partial results leave the item. Each block is widened to f32 once
 // per tile (1/rows of the multiply-adds) and multiplied in register tiles, no horizontal sums.
 void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int bh, int rep, int l, int d,
-                   const std::vector<std::pair<PackedRows, PackedRows>>& heads, const AttnParams& p, float* o,
-                   bool parallel) {
+                   const std::vector<TileSource>& heads, const AttnParams& p, float* o, bool parallel) {
   // Rows in tile order (head, token, query head) so a tile's rows are contiguous.
   std::vector<int64_t> tiled(qrows.size());
   for (int h = 0; h < bh; ++h)
@@ -524,8 +523,9 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
     const int h = item / tiles, i0 = (item % tiles) * kCausalTile, i1 = std::min(l, i0 + kCausalTile);
     const int rows = rep * (i1 - i0);
     const int64_t first = p.len - l + i0, end = p.len - l + i1;
-    const float* qp = q.qp.data() + (int64_t(h) * l + i0) * rep * d;
-    const PackedRows &k = heads[h].first, &v = heads[h].second;
+    // Packed keys read the queries permuted for their bits; f16 rows read them as they are.
+    const float* qp = (p.dense ? q.qn : q.qp).data() + (int64_t(h) * l + i0) * rep * d;
+    const TileSource& src = heads[h];
     thread_local std::vector<float> scratch, state;
     const int64_t most = std::max<int64_t>(kCausalBlock, end - first);
     scratch.resize(size_t(tile_scratch(rows, d, most)));
@@ -546,10 +546,10 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
       }
     };
     for (int64_t t0 = 0; t0 < first; t0 += kCausalBlock) {
-      attend_tile(qp, rows, rep, d, k, v, t0, std::min(first, t0 + kCausalBlock), -1, bm, bl, bo, scratch.data());
+      attend_tile(qp, rows, rep, d, src, t0, std::min(first, t0 + kCausalBlock), -1, bm, bl, bo, scratch.data());
       merge();
     }
-    attend_tile(qp, rows, rep, d, k, v, first, end, first, bm, bl, bo, scratch.data());
+    attend_tile(qp, rows, rep, d, src, first, end, first, bm, bl, bo, scratch.data());
     merge();
     for (int r = 0; r < rows; ++r) {
       float* ar = acc + int64_t(r) * d;
@@ -558,6 +558,24 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
       unpermute(ar, d, p.v_bits, o + ((int64_t(h) * rep + j) * l + i) * d);
     }
   }, parallel);
+}
+
+// Queues attend_causal for `q` (in[0]) over `heads` on the primitive's stream.
+void dispatch_causal(Stream st, const array& q, std::vector<TileSource> heads, int hkv, const AttnParams& p,
+                     array& out) {
+  std::vector<int64_t> qrows = row_offsets(q);
+  const int64_t qlast = q.strides()[3];
+  const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
+  const int rep = hq / hkv;
+  auto& enc = mlx::core::cpu::get_command_encoder(st);
+  enc.set_input_array(q);
+  enc.set_output_array(out);
+  enc.dispatch([qd = q.data<float>(), o = out.data<float>(), heads = std::move(heads), p, rep, l, d,
+                qrows = std::move(qrows), qlast, bh = b * hkv]() {
+    // Multiply-adds of the chunk: each query row against about len - L/2 tokens.
+    const int64_t work = int64_t(bh) * rep * l * (p.len - l / 2) * d;
+    attend_causal(qd, qrows, qlast, bh, rep, l, d, heads, p, o, work >= kParallelBytes);
+  });
 }
 
 class QuantizedDecodeAttention : public CpuPrimitive {
@@ -624,30 +642,20 @@ class QuantizedDecodeAttention : public CpuPrimitive {
 
  private:
   void eval_causal(const std::vector<array>& in, array& out) {
-    const array& q = in[0];
-    std::vector<int64_t> qrows = row_offsets(q);
-    const int64_t qlast = q.strides()[3];
     for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit prefill attention: cache", in[i]);
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
-    const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
-    const int hkv = in[1].shape(1), rep = hq / hkv;
-    std::vector<std::pair<PackedRows, PackedRows>> heads;
+    const int b = in[0].shape(0), hkv = in[1].shape(1);
+    std::vector<TileSource> heads;
     for (int bi = 0; bi < b; ++bi) {
       for (int h = 0; h < hkv; ++h) {
         auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
-        heads.emplace_back(packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2),
-                           packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2));
+        TileSource src;
+        src.k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
+        src.v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
+        heads.push_back(src);
       }
     }
-    auto& enc = mlx::core::cpu::get_command_encoder(stream());
-    enc.set_input_array(q);
-    enc.set_output_array(out);
-    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), heads = std::move(heads), p = p_, rep, l, d,
-                  qrows = std::move(qrows), qlast, bh = b * hkv]() {
-      // Multiply-adds of the chunk: each query row against about len - L/2 tokens.
-      const int64_t work = int64_t(bh) * rep * l * (p.len - l / 2) * d;
-      attend_causal(qd, qrows, qlast, bh, rep, l, d, heads, p, o, work >= kParallelBytes);
-    });
+    dispatch_causal(stream(), in[0], std::move(heads), hkv, p_, out);
   }
 
   AttnParams p_;
@@ -773,6 +781,25 @@ class DenseDecodeAttention : public CpuPrimitive {
     check_last_dense("kvsplit dense decode attention: keys", k);
     check_last_dense("kvsplit dense decode attention: values", v);
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const auto* kh = reinterpret_cast<const uint16_t*>(k.data<mlx::core::float16_t>());
+    const auto* vh = reinterpret_cast<const uint16_t*>(v.data<mlx::core::float16_t>());
+    if (p_.causal) {
+      std::vector<TileSource> heads;
+      for (int bi = 0; bi < q.shape(0); ++bi) {
+        for (int h = 0; h < k.shape(1); ++h) {
+          TileSource src;
+          src.hk = kh + int64_t(bi) * k.strides()[0] + int64_t(h) * k.strides()[1];
+          src.hv = vh + int64_t(bi) * v.strides()[0] + int64_t(h) * v.strides()[1];
+          src.k_stride = k.strides()[2];
+          src.v_stride = v.strides()[2];
+          heads.push_back(src);
+        }
+      }
+      auto& enc = mlx::core::cpu::get_command_encoder(stream());
+      enc.set_input_array(k);
+      enc.set_input_array(v);
+      return dispatch_causal(stream(), q, std::move(heads), k.shape(1), p_, out);
+    }
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
     const int hkv = k.shape(1), rows = hq / hkv * l, bh = b * hkv;
     const int64_t t = p_.len;
@@ -809,7 +836,8 @@ class DenseDecodeAttention : public CpuPrimitive {
   const char* name() const override { return "KvsplitDenseDecodeAttention"; }
 
   bool is_equivalent(const Primitive& other) const override {
-    return p_.len == static_cast<const DenseDecodeAttention&>(other).p_.len;
+    auto& o = static_cast<const DenseDecodeAttention&>(other).p_;
+    return p_.len == o.len && p_.causal == o.causal;
   }
 
  private:
@@ -1108,7 +1136,7 @@ extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array
 }
 
 extern "C" int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array k_,
-                                                  const mlx_array v_, int len, const mlx_stream s_) {
+                                                  const mlx_array v_, int len, bool causal, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit dense decode attention";
     const array &q = mlx_array_get_(q_), &k = mlx_array_get_(k_), &v = mlx_array_get_(v_);
@@ -1124,6 +1152,11 @@ extern "C" int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_arra
             std::string(what) + ": len " + std::to_string(len) + " outside 1.." + std::to_string(k.shape(2)));
     AttnParams p{len, d, 8, d, 8};
     p.dense = true;
+    if (causal) {
+      require(q.shape(2) <= len, std::string(what) + ": a causal chunk of " + std::to_string(q.shape(2)) +
+                                     " queries needs its own tokens in the cache (len " + std::to_string(len) + ")");
+      p.causal = true;
+    }
     array out(q.shape(), mlx::core::float32, std::make_shared<DenseDecodeAttention>(mlx_stream_get_(s_), p), {q, k, v});
     mlx_array_set_(*res, out);
   });

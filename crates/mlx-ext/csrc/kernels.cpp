@@ -381,14 +381,26 @@ void tile_rows(const float* qp, int rows, int d, const float* kt, int64_t ld, fl
 
 }  // namespace
 
-void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k, const PackedRows& v, int64_t t0,
-                 int64_t t1, int64_t first_pos, float* m, float* l, float* out, float* scratch) {
+// Tokens [t0, t1) of one side (keys or values) as f32 rows of d: dequantized (permuted order) or
+// widened from f16 (natural order).
+static void widen_rows(const PackedRows& w, const uint16_t* h, int64_t stride, int d, int64_t t0, int64_t t1,
+                       float* out) {
+  if (h == nullptr) return dequantize_rows(w, d, t0, t1, out);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint16_t* row = h + t * stride;
+    float* o = out + (t - t0) * d;
+    for (int e = 0; e < d; e += 8) F8::load_half(row + e).store(o + e);
+  }
+}
+
+void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src, int64_t t0, int64_t t1,
+                 int64_t first_pos, float* m, float* l, float* out, float* scratch) {
   const int n = int(t1 - t0);
   const int64_t ld = (n + 7) / 8 * 8;  // score row stride: whole vectors, padding masked below
   float* kt = scratch;                 // d x ld: K^T of the block (the keys' permuted order)
   float* rows_f = kt + int64_t(d) * ld;  // ld x d: widened rows (keys, then values)
   float* s = rows_f + ld * d;          // rows x ld scores, then probabilities
-  dequantize_rows(k, d, t0, t1, rows_f);
+  widen_rows(src.k, src.hk, src.k_stride, d, t0, t1, rows_f);
   for (int t = 0; t < n; ++t)
     for (int e = 0; e < d; ++e) kt[int64_t(e) * ld + t] = rows_f[int64_t(t) * d + e];
   for (int e = 0; e < d; ++e)
@@ -400,7 +412,7 @@ void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k,
     for (int64_t t = std::max<int64_t>(seen, 0); t < ld; ++t) s[r * ld + t] = -INFINITY;
   }
   softmax_rows(s, rows, int(ld), m, l);
-  dequantize_rows(v, d, t0, t1, rows_f);
+  widen_rows(src.v, src.hv, src.v_stride, d, t0, t1, rows_f);
   tile_rows(nullptr, rows, d, nullptr, ld, s, rows_f, n, out, false);
 }
 

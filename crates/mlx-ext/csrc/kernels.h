@@ -19,6 +19,15 @@ struct PackedRows {
   int bits;
 };
 
+// One head's keys and values as a prefill tile reads them: packed rows, or (hk and hv set) f16
+// rows at the given strides (a 16-bit dense cache).
+struct TileSource {
+  PackedRows k, v;
+  const uint16_t* hk = nullptr;
+  const uint16_t* hv = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+};
+
 // A packed unit is 8 lanes of codes. Bits 2, 4 and 8 give each lane one byte (8-byte units,
 // 8/bits codes per lane); bits 3 and 6 give each lane one 3-byte pack of MLX's little-endian bit
 // stream (24-byte units, 8 or 4 codes per lane). Phase j of a lane is its j-th code.
@@ -58,13 +67,13 @@ inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) *
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
                     float* out, float* scratch);                                              \
-  /* A prefill tile's rows (qp permuted for the keys' bits, no sums) over tokens [t0, t1):   */ \
-  /* the block's keys and values widened to f32 once and multiplied in register tiles; with  */ \
-  /* first_pos >= 0 row r sees tokens up to first_pos + r / rep. out in the values' permuted */ \
-  /* order. scratch: tile_scratch floats. */                                                    \
-  void attend_tile(const float* qp, int rows, int rep, int d, const PackedRows& k,             \
-                   const PackedRows& v, int64_t t0, int64_t t1, int64_t first_pos, float* m,   \
-                   float* l, float* out, float* scratch);                                       \
+  /* A prefill tile's rows (qp permuted for packed keys' bits, natural for f16 rows) over     */ \
+  /* tokens [t0, t1): the block's keys and values widened to f32 once and multiplied in      */ \
+  /* register tiles; with first_pos >= 0 row r sees tokens up to first_pos + r / rep. out in */ \
+  /* the values' permuted order (natural for f16). scratch: tile_scratch floats. */            \
+  void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src,           \
+                   int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l, float* out,   \
+                   float* scratch);                                                             \
   /* attend_block for per-channel keys: kt's row e is channel e of K^T (groups of kt.group  */ \
   /* tokens along the row; t0, t1 multiples of it), q the query rows in natural order. */     \
   /* scratch: channel_scratch floats. */                                                      \

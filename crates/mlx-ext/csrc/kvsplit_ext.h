@@ -66,9 +66,10 @@ int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const m
 /* Decode attention over a 16-bit dense cache: `q` [B, Hq, L, D] float32 (already multiplied by
  * the softmax scale), `k`/`v` whole float16 cache buffers [B, Hkv, cap, D] (any strides but the
  * last), of which the first `len` tokens are read, each widened once per step (no mask; Hq a
- * multiple of Hkv; D a multiple of 8). Returns [B, Hq, L, D] float32. */
+ * multiple of Hkv; D a multiple of 8). `causal`: a prefill chunk whose own tokens are the last
+ * L of the `len` (query i sees tokens 0..=len - L + i). Returns [B, Hq, L, D] float32. */
 int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q, const mlx_array k, const mlx_array v, int len,
-                                       const mlx_stream s);
+                                       bool causal, const mlx_stream s);
 
 /* Decode attention over a packed per-token cache, never widening it beyond registers.
  * `q` [B, Hq, L, D] float32 (already multiplied by the softmax scale); keys and values are

@@ -118,7 +118,14 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: Pac
 /// `[B, Hq, L, D]` f32.
 pub fn dense_decode_attention(q: &Array, k: &Array, v: &Array, len: usize) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
-    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, s) })
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, false, s) })
+}
+
+/// [`prefill_attention`] over a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`): the
+/// chunk's tokens are the last `L` of the first `len`, query `i` sees tokens `0..=len - L + i`.
+pub fn dense_prefill_attention(q: &Array, k: &Array, v: &Array, len: usize) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, true, s) })
 }
 
 /// How packed keys are laid out.

@@ -45,7 +45,7 @@ extern "C" {
         v_bits: c_int,
         s: mlx_stream,
     ) -> c_int;
-    pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, s: mlx_stream) -> c_int;
+    pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, causal: bool, s: mlx_stream) -> c_int;
     pub fn kvsplit_cpu_quantized_decode_attention(
         res: *mut mlx_array,
         q: mlx_array,

@@ -468,6 +468,13 @@ fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
         let err = max_abs_diff(&to_vec(&got), &want);
         let bound = 2e-5 * vd.max_abs().max(1.0);
         assert!(err <= bound, "case {i} {build:?} (dense f16, d {d}, len {len}): max error {err} > {bound}");
+        // The same cache read by a causal prefill chunk of its last tokens (d 72: the 8-wide tail).
+        let lc = (len / 3).clamp(1, 40);
+        let qc = Host::random([1, hq, lc, d], s + 3);
+        let got = mlx_ext::cpu::dense_prefill_attention(&(qc.array() * Array::from_f32(scale as f32)), &k, &v, len).unwrap();
+        let want = reference_attention(&qc, &kd, &vd, scale, &|qpos, t| t <= qpos);
+        let err = max_abs_diff(&to_vec(&got), &want);
+        assert!(err <= bound, "case {i} {build:?} (dense f16 prefill of {lc}, d {d}, len {len}): max error {err} > {bound}");
     }
     mlx_ext::options::install(EngineOptions::default()).unwrap();
     let k = Array::zeros::<f32>(&[1, 2, 10, 64]).unwrap().as_dtype(Dtype::Float16).unwrap();

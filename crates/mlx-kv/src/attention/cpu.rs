@@ -328,6 +328,14 @@ pub fn primitive_prefill(q: &Array, k: PackedOperand, v: PackedOperand, len: usi
     Ok(mlx_ext::cpu::prefill_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
 }
 
+/// [`primitive_prefill`] over a 16-bit dense body (`k`, `v` `[B, Hkv, T, D]`, the chunk's tokens
+/// the last `L` of `T`).
+pub(crate) fn primitive_dense_prefill(q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+    let len = k.shape()[2] as usize;
+    Ok(mlx_ext::cpu::dense_prefill_attention(&qs, k, v, len)?.as_dtype(q.dtype())?)
+}
+
 /// Whether our CPU primitive reads a dense body: 16-bit float (what a dense cache stores on the
 /// CPU), head_dim a multiple of 8.
 pub(crate) fn dense_primitive_covers(k: &Array, head_dim: usize) -> bool {

@@ -42,7 +42,7 @@ pub enum Path {
     FusedStep,
     /// Our CPU decode primitive over the packed buffers.
     CpuPrimitive,
-    /// Our CPU causal primitive for a prefill chunk over the packed buffers.
+    /// Our CPU causal primitive for a prefill chunk over the packed buffers or a 16-bit dense body.
     CpuPrefill,
     /// Our CPU decode step: quantizes and writes the new token in place, then attends, in one op.
     CpuStep,
@@ -117,9 +117,15 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         if types::dense_body(segments, mask, sinks).is_some_and(|(k, _)| cpu::dense_primitive_covers(k, d)) {
             return pick(Path::CpuPrimitive, "one 16-bit dense body, no mask or sinks");
         }
+        let prefill = mlx_ext::options::current().cpu_prefill.on();
         if let Some((k, v, len, _)) = causal_packed_body(segments, mask, sinks) {
-            if mlx_ext::options::current().cpu_prefill.on() && cpu::primitive_covers(&k, &v, d) && qs[2] as usize <= len {
+            if prefill && cpu::primitive_covers(&k, &v, d) && qs[2] as usize <= len {
                 return pick(Path::CpuPrefill, "a causal chunk over one packed per-token body");
+            }
+        }
+        if let Some((k, _)) = types::causal_dense_body(segments, mask, sinks) {
+            if prefill && cpu::dense_primitive_covers(k, d) && qs[2] <= k.shape()[2] {
+                return pick(Path::CpuPrefill, "a causal chunk over one 16-bit dense body");
             }
         }
         return match body {
@@ -173,10 +179,11 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
                 cpu::primitive_channels(q, &b, scale)
             }
         },
-        Path::CpuPrefill => {
-            let (k, v, len, _) = causal_packed_body(segments, mask, sinks).expect("the CPU prefill primitive needs one packed body");
-            cpu::primitive_prefill(q, k, v, len, scale)
-        }
+        Path::CpuPrefill => match (causal_packed_body(segments, mask, sinks), types::causal_dense_body(segments, mask, sinks)) {
+            (Some((k, v, len, _)), _) => cpu::primitive_prefill(q, k, v, len, scale),
+            (None, Some((k, v))) => cpu::primitive_dense_prefill(q, k, v, scale),
+            (None, None) => unreachable!("the CPU prefill primitive is chosen for one packed or dense body"),
+        },
         Path::FusedGpu => match single_packed_body(segments, mask, sinks) {
             Some((k, v, len, cap)) => fused::attend(q, k, v, len, cap, scale),
             None => {

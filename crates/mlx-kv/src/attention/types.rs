@@ -169,6 +169,14 @@ pub(crate) fn dense_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option
     }
 }
 
+/// [`dense_body`] for a causal prefill chunk (`Mask::Causal`).
+pub(crate) fn causal_dense_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<(&'a Array, &'a Array)> {
+    match (segments, mask, sinks) {
+        ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], Mask::Causal, None) => Some((k, v)),
+        _ => None,
+    }
+}
+
 pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<ChannelBody<'a>> {
     let (Mask::None, None) = (mask, sinks) else { return None };
     let (seg, tail) = match segments {
