@@ -152,12 +152,39 @@ fn poisoned_cache(h: &Host, cap: usize, group: usize, bits: u8, f16: bool) -> (P
     (Packed { w, scales: s, biases: bi }, deq)
 }
 
+/// One random case: (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales).
+type Case = (usize, usize, usize, usize, usize, usize, (u8, usize), (u8, usize), bool);
+
+/// Runs `attend` (scaled queries, packed keys and values, len) on each case's random cache
+/// (tokens past `len` poisoned) and checks it against float64 attention over the dequantized
+/// values, all queries seeing every token or (`causal`) the chunk's own causal prefix. Bound:
+/// f32 sums and the polynomial exp over the same values. `before(i)` runs ahead of case i.
+fn check_cases(cases: &[Case], base: u64, causal: bool, mut before: impl FnMut(usize), attend: impl Fn(&Array, PackedOperand, PackedOperand, usize) -> Array) {
+    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
+        before(i);
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, l, d], s);
+        let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
+        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let got = attend(&qs, PackedOperand { full: &kp, bits: kb, group: kg }, PackedOperand { full: &vp, bits: vb, group: vg }, len);
+        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
+        let want = if causal {
+            reference_attention(&q, &kd, &vd, scale, &|qpos, t| t <= qpos)
+        } else {
+            reference_attention(&q, &kd, &vd, scale, &|_, _| true)
+        };
+        let err = max_abs_diff(&to_vec(&got), &want);
+        let bound = 2e-5 * vd.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, l {l}, len {len}, causal {causal}): max error {err} > {bound}");
+    }
+}
+
 #[test]
 fn decode_attention_matches_float64_over_the_dequantized_cache() {
-    let base = seed();
-    // (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales)
-    let cases = [
-        (9, 3, 1, 64, 4096, 4200, (8u8, 64usize), (4u8, 64usize), true),
+    let cases: [Case; 9] = [
+        (9, 3, 1, 64, 4096, 4200, (8, 64), (4, 64), true),
         (4, 2, 1, 128, 777, 800, (8, 64), (4, 32), false),
         (8, 8, 1, 64, 33, 40, (4, 32), (2, 64), true),
         (6, 1, 2, 128, 300, 300, (2, 64), (8, 128), false),
@@ -167,72 +194,32 @@ fn decode_attention_matches_float64_over_the_dequantized_cache() {
         (4, 1, 1, 256, 300, 320, (8, 128), (3, 64), true),
         (2, 2, 1, 64, 70, 80, (3, 64), (6, 64), false),
     ];
-    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
-        let s = base + 100 * i as u64;
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = Host::random([1, hq, l, d], s);
-        let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
-        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
-        let qs = q.array() * Array::from_f32(scale as f32);
-        let got = decode_attention(
-            &qs,
-            PackedOperand { full: &kp, bits: kb, group: kg },
-            PackedOperand { full: &vp, bits: vb, group: vg },
-            len,
-        )
-        .unwrap();
-        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
-        let got = to_vec(&got);
-        let want = reference_attention(&q, &kd, &vd, scale, &|_, _| true);
-        let err = max_abs_diff(&got, &want);
-        let bound = 2e-5 * vd.max_abs().max(1.0);
-        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, len {len}): max error {err} > {bound}");
-    }
+    check_cases(&cases, seed(), false, |_| {}, |q, k, v, len| decode_attention(q, k, v, len).unwrap());
 }
 
 /// The causal prefill primitive: query i of a chunk of L sees tokens 0..=len - L + i, tiles of
 /// 16 query tokens cut the chunk (L not a multiple of 16 included), and rows from the depth
-/// before the chunk cross several 256-token key blocks; head_dim 64-256 (one not a multiple of
-/// 16 would take the 8-wide tail), blocks not a multiple of 8 tokens (padding masked). Same bound
-/// as decode: f32 sums and the polynomial exp over the same dequantized values, plus the merge
-/// of a tile's blocks. Cases alternate between the AVX2 and the baseline build.
+/// before the chunk cross several 256-token key blocks; head_dim 64-256, blocks not a multiple
+/// of 8 tokens (padding masked). Same bound as decode, the merge of a tile's blocks included.
+/// Cases alternate between the AVX2 and the baseline build.
 #[test]
 fn prefill_attention_is_causal_and_matches_float64() {
     let _options = options_lock();
     use mlx_ext::{CpuBuild, EngineOptions};
     let base = seed();
-    // (hq, hkv, l, d, len, cap, k bits/group, v bits/group, f16 scales)
-    let cases = [
-        (9, 3, 64, 64, 600, 640, (8u8, 64usize), (4u8, 64usize), true),
+    let cases: [Case; 6] = [
+        (9, 3, 64, 64, 600, 640, (8, 64), (4, 64), true),
         (4, 2, 37, 128, 37, 48, (8, 64), (4, 32), false),
         (8, 8, 5, 64, 300, 320, (4, 32), (2, 64), true),
         (6, 1, 20, 128, 1030, 1040, (2, 64), (8, 128), false),
         (4, 1, 17, 256, 100, 128, (8, 128), (3, 64), true),
         (9, 3, 1, 64, 50, 64, (6, 64), (6, 32), false),
     ];
-    for (i, &(hq, hkv, l, d, len, cap, (kb, kg), (vb, vg), f16)) in cases.iter().enumerate() {
-        let s = base + 100 * i as u64;
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = Host::random([1, hq, l, d], s);
-        let (kp, kd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, f16);
-        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, f16);
-        let qs = q.array() * Array::from_f32(scale as f32);
+    let install = |i: usize| {
         let build = if i % 2 == 0 { CpuBuild::Auto } else { CpuBuild::Generic };
         mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
-        let got = mlx_ext::cpu::prefill_attention(
-            &qs,
-            PackedOperand { full: &kp, bits: kb, group: kg }.as_ref(),
-            PackedOperand { full: &vp, bits: vb, group: vg }.as_ref(),
-            len,
-        )
-        .unwrap();
-        assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
-        let got = to_vec(&got);
-        let want = reference_attention(&q, &kd, &vd, scale, &|qpos, t| t <= qpos);
-        let err = max_abs_diff(&got, &want);
-        let bound = 2e-5 * vd.max_abs().max(1.0);
-        assert!(err <= bound, "case {i} ({build:?}, k{kb}/g{kg} v{vb}/g{vg}, l {l}, len {len}): max error {err} > {bound}");
-    }
+    };
+    check_cases(&cases, base, true, install, |q, k, v, len| mlx_ext::cpu::prefill_attention(q, k.as_ref(), v.as_ref(), len).unwrap());
     mlx_ext::options::install(EngineOptions::default()).unwrap();
     // The block path (MLX ops and BLAS) computes the same causal attention, for a 512-token
     // chunk at depth 0 with a strided query and outlier channels (both f32 over the same codes).
