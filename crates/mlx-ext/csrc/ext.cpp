@@ -505,11 +505,12 @@ constexpr int kCausalTile = 16;
 // Tokens per key block of a causal item: a block's scores (rows x 256 f32) stay in L2.
 constexpr int64_t kCausalBlock = 256;
 
-// Causal prefill over a packed per-token cache: work item = (head, tile of query tokens). The
-// tile's first token at position P0 sees tokens [0, P0] like every later row of the tile, so
-// [0, P0) runs in unmasked blocks and [P0, P1) as one masked block, all merged in the item by
-// their running maxima: no partial results leave the item. Each block is widened to f32 once
-// per tile (1/rows of the multiply-adds) and multiplied in register tiles, no horizontal sums.
+// Causal prefill over a packed per-token or a 16-bit dense cache: work item = (head, tile of
+// query tokens). The tile's first token at position P0 sees tokens [0, P0] like every later row
+// of the tile, so [0, P0) runs in unmasked blocks and [P0, P1) as one masked block, all merged
+// in the item by their running maxima: no partial results leave the item. Each block is widened
+// to f32 once per tile (1/rows of the multiply-adds) and multiplied in register tiles, with no
+// horizontal sums.
 void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t qlast, int bh, int rep, int l, int d,
                    const std::vector<TileSource>& heads, const AttnParams& p, float* o, bool parallel) {
   // Rows in tile order (head, token, query head) so a tile's rows are contiguous.
