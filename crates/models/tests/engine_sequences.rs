@@ -9,9 +9,14 @@ use models::generate::CacheSettings;
 use models::load::load;
 use models::sample::SamplerSettings;
 
-/// Decode through the cache against one full float32 pass: summation order only (~1e-6
-/// relative over 30 layers); the same room the perplexity test's one-pass check uses.
-const LOGPROB_TOL: f32 = 2e-3;
+/// Decode through the cache against one full pass. Both compute in f32, but the dense cache
+/// stores K and V as f16: the two paths sum in different orders (~1e-6 relative), and wherever
+/// that moves a value across an f16 rounding edge the stored element differs by one f16 step
+/// (2^-11 relative), which later layers carry on. Measured largest gaps over 8 tokens (top-5
+/// alternatives): 1.5e-3 to 4.5e-3 across builds (AVX2, baseline), prefill paths (block path,
+/// causal primitive) and three prompts (session 17). A wrong position or normalization moves a
+/// log-probability by more than 0.1.
+const LOGPROB_TOL: f32 = 1e-2;
 
 fn model() -> Engine {
     Engine::from_loaded(load(&test_support::assets::default_model(), Dtype::Float32).unwrap())
