@@ -12,8 +12,12 @@ use models::perplexity::{score_window, score_windows, PplOptions, PplResult, Win
 /// bound only absorbs the rounding of exp(p)·(p - q) summed over the vocabulary.
 const KLD_SAME_TOL: f64 = 1e-6;
 /// Chunked scoring through the cache against a host-side log-softmax of one full pass: both
-/// are float32, so differences are summation order (~1e-6 relative over 30 layers, with room).
-const NLL_ONE_PASS_TOL: f32 = 2e-3;
+/// compute in float32, but the dense cache stores K and V as f16, so where the two summation
+/// orders (~1e-6 relative) put a value on either side of an f16 rounding edge the stored
+/// elements differ by one f16 step (2^-11 relative), carried through later layers. Measured:
+/// 2.2e-3 with the causal prefill primitive (session 17; the same mechanism gives 1.5e-3 to
+/// 4.5e-3 in engine_sequences' logprob check). A wrong target or offset costs more than 0.1.
+const NLL_ONE_PASS_TOL: f32 = 1e-2;
 
 fn model() -> Engine {
     Engine::from_loaded(load(&test_support::assets::default_model(), Dtype::Float32).unwrap())
