@@ -67,10 +67,14 @@ fn capital_of_france_is_paris_with_dense_and_k8v4_caches() {
     let paris = ids(&g, &["ĠParis"])[0] as usize;
     let dense = last_logits(&model, &prompt, &KvSpec::dense(), 512);
     assert_eq!(argmax(&dense), paris, "dense cache: greedy next token is not ' Paris'");
-    // Chunked prefill through the cache must give the same answer as one pass.
+    // Chunked prefill through the cache must give the same answer as one pass. Both read the
+    // same f16-stored keys and values, but where the two summation orders put a value on either
+    // side of an f16 rounding edge the stored elements differ by one f16 step (2^-11 relative),
+    // carried through later layers: 2.0e-3 measured with the causal prefill primitive (session
+    // 17); gemma3.rs bounds the same comparison by 1e-2.
     let chunked = last_logits(&model, &prompt, &KvSpec::dense(), 2);
     let d = dense.iter().zip(&chunked).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(d < 1e-3, "chunked prefill differs from one pass by {d}");
+    assert!(d < 1e-2, "chunked prefill differs from one pass by {d}");
     let k8v4 = last_logits(&model, &prompt, &KvSpec::bits(8, 4), 2);
     assert_eq!(argmax(&k8v4), paris, "k8v4 cache: greedy next token is not ' Paris'");
     // One token at a time takes the CPU decode kernels (quantized matvec for every linear layer,
