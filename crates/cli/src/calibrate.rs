@@ -36,7 +36,7 @@ pub struct CalibrateArgs {
     /// the recipe may spend, or stored bits per element, K and V averaged (`6.5`), or bytes
     /// per token over all layers (`9360B`). Repeat it for one recipe per budget from the same
     /// measurements.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "recipe")]
     pub budget: Vec<String>,
     /// Calibration text (by default its last windows, which `ppl` does not reach: see
     /// --start-token).
@@ -60,6 +60,16 @@ pub struct CalibrateArgs {
     /// tensor's real keys or values (KLD is second order in small errors), 6 runs per layer.
     #[arg(long, value_enum, default_value = "reference")]
     pub probes: Probes,
+    /// First tokens each layer with per-channel keys keeps in float (`--kv-sinks` of those
+    /// layers): the first token's outlier channels would otherwise set the range of its whole
+    /// key group. Probes and recipes use it.
+    #[arg(long, default_value_t = 0)]
+    pub kv_sinks: usize,
+    /// Re-measure this recipe instead of calibrating: its own calibration windows (the text must
+    /// be the one it records), its layers with --kv-sinks set on those with per-channel keys;
+    /// writes it to --out-dir under its own name with the new measurement and this command.
+    #[arg(long, conflicts_with_all = ["budget", "start_token"])]
+    pub recipe: Option<PathBuf>,
 }
 
 /// See [`CalibrateArgs::probes`].
@@ -215,7 +225,7 @@ fn capture(engine: &Engine, windows: &[&[u32]], chunk: usize) -> Result<Vec<(Vec
 }
 
 /// A layer's setting from its key and value candidates.
-fn layer_spec(k: Cand, v: Cand) -> KvSpec {
+fn layer_spec(k: Cand, v: Cand, sinks: usize) -> KvSpec {
     let mut s = KvSpec::bits(k.q.bits, v.q.bits);
     s.k = k.q;
     s.v = v.q;
@@ -225,16 +235,17 @@ fn layer_spec(k: Cand, v: Cand) -> KvSpec {
     }
     if k.channel {
         s.key_layout = KeyLayout::PerChannel;
+        s.sinks = sinks;
     }
     s
 }
 
 /// Settings with one tensor of one layer at `cand` and everything else unquantized.
-fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand) -> CacheSettings {
+fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand, sinks: usize) -> CacheSettings {
     let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false, center: false, channel: false };
     let spec = match part {
-        Part::K => layer_spec(cand, dense),
-        Part::V => layer_spec(dense, cand),
+        Part::K => layer_spec(cand, dense, sinks),
+        Part::V => layer_spec(dense, cand, sinks),
     };
     let mut specs = vec![KvSpec::dense(); n_layers];
     specs[layer] = spec;
@@ -270,6 +281,9 @@ fn score_all(engine: &Engine, windows: &[&[u32]], settings: &CacheSettings, opts
 }
 
 pub fn run(a: CalibrateArgs) -> Result<()> {
+    if let Some(file) = &a.recipe {
+        return remeasure(&a, file);
+    }
     if a.windows == 0 {
         bail!("--windows: must be at least 1");
     }
@@ -328,7 +342,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             let mut measured: Vec<(Cand, f64, f64)> = Vec::new();
             for cand in probed(part) {
                 bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }, if cand.center { " centered" } else if cand.channel { " per-channel" } else { "" }));
-                let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
+                let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand, if model.layer_window(layer).is_none() { a.kv_sinks } else { 0 }), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
                 measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
                 done += 1;
@@ -382,7 +396,12 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             bail!("--budget {text}: even the cheapest candidates (2-bit) exceed it");
         };
         let chosen = |i: usize| items[i][pick[i]].0;
-        let specs: Vec<KvSpec> = (0..n_layers).map(|l| layer_spec(chosen(2 * l), chosen(2 * l + 1))).collect();
+        let specs: Vec<KvSpec> = (0..n_layers)
+            .map(|l| {
+                let s = layer_spec(chosen(2 * l), chosen(2 * l + 1), 0);
+                KvSpec { sinks: sinks_for(engine.model(), l, &s, a.kv_sinks), ..s }
+            })
+            .collect();
         let predicted: f64 = pick.iter().zip(&items).map(|(&j, it)| it[j].1.damage).sum();
         let bits = specs.iter().map(bits_per_element).sum::<f64>() / n_layers as f64;
         println!("budget {text}: {bits:.4} bits per element chosen; summed single-tensor damage {predicted:.6}");
@@ -433,7 +452,11 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             },
             method: format!(
                 "per-tensor damage with only that tensor quantized, candidates 2/3/4/6/8 bits, groups 32/64/128, with and without Hadamard \
-                 rotation, keys below 8 bits also centered or per-channel (groups of 64/128 tokens) ({}); exact multiple-choice knapsack on the summed damage within the budget",
+                 rotation, keys below 8 bits also centered or per-channel (groups of 64/128 tokens{}) ({}); exact multiple-choice knapsack on the summed damage within the budget",
+                match a.kv_sinks {
+                    0 => String::new(),
+                    n => format!(", the first {n} token(s) kept in float"),
+                },
                 match a.probes {
                     Probes::All => "every candidate's KLD measured",
                     Probes::Reference => {
@@ -449,6 +472,90 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
         recipe.save(&out).with_context(|| format!("writing {}", out.display()))?;
         println!("  wrote {}", out.display());
     }
+    Ok(())
+}
+
+/// The sinks layer `i` at `spec` keeps: `sinks` on per-channel key layers without a sliding
+/// window (a window's ring holds whole key groups, which sinks would break), else none.
+fn sinks_for(model: &dyn models::model::LanguageModel, i: usize, spec: &KvSpec, sinks: usize) -> usize {
+    if spec.key_layout == KeyLayout::PerChannel && model.layer_window(i).is_none() { sinks } else { 0 }
+}
+
+/// `calibrate --recipe FILE`: the recipe's layers (sinks set by --kv-sinks on per-channel key
+/// layers) scored again on the windows it records, and written with that measurement. The
+/// knapsack's prediction stays as calibrated.
+fn remeasure(a: &CalibrateArgs, file: &std::path::Path) -> Result<()> {
+    let what = || format!("--recipe {}", file.display());
+    let recipe = Recipe::load(file).with_context(what)?;
+    let c = &recipe.calibration;
+    let (text_bytes, label, _) = a.text.read()?;
+    if sha256_hex(text_bytes.as_bytes()) != c.text_sha256 {
+        bail!("--recipe {}: it was calibrated on {} (sha256 {}), not on {label}", file.display(), c.text, c.text_sha256);
+    }
+    let opts = PplOptions { ctx: c.ctx, chunk: c.chunk, score_all: a.window.score_all, max_windows: None };
+    opts.validate()?;
+    let (loaded, path) = load(&a.model, &[])?;
+    let engine = Engine::from_loaded(loaded);
+    let n_layers = engine.model().n_layers();
+    recipe.overrides_for(&engine.model_id(), n_layers, file).with_context(what)?;
+    let specs: Vec<KvSpec> = recipe
+        .specs()
+        .with_context(what)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| KvSpec { sinks: sinks_for(engine.model(), i, &s, a.kv_sinks), ..s })
+        .collect();
+    let tokens = engine.tokenizer()?.encode_with(&text_bytes, true, false);
+    let end = c.start_token + c.windows * c.ctx;
+    if end > tokens.len() {
+        bail!("--recipe {}: its windows end at token {end}, past the text's {} tokens", file.display(), tokens.len());
+    }
+    let windows: Vec<&[u32]> = (0..c.windows).map(|w| &tokens[c.start_token + w * c.ctx..c.start_token + (w + 1) * c.ctx]).collect();
+    println!("model:   {}", path.display());
+    println!("text:    {label}: windows {}..{end}, as the recipe records", c.start_token);
+    let dense = CacheSettings::default();
+    let base: Vec<WindowScore> = windows.iter().map(|w| score_window(&engine, w, &dense, &opts)).collect::<models::error::Result<_>>()?;
+    let mut dense_r = PplResult::default();
+    for b in &base {
+        dense_r.add(b, Some(b))?;
+    }
+    let settings = CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None };
+    let measured = score_all(&engine, &windows, &settings, &opts, &base)?;
+    let paired = measured.paired(&dense_r).context("the recipe and the reference cover the same tokens")?;
+    println!(
+        "  before: KLD {:.6} ± {:.6}, Δppl {:+.3} %; now: KLD {:.6} ± {:.6}, Δppl {:+.3} ± {:.3} %",
+        recipe.measured.kld_mean,
+        recipe.measured.kld_se,
+        recipe.measured.delta_ppl_pct,
+        measured.kld_mean(),
+        paired.kld_se,
+        paired.delta_ppl_pct,
+        paired.delta_ppl_se_pct
+    );
+    let method = format!(
+        "{}; re-measured by `calibrate --recipe` with the first {} token(s) kept in float on per-channel key layers without a sliding window",
+        recipe.method.split("; re-measured by").next().unwrap_or_default(),
+        a.kv_sinks
+    );
+    let out = a.out_dir.join(file.file_name().context("--recipe names a file")?);
+    let updated = Recipe {
+        layers: specs.iter().map(|s| s.to_string()).collect(),
+        measured: Measured {
+            kld_mean: measured.kld_mean(),
+            kld_se: paired.kld_se,
+            delta_ppl_pct: paired.delta_ppl_pct,
+            delta_ppl_se_pct: paired.delta_ppl_se_pct,
+            ..recipe.measured.clone()
+        },
+        method,
+        // The calibration's own command stays: this one only re-scored its choice.
+        command: format!("{}; then {}", recipe.command.split("; then ").next().unwrap_or_default(), std::env::args().collect::<Vec<_>>().join(" ")),
+        created: crate::results::Env::detect().date,
+        ..recipe
+    };
+    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("--out-dir {}", a.out_dir.display()))?;
+    updated.save(&out).with_context(|| format!("writing {}", out.display()))?;
+    println!("  wrote {}", out.display());
     Ok(())
 }
 

@@ -383,6 +383,9 @@ struct AttnParams {
   // Query token i of L sits at position len - L + i and sees tokens 0..=that (a prefill chunk
   // whose own tokens are already in the cache). Per-token keys, no tail.
   bool causal = false;
+  // Paged per-channel calls: float rows every sequence keeps before its tail (`--kv-sinks`),
+  // not counted in the table's lengths.
+  int lead = 0;
 };
 
 // A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
@@ -888,13 +891,15 @@ class PagedDecodeAttention : public CpuPrimitive {
       const size_t ke = k0.f16 ? 2 : 4, ve = v0.f16 ? 2 : 4;
       for (int si = 0; si < s; ++si) {
         const int64_t len = td[int64_t(si) * width];
-        // Tokens still in the float tail (per-channel keys only), and those in the blocks.
-        const int64_t n_tail = p.k_channels ? len % p.k_group : 0;
-        const int64_t packed = len - n_tail;
+        // Tokens still in the float tail (per-channel keys only), and those in the blocks; the
+        // tail's rows start with the sequence's `lead` sink tokens.
+        const int64_t n_group = p.k_channels ? len % p.k_group : 0;
+        const int64_t n_tail = p.lead + n_group;
+        const int64_t packed = len - n_group;
         // The Rust side builds the table; a bad row (checked again here, as an exception cannot
         // leave a dispatched task) gets no items, so its output rows come out NaN, not garbage.
-        if (len < 1 || (packed + block - 1) / block > width - 1 || n_tail > p.tail) continue;
-        tokens += len;
+        if (len + p.lead < 1 || (packed + block - 1) / block > width - 1 || n_tail > p.tail) continue;
+        tokens += len + p.lead;
         for (int h = 0; h < hkv; ++h) {
           for (int64_t j = 0; j * block < packed; ++j) {
             const int64_t id = td[int64_t(si) * width + 1 + j];
@@ -933,7 +938,7 @@ class PagedDecodeAttention : public CpuPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const PagedDecodeAttention&>(other).p_;
     return p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group && p_.v_bits == o.v_bits &&
-           p_.k_channels == o.k_channels && p_.tail == o.tail;
+           p_.k_channels == o.k_channels && p_.tail == o.tail && p_.lead == o.lead;
   }
 
  private:
@@ -1167,7 +1172,8 @@ extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_arra
                                                   const mlx_array ks_, const mlx_array kb_, const mlx_array vw_,
                                                   const mlx_array vs_, const mlx_array vb_, const mlx_array table_,
                                                   int k_group, int k_bits, int v_group, int v_bits, bool k_per_channel,
-                                                  const mlx_array tail_k_, const mlx_array tail_v_, const mlx_stream s_) {
+                                                  const mlx_array tail_k_, const mlx_array tail_v_, int lead,
+                                                  const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit paged attention";
     const array& q = mlx_array_get_(q_);
@@ -1221,7 +1227,10 @@ extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_arra
       tail = tk.shape(2);
       if (tail > 0) inputs.push_back(tk), inputs.push_back(tv);
     }
+    require(lead >= 0 && lead <= tail, std::string(what) + ": " + std::to_string(lead) +
+                                           " sink rows do not fit a float tail of " + std::to_string(tail));
     AttnParams p{0, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
+    p.lead = lead;
     array out(q.shape(), mlx::core::float32, std::make_shared<PagedDecodeAttention>(st, p), std::move(inputs));
     mlx_array_set_(*res, out);
   });

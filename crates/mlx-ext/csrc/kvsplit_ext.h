@@ -107,7 +107,8 @@ int kvsplit_cpu_quantized_decode_attention(
    K/V [blocks, Hkv, BLOCK, D*bits/32] with f16/f32 scales and biases [blocks, Hkv, BLOCK, D/group],
    and table int32 [S, 1 + max_blocks]: each row a sequence's length, then its block ids.
    k_per_channel: keys [blocks, Hkv, D, BLOCK*bits/32] in groups of k_group tokens, and each
-   sequence's last len % k_group tokens in the float tails tail_k/tail_v [S, Hkv, n, D]. */
+   sequence's last len % k_group tokens in the float tails tail_k/tail_v [S, Hkv, n, D], after
+   `lead` sink tokens every sequence keeps there (not counted in its length). */
 int kvsplit_cpu_paged_decode_attention(
     mlx_array* res,
     const mlx_array q,
@@ -125,6 +126,7 @@ int kvsplit_cpu_paged_decode_attention(
     bool k_per_channel,
     const mlx_array tail_k,
     const mlx_array tail_v,
+    int lead,
     const mlx_stream s);
 
 /* RMSNorm over the last axis: x [..., H] float32 (any strides), optional `weight` [H]

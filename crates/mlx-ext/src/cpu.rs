@@ -185,9 +185,10 @@ fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAx
 /// scale) over a block pool (`[blocks, Hkv, BLOCK, ...]` packed K and V, contiguous) through
 /// `table` (int32 `[S, 1 + max_blocks]`: each sequence's length, then its block ids), as one op.
 /// With [`KeyAxis::Channels`] keys are `[blocks, Hkv, D, BLOCK...]` in whole groups, and each
-/// sequence's last `len % group` tokens come from `tail` (K and V `[S, Hkv, n, D]`, row `s`).
-/// Returns `[S, Hq, 1, D]` f32.
-pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array, keys: KeyAxis, tail: Option<(&Array, &Array)>) -> Result<Array> {
+/// sequence's last `len % group` tokens come from `tail` (K and V `[S, Hkv, n, D]`, row `s`),
+/// after the `lead` sink tokens (`--kv-sinks`) each sequence keeps first in its tail rows and
+/// its table length does not count. Returns `[S, Hq, 1, D]` f32.
+pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array, keys: KeyAxis, tail: Option<(&Array, &Array)>, lead: usize) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
     let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
     let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
@@ -209,6 +210,7 @@ pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Arr
             keys == KeyAxis::Channels,
             tk,
             tv,
+            lead as i32,
             s,
         )
     })

@@ -83,6 +83,7 @@ extern "C" {
         k_per_channel: bool,
         tail_k: mlx_array,
         tail_v: mlx_array,
+        lead: c_int,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_rms_norm(res: *mut mlx_array, x: mlx_array, weight: mlx_array, eps: f32, s: mlx_stream) -> c_int;

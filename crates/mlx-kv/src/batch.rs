@@ -128,11 +128,11 @@ fn step_channels(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Arra
         c.update(&k.index((r.clone(), ..)), &v.index((r, ..)))?;
     }
     let q = group[0].rotate_query(q)?;
-    let lens: Vec<usize> = group.iter().map(|c| c.offset()).collect();
-    let tails: Vec<Option<(Array, Array)>> = group.iter().map(|c| c.float_tail()).collect();
+    let (lens, tails): (Vec<usize>, Vec<Option<(Array, Array)>>) = group.iter().map(|c| c.paged_floats()).collect::<Result<Vec<_>>>()?.into_iter().unzip();
     let out = {
         let stores: Vec<(&PagedStore, &PagedStore)> = group.iter().map(|c| c.paged_channels().expect("grouped as per-channel")).collect();
-        paged_step::attend_channels(&stores, &lens, &tails, &q, scale)?
+        // One block format per group, and its sinks with it; `paged_channels` holds every one in.
+        paged_step::attend_channels(&stores, &lens, &tails, group[0].spec().sinks, &q, scale)?
     };
     for c in group.iter() {
         c.set_path(choice);

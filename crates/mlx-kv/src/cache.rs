@@ -291,13 +291,17 @@ impl KvCache {
         // below a 16-bit one's.
         let per_channel = spec.block_tokens() > 1;
         let tail = || if per_channel { FloatStore::narrowed(16, Dtype::Float16) } else { FloatStore::default() };
+        // Sinks never grow past their count: one buffer of exactly that many tokens (a step of
+        // 256 would make one sink token cost 256 tokens' bytes), kept exactly as written.
+        let sinks = spec.sinks.max(1);
+        let sink = || FloatStore::with_step(sinks);
         Ok(KvCache {
             body_k: Body::new(&spec.k, k_axis),
             body_v: Body::new(&spec.v, TokenAxis::Rows),
             spec,
             opts,
-            sink_k: FloatStore::default(),
-            sink_v: FloatStore::default(),
+            sink_k: sink(),
+            sink_v: sink(),
             body_pos: Vec::new(),
             body_head: 0,
             tail_k: tail(),
@@ -350,8 +354,10 @@ impl KvCache {
     /// For [`crate::batch`]: the pooled K and V stores of a cache with per-channel keys, whose
     /// decode step writes through [`Self::update`] (float tail, whole groups into the blocks)
     /// and attends with [`crate::paged_step::attend_channels`].
+    /// Sink tokens are read from the float rows before the tail ([`Self::paged_floats`]) once
+    /// all of them are in; until then the cache attends on its own.
     pub(crate) fn paged_channels(&self) -> Option<(&PagedStore, &PagedStore)> {
-        if !self.sink_k.is_empty() || self.opts.max_size.is_some() {
+        if self.sink_k.len() != self.spec.sinks || self.opts.max_size.is_some() {
             return None;
         }
         match (&self.body_k, &self.body_v) {
@@ -363,6 +369,18 @@ impl KvCache {
     /// The float tail (K and V `[B, Hkv, n, D]`), if any tokens are in it.
     pub(crate) fn float_tail(&self) -> Option<(Array, Array)> {
         self.tail_k.view().zip(self.tail_v.view())
+    }
+
+    /// For the paged per-channel step: the tokens past the sinks (what the block table counts)
+    /// and the float rows the op reads, the sinks first, then the tail. One or two sink tokens
+    /// and at most a key group of tail make the join cheap.
+    pub(crate) fn paged_floats(&self) -> Result<(usize, Option<(Array, Array)>)> {
+        let past = self.offset - self.sink_k.len();
+        let rows = match (self.sink_k.view().zip(self.sink_v.view()), self.float_tail()) {
+            (Some((sk, sv)), Some((tk, tv))) => Some((concatenate(&[sk, tk], 2)?, concatenate(&[sv, tv], 2)?)),
+            (sink, tail) => sink.or(tail),
+        };
+        Ok((past, rows))
     }
 
     /// A decode query in the stored frame (rotated when keys are).
@@ -635,7 +653,8 @@ impl KvCache {
                 self.update(k, v)?;
                 let q = self.rotate_query(q)?;
                 let (ks, vs) = self.paged_channels().expect("checked above");
-                let out = crate::paged_step::attend_channels(&[(ks, vs)], &[self.offset], &[self.float_tail()], &q, scale)?;
+                let (past, floats) = self.paged_floats()?;
+                let out = crate::paged_step::attend_channels(&[(ks, vs)], &[past], &[floats], self.sink_k.len(), &q, scale)?;
                 self.set_path(choice);
                 return Ok(Some(self.rotate_output(out)?));
             }

@@ -43,7 +43,7 @@ pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: 
             let rows = Array::from_slice(&rows, &[rows.len() as i32]);
             ks.put_rows(&rows, &Packed::quantize(k, ks.group, ks.bits)?)?;
             vs.put_rows(&rows, &Packed::quantize(v, vs.group, vs.bits)?)?;
-            cpu_attend(ks, vs, q, &table, scale, KeyAxis::Tokens, None)
+            cpu_attend(ks, vs, q, &table, scale, KeyAxis::Tokens, None, 0)
         }
         attention::Path::PagedStep => gpu_step(ks, vs, q, k, v, &table, lens.iter().copied().max().unwrap_or(1), scale),
         _ => unreachable!("choose_paged picks a paged path"),
@@ -51,10 +51,11 @@ pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: 
 }
 
 /// Attention of sequences with per-channel keys in one arena whose tokens are all written:
-/// `lens[s]` tokens, whole key groups in the blocks and the rest in `tails[s]` (K and V
-/// `[1, Hkv, n, D]`, `n = lens[s] % group`). `q` `[S, Hq, 1, D]` in the stored frame. CPU only
+/// `lens[s]` tokens past the sinks, whole key groups in the blocks and the rest in `tails[s]`
+/// (K and V `[1, Hkv, n, D]`: the `sinks` sink tokens every sequence of the layer keeps, then
+/// `lens[s] % group` tokens). `q` `[S, Hq, 1, D]` in the stored frame. CPU only
 /// ([`crate::attention::choose_paged`]).
-pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usize], tails: &[Option<(Array, Array)>], q: &Array, scale: f32) -> Result<Array> {
+pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usize], tails: &[Option<(Array, Array)>], sinks: usize, q: &Array, scale: f32) -> Result<Array> {
     let tables: Vec<SharedTable> = stores.iter().map(|(ks, _)| ks.table().clone()).collect();
     for t in &tables {
         // A sequence still inside its first key group has no block yet; the op needs the
@@ -67,7 +68,7 @@ pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usi
         table_array(&refs, lens)
     };
     // One `[S, Hkv, T, D]` array of every sequence's tail, padded to the longest; the kernel
-    // reads the first `len % group` rows of each.
+    // reads the first `sinks + len % group` rows of each.
     let longest = tails.iter().flatten().map(|(k, _)| k.shape()[2]).max().unwrap_or(0);
     let stacked = if longest == 0 {
         None
@@ -88,15 +89,16 @@ pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usi
         Some((concatenate(&ks, 0)?, concatenate(&vs, 0)?))
     };
     let (ks, vs) = stores[0];
-    cpu_attend(ks, vs, q, &table, scale, KeyAxis::Channels, stacked.as_ref().map(|(k, v)| (k, v)))
+    cpu_attend(ks, vs, q, &table, scale, KeyAxis::Channels, stacked.as_ref().map(|(k, v)| (k, v)), sinks)
 }
 
-fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale: f32, keys: KeyAxis, tails: Option<(&Array, &Array)>) -> Result<Array> {
+#[allow(clippy::too_many_arguments)]
+fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale: f32, keys: KeyAxis, tails: Option<(&Array, &Array)>, lead: usize) -> Result<Array> {
     let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
     let kr = mlx_ext::cpu::PackedRef { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
     let vr = mlx_ext::cpu::PackedRef { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
     let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table, keys, tails)?.as_dtype(q.dtype())?)
+    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table, keys, tails, lead)?.as_dtype(q.dtype())?)
 }
 
 #[allow(clippy::too_many_arguments)]

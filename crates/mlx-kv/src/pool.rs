@@ -43,20 +43,23 @@ pub struct LayerFormat {
     /// Keys per channel ([`KeyLayout::PerChannel`]): a block's keys are `[Hkv, D, BLOCK]`
     /// codes, whole groups only; each sequence keeps its unfinished group in float itself.
     pub k_channels: bool,
+    /// First tokens kept in float by each sequence (`--kv-sinks`), per-channel keys only: the
+    /// sequence keeps them beside its unfinished key group, and the blocks start after them.
+    pub sinks: usize,
 }
 
 impl LayerFormat {
     /// The format of `spec`'s caches if they can live in the pool: K and V quantized and
     /// nothing kept beside the body (no residual tail, sinks or delayed start) but, with
-    /// per-channel keys, the unfinished key group, whose groups must tile a block. Other
-    /// settings keep their own growing buffers.
+    /// per-channel keys, the unfinished key group, whose groups must tile a block, and sink
+    /// tokens. Other settings keep their own growing buffers.
     pub fn of(spec: &KvSpec) -> Option<LayerFormat> {
         let k_channels = spec.key_layout == KeyLayout::PerChannel;
         let plain = spec.k.is_quantized()
             && spec.v.is_quantized()
             && (!k_channels || BLOCK.is_multiple_of(spec.k.group))
             && spec.residual == 0
-            && spec.sinks == 0
+            && (spec.sinks == 0 || k_channels)
             && spec.quantized_kv_start == 0;
         plain.then_some(LayerFormat {
             k_bits: spec.k.bits,
@@ -66,6 +69,7 @@ impl LayerFormat {
             rotation: spec.rotation,
             centered: spec.key_layout == KeyLayout::Centered,
             k_channels,
+            sinks: spec.sinks,
         })
     }
 

@@ -44,6 +44,11 @@ impl FloatStore {
         FloatStore { step, store_as: Some(dtype), ..Default::default() }
     }
 
+    /// A store that grows in steps of `step` tokens and keeps tokens as written.
+    pub fn with_step(step: usize) -> Self {
+        FloatStore { step, ..Default::default() }
+    }
+
     fn step(&self) -> usize {
         if self.step == 0 { STEP } else { self.step }
     }

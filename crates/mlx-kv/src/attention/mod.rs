@@ -133,7 +133,7 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
             Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
             None => match channel_packed_body(segments, mask, sinks) {
                 Some(b) if cpu::channel_primitive_covers(&b, d) => {
-                    pick(Path::CpuPrimitive, "one packed per-channel body and its float tail, no mask or sinks")
+                    pick(Path::CpuPrimitive, "one packed per-channel body and its float sinks and tail, no mask")
                 }
                 Some(_) => pick(Path::CpuBlocks, "widths or groups the primitive does not read"),
                 None => pick(Path::CpuBlocks, "float, masked or windowed cache, sinks, or a per-token body with a tail"),
@@ -145,8 +145,8 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
     }
     let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
     let Some((k, v, _, _)) = body else {
-        let Some(b) = channel_packed_body(segments, mask, sinks) else {
-            return pick(Path::MlxQuantized, "several segments, a mask, or learned sinks");
+        let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none()) else {
+            return pick(Path::MlxQuantized, "several segments (sink tokens too), a mask, or learned sinks");
         };
         if let Err(why) = fused_allowed() {
             return pick(Path::MlxQuantized, why);
@@ -262,13 +262,16 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
     let per_token = spec.key_layout != crate::KeyLayout::PerChannel;
     if Backend::current() == Backend::Cpu {
         // Per-channel key groups run along tokens: they must tile the buffers, which grow in
-        // steps of STEP tokens.
+        // steps of STEP tokens. Sink tokens are read beside a per-channel body only.
         let k_len = if per_token { head_dim } else { crate::store::STEP };
         return !mlx_ext::options::current().cpu_kernels.on()
-            || (mlx_ext::cpu::supports(spec.k.bits, spec.k.group, k_len) && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim));
+            || (mlx_ext::cpu::supports(spec.k.bits, spec.k.group, k_len)
+                && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim)
+                && (spec.sinks == 0 || !per_token));
     }
+    // No CUDA kernel reads sink tokens yet.
     fused_allowed().is_err()
-        || if per_token {
+        || spec.sinks == 0 && if per_token {
             fused::covers(spec.k.bits, spec.v.bits, head_dim, 1)
         } else {
             fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)

@@ -146,10 +146,14 @@ fn packed_body<'a>(segments: &'a [Segment], sinks: Option<&Array>) -> Option<(Pa
     Some((k, v, seg.len, *cap))
 }
 
-/// What the CPU primitive reads of a per-channel cache: one quantized body whose keys are stored
-/// per channel (whole token groups), then the float tail of newer tokens that do not fill a
-/// group yet (and any residual), no mask, no learned sinks.
+/// What the CPU primitive reads of a per-channel cache: the float sink tokens (`--kv-sinks`), if
+/// any, then one quantized body whose keys are stored per channel (whole token groups), then the
+/// float tail of newer tokens that do not fill a group yet (and any residual), no mask, no
+/// learned sinks.
 pub(crate) struct ChannelBody<'a> {
+    /// The sink tokens' K and V, `[B, Hkv, n, D]`: kept out of the body because the first
+    /// token's outlier channels would set the range of its whole key group.
+    pub sink: Option<(&'a Array, &'a Array)>,
     pub k: PackedOperand<'a>,
     pub v: PackedOperand<'a>,
     /// Body tokens (a whole number of key groups).
@@ -163,22 +167,31 @@ pub(crate) struct ChannelBody<'a> {
 /// K and V of a cache that is one dense segment (`[B, Hkv, T, D]` as stored), every query
 /// seeing every token.
 pub(crate) fn dense_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<(&'a Array, &'a Array)> {
-    match (segments, mask, sinks) {
-        ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], Mask::None, None) => Some((k, v)),
-        _ => None,
-    }
+    let Mask::None = mask else { return None };
+    one_dense_segment(segments, sinks)
 }
 
 /// [`dense_body`] for a causal prefill chunk (`Mask::Causal`).
 pub(crate) fn causal_dense_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<(&'a Array, &'a Array)> {
-    match (segments, mask, sinks) {
-        ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], Mask::Causal, None) => Some((k, v)),
+    let Mask::Causal = mask else { return None };
+    one_dense_segment(segments, sinks)
+}
+
+fn one_dense_segment<'a>(segments: &'a [Segment], sinks: Option<&Array>) -> Option<(&'a Array, &'a Array)> {
+    match (segments, sinks) {
+        ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], None) => Some((k, v)),
         _ => None,
     }
 }
 
 pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<ChannelBody<'a>> {
     let (Mask::None, None) = (mask, sinks) else { return None };
+    let (sink, segments) = match segments {
+        [Segment { k: Tensor::Float(sk), v: Tensor::Float(sv), .. }, rest @ ..] if matches!(rest.first(), Some(Segment { k: Tensor::Quant { .. }, .. })) => {
+            (Some((sk, sv)), rest)
+        }
+        _ => (None, segments),
+    };
     let (seg, tail) = match segments {
         [seg] => (seg, None),
         [seg, Segment { k: Tensor::Float(tk), v: Tensor::Float(tv), .. }] => (seg, Some((tk, tv))),
@@ -193,5 +206,5 @@ pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sink
     };
     let k = PackedOperand { full: kf, bits: *kb, group: *kg };
     let v = PackedOperand { full: vf, bits: *vb, group: *vg };
-    Some(ChannelBody { k, v, len: seg.len, cap: *cap, tail })
+    Some(ChannelBody { sink, k, v, len: seg.len, cap: *cap, tail })
 }
