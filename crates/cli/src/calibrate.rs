@@ -225,7 +225,7 @@ fn capture(engine: &Engine, windows: &[&[u32]], chunk: usize) -> Result<Vec<(Vec
 }
 
 /// A layer's setting from its key and value candidates.
-fn layer_spec(k: Cand, v: Cand, sinks: usize) -> KvSpec {
+fn layer_spec(k: Cand, v: Cand) -> KvSpec {
     let mut s = KvSpec::bits(k.q.bits, v.q.bits);
     s.k = k.q;
     s.v = v.q;
@@ -235,18 +235,21 @@ fn layer_spec(k: Cand, v: Cand, sinks: usize) -> KvSpec {
     }
     if k.channel {
         s.key_layout = KeyLayout::PerChannel;
-        s.sinks = sinks;
     }
     s
 }
 
-/// Settings with one tensor of one layer at `cand` and everything else unquantized.
-fn probe(n_layers: usize, layer: usize, part: Part, cand: Cand, sinks: usize) -> CacheSettings {
+/// The setting of a layer with one tensor at `cand` and the other unquantized.
+fn probe_spec(part: Part, cand: Cand) -> KvSpec {
     let dense = Cand { q: QuantSpec { bits: 16, group: 64 }, rotate: false, center: false, channel: false };
-    let spec = match part {
-        Part::K => layer_spec(cand, dense, sinks),
-        Part::V => layer_spec(dense, cand, sinks),
-    };
+    match part {
+        Part::K => layer_spec(cand, dense),
+        Part::V => layer_spec(dense, cand),
+    }
+}
+
+/// Settings with layer `layer` at `spec` and every other layer unquantized.
+fn probe(n_layers: usize, layer: usize, spec: KvSpec) -> CacheSettings {
     let mut specs = vec![KvSpec::dense(); n_layers];
     specs[layer] = spec;
     CacheSettings { spec: KvSpec::dense(), layers: LayerOverrides::per_layer(&specs), max_kv_size: None }
@@ -342,7 +345,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             let mut measured: Vec<(Cand, f64, f64)> = Vec::new();
             for cand in probed(part) {
                 bar.set_message(format!("layer {layer} {part:?} {}-bit g{}{}{}", cand.q.bits, cand.q.group, if cand.rotate { " rotated" } else { "" }, if cand.center { " centered" } else if cand.channel { " per-channel" } else { "" }));
-                let r = score_all(&engine, &windows, &probe(n_layers, layer, part, cand, if model.layer_window(layer).is_none() { a.kv_sinks } else { 0 }), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
+                let r = score_all(&engine, &windows, &probe(n_layers, layer, with_sinks(model, layer, probe_spec(part, cand), a.kv_sinks)), &opts, &base).with_context(|| format!("layer {layer} {part:?}"))?;
                 measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
                 done += 1;
@@ -396,12 +399,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
             bail!("--budget {text}: even the cheapest candidates (2-bit) exceed it");
         };
         let chosen = |i: usize| items[i][pick[i]].0;
-        let specs: Vec<KvSpec> = (0..n_layers)
-            .map(|l| {
-                let s = layer_spec(chosen(2 * l), chosen(2 * l + 1), 0);
-                KvSpec { sinks: sinks_for(engine.model(), l, &s, a.kv_sinks), ..s }
-            })
-            .collect();
+        let specs: Vec<KvSpec> = (0..n_layers).map(|l| with_sinks(model, l, layer_spec(chosen(2 * l), chosen(2 * l + 1)), a.kv_sinks)).collect();
         let predicted: f64 = pick.iter().zip(&items).map(|(&j, it)| it[j].1.damage).sum();
         let bits = specs.iter().map(bits_per_element).sum::<f64>() / n_layers as f64;
         println!("budget {text}: {bits:.4} bits per element chosen; summed single-tensor damage {predicted:.6}");
@@ -475,10 +473,11 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The sinks layer `i` at `spec` keeps: `sinks` on per-channel key layers without a sliding
-/// window (a window's ring holds whole key groups, which sinks would break), else none.
-fn sinks_for(model: &dyn models::model::LanguageModel, i: usize, spec: &KvSpec, sinks: usize) -> usize {
-    if spec.key_layout == KeyLayout::PerChannel && model.layer_window(i).is_none() { sinks } else { 0 }
+/// Layer `i` at `spec`, keeping `sinks` sink tokens if its keys are per channel and it has no
+/// sliding window (a window's ring holds whole key groups, which sinks would break), else none.
+fn with_sinks(model: &dyn models::model::LanguageModel, i: usize, spec: KvSpec, sinks: usize) -> KvSpec {
+    let sinks = if spec.key_layout == KeyLayout::PerChannel && model.layer_window(i).is_none() { sinks } else { 0 };
+    KvSpec { sinks, ..spec }
 }
 
 /// `calibrate --recipe FILE`: the recipe's layers (sinks set by --kv-sinks on per-channel key
@@ -503,7 +502,7 @@ fn remeasure(a: &CalibrateArgs, file: &std::path::Path) -> Result<()> {
         .with_context(what)?
         .into_iter()
         .enumerate()
-        .map(|(i, s)| KvSpec { sinks: sinks_for(engine.model(), i, &s, a.kv_sinks), ..s })
+        .map(|(i, s)| with_sinks(engine.model(), i, s, a.kv_sinks))
         .collect();
     let tokens = engine.tokenizer()?.encode_with(&text_bytes, true, false);
     let end = c.start_token + c.windows * c.ctx;

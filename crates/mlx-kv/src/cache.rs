@@ -375,12 +375,9 @@ impl KvCache {
     /// and the float rows the op reads, the sinks first, then the tail. One or two sink tokens
     /// and at most a key group of tail make the join cheap.
     pub(crate) fn paged_floats(&self) -> Result<(usize, Option<(Array, Array)>)> {
-        let past = self.offset - self.sink_k.len();
-        let rows = match (self.sink_k.view().zip(self.sink_v.view()), self.float_tail()) {
-            (Some((sk, sv)), Some((tk, tv))) => Some((concatenate(&[sk, tk], 2)?, concatenate(&[sv, tv], 2)?)),
-            (sink, tail) => sink.or(tail),
-        };
-        Ok((past, rows))
+        let (sink, tail) = (self.sink_k.view().zip(self.sink_v.view()), self.float_tail());
+        let rows = attention::types::join_float_runs(sink.as_ref().map(|(k, v)| (k, v)), tail.as_ref().map(|(k, v)| (k, v)))?;
+        Ok((self.offset - self.sink_k.len(), rows))
     }
 
     /// A decode query in the stored frame (rotated when keys are).

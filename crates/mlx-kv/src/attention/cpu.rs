@@ -16,11 +16,11 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use super::types::{apply_mask, kv_heads, ChannelBody, Mask, PackedOperand, Segment, Tensor};
+use super::types::{apply_mask, join_float_runs, kv_heads, ChannelBody, Mask, PackedOperand, Segment, Tensor};
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::{broadcast_to, concatenate, matmul, maximum, stack};
+use mlx_rs::ops::{broadcast_to, matmul, maximum, stack};
 use mlx_rs::error::Exception;
 use mlx_rs::{Array, Dtype};
 use std::cell::RefCell;
@@ -360,12 +360,7 @@ pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool
 /// Our CPU primitive over a per-channel body and its float tail, in one softmax.
 pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
     let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    // Without a mask the order of tokens does not matter: sinks and tail are one float run.
-    let joined = match (b.sink, b.tail) {
-        (Some((sk, sv)), Some((tk, tv))) => Some((concatenate(&[sk, tk], 2)?, concatenate(&[sv, tv], 2)?)),
-        _ => None,
-    };
-    let floats = joined.as_ref().map(|(k, v)| (k, v)).or(b.sink).or(b.tail);
-    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, mlx_ext::cpu::KeyAxis::Channels, floats)?;
+    let floats = join_float_runs(b.sink, b.tail)?;
+    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, mlx_ext::cpu::KeyAxis::Channels, floats.as_ref().map(|(k, v)| (k, v)))?;
     Ok(out.as_dtype(q.dtype())?)
 }

@@ -6,7 +6,7 @@
 use crate::error::Result;
 use crate::store::{Packed, TokenAxis};
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::select;
+use mlx_rs::ops::{concatenate, select};
 use mlx_rs::Array;
 
 /// Masked logits; finite so that an all-masked block cannot produce NaN in the merge.
@@ -182,6 +182,15 @@ fn one_dense_segment<'a>(segments: &'a [Segment], sinks: Option<&Array>) -> Opti
         ([Segment { k: Tensor::Float(k), v: Tensor::Float(v), .. }], None) => Some((k, v)),
         _ => None,
     }
+}
+
+/// Two runs of float tokens (K and V `[B, Hkv, n, D]` each) as one, `a` first: where no mask
+/// applies, token order does not matter, so sinks and a tail can be read as one run.
+pub(crate) fn join_float_runs(a: Option<(&Array, &Array)>, b: Option<(&Array, &Array)>) -> Result<Option<(Array, Array)>> {
+    Ok(match (a, b) {
+        (Some((ak, av)), Some((bk, bv))) => Some((concatenate(&[ak, bk], 2)?, concatenate(&[av, bv], 2)?)),
+        (one, other) => one.or(other).map(|(k, v)| (k.clone(), v.clone())),
+    })
 }
 
 pub(crate) fn channel_packed_body<'a>(segments: &'a [Segment], mask: &Mask, sinks: Option<&Array>) -> Option<ChannelBody<'a>> {
