@@ -106,8 +106,10 @@ if frame_only:
             params = [f"const {qt}* q", f"const {qt}* knew", f"const {qt}* vnew", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape",
                       "const __half* ks", "const __grid_constant__ Shape ks_shape", "const __half* kb", "const uint32_t* vw",
                       "const __grid_constant__ Shape vw_shape", "const __half* vs", "const __half* vb", f"const {tt}* tk",
-                      "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", "const int32_t* pos", "float* part", f"{qt}* out"]
-            consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000, ROT=3, OT=qt, TT=tt, KT=qt)
+                      "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", f"const {qt}* sk", f"const {qt}* sv",
+                      "const int32_t* pos", "float* part", f"{qt}* out"]
+            # One sink token, as the shipped recipes keep on per-channel layers.
+            consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000, ROT=3, NS=1, OT=qt, TT=tt, KT=qt, ST=qt)
             ok &= compile_one(f"channels step fold D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_channels_fold", channels, params, consts, 0, 1, extra="#define KV_CSTEP 1\n"))
     sys.exit(0 if ok else 1)
 if channels_only:
@@ -122,9 +124,10 @@ if channels_only:
                 params = [f"const {qt}* q", "const uint32_t* kw", "const __grid_constant__ Shape kw_shape", "const __half* ks",
                           "const __grid_constant__ Shape ks_shape", "const __half* kb", "const uint32_t* vw",
                           "const __grid_constant__ Shape vw_shape", "const __half* vs", "const __half* vb", f"const {tt}* tk",
-                          "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", "const int32_t* meta",
-                          "float* out_o", "float* out_m", "float* out_l"]
-                consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000)
+                          "const __grid_constant__ Shape tk_shape", f"const {tt}* tv", f"const {qt}* sk", f"const {qt}* sv",
+                          "const int32_t* meta", "float* out_o", "float* out_m", "float* out_l"]
+                # Sinks: none for a tail in f32, one token otherwise (both branches compile).
+                consts = dict(D=d, BK=bk, BV=bv, GK=128, GV=gv, REP=rep, WARPS=4, VD=vd, SCALE_BITS=0x3f800000, NS=0 if tt == "float" else 1)
                 ok &= compile_one(f"channels q={qt} tail={tt} D={d} k{bk}v{bv} rep={rep} VD={vd}", program("kvsplit_channels", channels, params, consts))
     sys.exit(0 if ok else 1)
 # bf16 queries only with --paged (fused_check's paged case uses them; same code as f16 elsewhere).

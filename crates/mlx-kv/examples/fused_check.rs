@@ -415,7 +415,8 @@ fn frame_step_correctness(seed: u64, quick: bool) -> bool {
 /// step runs with an empty tail) or leave a long tail, and cover the recipes' shapes: SmolLM2
 /// (D 64, 3 rows), Llama-3.1-8B (D 128, 4 rows), Gemma-3 (D 256, 4 rows, value groups of 128),
 /// with keys rotated in one and keys and values in another (the fused step rotates inside its
-/// launch, elsewhere MLX ops rotate around the kernel).
+/// launch, elsewhere MLX ops rotate around the kernel), and with float sink tokens before the
+/// body (`--kv-sinks`, read by one warp of the first split).
 ///
 /// With `step` the cache hands each token that fits its tail to the fused per-channel step
 /// (`fused::step_channels`, path fused-step: the kernel writes the token into the tail buffers
@@ -433,15 +434,26 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
     // and 4098 reach a group edge in their first step (the tail fills, is quantized, and that
     // step attends with an empty tail), then start a new tail; 1000 keeps a tail of 104.
     // Rotation: 0 none, 1 keys, 3 keys and values (the fused step rotates inside its one
-    // launch; elsewhere matmul ops around the kernel).
-    let cases = [(3, 3, 64, 64, 64, 770, 0u8), (8, 4, 128, 128, 64, 1000, 0), (1, 4, 256, 64, 128, 1154, 1), (2, 1, 64, 128, 64, 4098, 0), (3, 3, 64, 128, 64, 1000, 3)];
-    for &(hkv, rep, d, gk, gv, t, rot_mode) in &cases {
+    // launch; elsewhere matmul ops around the kernel). Sink tokens (last field, `--kv-sinks`)
+    // as the shipped recipes keep them: one on SmolLM2's and Gemma's shapes, and 5 once.
+    let cases = [
+        (3, 3, 64, 64, 64, 770, 0u8, 0usize),
+        (8, 4, 128, 128, 64, 1000, 0, 0),
+        (1, 4, 256, 64, 128, 1154, 1, 0),
+        (2, 1, 64, 128, 64, 4098, 0, 0),
+        (3, 3, 64, 128, 64, 1000, 3, 0),
+        (3, 3, 64, 128, 64, 1001, 3, 1),
+        (1, 4, 256, 64, 128, 1155, 1, 1),
+        (8, 4, 128, 128, 64, 1003, 0, 5),
+    ];
+    for &(hkv, rep, d, gk, gv, t, rot_mode, sinks) in &cases {
         let rotated = rot_mode & 1 != 0;
         for &(kb, vb) in &pairs {
             let mut spec = KvSpec::bits(kb, vb);
             spec.key_layout = mlx_kv::KeyLayout::PerChannel;
             spec.k.group = gk;
             spec.v.group = gv;
+            spec.sinks = sinks;
             spec.rotation = match rot_mode {
                 0 => mlx_kv::Rotation::None,
                 1 => mlx_kv::Rotation::Keys,
@@ -477,14 +489,15 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 // key group (t - 2 + i tokens a multiple of gk) or must grow the tail buffer
                 // (16-token steps: the tail holding a nonzero multiple of 16 before the token; an
                 // emptied tail keeps its buffer).
-                let tail_before = (n - 1) % gk as usize;
+                let tail_before = (n - 1 - sinks) % gk as usize;
                 let room = tail_before == 0 || tail_before % 16 != 0;
                 let want_path = if step && tail_before + 1 < gk as usize && room { "fused-step" } else { "fused-gpu" };
                 pass &= err < bound(kb, vb, rep, d, &vd) && path == want_path && cache.len() == n;
             }
             ok &= pass;
             let rot = ["", "-rotk", "", "-rotkv"][rot_mode as usize];
-            println!("  hkv={hkv} rep={rep} d={d} g{gk},{gv} t={}..{t} k{kb}v{vb}-pc{rot}: out {worst:.2e}  paths {paths:?}  {}", t - 2, if pass { "pass" } else { "FAIL" });
+            let sk = if sinks > 0 { format!("-s{sinks}") } else { String::new() };
+            println!("  hkv={hkv} rep={rep} d={d} g{gk},{gv} t={}..{t} k{kb}v{vb}-pc{rot}{sk}: out {worst:.2e}  paths {paths:?}  {}", t - 2, if pass { "pass" } else { "FAIL" });
         }
     }
     ok

@@ -850,9 +850,9 @@ impl KvCache {
         let direct = ks[2] == 1
             && qs[2] == 1
             && block > 1
-            && spec.sinks == 0
+            && spec.sinks <= 32
             && self.opts.max_size.is_none()
-            && self.sink_k.is_empty()
+            && self.sink_k.len() == spec.sinks
             && !self.body_pos.is_empty()
             && self.tail_k.len() + 1 < spec.residual + block
             && self.body_pos.len().is_multiple_of(block);
@@ -890,12 +890,14 @@ impl KvCache {
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         let (tk, tv) = (tk.clone(), tv.clone());
+        let sinks = self.sink_k.view().zip(self.sink_v.view());
+        let sinks = sinks.as_ref().map(|(k, v)| (k, v));
         let out = if inside {
             let rot = r.keys() as u8 | (r.values() as u8) << 1;
-            attention::fused::step_channels(q, k, v, kop, vop, &tk, &tv, &pos, t, scale, rot)?
+            attention::fused::step_channels(q, k, v, kop, vop, (&tk, &tv), sinks, &pos, t, scale, rot)?
         } else {
             let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
-            let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, &tk, &tv, &pos, t, scale, 0)?;
+            let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, (&tk, &tv), sinks, &pos, t, scale, 0)?;
             self.rotate_output(out)?
         };
         self.tail_k.wrote_one();

@@ -32,8 +32,8 @@
 //! table, each sequence's length read from that table on the GPU.
 //!
 //! [`attend_channels`] reads per-channel keys (codes along tokens, one scale per channel and
-//! group of tokens) and the float tail of tokens that do not fill a key group yet, in one
-//! softmax (`kernels/decode_channels.cu`, then the same merge). [`step_channels`] is its decode
+//! group of tokens), the float sink tokens kept out of the body (`--kv-sinks`), and the float
+//! tail of tokens that do not fill a key group yet, in one softmax (`kernels/decode_channels.cu`, then the same merge). [`step_channels`] is its decode
 //! step: the same kernel (`KV_CSTEP`) writes the new token's K and V into the cache's float
 //! tail buffers in place (read whole, so MLX makes no contiguity copy), can apply the layer's
 //! Hadamard rotations itself (query and new token in, output out in the fold), and merges in
@@ -198,21 +198,24 @@ const CHANNELS_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_partial",
     defines: "",
     body: CHANNELS,
-    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "meta"],
+    inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "sk", "sv", "meta"],
     outputs: &["out_o", "out_m", "out_l"],
 };
+/// The per-channel step's inputs: `sk`, `sv` are the sink tokens (`NS` rows; the tail again,
+/// never read, when there are none).
+const CHANNEL_STEP_INPUTS: &[&str] = &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "sk", "sv", "pos"];
 const CHANNELS_STEP_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_step",
     defines: "#define KV_CSTEP 1\n",
     body: CHANNELS,
-    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "pos"],
+    inputs: CHANNEL_STEP_INPUTS,
     outputs: &["out_o", "out_m", "out_l"],
 };
 const CHANNELS_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_fold",
     defines: "#define KV_CSTEP 1\n#define KV_FOLD 1\n",
     body: CHANNELS,
-    inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "pos"],
+    inputs: CHANNEL_STEP_INPUTS,
     outputs: &["part", "out"],
 };
 /// The decode step's inputs (the query, the new token's K and V, the cache buffers, `pos`).
@@ -553,9 +556,20 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     Ok(out.into_iter().next().expect("the merge kernel has one output"))
 }
 
-/// Decode attention of `q` (`[B, Hq, L, D]`, unscaled) over a per-channel key body and its float
-/// tail (`b`, see [`ChannelBody`]): the body's `b.len` tokens (whole key groups) and then the
-/// tail's, in one softmax, in two launches (`kernels/decode_channels.cu`, then the merge).
+/// The per-channel kernel's sink inputs: the sink tokens' K and V (`[B, Hkv, NS, D]`, at most
+/// one tile of 32) and NS, or the tail's arrays and 0 where there are none (never read).
+fn sink_rows<'a>(sinks: Option<(&'a Array, &'a Array)>, tk: &'a Array, tv: &'a Array, bh: i32, d: i32) -> Result<(&'a Array, &'a Array, i32)> {
+    let Some((sk, sv)) = sinks else { return Ok((tk, tv, 0)) };
+    let s = sk.shape();
+    if sv.shape() != s || s.len() != 4 || s[0] * s[1] != bh || s[3] != d || !(1..=32).contains(&s[2]) {
+        return Err(KvError::Shape(format!("fused per-channel attention: sink tokens {s:?}/{:?} for {bh} heads of {d} (1 to 32 sinks)", sv.shape())));
+    }
+    Ok((sk, sv, s[2]))
+}
+
+/// Decode attention of `q` (`[B, Hq, L, D]`, unscaled) over a per-channel key body, its float
+/// sink tokens and its float tail (`b`, see [`ChannelBody`]): the sinks, the body's `b.len`
+/// tokens (whole key groups) and then the tail's, in one softmax, in two launches (`kernels/decode_channels.cu`, then the merge).
 /// Returns `[B, Hq, L, D]` in `q`'s dtype.
 pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
     let qs = q.shape();
@@ -573,6 +587,7 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
             (&empty, &empty, 0)
         }
     };
+    let (sk, sv, n_sinks) = sink_rows(b.sink, tk, tv, bs * hkv, d)?;
     let t = b.len + n;
     if t == 0 || b.len > b.cap || !b.len.is_multiple_of(b.k.group) {
         return Err(KvError::Shape(format!("fused per-channel attention: {} body tokens (capacity {}, key groups of {})", b.len, b.cap, b.k.group)));
@@ -585,7 +600,7 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
     let parts = run_kernel(
         &CHANNELS_DEF,
         false,
-        &[&q3, &k.w, &k.scales, &k.biases, &v.w, &v.scales, &v.biases, tk, tv, &meta],
+        &[&q3, &k.w, &k.scales, &k.biases, &v.w, &v.scales, &v.biases, tk, tv, sk, sv, &meta],
         &[
             Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
             Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
@@ -593,10 +608,10 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
         ],
         (ns * 32 * WARPS, bh),
         32 * WARPS,
-        &shape_args(d, (b.k.bits, b.k.group), (b.v.bits, b.v.group), rows, vd, scale),
-        // Both dtypes in the kernel's name (see `decode_step_paged`): the tail is f16, bf16 or
-        // f32 (a narrowed f16 tail reads back as f32).
-        &[("OT", q.dtype()), ("TT", tk.dtype())],
+        &[&shape_args(d, (b.k.bits, b.k.group), (b.v.bits, b.v.group), rows, vd, scale)[..], &[("NS", n_sinks)]].concat(),
+        // Every dtype in the kernel's name (see `decode_step_paged`): the tail is f16, bf16 or
+        // f32 (a narrowed f16 tail reads back as f32), and the sinks keep theirs.
+        &[("OT", q.dtype()), ("TT", tk.dtype()), ("ST", sk.dtype())],
     )?;
     let out = run_kernel(
         &MERGE_DEF,
@@ -618,7 +633,8 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
 /// (`tk`, `tv`: the whole `[B, Hkv, NT, D]` buffers, row-contiguous, rows past the tail's
 /// tokens unused), rounded to the tail's dtype as `astype` rounds, then `q` (`[B, Hq, 1, D]`,
 /// unscaled) attends over the body's `pos[1022]` tokens (whole key groups, `b.len`, which only
-/// sizes the splits here) and the tail's `pos[0] + 1` as [`attend_channels`] does.
+/// sizes the splits here) and the tail's `pos[0] + 1` as [`attend_channels`] does, after the
+/// `sinks` (K and V `[B, Hkv, NS, D]` in the stored frame, NS <= 32), if any.
 ///
 /// `pos` is an int32 device array of 1024 elements: `pos[0]` the new token's tail row,
 /// `pos[1022]` the body's tokens, the rest 0 (the fold's arrival counters); the step adds one
@@ -632,7 +648,19 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
 /// enter the stored frame in f32 inside), bit 1 values (`v_new` unrotated, the output rotated
 /// back before it is written).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v: PackedOperand, tk: &Array, tv: &Array, pos: &Array, t: usize, scale: f32, rot: u8) -> Result<Array> {
+pub(crate) fn step_channels(
+    q: &Array,
+    k_new: &Array,
+    v_new: &Array,
+    k: PackedOperand,
+    v: PackedOperand,
+    (tk, tv): (&Array, &Array),
+    sinks: Option<(&Array, &Array)>,
+    pos: &Array,
+    t: usize,
+    scale: f32,
+    rot: u8,
+) -> Result<Array> {
     let s = q.shape();
     let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
     let hkv = k_new.shape()[1];
@@ -650,11 +678,13 @@ pub(crate) fn step_channels(q: &Array, k_new: &Array, v_new: &Array, k: PackedOp
     if rot != 0 && !fold {
         return Err(KvError::Shape("fused per-channel step: in-kernel rotation needs the folded launch".into()));
     }
+    let (sk, sv, n_sinks) = sink_rows(sinks, tk, tv, bh, d)?;
     let mut ints = shape_args(d, (k.bits, k.group), (v.bits, v.group), rows, vd, scale).to_vec();
     ints.push(("ROT", rot as i32));
-    let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, tk, tv, pos];
-    // Both dtypes in the name (see `decode_step_paged`); the tail's picks TT.
-    let types = [("OT", q.dtype()), ("TT", tk.dtype()), ("KT", k_new.dtype())];
+    ints.push(("NS", n_sinks));
+    let inputs = [q, k_new, v_new, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, tk, tv, sk, sv, pos];
+    // Every dtype in the name (see `decode_step_paged`); the tail's picks TT.
+    let types = [("OT", q.dtype()), ("TT", tk.dtype()), ("KT", k_new.dtype()), ("ST", sk.dtype())];
     if fold {
         let out = run_kernel(
             &CHANNELS_FOLD_DEF,

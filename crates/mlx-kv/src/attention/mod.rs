@@ -145,8 +145,8 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
     }
     let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
     let Some((k, v, _, _)) = body else {
-        let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none()) else {
-            return pick(Path::MlxQuantized, "several segments (sink tokens too), a mask, or learned sinks");
+        let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none_or(|(k, _)| k.shape()[2] <= 32)) else {
+            return pick(Path::MlxQuantized, "several segments (or over 32 sink tokens), a mask, or learned sinks");
         };
         if let Err(why) = fused_allowed() {
             return pick(Path::MlxQuantized, why);
@@ -154,7 +154,7 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         if !fused::covers_channels(b.k.bits, b.k.group, b.v.bits, d, rows) {
             return pick(Path::MlxQuantized, "per-channel widths, key groups, head_dim or query rows the fused kernel does not cover");
         }
-        return pick(Path::FusedGpu, "one packed per-channel body and its float tail, no mask or sinks");
+        return pick(Path::FusedGpu, "one packed per-channel body and its float sinks and tail, no mask");
     };
     if let Err(why) = fused_allowed() {
         return pick(Path::MlxQuantized, why);
@@ -269,12 +269,12 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
                 && mlx_ext::cpu::supports(spec.v.bits, spec.v.group, head_dim)
                 && (spec.sinks == 0 || !per_token));
     }
-    // No CUDA kernel reads sink tokens yet.
+    // Sink tokens are read beside a per-channel body only (one tile of them).
     fused_allowed().is_err()
-        || spec.sinks == 0 && if per_token {
-            fused::covers(spec.k.bits, spec.v.bits, head_dim, 1)
+        || if per_token {
+            spec.sinks == 0 && fused::covers(spec.k.bits, spec.v.bits, head_dim, 1)
         } else {
-            fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)
+            spec.sinks <= 32 && fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)
         }
 }
 

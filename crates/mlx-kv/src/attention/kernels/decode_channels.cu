@@ -123,6 +123,45 @@ for (int r = 0; r < REP; ++r) {
   for (int i = 0; i < VD; ++i) acc[r][i] = 0.f;
 }
 
+// Sink tokens (NS, a template int; `--kv-sinks`): float rows `sk`, `sv` [BH, NS, D] kept out of
+// the body because the first token's outlier key channels would set the range of its whole
+// key group. They sit outside [0, T), so the body's tiles keep their group alignment; one warp
+// of the first split reads them as one more float tile (0 < NS <= 32).
+static_assert(NS >= 0 && NS <= 32, "sink tokens fit one tile");
+if (NS > 0 && split == 0 && warp == 0) {
+  const bool valid = lane < NS;
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) s[r] = 0.f;
+  if (valid) {
+    const size_t srow = ((size_t)bh * NS + lane) * D;
+#pragma unroll 1
+    for (int c = 0; c < D; ++c) {
+      const float k = kv_to_float(sk[srow + c]);
+#pragma unroll
+      for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c], k, s[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
+  __syncwarp();
+  kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
+  __syncwarp();
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
+    if (tt < NS) {
+      const size_t vrow = ((size_t)bh * NS + tt) * D + d0;
+#pragma unroll
+      for (int r = 0; r < REP; ++r) {
+        const float p = p_s[warp][r][tt];
+#pragma unroll
+        for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(p, kv_to_float(sv[vrow + i]), acc[r][i]);
+      }
+    }
+  }
+  __syncwarp();
+}
+
 for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
   const int t = base + lane;
   const bool valid = t < t1;
