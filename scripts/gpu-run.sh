@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stages kvsplit-mlx (generate, ppl, bench, and the fused-kernel check) for the lent GPU, with
+# Stages kvsplit-mlx (generate, ppl, bench, and the fused-kernel and matvec checks) for the lent GPU, with
 # the default model, WikiText-2 and mlx-lm for comparisons. It does not touch the GPU; it ends
 # by printing the `run` calls to make. See ../shared/device/README.md for the two-part MLX
 # runtime; this adds the binaries and data to the same calls.
@@ -30,17 +30,18 @@ margin=$((3 * 512 * 1024))
 ../shared/device/stage-mlx-cuda.sh .device >/dev/null
 CARGO_TARGET_DIR=$target cargo build --release -q -p kvsplit-mlx
 CARGO_TARGET_DIR=$target cargo build --release -q -p mlx-kv --example fused_check
+CARGO_TARGET_DIR=$target cargo build --release -q -p mlx-ext --example qmv_check
 # write_random_gguf makes the random Llama-3.1-8B Q4_0 GGUF on the GPU machine (4.5 GB, too big
 # to carry), the one file both this engine and llama.cpp's CUDA build are timed on.
 CARGO_TARGET_DIR=$target cargo build --release -q -p models --example write_random_gguf
-for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check" "$target/release/examples/write_random_gguf"; do
+for b in "$target/release/kvsplit-mlx" "$target/release/examples/fused_check" "$target/release/examples/qmv_check" "$target/release/examples/write_random_gguf"; do
   # An RPATH (old dtags) would be searched before LD_LIBRARY_PATH and load the CPU libmlx.so.
   readelf -d "$b" | grep -q RUNPATH || { echo "gpu-run: $b has no RUNPATH" >&2; exit 1; }
   # xz: the stripped CLI is over 13 MB and every byte of a call counts against the model's share.
   strip -o ".device/rt/$(basename "$b")" "$b"
   xz -9 -f -S .bin.xz ".device/rt/$(basename "$b")"
 done
-rm -f .device/rt/conformance .device/rt/kvsplit-mlx .device/rt/fused_check .device/rt/write_random_gguf
+rm -f .device/rt/conformance .device/rt/kvsplit-mlx .device/rt/fused_check .device/rt/qmv_check .device/rt/write_random_gguf
 mkdir -p .device/rt/whl .device/rt/data
 install -m 644 "$wiki" .device/rt/data/wiki.test.raw
 # MLX's Python package (linked against libmlx.so, which the CUDA runtime provides) and mlx-lm,

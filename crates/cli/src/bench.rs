@@ -203,7 +203,7 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     let mut y = greedy(&logits)?;
     eval([&y])?;
     let ttft_s = t0.elapsed().as_secs_f64();
-    mlx_kv::host_profile::take();
+    mlx_ext::host_profile::take();
     let range = if profile { Some(crate::cuda_profile::Range::start()?) } else { None };
     let t1 = Instant::now();
     let mut decode_build_s = 0.0;
@@ -224,7 +224,7 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     seq.eval_with(&y)?;
     let decode_s = t1.elapsed().as_secs_f64();
     drop(range);
-    let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
+    let (layer_host_s, apply_host_s) = mlx_ext::host_profile::take();
     let decode_path = match seq.attention_path() {
         Some(c) if n_gen > 0 => c.to_string(),
         _ => String::new(),
@@ -274,7 +274,7 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
         }
     }
     let prefill_s = t0.elapsed().as_secs_f64();
-    mlx_kv::host_profile::take();
+    mlx_ext::host_profile::take();
     let t1 = Instant::now();
     let none = vec![None; batch];
     // Pipelined as `generate` runs one sequence: step n + 1 is queued before step n is read.
@@ -282,7 +282,7 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
     models::engine::decode_steps(&mut refs, &none, n_gen, |_| {})?;
     drop(refs);
     let decode_s = t1.elapsed().as_secs_f64();
-    let (layer_host_s, apply_host_s) = mlx_kv::host_profile::take();
+    let (layer_host_s, apply_host_s) = mlx_ext::host_profile::take();
     let decode_path = match seqs[0].attention_path() {
         Some(c) if n_gen > 0 => c.to_string(),
         _ => String::new(),
@@ -463,8 +463,8 @@ fn run_model(a: BenchArgs) -> Result<()> {
             measure_batch(&engine, s, &ids, 0, a.n_prompt.min(32), a.n_gen.min(4), a.prefill_step, false, b)?;
         }
     }
-    if mlx_kv::host_profile::enabled() {
-        eprintln!("host-profile: {:.3} warm-up done", mlx_kv::host_profile::unix_now());
+    if mlx_ext::host_profile::enabled() {
+        eprintln!("host-profile: {:.3} warm-up done", mlx_ext::host_profile::unix_now());
     }
     let env = Env::detect();
     let bar = ProgressBar::new((plan.len() * a.repeats) as u64);
@@ -476,19 +476,19 @@ fn run_model(a: BenchArgs) -> Result<()> {
     for r in 0..a.repeats {
         for ((kv, s, depth, b), samples) in plan.iter().zip(all_samples.iter_mut()) {
             bar.set_message(format!("{kv} depth {depth} batch {b} repeat {}", r + 1));
-            let t_start = mlx_kv::host_profile::unix_now();
+            let t_start = mlx_ext::host_profile::unix_now();
             let sample = if *b == 1 {
                 measure(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, a.sync_decode, a.cuda_profile_range && r + 1 == a.repeats)?
             } else {
                 measure_batch(&engine, s, &ids, *depth, a.n_prompt, a.n_gen, a.prefill_step, random_fill, *b)?
             };
-            if mlx_kv::host_profile::enabled() {
+            if mlx_ext::host_profile::enabled() {
                 // Each repeat on its own line, stamped like the new-launch lines, so that a slow
                 // repeat can be matched with what was first built or compiled during it.
                 bar.suspend(|| {
                     eprintln!(
                         "host-profile: {t_start:.3}-{:.3} repeat {} {kv} depth {depth} batch {b}: prefill {:.2} tok/s, decode {:.2} tok/s",
-                        mlx_kv::host_profile::unix_now(),
+                        mlx_ext::host_profile::unix_now(),
                         r + 1,
                         sample.prefill_tps,
                         sample.decode_tps
@@ -516,7 +516,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
                     per(|x| x.decode_build_s),
                     per(|x| x.decode_s - x.decode_build_s)
                 );
-                if mlx_kv::host_profile::enabled() {
+                if mlx_ext::host_profile::enabled() {
                     eprintln!(
                         "  host profile: update_and_attend {:.3} ms/token (custom-kernel apply {:.3} ms)",
                         per(|x| x.layer_host_s),

@@ -3,6 +3,9 @@
 //! - [`cpu`]: safe wrappers of our C++ `mlx::core::Primitive`s (`csrc/`): a quantized
 //!   matrix-vector product, a dequantize, decode attention over a packed split-precision cache,
 //!   RMSNorm and RoPE. They run inside MLX's graph like any op, on the CPU backend only.
+//! - [`cuda_kernel`]: our CUDA kernels as MLX custom kernels, launched with small host cost;
+//!   [`host_profile`] times that host side (`--host-profile`).
+//! - [`qmv`]: our CUDA matvec for quantized linear layers in decode.
 //! - [`graph`]: ordering after ops that write their inputs in place (MLX's `depends`).
 //! - [`options`]: [`EngineOptions`], the typed kernel-path choices (fused GPU step and variants,
 //!   CPU primitives, threads, weight handling, profiling) that every command takes as flags and
@@ -13,9 +16,12 @@
 //! both reach the primitives through it.
 
 pub mod cpu;
+pub mod cuda_kernel;
 mod ffi;
 pub mod graph;
+pub mod host_profile;
 pub mod options;
+pub mod qmv;
 pub mod tensor_bytes;
 
 pub use options::{CpuBuild, EngineOptions, Toggle, WeightMode};

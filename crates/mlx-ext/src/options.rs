@@ -99,6 +99,10 @@ pub struct EngineOptions {
     /// GPU: how many blocks the fused kernel aims to split the cache into
     #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = DEFAULT_FUSED_BLOCKS, value_parser = positive))]
     pub gpu_fused_blocks: usize,
+    /// GPU: our matvec kernel for quantized linear layers in decode (1-8 rows, 4- and 8-bit
+    /// weights; `off`: MLX's quantized_matmul)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_matvec: Toggle,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
@@ -127,8 +131,9 @@ pub struct EngineOptions {
 
 /// Options added after result rows began recording them, with the behaviour rows from before
 /// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now; prefill
-/// chunks took the block path before `cpu-prefill` existed.
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off")];
+/// chunks took the block path before `cpu-prefill` existed; GPU decode used MLX's
+/// quantized_matmul before `gpu-matvec`.
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
@@ -138,6 +143,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_rotate: Toggle::On,
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
+    gpu_matvec: Toggle::On,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
@@ -159,13 +165,14 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
             self.gpu_fused_rotate.name(),
             self.gpu_fused_mma.name(),
             self.gpu_fused_blocks,
+            self.gpu_matvec.name(),
             self.cpu_kernels.name(),
             self.cpu_prefill.name(),
             self.cpu_threads,
@@ -245,7 +252,7 @@ mod tests {
         let a = EngineOptions::default();
         let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
         let (da, db) = (a.describe(), b.describe());
-        assert_eq!(da.split_whitespace().count(), 13, "{da}");
+        assert_eq!(da.split_whitespace().count(), 14, "{da}");
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);
         assert_eq!(EngineOptions::differences("a=1", "a=1 b=2"), vec!["b: (absent) vs 2".to_string()]);

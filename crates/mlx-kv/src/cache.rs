@@ -621,10 +621,10 @@ impl KvCache {
 
     /// `update` then `attend`: what an attention layer calls.
     pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-        if crate::host_profile::enabled() {
+        if mlx_ext::host_profile::enabled() {
             let t0 = std::time::Instant::now();
             let out = self.update_and_attend_inner(q, k, v, scale, sinks);
-            crate::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
+            mlx_ext::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
             return out;
         }
         self.update_and_attend_inner(q, k, v, scale, sinks)

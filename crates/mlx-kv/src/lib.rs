@@ -7,7 +7,6 @@ pub mod batch;
 pub mod cache;
 pub mod cache_file;
 pub mod error;
-pub mod host_profile;
 mod paged_step;
 pub mod pool;
 pub mod rotation;

@@ -49,9 +49,9 @@
 use super::types::{ChannelBody, PackedOperand};
 use crate::error::{KvError, Result};
 use mlx_rs::{Array, Dtype};
-use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use mlx_ext::cuda_kernel::{run_kernel, KernelDef, Out};
+
+pub use mlx_ext::cuda_kernel::poison_outputs;
 
 /// Warps per block of pass 1; each walks every `WARPS`-th 32-token tile of the block's split.
 const WARPS: i32 = 4;
@@ -69,15 +69,8 @@ const COMMON: &str = include_str!("kernels/decode_common.cuh");
 const PARTIAL: &str = concat!(include_str!("kernels/decode_partial.cu"), include_str!("kernels/decode_fold.cu"));
 const MERGE: &str = include_str!("kernels/decode_merge.cu");
 const CHANNELS: &str = concat!(include_str!("kernels/decode_channels.cu"), include_str!("kernels/decode_fold.cu"));
-
-static POISON: AtomicBool = AtomicBool::new(false);
-
-/// Fill the kernels' outputs with NaN before they run, so an element a kernel fails to write
-/// shows up as NaN (for correctness checks; it costs one fill per output, so it is off by
-/// default).
-pub fn poison_outputs(on: bool) {
-    POISON.store(on, Ordering::Relaxed);
-}
+/// The tensor-core variant of the attention pass.
+const MMA: &str = "#define KV_MMA 1\n";
 
 /// Whether the fused kernel covers these widths and shapes (the dispatcher in [`super`] checks
 /// the backend and the options). head_dim must be a power of two so that the lanes sharing a
@@ -152,36 +145,9 @@ pub fn split_plan(t: usize, heads: usize) -> (usize, usize) {
     (t.div_ceil(per).max(1), per.max(32))
 }
 
-fn vec_string(names: &[&str]) -> mlx_sys::mlx_vector_string {
-    unsafe {
-        let v = mlx_sys::mlx_vector_string_new();
-        for n in names {
-            let c = CString::new(*n).expect("kernel argument names have no NUL");
-            mlx_sys::mlx_vector_string_append_value(v, c.as_ptr());
-        }
-        v
-    }
-}
-
-fn check(rc: i32, what: &str) -> Result<()> {
-    if rc != 0 {
-        return Err(KvError::Shape(format!("fused decode attention: {what} failed")));
-    }
-    Ok(())
-}
-
-/// One custom kernel: its source body and argument names.
-struct KernelDef {
-    stem: &'static str,
-    /// Prepended to the body (`#define`s that pick a variant).
-    defines: &'static str,
-    body: &'static str,
-    inputs: &'static [&'static str],
-    outputs: &'static [&'static str],
-}
-
 const PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_attn_partial",
+    header: COMMON,
     defines: "#define KV_STEP 0\n",
     body: PARTIAL,
     inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "meta"],
@@ -189,6 +155,7 @@ const PARTIAL_DEF: KernelDef = KernelDef {
 };
 const MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_attn_merge",
+    header: COMMON,
     defines: "#define KV_STEP 0\n",
     body: MERGE,
     inputs: &["part_o", "part_m", "part_l", "meta"],
@@ -196,6 +163,7 @@ const MERGE_DEF: KernelDef = KernelDef {
 };
 const CHANNELS_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_partial",
+    header: COMMON,
     defines: "",
     body: CHANNELS,
     inputs: &["q", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "sk", "sv", "meta"],
@@ -206,6 +174,7 @@ const CHANNELS_DEF: KernelDef = KernelDef {
 const CHANNEL_STEP_INPUTS: &[&str] = &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "tk", "tv", "sk", "sv", "pos"];
 const CHANNELS_STEP_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_step",
+    header: COMMON,
     defines: "#define KV_CSTEP 1\n",
     body: CHANNELS,
     inputs: CHANNEL_STEP_INPUTS,
@@ -213,6 +182,7 @@ const CHANNELS_STEP_DEF: KernelDef = KernelDef {
 };
 const CHANNELS_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_channels_fold",
+    header: COMMON,
     defines: "#define KV_CSTEP 1\n#define KV_FOLD 1\n",
     body: CHANNELS,
     inputs: CHANNEL_STEP_INPUTS,
@@ -222,6 +192,7 @@ const CHANNELS_FOLD_DEF: KernelDef = KernelDef {
 const STEP_INPUTS: &[&str] = &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos"];
 const STEP_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_partial",
+    header: COMMON,
     defines: "#define KV_STEP 1\n",
     body: PARTIAL,
     inputs: STEP_INPUTS,
@@ -229,6 +200,7 @@ const STEP_PARTIAL_DEF: KernelDef = KernelDef {
 };
 const STEP_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_fold",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n",
     body: PARTIAL,
     inputs: STEP_INPUTS,
@@ -236,6 +208,7 @@ const STEP_FOLD_DEF: KernelDef = KernelDef {
 };
 const STEP_ROT_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_rot_fold",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_ROT 1\n",
     body: PARTIAL,
     inputs: STEP_INPUTS,
@@ -243,6 +216,7 @@ const STEP_ROT_FOLD_DEF: KernelDef = KernelDef {
 };
 const STEP_ROT_CENTER_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_rotc_fold",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_ROT 1\n#define KV_CENTER 1\n",
     body: PARTIAL,
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "pos", "kc"],
@@ -250,6 +224,7 @@ const STEP_ROT_CENTER_FOLD_DEF: KernelDef = KernelDef {
 };
 const PAGED_PARTIAL_DEF: KernelDef = KernelDef {
     stem: "kvsplit_paged_partial",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_PAGED 1\n",
     body: PARTIAL,
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "table", "ctr"],
@@ -257,6 +232,7 @@ const PAGED_PARTIAL_DEF: KernelDef = KernelDef {
 };
 const PAGED_FOLD_DEF: KernelDef = KernelDef {
     stem: "kvsplit_paged_fold",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_FOLD 1\n#define KV_PAGED 1\n",
     body: PARTIAL,
     inputs: &["q", "knew", "vnew", "kw", "ks", "kb", "vw", "vs", "vb", "table", "ctr"],
@@ -264,6 +240,7 @@ const PAGED_FOLD_DEF: KernelDef = KernelDef {
 };
 const PAGED_MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_paged_merge",
+    header: COMMON,
     defines: "#define KV_STEP 1\n#define KV_PAGED 1\n",
     body: MERGE,
     inputs: &["part_o", "part_m", "part_l"],
@@ -271,214 +248,12 @@ const PAGED_MERGE_DEF: KernelDef = KernelDef {
 };
 const STEP_MERGE_DEF: KernelDef = KernelDef {
     stem: "kvsplit_step_merge",
+    header: COMMON,
     defines: "#define KV_STEP 1\n",
     body: MERGE,
     inputs: &["part_o", "part_m", "part_l", "pos"],
     outputs: &["out"],
 };
-
-/// A kernel object made once per definition and thread: `mlx_fast_cuda_kernel_new` scans the
-/// source for every argument name (shape parameters) and copies it, which a decode step
-/// should not pay twice per layer. Never freed: there are a few per thread (one per definition
-/// and variant), alive for the thread.
-#[derive(Clone, Copy)]
-struct KernelHandle {
-    raw: mlx_sys::mlx_fast_cuda_kernel,
-}
-
-fn kernel_handle(def: &KernelDef, mma: bool) -> KernelHandle {
-    thread_local! {
-        static KERNELS: std::cell::RefCell<Vec<(&'static str, bool, KernelHandle)>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    KERNELS.with(|k| {
-        if let Some((_, _, h)) = k.borrow().iter().find(|(s, m, _)| *s == def.stem && *m == mma) {
-            return *h;
-        }
-        let source = [def.defines, if mma { "#define KV_MMA 1\n" } else { "" }, def.body].concat();
-        // Kernel names carry a hash of the source: MLX caches compiled kernels on disk by
-        // name (`/tmp/mlx/<version>/ptx`), so a changed source under an old name would run
-        // stale code.
-        let hash = {
-            let mut h = fnv::FnvHasher::default();
-            std::hash::Hasher::write(&mut h, [COMMON, &source].concat().as_bytes());
-            std::hash::Hasher::finish(&h)
-        };
-        let name = CString::new(format!("{}_{hash:016x}", def.stem)).expect("kernel names have no NUL");
-        let (header, source) = match include_files(def, &source, hash) {
-            Some(small) => small,
-            None => (COMMON.to_string(), source),
-        };
-        let source = CString::new(source).expect("kernel sources have no NUL");
-        let header = CString::new(header).expect("kernel sources have no NUL");
-        let (ins, outs) = (vec_string(def.inputs), vec_string(def.outputs));
-        // ensure_row_contiguous: the kernels index flat buffers; contiguous inputs pass as is
-        // (the step kernel writes into the cache buffers it is given, which are contiguous by
-        // construction: see `KvCache::fused_step`).
-        let raw = unsafe { mlx_sys::mlx_fast_cuda_kernel_new(name.as_ptr(), ins, outs, source.as_ptr(), header.as_ptr(), true, 0) };
-        unsafe {
-            mlx_sys::mlx_vector_string_free(ins);
-            mlx_sys::mlx_vector_string_free(outs);
-        }
-        let h = KernelHandle { raw };
-        k.borrow_mut().push((def.stem, mma, h));
-        h
-    })
-}
-
-/// The kernel's header and body written to files once, and the `#include` lines that stand
-/// for them: MLX rebuilds a custom kernel's full source text (header + body, ~15 KB here) on
-/// every call, which costs host time twice per layer and decode step; NVRTC reads the files
-/// only when it compiles. The body line names the shape parameters the body uses, because
-/// MLX passes an input's shape only when the source text mentions `<input>_shape`.
-/// `None` (inline sources) if the files cannot be written.
-fn include_files(def: &KernelDef, source: &str, hash: u64) -> Option<(String, String)> {
-    let dir = std::env::temp_dir().join(format!("kvsplit-kernels-{hash:016x}"));
-    let write = |name: &str, text: &str| -> Option<String> {
-        let path = dir.join(name);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
-            std::fs::create_dir_all(&dir).ok()?;
-            let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
-            std::fs::write(&tmp, text).ok()?;
-            std::fs::rename(&tmp, &path).ok()?;
-        }
-        let path = path.to_str()?.to_string();
-        (!path.contains('"')).then_some(path)
-    };
-    let header = write("common.cuh", COMMON)?;
-    let body = write(&format!("{}.cu", def.stem), source)?;
-    let shapes: Vec<String> = def.inputs.iter().map(|n| format!("{n}_shape")).filter(|n| source.contains(n.as_str())).collect();
-    Some((format!("#include \"{header}\"\n"), format!("// uses: {}\n#include \"{body}\"\n", shapes.join(" "))))
-}
-
-/// Template arguments by name; names are `'static` and turned into C strings once.
-fn c_name(n: &'static str) -> &'static std::ffi::CStr {
-    static NAMES: OnceLock<std::sync::Mutex<Vec<(&'static str, &'static std::ffi::CStr)>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().expect("name table");
-    if let Some((_, c)) = names.iter().find(|(s, _)| *s == n) {
-        return c;
-    }
-    let c: &'static std::ffi::CStr = Box::leak(CString::new(n).expect("template names have no NUL").into_boxed_c_str());
-    names.push((n, c));
-    c
-}
-
-/// One output of a custom kernel.
-struct Out<'a> {
-    shape: &'a [i32],
-    dtype: Dtype,
-}
-
-/// Runs a custom CUDA kernel on the default GPU stream. `grid` counts threads (MLX divides it
-/// by `threads`), as in Metal's dispatchThreads. `inputs` and `outputs` follow `def`'s names;
-/// `mma` picks the tensor-core variant of the attention pass.
-#[allow(clippy::too_many_arguments)]
-fn run_kernel(
-    def: &KernelDef,
-    mma: bool,
-    inputs: &[&Array],
-    outputs: &[Out],
-    grid: (i32, i32),
-    threads: i32,
-    ints: &[(&'static str, i32)],
-    types: &[(&'static str, Dtype)],
-) -> Result<Vec<Array>> {
-    debug_assert_eq!(inputs.len(), def.inputs.len());
-    debug_assert_eq!(outputs.len(), def.outputs.len());
-    let kernel = kernel_handle(def, mma);
-    let dtype = |d: Dtype| d as mlx_sys::mlx_dtype;
-    let poison = POISON.load(Ordering::Relaxed);
-    // Launch configurations repeat from layer to layer and step to step (the split count
-    // changes rarely): build each once per thread.
-    let mut key: Vec<i64> = vec![def.stem.as_ptr() as i64, mma as i64, poison as i64, grid.0 as i64, grid.1 as i64, threads as i64];
-    key.extend(ints.iter().map(|(_, v)| *v as i64));
-    key.extend(types.iter().map(|(_, d)| *d as i64));
-    for o in outputs {
-        key.push(o.dtype as i64);
-        key.push(o.shape.len() as i64);
-        key.extend(o.shape.iter().map(|&x| x as i64));
-    }
-    thread_local! {
-        static CONFIGS: std::cell::RefCell<std::collections::HashMap<Vec<i64>, ConfigHandle>> = Default::default();
-    }
-    let cached = CONFIGS.with(|c| c.borrow().get(&key).copied());
-    unsafe {
-        let cfg = match cached {
-            Some(c) => c.raw,
-            None => {
-                if crate::host_profile::enabled() {
-                    crate::host_profile::new_launch(def.stem, mma, ints, types, grid);
-                }
-                let cfg = mlx_sys::mlx_fast_cuda_kernel_config_new();
-                let built = (|| -> Result<()> {
-                    for o in outputs {
-                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, o.shape.as_ptr(), o.shape.len(), dtype(o.dtype)), "output")?;
-                    }
-                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_grid(cfg, grid.0, grid.1, 1), "grid")?;
-                    check(mlx_sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, threads, 1, 1), "thread group")?;
-                    if poison {
-                        check(mlx_sys::mlx_fast_cuda_kernel_config_set_init_value(cfg, f32::NAN), "init value")?;
-                    }
-                    for (n, val) in ints {
-                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_int(cfg, c_name(n).as_ptr(), *val), "template arg")?;
-                    }
-                    for (n, d) in types {
-                        check(mlx_sys::mlx_fast_cuda_kernel_config_add_template_arg_dtype(cfg, c_name(n).as_ptr(), dtype(*d)), "template dtype")?;
-                    }
-                    Ok(())
-                })();
-                if let Err(e) = built {
-                    mlx_sys::mlx_fast_cuda_kernel_config_free(cfg);
-                    return Err(e);
-                }
-                CONFIGS.with(|c| {
-                    let mut c = c.borrow_mut();
-                    // Bounded: shapes that stop recurring (other depths, other models) are
-                    // dropped all at once.
-                    if c.len() >= 256 {
-                        for (_, old) in c.drain() {
-                            mlx_sys::mlx_fast_cuda_kernel_config_free(old.raw);
-                        }
-                    }
-                    c.insert(key, ConfigHandle { raw: cfg });
-                });
-                cfg
-            }
-        };
-        {
-            let ins = mlx_sys::mlx_vector_array_new();
-            for a in inputs {
-                mlx_sys::mlx_vector_array_append_value(ins, a.as_ptr());
-            }
-            let mut outs = mlx_sys::mlx_vector_array_new();
-            let stream = mlx_sys::mlx_default_gpu_stream_new();
-            let t0 = crate::host_profile::enabled().then(std::time::Instant::now);
-            let rc = mlx_sys::mlx_fast_cuda_kernel_apply(&mut outs, kernel.raw, ins, cfg, stream);
-            if let Some(t0) = t0 {
-                crate::host_profile::add_apply(t0.elapsed().as_nanos() as u64);
-            }
-            mlx_sys::mlx_stream_free(stream);
-            mlx_sys::mlx_vector_array_free(ins);
-            if rc != 0 {
-                mlx_sys::mlx_vector_array_free(outs);
-                return Err(KvError::Shape(format!("fused decode attention: {} kernel apply failed", def.stem)));
-            }
-            let mut got = Vec::with_capacity(outputs.len());
-            for i in 0..outputs.len() {
-                let mut a = mlx_sys::mlx_array_new();
-                mlx_sys::mlx_vector_array_get(&mut a, outs, i);
-                got.push(Array::from_ptr(a));
-            }
-            mlx_sys::mlx_vector_array_free(outs);
-            Ok(got)
-        }
-    }
-}
-
-/// A launch configuration kept for reuse (see [`run_kernel`]).
-#[derive(Clone, Copy)]
-struct ConfigHandle {
-    raw: mlx_sys::mlx_fast_cuda_kernel_config,
-}
 
 /// The query scale as a template argument (its f32 bits): one value per model, so one
 /// compiled variant, and no multiply op per layer.
@@ -529,7 +304,7 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     let mma = mma_applies(&k, &v, d as usize, rows as usize, q3.dtype());
     let parts = run_kernel(
         &PARTIAL_DEF,
-        mma,
+        if mma { MMA } else { "" },
         &[q3, &k.full.w, &k.full.scales, &k.full.biases, &v.full.w, &v.full.scales, &v.full.biases, &meta],
         &[
             Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
@@ -545,7 +320,7 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
     )?;
     let out = run_kernel(
         &MERGE_DEF,
-        false,
+        "",
         &[&parts[0], &parts[1], &parts[2], &meta],
         &[Out { shape: &[bh, rows, d], dtype: q3.dtype() }],
         (d, bh * rows),
@@ -599,7 +374,7 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
     let (k, v) = (b.k.full, b.v.full);
     let parts = run_kernel(
         &CHANNELS_DEF,
-        false,
+        "",
         &[&q3, &k.w, &k.scales, &k.biases, &v.w, &v.scales, &v.biases, tk, tv, sk, sv, &meta],
         &[
             Out { shape: &[bh, ns, rows, d], dtype: Dtype::Float32 },
@@ -615,7 +390,7 @@ pub(crate) fn attend_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<
     )?;
     let out = run_kernel(
         &MERGE_DEF,
-        false,
+        "",
         &[&parts[0], &parts[1], &parts[2], &meta],
         &[Out { shape: &[bh, rows, d], dtype: q.dtype() }],
         (d, bh * rows),
@@ -688,7 +463,7 @@ pub(crate) fn step_channels(
     if fold {
         let out = run_kernel(
             &CHANNELS_FOLD_DEF,
-            false,
+            "",
             &inputs,
             &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
             (ns * 32 * WARPS, bh),
@@ -703,10 +478,10 @@ pub(crate) fn step_channels(
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
     ];
-    let parts = run_kernel(&CHANNELS_STEP_DEF, false, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &types)?;
+    let parts = run_kernel(&CHANNELS_STEP_DEF, "", &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &types)?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
-        false,
+        "",
         &[&parts[0], &parts[1], &parts[2], pos],
         &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
         (d, bh * rows),
@@ -800,7 +575,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         };
         let out = run_kernel(
             def,
-            mma,
+            if mma { MMA } else { "" },
             &inputs,
             &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
             (ns * 32 * WARPS, bh),
@@ -820,7 +595,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
     if fold {
         let out = run_kernel(
             &STEP_FOLD_DEF,
-            mma,
+            if mma { MMA } else { "" },
             &inputs,
             &[Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 }, Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
             (ns * 32 * WARPS, bh),
@@ -830,10 +605,10 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedOperand, v:
         )?;
         return Ok(out.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
-    let parts = run_kernel(&STEP_PARTIAL_DEF, mma, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[("OT", q.dtype())])?;
+    let parts = run_kernel(&STEP_PARTIAL_DEF, if mma { MMA } else { "" }, &inputs, &parts_out, (ns * 32 * WARPS, bh), 32 * WARPS, &ints, &[("OT", q.dtype())])?;
     let out = run_kernel(
         &STEP_MERGE_DEF,
-        false,
+        "",
         &[&parts[0], &parts[1], &parts[2], pos],
         &[Out { shape: &[b, hq, 1, d], dtype: q.dtype() }],
         (d, bh * rows),
@@ -972,7 +747,7 @@ pub fn decode_step_paged(
     // As in `decode_step`: split weights staged in WARPS * D shared floats, a counter per head.
     if opts.gpu_fused_fold.on() && n_split <= (WARPS * d) as usize && bh < 1022 {
         let scratch = Out { shape: &[bh * ns * rows * (d + 2)], dtype: Dtype::Float32 };
-        let got = run_kernel(&PAGED_FOLD_DEF, mma, &inputs, &[scratch, out], grid, 32 * WARPS, &ints, &types)?;
+        let got = run_kernel(&PAGED_FOLD_DEF, if mma { MMA } else { "" }, &inputs, &[scratch, out], grid, 32 * WARPS, &ints, &types)?;
         return Ok(got.into_iter().nth(1).expect("the fold kernel has two outputs"));
     }
     let parts_out = [
@@ -980,8 +755,8 @@ pub fn decode_step_paged(
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
         Out { shape: &[bh, ns, rows], dtype: Dtype::Float32 },
     ];
-    let parts = run_kernel(&PAGED_PARTIAL_DEF, mma, &inputs, &parts_out, grid, 32 * WARPS, &ints, &types)?;
-    let got = run_kernel(&PAGED_MERGE_DEF, false, &[&parts[0], &parts[1], &parts[2]], &[out], (d, bh * rows), d, &[("D", d), ("REP", rows)], &[("OT", q.dtype())])?;
+    let parts = run_kernel(&PAGED_PARTIAL_DEF, if mma { MMA } else { "" }, &inputs, &parts_out, grid, 32 * WARPS, &ints, &types)?;
+    let got = run_kernel(&PAGED_MERGE_DEF, "", &[&parts[0], &parts[1], &parts[2]], &[out], (d, bh * rows), d, &[("D", d), ("REP", rows)], &[("OT", q.dtype())])?;
     Ok(got.into_iter().next().expect("the merge kernel has one output"))
 }
 
@@ -1005,22 +780,22 @@ mod tests {
     #[test]
     fn kernel_sources_travel_as_include_lines_that_name_their_shape_parameters() {
         let source = [STEP_PARTIAL_DEF.defines, STEP_PARTIAL_DEF.body].concat();
-        let (header, body) = include_files(&STEP_PARTIAL_DEF, &source, 1).expect("temp dir is writable");
+        let (header, body) = mlx_ext::cuda_kernel::include_files(&STEP_PARTIAL_DEF, &source, 1).expect("temp dir is writable");
         assert!(header.starts_with("#include \"") && header.len() < 200, "{header}");
         assert!(body.contains("kw_shape") && body.len() < 300, "{body}");
         let path = body.split('"').nth(1).unwrap();
         assert_eq!(std::fs::read_to_string(path).unwrap(), source);
-        let (_, merge) = include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
+        let (_, merge) = mlx_ext::cuda_kernel::include_files(&STEP_MERGE_DEF, &[STEP_MERGE_DEF.defines, STEP_MERGE_DEF.body].concat(), 1).unwrap();
         assert!(merge.contains("part_m_shape"), "{merge}");
     }
 
     #[test]
     fn paged_kernel_sources_name_their_shape_parameters() {
         for def in [&PAGED_PARTIAL_DEF, &PAGED_FOLD_DEF] {
-            let (_, body) = include_files(def, &[def.defines, def.body].concat(), 2).expect("temp dir is writable");
+            let (_, body) = mlx_ext::cuda_kernel::include_files(def, &[def.defines, def.body].concat(), 2).expect("temp dir is writable");
             assert!(body.contains("kw_shape") && body.contains("table_shape"), "{body}");
         }
-        let (_, merge) = include_files(&PAGED_MERGE_DEF, &[PAGED_MERGE_DEF.defines, PAGED_MERGE_DEF.body].concat(), 2).unwrap();
+        let (_, merge) = mlx_ext::cuda_kernel::include_files(&PAGED_MERGE_DEF, &[PAGED_MERGE_DEF.defines, PAGED_MERGE_DEF.body].concat(), 2).unwrap();
         assert!(merge.contains("part_m_shape"), "{merge}");
     }
 
@@ -1029,7 +804,7 @@ mod tests {
         for def in [&CHANNELS_STEP_DEF, &CHANNELS_FOLD_DEF, &CHANNELS_DEF] {
             let source = [def.defines, def.body].concat();
             assert!(source.contains("#if KV_FOLD") && source.contains("KV_CSTEP"), "{}", def.stem);
-            let (_, body) = include_files(def, &source, 3).expect("temp dir is writable");
+            let (_, body) = mlx_ext::cuda_kernel::include_files(def, &source, 3).expect("temp dir is writable");
             assert!(body.contains("tk_shape") && body.contains("kw_shape") && body.contains("vw_shape"), "{body}");
         }
     }
