@@ -5,8 +5,9 @@
 //!    and 128), activations in f16, bf16 and f32, 1 to 8 rows; each output against an f64 sum over
 //!    the dequantized weight. Bound: the kernel sums K products in f32 (each partial sum rounds
 //!    by at most 2^-24 relative, so the error is at most K * 2^-24 * sum |x w|), then rounds once
-//!    to the output dtype (half an ulp: 2^-11 relative for f16, 2^-8 for bf16). MLX's own kernel
-//!    is held to the same bound, so a wrong reference shows as two failures.
+//!    to the output dtype (half an ulp: 2^-11 relative for f16, 2^-8 for bf16). (MLX's own
+//!    kernel is not checked here: each of its variants takes tens of seconds of JIT compiling on
+//!    a fresh machine; in session 19 its bf16 outputs passed this bound by up to 1.14x.)
 //! 2. Speed: Llama-3.1-8B's decode matrices (and SmolLM2's), one call timed alone and a batch of
 //!    calls over weight copies that together pass the 50 MB L2 (as in a model's step, where each
 //!    matrix comes from memory), ours against MLX's, at 1 and 8 rows. CSV lines on stdout.
@@ -21,12 +22,6 @@ fn host(a: &Array) -> Vec<f64> {
     let a = a.as_dtype(Dtype::Float32).unwrap();
     a.eval().unwrap();
     a.as_slice::<f32>().iter().map(|&x| x as f64).collect()
-}
-
-fn set_ours(on: bool) {
-    let mut o = mlx_ext::options::current();
-    o.gpu_matvec = mlx_ext::Toggle::from_bool(on);
-    mlx_ext::options::install(o).expect("no thread-count change");
 }
 
 /// A random `[n, k]` weight quantized by MLX, in `dtype` (its scales and biases take it).
@@ -48,7 +43,7 @@ fn out_rounding(d: Dtype) -> f64 {
 }
 
 fn correctness(quick: bool) -> bool {
-    println!("correctness: max |y - f64 ref| / bound (bound = K 2^-24 sum|x w| + output rounding), ours and MLX's");
+    println!("correctness: max |y - f64 ref| / bound (bound = K 2^-24 sum|x w| + output rounding)");
     let mut ok = true;
     let shapes: &[(i32, i32)] = if quick { &[(1024, 4096), (576, 576)] } else { &[(1024, 4096), (576, 576), (1536, 576), (4096, 14336), (96, 1024)] };
     let mut seed = 11u64;
@@ -66,8 +61,7 @@ fn correctness(quick: bool) -> bool {
                     let x = random::normal::<f32>(&[1, rows, k], None, None, &random::key(seed ^ 99).unwrap()).unwrap().as_dtype(dtype).unwrap();
                     let xh = host(&x);
                     let ours = host(&mlx_ext::qmv::qmv(&x, &w, &s, &b, bits, group).unwrap());
-                    let theirs = host(&quantized_matmul(&x, &w, &s, &b, true, group, bits).unwrap());
-                    let (mut worst_ours, mut worst_mlx) = (0.0f64, 0.0f64);
+                    let mut worst = 0.0f64;
                     for r in 0..rows as usize {
                         for j in 0..n as usize {
                             let (mut want, mut mag) = (0.0f64, 0.0f64);
@@ -79,15 +73,14 @@ fn correctness(quick: bool) -> bool {
                             let bound = k as f64 * 2f64.powi(-24) * mag + out_rounding(dtype) * want.abs() + 1e-30;
                             let at = r * n as usize + j;
                             let e = |y: f64| if y.is_nan() { f64::INFINITY } else { (y - want).abs() / bound };
-                            worst_ours = worst_ours.max(e(ours[at]));
-                            worst_mlx = worst_mlx.max(e(theirs[at]));
+                            worst = worst.max(e(ours[at]));
                         }
                     }
-                    let pass = worst_ours <= 1.0;
+                    let pass = worst <= 1.0;
                     ok &= pass;
                     if !pass || rows == 1 {
                         println!(
-                            "  {n}x{k} q{bits} g{group} {dtype:?} rows={rows}: ours {worst_ours:.3}, MLX {worst_mlx:.3}  {}",
+                            "  {n}x{k} q{bits} g{group} {dtype:?} rows={rows}: {worst:.3}  {}",
                             if pass { "pass" } else { "FAIL" }
                         );
                     }
@@ -137,7 +130,6 @@ fn speed(quick: bool) {
         for rows in if quick { vec![1] } else { vec![1, 8] } {
             let x = random::normal::<f32>(&[1, rows, k], None, None, None).unwrap().as_dtype(Dtype::Float16).unwrap();
             for (path, ours) in [("ours", true), ("mlx", false)] {
-                set_ours(ours);
                 let call = |w: &Array, s: &Array, b: &Array| {
                     if ours {
                         mlx_ext::qmv::qmv(&x, w, s, b, bits, group).unwrap()
@@ -154,7 +146,6 @@ fn speed(quick: bool) {
             }
         }
     }
-    set_ours(true);
 }
 
 fn main() {

@@ -24,7 +24,7 @@ pub mod options;
 pub mod qmv;
 pub mod tensor_bytes;
 
-pub use options::{CpuBuild, EngineOptions, Toggle, WeightMode};
+pub use options::{CpuBuild, EngineOptions, GpuMatvec, Toggle, WeightMode};
 
 /// A failed primitive call or an unusable option.
 #[derive(Debug, thiserror::Error)]

@@ -52,6 +52,30 @@ pub enum CpuBuild {
     Generic,
 }
 
+/// When quantized linear layers of a GPU decode step run our matvec ([`crate::qmv`]) instead
+/// of MLX's `quantized_matmul`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum GpuMatvec {
+    /// Ours for weights of at least [`QMV_MIN_BYTES`], MLX's below: our launch costs more host
+    /// time than MLX's op, which only a large weight's faster read repays.
+    #[default]
+    Auto,
+    /// Ours wherever it covers the shape.
+    On,
+    /// MLX's everywhere.
+    Off,
+}
+
+/// The smallest packed weight (codes, scales and biases) that `--gpu-matvec auto` gives our
+/// matvec. Session 19 (H200, docs/gpu-whole-model-h200.md): with ours on every layer, a random
+/// 4-bit Llama-3.1-8B decoded at 1.20x of MLX's (device wait 4.3 -> 2.6 ms per token, graph
+/// build 1.4 -> 2.1 ms), while SmolLM2-135M, whose weights are 0.2-0.5 MB each and whose step
+/// is host-bound, fell to 0.85x. An H100 probe timed 8B's 2 MB k/v projections at 6.0 us ours
+/// against 7.8 us MLX's, too little to pay ~3 us more host time; its 8 MB q/o at 8.9 against
+/// 21.9 us.
+pub const QMV_MIN_BYTES: usize = 4 << 20;
+
 /// How quantized model weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -100,9 +124,9 @@ pub struct EngineOptions {
     #[cfg_attr(feature = "clap", arg(long, global = true, default_value_t = DEFAULT_FUSED_BLOCKS, value_parser = positive))]
     pub gpu_fused_blocks: usize,
     /// GPU: our matvec kernel for quantized linear layers in decode (1-8 rows, 4- and 8-bit
-    /// weights; `off`: MLX's quantized_matmul)
-    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
-    pub gpu_matvec: Toggle,
+    /// weights; `auto`: for weights of 4 MiB and more; `off`: MLX's quantized_matmul)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = GpuMatvec::Auto))]
+    pub gpu_matvec: GpuMatvec,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
@@ -143,7 +167,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_rotate: Toggle::On,
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
-    gpu_matvec: Toggle::On,
+    gpu_matvec: GpuMatvec::Auto,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
@@ -172,7 +196,11 @@ impl EngineOptions {
             self.gpu_fused_rotate.name(),
             self.gpu_fused_mma.name(),
             self.gpu_fused_blocks,
-            self.gpu_matvec.name(),
+            match self.gpu_matvec {
+                GpuMatvec::Auto => "auto",
+                GpuMatvec::On => "on",
+                GpuMatvec::Off => "off",
+            },
             self.cpu_kernels.name(),
             self.cpu_prefill.name(),
             self.cpu_threads,

@@ -9,6 +9,7 @@
 //! one row only and its tiled kernel needs 8 to run well (`models::weights`).
 
 use crate::cuda_kernel::{run_kernel, KernelDef, Out};
+use crate::options::{GpuMatvec, QMV_MIN_BYTES};
 use crate::{ExtError, Result};
 use mlx_rs::Array;
 
@@ -35,11 +36,18 @@ pub fn covers(bits: i32, group: i32, k: i32, rows: i32) -> bool {
     group > 0 && group % per_load == 0 && k % group == 0 && (1..=8).contains(&rows)
 }
 
-/// Whether the option and the build let [`qmv`] run: `--gpu-matvec on`, and not a macOS build
-/// (MLX's GPU there is Metal, which has no CUDA kernels). The caller checks that the GPU is the
-/// default device.
-pub fn enabled() -> bool {
-    crate::options::current().gpu_matvec.on() && cfg!(not(target_os = "macos"))
+/// Whether `--gpu-matvec` gives a weight of `bytes` (packed codes, scales and biases) to
+/// [`qmv`], on a build with CUDA kernels (not macOS, whose GPU is Metal). The caller checks
+/// [`covers`] and that the GPU is the default device.
+pub fn wanted(bytes: usize) -> bool {
+    if cfg!(target_os = "macos") {
+        return false;
+    }
+    match crate::options::current().gpu_matvec {
+        GpuMatvec::On => true,
+        GpuMatvec::Off => false,
+        GpuMatvec::Auto => bytes >= QMV_MIN_BYTES,
+    }
 }
 
 /// `x W^T` for `x` `[..., K]` (at most 8 rows in all) and `w` `[N, K * bits / 32]` packed as

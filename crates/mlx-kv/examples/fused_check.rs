@@ -489,7 +489,7 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 // key group (t - 2 + i tokens a multiple of gk) or must grow the tail buffer
                 // (16-token steps: the tail holding a nonzero multiple of 16 before the token; an
                 // emptied tail keeps its buffer).
-                let tail_before = (n - 1 - sinks) % gk as usize;
+                let tail_before = (n - 1 - sinks) % gk;
                 let room = tail_before == 0 || tail_before % 16 != 0;
                 let want_path = if step && tail_before + 1 < gk as usize && room { "fused-step" } else { "fused-gpu" };
                 pass &= err < bound(kb, vb, rep, d, &vd) && path == want_path && cache.len() == n;

@@ -134,12 +134,18 @@ if (NS > 0 && split == 0 && warp == 0) {
 #pragma unroll
   for (int r = 0; r < REP; ++r) s[r] = 0.f;
   if (valid) {
+    // CH loads issued together, as the tail's tiles do: this warp's split waits on them.
     const size_t srow = ((size_t)bh * NS + lane) * D;
 #pragma unroll 1
-    for (int c = 0; c < D; ++c) {
-      const float k = kv_to_float(sk[srow + c]);
+    for (int c0 = 0; c0 < D; c0 += CH) {
+      float k[CH];
 #pragma unroll
-      for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c], k, s[r]);
+      for (int c = 0; c < CH; ++c) k[c] = kv_to_float(sk[srow + c0 + c]);
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c0 + c], k[c], s[r]);
+      }
     }
   }
 #pragma unroll
