@@ -129,42 +129,7 @@ for (int r = 0; r < REP; ++r) {
 // of the first split reads them as one more float tile (0 < NS <= 32).
 static_assert(NS >= 0 && NS <= 32, "sink tokens fit one tile");
 if (NS > 0 && split == 0 && warp == 0) {
-  const bool valid = lane < NS;
-  float s[REP];
-#pragma unroll
-  for (int r = 0; r < REP; ++r) s[r] = 0.f;
-  if (valid) {
-    // CH loads issued together, as the tail's tiles do: this warp's split waits on them.
-    const size_t srow = ((size_t)bh * NS + lane) * D;
-#pragma unroll 1
-    for (int c0 = 0; c0 < D; c0 += CH) {
-      float k[CH];
-#pragma unroll
-      for (int c = 0; c < CH; ++c) k[c] = kv_to_float(sk[srow + c0 + c]);
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-#pragma unroll
-        for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c0 + c], k[c], s[r]);
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
-  __syncwarp();
-  kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
-  __syncwarp();
-  for (int n = 0; n < NV; ++n) {
-    const int tt = sub + n * TPW;
-    if (tt < NS) {
-      const size_t vrow = ((size_t)bh * NS + tt) * D + d0;
-#pragma unroll
-      for (int r = 0; r < REP; ++r) {
-        const float p = p_s[warp][r][tt];
-#pragma unroll
-        for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(p, kv_to_float(sv[vrow + i]), acc[r][i]);
-      }
-    }
-  }
+  kv_float_tile<D, REP, VD, CH>(sk, sv, (size_t)bh * NS, NS, q_s, m, l, accb, acc, p_s[warp], lane);
   __syncwarp();
 }
 
@@ -223,40 +188,8 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     __syncwarp();
     kv_accumulate_values<D, BV, REP, VD, VBW>(p_s[warp], vwv, vsc, vbi, sub, accb, acc);
   } else {
-    // Tail tile: float keys and values, row t - TB of the tail.
-    const size_t trow = (size_t)bh * NT + (t - TB);
-#pragma unroll
-    for (int r = 0; r < REP; ++r) s[r] = 0.f;
-    if (valid) {
-#pragma unroll 1
-      for (int c0 = 0; c0 < D; c0 += CH) {
-        float k[CH];
-#pragma unroll
-        for (int c = 0; c < CH; ++c) k[c] = kv_to_float(tk[trow * D + c0 + c]);
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-#pragma unroll
-          for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c0 + c], k[c], s[r]);
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
-    __syncwarp();
-    kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_s[warp], lane);
-    __syncwarp();
-    for (int n = 0; n < NV; ++n) {
-      const int tt = sub + n * TPW;
-      if (tt < nt) {
-        const size_t vrow = ((size_t)bh * NT + (base + tt - TB)) * D + d0;
-#pragma unroll
-        for (int r = 0; r < REP; ++r) {
-          const float p = p_s[warp][r][tt];
-#pragma unroll
-          for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(p, kv_to_float(tv[vrow + i]), acc[r][i]);
-        }
-      }
-    }
+    // Tail tile: float keys and values, rows base - TB.. of the tail.
+    kv_float_tile<D, REP, VD, CH>(tk, tv, (size_t)bh * NT + (base - TB), nt, q_s, m, l, accb, acc, p_s[warp], lane);
   }
   // The next tile's qk_s writes must not overtake this tile's reads by other lanes.
   __syncwarp();

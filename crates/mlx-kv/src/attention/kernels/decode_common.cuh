@@ -262,6 +262,56 @@ __device__ __forceinline__ void kv_softmax_tile(const float* s, bool valid, floa
   }
 }
 
+// One tile of float tokens (the per-channel kernel's sink run or tail, decode_channels.cu): `nt`
+// tokens whose K and V rows start at row `row0` of `fk`, `fv` ([rows, D]), lane i scoring token
+// i; CH channels' loads are issued together (one latency per chunk), then the online-softmax
+// update and the value sums, lanes owning VD dims of one token each (as the packed tiles).
+template <int D, int REP, int VD, int CH, typename FT>
+__device__ __forceinline__ void kv_float_tile(const FT* fk, const FT* fv, size_t row0, int nt, const float* q_s,
+                                              float* m, float* l, float* accb, float (*acc)[VD],
+                                              float (*p_w)[32], int lane) {
+  constexpr int LPT = D / VD;
+  constexpr int TPW = 32 / LPT;
+  constexpr int NV = 32 / TPW;
+  const bool valid = lane < nt;
+  float s[REP];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) s[r] = 0.f;
+  if (valid) {
+    const size_t krow = (row0 + lane) * D;
+#pragma unroll 1
+    for (int c0 = 0; c0 < D; c0 += CH) {
+      float k[CH];
+#pragma unroll
+      for (int c = 0; c < CH; ++c) k[c] = kv_to_float(fk[krow + c0 + c]);
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int r = 0; r < REP; ++r) s[r] = fmaf(q_s[r * D + c0 + c], k[c], s[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
+  __syncwarp();
+  kv_softmax_tile<REP, VD>(s, valid, m, l, accb, acc, p_w, lane);
+  __syncwarp();
+  const int sub = lane / LPT;
+  const int d0 = (lane % LPT) * VD;
+  for (int n = 0; n < NV; ++n) {
+    const int tt = sub + n * TPW;
+    if (tt < nt) {
+      const size_t vrow = (row0 + tt) * D + d0;
+#pragma unroll
+      for (int r = 0; r < REP; ++r) {
+        const float p = p_w[r][tt];
+#pragma unroll
+        for (int i = 0; i < VD; ++i) acc[r][i] = fmaf(p, kv_to_float(fv[vrow + i]), acc[r][i]);
+      }
+    }
+  }
+}
+
 // The value step of a packed tile: p * scale * code into the lane's dims, and p * bias into one
 // running sum per row (the group bias adds the same amount to every dim of the group).
 template <int D, int BV, int REP, int VD, int VBW>
