@@ -97,6 +97,16 @@ mod tests {
     }
 
     #[test]
+    fn auto_gives_our_kernel_the_large_weights_only() {
+        // The default options (this test process installs none).
+        assert_eq!(crate::options::current().gpu_matvec, GpuMatvec::Auto);
+        if cfg!(not(target_os = "macos")) {
+            assert!(wanted(QMV_MIN_BYTES) && wanted(64 << 20));
+            assert!(!wanted(QMV_MIN_BYTES - 1) && !wanted(600 << 10), "SmolLM2-sized weights stay on MLX's kernel");
+        }
+    }
+
+    #[test]
     fn the_source_names_no_shape_parameter() {
         // Every size is a template argument, so MLX passes no shape arrays to this kernel.
         let (_, body) = crate::cuda_kernel::include_files(&QMV_DEF, QMV_DEF.body, 7).expect("temp dir is writable");
