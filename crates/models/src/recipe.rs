@@ -102,13 +102,6 @@ impl Recipe {
         std::fs::write(path, text + "\n").map_err(io)
     }
 
-    /// This recipe with no layer keeping sink tokens, for a backend whose fast paths do not read
-    /// them (CUDA, for now): the same codes for every other token.
-    pub fn without_sinks(&self) -> std::result::Result<Recipe, mlx_kv::KvError> {
-        let layers = self.specs()?.into_iter().map(|s| KvSpec { sinks: 0, ..s }.to_string()).collect();
-        Ok(Recipe { layers, ..self.clone() })
-    }
-
     /// Every layer's setting.
     pub fn specs(&self) -> std::result::Result<Vec<KvSpec>, mlx_kv::KvError> {
         self.layers.iter().enumerate().map(|(i, t)| KvSpec::from_canonical(t, &format!("layer {i}"))).collect()
@@ -250,21 +243,14 @@ pub fn resolve(settings: CacheSettings, pick: &Pick, model: &ModelShape) -> Resu
             let preset = settings.spec.to_string();
             // A recipe with settings this backend's fast path lacks, or whose step is still far
             // slower there (`preset_may_use`), would decode slower than the preset: the
-            // general choice runs instead.
-            // Sink tokens alone do not refuse a recipe: without them it keeps every other code
-            // and runs on the fast path, and the source says so.
+            // general choice runs instead. (Both fast paths read the sink tokens that shipped
+            // recipes keep on per-channel layers.)
             let fast = |r: &Recipe| r.specs().is_ok_and(|specs| specs.iter().all(|s| mlx_kv::attention::preset_may_use(s, model.head_dim)));
-            let runnable = shipped(model_id, &preset).and_then(|(path, r)| {
-                if fast(&r) {
-                    return Some((path, r, ""));
-                }
-                r.without_sinks().ok().filter(fast).map(|bare| (path, bare, "(sinks off)"))
-            });
-            if let Some((path, recipe, note)) = runnable {
+            if let Some((path, recipe)) = shipped(model_id, &preset).filter(|(_, r)| fast(r)) {
                 let layers = recipe.overrides_for(model_id, n, &path)?;
                 let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
                 let settings = CacheSettings { layers, ..settings };
-                return Ok(Resolved { name: windowed(format!("{preset}+recipe"), &settings), source: format!("recipe:{stem}{note}"), settings });
+                return Ok(Resolved { name: windowed(format!("{preset}+recipe"), &settings), source: format!("recipe:{stem}"), settings });
             }
             let spec = general_choice(&settings.spec, model.head_dim);
             let source = if spec == settings.spec { "plain" } else { "general" };
@@ -377,15 +363,6 @@ mod tests {
             assert!(((bits + sinks) / budget - 1.0).abs() <= 0.03, "{name}: {bits} + {sinks} sink bits per element vs the preset's {budget}");
             assert!(specs.iter().all(|s| s.sinks == 0 || s.key_layout == mlx_kv::KeyLayout::PerChannel), "{name}: sinks on a per-token layer");
         }
-    }
-
-    #[test]
-    fn a_recipe_without_sinks_keeps_every_other_setting() {
-        let mut r = sample();
-        r.layers = vec!["k4v4-pc-s1-rotv".into(), "k8v4".into()];
-        let bare = r.without_sinks().unwrap();
-        assert_eq!(bare.layers, vec!["k4v4-pc-rotv".to_string(), "k8v4".to_string()]);
-        assert_eq!(Recipe { layers: r.layers.clone(), ..bare }, r);
     }
 
     #[test]
