@@ -850,7 +850,7 @@ impl KvCache {
         let direct = ks[2] == 1
             && qs[2] == 1
             && block > 1
-            && spec.sinks <= 32
+            && spec.sinks <= attention::fused::MAX_SINKS
             && self.opts.max_size.is_none()
             && self.sink_k.len() == spec.sinks
             && !self.body_pos.is_empty()

@@ -91,6 +91,10 @@ pub fn covers_channels(k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, 
     covers(k_bits, v_bits, head_dim, rows) && k_group > 0 && k_group.is_multiple_of(32)
 }
 
+/// The most sink tokens (`--kv-sinks`) the per-channel kernel reads beside its body: one tile
+/// of 32 lanes (`decode_channels.cu` asserts the same).
+pub const MAX_SINKS: usize = 32;
+
 /// Whether the tensor-core variant of the attention pass (`KV_MMA` in decode_partial.cu) covers
 /// this case: key and value groups of 64, head_dim 64 or 128, 4- or 8-bit keys, 2-, 4- or 8-bit
 /// values, at most 8 query rows per KV head, and f16 or bf16 queries (its query fragments are
@@ -336,8 +340,8 @@ pub fn decode_attention(q3: &Array, k: PackedOperand, v: PackedOperand, t: usize
 fn sink_rows<'a>(sinks: Option<(&'a Array, &'a Array)>, tk: &'a Array, tv: &'a Array, bh: i32, d: i32) -> Result<(&'a Array, &'a Array, i32)> {
     let Some((sk, sv)) = sinks else { return Ok((tk, tv, 0)) };
     let s = sk.shape();
-    if sv.shape() != s || s.len() != 4 || s[0] * s[1] != bh || s[3] != d || !(1..=32).contains(&s[2]) {
-        return Err(KvError::Shape(format!("fused per-channel attention: sink tokens {s:?}/{:?} for {bh} heads of {d} (1 to 32 sinks)", sv.shape())));
+    if sv.shape() != s || s.len() != 4 || s[0] * s[1] != bh || s[3] != d || !(1..=MAX_SINKS as i32).contains(&s[2]) {
+        return Err(KvError::Shape(format!("fused per-channel attention: sink tokens {s:?}/{:?} for {bh} heads of {d} (1 to {MAX_SINKS} sinks)", sv.shape())));
     }
     Ok((sk, sv, s[2]))
 }

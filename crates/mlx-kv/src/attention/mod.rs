@@ -145,8 +145,8 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
     }
     let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
     let Some((k, v, _, _)) = body else {
-        let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none_or(|(k, _)| k.shape()[2] <= 32)) else {
-            return pick(Path::MlxQuantized, "several segments (or over 32 sink tokens), a mask, or learned sinks");
+        let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none_or(|(k, _)| k.shape()[2] as usize <= fused::MAX_SINKS)) else {
+            return pick(Path::MlxQuantized, "several segments (or more sink tokens than the kernel's tile), a mask, or learned sinks");
         };
         if let Err(why) = fused_allowed() {
             return pick(Path::MlxQuantized, why);
@@ -274,7 +274,7 @@ pub fn fast_path_reads(spec: &crate::KvSpec, head_dim: usize) -> bool {
         || if per_token {
             spec.sinks == 0 && fused::covers(spec.k.bits, spec.v.bits, head_dim, 1)
         } else {
-            spec.sinks <= 32 && fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)
+            spec.sinks <= fused::MAX_SINKS && fused::covers_channels(spec.k.bits, spec.k.group, spec.v.bits, head_dim, 1)
         }
 }
 
