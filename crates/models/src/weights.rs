@@ -185,8 +185,7 @@ fn gpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32
     // Decode steps (one row per sequence, up to 8) on our matvec where `--gpu-matvec` says so:
     // it reads the weight once for every row, at a higher fraction of bandwidth than MLX's
     // kernels, for a little more host time per launch.
-    let bytes = w.nbytes() + scales.nbytes() + biases.nbytes();
-    if mlx_ext::qmv::covers(bits, group, k, rows) && w.ndim() == 2 && mlx_ext::qmv::wanted(bytes) {
+    if mlx_ext::qmv::covers(bits, group, k, rows) && w.ndim() == 2 && mlx_ext::qmv::wanted(w.nbytes() + scales.nbytes() + biases.nbytes()) {
         return Ok(mlx_ext::qmv::qmv(x, w, scales, biases, bits, group)?);
     }
     if rows <= 1 || rows >= GPU_MIN_ROWS {
