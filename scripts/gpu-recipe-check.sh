@@ -4,8 +4,10 @@
 #   1. plain k8v4 and the `--kv 8,4` preset (SmolLM2's per-channel recipe), alternating, two
 #      rounds, `bench -d 4096 -p 1 -n 256 -r 3 --host-profile`: each repeat stamped, each custom
 #      kernel configuration stamped when first built, and the warm-up's time;
-#   2. `serve --kv 8,4`: time to ready (the warm-up) and the first request's
-#      latency for 200 tokens, which crosses several key-group boundaries.
+#   2. `serve --kv 8,4 --host-profile`: time to ready (the warm-up), two requests' latency for
+#      200 tokens (prompts of different lengths; each crosses several key-group boundaries), then
+#      three at once (a batched decode); the kernel configurations first built after `serving`
+#      are compiles inside requests.
 # Logs go to $OUT (or ./gpu-recipe-check). Usage: scripts/gpu-recipe-check.sh
 set -uo pipefail
 out=${OUT:-gpu-recipe-check}
@@ -20,7 +22,7 @@ for r in 1 2; do
   grep -E "$keep" "$out/plain$r.log" "$out/recipe$r.log"
 done
 t0=$(date +%s.%N)
-"$bin" serve --model default --kv 8,4 --port 8091 > "$out/serve.log" 2>&1 &
+"$bin" serve --model default --kv 8,4 --port 8091 --host-profile > "$out/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 180); do grep -q "^serving" "$out/serve.log" && break; sleep 0.5; done
 t1=$(date +%s.%N)
@@ -30,9 +32,19 @@ t2=$(date +%s.%N)
 curl -s http://127.0.0.1:8091/v1/completions -H 'content-type: application/json' \
   -d '{"model":"default","prompt":"Once upon a time","max_tokens":200,"temperature":0}' > "$out/serve-second.json"
 t3=$(date +%s.%N)
+reqs=()
+for p in "One" "A short story about a cat who" "In 1905, the physicist"; do
+  curl -s http://127.0.0.1:8091/v1/completions -H 'content-type: application/json' \
+    -d "{\"model\":\"default\",\"prompt\":\"$p\",\"max_tokens\":200,\"temperature\":0}" > /dev/null &
+  reqs+=($!)
+done
+wait "${reqs[@]}"
+t4=$(date +%s.%N)
 kill "$pid"; wait "$pid" 2>/dev/null
-python3 - "$t0" "$t1" "$t2" "$t3" <<'PY' | tee "$out/serve-times.txt"
-import sys; t0, t1, t2, t3 = map(float, sys.argv[1:])
-print(f"serve: ready after {t1 - t0:.1f} s; first request (200 tokens) {t2 - t1:.2f} s; second {t3 - t2:.2f} s")
+python3 - "$t0" "$t1" "$t2" "$t3" "$t4" <<'PY' | tee "$out/serve-times.txt"
+import sys; t0, t1, t2, t3, t4 = map(float, sys.argv[1:])
+print(f"serve: ready after {t1 - t0:.1f} s; first request (200 tokens) {t2 - t1:.2f} s; second {t3 - t2:.2f} s; three at once {t4 - t3:.2f} s")
 PY
 grep -E "warmed up|serving" "$out/serve.log"
+echo "kernel configurations first built after serving: $(sed -n '/^serving/,$p' "$out/serve.log" | grep -c 'new launch')"
+sed -n '/^serving/,$p' "$out/serve.log" | grep 'new launch' | cut -c1-200 | head -20

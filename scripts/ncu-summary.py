@@ -5,8 +5,9 @@ share, by kernel class, then the 25 kernel names that take the most time."""
 import argparse, collections, csv, io, sys
 
 CLASSES = [  # first match wins; MLX's CUDA kernel names, ours are custom_kernel_* names
-    ("our attention / cache step", ("kvsplit", "custom_kernel", "decode_partial", "decode_fold", "kv_")),
+    # Weights first: our matvec is a kvsplit_ custom kernel too.
     ("4-bit weight matmul", ("qmv", "qmm", "quantized", "affine", "gemv_q", "fp_q")),
+    ("our attention / cache step", ("kvsplit", "custom_kernel", "decode_partial", "decode_fold", "kv_")),
     ("dense matmul / gemv", ("gemm", "gemv", "cutlass", "sm90", "matmul", "cublas")),
     ("rms norm", ("rms",)),
     ("rope", ("rope",)),

@@ -13,6 +13,7 @@ Usage: LD_LIBRARY_PATH=/tmp/nvrtc/x/nvidia/cu13/lib scripts/nvrtc-check-fused.py
   --paged     compile only the paged step kernels (fused.rs `decode_step_paged`) and their merge
   --channels  compile only the per-channel key kernel (fused.rs `attend_channels`)
   --widths    compile only the cases whose key or value width is in the list (e.g. 3,6)
+  --qmv       compile only the weight matvec (mlx-ext `kernels/qmv.cu`)
   --frame     compile only the steps that enter the stored frame themselves (Hadamard rotations
               and key center inside the launch: fused.rs `decode_step` with a `StoredFrame`, and
               `step_channels`' one-launch variant)
@@ -79,6 +80,19 @@ def compile_one(label, src):
 
 
 ok = True
+if "--qmv" in sys.argv[2:]:
+    # mlx-ext's matvec, as mlx-ext `qmv` launches it: R is 1 or 8, the row count from x's shape.
+    qdir = os.path.join(os.path.dirname(__file__), "..", "crates/mlx-ext/src/kernels")
+    qhead, qbody = (open(os.path.join(qdir, n)).read() for n in ("qmv_common.cuh", "qmv.cu"))
+    for (bits, group, k, n) in [(4, 64, 4096, 14336), (8, 32, 576, 49152), (4, 32, 1536, 576)]:
+        for r in [1, 8]:
+            for ot in ["__half", "__nv_bfloat16", "float"]:
+                params = [f"const {ot}* x", "const __grid_constant__ Shape x_shape", "const uint32_t* w", "const __half* scales", "const __half* biases", f"{ot}* y"]
+                c = "".join(f"  constexpr int {a} = {v};\n" for a, v in [("BITS", bits), ("GROUP", group), ("K", k), ("N", n), ("R", r)])
+                c += f"  using OT = {ot};\n  using ST = __half;\n"
+                src = PRELUDE + qhead + "namespace mlx::core::cu {\n__global__ void qmv(" + ", ".join(params) + ") {\n" + c + qbody + "\n}\n}\n"
+                ok &= compile_one(f"qmv {bits}-bit g{group} K={k} N={n} R={r} x={ot}", src)
+    sys.exit(0 if ok else 1)
 if frame_only:
     # The shapes of fused_check --frame: SmolLM2 (D=64, 3 rows), Qwen2.5 (64, 7), Gemma-3 (256,
     # 4), Llama-3.1-8B (128, 4); f16 queries (the models' decode dtype) and f32.

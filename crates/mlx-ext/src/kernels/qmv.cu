@@ -1,7 +1,9 @@
 // y = x W^T for a weight in MLX's affine layout (cuda.rs `qmv`): `w` u32 [N, K * BITS / 32]
 // (element e of a row in bits BITS * (e % (32 / BITS)) of word e * BITS / 32), `scales` and
-// `biases` [N, K / GROUP] in the weight's 16-bit dtype, `x` [R, K] -> `y` [R, N], R <= 8 rows
-// (a decode step: one row per sequence).
+// `biases` [N, K / GROUP] in the weight's 16-bit dtype, `x` [rows, K] -> `y` [rows, N], rows <= R
+// <= 8 (a decode step: one row per sequence). R is 1 or 8: the row count itself is read from
+// x's shape, since a template argument per count would be an NVRTC compile of seconds in the
+// middle of a request for every new prompt length or batch size.
 // One warp per weight row: each lane reads 16 bytes of codes per step (CPW codes, inside one
 // group since GROUP is a multiple of CPW), so a warp's load is 512 contiguous bytes, and every
 // code serves all R rows of x. The row's partial sums meet in a warp shuffle. MLX's own one-row
@@ -14,6 +16,7 @@ constexpr int NG = K / GROUP;           // groups per row
 constexpr unsigned MASK = (1u << BITS) - 1u;
 static_assert(K % CPW == 0 && GROUP % CPW == 0 && CPW % 8 == 0, "a load lies in one group and whole 8-element runs of x");
 static_assert(R >= 1 && R <= 8, "one to eight rows of x");
+const int rows = R == 1 ? 1 : x_shape[0];
 
 const int lane = threadIdx.x & 31;
 const int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
@@ -32,6 +35,7 @@ for (int u = lane; u < U; u += 32) {
   const float bi = qmv_to_float(biases[(size_t)row * NG + g]);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
     float dot = 0.f, xs = 0.f;
 #pragma unroll
     for (int c8 = 0; c8 < CPW / 8; ++c8) {
@@ -50,6 +54,7 @@ for (int u = lane; u < U; u += 32) {
 }
 #pragma unroll
 for (int r = 0; r < R; ++r) {
+  if (r >= rows) break;
   float a = acc[r];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);

@@ -125,10 +125,14 @@ for (int r = 0; r < REP; ++r) {
 
 // Sink tokens (NS, a template int; `--kv-sinks`): float rows `sk`, `sv` [BH, NS, D] kept out of
 // the body because the first token's outlier key channels would set the range of its whole
-// key group. They sit outside [0, T), so the body's tiles keep their group alignment; one warp
-// of the first split reads them as one more float tile (0 < NS <= 32).
+// key group. They sit outside [0, T), so the body's tiles keep their group alignment; they are
+// one more float tile (0 < NS <= 32), read by the warp with the fewest tiles of the last split:
+// at 4K tokens over few heads every warp has one tile, so a warp that read two would double
+// the launch's critical path (the last split is usually short, leaving that warp idle).
 static_assert(NS >= 0 && NS <= 32, "sink tokens fit one tile");
-if (NS > 0 && split == 0 && warp == 0) {
+const int sink_split = (T - 1) / PER;
+const int sink_warp = ((T - sink_split * PER + 31) / 32) % WARPS;
+if (NS > 0 && split == sink_split && warp == sink_warp) {
   kv_float_tile<D, REP, VD, CH>(sk, sv, (size_t)bh * NS, NS, q_s, m, l, accb, acc, p_s[warp], lane);
   __syncwarp();
 }
