@@ -15,7 +15,7 @@ mkdir -p "$out"
 bin=${KVRT:?source /tmp/kvrt/gpu-env.sh first}/kvsplit-mlx
 keep='warm-up|repeat [0-9]|decode split|^\| k8'
 for r in 1 2; do
-  timeout 120 "$bin" bench --model default --kv k8v4 --kv-plain -d 4096 -p 1 -n 256 -r 3 --host-profile 2>&1 |
+  timeout 200 "$bin" bench --model default --kv k8v4 --kv-plain -d 4096 -p 1 -n 256 -r 3 --host-profile 2>&1 |
     grep -E "$keep|new launch" | cut -c1-220 > "$out/plain$r.log"
   timeout 150 "$bin" bench --model default --kv 8,4 -d 4096 -p 1 -n 256 -r 3 --host-profile 2>&1 |
     grep -E "$keep|new launch" | cut -c1-220 > "$out/recipe$r.log"

@@ -2,7 +2,7 @@
 """Per-class device time of the decode steps in an `ncu --csv --page raw` log of
 `bench --cuda-profile-range` (scripts/gpu-step-profile.sh): kernels, microseconds per step and
 share, by kernel class, then the 25 kernel names that take the most time."""
-import argparse, collections, csv, io, sys
+import argparse, collections, csv, io, statistics, sys
 
 CLASSES = [  # first match wins; MLX's CUDA kernel names, ours are custom_kernel_* names
     # Weights first: our matvec is a kvsplit_ custom kernel too.
@@ -41,28 +41,28 @@ def main():
     if not rows:
         sys.exit(f"{a.csv}: the table has no kernel rows")
     tcol = "gpu__time_duration.sum"
-    by_cls = collections.defaultdict(lambda: [0, 0.0])
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    total = 0.0
+    times = collections.defaultdict(list)
     for r in rows:
-        ns = float(r[tcol].replace(",", ""))
-        name = r["Kernel Name"]
+        times[r["Kernel Name"][:110]].append(float(r[tcol].replace(",", "")))
+    # Per name: launches, summed ns, and launches times the median launch.
+    by_name = {n: (len(t), sum(t), len(t) * statistics.median(t)) for n, t in times.items()}
+    by_cls = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for name, (k, ns, med) in by_name.items():
         c = by_cls[classify(name)]
-        c[0] += 1
+        c[0] += k
         c[1] += ns
-        n = by_name[name[:110]]
-        n[0] += 1
-        n[1] += ns
-        total += ns
+        c[2] += med
+    total = sum(v[1] for v in by_name.values())
+    total_med = sum(v[2] for v in by_name.values())
     s = a.steps
     print(f"{len(rows)} kernels over {s} decode steps: {len(rows) / s:.0f} kernels and "
-          f"{total / s / 1e3:.1f} us of kernel time per step\n")
-    print("| kernel class | kernels / step | us / step | share |\n|---|---:|---:|---:|")
-    for cls, (k, ns) in sorted(by_cls.items(), key=lambda x: -x[1][1]):
-        print(f"| {cls} | {k / s:.0f} | {ns / s / 1e3:.1f} | {ns / total:.1%} |")
-    print("\n| kernel (first 110 characters) | launches / step | us / step |\n|---|---:|---:|")
-    for name, (k, ns) in sorted(by_name.items(), key=lambda x: -x[1][1])[:25]:
-        print(f"| `{name.replace('|', '/')}` | {k / s:.1f} | {ns / s / 1e3:.1f} |")
+          f"{total / s / 1e3:.1f} us of kernel time per step ({total_med / s / 1e3:.1f} us by median launches)\n")
+    print("| kernel class | kernels / step | us / step | us / step (medians) | share (medians) |\n|---|---:|---:|---:|---:|")
+    for cls, (k, ns, med) in sorted(by_cls.items(), key=lambda x: -x[1][2]):
+        print(f"| {cls} | {k / s:.0f} | {ns / s / 1e3:.1f} | {med / s / 1e3:.1f} | {med / total_med:.1%} |")
+    print("\n| kernel (first 110 characters) | launches / step | us / step | us / step (medians) |\n|---|---:|---:|---:|")
+    for name, (k, ns, med) in sorted(by_name.items(), key=lambda x: -x[1][2])[:25]:
+        print(f"| `{name.replace('|', '/')}` | {k / s:.1f} | {ns / s / 1e3:.1f} | {med / s / 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,11 @@ impl FloatStore {
     /// Raw slots `[start, end)` of the buffer.
     pub fn slots(&self, start: usize, end: usize) -> Option<Array> {
         let d = self.data.as_ref()?;
+        // The whole buffer (a sink store, sized to its tokens) is passed as itself: a slice,
+        // even of every slot, reaches a CUDA kernel as one more copy op per layer and step.
+        if start == 0 && end == d.shape()[2] as usize && end > 0 && !self.narrowed {
+            return Some(d.clone());
+        }
         let widen = |a: Array| if self.narrowed { a.as_dtype(Dtype::Float32).unwrap_or(a) } else { a };
         (end > start).then(|| widen(d.index((.., .., start as i32..end as i32, ..))))
     }

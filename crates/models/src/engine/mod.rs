@@ -138,20 +138,28 @@ impl Engine {
     /// key group completes). On CUDA, MLX compiles each custom-kernel variant with NVRTC the
     /// first time it runs, about 2 s each, and keeps none of ours on disk; a per-channel recipe
     /// uses about ten, so without this the first request (or a timed repeat) stalls for tens
-    /// of seconds at its first group boundary. Pooled when the engine has a pool, as requests
-    /// are. Returns the steps decoded.
+    /// of seconds at its first group boundary. Then one batched decode step of two sequences,
+    /// as a server runs concurrent requests (the head and the layers of a batch take their
+    /// own variants; our 2-8 row matvec among them). Pooled when the engine has a pool, as
+    /// requests are. Returns the steps decoded by the first sequence.
     pub fn warm_up(&self, cache: &CacheSettings, prefill_step: usize) -> Result<usize> {
         let m = self.model.as_ref();
         let steps = cache.first_use_tokens(m.n_layers());
         // Ids every vocabulary has; what they say does not matter, only the shapes they take.
         let prompt: Vec<u32> = (0..prefill_step.min(2048) + 8).map(|i| 1 + (i % 64) as u32).collect();
-        let mut seq = match self.pooled_sequence(cache, SamplerSettings::default(), prefill_step, prompt.len() + steps + 1)? {
-            Some(seq) => seq,
-            None => self.sequence(cache, SamplerSettings::default(), prefill_step)?,
+        let throwaway = |tokens: usize| -> Result<Sequence<'_>> {
+            match self.pooled_sequence(cache, SamplerSettings::default(), prefill_step, tokens)? {
+                Some(seq) => Ok(seq),
+                None => self.sequence(cache, SamplerSettings::default(), prefill_step),
+            }
         };
+        let mut seq = throwaway(prompt.len() + steps + 2)?;
         // The loop requests run: the first token comes from the prefill, then `steps` decode
         // steps, with no stop token.
         seq.generate(&prompt, steps + 1, &[], |_| true)?;
+        let mut other = throwaway(prompt.len() + 2)?;
+        other.generate(&prompt[..8], 1, &[], |_| true)?;
+        batch::decode_batch(&mut [&mut seq, &mut other], &[None, None])?;
         Ok(steps)
     }
 
