@@ -39,3 +39,33 @@ pub fn depends(inputs: &[&Array], after: &[&Array]) -> Result<Vec<Array>> {
         Ok(got)
     }
 }
+
+/// `a` as a row-contiguous array (a copy only where it is not one), on the default stream.
+/// MLX's slice update that covers its whole destination returns the update itself, which may
+/// be a strided view of a larger array (a sink token sliced from a prompt chunk); a buffer kept
+/// that way reaches each CUDA kernel launch as one more copy op.
+pub fn contiguous(a: &Array) -> Result<Array> {
+    let stream = mlx_rs::Stream::new();
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        if mlx_sys::mlx_contiguous(&mut res, a.as_ptr(), false, stream.as_ptr()) != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(ExtError::Primitive("mlx contiguous failed".into()));
+        }
+        Ok(Array::from_ptr(res))
+    }
+}
+
+/// Whether an evaluated `a` is row-contiguous (what MLX's custom kernels need to read it
+/// without a copy); false for an array not yet evaluated.
+pub fn is_row_contiguous(a: &Array) -> bool {
+    let mut available = false;
+    let mut row = false;
+    unsafe {
+        mlx_sys::_mlx_array_is_available(&mut available, a.as_ptr());
+        if available {
+            mlx_sys::_mlx_array_is_row_contiguous(&mut row, a.as_ptr());
+        }
+    }
+    available && row
+}

@@ -69,6 +69,12 @@ impl FloatStore {
         self.grow_to(need, x)?;
         let data = self.data.as_mut().unwrap();
         data.index_mut((.., .., at as i32..need as i32, ..), x);
+        if at == 0 && need == data.shape()[2] as usize {
+            // A write over the whole buffer is `x` itself in MLX, maybe a strided slice of
+            // a prompt chunk (a sink token always is): kept as a view, every CUDA launch that
+            // reads it would copy it first (60 copies a decode step on SmolLM2's recipe).
+            *data = mlx_ext::graph::contiguous(data)?;
+        }
         self.end = self.end.max(need);
         Ok(())
     }
@@ -450,6 +456,21 @@ impl QuantStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sink_sliced_from_a_prompt_chunk_is_stored_contiguous() {
+        // The first token of a chunk: a strided view (head stride 32 * 8, not 8).
+        let chunk = mlx_rs::random::normal::<f32>(&[1, 3, 32, 8], None, None, None).unwrap().as_dtype(Dtype::Float16).unwrap();
+        let first = chunk.index((.., .., 0..1, ..));
+        let mut sink = FloatStore::with_step(1);
+        sink.append(&first).unwrap();
+        let v = sink.view().expect("one token");
+        v.eval().unwrap();
+        assert!(mlx_ext::graph::is_row_contiguous(&v), "a CUDA kernel would copy this buffer at every launch");
+        assert_eq!(v.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>(), first.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>());
+        first.eval().unwrap();
+        assert!(!mlx_ext::graph::is_row_contiguous(&first), "the test's input must be a strided view");
+    }
 
     #[test]
     fn a_kernel_may_write_the_next_token_only_into_room_from_slot_zero() {
