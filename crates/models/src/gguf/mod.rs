@@ -1,5 +1,6 @@
 //! GGUF model files: a validating reader over a memory map, metadata lookups, tensor byte ranges,
-//! dequantization to f32 and lossless conversion of Q4_0/Q4_1/Q8_0 to MLX affine triplets.
+//! dequantization to f32 and conversion of the 4/5/8-bit block types and the k-quants Q4_K/Q5_K/Q6_K
+//! to MLX affine triplets.
 //!
 //! Shapes: GGUF stores ggml dims `ne[0..n]` with `ne[0]` the fastest-varying (contiguous) axis,
 //! the reverse of the row-major convention of MLX/NumPy. [`TensorInfo::ggml_shape`] keeps the file
@@ -19,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{DequantError, GgufError, Result};
-pub use mlx::{to_mlx_affine, MlxAffine, MLX_GROUP_SIZE};
+pub use mlx::{affine_layout, to_mlx_affine, AffineLayout, MlxAffine, MLX_GROUP_SIZE};
 pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
@@ -240,7 +241,7 @@ impl GgufFile {
         })
     }
 
-    /// Converts the Q4_0/Q4_1/Q8_0 tensor `name` to an MLX affine triplet (group size 32) losslessly.
+    /// Converts the tensor `name` to an MLX affine triplet (see [`affine_layout`]), exact in f32.
     pub fn to_mlx_affine(&self, name: &str) -> Result<MlxAffine> {
         let info = self.tensor(name)?;
         let cols = info.row_len();
