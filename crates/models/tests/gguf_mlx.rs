@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use half::f16;
 use mlx_rs::{ops::dequantize as mlx_dequantize, Array};
-use models::gguf::{affine_layout, dequantize, to_mlx_affine, DequantError, GgmlType, GgufFile, MlxAffine};
+use models::gguf::{affine_layouts, dequantize, to_mlx_affine, to_mlx_affine_as, AffineLayout, DequantError, GgmlType, GgufFile, MlxAffine};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn model_path() -> PathBuf {
@@ -59,7 +59,7 @@ fn real_model_triplets_match_gguf_dequant_bit_for_bit() {
         let t = f.to_mlx_affine(name).unwrap();
         let info = f.tensor(name).unwrap();
         assert_eq!([t.rows, t.cols], [info.shape()[0], info.shape()[1]]);
-        assert_eq!(t.bits, affine_layout(info.ggml_type).unwrap().bits);
+        assert_eq!(t.bits, affine_layouts(info.ggml_type)[0].bits);
         assert_bits_eq(&t.dequantize(), &f.dequantize(name).unwrap(), name);
     }
 }
@@ -135,13 +135,6 @@ fn random_blocks(ty: GgmlType, rows: usize, blocks_per_row: usize, rng: &mut Std
     out
 }
 
-/// The unsigned codes of `t`, row-major.
-fn codes(t: &MlxAffine) -> Vec<u32> {
-    let per_word = 32 / t.bits as usize;
-    let mask = (1u32 << t.bits) - 1;
-    t.weight.iter().flat_map(|&w| (0..per_word).map(move |k| (w >> (k as u32 * t.bits)) & mask)).collect()
-}
-
 /// Scales and biases are exact f32 products and `scale*q + bias` rounds at most once, exactly as
 /// ggml's `d*q - m` does (see gguf/mlx.rs), so the triplet must give the reference dequantizer's
 /// values exactly, by hand and through MLX's own dequantize.
@@ -152,23 +145,26 @@ fn k_quant_and_5_bit_blocks_convert_exactly_in_f32() {
         let (block, _) = ty.block_geometry();
         let (rows, cols) = (3, 2 * block);
         let bytes = random_blocks(ty, rows, 2, &mut rng);
-        let t = to_mlx_affine(ty, &bytes, rows, cols).unwrap();
-        let layout = affine_layout(ty).unwrap();
-        assert_eq!((t.bits, t.group), (layout.bits, layout.group), "{ty}");
-        assert_eq!(t.weight_shape(), [rows, cols * t.bits as usize / 32], "{ty}");
-        assert_eq!(t.scales_shape(), [rows, cols / t.group], "{ty}");
         let want = dequantize(ty, &bytes, rows * cols).unwrap();
-        assert_values_eq(&t.dequantize(), &want, &format!("{ty} by hand"));
-        assert_values_eq(&mlx_dequant(&t, true), &want, &format!("{ty} through MLX"));
-        // 5- and 6-bit codes widened to 8 bits keep their range: the top bits stay clear.
-        let max_code = match ty {
-            GgmlType::Q4_K => 15,
-            GgmlType::Q6_K => 63,
-            _ => 31,
-        };
-        let c = codes(&t);
-        assert!(c.iter().all(|&q| q <= max_code), "{ty}: a code above {max_code}");
-        assert!(c.contains(&max_code), "{ty}: random codes never reach {max_code}");
+        assert_eq!(to_mlx_affine(ty, &bytes, rows, cols).unwrap().bits, affine_layouts(ty)[0].bits, "{ty}: narrowest first");
+        for &layout in affine_layouts(ty) {
+            let what = format!("{ty} as {} bits, group {}", layout.bits, layout.group);
+            let t = to_mlx_affine_as(ty, layout, &bytes, rows, cols).unwrap();
+            assert_eq!((t.bits, t.group), (layout.bits, layout.group), "{what}");
+            assert_eq!(t.weight_shape(), [rows, cols * t.bits as usize / 32], "{what}");
+            assert_eq!(t.scales_shape(), [rows, cols / t.group], "{what}");
+            assert_values_eq(&t.dequantize(), &want, &format!("{what}, by hand"));
+            assert_values_eq(&mlx_dequant(&t, true), &want, &format!("{what}, through MLX"));
+            // Widened codes keep their range: the top bits stay clear.
+            let max_code = match ty {
+                GgmlType::Q4_K => 15,
+                GgmlType::Q6_K => 63,
+                _ => 31,
+            };
+            let c = t.codes();
+            assert!(c.iter().all(|&q| q <= max_code), "{what}: a code above {max_code}");
+            assert!(c.contains(&max_code), "{what}: random codes never reach {max_code}");
+        }
     }
 }
 
@@ -197,7 +193,7 @@ fn f16_scales_stay_within_one_rounding_per_group() {
         let got = t.dequantize_with(&r(&t.scales), &r(&t.biases));
         let want = dequantize(ty, &bytes, rows * cols).unwrap();
         let mut rounded_any = false;
-        for (i, q) in codes(&t).into_iter().enumerate() {
+        for (i, q) in t.codes().into_iter().enumerate() {
             let g = i / t.group;
             let (s, b, q) = (t.scales[g].abs(), t.biases[g].abs(), q as f32);
             let magnitude = s * q + b;
@@ -227,6 +223,8 @@ fn wrong_sizes_and_unrepresentable_scales_are_clear_errors() {
         let err = to_mlx_affine(ty, &vec![0; size], 2, block / 2).unwrap_err();
         assert_eq!(err, DequantError::PartialBlock { ty, n_elements: block / 2, block });
     }
+    let err = to_mlx_affine_as(GgmlType::Q4_K, AffineLayout { bits: 8, group: 32 }, &[0; 144], 1, 256).unwrap_err();
+    assert_eq!(err, DequantError::Layout { ty: GgmlType::Q4_K, bits: 8, group: 32 });
     // Q4_K: d = 2048 and sub-scale 63 give a scale of 129024, beyond f16's 65504.
     let mut b = [0u8; 144];
     b[0..2].copy_from_slice(&f16::from_f32(2048.0).to_le_bytes());
@@ -242,14 +240,73 @@ fn real_k_quant_tensors_match_gguf_dequant_exactly() {
     let f = GgufFile::open(test_support::assets::qwen2()).unwrap();
     let mut seen = Vec::new();
     for info in f.tensors() {
-        if seen.contains(&info.ggml_type) || affine_layout(info.ggml_type).is_none() || info.shape().len() != 2 {
+        if seen.contains(&info.ggml_type) || info.shape().len() != 2 {
             continue;
         }
         seen.push(info.ggml_type);
-        let t = f.to_mlx_affine(&info.name).unwrap();
-        assert_values_eq(&t.dequantize(), &f.dequantize(&info.name).unwrap(), &info.name);
+        for &layout in affine_layouts(info.ggml_type) {
+            let t = f.to_mlx_affine_as(&info.name, layout).unwrap();
+            let what = format!("{} as {} bits", info.name, layout.bits);
+            assert_values_eq(&t.dequantize(), &f.dequantize(&info.name).unwrap(), &what);
+        }
     }
     for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q5_0] {
         assert!(seen.contains(&ty), "the Qwen checkpoint has no {ty} tensor");
+    }
+}
+
+/// Half of f32's unit roundoff times the terms summed: the recursive-summation bound `K u` on
+/// a dot product of `K` terms (the kernel's 8-lane partial sums only tighten it).
+fn f32_dot_bound(k: usize, magnitude: f64) -> f64 {
+    k as f64 * F32_HALF_ULP as f64 * magnitude
+}
+
+/// The CPU matvec the engine runs on these triplets (Q6_K's group of 16 and 6-bit Q5_x are new to
+/// it) gives `x W^T` of the reference weights within f32 summation error. Its terms are
+/// `scale * (q . x) + bias * sum(x)` per group, so the error scales with `sum |x| (|s| q + |b|)`,
+/// not with `sum |x w|` (a zero weight may be `32 s - 32 s`).
+#[test]
+fn cpu_matvec_reads_the_new_layouts() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for ty in NEW_TYPES {
+        let (block, _) = ty.block_geometry();
+        let (n, k, rows) = (9, 2 * block, 2);
+        let bytes = random_blocks(ty, n, 2, &mut rng);
+        let w = dequantize(ty, &bytes, n * k).unwrap();
+        let xs: Vec<f32> = (0..rows * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let x = Array::from_slice(&xs, &[rows as i32, k as i32]);
+        let mut tried = 0;
+        for &layout in affine_layouts(ty) {
+            if !mlx_ext::cpu::supports(layout.bits as u8, layout.group, k) {
+                continue;
+            }
+            tried += 1;
+            let t = to_mlx_affine_as(ty, layout, &bytes, n, k).unwrap();
+            let [wr, wc] = t.weight_shape();
+            let [sr, sc] = t.scales_shape();
+            let packed = Array::from_slice(&t.weight, &[wr as i32, wc as i32]);
+            let s = Array::from_slice(&t.scales, &[sr as i32, sc as i32]);
+            let b = Array::from_slice(&t.biases, &[sr as i32, sc as i32]);
+            let y = mlx_ext::cpu::quantized_matvec(&x, &packed, &s, &b, t.group as i32, t.bits as i32).unwrap();
+            let y: Vec<f32> = y.as_slice::<f32>().to_vec();
+            let codes = t.codes();
+            for m in 0..rows {
+                for r in 0..n {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for e in 0..k {
+                        let (i, g) = (r * k + e, (r * k + e) / t.group);
+                        want += xs[m * k + e] as f64 * w[i] as f64;
+                        mag += (xs[m * k + e].abs() * (t.scales[g].abs() * codes[i] as f32 + t.biases[g].abs())) as f64;
+                    }
+                    let got = y[m * n + r] as f64;
+                    assert!(
+                        (got - want).abs() <= f32_dot_bound(k, mag),
+                        "{ty} as {} bits: row {m} out {r}: {got} vs {want}",
+                        t.bits
+                    );
+                }
+            }
+        }
+        assert!(tried > 0, "{ty}: the CPU matvec reads none of its layouts");
     }
 }

@@ -2,21 +2,23 @@
 //!
 //! MLX's affine format reconstructs `w = scale * q + bias` per group of `group` elements, with
 //! unsigned `q` of `bits` bits packed LSB-first into u32 words (element `j` of a row starts at
-//! bit `j*bits` of the row's little-endian bit stream). Each ggml type maps onto one layout
-//! ([`affine_layout`]):
+//! bit `j*bits` of the row's little-endian bit stream). Each ggml type maps onto one or two
+//! layouts ([`affine_layouts`]):
 //! - Q4_0: `w = d*(q-8)`, 4 bits, group 32 -> scale `d`, bias `-8d`
 //! - Q4_1: `w = d*q + m`, 4 bits, group 32 -> scale `d`, bias `m`
-//! - Q5_0: `w = d*(q-16)`, 5 bits -> 8-bit codes, group 32, scale `d`, bias `-16d`
-//! - Q5_1: `w = d*q + m`, 5 bits -> 8-bit codes, group 32, scale `d`, bias `m`
+//! - Q5_0: `w = d*(q-16)`, 5 bits -> 6- or 8-bit codes, group 32, scale `d`, bias `-16d`
+//! - Q5_1: `w = d*q + m`, 5 bits -> 6- or 8-bit codes, group 32, scale `d`, bias `m`
 //! - Q8_0: `w = d*s` with signed `s` -> `q = s+128`, group 32, scale `d`, bias `-128d`
 //! - Q4_K: `w = d*sc*q - dmin*m` per sub-block of 32 -> 4 bits, group 32, scale `d*sc`,
 //!   bias `-(dmin*m)`
-//! - Q5_K: Q4_K with a fifth bit -> 8-bit codes, group 32, same scale and bias
+//! - Q5_K: Q4_K with a fifth bit -> 6- or 8-bit codes, group 32, same scale and bias
 //! - Q6_K: `w = d*sc*(q-32)` per sub-block of 16 -> 8-bit codes, group 16, scale `d*sc`,
 //!   bias `-32*d*sc`
 //!
-//! Five-bit codes are widened to 8 bits because our CPU matvec (`mlx_ext::cpu::supports`) reads
-//! 2, 3, 4, 6 and 8 bits; 8 is the widest and costs no shift to unpack. Q6_K's sub-blocks of 16
+//! Five-bit codes are widened because our CPU matvec (`mlx_ext::cpu::supports`) reads 2, 3, 4, 6
+//! and 8 bits, not 5. Six bits is the narrower choice, and decoded Qwen2.5-Coder-0.5B (mostly
+//! Q5_0) 17% faster than 8 on the CPU (docs/cpu-speed.md, session 20); 8 bits is for backends
+//! whose products read only 4 and 8. Q6_K's sub-blocks of 16
 //! cannot merge into groups of 32 (two different scales would need codes wider than 8 bits), and
 //! the matvec reads 6 bits only in groups of 32 (whole 24-byte units), so its codes are 8 bits
 //! with group 16.
@@ -49,22 +51,27 @@ pub struct AffineLayout {
     pub group: usize,
 }
 
-/// The layout `ty` converts to, or `None` when [`to_mlx_affine`] cannot convert it.
-pub fn affine_layout(ty: GgmlType) -> Option<AffineLayout> {
+const B4_G32: AffineLayout = AffineLayout { bits: 4, group: 32 };
+const B6_G32: AffineLayout = AffineLayout { bits: 6, group: 32 };
+const B8_G32: AffineLayout = AffineLayout { bits: 8, group: 32 };
+const B8_G16: AffineLayout = AffineLayout { bits: 8, group: 16 };
+
+/// The layouts `ty` converts to, narrowest first; empty when it has no affine form.
+pub fn affine_layouts(ty: GgmlType) -> &'static [AffineLayout] {
     use GgmlType::*;
-    let (bits, group) = match ty {
-        Q4_0 | Q4_1 | Q4_K => (4, 32),
-        Q5_0 | Q5_1 | Q8_0 | Q5_K => (8, 32),
-        Q6_K => (8, 16),
-        _ => return None,
-    };
-    Some(AffineLayout { bits, group })
+    match ty {
+        Q4_0 | Q4_1 | Q4_K => &[B4_G32],
+        Q5_0 | Q5_1 | Q5_K => &[B6_G32, B8_G32],
+        Q8_0 => &[B8_G32],
+        Q6_K => &[B8_G16],
+        _ => &[],
+    }
 }
 
 /// An MLX affine-quantized matrix: the inputs of `mlx::core::dequantize(w, scales, biases, group, bits)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MlxAffine {
-    /// Bits per element: 4 or 8.
+    /// Bits per element: 4, 6 or 8.
     pub bits: u32,
     /// Elements per scale/bias group: 32, or 16 for Q6_K.
     pub group: usize,
@@ -98,24 +105,48 @@ impl MlxAffine {
 
     /// [`Self::dequantize`] with other per-group parameters (e.g. the f16-rounded ones).
     pub fn dequantize_with(&self, scales: &[f32], biases: &[f32]) -> Vec<f32> {
-        let per_word = 32 / self.bits as usize;
-        let mask = (1u32 << self.bits) - 1;
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for (i, &word) in self.weight.iter().enumerate() {
-            for k in 0..per_word {
-                let g = (i * per_word + k) / self.group;
-                let q = (word >> (k as u32 * self.bits)) & mask;
-                out.push(scales[g] * q as f32 + biases[g]);
-            }
-        }
-        out
+        let codes = self.codes();
+        codes.iter().enumerate().map(|(i, &q)| scales[i / self.group] * q as f32 + biases[i / self.group]).collect()
+    }
+
+    /// The unsigned codes, row-major `[rows, cols]`.
+    pub fn codes(&self) -> Vec<u32> {
+        let mask = (1u64 << self.bits) - 1;
+        let word = |i: usize| self.weight.get(i).map_or(0, |&w| w as u64);
+        (0..self.rows * self.cols)
+            .map(|j| {
+                // A 6-bit code may straddle two words.
+                let bit = j * self.bits as usize;
+                let pair = word(bit / 32) | (word(bit / 32 + 1) << 32);
+                ((pair >> (bit % 32)) & mask) as u32
+            })
+            .collect()
     }
 }
 
 /// Converts `rows x cols` values of a tensor of type `ty` (`bytes` in ggml block order) to an MLX
-/// affine triplet in the layout of [`affine_layout`].
+/// affine triplet in its narrowest layout ([`affine_layouts`]).
 pub fn to_mlx_affine(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<MlxAffine, DequantError> {
-    let AffineLayout { bits, group } = affine_layout(ty).ok_or(DequantError::NotAffine(ty))?;
+    let narrowest = *affine_layouts(ty).first().ok_or(DequantError::NotAffine(ty))?;
+    to_mlx_affine_as(ty, narrowest, bytes, rows, cols)
+}
+
+/// [`to_mlx_affine`] in a given layout, which must be one of `ty`'s [`affine_layouts`].
+pub fn to_mlx_affine_as(
+    ty: GgmlType,
+    layout: AffineLayout,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<MlxAffine, DequantError> {
+    let layouts = affine_layouts(ty);
+    if layouts.is_empty() {
+        return Err(DequantError::NotAffine(ty));
+    }
+    if !layouts.contains(&layout) {
+        return Err(DequantError::Layout { ty, bits: layout.bits, group: layout.group });
+    }
+    let AffineLayout { bits, group } = layout;
     let (block, type_size) = ty.block_geometry();
     let n_elements = rows.saturating_mul(cols);
     // Blocks must not straddle rows: each row's groups come from its own blocks.
@@ -237,7 +268,7 @@ fn unpack_block(ty: GgmlType, b: &[u8], codes: &mut [u8], params: &mut [(f32, f3
                 }
             }
         }
-        _ => unreachable!("affine_layout lists only the types handled here"),
+        _ => unreachable!("affine_layouts lists only the types handled here"),
     }
     Ok(())
 }
@@ -252,7 +283,7 @@ fn split_nibbles(qs: &[u8], codes: &mut [u8]) {
 }
 
 /// Appends `codes` (each below `1 << bits`) to `out` as MLX's LSB-first bit stream. A ggml block
-/// fills whole words at 4 and 8 bits, so blocks pack independently.
+/// (32 or 256 elements) fills whole words at 4, 6 and 8 bits, so blocks pack independently.
 fn pack(codes: &[u8], bits: u32, out: &mut Vec<u32>) {
     let (mut acc, mut filled) = (0u64, 0u32);
     for &c in codes {

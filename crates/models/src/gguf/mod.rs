@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{DequantError, GgufError, Result};
-pub use mlx::{affine_layout, to_mlx_affine, AffineLayout, MlxAffine, MLX_GROUP_SIZE};
+pub use mlx::{affine_layouts, to_mlx_affine, to_mlx_affine_as, AffineLayout, MlxAffine, MLX_GROUP_SIZE};
 pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
@@ -236,20 +236,28 @@ impl GgufFile {
     /// Dequantizes the tensor `name` to f32, in row-major order of [`TensorInfo::shape`].
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.tensor(name)?;
-        dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize).map_err(|source| {
-            GgufError::Dequant { path: self.path.clone(), tensor: name.into(), source }
-        })
+        dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize).map_err(|e| self.dequant_error(name, e))
     }
 
-    /// Converts the tensor `name` to an MLX affine triplet (see [`affine_layout`]), exact in f32.
+    /// Converts the tensor `name` to an MLX affine triplet in its narrowest layout (see
+    /// [`affine_layouts`]), exact in f32.
     pub fn to_mlx_affine(&self, name: &str) -> Result<MlxAffine> {
+        let info = self.tensor(name)?;
+        match affine_layouts(info.ggml_type).first() {
+            Some(&layout) => self.to_mlx_affine_as(name, layout),
+            None => Err(self.dequant_error(name, DequantError::NotAffine(info.ggml_type))),
+        }
+    }
+
+    /// [`Self::to_mlx_affine`] in `layout`, one of the tensor type's [`affine_layouts`].
+    pub fn to_mlx_affine_as(&self, name: &str, layout: AffineLayout) -> Result<MlxAffine> {
         let info = self.tensor(name)?;
         let cols = info.row_len();
         let rows = (info.n_elements() as usize).checked_div(cols).unwrap_or(0);
-        to_mlx_affine(info.ggml_type, self.tensor_bytes(info), rows, cols).map_err(|source| GgufError::Dequant {
-            path: self.path.clone(),
-            tensor: name.into(),
-            source,
-        })
+        to_mlx_affine_as(info.ggml_type, layout, self.tensor_bytes(info), rows, cols).map_err(|e| self.dequant_error(name, e))
+    }
+
+    fn dequant_error(&self, name: &str, source: DequantError) -> GgufError {
+        GgufError::Dequant { path: self.path.clone(), tensor: name.into(), source }
     }
 }

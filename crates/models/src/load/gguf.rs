@@ -8,7 +8,7 @@
 
 use crate::error::Result;
 use crate::families::{llama, ArchConfig};
-use crate::gguf::{affine_layout, GgmlType, GgufFile};
+use crate::gguf::{affine_layouts, AffineLayout, GgmlType, GgufFile};
 use crate::model::Family;
 use crate::weights::{Weight, WeightMap};
 use mlx_rs::{Array, Dtype};
@@ -27,32 +27,35 @@ enum Packing {
 }
 
 impl Packing {
-    fn keeps(self, ty: GgmlType, cols: usize) -> bool {
+    /// The layout `ty` is kept packed in, for rows of `cols`: the narrowest the policy allows.
+    fn layout(self, ty: GgmlType, cols: usize) -> Option<AffineLayout> {
         match self {
-            Packing::Dense => false,
-            Packing::Native => matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0),
-            Packing::Backend => affine_layout(ty).is_some_and(|l| backend_reads(l.bits, l.group, cols)),
+            Packing::Dense => None,
+            Packing::Native => matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0).then(|| affine_layouts(ty)[0]),
+            Packing::Backend => affine_layouts(ty).iter().copied().find(|l| backend_reads(l.bits, l.group, cols)),
         }
     }
 }
 
 /// Whether the backend reads a `bits`/`group` triplet in its linear layers and embedding lookup.
 /// The CPU's products run our matvec (`mlx_ext::cpu::supports`), and its embedding rows and
-/// `--cpu-kernels off` MLX's dequantize, which takes Q6_K's group of 16 as well (checked in
-/// tests/gguf_mlx.rs). The GPU's products may fall to MLX 0.32.2's CUDA `quantized_matmul`,
-/// whose group sizes are 32, 64 and 128, so a group of 16 stays dense there.
+/// `--cpu-kernels off` MLX's dequantize, which takes 6 bits and Q6_K's group of 16 as well
+/// (checked in tests/gguf_mlx.rs). The GPU's products run our qmv (4 and 8 bits) or MLX 0.32.2's
+/// CUDA `quantized_matmul`, whose group sizes are 32, 64 and 128; only 4- and 8-bit triplets in
+/// groups of 32 have run there, so the GPU gets Q5_x as 8 bits and keeps Q6_K dense.
 fn backend_reads(bits: u32, group: usize, cols: usize) -> bool {
     match mlx_kv::Backend::current() {
         mlx_kv::Backend::Cpu => mlx_ext::cpu::supports(bits as u8, group, cols),
-        _ => matches!(group, 32 | 64 | 128) && cols.is_multiple_of(group),
+        mlx_kv::Backend::Gpu => matches!(bits, 4 | 8) && matches!(group, 32 | 64 | 128) && cols.is_multiple_of(group),
     }
 }
 
 fn load_tensor(g: &GgufFile, name: &str, dtype: Dtype, packing: Packing) -> Result<Weight> {
     let info = g.tensor(name)?;
     let shape: Vec<i32> = info.shape().iter().map(|&d| d as i32).collect();
-    if shape.len() == 2 && packing.keeps(info.ggml_type, info.row_len()) {
-        let a = g.to_mlx_affine(name)?;
+    let layout = if shape.len() == 2 { packing.layout(info.ggml_type, info.row_len()) } else { None };
+    if let Some(layout) = layout {
+        let a = g.to_mlx_affine_as(name, layout)?;
         let (rows, cols) = (a.rows as i32, a.cols as i32);
         let w = Array::from_slice(&a.weight, &[rows, cols * a.bits as i32 / 32]);
         let groups = cols / a.group as i32;
