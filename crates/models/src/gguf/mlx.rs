@@ -18,10 +18,9 @@
 //! Five-bit codes are widened because our CPU matvec (`mlx_ext::cpu::supports`) reads 2, 3, 4, 6
 //! and 8 bits, not 5. Six bits is the narrower choice, and decoded Qwen2.5-Coder-0.5B (mostly
 //! Q5_0) 17% faster than 8 on the CPU (docs/cpu-speed.md, session 20); 8 bits is for backends
-//! whose products read only 4 and 8. Q6_K's sub-blocks of 16
-//! cannot merge into groups of 32 (two different scales would need codes wider than 8 bits), and
-//! the matvec reads 6 bits only in groups of 32 (whole 24-byte units), so its codes are 8 bits
-//! with group 16.
+//! whose products read only 4 and 8. Q6_K's sub-blocks of 16 cannot merge into groups of 32 (two
+//! different scales would need codes wider than 8 bits), and the matvec reads 6 bits only in
+//! groups of 32 (whole 24-byte units), so its codes are 8 bits with group 16.
 //!
 //! Scales and biases are kept in f32, where every one of them is exact: `d`, `m` and `dmin` are
 //! f16 (11 significant bits), the k-quant sub-scales have at most 8 bits, so the products carry at
@@ -38,9 +37,6 @@ use half::f16;
 use super::error::DequantError;
 use super::quants::scale_min_k4;
 use super::types::GgmlType;
-
-/// Group size of the types whose ggml blocks are groups of 32 (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K).
-pub const MLX_GROUP_SIZE: usize = 32;
 
 /// The MLX affine packing a ggml type converts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{DequantError, GgufError, Result};
-pub use mlx::{affine_layouts, to_mlx_affine, to_mlx_affine_as, AffineLayout, MlxAffine, MLX_GROUP_SIZE};
+pub use mlx::{affine_layouts, to_mlx_affine, to_mlx_affine_as, AffineLayout, MlxAffine};
 pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
