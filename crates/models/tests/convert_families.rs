@@ -2,15 +2,16 @@
 //! Gemma 3 and Phi-3.
 //!
 //! Real weights (scripts/fetch-models.sh): Gemma-3-270M and Qwen2.5-Coder-0.5B, both Q4_K_M.
-//! Their k-quant tensors are dequantized to f32 (exact) and Q8_0/Q4_0 tensors carried over as
-//! triplets, so the directory must give the GGUF model's logits bit for bit and the same greedy
-//! tokens. Phi-3 has no registry weights: a tiny random checkpoint in the Hugging Face layout
+//! `convert` dequantizes their k-quant and Q5_0 tensors to f32 (exact) and carries Q8_0/Q4_0
+//! tensors over as triplets, so the directory must give the logits of the GGUF model read the
+//! same way bit for bit, and the same greedy tokens. Phi-3 has no registry weights: a tiny random checkpoint in the Hugging Face layout
 //! (fused `qkv_proj` and `gate_up_proj`) tests its directory loader and converter instead.
 
 use mlx_rs::{Array, Dtype};
 use models::generate::{prefill, CacheSettings};
 use models::mlx_dir::{self, ConvertOptions};
-use models::load::{load_dir, load_gguf, Loaded};
+use models::load::{load_dir, model_id, Loaded};
+use models::tokenizer::Tokenizer;
 use models::load::safetensors;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -60,6 +61,16 @@ fn config_json(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
 
+/// The GGUF model with the tensors as `convert` reads them. Inference loading (`load_gguf`) keeps
+/// the k-quants and Q5_x packed too, with the same weights in another summation order, which is
+/// not what a lossless conversion is checked against.
+fn load_gguf_as_converted(path: &Path, dtype: Dtype) -> Loaded {
+    let (cfg, weights, gguf) = models::load::gguf::load_any_lossless(path, dtype).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
+    let model = cfg.build(weights, dtype).unwrap();
+    Loaded { model, tokenizer, id: model_id(path).unwrap() }
+}
+
 /// Converts `file` losslessly and checks the directory against the GGUF: model_type, prompt
 /// ids, logits (max abs diff 0) and greedy tokens.
 fn lossless_round_trip(file: &str, model_type: &str, prompt: &str) -> Vec<u32> {
@@ -75,7 +86,7 @@ fn lossless_round_trip(file: &str, model_type: &str, prompt: &str) -> Vec<u32> {
     }
 
     let (ids, want_logits, want_tokens) = {
-        let g = load_gguf(&gguf, Dtype::Float32).unwrap();
+        let g = load_gguf_as_converted(&gguf, Dtype::Float32);
         let ids = g.tokenizer.encode(prompt, true);
         let (l, t) = run(&g, &ids, GREEDY_TOKENS);
         (ids, l, t)

@@ -58,10 +58,14 @@ pub enum DequantError {
     Unsupported(GgmlType),
     #[error("{ty}: {n_elements} elements need {expected} bytes, got {got}")]
     Length { ty: GgmlType, n_elements: usize, expected: usize, got: usize },
-    #[error("{0} has no lossless MLX affine form (supported: Q4_0, Q4_1, Q8_0)")]
+    #[error("{0} has no MLX affine form (supported: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")]
     NotAffine(GgmlType),
+    #[error("{ty} cannot be written as {bits}-bit codes in groups of {group}")]
+    Layout { ty: GgmlType, bits: u32, group: usize },
     #[error("block {block}: bias {bias} for scale {scale} does not fit in f16")]
     BiasOverflow { block: usize, scale: f32, bias: f32 },
+    #[error("block {block}: scale {scale} or bias {bias} is beyond the f16 range (65504) the GPU's f16 weights need")]
+    ParamRange { block: usize, scale: f32, bias: f32 },
     #[error("{ty}: {n_elements} elements is not a multiple of the block size {block}")]
     PartialBlock { ty: GgmlType, n_elements: usize, block: usize },
 }

@@ -1,5 +1,6 @@
 //! GGUF model files: a validating reader over a memory map, metadata lookups, tensor byte ranges,
-//! dequantization to f32 and lossless conversion of Q4_0/Q4_1/Q8_0 to MLX affine triplets.
+//! dequantization to f32 and conversion of the 4/5/8-bit block types and the k-quants Q4_K/Q5_K/Q6_K
+//! to MLX affine triplets.
 //!
 //! Shapes: GGUF stores ggml dims `ne[0..n]` with `ne[0]` the fastest-varying (contiguous) axis,
 //! the reverse of the row-major convention of MLX/NumPy. [`TensorInfo::ggml_shape`] keeps the file
@@ -19,7 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use error::{DequantError, GgufError, Result};
-pub use mlx::{to_mlx_affine, MlxAffine, MLX_GROUP_SIZE};
+pub use mlx::{affine_layouts, to_mlx_affine, to_mlx_affine_as, AffineLayout, MlxAffine};
 pub use quants::dequantize;
 pub use reader::DEFAULT_ALIGNMENT;
 pub use types::{GgmlType, TensorInfo, QK_K};
@@ -235,20 +236,28 @@ impl GgufFile {
     /// Dequantizes the tensor `name` to f32, in row-major order of [`TensorInfo::shape`].
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.tensor(name)?;
-        dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize).map_err(|source| {
-            GgufError::Dequant { path: self.path.clone(), tensor: name.into(), source }
-        })
+        dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize).map_err(|e| self.dequant_error(name, e))
     }
 
-    /// Converts the Q4_0/Q4_1/Q8_0 tensor `name` to an MLX affine triplet (group size 32) losslessly.
+    /// Converts the tensor `name` to an MLX affine triplet in its narrowest layout (see
+    /// [`affine_layouts`]), exact in f32.
     pub fn to_mlx_affine(&self, name: &str) -> Result<MlxAffine> {
+        let info = self.tensor(name)?;
+        match affine_layouts(info.ggml_type).first() {
+            Some(&layout) => self.to_mlx_affine_as(name, layout),
+            None => Err(self.dequant_error(name, DequantError::NotAffine(info.ggml_type))),
+        }
+    }
+
+    /// [`Self::to_mlx_affine`] in `layout`, one of the tensor type's [`affine_layouts`].
+    pub fn to_mlx_affine_as(&self, name: &str, layout: AffineLayout) -> Result<MlxAffine> {
         let info = self.tensor(name)?;
         let cols = info.row_len();
         let rows = (info.n_elements() as usize).checked_div(cols).unwrap_or(0);
-        to_mlx_affine(info.ggml_type, self.tensor_bytes(info), rows, cols).map_err(|source| GgufError::Dequant {
-            path: self.path.clone(),
-            tensor: name.into(),
-            source,
-        })
+        to_mlx_affine_as(info.ggml_type, layout, self.tensor_bytes(info), rows, cols).map_err(|e| self.dequant_error(name, e))
+    }
+
+    fn dequant_error(&self, name: &str, source: DequantError) -> GgufError {
+        GgufError::Dequant { path: self.path.clone(), tensor: name.into(), source }
     }
 }

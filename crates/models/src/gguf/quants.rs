@@ -96,7 +96,7 @@ fn block_q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 6-bit (scale, min) pair `j` of the 12 packed scale bytes of Q4_K/Q5_K.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
