@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""mlx-lm as the oracle of our model code (issue #21): for each architecture, a tiny random
+model built with mlx-lm's own model class and the checkpoint's real config keys, saved as an
+mlx-community-style directory twice (dense f32, and f16 quantized by `nn.quantize` with group 64
+and 4 bits as mlx-community does), with mlx-lm's logits at every position of fixed token ids and
+its 16 greedy tokens after them. `crates/models/tests/mlxlm_oracle.rs` loads each directory
+with our loader and compares.
+
+Run by scripts/mlxlm-oracle.sh (which makes the venv: mlx[cpu] and mlx-lm 0.32.2 from PyPI).
+Usage: python mlxlm_oracle.py OUT TOKENIZER_DIR [CASES]
+  OUT            one directory per case is written there, plus OUT/cases.json
+  TOKENIZER_DIR  tokenizer files copied into every model directory (their vocabulary sets the
+                 models' vocab_size)
+  CASES          only these comma-separated case names (e.g. gemma3,qwen3), for debugging
+"""
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+IDS = [1, 17, 254, 999, 3, 4096, 77, 12345, 5, 640]
+GREEDY = 16
+
+# (case, mlx-lm module, config.json): small dims, every dimension a multiple of the quantization
+# group (64) where a quantized matrix has it, two KV heads for GQA, two or more layers.
+def families(vocab):
+    common = dict(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512)
+    return [
+        ("llama", "llama", dict(common, model_type="llama", hidden_size=128, num_hidden_layers=2,
+                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                rope_theta=10000.0, tie_word_embeddings=False)),
+        # SmolLM2's layout: tied embeddings.
+        ("llama-tied", "llama", dict(common, model_type="llama", hidden_size=128, num_hidden_layers=2,
+                                     intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                     rope_theta=100000.0, tie_word_embeddings=True)),
+        ("mistral", "llama", dict(common, model_type="mistral", hidden_size=128, num_hidden_layers=2,
+                                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                  rope_theta=1000000.0, tie_word_embeddings=False)),
+        ("qwen2", "qwen2", dict(common, model_type="qwen2", hidden_size=128, num_hidden_layers=2,
+                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                rope_theta=1000000.0, tie_word_embeddings=True)),
+        ("qwen3", "qwen3", dict(common, model_type="qwen3", hidden_size=128, num_hidden_layers=2,
+                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=64, rope_theta=1000000.0, tie_word_embeddings=True)),
+        ("phi3", "phi3", dict(common, model_type="phi3", hidden_size=128, num_hidden_layers=2,
+                              intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                              rope_theta=10000.0, tie_word_embeddings=False)),
+        # Gemma 3's text model: a sliding-window layer and a global one (pattern 2), q/k norms,
+        # the query pre-attention scalar and the embedding scale.
+        ("gemma3", "gemma3_text", dict(common, model_type="gemma3_text", hidden_size=128, num_hidden_layers=2,
+                                       intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                       rope_local_base_freq=10000.0, query_pre_attn_scalar=64,
+                                       sliding_window=512, sliding_window_pattern=2)),
+    ]
+
+
+def randomize(model, seed):
+    """Norm weights (1-D parameters) off their init and matrices at a scale that keeps the tiny
+    model's logits spread (greedy choices then have margins)."""
+    mx.random.seed(seed)
+    def f(p):
+        if p.ndim == 1:
+            return 1.0 + 0.1 * mx.random.normal(p.shape)
+        return 0.08 * mx.random.normal(p.shape)
+    model.update(tree_map(f, model.parameters()))
+
+
+def logits_and_greedy(model):
+    """Logits at every position of IDS, then GREEDY tokens decoded one at a time through
+    mlx-lm's own KV cache (a new sequence length per full recompute costs seconds each on the
+    CPU backend)."""
+    from mlx_lm.models.cache import make_prompt_cache
+    cache = make_prompt_cache(model)
+    full = model(mx.array([IDS]), cache=cache)[0].astype(mx.float32)
+    mx.eval(full)
+    last, out = full[-1], []
+    for _ in range(GREEDY):
+        nxt = int(mx.argmax(last).item())
+        out.append(nxt)
+        last = model(mx.array([[nxt]]), cache=cache)[0, -1].astype(mx.float32)
+    return full, out
+
+
+def main():
+    # mlx-lm wraps activations in mx.compile, which on the CPU backend builds C++ with the
+    # system compiler for every new shape (ten minutes for these cases on 2 cores); the plain
+    # ops compute the same values.
+    mx.disable_compile()
+    out, tok = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = len(json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"])
+    cases = []
+    for seed, (name, module, config) in enumerate(families(vocab)):
+        if len(sys.argv) > 3 and name not in sys.argv[3].split(","):
+            continue
+        mod = importlib.import_module("mlx_lm.models." + module)
+        for quant in (False, True):
+            model = mod.Model(mod.ModelArgs.from_dict(config))
+            if module == "gemma3_text":
+                # Gemma 3 checkpoints carry no lm_head; mlx-lm's `sanitize` then ties the head
+                # to the embedding, as loading a real one does.
+                model.sanitize({})
+            randomize(model, seed)
+            cfg = dict(config)
+            if quant:
+                model.set_dtype(mx.float16)
+                nn.quantize(model, group_size=64, bits=4)
+                cfg["quantization"] = {"group_size": 64, "bits": 4}
+                cfg["torch_dtype"] = "float16"
+            else:
+                model.set_dtype(mx.float32)
+                cfg["torch_dtype"] = "float32"
+            mx.eval(model.parameters())
+            case = f"{name}-{'q4' if quant else 'f32'}"
+            d = out / case
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir()
+            weights = dict(tree_flatten(model.parameters()))
+            mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "mlx"})
+            (d / "config.json").write_text(json.dumps(cfg, indent=1))
+            for f in tok.iterdir():
+                shutil.copy(f, d / f.name)
+            full, greedy = logits_and_greedy(model)
+            mx.save_safetensors(str(d / "oracle.safetensors"), {"logits": full})
+            cases.append({"case": case, "module": module, "quantized": quant, "ids": IDS, "greedy": greedy,
+                          "layers": config["num_hidden_layers"]})
+            print(f"{case}: {len(weights)} tensors, greedy {greedy}", flush=True)
+    (out / "cases.json").write_text(json.dumps(cases, indent=1))
+
+
+if __name__ == "__main__":
+    main()
