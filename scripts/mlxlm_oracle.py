@@ -30,7 +30,7 @@ GREEDY = 16
 # group (64) where a quantized matrix has it, two KV heads for GQA, two or more layers.
 def families(vocab):
     common = dict(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512)
-    return [
+    cases = [
         ("llama", "llama", dict(common, model_type="llama", hidden_size=128, num_hidden_layers=2,
                                 intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                                 rope_theta=10000.0, tie_word_embeddings=False)),
@@ -58,6 +58,10 @@ def families(vocab):
                                        rope_local_base_freq=10000.0, query_pre_attn_scalar=64,
                                        sliding_window=512, sliding_window_pattern=2)),
     ]
+    # A Gemma 3 checkpoint that stores its own output head (a fine-tune may): mlx-lm then uses
+    # that head instead of the embedding.
+    gemma = cases[-1]
+    return cases + [("gemma3-head", gemma[1], dict(gemma[2]))]
 
 
 def randomize(model, seed):
@@ -102,9 +106,9 @@ def main():
         mod = importlib.import_module("mlx_lm.models." + module)
         for quant in (False, True):
             model = mod.Model(mod.ModelArgs.from_dict(config))
-            if module == "gemma3_text":
-                # Gemma 3 checkpoints carry no lm_head; mlx-lm's `sanitize` then ties the head
-                # to the embedding, as loading a real one does.
+            if module == "gemma3_text" and name != "gemma3-head":
+                # Google's Gemma 3 checkpoints carry no lm_head; mlx-lm's `sanitize` then ties
+                # the head to the embedding, as loading a real one does.
                 model.sanitize({})
             randomize(model, seed)
             cfg = dict(config)

@@ -66,8 +66,9 @@ pub trait Family: Sized + Serialize + DeserializeOwned {
     fn num_hidden_layers(&self) -> usize;
     /// Width of one attention head: what each layer's KV cache stores per head and token.
     fn head_dim(&self) -> usize;
-    /// Whether the output head is the embedding (a stored `lm_head` is then dropped).
-    fn tie_word_embeddings(&self) -> bool;
+    /// Whether a stored `lm_head` is dropped at load, the head then being the embedding (a tied
+    /// config, as mlx-lm's `sanitize` does for most families).
+    fn drops_stored_head(&self) -> bool;
     /// The HF name of GGUF tensor `gguf`; `None` for names the family does not know.
     fn gguf_tensor_name(gguf: &str) -> Option<String>;
     /// Undoes what llama.cpp's converter did to tensor `hf` (already renamed).

@@ -5,7 +5,7 @@
 //! sub-block is normalized both before and after (four norms per layer); the MLP is GELU-tanh
 //! gated; the query is scaled by `query_pre_attn_scalar^-1/2`; and most layers attend only to a
 //! sliding window, with their own RoPE base (local layers 10 000, global layers `rope_theta`).
-//! Embeddings are tied.
+//! Embeddings are tied unless the checkpoint stores its own `lm_head` (as mlx-lm decides).
 //!
 //! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); reading
 //! GGUF undoes llama.cpp's converter, which stores `1 + weight`.
@@ -176,8 +176,10 @@ impl Family for Config {
         self.head_dim
     }
 
-    fn tie_word_embeddings(&self) -> bool {
-        true
+    /// mlx-lm's Gemma 3 decides by presence, not by the config: a stored `lm_head` is the
+    /// head (a fine-tune may carry one), none means tied (every Google checkpoint).
+    fn drops_stored_head(&self) -> bool {
+        false
     }
 
     /// Gemma 3 normalizes before and after both sub-blocks; `ffn_norm` is the pre-MLP one.
@@ -206,9 +208,9 @@ impl Family for Config {
     }
 }
 
-/// Keys a checkpoint of this config must contain, exactly.
-pub fn expected_keys(cfg: &Config) -> Vec<String> {
-    let mut keys = Ends::keys(true);
+/// Keys a checkpoint of this config must contain, exactly; `head`: it stores its own `lm_head`.
+pub fn expected_keys(cfg: &Config, head: bool) -> Vec<String> {
+    let mut keys = Ends::keys(!head);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for name in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
@@ -345,9 +347,10 @@ impl Model {
                 reason: format!("Gemma attention logit softcapping ({cap}) is not implemented by the KV cache"),
             });
         }
-        w.check(&expected_keys(&cfg))?;
+        let head = w.contains("lm_head.weight");
+        w.check(&expected_keys(&cfg, head))?;
         let h = cfg.hidden_size;
-        let ends = Ends::load(&mut w, h, cfg.vocab_size, true, |w| norm_weight(w, "model.norm.weight", dtype))?;
+        let ends = Ends::load(&mut w, h, cfg.vocab_size, !head, |w| norm_weight(w, "model.norm.weight", dtype))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");

@@ -152,7 +152,7 @@ impl Family for Config {
         Config::head_dim(self)
     }
 
-    fn tie_word_embeddings(&self) -> bool {
+    fn drops_stored_head(&self) -> bool {
         self.tie_word_embeddings
     }
 

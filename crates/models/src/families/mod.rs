@@ -65,10 +65,10 @@ macro_rules! families {
                 }
             }
 
-            /// Whether the output head is the embedding (a stored `lm_head` is then dropped).
-            pub fn tie_word_embeddings(&self) -> bool {
+            /// Whether a stored `lm_head` is dropped at load ([`Family::drops_stored_head`]).
+            pub fn drops_stored_head(&self) -> bool {
                 match self {
-                    $(ArchConfig::$variant(c) => c.tie_word_embeddings(),)*
+                    $(ArchConfig::$variant(c) => c.drops_stored_head(),)*
                 }
             }
 

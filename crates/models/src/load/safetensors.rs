@@ -200,7 +200,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Array)>> {
 /// mlx-lm's `sanitize`: drops RoPE tables some checkpoints carry and a tied output head.
 fn sanitize(tensors: &mut BTreeMap<String, Array>, cfg: &ArchConfig) {
     tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
-    if cfg.tie_word_embeddings() {
+    if cfg.drops_stored_head() {
         for suffix in ["weight", "scales", "biases"] {
             tensors.remove(&format!("lm_head.{suffix}"));
         }
