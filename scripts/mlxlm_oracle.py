@@ -29,34 +29,23 @@ GREEDY = 16
 # (case, mlx-lm module, config.json): small dims, every dimension a multiple of the quantization
 # group (64) where a quantized matrix has it, two KV heads for GQA, two or more layers.
 def families(vocab):
-    common = dict(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512)
+    # The shape every case shares; each adds its model_type and its own keys.
+    shape = dict(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512, hidden_size=128,
+                 num_hidden_layers=2, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    cfg = lambda model_type, **keys: dict(shape, model_type=model_type, **keys)
     cases = [
-        ("llama", "llama", dict(common, model_type="llama", hidden_size=128, num_hidden_layers=2,
-                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                rope_theta=10000.0, tie_word_embeddings=False)),
+        ("llama", "llama", cfg("llama", rope_theta=10000.0, tie_word_embeddings=False)),
         # SmolLM2's layout: tied embeddings.
-        ("llama-tied", "llama", dict(common, model_type="llama", hidden_size=128, num_hidden_layers=2,
-                                     intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                     rope_theta=100000.0, tie_word_embeddings=True)),
-        ("mistral", "llama", dict(common, model_type="mistral", hidden_size=128, num_hidden_layers=2,
-                                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                  rope_theta=1000000.0, tie_word_embeddings=False)),
-        ("qwen2", "qwen2", dict(common, model_type="qwen2", hidden_size=128, num_hidden_layers=2,
-                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                rope_theta=1000000.0, tie_word_embeddings=True)),
-        ("qwen3", "qwen3", dict(common, model_type="qwen3", hidden_size=128, num_hidden_layers=2,
-                                intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=64, rope_theta=1000000.0, tie_word_embeddings=True)),
-        ("phi3", "phi3", dict(common, model_type="phi3", hidden_size=128, num_hidden_layers=2,
-                              intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                              rope_theta=10000.0, tie_word_embeddings=False)),
+        ("llama-tied", "llama", cfg("llama", rope_theta=100000.0, tie_word_embeddings=True)),
+        ("mistral", "llama", cfg("mistral", rope_theta=1000000.0, tie_word_embeddings=False)),
+        ("qwen2", "qwen2", cfg("qwen2", rope_theta=1000000.0, tie_word_embeddings=True)),
+        ("qwen3", "qwen3", cfg("qwen3", head_dim=64, rope_theta=1000000.0, tie_word_embeddings=True)),
+        ("phi3", "phi3", cfg("phi3", rope_theta=10000.0, tie_word_embeddings=False)),
         # Gemma 3's text model: a sliding-window layer and a global one (pattern 2), q/k norms,
         # the query pre-attention scalar and the embedding scale.
-        ("gemma3", "gemma3_text", dict(common, model_type="gemma3_text", hidden_size=128, num_hidden_layers=2,
-                                       intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                       head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                                       rope_local_base_freq=10000.0, query_pre_attn_scalar=64,
-                                       sliding_window=512, sliding_window_pattern=2)),
+        ("gemma3", "gemma3_text", cfg("gemma3_text", head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                      rope_local_base_freq=10000.0, query_pre_attn_scalar=64,
+                                      sliding_window=512, sliding_window_pattern=2)),
     ]
     # A Gemma 3 checkpoint that stores its own output head (a fine-tune may): mlx-lm then uses
     # that head instead of the embedding.
