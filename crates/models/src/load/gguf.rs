@@ -2,7 +2,7 @@
 //! tensors are named and what llama.cpp's converter did to them ([`crate::model::Family`]);
 //! this file reads the tensors.
 //!
-//! Quantized types with an MLX affine form ([`crate::gguf::affine_layout`]) stay packed as
+//! Quantized types with an MLX affine form ([`crate::gguf::affine_layouts`]) stay packed as
 //! triplets where the backend's products read their layout ([`Packing`]); every other type is
 //! dequantized to the compute dtype.
 
