@@ -19,9 +19,11 @@ kvs=()
 pos=0
 while [ $# -gt 0 ]; do
   case $1 in
+    --model|--kv) [ $# -ge 2 ] || { echo "gpu-step-profile: $1 needs a value" >&2; exit 2; } ;;&
     --model) model=(--model "$2"); shift 2 ;;
     --kv) kvs+=("$2"); shift 2 ;;
-    *) if [ $pos = 0 ]; then depth=$1; else steps=$1; fi; pos=$((pos + 1)); shift ;;
+    *) [[ $1 =~ ^[0-9]+$ ]] || { echo "gpu-step-profile: '$1' is not a depth or a step count" >&2; exit 2; }
+       if [ $pos = 0 ]; then depth=$1; else steps=$1; fi; pos=$((pos + 1)); shift ;;
   esac
 done
 [ ${#kvs[@]} -gt 0 ] || kvs=(k8v4 fp16)

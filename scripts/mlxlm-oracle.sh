@@ -5,6 +5,10 @@
 # random checkpoints and mlx-lm's logits and greedy tokens for them into OUT.
 # Usage: scripts/mlxlm-oracle.sh OUT TOKENIZER_DIR
 set -euo pipefail
+if [ $# -ne 2 ] || [ ! -f "$2/tokenizer.json" ]; then
+  echo "usage: scripts/mlxlm-oracle.sh OUT TOKENIZER_DIR (TOKENIZER_DIR must hold tokenizer.json)" >&2
+  exit 2
+fi
 out=$1 tok=$2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${KVSPLIT_CACHE:-$HOME/.cache/kvsplit-mlx}

@@ -85,6 +85,8 @@ def main():
     # system compiler for every new shape (ten minutes for these cases on 2 cores); the plain
     # ops compute the same values.
     mx.disable_compile()
+    if len(sys.argv) not in (3, 4) or not (Path(sys.argv[2]) / "tokenizer.json").is_file():
+        sys.exit("usage: mlxlm_oracle.py OUT TOKENIZER_DIR [CASES] (TOKENIZER_DIR must hold tokenizer.json)")
     out, tok = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     vocab = len(json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"])
