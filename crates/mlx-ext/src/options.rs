@@ -148,6 +148,10 @@ pub struct EngineOptions {
     /// Quantized model weights: kept packed, or dequantized at load
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = WeightMode::Quantized))]
     pub weights: WeightMode,
+    /// Projections of one input (q/k/v; gate/up) whose weights share storage (dtype, or bits
+    /// and group) are joined at load and run as one product (`off`: one product each)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub fuse_projections: Toggle,
     /// Time graph building per layer part in the caches' decode step (bench reports it)
     #[cfg_attr(feature = "clap", arg(long, global = true))]
     pub host_profile: bool,
@@ -156,8 +160,9 @@ pub struct EngineOptions {
 /// Options added after result rows began recording them, with the behaviour rows from before
 /// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now; prefill
 /// chunks took the block path before `cpu-prefill` existed; GPU decode used MLX's
-/// quantized_matmul before `gpu-matvec`.
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off")];
+/// quantized_matmul before `gpu-matvec`; every projection was its own product before
+/// `fuse-projections`.
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
@@ -174,6 +179,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     cpu_build: CpuBuild::Auto,
     cpu_matvec_rows: DEFAULT_MATVEC_ROWS,
     weights: WeightMode::Quantized,
+    fuse_projections: Toggle::On,
     host_profile: false,
 };
 
@@ -189,7 +195,7 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} fuse-projections={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
@@ -213,6 +219,7 @@ impl EngineOptions {
                 WeightMode::Quantized => "quantized",
                 WeightMode::Dense => "dense",
             },
+            self.fuse_projections.name(),
             if self.host_profile { "on" } else { "off" },
         )
     }

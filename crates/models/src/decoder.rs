@@ -7,6 +7,7 @@
 
 use crate::error::Result;
 use crate::fast::rms_norm;
+use crate::projections::Projections;
 use crate::weights::{output_logits, Embedding, Linear, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::nn::{gelu_approximate, silu};
@@ -49,8 +50,8 @@ pub enum Activation {
 
 /// `down_proj(act(gate_proj(x)) * up_proj(x))`, keys `{p}.mlp.{gate,up,down}_proj.weight`.
 pub struct GatedMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate, then up.
+    gate_up: Projections,
     down_proj: Linear,
     act: Activation,
 }
@@ -60,9 +61,9 @@ impl GatedMlp {
         let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
             Ok(Linear { weight: w.take_shaped(&format!("{p}.mlp.{name}.weight"), &[out, inp])?, bias: None })
         };
+        let (gate, up) = (lin("gate_proj", intermediate, hidden)?, lin("up_proj", intermediate, hidden)?);
         Ok(GatedMlp {
-            gate_proj: lin("gate_proj", intermediate, hidden)?,
-            up_proj: lin("up_proj", intermediate, hidden)?,
+            gate_up: Projections::new(vec![gate, up])?,
             down_proj: lin("down_proj", hidden, intermediate)?,
             act,
         })
@@ -76,16 +77,18 @@ impl GatedMlp {
 
 impl FeedForward for GatedMlp {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let g = self.gate_proj.forward(x)?;
+        let [g, u]: [Array; 2] = self.gate_up.forward(x)?.try_into().expect("two projections give two outputs");
         let g = match self.act {
             Activation::Silu => silu(g)?,
             Activation::GeluTanh => gelu_approximate(g)?,
         };
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?))
+        self.down_proj.forward(&(g * u))
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        [&self.gate_proj, &self.up_proj, &self.down_proj].into_iter().flat_map(|l| l.arrays()).collect()
+        let mut v = self.gate_up.arrays();
+        v.extend(self.down_proj.arrays());
+        v
     }
 }
 

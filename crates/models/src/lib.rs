@@ -15,6 +15,7 @@ pub mod load;
 pub mod mlx_dir;
 pub mod model;
 pub mod perplexity;
+pub mod projections;
 pub mod random;
 pub mod random_gguf;
 pub mod recipe;

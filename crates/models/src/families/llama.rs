@@ -15,6 +15,7 @@ use crate::families::llamacpp;
 use crate::fast::{rms_norm, rope, rope_rows};
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
+use crate::projections::Projections;
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
@@ -254,9 +255,8 @@ fn rope_freqs(cfg: &Config) -> Option<Array> {
 }
 
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v, in that order.
+    qkv: Projections,
     o_proj: Linear,
     q_norm: Option<Array>,
     k_norm: Option<Array>,
@@ -291,9 +291,7 @@ impl Attention {
             (None, None)
         };
         Ok(Attention {
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv: Projections::new(vec![q_proj, k_proj, v_proj])?,
             o_proj,
             q_norm,
             k_norm,
@@ -326,9 +324,10 @@ impl Attention {
             };
             Ok(y.transpose_axes(&[0, 2, 1, 3])?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads, &self.q_norm)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads, &self.k_norm)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads, &None)?;
+        let [q, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().expect("three projections give three outputs");
+        let q = heads(q, self.n_heads, &self.q_norm)?;
+        let k = heads(k, self.n_kv_heads, &self.k_norm)?;
+        let v = heads(v, self.n_kv_heads, &None)?;
         Ok((q, k, v))
     }
 
@@ -367,7 +366,8 @@ impl Mixer for Attention {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        let mut v: Vec<&Array> = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect();
+        let mut v = self.qkv.arrays();
+        v.extend(self.o_proj.arrays());
         v.extend(self.q_norm.iter().chain(self.k_norm.iter()));
         v
     }
