@@ -1,11 +1,21 @@
 //! The C entry points of `csrc/kvsplit_ext.h` (mlx-c's calling convention: results through the
-//! first argument, 0 on success). Declared by hand: seven functions do not need bindgen.
+//! first argument, 0 on success). Declared by hand: a few functions do not need bindgen.
 
 use mlx_sys::{mlx_array, mlx_stream};
-use std::os::raw::{c_char, c_int};
+use std::os::raw::{c_char, c_int, c_void};
 
 extern "C" {
     pub fn kvsplit_ext_last_error() -> *const c_char;
+    pub fn kvsplit_dist_is_available(backend: *const c_char) -> bool;
+    pub fn kvsplit_dist_init(backend: *const c_char, strict: bool, group: *mut *mut c_void) -> c_int;
+    pub fn kvsplit_dist_free(group: *mut c_void);
+    pub fn kvsplit_dist_rank(group: *const c_void) -> c_int;
+    pub fn kvsplit_dist_size(group: *const c_void) -> c_int;
+    pub fn kvsplit_dist_split(group: *const c_void, color: c_int, key: c_int, out: *mut *mut c_void) -> c_int;
+    pub fn kvsplit_dist_all_sum(res: *mut mlx_array, x: mlx_array, group: *const c_void) -> c_int;
+    pub fn kvsplit_dist_all_gather(res: *mut mlx_array, x: mlx_array, group: *const c_void) -> c_int;
+    pub fn kvsplit_dist_send(res: *mut mlx_array, x: mlx_array, dst: c_int, group: *const c_void) -> c_int;
+    pub fn kvsplit_dist_recv_like(res: *mut mlx_array, like: mlx_array, src: c_int, group: *const c_void) -> c_int;
     pub fn kvsplit_ext_cpu_threads() -> c_int;
     pub fn kvsplit_ext_configure(threads: c_int, force_generic: bool) -> c_int;
     pub fn kvsplit_cpu_quantized_matvec(

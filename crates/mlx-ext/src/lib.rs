@@ -6,6 +6,8 @@
 //! - [`cuda_kernel`]: our CUDA kernels as MLX custom kernels, launched with small host cost;
 //!   [`host_profile`] times that host side (`--host-profile`).
 //! - [`qmv`]: our CUDA matvec for quantized linear layers in decode.
+//! - [`distributed`]: MLX's distributed layer (a process group and its collectives), for
+//!   tensor-parallel models.
 //! - [`graph`]: ordering after ops that write their inputs in place (MLX's `depends`).
 //! - [`options`]: [`EngineOptions`], the typed kernel-path choices (fused GPU step and variants,
 //!   CPU primitives, threads, weight handling, profiling) that every command takes as flags and
@@ -17,6 +19,7 @@
 
 pub mod cpu;
 pub mod cuda_kernel;
+pub mod distributed;
 mod ffi;
 pub mod graph;
 pub mod host_profile;
