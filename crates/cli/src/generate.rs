@@ -169,6 +169,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if let Some(path) = seq.attention_path() {
             println!("Attention: {path}");
         }
+        if let Some(s) = models::shard::current() {
+            // Every rank: its own share of the cache (stdout is rank 0's alone).
+            eprintln!("rank {} of {}: KV cache {} bytes", s.rank(), s.size(), kv.total());
+        }
     }
     Ok(())
 }

@@ -29,6 +29,12 @@ struct Cli {
     /// Kernel-path choices, shared by every command and recorded in every result row.
     #[command(flatten)]
     engine: mlx_ext::EngineOptions,
+    /// Run as one rank of a tensor-parallel group over MLX's distributed backend (ring: CPUs
+    /// over TCP; nccl: NVIDIA GPUs), as MLX's launcher starts it (MLX_RANK and MLX_HOSTFILE for
+    /// the ring; see scripts/launch-local.sh). Each rank holds its share of the attention heads,
+    /// their KV cache and the MLP; rank 0 prints and serves.
+    #[arg(long, global = true, value_enum, help_heading = "Distributed")]
+    distributed: Option<mlx_ext::distributed::DistBackend>,
 }
 
 // Parsed once at start-up, so variant sizes do not matter.
@@ -59,6 +65,9 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     mlx_ext::options::install(cli.engine)?;
+    if let Some(backend) = cli.distributed {
+        join_group(backend)?;
+    }
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Info => info::run(),
@@ -71,6 +80,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
     }
+}
+
+/// Joins the launcher's group and installs it for the model loaders; ranks other than 0 stay
+/// silent on stdout (their errors still reach stderr), so the group prints one answer.
+fn join_group(backend: mlx_ext::distributed::DistBackend) -> Result<()> {
+    use anyhow::Context;
+    let group = mlx_ext::distributed::Group::init(backend, true).context("--distributed")?;
+    let rank = group.rank();
+    models::shard::install(group)?;
+    if rank != 0 {
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null").context("--distributed: opening /dev/null")?;
+        // Safe: both descriptors are open; fd 1 is replaced atomically.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) } < 0 {
+            anyhow::bail!("--distributed: rank {rank} could not silence its stdout");
+        }
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {

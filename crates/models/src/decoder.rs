@@ -82,7 +82,7 @@ impl FeedForward for GatedMlp {
             Activation::Silu => silu(g)?,
             Activation::GeluTanh => gelu_approximate(g)?,
         };
-        self.down_proj.forward(&(g * u))
+        crate::shard::reduce(self.down_proj.forward(&(g * u))?)
     }
 
     fn arrays(&self) -> Vec<&Array> {

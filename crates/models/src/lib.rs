@@ -20,6 +20,7 @@ pub mod random;
 pub mod random_gguf;
 pub mod recipe;
 pub mod sample;
+pub mod shard;
 pub mod weights;
 pub mod gguf;
 pub mod tokenizer;

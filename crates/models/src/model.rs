@@ -1,8 +1,9 @@
 //! What every model family offers: to the engine, a [`LanguageModel`]; to the registry
 //! ([`crate::families`]) and the loaders, a config implementing [`Family`].
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::shard::Shard;
 use crate::weights::{Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::ops::concatenate;
@@ -77,4 +78,13 @@ pub trait Family: Sized + Serialize + DeserializeOwned {
     }
     /// Builds the model from `weights` (strictly: every key used, none missing).
     fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>>;
+    /// This rank's config and weights in tensor-parallel group `shard` ([`crate::shard`]): its
+    /// heads and MLP units, sliced from the whole checkpoint. Families that have not
+    /// implemented the split refuse by name.
+    fn shard(self, _weights: WeightMap, shard: &Shard) -> Result<(Self, WeightMap)> {
+        Err(ModelError::Invalid {
+            flag: "--distributed",
+            message: format!("tensor parallelism over {} processes is not implemented for model_type '{}'", shard.size(), self.model_type()),
+        })
+    }
 }

@@ -82,6 +82,16 @@ impl WeightMap {
         self.tensors.contains_key(name)
     }
 
+    /// Replaces every tensor by `f(name, tensor)`.
+    pub fn map(&mut self, mut f: impl FnMut(&str, Weight) -> Result<Weight>) -> Result<()> {
+        let tensors = std::mem::take(&mut self.tensors);
+        for (name, w) in tensors {
+            let w = f(&name, w)?;
+            self.tensors.insert(name, w);
+        }
+        Ok(())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }

@@ -16,6 +16,7 @@ use crate::fast::{rms_norm, rope, rope_rows};
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
 use crate::projections::Projections;
+use crate::shard::{self, Shard};
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::KvCache;
 use mlx_rs::{Array, Dtype};
@@ -172,6 +173,28 @@ impl Family for Config {
 
     fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
         Ok(Box::new(Model::new(self, weights, dtype)?))
+    }
+
+    fn shard(mut self, mut weights: WeightMap, s: &Shard) -> Result<(Self, WeightMap)> {
+        let d = self.head_dim();
+        let kv = s.part("KV heads (num_key_value_heads)", self.num_key_value_heads)?;
+        let q = s.part("attention heads (num_attention_heads)", self.num_attention_heads)?;
+        let ff = s.part("MLP units (intermediate_size)", self.intermediate_size)?;
+        let x_d = |r: &std::ops::Range<usize>| r.start * d..r.end * d;
+        weights.map(|name, w| match name.rsplit('.').nth(1) {
+            Some("q_proj") => shard::rows(w, x_d(&q)),
+            Some("k_proj" | "v_proj") => shard::rows(w, x_d(&kv)),
+            Some("o_proj") => shard::columns(w, x_d(&q), name),
+            Some("gate_proj" | "up_proj") => shard::rows(w, ff.clone()),
+            Some("down_proj") => shard::columns(w, ff.clone(), name),
+            _ => Ok(w),
+        })?;
+        // The head width was derived from the whole head count when not given.
+        self.head_dim = Some(d);
+        self.num_attention_heads = q.len();
+        self.num_key_value_heads = kv.len();
+        self.intermediate_size = ff.len();
+        Ok((self, weights))
     }
 }
 
@@ -343,7 +366,7 @@ impl Attention {
     /// `[B, heads, L, d]` back to `[B, L, hidden]` through the output projection.
     fn output(&self, out: &Array) -> Result<Array> {
         let (b, l) = (out.shape()[0], out.shape()[2]);
-        self.o_proj.forward(&out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
+        shard::reduce(self.o_proj.forward(&out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)?)
     }
 }
 

@@ -99,10 +99,17 @@ macro_rules! families {
                 }
             }
 
-            /// Builds the family's model from `weights` (strictly: every key used, none missing).
+            /// Builds the family's model from `weights` (strictly: every key used, none missing);
+            /// in a tensor-parallel group ([`crate::shard`]), this rank's part of it.
             pub fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
                 match self {
-                    $(ArchConfig::$variant(c) => c.build(weights, dtype),)*
+                    $(ArchConfig::$variant(c) => match crate::shard::current() {
+                        Some(s) => {
+                            let (c, weights) = c.shard(weights, s)?;
+                            c.build(weights, dtype)
+                        }
+                        None => c.build(weights, dtype),
+                    },)*
                 }
             }
         }
