@@ -66,6 +66,11 @@ enum Command {
 fn run(cli: Cli) -> Result<()> {
     mlx_ext::options::install(cli.engine)?;
     if let Some(backend) = cli.distributed {
+        // serve needs rank 0 to hand each request's steps to the other ranks, and the file
+        // writers (ppl's baseline store, calibrate, convert) one writer per file: not built yet.
+        if !matches!(cli.command, Command::Generate(_) | Command::Bench(_) | Command::Info) {
+            anyhow::bail!("--distributed runs generate and bench; this command does not support it yet");
+        }
         join_group(backend)?;
     }
     match cli.command {

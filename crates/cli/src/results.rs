@@ -26,7 +26,8 @@ impl Env {
             backend: mlx_kv::Backend::current().name().to_string(),
             device: format!("{}", mlx_rs::Device::default()),
             mlx_version: mlx_version(),
-            engine: mlx_ext::options::current().describe(),
+            // A tensor-parallel group's size is part of the engine a row measured.
+            engine: format!("{} tensor-parallel={}", mlx_ext::options::current().describe(), models::shard::current().map_or(1, |s| s.size())),
             commit: BUILD_COMMIT.to_string(),
             date: utc_now(),
         }
@@ -234,9 +235,13 @@ pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
 
 /// Writes `<dir>/<stem>.csv` and `<dir>/<stem>.json`; returns both paths.
 pub fn write_rows<T: Serialize>(dir: &Path, stem: &str, rows: &[T]) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot create the directory", dir.display()))?;
     let csv_path = dir.join(format!("{stem}.csv"));
     let json_path = dir.join(format!("{stem}.json"));
+    if models::shard::current().is_some_and(|s| s.rank() != 0) {
+        // Rank 0 writes the group's rows; the others measured the same steps.
+        return Ok((csv_path, json_path));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot create the directory", dir.display()))?;
     let mut w = csv::Writer::from_path(&csv_path).with_context(|| format!("writing {}", csv_path.display()))?;
     for r in rows {
         w.serialize(r).with_context(|| format!("writing {}", csv_path.display()))?;

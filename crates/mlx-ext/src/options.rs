@@ -161,8 +161,9 @@ pub struct EngineOptions {
 /// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now; prefill
 /// chunks took the block path before `cpu-prefill` existed; GPU decode used MLX's
 /// quantized_matmul before `gpu-matvec`; every projection was its own product before
-/// `fuse-projections`.
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off")];
+/// `fuse-projections`; every row ran in one process before `tensor-parallel` (which result
+/// rows append to this list).
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off"), ("tensor-parallel", "1")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
