@@ -349,6 +349,35 @@ mod tests {
         assert!(err.contains("attn_logit_softcapping is -1"), "{err}");
     }
 
+    /// llama.cpp's gemma2 metadata (as its converter writes it for a 9B-like shape) becomes
+    /// the HF config, and that config survives `convert`'s config.json.
+    #[test]
+    fn gguf_metadata_becomes_the_config_and_its_json_reads_back() {
+        use crate::families::ArchConfig;
+        use crate::gguf::{GgmlType, GgufWriter};
+        let mut w = GgufWriter::new();
+        w.add_string("general.architecture", "gemma2");
+        for (k, v) in [("context_length", 8192), ("embedding_length", 8), ("block_count", 4), ("feed_forward_length", 16)] {
+            w.add_u32(&format!("gemma2.{k}"), v);
+        }
+        for (k, v) in [("head_count", 2), ("head_count_kv", 1), ("key_length", 4), ("value_length", 4), ("sliding_window", 4096)] {
+            w.add_u32(&format!("gemma2.attention.{k}"), v);
+        }
+        w.add_f32("gemma2.attention.layer_norm_rms_epsilon", 1e-6).add_f32("gemma2.attn_logit_softcapping", 50.0).add_f32("gemma2.final_logit_softcapping", 30.0);
+        w.add_tensor("token_embd.weight", &[8, 10], GgmlType::F32);
+        let path = std::env::temp_dir().join(format!("kvsplit-gemma2-meta-{}.gguf", std::process::id()));
+        w.write(&path, |_, spec, out| out.write_all(&vec![0u8; spec.n_bytes() as usize])).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let ArchConfig::Gemma2(c) = ArchConfig::from_gguf(&g).unwrap() else { panic!("not gemma2") };
+        assert_eq!((c.vocab_size, c.head_dim, c.query_pre_attn_scalar, c.rope_theta), (10, 4, 4.0, 10_000.0));
+        assert_eq!((c.sliding_window, c.attn_logit_softcapping, c.final_logit_softcapping), (Some(4096), Some(50.0), Some(30.0)));
+        assert!(c.tie_word_embeddings && c.is_sliding(0) && !c.is_sliding(1));
+        let json = ArchConfig::Gemma2(c.clone()).to_json();
+        assert_eq!((json["model_type"].as_str(), json["query_pre_attn_scalar"].as_i64()), (Some("gemma2"), Some(4)));
+        assert_eq!(ArchConfig::from_json(&json).unwrap(), ArchConfig::Gemma2(c));
+    }
+
     #[test]
     fn gguf_names_map_the_four_norms_and_no_qk_norms_are_expected() {
         let name = |n: &str| <Config as Family>::gguf_tensor_name(n).unwrap();
