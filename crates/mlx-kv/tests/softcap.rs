@@ -37,7 +37,7 @@ fn scaled_queries(shape: [usize; 4], seed: u64, gain: f32) -> Host {
 
 /// `h` packed per token (f16 scales, as the cache stores them) and its dequantized values.
 fn packed(h: &Host, group: usize, bits: u8) -> (Packed, Host) {
-    let (w, s, b) = quantize(&h.array(), group as i32, bits as i32).unwrap();
+    let (w, s, b) = quantize(h.array(), group as i32, bits as i32).unwrap();
     let (s, b) = (s.as_dtype(Dtype::Float16).unwrap(), b.as_dtype(Dtype::Float16).unwrap());
     let f32 = |a: &Array| a.as_dtype(Dtype::Float32).unwrap();
     let deq = dequantize(&w, f32(&s), &f32(&b), group as i32, bits as i32).unwrap();

@@ -83,7 +83,7 @@ impl Config {
         }
         match &self.layer_types {
             Some(t) => t.get(layer).is_some_and(|s| s == "sliding_attention"),
-            None => layer % 2 == 0,
+            None => layer.is_multiple_of(2),
         }
     }
 }
