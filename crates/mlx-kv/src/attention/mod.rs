@@ -352,6 +352,17 @@ mod tests {
         assert!(fast_path_reads(&pc, 64));
     }
 
+    /// Our fused CUDA kernels apply no soft cap: handed one they fail before any launch, and
+    /// never attend with plain scores. (`choose` does not hand them one; this box cannot show
+    /// that branch, which runs on CUDA only.)
+    #[test]
+    fn a_fused_path_refuses_a_soft_cap() {
+        let q = Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap();
+        let choice = pick(Path::FusedGpu, "test");
+        let err = run(choice, &q, &[], &Mask::None, Scoring::capped(0.125, 50.0), None).unwrap_err().to_string();
+        assert!(err.contains("fused-gpu") && err.contains("soft-capping"), "{err}");
+    }
+
     #[test]
     fn the_cpu_pool_reads_per_channel_keys_whose_groups_tile_a_block() {
         if Backend::current() != Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
