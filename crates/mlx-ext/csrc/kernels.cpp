@@ -197,9 +197,12 @@ namespace {
 void softmax_rows(float* s, int rows, int n, float* m, float* l, float softcap) {
   for (int r = 0; r < rows; ++r) {
     float* sr = s + int64_t(r) * n;
-    if (softcap > 0.0f)
-      for (int t = 0; t < n; ++t)
+    if (softcap > 0.0f) {
+      int t = 0;
+      for (; t + 8 <= n; t += 8) soft_cap(F8::load(sr + t), softcap).store(sr + t);
+      for (; t < n; ++t)
         if (sr[t] != -INFINITY) sr[t] = softcap * std::tanh(sr[t] / softcap);
+    }
     int t = 0;
     F8 mx = F8::splat(-INFINITY);
     for (; t + 8 <= n; t += 8) mx = vmax(mx, F8::load(sr + t));

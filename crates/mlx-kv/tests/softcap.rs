@@ -59,8 +59,20 @@ fn f32_bound(v: &Host) -> f64 {
     2e-5 * v.max_abs().max(1.0)
 }
 
+/// Both builds of the kernels: AVX2 caps eight scores at once (tanh from the polynomial exp),
+/// the baseline one score at a time with `std::tanh`. (Other tests of this binary may run under
+/// either build meanwhile; their bounds hold for both.)
 #[test]
 fn the_cpu_primitives_cap_every_score() {
+    use mlx_ext::{CpuBuild, EngineOptions};
+    for build in [CpuBuild::Generic, CpuBuild::Auto] {
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
+        eprintln!("{build:?}");
+        cpu_primitives_cap_every_score();
+    }
+}
+
+fn cpu_primitives_cap_every_score() {
     let (hq, hkv, len) = (8, 2, 300);
     let q = queries([1, hq, 1, D], 1);
     let (kp, kd) = packed(&Host::random([1, hkv, len, D], 2), 64, 8);
