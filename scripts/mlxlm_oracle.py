@@ -50,7 +50,51 @@ def families(vocab):
     # A Gemma 3 checkpoint that stores its own output head (a fine-tune may): mlx-lm then uses
     # that head instead of the embedding.
     gemma = cases[-1]
-    return cases + [("gemma3-head", gemma[1], dict(gemma[2]))]
+    # Gemma 2: soft caps small enough to bite at these dims (layer 0's raw scores span about
+    # +-12, printed below, so tanh(s / 5) is far from linear; raw logits exceed the final cap
+    # of 5 too), and a window of 8 that the 10 ids and 16 greedy tokens slide through (even
+    # layers; see hf_sliding_window: windowed and global logits differ by ~3 from position 8).
+    gemma2 = cfg("gemma2", head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=64,
+                 sliding_window=GEMMA2_WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=5.0)
+    return cases + [("gemma3-head", gemma[1], dict(gemma[2])), ("gemma2", "gemma2", gemma2)]
+
+
+GEMMA2_WINDOW = 8
+
+
+def hf_sliding_window(model, window):
+    """mlx-lm 0.32.2's gemma2 ignores `sliding_window` (every layer global); Hugging Face's and
+    llama.cpp's Gemma 2 slide a window over the even layers. This gives mlx-lm's own layers
+    that: a windowed mask and a RotatingKVCache on even layers, built as mlx-lm's gemma3_text
+    builds its sliding layers. Attention itself (soft cap, scale, mask) stays mlx-lm's code."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    class Windowed(type(model.model)):
+        def __call__(self, inputs, cache=None):
+            h = self.embed_tokens(inputs) * (self.args.hidden_size**0.5)
+            if cache is None:
+                cache = [None] * len(self.layers)
+            masks = [create_attention_mask(h, cache[i], window_size=window if i == 0 else None, return_array=True)
+                     for i in (0, 1)]
+            for i, (layer, c) in enumerate(zip(self.layers, cache)):
+                h = layer(h, masks[i % 2], c)
+            return self.norm(h)
+
+    model.model.__class__ = Windowed
+    model.make_cache = lambda: [RotatingKVCache(max_size=window) if i % 2 == 0 else KVCache()
+                                for i in range(len(model.layers))]
+
+
+def raw_score_span(model):
+    """Layer 0's scaled attention scores over IDS before the soft cap, to show the cap bites."""
+    inner, attn = model.model, model.model.layers[0].self_attn
+    h = inner.layers[0].input_layernorm(inner.embed_tokens(mx.array([IDS])) * (inner.args.hidden_size**0.5))
+    heads = lambda y, n: y.reshape(1, len(IDS), n, -1).transpose(0, 2, 1, 3)
+    q, k = heads(attn.q_proj(h), attn.n_heads), heads(attn.k_proj(h), attn.n_kv_heads)
+    q, k = attn.rope(q), mx.repeat(attn.rope(k), attn.repeats, axis=1)
+    s = (q * attn.scale) @ k.swapaxes(-1, -2)
+    return float(s.min().item()), float(s.max().item())
 
 
 def randomize(model, seed):
@@ -102,6 +146,8 @@ def main():
                 # the head to the embedding, as loading a real one does.
                 model.sanitize({})
             randomize(model, seed)
+            if module == "gemma2":
+                hf_sliding_window(model, config["sliding_window"])
             cfg = dict(config)
             if quant:
                 model.set_dtype(mx.float16)
@@ -123,6 +169,11 @@ def main():
             for f in tok.iterdir():
                 shutil.copy(f, d / f.name)
             full, greedy = logits_and_greedy(model)
+            if module == "gemma2":
+                lo, hi = raw_score_span(model)
+                print(f"{case}: layer-0 raw scores span [{lo:.2f}, {hi:.2f}] (attn cap {config['attn_logit_softcapping']}), "
+                      f"final logits [{float(full.min().item()):.2f}, {float(full.max().item()):.2f}] "
+                      f"(cap {config['final_logit_softcapping']})", flush=True)
             mx.save_safetensors(str(d / "oracle.safetensors"), {"logits": full})
             cases.append({"case": case, "module": module, "quantized": quant, "ids": IDS, "greedy": greedy,
                           "layers": config["num_hidden_layers"]})

@@ -86,43 +86,43 @@ void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRow
 }
 
 void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
-                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
+                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch, float softcap) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch, softcap);
 #endif
-  generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch);
+  generic::attend_block(qp, qsum, rows, d, k, v, t0, t1, m, l, out, scratch, softcap);
 }
 
 void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src, int64_t t0, int64_t t1,
-                 int64_t first_pos, float* m, float* l, float* out, float* scratch) {
+                 int64_t first_pos, float* m, float* l, float* out, float* scratch, float softcap) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch, softcap);
 #endif
-  generic::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch);
+  generic::attend_tile(qp, rows, rep, d, src, t0, t1, first_pos, m, l, out, scratch, softcap);
 }
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
-                           int64_t t1, float* m, float* l, float* out, float* scratch) {
+                           int64_t t1, float* m, float* l, float* out, float* scratch, float softcap) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch, softcap);
 #endif
-  generic::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch);
+  generic::attend_block_channels(q, rows, d, kt, v, t0, t1, m, l, out, scratch, softcap);
 }
 
 void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, const float* v,
-                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch) {
+                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch, float softcap) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch, softcap);
 #endif
-  generic::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch);
+  generic::attend_float_block(q, rows, d, k, k_stride, v, v_stride, n, v_bits, m, l, out, scratch, softcap);
 }
 
 void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, const uint16_t* v,
-                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch) {
+                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch, float softcap) {
 #if defined(KVSPLIT_HAVE_AVX2)
-  if (use_avx2()) return avx2::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch);
+  if (use_avx2()) return avx2::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch, softcap);
 #endif
-  generic::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch);
+  generic::attend_half_block(q, rows, d, k, k_stride, v, v_stride, n, m, l, out, scratch, softcap);
 }
 
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
@@ -246,6 +246,13 @@ void check_scale_dtype(const char* what, const array& s, const array& b) {
   using mlx::core::float32;
   if (s.dtype() != b.dtype() || (s.dtype() != float32 && s.dtype() != float16))
     throw std::invalid_argument(std::string(what) + ": scales and biases must both be float32 or float16");
+}
+
+// A soft-capping value as the kernels take it: 0 (none) or a finite positive cap.
+float checked_softcap(const char* what, float softcap) {
+  require(softcap == 0.0f || (std::isfinite(softcap) && softcap > 0.0f),
+          std::string(what) + ": softcap " + std::to_string(softcap) + " must be positive and finite (0: none)");
+  return softcap;
 }
 
 // Every axis but the last may be strided (cache views); the last must be dense.
@@ -386,6 +393,8 @@ struct AttnParams {
   // Paged per-channel calls: float rows every sequence keeps before its tail (`--kv-sinks`),
   // not counted in the table's lengths.
   int lead = 0;
+  // 0: plain scores; else Gemma 2's soft-capping of every scaled score (kernels.h).
+  float softcap = 0.0f;
 };
 
 // A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
@@ -447,23 +456,23 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
       case AttnItem::Tokens:
         scratch.resize(size_t(rows) * (2 * n + d) + 2 * size_t(n));
         attend_block(q.qp.data() + int64_t(it.bh) * rows * d, q.qsum.data() + int64_t(it.bh) * rows * kng, rows, d,
-                     it.k, it.v, it.t0, it.t1, m, l, out, scratch.data());
+                     it.k, it.v, it.t0, it.t1, m, l, out, scratch.data(), p.softcap);
         break;
       case AttnItem::Channels:
         scratch.resize(size_t(channel_scratch(rows, d, n)));
         attend_block_channels(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.k, it.v, it.t0, it.t1, m, l, out,
-                              scratch.data());
+                              scratch.data(), p.softcap);
         break;
       case AttnItem::Float:
         scratch.resize(size_t(rows) * n + d);
         attend_float_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.tk + it.t0 * it.tk_stride,
                            it.tk_stride, it.tv + it.t0 * it.tv_stride, it.tv_stride, int(n), p.v_bits, m, l, out,
-                           scratch.data());
+                           scratch.data(), p.softcap);
         break;
       case AttnItem::Half:
         scratch.resize(size_t(half_scratch(rows, d, n)));
         attend_half_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.hk + it.t0 * it.tk_stride, it.tk_stride,
-                          it.hv + it.t0 * it.tv_stride, it.tv_stride, int(n), m, l, out, scratch.data());
+                          it.hv + it.t0 * it.tv_stride, it.tv_stride, int(n), m, l, out, scratch.data(), p.softcap);
         break;
     }
   }, parallel);
@@ -550,10 +559,10 @@ void attend_causal(const float* qd, const std::vector<int64_t>& qrows, int64_t q
       }
     };
     for (int64_t t0 = 0; t0 < first; t0 += kCausalBlock) {
-      attend_tile(qp, rows, rep, d, src, t0, std::min(first, t0 + kCausalBlock), -1, bm, bl, bo, scratch.data());
+      attend_tile(qp, rows, rep, d, src, t0, std::min(first, t0 + kCausalBlock), -1, bm, bl, bo, scratch.data(), p.softcap);
       merge();
     }
-    attend_tile(qp, rows, rep, d, src, first, end, first, bm, bl, bo, scratch.data());
+    attend_tile(qp, rows, rep, d, src, first, end, first, bm, bl, bo, scratch.data(), p.softcap);
     merge();
     for (int r = 0; r < rows; ++r) {
       float* ar = acc + int64_t(r) * d;
@@ -641,7 +650,8 @@ class QuantizedDecodeAttention : public CpuPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const QuantizedDecodeAttention&>(other).p_;
     return p_.len == o.len && p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group &&
-           p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail && p_.causal == o.causal;
+           p_.v_bits == o.v_bits && p_.k_channels == o.k_channels && p_.tail == o.tail && p_.causal == o.causal &&
+           p_.softcap == o.softcap;
   }
 
  private:
@@ -841,7 +851,7 @@ class DenseDecodeAttention : public CpuPrimitive {
 
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const DenseDecodeAttention&>(other).p_;
-    return p_.len == o.len && p_.causal == o.causal;
+    return p_.len == o.len && p_.causal == o.causal && p_.softcap == o.softcap;
   }
 
  private:
@@ -938,7 +948,7 @@ class PagedDecodeAttention : public CpuPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const PagedDecodeAttention&>(other).p_;
     return p_.k_group == o.k_group && p_.k_bits == o.k_bits && p_.v_group == o.v_group && p_.v_bits == o.v_bits &&
-           p_.k_channels == o.k_channels && p_.tail == o.tail && p_.lead == o.lead;
+           p_.k_channels == o.k_channels && p_.tail == o.tail && p_.lead == o.lead && p_.softcap == o.softcap;
   }
 
  private:
@@ -1032,7 +1042,7 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
                                                       const mlx_array vs_, const mlx_array vb_, int len, int k_group,
                                                       int k_bits, int v_group, int v_bits, bool k_per_channel,
                                                       const mlx_array tail_k_, const mlx_array tail_v_, bool causal,
-                                                      const mlx_stream s_) {
+                                                      float softcap, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit decode attention";
     const array& q = mlx_array_get_(q_);
@@ -1086,6 +1096,7 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
       if (tail > 0) inputs.push_back(tk), inputs.push_back(tv);
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
+    p.softcap = checked_softcap(what, softcap);
     if (causal) {
       require(!k_per_channel && tail == 0,
               std::string(what) + ": a causal (prefill) call reads per-token keys and no float tail");
@@ -1102,7 +1113,7 @@ extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array
                                                  const mlx_array v_new_, const mlx_array kw_, const mlx_array ks_,
                                                  const mlx_array kb_, const mlx_array vw_, const mlx_array vs_,
                                                  const mlx_array vb_, int slot, int k_group, int k_bits, int v_group,
-                                                 int v_bits, const mlx_stream s_) {
+                                                 int v_bits, float softcap, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit decode step";
     const array& q = mlx_array_get_(q_);
@@ -1135,6 +1146,7 @@ extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array
     require(slot >= 0 && slot < cap,
             std::string(what) + ": slot " + std::to_string(slot) + " outside 0.." + std::to_string(cap - 1));
     AttnParams p{slot + 1, k_group, k_bits, v_group, v_bits};
+    p.softcap = checked_softcap(what, softcap);
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeStep>(mlx_stream_get_(s_), p),
               {q, kw, ks, kb, vw, vs, vb, kn, vn});
     mlx_array_set_(*res, out);
@@ -1142,7 +1154,8 @@ extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array
 }
 
 extern "C" int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q_, const mlx_array k_,
-                                                  const mlx_array v_, int len, bool causal, const mlx_stream s_) {
+                                                  const mlx_array v_, int len, bool causal, float softcap,
+                                                  const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit dense decode attention";
     const array &q = mlx_array_get_(q_), &k = mlx_array_get_(k_), &v = mlx_array_get_(v_);
@@ -1158,6 +1171,7 @@ extern "C" int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_arra
             std::string(what) + ": len " + std::to_string(len) + " outside 1.." + std::to_string(k.shape(2)));
     AttnParams p{len, d, 8, d, 8};
     p.dense = true;
+    p.softcap = checked_softcap(what, softcap);
     if (causal) {
       require(q.shape(2) <= len, std::string(what) + ": a causal chunk of " + std::to_string(q.shape(2)) +
                                      " queries needs its own tokens in the cache (len " + std::to_string(len) + ")");
@@ -1173,7 +1187,7 @@ extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_arra
                                                   const mlx_array vs_, const mlx_array vb_, const mlx_array table_,
                                                   int k_group, int k_bits, int v_group, int v_bits, bool k_per_channel,
                                                   const mlx_array tail_k_, const mlx_array tail_v_, int lead,
-                                                  const mlx_stream s_) {
+                                                  float softcap, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit paged attention";
     const array& q = mlx_array_get_(q_);
@@ -1231,6 +1245,7 @@ extern "C" int kvsplit_cpu_paged_decode_attention(mlx_array* res, const mlx_arra
                                            " sink rows do not fit a float tail of " + std::to_string(tail));
     AttnParams p{0, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
     p.lead = lead;
+    p.softcap = checked_softcap(what, softcap);
     array out(q.shape(), mlx::core::float32, std::make_shared<PagedDecodeAttention>(st, p), std::move(inputs));
     mlx_array_set_(*res, out);
   });

@@ -191,10 +191,18 @@ void matvec(const float* xp, const float* xsum, int rows, int k, const PackedRow
 
 namespace {
 
-// Scores s (rows x n) become exp(s - max) in place; m and l get each row's max and sum.
-void softmax_rows(float* s, int rows, int n, float* m, float* l) {
+// Scores s (rows x n) become exp(s - max) in place; m and l get each row's max and sum. With
+// softcap > 0 each score is first capped to softcap * tanh(s / softcap); masked scores (-inf)
+// stay masked rather than becoming -softcap.
+void softmax_rows(float* s, int rows, int n, float* m, float* l, float softcap) {
   for (int r = 0; r < rows; ++r) {
     float* sr = s + int64_t(r) * n;
+    if (softcap > 0.0f) {
+      int t = 0;
+      for (; t + 8 <= n; t += 8) soft_cap(F8::load(sr + t), softcap).store(sr + t);
+      for (; t < n; ++t)
+        if (sr[t] != -INFINITY) sr[t] = softcap * std::tanh(sr[t] / softcap);
+    }
     int t = 0;
     F8 mx = F8::splat(-INFINITY);
     for (; t + 8 <= n; t += 8) mx = vmax(mx, F8::load(sr + t));
@@ -303,12 +311,12 @@ void channel_scores(const float* q, int rows, int d, const PackedRows& kt, int64
 }  // namespace
 
 void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, const PackedRows& v,
-                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch) {
+                  int64_t t0, int64_t t1, float* m, float* l, float* out, float* scratch, float softcap) {
   const int n = int(t1 - t0);
   float* s = scratch;          // rows x n scores, then probabilities
   float* wt = scratch + rows * int64_t(n);  // rows x n probabilities times one group's value scale
   dot_rows_bits(qp, qsum, rows, d, k, t0, t1, s, n);
-  softmax_rows(s, rows, n, m, l);
+  softmax_rows(s, rows, n, m, l, softcap);
   weighted_values(s, rows, d, v, t0, n, out, wt);
 }
 
@@ -394,7 +402,7 @@ static void widen_rows(const PackedRows& w, const uint16_t* h, int64_t stride, i
 }
 
 void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src, int64_t t0, int64_t t1,
-                 int64_t first_pos, float* m, float* l, float* out, float* scratch) {
+                 int64_t first_pos, float* m, float* l, float* out, float* scratch, float softcap) {
   const int n = int(t1 - t0);
   const int64_t ld = (n + 7) / 8 * 8;  // score row stride: whole vectors, padding masked below
   float* kt = scratch;                 // d x ld: K^T of the block (the keys' permuted order)
@@ -411,13 +419,13 @@ void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& sr
     int64_t seen = first_pos < 0 ? n : std::min<int64_t>(n, first_pos + r / rep + 1 - t0);
     for (int64_t t = std::max<int64_t>(seen, 0); t < ld; ++t) s[r * ld + t] = -INFINITY;
   }
-  softmax_rows(s, rows, int(ld), m, l);
+  softmax_rows(s, rows, int(ld), m, l, softcap);
   widen_rows(src.v, src.hv, src.v_stride, d, t0, t1, rows_f);
   tile_rows(nullptr, rows, d, nullptr, ld, s, rows_f, n, out, false);
 }
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
-                           int64_t t1, float* m, float* l, float* out, float* scratch) {
+                           int64_t t1, float* m, float* l, float* out, float* scratch, float softcap) {
   const int n = int(t1 - t0);
   float* s = scratch;
   float* wt = scratch + rows * int64_t(n);
@@ -425,12 +433,12 @@ void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt
   float* cs = wt + int64_t(rows) * (n + d) + 2 * int64_t(n);
   const int64_t g0 = t0 / kt.group, g1 = t1 / kt.group;
   with_bits(kt.bits, [&](auto b) { channel_scores<decltype(b)::value>(q, rows, d, kt, g0, g1, s, n, cs); });
-  softmax_rows(s, rows, n, m, l);
+  softmax_rows(s, rows, n, m, l, softcap);
   weighted_values(s, rows, d, v, t0, n, out, wt);
 }
 
 void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, const float* v,
-                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch) {
+                        int64_t v_stride, int n, int v_bits, float* m, float* l, float* out, float* scratch, float softcap) {
   float* s = scratch;  // rows x n
   float* nat = s + int64_t(rows) * n;  // d: one output row in natural order
   for (int r = 0; r < rows; ++r) {
@@ -442,7 +450,7 @@ void attend_float_block(const float* q, int rows, int d, const float* k, int64_t
       s[int64_t(r) * n + t] = acc.sum();
     }
   }
-  softmax_rows(s, rows, n, m, l);
+  softmax_rows(s, rows, n, m, l, softcap);
   for (int r = 0; r < rows; ++r) {
     for (int e = 0; e < d; e += 8) F8::zero().store(nat + e);
     for (int t = 0; t < n; ++t) {
@@ -458,7 +466,7 @@ void attend_float_block(const float* q, int rows, int d, const float* k, int64_t
 // a row of f32 (F16C), which every query row of the head then uses, so the cache is streamed
 // once per step at half the bytes of an f32 one.
 void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, const uint16_t* v,
-                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch) {
+                       int64_t v_stride, int n, float* m, float* l, float* out, float* scratch, float softcap) {
   float* s = scratch;                        // rows x n scores, then probabilities
   float* acc = s + int64_t(rows) * n;        // rows x d outputs
   float* row = acc + int64_t(rows) * d;      // d: one widened token
@@ -477,7 +485,7 @@ void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64
       s[int64_t(r) * n + t] = (a0 + a1).sum();
     }
   }
-  softmax_rows(s, rows, n, m, l);
+  softmax_rows(s, rows, n, m, l, softcap);
   for (int64_t i = 0; i < int64_t(rows) * d; i += 8) F8::zero().store(acc + i);
   for (int t = 0; t < n; ++t) {
     const uint16_t* vt = v + t * v_stride;

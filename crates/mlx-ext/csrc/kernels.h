@@ -54,6 +54,8 @@ inline int64_t tile_scratch(int rows, int d, int64_t n) {
 // Floats attend_half_block needs for `rows` query rows over n tokens of head_dim d.
 inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) * (n + d) + d; }
 
+// Every attend_* takes `softcap`: 0 for plain scores, else each (scaled) score s becomes
+// softcap * tanh(s / softcap) before the softmax (Gemma 2's attention logit soft-capping).
 #define KVSPLIT_KERNELS(NS)                                                                 \
   namespace NS {                                                                             \
   /* y[m*ldy + r] = x_m . W_r for r in [r0, r1), m < rows. xp: permuted rows of x (K each), */ \
@@ -66,31 +68,31 @@ inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) *
   /* holds rows * (2 (t1 - t0) + d) + 2 (t1 - t0) floats. */                                                        \
   void attend_block(const float* qp, const float* qsum, int rows, int d, const PackedRows& k, \
                     const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l,         \
-                    float* out, float* scratch);                                              \
+                    float* out, float* scratch, float softcap);                                              \
   /* A prefill tile's rows (qp permuted for packed keys' bits, natural for f16 rows) over     */ \
   /* tokens [t0, t1): the block's keys and values widened to f32 once and multiplied in      */ \
   /* register tiles; with first_pos >= 0 row r sees tokens up to first_pos + r / rep. out in */ \
   /* the values' permuted order (natural for f16). scratch: tile_scratch floats. */            \
   void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& src,           \
                    int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l, float* out,   \
-                   float* scratch);                                                             \
+                   float* scratch, float softcap);                                                             \
   /* attend_block for per-channel keys: kt's row e is channel e of K^T (groups of kt.group  */ \
   /* tokens along the row; t0, t1 multiples of it), q the query rows in natural order. */     \
   /* scratch: channel_scratch floats. */                                                      \
   void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt,           \
                              const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l, \
-                             float* out, float* scratch);                                     \
+                             float* out, float* scratch, float softcap);                                     \
   /* The same over float tokens: k and v rows t at k + t * k_stride, v + t * v_stride (d     */ \
   /* each); q natural; out in the permuted order of `v_bits` so it merges with packed blocks.*/ \
   /* scratch: rows * n + d floats. */                                                         \
   void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, \
                           const float* v, int64_t v_stride, int n, int v_bits, float* m,      \
-                          float* l, float* out, float* scratch);                              \
+                          float* l, float* out, float* scratch, float softcap);                              \
   /* attend_float_block over f16 tokens (bit patterns), out in natural order. */              \
   /* scratch: half_scratch floats. */                                                         \
   void attend_half_block(const float* q, int rows, int d, const uint16_t* k, int64_t k_stride, \
                          const uint16_t* v, int64_t v_stride, int n, float* m, float* l,     \
-                         float* out, float* scratch);                                         \
+                         float* out, float* scratch, float softcap);                                         \
   /* out[(r-r0)*k ..] = row r of W as f32 in the permuted order, for r in [r0, r1). */        \
   void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out);      \
   }

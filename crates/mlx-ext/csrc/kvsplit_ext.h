@@ -52,6 +52,10 @@ int kvsplit_cpu_dequantize(
     int bits,
     const mlx_stream s);
 
+/* Every attention entry point below takes `softcap`: 0 for plain scores, else each scaled score s
+ * becomes softcap * tanh(s / softcap) before the softmax (Gemma 2); negative or non-finite is an
+ * error. */
+
 /* The decode step of a packed per-token cache in one op: the new token's `k_new`/`v_new`
  * (float32 [B, Hkv, 1, D]) are quantized as MLX's `quantize` does (codes and scales bit for bit)
  * into row `slot` of the whole cache buffers (in place; shapes as in
@@ -61,7 +65,8 @@ int kvsplit_cpu_dequantize(
 int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const mlx_array k_new, const mlx_array v_new,
                                       const mlx_array k_w, const mlx_array k_scales, const mlx_array k_biases,
                                       const mlx_array v_w, const mlx_array v_scales, const mlx_array v_biases, int slot,
-                                      int k_group, int k_bits, int v_group, int v_bits, const mlx_stream s);
+                                      int k_group, int k_bits, int v_group, int v_bits, float softcap,
+                                      const mlx_stream s);
 
 /* Decode attention over a 16-bit dense cache: `q` [B, Hq, L, D] float32 (already multiplied by
  * the softmax scale), `k`/`v` whole float16 cache buffers [B, Hkv, cap, D] (any strides but the
@@ -69,7 +74,7 @@ int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const m
  * multiple of Hkv; D a multiple of 8). `causal`: a prefill chunk whose own tokens are the last
  * L of the `len` (query i sees tokens 0..=len - L + i). Returns [B, Hq, L, D] float32. */
 int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q, const mlx_array k, const mlx_array v, int len,
-                                       bool causal, const mlx_stream s);
+                                       bool causal, float softcap, const mlx_stream s);
 
 /* Decode attention over a packed per-token cache, never widening it beyond registers.
  * `q` [B, Hq, L, D] float32 (already multiplied by the softmax scale); keys and values are
@@ -101,6 +106,7 @@ int kvsplit_cpu_quantized_decode_attention(
     const mlx_array tail_k,
     const mlx_array tail_v,
     bool causal,
+    float softcap,
     const mlx_stream s);
 
 /* Decode attention of S sequences (q [S, Hq, 1, D] float32, scaled) over a block pool: packed
@@ -127,6 +133,7 @@ int kvsplit_cpu_paged_decode_attention(
     const mlx_array tail_k,
     const mlx_array tail_v,
     int lead,
+    float softcap,
     const mlx_stream s);
 
 /* RMSNorm over the last axis: x [..., H] float32 (any strides), optional `weight` [H]

@@ -109,6 +109,18 @@ inline F8 exp_nonpositive(F8 x) {
   // n = -126 and below would need a subnormal scale: flush those to 0 like the clamp above.
   return {_mm256_and_ps(out, _mm256_cmp_ps(xv, _mm256_set1_ps(-87.0f), _CMP_GT_OQ))};
 }
+
+// cap * tanh(x / cap) (Gemma 2's score soft-capping), with tanh|y| = (1 - e) / (1 + e) for
+// e = exp(-2|y|) <= 1: the exp's ~2e-7 relative error leaves ~1e-7 of cap absolute. Masked
+// scores (-inf) stay -inf.
+inline F8 soft_cap(F8 x, float cap) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 y = _mm256_mul_ps(x.v, _mm256_set1_ps(1.0f / cap));
+  const __m256 e = exp_nonpositive(F8{_mm256_mul_ps(_mm256_andnot_ps(sign, y), _mm256_set1_ps(-2.0f))}).v;
+  const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 r = _mm256_mul_ps(_mm256_or_ps(t, _mm256_and_ps(sign, y)), _mm256_set1_ps(cap));
+  return {_mm256_blendv_ps(r, x.v, _mm256_cmp_ps(x.v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ))};
+}
 #else
 struct F8 {
   float v[8];
@@ -175,6 +187,11 @@ inline F8 vmax(F8 a, F8 b) {
 }
 inline F8 exp_nonpositive(F8 x) {
   for (int i = 0; i < 8; ++i) x.v[i] = std::exp(x.v[i]);
+  return x;
+}
+inline F8 soft_cap(F8 x, float cap) {
+  for (int i = 0; i < 8; ++i)
+    if (x.v[i] != -INFINITY) x.v[i] = cap * std::tanh(x.v[i] / cap);
   return x;
 }
 #endif

@@ -76,9 +76,20 @@ pub fn dequantize(w: &Array, scales: &Array, biases: &Array, group: i32, bits: i
 
 /// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
 /// `len` tokens of whole packed cache buffers (`[B, Hkv, cap, ...]`), every query seeing every
-/// token. Returns `[B, Hq, L, D]` f32.
-pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Result<Array> {
-    decode_attention_with(q, k, v, len, KeyAxis::Tokens, None)
+/// token. Returns `[B, Hq, L, D]` f32. `softcap` as in [`softcap_arg`], for every entry point
+/// below that attends.
+pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize, softcap: Option<f32>) -> Result<Array> {
+    decode_attention_with(q, k, v, len, KeyAxis::Tokens, None, softcap)
+}
+
+/// Gemma 2's attention logit soft-capping as the kernels take it: each scaled score `s` becomes
+/// `cap * tanh(s / cap)` before the softmax; `None` leaves scores as they are (passed as 0).
+fn softcap_arg(softcap: Option<f32>) -> Result<f32> {
+    match softcap {
+        None => Ok(0.0),
+        Some(c) if c.is_finite() && c > 0.0 => Ok(c),
+        Some(c) => Err(ExtError::Primitive(format!("attention softcap {c} must be positive and finite"))),
+    }
 }
 
 /// A packed per-token cache's decode step as one op: `k_new`/`v_new` (`[B, Hkv, 1, D]`) are
@@ -86,8 +97,9 @@ pub fn decode_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Re
 /// the whole buffers `k`/`v` in place, then `q` (`[B, Hq, 1, D]`, already multiplied by the
 /// softmax scale) attends over tokens `0..=slot`. Returns `[B, Hq, 1, D]` f32. The caller owns
 /// the buffers and must count the row as written.
-pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, slot: usize) -> Result<Array> {
+pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, slot: usize, softcap: Option<f32>) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
+    let cap = softcap_arg(softcap)?;
     // The op reads each head's row through the batch and head strides; rows are contiguous.
     let (kn, vn) = (k_new.as_dtype(Dtype::Float32)?, v_new.as_dtype(Dtype::Float32)?);
     call(|out, s| unsafe {
@@ -107,6 +119,7 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: Pac
             k.bits as i32,
             v.group as i32,
             v.bits as i32,
+            cap,
             s,
         )
     })
@@ -116,16 +129,16 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: Pac
 /// `len` tokens of a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`, the whole buffers),
 /// every query seeing every token; each token is widened to f32 once, inside the op. Returns
 /// `[B, Hq, L, D]` f32.
-pub fn dense_decode_attention(q: &Array, k: &Array, v: &Array, len: usize) -> Result<Array> {
-    let q = q.as_dtype(Dtype::Float32)?;
-    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, false, s) })
+pub fn dense_decode_attention(q: &Array, k: &Array, v: &Array, len: usize, softcap: Option<f32>) -> Result<Array> {
+    let (q, cap) = (q.as_dtype(Dtype::Float32)?, softcap_arg(softcap)?);
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, false, cap, s) })
 }
 
 /// [`prefill_attention`] over a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`): the
 /// chunk's tokens are the last `L` of the first `len`, query `i` sees tokens `0..=len - L + i`.
-pub fn dense_prefill_attention(q: &Array, k: &Array, v: &Array, len: usize) -> Result<Array> {
-    let q = q.as_dtype(Dtype::Float32)?;
-    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, true, s) })
+pub fn dense_prefill_attention(q: &Array, k: &Array, v: &Array, len: usize, softcap: Option<f32>) -> Result<Array> {
+    let (q, cap) = (q.as_dtype(Dtype::Float32)?, softcap_arg(softcap)?);
+    call(|out, s| unsafe { ffi::kvsplit_cpu_dense_decode_attention(out, q.as_ptr(), k.as_ptr(), v.as_ptr(), len as i32, true, cap, s) })
 }
 
 /// How packed keys are laid out.
@@ -140,8 +153,8 @@ pub enum KeyAxis {
 
 /// [`decode_attention`] with keys in either layout, and float tokens (`tail`: K and V
 /// `[B, Hkv, n, D]`) that every query also sees, folded into the same softmax.
-pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>) -> Result<Array> {
-    attention_call(q, k, v, len, keys, tail, false)
+pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, softcap: Option<f32>) -> Result<Array> {
+    attention_call(q, k, v, len, keys, tail, false, softcap)
 }
 
 /// Causal attention of a prefill chunk `q` (`[B, Hq, L, D]`, already multiplied by the softmax
@@ -149,12 +162,13 @@ pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, 
 /// query `i` sees tokens `0..=len - L + i`. Query tiles share each block of codes they read, so
 /// the window is streamed once per tile, never widened beyond a block. Returns `[B, Hq, L, D]`
 /// f32.
-pub fn prefill_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize) -> Result<Array> {
-    attention_call(q, k, v, len, KeyAxis::Tokens, None, true)
+pub fn prefill_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize, softcap: Option<f32>) -> Result<Array> {
+    attention_call(q, k, v, len, KeyAxis::Tokens, None, true, softcap)
 }
 
-fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, causal: bool) -> Result<Array> {
-    let q = q.as_dtype(Dtype::Float32)?;
+#[allow(clippy::too_many_arguments)]
+fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, causal: bool, softcap: Option<f32>) -> Result<Array> {
+    let (q, cap) = (q.as_dtype(Dtype::Float32)?, softcap_arg(softcap)?);
     let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
     let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
     call(|out, s| unsafe {
@@ -176,6 +190,7 @@ fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAx
             tk,
             tv,
             causal,
+            cap,
             s,
         )
     })
@@ -188,8 +203,9 @@ fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAx
 /// sequence's last `len % group` tokens come from `tail` (K and V `[S, Hkv, n, D]`, row `s`),
 /// after the `lead` sink tokens (`--kv-sinks`) each sequence keeps first in its tail rows and
 /// its table length does not count. Returns `[S, Hq, 1, D]` f32.
-pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array, keys: KeyAxis, tail: Option<(&Array, &Array)>, lead: usize) -> Result<Array> {
-    let q = q.as_dtype(Dtype::Float32)?;
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Array, keys: KeyAxis, tail: Option<(&Array, &Array)>, lead: usize, softcap: Option<f32>) -> Result<Array> {
+    let (q, cap) = (q.as_dtype(Dtype::Float32)?, softcap_arg(softcap)?);
     let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
     let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
     call(|out, s| unsafe {
@@ -211,6 +227,7 @@ pub fn paged_decode_attention(q: &Array, k: PackedRef, v: PackedRef, table: &Arr
             tk,
             tv,
             lead as i32,
+            cap,
             s,
         )
     })

@@ -53,9 +53,10 @@ extern "C" {
         k_bits: c_int,
         v_group: c_int,
         v_bits: c_int,
+        softcap: f32,
         s: mlx_stream,
     ) -> c_int;
-    pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, causal: bool, s: mlx_stream) -> c_int;
+    pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, causal: bool, softcap: f32, s: mlx_stream) -> c_int;
     pub fn kvsplit_cpu_quantized_decode_attention(
         res: *mut mlx_array,
         q: mlx_array,
@@ -74,6 +75,7 @@ extern "C" {
         tail_k: mlx_array,
         tail_v: mlx_array,
         causal: bool,
+        softcap: f32,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_paged_decode_attention(
@@ -94,6 +96,7 @@ extern "C" {
         tail_k: mlx_array,
         tail_v: mlx_array,
         lead: c_int,
+        softcap: f32,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_rms_norm(res: *mut mlx_array, x: mlx_array, weight: mlx_array, eps: f32, s: mlx_stream) -> c_int;

@@ -6,7 +6,7 @@
 //! the rest (dense caches, windows, sinks, or widths no kernel reads) take their own
 //! per-sequence path. Outputs come back in the callers' order.
 
-use crate::attention::{self, Choice};
+use crate::attention::{self, Choice, Scoring};
 use crate::cache::KvCache;
 use crate::error::{KvError, Result};
 use crate::paged_step;
@@ -16,8 +16,10 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::Array;
 
 /// `q` `[S, Hq, 1, D]`, `k`/`v` `[S, Hkv, 1, D]` (RoPE applied): writes row `s` into
-/// `caches[s]` and returns its attention, `[S, Hq, 1, D]` in `q`'s dtype.
-pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+/// `caches[s]` and returns its attention, `[S, Hq, 1, D]` in `q`'s dtype. `scoring` as in
+/// [`KvCache::update_and_attend`].
+pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &Array, scoring: impl Into<Scoring>) -> Result<Array> {
+    let scoring = scoring.into();
     let s = caches.len();
     if q.shape()[0] as usize != s || k.shape()[0] as usize != s || q.shape()[2] != 1 {
         return Err(KvError::Shape(format!("batched decode step: q {:?}, k {:?} for {s} caches", q.shape(), k.shape())));
@@ -33,7 +35,7 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
             let fmt = t.format().clone();
             let f = fmt.layer(ks.layer());
             let pool_id = t.pool().id();
-            attention::choose_paged(f.k_bits, f.k_group, f.k_channels, f.v_bits, f.v_group, head_dim, rows).map(|c| (pool_id, fmt, c))
+            attention::choose_paged(f.k_bits, f.k_group, f.k_channels, f.v_bits, f.v_group, head_dim, rows, scoring.softcap.is_some()).map(|c| (pool_id, fmt, c))
         };
         let key = match c.paged_channels() {
             Some((ks, _)) => key(ks),
@@ -68,12 +70,12 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
             rest = after;
             base = m + 1;
         }
-        let out = step_group(&mut group, choice, &gq, &gk, &gv, scale)?;
+        let out = step_group(&mut group, choice, &gq, &gk, &gv, scoring)?;
         outs.push((members, out));
     }
     for i in single {
         let r = i as i32..i as i32 + 1;
-        let out = caches[i].update_and_attend_unpooled(&q.index((r.clone(), ..)), &k.index((r.clone(), ..)), &v.index((r, ..)), scale)?;
+        let out = caches[i].update_and_attend_unpooled(&q.index((r.clone(), ..)), &k.index((r.clone(), ..)), &v.index((r, ..)), scoring)?;
         outs.push((vec![i], out));
     }
     if outs.len() == 1 {
@@ -90,9 +92,9 @@ pub fn update_and_attend(caches: &mut [&mut KvCache], q: &Array, k: &Array, v: &
 
 /// One group's step: the paged write and attention ([`crate::paged_step`]), then each cache's
 /// bookkeeping.
-fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
     if group[0].paged_channels().is_some() {
-        return step_channels(group, choice, q, k, v, scale);
+        return step_channels(group, choice, q, k, v, scoring);
     }
     let ats: Vec<usize> = group.iter().map(|c| c.offset()).collect();
     // One format, so one rotation for the whole group: applied once to the stacked rows.
@@ -111,7 +113,7 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
             let (ks, vs) = c.paged_direct(1).expect("grouped as paged");
             (&*ks, &*vs)
         }).collect();
-        paged_step::step(&stores, &ats, choice, q, k, v, scale)?
+        paged_step::step(&stores, &ats, choice, q, k, v, scoring)?
     };
     for c in group.iter_mut() {
         c.advance_one(choice);
@@ -122,7 +124,7 @@ fn step_group(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, 
 /// A group with per-channel keys: each cache writes its own token (into its float tail, and a
 /// finished key group into the blocks, once every `group` steps), then one op attends over
 /// every member's blocks and tail.
-fn step_channels(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+fn step_channels(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
     for (i, c) in group.iter_mut().enumerate() {
         let r = i as i32..i as i32 + 1;
         c.update(&k.index((r.clone(), ..)), &v.index((r, ..)))?;
@@ -132,7 +134,7 @@ fn step_channels(group: &mut [&mut KvCache], choice: Choice, q: &Array, k: &Arra
     let out = {
         let stores: Vec<(&PagedStore, &PagedStore)> = group.iter().map(|c| c.paged_channels().expect("grouped as per-channel")).collect();
         // One block format per group, and its sinks with it; `paged_channels` holds every one in.
-        paged_step::attend_channels(&stores, &lens, &tails, group[0].spec().sinks, &q, scale)?
+        paged_step::attend_channels(&stores, &lens, &tails, group[0].spec().sinks, &q, scoring)?
     };
     for c in group.iter() {
         c.set_path(choice);

@@ -7,7 +7,7 @@
 //! keys). K and V bodies are separate stores with their own bits and group size. With 16/16 the
 //! body is a plain float buffer, so a dense cache is the same type with no quantized store.
 
-use crate::attention::{self, Choice, Mask, Segment, StepCase, Tensor};
+use crate::attention::{self, Choice, Mask, Scoring, Segment, StepCase, Tensor};
 use crate::error::{KvError, Result};
 use crate::pool::{Half, LayerFormat, PagedStore, SharedTable};
 use crate::rotation::hadamard;
@@ -597,7 +597,8 @@ impl KvCache {
     }
 
     /// Attention of `q` (`[B, Hq, L, D]`, the newest `L` tokens, already in the cache).
-    pub fn attend(&self, q: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    pub fn attend(&self, q: &Array, scoring: impl Into<Scoring>, sinks: Option<&Array>) -> Result<Array> {
+        let scoring = scoring.into();
         let l = q.shape()[2] as usize;
         if self.is_empty() {
             return Err(KvError::Shape("attend called on an empty cache".into()));
@@ -609,9 +610,9 @@ impl KvCache {
         }
         let q = self.rotate_query(q)?;
         let (segments, mask) = (self.segments(), self.mask(l)?);
-        let choice = attention::choose(&q, &segments, &mask, sinks);
+        let choice = attention::choose(&q, &segments, &mask, sinks, scoring);
         self.last_path.set(Some(choice));
-        let out = attention::run(choice, &q, &segments, &mask, scale, sinks)?;
+        let out = attention::run(choice, &q, &segments, &mask, scoring, sinks)?;
         if self.spec.rotation.values() {
             self.rotate(&out)
         } else {
@@ -619,49 +620,51 @@ impl KvCache {
         }
     }
 
-    /// `update` then `attend`: what an attention layer calls.
-    pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    /// `update` then `attend`: what an attention layer calls. `scoring`: the query scale, and
+    /// a soft cap where the model has one ([`Scoring`]).
+    pub fn update_and_attend(&mut self, q: &Array, k: &Array, v: &Array, scoring: impl Into<Scoring>, sinks: Option<&Array>) -> Result<Array> {
+        let scoring = scoring.into();
         if mlx_ext::host_profile::enabled() {
             let t0 = std::time::Instant::now();
-            let out = self.update_and_attend_inner(q, k, v, scale, sinks);
+            let out = self.update_and_attend_inner(q, k, v, scoring, sinks);
             mlx_ext::host_profile::add_layer(t0.elapsed().as_nanos() as u64);
             return out;
         }
-        self.update_and_attend_inner(q, k, v, scale, sinks)
+        self.update_and_attend_inner(q, k, v, scoring, sinks)
     }
 
-    fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    fn update_and_attend_inner(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
         if sinks.is_none() && k.shape()[0] == 1 {
-            if let Some(out) = self.paged_step(q, k, v, scale)? {
+            if let Some(out) = self.paged_step(q, k, v, scoring)? {
                 return Ok(out);
             }
         }
-        self.update_and_attend_plain(q, k, v, scale, sinks)
+        self.update_and_attend_plain(q, k, v, scoring, sinks)
     }
 
     /// One decode token of a pooled cache through the paged step, where a paged path reads
     /// its widths ([`attention::choose_paged`]); `None` otherwise.
-    fn paged_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
-        let (head_dim, at) = (self.head_dim, self.offset);
+    fn paged_step(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Option<Array>> {
+        let (head_dim, at, capped) = (self.head_dim, self.offset, scoring.softcap.is_some());
         let rows = (q.shape()[1] / k.shape()[1]) as usize;
         if q.shape()[2] == 1 && k.shape()[2] == 1 {
             if let Some((ks, vs)) = self.paged_channels() {
-                let Some(choice) = attention::choose_paged(ks.bits, ks.group, true, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
+                let Some(choice) = attention::choose_paged(ks.bits, ks.group, true, vs.bits, vs.group, head_dim, rows, capped) else { return Ok(None) };
                 self.update(k, v)?;
                 let q = self.rotate_query(q)?;
                 let (ks, vs) = self.paged_channels().expect("checked above");
                 let (past, floats) = self.paged_floats()?;
-                let out = crate::paged_step::attend_channels(&[(ks, vs)], &[past], &[floats], self.sink_k.len(), &q, scale)?;
+                let out = crate::paged_step::attend_channels(&[(ks, vs)], &[past], &[floats], self.sink_k.len(), &q, scoring)?;
                 self.set_path(choice);
                 return Ok(Some(self.rotate_output(out)?));
             }
         }
         let Some((ks, vs)) = self.paged_direct(k.shape()[2] as usize) else { return Ok(None) };
-        let Some(choice) = attention::choose_paged(ks.bits, ks.group, false, vs.bits, vs.group, head_dim, rows) else { return Ok(None) };
+        let Some(choice) = attention::choose_paged(ks.bits, ks.group, false, vs.bits, vs.group, head_dim, rows, capped) else { return Ok(None) };
         let (q, k, v) = self.rotate_inputs(q, k, v)?;
         let k = self.center_keys(&k)?;
         let (ks, vs) = self.paged_direct(1).expect("checked above");
-        let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, &q, &k, &v, scale)?;
+        let out = crate::paged_step::step(&[(&*ks, &*vs)], &[at], choice, &q, &k, &v, scoring)?;
         self.advance_one(choice);
         Ok(Some(self.rotate_output(out)?))
     }
@@ -706,22 +709,22 @@ impl KvCache {
     }
 
     /// For a sequence [`crate::batch`] could not group: the cache's own write and attention.
-    pub(crate) fn update_and_attend_unpooled(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
-        self.update_and_attend_plain(q, k, v, scale, None)
+    pub(crate) fn update_and_attend_unpooled(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
+        self.update_and_attend_plain(q, k, v, scoring, None)
     }
 
-    fn update_and_attend_plain(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+    fn update_and_attend_plain(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
         if sinks.is_none() {
-            if let Some(out) = self.fused_step(q, k, v, scale)? {
+            if let Some(out) = self.fused_step(q, k, v, scoring)? {
                 return Ok(out);
             }
-            if let Some(out) = self.channel_step(q, k, v, scale)? {
+            if let Some(out) = self.channel_step(q, k, v, scoring)? {
                 return Ok(out);
             }
         }
         self.chan_pos = None;
         self.update(k, v)?;
-        self.attend(q, scale, sinks)
+        self.attend(q, scoring, sinks)
     }
 
     /// One decode token through the fused GPU step, where [`attention::choose_step`] says so: the
@@ -729,7 +732,7 @@ impl KvCache {
     /// ([`attention::fused::decode_step`]), so a layer's decode is one launch (two with
     /// `--gpu-fused-fold off`) and no other op (the MLX-ops write is a `quantize` and three
     /// slice updates each for K and V, and MLX's per-op cost dominates decode on the GPU).
-    fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+    fn fused_step(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Option<Array>> {
         let centered = self.centered();
         let spec = &self.spec;
         let direct = k.shape()[2] == 1
@@ -751,12 +754,13 @@ impl KvCache {
             v_group: bv.group,
             head_dim: self.head_dim,
             rows: (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize),
+            softcap: scoring.softcap.is_some(),
         };
         let Some(choice) = attention::choose_step(&case) else { return Ok(None) };
         if choice.path == attention::Path::CpuStep {
-            return self.cpu_step(q, k, v, scale, choice).map(Some);
+            return self.cpu_step(q, k, v, scoring, choice).map(Some);
         }
-        let slot = self.body_head;
+        let (slot, scale) = (self.body_head, scoring.scale);
         // The stored frame (rotations, key center) is entered inside the one-launch kernel
         // (`--gpu-fused-rotate on`); otherwise MLX ops around the launch enter it and leave it,
         // and the kernel only sees the frame's values. Decided before any frame op is built:
@@ -811,7 +815,7 @@ impl KvCache {
     /// [`Self::fused_step`] on the CPU ([`attention::Path::CpuStep`]): the frame is entered with
     /// MLX ops (rotations are matmuls, cheap there), then one op quantizes and writes the token
     /// into row `body_head` of the buffers and attends ([`mlx_ext::cpu::decode_step`]).
-    fn cpu_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32, choice: Choice) -> Result<Array> {
+    fn cpu_step(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring, choice: Choice) -> Result<Array> {
         let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
         let rk = self.center_keys(&rk)?;
         let (b, hkv) = (k.shape()[0], k.shape()[1]);
@@ -822,8 +826,8 @@ impl KvCache {
         let ((kf, _), (vf, _)) = (bk.full().expect("reserved"), bv.full().expect("reserved"));
         let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
-        let qs = rq.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-        let out = mlx_ext::cpu::decode_step(&qs, &rk, &rv, kop.as_ref(), vop.as_ref(), slot)?;
+        let qs = rq.as_dtype(Dtype::Float32)? * Array::from_f32(scoring.scale);
+        let out = mlx_ext::cpu::decode_step(&qs, &rk, &rv, kop.as_ref(), vop.as_ref(), slot, scoring.softcap)?;
         // The op wrote row `slot` in place: whatever touches these buffers next (the next
         // step reads the row) must come after it in the graph.
         let bufs = mlx_ext::graph::depends(&[&kf.w, &kf.scales, &kf.biases, &vf.w, &vf.scales, &vf.biases], &[&out])?;
@@ -843,7 +847,7 @@ impl KvCache {
     /// array upload and two launches. The tail takes room for its whole group first (it grows
     /// 16 tokens at a time in prefill); the token that completes a group takes the MLX-ops path
     /// (quantizing a group is a whole-group op).
-    fn channel_step(&mut self, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Option<Array>> {
+    fn channel_step(&mut self, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Option<Array>> {
         let spec = &self.spec;
         let block = spec.block_tokens();
         let (ks, qs) = (k.shape(), q.shape());
@@ -865,7 +869,7 @@ impl KvCache {
         }
         let hkv = ks[1];
         let rows = (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize);
-        let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, self.head_dim, rows) else { return Ok(None) };
+        let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, self.head_dim, rows, scoring.softcap.is_some()) else { return Ok(None) };
         let group_end = spec.residual + block;
         self.tail_k.reserve(group_end, k)?;
         self.tail_v.reserve(group_end, v)?;
@@ -894,10 +898,10 @@ impl KvCache {
         let sinks = sinks.as_ref().map(|(k, v)| (k, v));
         let out = if inside {
             let rot = r.keys() as u8 | (r.values() as u8) << 1;
-            attention::fused::step_channels(q, k, v, kop, vop, (&tk, &tv), sinks, &pos, t, scale, rot)?
+            attention::fused::step_channels(q, k, v, kop, vop, (&tk, &tv), sinks, &pos, t, scoring.scale, rot)?
         } else {
             let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;
-            let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, (&tk, &tv), sinks, &pos, t, scale, 0)?;
+            let out = attention::fused::step_channels(&rq, &rk, &rv, kop, vop, (&tk, &tv), sinks, &pos, t, scoring.scale, 0)?;
             self.rotate_output(out)?
         };
         self.tail_k.wrote_one();

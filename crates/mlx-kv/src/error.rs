@@ -16,6 +16,10 @@ pub enum KvError {
     #[error("requested length {requested} exceeds capacity {capacity}")]
     Capacity { requested: usize, capacity: usize },
 
+    /// An attention path handed an option it does not implement (a dispatch bug, never silent).
+    #[error("attention path {path}: {what} is not implemented there")]
+    PathUnsupported { path: &'static str, what: &'static str },
+
     #[error("cache shape mismatch: {0}")]
     Shape(String),
 

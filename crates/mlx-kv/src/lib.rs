@@ -13,6 +13,7 @@ pub mod rotation;
 pub mod spec;
 pub mod store;
 
+pub use attention::Scoring;
 pub use backend::Backend;
 pub use cache::{CacheBytes, CacheOptions, KvCache};
 pub use error::{KvError, Result};

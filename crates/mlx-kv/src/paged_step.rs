@@ -6,8 +6,8 @@
 //! one sequence, and [`crate::batch`], which uses it for a group; the caches' own bookkeeping
 //! stays with them.
 
-use crate::attention::{self, Choice};
-use crate::error::Result;
+use crate::attention::{self, Choice, Scoring};
+use crate::error::{KvError, Result};
 use crate::pool::{table_array, BlockTable, PagedStore, SharedTable};
 use crate::store::Packed;
 use mlx_ext::cpu::KeyAxis;
@@ -21,7 +21,7 @@ fn lock(t: &SharedTable) -> MutexGuard<'_, BlockTable> {
 
 /// `stores[s]`: sequence `s`'s K and V stores of this layer (all of one arena); `q`
 /// `[S, Hq, 1, D]`, `k`/`v` `[S, Hkv, 1, D]`. Returns `[S, Hq, 1, D]` in `q`'s dtype.
-pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: Choice, q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
+pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: Choice, q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
     let hkv = k.shape()[1] as usize;
     let tables: Vec<SharedTable> = stores.iter().map(|(ks, _)| ks.table().clone()).collect();
     let mut lens = Vec::with_capacity(stores.len());
@@ -43,9 +43,10 @@ pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: 
             let rows = Array::from_slice(&rows, &[rows.len() as i32]);
             ks.put_rows(&rows, &Packed::quantize(k, ks.group, ks.bits)?)?;
             vs.put_rows(&rows, &Packed::quantize(v, vs.group, vs.bits)?)?;
-            cpu_attend(ks, vs, q, &table, scale, KeyAxis::Tokens, None, 0)
+            cpu_attend(ks, vs, q, &table, scoring, KeyAxis::Tokens, None, 0)
         }
-        attention::Path::PagedStep => gpu_step(ks, vs, q, k, v, &table, lens.iter().copied().max().unwrap_or(1), scale),
+        attention::Path::PagedStep if scoring.softcap.is_some() => Err(KvError::PathUnsupported { path: choice.path.name(), what: "attention logit soft-capping" }),
+        attention::Path::PagedStep => gpu_step(ks, vs, q, k, v, &table, lens.iter().copied().max().unwrap_or(1), scoring.scale),
         _ => unreachable!("choose_paged picks a paged path"),
     }
 }
@@ -55,7 +56,7 @@ pub(crate) fn step(stores: &[(&PagedStore, &PagedStore)], at: &[usize], choice: 
 /// (K and V `[1, Hkv, n, D]`: the `sinks` sink tokens every sequence of the layer keeps, then
 /// `lens[s] % group` tokens). `q` `[S, Hq, 1, D]` in the stored frame. CPU only
 /// ([`crate::attention::choose_paged`]).
-pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usize], tails: &[Option<(Array, Array)>], sinks: usize, q: &Array, scale: f32) -> Result<Array> {
+pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usize], tails: &[Option<(Array, Array)>], sinks: usize, q: &Array, scoring: Scoring) -> Result<Array> {
     let tables: Vec<SharedTable> = stores.iter().map(|(ks, _)| ks.table().clone()).collect();
     for t in &tables {
         // A sequence still inside its first key group has no block yet; the op needs the
@@ -89,16 +90,16 @@ pub(crate) fn attend_channels(stores: &[(&PagedStore, &PagedStore)], lens: &[usi
         Some((concatenate(&ks, 0)?, concatenate(&vs, 0)?))
     };
     let (ks, vs) = stores[0];
-    cpu_attend(ks, vs, q, &table, scale, KeyAxis::Channels, stacked.as_ref().map(|(k, v)| (k, v)), sinks)
+    cpu_attend(ks, vs, q, &table, scoring, KeyAxis::Channels, stacked.as_ref().map(|(k, v)| (k, v)), sinks)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scale: f32, keys: KeyAxis, tails: Option<(&Array, &Array)>, lead: usize) -> Result<Array> {
+fn cpu_attend(ks: &PagedStore, vs: &PagedStore, q: &Array, table: &Array, scoring: Scoring, keys: KeyAxis, tails: Option<(&Array, &Array)>, lead: usize) -> Result<Array> {
     let (kp, vp) = (ks.arrays_now(), vs.arrays_now());
     let kr = mlx_ext::cpu::PackedRef { w: &kp.w, scales: &kp.scales, biases: &kp.biases, bits: ks.bits, group: ks.group };
     let vr = mlx_ext::cpu::PackedRef { w: &vp.w, scales: &vp.scales, biases: &vp.biases, bits: vs.bits, group: vs.group };
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table, keys, tails, lead)?.as_dtype(q.dtype())?)
+    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scoring.scale);
+    Ok(mlx_ext::cpu::paged_decode_attention(&qs, kr, vr, table, keys, tails, lead, scoring.softcap)?.as_dtype(q.dtype())?)
 }
 
 #[allow(clippy::too_many_arguments)]

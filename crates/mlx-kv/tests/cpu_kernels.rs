@@ -13,7 +13,7 @@ use mlx_rs::ops::{concatenate, dequantize, quantize};
 use mlx_rs::{Array, Dtype};
 
 fn decode_attention(q: &Array, k: PackedOperand, v: PackedOperand, len: usize) -> Result<Array, mlx_ext::ExtError> {
-    mlx_ext::cpu::decode_attention(q, k.as_ref(), v.as_ref(), len)
+    mlx_ext::cpu::decode_attention(q, k.as_ref(), v.as_ref(), len, None)
 }
 
 /// Engine options (the CPU build among them) are process-wide and tests run in parallel: a test
@@ -219,7 +219,7 @@ fn prefill_attention_is_causal_and_matches_float64() {
         let build = if i % 2 == 0 { CpuBuild::Auto } else { CpuBuild::Generic };
         mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
     };
-    check_cases(&cases, base, true, install, |q, k, v, len| mlx_ext::cpu::prefill_attention(q, k.as_ref(), v.as_ref(), len).unwrap());
+    check_cases(&cases, base, true, install, |q, k, v, len| mlx_ext::cpu::prefill_attention(q, k.as_ref(), v.as_ref(), len, None).unwrap());
     mlx_ext::options::install(EngineOptions::default()).unwrap();
     // The block path (MLX ops and BLAS) computes the same causal attention, for a 512-token
     // chunk at depth 0 with a strided query and outlier channels (both f32 over the same codes).
@@ -248,13 +248,13 @@ fn prefill_attention_is_causal_and_matches_float64() {
             len,
         };
         let scale = 0.125;
-        let blocks = to_vec(&mlx_kv::attention::cpu::blocks(&q, std::slice::from_ref(&seg), &Mask::Causal, scale, None).unwrap());
+        let blocks = to_vec(&mlx_kv::attention::cpu::blocks(&q, std::slice::from_ref(&seg), &Mask::Causal, scale.into(), None).unwrap());
         let ours = mlx_kv::attention::cpu::primitive_prefill(
             &q,
             PackedOperand { full: &kp, bits: 8, group: 64 },
             PackedOperand { full: &vp, bits: 4, group: 64 },
             len,
-            scale,
+            scale.into(),
         )
         .unwrap();
         let ours: Vec<f64> = to_vec(&ours).iter().map(|&x| x as f64).collect();
@@ -265,7 +265,7 @@ fn prefill_attention_is_causal_and_matches_float64() {
     let q = Array::ones::<f32>(&[1, 2, 8, 64]).unwrap();
     let (kp, _) = poisoned_cache(&Host::random([1, 2, 4, 64], 1), 16, 64, 8, false);
     let op = PackedOperand { full: &kp, bits: 8, group: 64 };
-    let err = mlx_ext::cpu::prefill_attention(&q, op.as_ref(), op.as_ref(), 4).unwrap_err().to_string();
+    let err = mlx_ext::cpu::prefill_attention(&q, op.as_ref(), op.as_ref(), 4, None).unwrap_err().to_string();
     assert!(err.contains("causal chunk of 8 queries"), "{err}");
 }
 
@@ -334,6 +334,7 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
             len,
             KeyAxis::Channels,
             (n_tail > 0).then_some((&tka, &tva)),
+            None,
         )
         .unwrap();
         assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
@@ -351,7 +352,7 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
     let q = Array::ones::<f32>(&[1, 2, 1, 64]).unwrap();
     let k = PackedOperand { full: &kp, bits: 4, group: 64 }.as_ref();
     let v = PackedOperand { full: &vp, bits: 4, group: 64 }.as_ref();
-    let err = decode_attention_with(&q, k, v, 40, KeyAxis::Channels, None).unwrap_err().to_string();
+    let err = decode_attention_with(&q, k, v, 40, KeyAxis::Channels, None, None).unwrap_err().to_string();
     assert!(err.contains("whole groups of 64 tokens"), "{err}");
 }
 
@@ -381,7 +382,7 @@ fn decode_step_writes_mlx_codes_in_place_and_attends_like_the_primitive() {
         let q = Host::random([1, hq, 1, d], s + 5).array() * Array::from_f32(1.0 / (d as f32).sqrt());
         let kop = PackedOperand { full: &kp, bits: kb, group: kg };
         let vop = PackedOperand { full: &vp, bits: vb, group: vg };
-        let got = decode_step(&q, &kn, &vn, kop.as_ref(), vop.as_ref(), slot).unwrap();
+        let got = decode_step(&q, &kn, &vn, kop.as_ref(), vop.as_ref(), slot, None).unwrap();
         got.eval().unwrap();
         for (p, old, x, bits, group) in [(&kp, &k0, &kn, kb, kg), (&vp, &v0, &vn, vb, vg)] {
             let (w, sc, bi) = quantize(x, group as i32, bits as i32).unwrap();
@@ -407,7 +408,7 @@ fn decode_step_writes_mlx_codes_in_place_and_attends_like_the_primitive() {
     let (kp, _) = poisoned_cache(&Host::random([1, 1, 4, 64], 9), 8, 64, 8, true);
     let x = Array::zeros::<f32>(&[1, 1, 1, 64]).unwrap();
     let op = PackedOperand { full: &kp, bits: 8, group: 64 };
-    let err = decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op.as_ref(), op.as_ref(), 8).unwrap_err().to_string();
+    let err = decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op.as_ref(), op.as_ref(), 8, None).unwrap_err().to_string();
     assert!(err.contains("slot 8 outside 0..7"), "{err}");
 }
 
@@ -449,7 +450,7 @@ fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
         let (k, kd) = half(&Host::random([1, hkv, len, d], s + 1));
         let (v, vd) = half(&Host::random([1, hkv, len, d], s + 2));
         let qs = q.array() * Array::from_f32(scale as f32);
-        let got = dense_decode_attention(&qs, &k, &v, len).unwrap();
+        let got = dense_decode_attention(&qs, &k, &v, len, None).unwrap();
         assert_eq!(got.shape(), &[1, hq as i32, l as i32, d as i32]);
         let want = reference_attention(&q, &kd, &vd, scale, &|_, _| true);
         let err = max_abs_diff(&to_vec(&got), &want);
@@ -458,7 +459,7 @@ fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
         // The same cache read by a causal prefill chunk of its last tokens (d 72: the 8-wide tail).
         let lc = (len / 3).clamp(1, 40);
         let qc = Host::random([1, hq, lc, d], s + 3);
-        let got = mlx_ext::cpu::dense_prefill_attention(&(qc.array() * Array::from_f32(scale as f32)), &k, &v, len).unwrap();
+        let got = mlx_ext::cpu::dense_prefill_attention(&(qc.array() * Array::from_f32(scale as f32)), &k, &v, len, None).unwrap();
         let want = reference_attention(&qc, &kd, &vd, scale, &|qpos, t| t <= qpos);
         let err = max_abs_diff(&to_vec(&got), &want);
         assert!(err <= bound, "case {i} {build:?} (dense f16 prefill of {lc}, d {d}, len {len}): max error {err} > {bound}");
@@ -466,9 +467,9 @@ fn dense_decode_attention_reads_a_16_bit_cache_in_place() {
     mlx_ext::options::install(EngineOptions::default()).unwrap();
     let k = Array::zeros::<f32>(&[1, 2, 10, 64]).unwrap().as_dtype(Dtype::Float16).unwrap();
     let q = Array::ones::<f32>(&[1, 4, 1, 64]).unwrap();
-    let err = dense_decode_attention(&q, &k, &k, 11).unwrap_err().to_string();
+    let err = dense_decode_attention(&q, &k, &k, 11, None).unwrap_err().to_string();
     assert!(err.contains("len 11 outside 1..10"), "{err}");
-    let err = dense_decode_attention(&q, &k.as_dtype(Dtype::Float32).unwrap(), &k, 5).unwrap_err().to_string();
+    let err = dense_decode_attention(&q, &k.as_dtype(Dtype::Float32).unwrap(), &k, 5, None).unwrap_err().to_string();
     assert!(err.contains("must be float16"), "{err}");
 }
 

@@ -16,7 +16,7 @@
 //! - the softmax is an online (flash-style) merge over blocks small enough for the caches, with
 //!   an exponential built from fused multiply-adds that `compile` turns into one loop.
 
-use super::types::{apply_mask, join_float_runs, kv_heads, ChannelBody, Mask, PackedOperand, Segment, Tensor};
+use super::types::{apply_mask, join_float_runs, kv_heads, ChannelBody, Mask, PackedOperand, Scoring, Segment, Tensor};
 use crate::error::Result;
 use crate::store::TokenAxis;
 use mlx_rs::ops::indexing::IndexOp;
@@ -232,7 +232,8 @@ fn float_block(t: &Tensor, a: usize, z: usize, bh: i32) -> Result<Array> {
 
 /// Attention of `q` (`[B, Hq, L, D]`) over `segments` on the CPU, block by block with MLX ops;
 /// returns `[B, Hq, L, D]`.
-pub fn blocks(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+pub fn blocks(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    let scale = scoring.scale;
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
     let hkv = kv_heads(segments);
@@ -266,10 +267,10 @@ pub fn blocks(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
         while a < seg.len {
             let z = (a + block).min(seg.len);
             let kc = widen(&seg.k, a, z, bh)?;
-            let mut s = match &kc {
+            let mut s = scoring.cap(match &kc {
                 Some(k) => code_scores(&q3, k)?,
                 None => matmul(&q3, float_block(&seg.k, a, z, bh)?.swap_axes(1, 2)?)?,
-            };
+            })?;
             if let Some(vis) = &visible {
                 if start + z > unmasked_below {
                     let vis = vis.index((.., (start + a) as i32..(start + z) as i32));
@@ -307,6 +308,11 @@ pub fn blocks(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: O
     Ok(out.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
+/// The f32 query times the scale, as the primitives take it (they cap the products themselves).
+pub(crate) fn scaled(q: &Array, scoring: Scoring) -> Result<Array> {
+    Ok(q.as_dtype(Dtype::Float32)? * Array::from_f32(scoring.scale))
+}
+
 /// Whether our CPU primitive reads these packed operands (2/4/8-bit codes in whole groups).
 pub fn primitive_covers(k: &PackedOperand, v: &PackedOperand, head_dim: usize) -> bool {
     mlx_ext::cpu::supports(k.bits, k.group, head_dim) && mlx_ext::cpu::supports(v.bits, v.group, head_dim)
@@ -315,25 +321,25 @@ pub fn primitive_covers(k: &PackedOperand, v: &PackedOperand, head_dim: usize) -
 /// Our CPU primitive over the first `len` tokens of the packed buffers, every query seeing every
 /// token. It streams the codes once, so it beats the block path whenever there are few query
 /// rows; causal prefill chunks take [`primitive_prefill`].
-pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scale: f32) -> Result<Array> {
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
+pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
+    Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len, scoring.softcap)?.as_dtype(q.dtype())?)
 }
 
 /// Our causal CPU primitive for a prefill chunk `q` (`[B, Hq, L, D]`) whose tokens are the last
 /// `L` of the body's `len`. It replaces the block path's widened blocks, BLAS products and
 /// one-thread softmax ops, which took most of a 4K-token prefill (session 17 profile).
-pub fn primitive_prefill(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scale: f32) -> Result<Array> {
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
-    Ok(mlx_ext::cpu::prefill_attention(&qs, k.as_ref(), v.as_ref(), len)?.as_dtype(q.dtype())?)
+pub fn primitive_prefill(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
+    Ok(mlx_ext::cpu::prefill_attention(&qs, k.as_ref(), v.as_ref(), len, scoring.softcap)?.as_dtype(q.dtype())?)
 }
 
 /// [`primitive_prefill`] over a 16-bit dense body (`k`, `v` `[B, Hkv, T, D]`, the chunk's tokens
 /// the last `L` of `T`).
-pub(crate) fn primitive_dense_prefill(q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+pub(crate) fn primitive_dense_prefill(q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
     let len = k.shape()[2] as usize;
-    Ok(mlx_ext::cpu::dense_prefill_attention(&qs, k, v, len)?.as_dtype(q.dtype())?)
+    Ok(mlx_ext::cpu::dense_prefill_attention(&qs, k, v, len, scoring.softcap)?.as_dtype(q.dtype())?)
 }
 
 /// Whether our CPU primitive reads a dense body: 16-bit float (what a dense cache stores on the
@@ -345,10 +351,10 @@ pub(crate) fn dense_primitive_covers(k: &Array, head_dim: usize) -> bool {
 /// Our CPU primitive over a dense 16-bit body (`k`, `v` `[B, Hkv, T, D]`), every query seeing
 /// every token: each token is widened once, in the op, where the block path would widen the
 /// whole window into f32 blocks for BLAS.
-pub(crate) fn primitive_dense(q: &Array, k: &Array, v: &Array, scale: f32) -> Result<Array> {
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+pub(crate) fn primitive_dense(q: &Array, k: &Array, v: &Array, scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
     let len = k.shape()[2] as usize;
-    Ok(mlx_ext::cpu::dense_decode_attention(&qs, k, v, len)?.as_dtype(q.dtype())?)
+    Ok(mlx_ext::cpu::dense_decode_attention(&qs, k, v, len, scoring.softcap)?.as_dtype(q.dtype())?)
 }
 
 /// Whether our CPU primitive reads a per-channel body: key groups of whole packed units that
@@ -358,9 +364,10 @@ pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool
 }
 
 /// Our CPU primitive over a per-channel body and its float tail, in one softmax.
-pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scale: f32) -> Result<Array> {
-    let qs = q.as_dtype(Dtype::Float32)? * Array::from_f32(scale);
+pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
     let floats = join_float_runs(b.sink, b.tail)?;
-    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, mlx_ext::cpu::KeyAxis::Channels, floats.as_ref().map(|(k, v)| (k, v)))?;
+    let keys = mlx_ext::cpu::KeyAxis::Channels;
+    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, keys, floats.as_ref().map(|(k, v)| (k, v)), scoring.softcap)?;
     Ok(out.as_dtype(q.dtype())?)
 }

@@ -8,7 +8,7 @@
 //! cache in blocks with an online-softmax merge, so peak memory is one block of scores, not
 //! `L × T`.
 
-use super::types::{apply_mask, kv_heads, slice_packed, Mask, Segment, Tensor, MASKED};
+use super::types::{apply_mask, kv_heads, slice_packed, Mask, Scoring, Segment, Tensor, MASKED};
 use crate::error::Result;
 use crate::store::{Packed, TokenAxis};
 use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
@@ -85,7 +85,9 @@ fn weighted(p3: &Array, v: &Tensor, b: i32, hkv: i32) -> Result<Array> {
 
 /// Attention of `q` (`[B, Hq, L, D]`) over `segments` with at least one packed tensor, through
 /// MLX ops; returns `[B, Hq, L, D]`. `sinks` are optional learned per-head sink logits (`[Hq]`).
-pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+/// Float segments are read too: this is also where soft-capped scores go on CUDA.
+pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    let scale = scoring.scale;
     let qs = q.shape();
     let (b, hq, l, d) = (qs[0], qs[1], qs[2], qs[3]);
     let hkv = kv_heads(segments);
@@ -116,7 +118,7 @@ pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks
         start += seg.len;
     }
     let masked_scores = |k: &Tensor, a: usize, z: usize| -> Result<Array> {
-        let s = scores(&q3, k, b, hkv)?;
+        let s = scoring.cap(scores(&q3, k, b, hkv)?)?;
         match &visible {
             Some(m) => apply_mask(&s, &m.index((.., a as i32..z as i32)), rep, l),
             None => Ok(s),
@@ -168,8 +170,13 @@ pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks
     Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
-/// All-float caches: MLX's fused attention on the concatenated segments.
-pub fn sdpa(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+/// All-float caches: MLX's fused attention on the concatenated segments. It has no soft cap, so
+/// capped scores take [`quantized`]'s ops instead.
+pub fn sdpa(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    if scoring.softcap.is_some() {
+        return quantized(q, segments, mask, scoring, sinks);
+    }
+    let scale = scoring.scale;
     let pick = |f: fn(&Segment) -> &Tensor| -> Result<Array> {
         let parts: Vec<&Array> = segments
             .iter()

@@ -22,9 +22,9 @@ pub mod fused;
 pub mod mlx_ops;
 pub mod types;
 
-pub use types::{causal_visible, Mask, PackedOperand, Segment, Tensor};
+pub use types::{causal_visible, Mask, PackedOperand, Scoring, Segment, Tensor};
 
-use crate::error::Result;
+use crate::error::{KvError, Result};
 use crate::Backend;
 use mlx_rs::Array;
 use types::{causal_packed_body, channel_packed_body, single_packed_body};
@@ -103,8 +103,10 @@ fn fused_allowed() -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// The path for attention of `q` (`[B, Hq, L, D]`) over `segments`.
-pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>) -> Choice {
+/// The path for attention of `q` (`[B, Hq, L, D]`) over `segments`. Every CPU path applies a
+/// soft cap; on CUDA a capped layer runs MLX ops ([`mlx_ops::quantized`], float segments
+/// included): MLX's fused sdpa has no cap, and neither have our fused kernels yet.
+pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>, scoring: Scoring) -> Choice {
     let qs = q.shape();
     let d = qs[3] as usize;
     let body = single_packed_body(segments, mask, sinks);
@@ -140,6 +142,9 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
             },
         };
     }
+    if scoring.softcap.is_some() {
+        return pick(Path::MlxQuantized, "soft-capped scores: neither MLX's sdpa nor our fused kernels cap them");
+    }
     if segments.iter().all(|s| matches!((&s.k, &s.v), (Tensor::Float(_), Tensor::Float(_)))) {
         return pick(Path::Sdpa, "every segment in float");
     }
@@ -166,24 +171,26 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
 }
 
 /// Runs `choice` (from [`choose`] on the same arguments).
-pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
+pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    let scale = scoring.scale;
     match choice.path {
-        Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scale, sinks),
-        Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scale, sinks),
-        Path::CpuBlocks => cpu::blocks(q, segments, mask, scale, sinks),
+        Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scoring, sinks),
+        Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scoring, sinks),
+        Path::CpuBlocks => cpu::blocks(q, segments, mask, scoring, sinks),
         Path::CpuPrimitive => match (single_packed_body(segments, mask, sinks), types::dense_body(segments, mask, sinks)) {
-            (Some((k, v, len, _)), _) => cpu::primitive(q, k, v, len, scale),
-            (None, Some((k, v))) => cpu::primitive_dense(q, k, v, scale),
+            (Some((k, v, len, _)), _) => cpu::primitive(q, k, v, len, scoring),
+            (None, Some((k, v))) => cpu::primitive_dense(q, k, v, scoring),
             (None, None) => {
                 let b = channel_packed_body(segments, mask, sinks).expect("the CPU primitive needs one packed body");
-                cpu::primitive_channels(q, &b, scale)
+                cpu::primitive_channels(q, &b, scoring)
             }
         },
         Path::CpuPrefill => match (causal_packed_body(segments, mask, sinks), types::causal_dense_body(segments, mask, sinks)) {
-            (Some((k, v, len, _)), _) => cpu::primitive_prefill(q, k, v, len, scale),
-            (None, Some((k, v))) => cpu::primitive_dense_prefill(q, k, v, scale),
+            (Some((k, v, len, _)), _) => cpu::primitive_prefill(q, k, v, len, scoring),
+            (None, Some((k, v))) => cpu::primitive_dense_prefill(q, k, v, scoring),
             (None, None) => unreachable!("the CPU prefill primitive is chosen for one packed or dense body"),
         },
+        Path::FusedGpu if scoring.softcap.is_some() => Err(KvError::PathUnsupported { path: choice.path.name(), what: "attention logit soft-capping" }),
         Path::FusedGpu => match single_packed_body(segments, mask, sinks) {
             Some((k, v, len, cap)) => fused::attend(q, k, v, len, cap, scale),
             None => {
@@ -197,8 +204,8 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scale: 
 }
 
 /// [`choose`] then [`run`].
-pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scale: f32, sinks: Option<&Array>) -> Result<Array> {
-    run(choose(q, segments, mask, sinks), q, segments, mask, scale, sinks)
+pub fn attend(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    run(choose(q, segments, mask, sinks, scoring), q, segments, mask, scoring, sinks)
 }
 
 /// What the cache knows about one decode token before it writes it.
@@ -214,6 +221,8 @@ pub struct StepCase {
     pub head_dim: usize,
     /// Query rows per KV head (GQA), `None` if the heads do not divide.
     pub rows: Option<usize>,
+    /// The layer soft-caps its scores ([`Scoring::softcap`]): only the CPU step applies that.
+    pub softcap: bool,
 }
 
 /// `Some(FusedStep)` (CUDA) or `Some(CpuStep)` when the cache should hand the token to a decode
@@ -230,7 +239,7 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
             && mlx_ext::cpu::supports(case.v_bits, case.v_group, case.head_dim);
         return ok.then(|| pick(Path::CpuStep, "one new token into a quantized per-token body"));
     }
-    if !mlx_ext::options::current().gpu_fused_step.on() {
+    if !mlx_ext::options::current().gpu_fused_step.on() || case.softcap {
         return None;
     }
     fused_allowed().ok()?;
@@ -242,9 +251,9 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
 /// per-channel step ([`fused::step_channels`]: the token written into the float tail and
 /// attention over body and tail in one launch); `None` when it writes the token with MLX ops
 /// and then calls [`choose`]. `direct` as in [`StepCase`], for a per-channel cache whose tail
-/// has room for the token without a group flush.
-pub fn choose_channel_step(direct: bool, k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: Option<usize>) -> Option<Choice> {
-    if !direct || !mlx_ext::options::current().gpu_fused_step.on() {
+/// has room for the token without a group flush; never for soft-capped scores (`softcap`).
+pub fn choose_channel_step(direct: bool, k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: Option<usize>, softcap: bool) -> Option<Choice> {
+    if !direct || softcap || !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;
@@ -299,8 +308,10 @@ pub fn preset_may_use(spec: &crate::KvSpec, head_dim: usize) -> bool {
 /// (`crate::batch`); `None` when each sequence writes its token with MLX ops and attends over
 /// its gathered blocks instead. Per-channel keys (`k_channels`, groups of `k_group` tokens)
 /// have a paged path on the CPU only; on CUDA they attend over the gathered blocks (the fused
-/// per-channel kernel where it covers them, through [`choose`]).
-pub fn choose_paged(k_bits: u8, k_group: usize, k_channels: bool, v_bits: u8, v_group: usize, head_dim: usize, rows: usize) -> Option<Choice> {
+/// per-channel kernel where it covers them, through [`choose`]), as do soft-capped layers
+/// (`softcap`), which the paged CUDA step does not cap.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_paged(k_bits: u8, k_group: usize, k_channels: bool, v_bits: u8, v_group: usize, head_dim: usize, rows: usize, softcap: bool) -> Option<Choice> {
     if Backend::current() == Backend::Cpu {
         let k_len = if k_channels { crate::pool::BLOCK } else { head_dim };
         let ok = mlx_ext::options::current().cpu_kernels.on()
@@ -308,7 +319,7 @@ pub fn choose_paged(k_bits: u8, k_group: usize, k_channels: bool, v_bits: u8, v_
             && mlx_ext::cpu::supports(v_bits, v_group, head_dim);
         return ok.then(|| pick(Path::PagedCpu, "decode tokens into pool blocks, one op per layer for the batch"));
     }
-    if k_channels || !mlx_ext::options::current().gpu_fused_step.on() {
+    if k_channels || softcap || !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;
@@ -341,12 +352,23 @@ mod tests {
         assert!(fast_path_reads(&pc, 64));
     }
 
+    /// Our fused CUDA kernels apply no soft cap: handed one they fail before any launch, and
+    /// never attend with plain scores. (`choose` does not hand them one; this box cannot show
+    /// that branch, which runs on CUDA only.)
+    #[test]
+    fn a_fused_path_refuses_a_soft_cap() {
+        let q = Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap();
+        let choice = pick(Path::FusedGpu, "test");
+        let err = run(choice, &q, &[], &Mask::None, Scoring::capped(0.125, 50.0), None).unwrap_err().to_string();
+        assert!(err.contains("fused-gpu") && err.contains("soft-capping"), "{err}");
+    }
+
     #[test]
     fn the_cpu_pool_reads_per_channel_keys_whose_groups_tile_a_block() {
         if Backend::current() != Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
             return;
         }
-        let paged = |k_bits, k_group, channels| choose_paged(k_bits, k_group, channels, 4, 64, 64, 1).map(|c| c.path);
+        let paged = |k_bits, k_group, channels| choose_paged(k_bits, k_group, channels, 4, 64, 64, 1, false).map(|c| c.path);
         assert_eq!(paged(4, 64, true), Some(Path::PagedCpu));
         assert_eq!(paged(3, 64, true), Some(Path::PagedCpu), "3-bit units of 64 tokens tile 256");
         assert_eq!(paged(6, 128, true), Some(Path::PagedCpu));

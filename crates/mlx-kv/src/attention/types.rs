@@ -12,6 +12,36 @@ use mlx_rs::Array;
 /// Masked logits; finite so that an all-masked block cannot produce NaN in the merge.
 pub(crate) const MASKED: f32 = -1e30;
 
+/// How a query-key product becomes the logit the softmax sees: times `scale`, then, where
+/// `softcap` is set (Gemma 2's `attn_logit_softcapping`), `softcap * tanh(s / softcap)`, before
+/// any mask. A path either applies both or is not chosen ([`super::choose`]). A bare `f32` is a
+/// scale without a cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl Scoring {
+    pub fn capped(scale: f32, softcap: f32) -> Self {
+        Scoring { scale, softcap: Some(softcap) }
+    }
+
+    /// `scores` soft-capped in their own dtype (unchanged without a cap); for the MLX-ops paths,
+    /// whose masks come after this.
+    pub(crate) fn cap(&self, scores: Array) -> Result<Array> {
+        let Some(cap) = self.softcap else { return Ok(scores) };
+        let c = Array::from_f32(cap).as_dtype(scores.dtype())?;
+        Ok(mlx_rs::ops::tanh(&(scores / &c))? * c)
+    }
+}
+
+impl From<f32> for Scoring {
+    fn from(scale: f32) -> Self {
+        Scoring { scale, softcap: None }
+    }
+}
+
 /// One of K or V for a run of tokens.
 pub enum Tensor {
     /// `[B, Hkv, T, D]`.

@@ -49,6 +49,12 @@ pub fn to_vec(a: &Array) -> Vec<f32> {
 /// Causal attention of the last `L` positions of a `T`-token sequence, in f64. `visible(q_pos,
 /// k_pos)` decides masking; GQA maps query head `h` to KV head `h / rep`.
 pub fn reference_attention(q: &Host, k: &Host, v: &Host, scale: f64, visible: &dyn Fn(usize, usize) -> bool) -> Vec<f64> {
+    reference_attention_capped(q, k, v, scale, None, visible)
+}
+
+/// [`reference_attention`] with Gemma 2's soft cap: each visible scaled score `s` becomes
+/// `cap * tanh(s / cap)` before the softmax.
+pub fn reference_attention_capped(q: &Host, k: &Host, v: &Host, scale: f64, softcap: Option<f64>, visible: &dyn Fn(usize, usize) -> bool) -> Vec<f64> {
     let [b, hq, l, d] = q.shape;
     let [_, hkv, t, _] = k.shape;
     let rep = hq / hkv;
@@ -63,7 +69,8 @@ pub fn reference_attention(q: &Host, k: &Host, v: &Host, scale: f64, visible: &d
                         if !visible(qpos, j) {
                             return f64::NEG_INFINITY;
                         }
-                        (0..d).map(|x| q.at(bi, h, i, x) * k.at(bi, kh, j, x)).sum::<f64>() * scale
+                        let s = (0..d).map(|x| q.at(bi, h, i, x) * k.at(bi, kh, j, x)).sum::<f64>() * scale;
+                        softcap.map_or(s, |c| c * (s / c).tanh())
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -5,19 +5,21 @@
 //! sub-block is normalized both before and after (four norms per layer); the MLP is GELU-tanh
 //! gated; the query is scaled by `query_pre_attn_scalar^-1/2`; and most layers attend only to a
 //! sliding window, with their own RoPE base (local layers 10 000, global layers `rope_theta`).
+//! A config's `attn_logit_softcapping` (null in Google's) soft-caps scores in the KV cache.
 //! Embeddings are tied unless the checkpoint stores its own `lm_head` (as mlx-lm decides).
 //!
 //! Checkpoint keys and norm semantics are Hugging Face's (`weight`, not `1 + weight`); reading
 //! GGUF undoes llama.cpp's converter, which stores `1 + weight`.
 
-use crate::decoder::{Activation, Ends, FeedForward, GatedMlp, Mixer};
+use crate::decoder::{Ends, Mixer};
 use crate::error::{ModelError, Result};
-use crate::families::llamacpp::{self, arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
+use crate::families::gemma::{self, norm_weight, SandwichLayer};
+use crate::families::llamacpp::{arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::{rms_norm, rope};
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
 use crate::weights::{Linear, Weight, WeightMap};
-use mlx_kv::KvCache;
+use mlx_kv::{KvCache, Scoring};
 use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
 
@@ -184,23 +186,11 @@ impl Family for Config {
 
     /// Gemma 3 normalizes before and after both sub-blocks; `ffn_norm` is the pre-MLP one.
     fn gguf_tensor_name(gguf: &str) -> Option<String> {
-        let hf = match llamacpp::layer_module(gguf) {
-            Some("post_attention_norm") => "post_attention_layernorm",
-            Some("ffn_norm") => "pre_feedforward_layernorm",
-            Some("post_ffw_norm") => "post_feedforward_layernorm",
-            _ => return llamacpp::tensor_name(gguf),
-        };
-        llamacpp::layer_tensor(gguf, hf)
+        gemma::gguf_tensor_name(gguf)
     }
 
-    /// llama.cpp's Gemma converter stores RMSNorm weights as `1 + w`; keep HF's `w`.
     fn from_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
-        if hf.ends_with("norm.weight") {
-            if let Weight::Dense(a) = w {
-                return Ok(Weight::Dense(a - Array::from_f32(1.0).as_dtype(dtype)?));
-            }
-        }
-        Ok(w)
+        gemma::from_gguf_tensor(hf, w, dtype)
     }
 
     fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {
@@ -216,17 +206,9 @@ pub fn expected_keys(cfg: &Config, head: bool) -> Vec<String> {
         for name in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
             keys.push(format!("{p}.self_attn.{name}.weight"));
         }
-        keys.extend(GatedMlp::keys(&p));
-        for name in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-            keys.push(format!("{p}.{name}.weight"));
-        }
+        keys.extend(SandwichLayer::<Attention>::keys(&p));
     }
     keys
-}
-
-/// Gemma's RMSNorm scales by `1 + weight`; folded once at load time.
-fn norm_weight(w: &mut WeightMap, name: &str, dtype: Dtype) -> Result<Array> {
-    Ok(w.take_dense(name, dtype)? + Array::from_f32(1.0).as_dtype(dtype)?)
 }
 
 pub struct Attention {
@@ -240,7 +222,7 @@ pub struct Attention {
     n_kv_heads: i32,
     head_dim: i32,
     eps: f32,
-    scale: f32,
+    scoring: Scoring,
     rope_base: f32,
     rope_scale: f32,
 }
@@ -273,7 +255,7 @@ impl Attention {
             n_kv_heads: nkv as i32,
             head_dim: d as i32,
             eps: cfg.rms_norm_eps,
-            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+            scoring: Scoring { scale: cfg.query_pre_attn_scalar.powf(-0.5), softcap: cfg.attn_logit_softcapping },
             rope_base,
             rope_scale,
         })
@@ -298,7 +280,7 @@ impl Mixer for Attention {
         let offset = cache.offset() as i32;
         let q = rope(&q, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
         let k = rope(&k, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
-        let out = cache.update_and_attend(&q, &k, &v, self.scale, None)?;
+        let out = cache.update_and_attend(&q, &k, &v, self.scoring, None)?;
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         self.o_proj.forward(&out)
     }
@@ -310,43 +292,18 @@ impl Mixer for Attention {
     }
 }
 
-pub struct DecoderLayer {
-    self_attn: Attention,
-    mlp: GatedMlp,
-    input_layernorm: Array,
-    post_attention_layernorm: Array,
-    pre_feedforward_layernorm: Array,
-    post_feedforward_layernorm: Array,
-    eps: f32,
-}
-
-impl DecoderLayer {
-    fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
-        let norm = |y: &Array, w: &Array| rms_norm(y, Some(w), self.eps);
-        let r = self.self_attn.forward(&norm(x, &self.input_layernorm)?, cache)?;
-        let h = x + norm(&r, &self.post_attention_layernorm)?;
-        let r = self.mlp.forward(&norm(&h, &self.pre_feedforward_layernorm)?)?;
-        Ok(h + norm(&r, &self.post_feedforward_layernorm)?)
-    }
-}
-
 pub struct Model {
     pub cfg: Config,
     pub dtype: Dtype,
     ends: Ends,
     embed_scale: f32,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<SandwichLayer<Attention>>,
 }
 
 impl Model {
     /// Builds the model from `w`, which must hold exactly [`expected_keys`].
     pub fn new(cfg: Config, mut w: WeightMap, dtype: Dtype) -> Result<Self> {
-        if let Some(cap) = cfg.attn_logit_softcapping {
-            return Err(ModelError::Unsupported {
-                path: w.source.clone(),
-                reason: format!("Gemma attention logit softcapping ({cap}) is not implemented by the KV cache"),
-            });
-        }
+        gemma::check_caps(&w.source, cfg.attn_logit_softcapping, cfg.final_logit_softcapping)?;
         let head = w.contains("lm_head.weight");
         w.check(&expected_keys(&cfg, head))?;
         let h = cfg.hidden_size;
@@ -354,19 +311,8 @@ impl Model {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut norm = |name: &str| norm_weight(&mut w, &format!("{p}.{name}.weight"), dtype);
-            let (input_layernorm, post_attention_layernorm) = (norm("input_layernorm")?, norm("post_attention_layernorm")?);
-            let (pre_feedforward_layernorm, post_feedforward_layernorm) =
-                (norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?);
-            layers.push(DecoderLayer {
-                self_attn: Attention::new(&cfg, &mut w, &p, i, dtype)?,
-                mlp: GatedMlp::load(&mut w, &p, h, cfg.intermediate_size, Activation::GeluTanh)?,
-                input_layernorm,
-                post_attention_layernorm,
-                pre_feedforward_layernorm,
-                post_feedforward_layernorm,
-                eps: cfg.rms_norm_eps,
-            });
+            let attn = Attention::new(&cfg, &mut w, &p, i, dtype)?;
+            layers.push(SandwichLayer::load(&mut w, &p, h, cfg.intermediate_size, cfg.rms_norm_eps, dtype, attn)?);
         }
         // f32 sqrt as llama.cpp does; HF and mlx-lm round it to the weight dtype (bf16: 25.25
         // instead of 25.30 for the 270M), a 0.2% difference that later norms mostly absorb.
@@ -382,13 +328,7 @@ impl LanguageModel for Model {
             x = layer.forward(&x, cache)?;
         }
         let logits = self.ends.logits(x, self.cfg.rms_norm_eps, last_only)?;
-        Ok(match self.cfg.final_logit_softcapping {
-            Some(cap) if cap > 0.0 => {
-                let cap = Array::from_f32(cap).as_dtype(logits.dtype())?;
-                mlx_rs::ops::tanh(&(logits / &cap))? * cap
-            }
-            _ => logits,
-        })
+        gemma::soft_cap(logits, self.cfg.final_logit_softcapping)
     }
 
     fn n_layers(&self) -> usize {
@@ -422,9 +362,7 @@ impl LanguageModel for Model {
     fn arrays(&self) -> Vec<&Array> {
         let mut v = self.ends.arrays();
         for l in &self.layers {
-            v.extend(l.self_attn.arrays());
-            v.extend(l.mlp.arrays());
-            v.extend([&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm]);
+            v.extend(l.arrays());
         }
         v
     }

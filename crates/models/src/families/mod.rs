@@ -10,6 +10,7 @@ use crate::model::{Family, LanguageModel};
 use crate::weights::{Weight, WeightMap};
 use mlx_rs::Dtype;
 
+mod gemma;
 mod llamacpp;
 
 /// Declares each family's module and the [`ArchConfig`] variant holding its config; every
@@ -132,6 +133,8 @@ fn json_of<F: Family>(c: &F) -> serde_json::Value {
 families! {
     /// `llama`, `mistral`, `qwen2`, `qwen3` (the `model_type` is inside the config).
     Llama(llama),
+    /// `gemma2`.
+    Gemma2(gemma2),
     /// `gemma3_text`.
     Gemma3(gemma3),
     /// `phi3`.
