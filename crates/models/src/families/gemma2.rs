@@ -19,6 +19,7 @@ use crate::families::llamacpp::{arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::rope;
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
+use crate::projections::Projections;
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::{KvCache, Scoring};
 use mlx_rs::{Array, Dtype};
@@ -178,9 +179,8 @@ pub fn expected_keys(cfg: &Config) -> Vec<String> {
 }
 
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v, in that order.
+    qkv: Projections,
     o_proj: Linear,
     n_heads: i32,
     n_kv_heads: i32,
@@ -197,9 +197,7 @@ impl Attention {
             Ok(Linear { weight: w.take_shaped(&format!("{p}.self_attn.{name}.weight"), &[out, inp])?, bias: None })
         };
         Ok(Attention {
-            q_proj: lin("q_proj", nq * d, h)?,
-            k_proj: lin("k_proj", nkv * d, h)?,
-            v_proj: lin("v_proj", nkv * d, h)?,
+            qkv: Projections::new(vec![lin("q_proj", nq * d, h)?, lin("k_proj", nkv * d, h)?, lin("v_proj", nkv * d, h)?])?,
             o_proj: lin("o_proj", h, nq * d)?,
             n_heads: nq as i32,
             n_kv_heads: nkv as i32,
@@ -214,9 +212,10 @@ impl Mixer for Attention {
     fn forward(&self, x: &Array, cache: &mut KvCache) -> Result<Array> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let heads = |y: Array, n: i32| -> Result<Array> { Ok(y.reshape(&[b, l, n, self.head_dim])?.transpose_axes(&[0, 2, 1, 3])?) };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let [q, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().expect("three projections give three outputs");
+        let q = heads(q, self.n_heads)?;
+        let k = heads(k, self.n_kv_heads)?;
+        let v = heads(v, self.n_kv_heads)?;
         let offset = cache.offset() as i32;
         let q = rope(&q, self.head_dim, false, self.rope_base, 1.0, offset, None)?;
         let k = rope(&k, self.head_dim, false, self.rope_base, 1.0, offset, None)?;
@@ -225,7 +224,9 @@ impl Mixer for Attention {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect()
+        let mut v = self.qkv.arrays();
+        v.extend(self.o_proj.arrays());
+        v
     }
 }
 

@@ -18,6 +18,7 @@ use crate::families::llamacpp::{arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::{rms_norm, rope};
 use crate::gguf::GgufFile;
 use crate::model::{Family, LanguageModel};
+use crate::projections::Projections;
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_kv::{KvCache, Scoring};
 use mlx_rs::{Array, Dtype};
@@ -212,9 +213,8 @@ pub fn expected_keys(cfg: &Config, head: bool) -> Vec<String> {
 }
 
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v, in that order.
+    qkv: Projections,
     o_proj: Linear,
     q_norm: Array,
     k_norm: Array,
@@ -245,9 +245,7 @@ impl Attention {
             (None, false) => (cfg.rope_theta, 1.0),
         };
         Ok(Attention {
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv: Projections::new(vec![q_proj, k_proj, v_proj])?,
             o_proj,
             q_norm: norm_weight(w, &format!("{p}.self_attn.q_norm.weight"), dtype)?,
             k_norm: norm_weight(w, &format!("{p}.self_attn.k_norm.weight"), dtype)?,
@@ -274,9 +272,10 @@ impl Mixer for Attention {
             };
             Ok(y.transpose_axes(&[0, 2, 1, 3])?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads, Some(&self.q_norm))?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads, Some(&self.k_norm))?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads, None)?;
+        let [q, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().expect("three projections give three outputs");
+        let q = heads(q, self.n_heads, Some(&self.q_norm))?;
+        let k = heads(k, self.n_kv_heads, Some(&self.k_norm))?;
+        let v = heads(v, self.n_kv_heads, None)?;
         let offset = cache.offset() as i32;
         let q = rope(&q, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
         let k = rope(&k, self.head_dim, false, self.rope_base, self.rope_scale, offset, None)?;
@@ -286,7 +285,8 @@ impl Mixer for Attention {
     }
 
     fn arrays(&self) -> Vec<&Array> {
-        let mut v: Vec<&Array> = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().flat_map(|l| l.arrays()).collect();
+        let mut v = self.qkv.arrays();
+        v.extend(self.o_proj.arrays());
         v.extend([&self.q_norm, &self.k_norm]);
         v
     }
