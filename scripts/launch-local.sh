@@ -4,7 +4,7 @@
 # each rank's MLX_RANK. Rank 0's stdout is this script's; every rank's stderr is prefixed with
 # its rank. Stops every rank when one fails, and after --timeout seconds (default 600).
 #   scripts/launch-local.sh [--timeout S] N COMMAND [ARGS...]
-# e.g. scripts/launch-local.sh 2 ./scripts/kvsplit generate --distributed ring --model M --kv 8,4
+# e.g. scripts/launch-local.sh 2 target/release/kvsplit-mlx generate --distributed ring --model M --kv 8,4
 set -uo pipefail
 timeout=600
 if [ "${1:-}" = --timeout ]; then timeout=${2:?--timeout needs seconds}; shift 2; fi
