@@ -7,9 +7,10 @@
 //! checkpoints store one tensor per expert; [`stack_experts`] joins those at load, as mlx-lm's
 //! `sanitize` does, so the model sees one layout.
 //!
-//! Where the work goes: on the CPU, quantized experts run our packed matvec (or dequantize +
-//! BLAS for many rows) per selected expert, after reading the router's choice on the host;
-//! elsewhere MLX's `gather_qmm` / `gather_mm` pick the experts on the device.
+//! Where the work goes: on the CPU, each selected expert runs as an ordinary linear layer
+//! (quantized: our packed matvec, or dequantize + BLAS for many rows) after the router's
+//! choice is read on the host; elsewhere MLX's `gather_qmm` / `gather_mm` pick the experts on
+//! the device.
 
 use crate::decoder::FeedForward;
 use crate::error::{ModelError, Result};
@@ -107,17 +108,14 @@ impl SwitchGlu {
         self.down_proj.gather(&(g * u), idx, sorted)
     }
 
-    /// Whether this block runs expert by expert with host-read routing: CPU, quantized, and
-    /// a layout our packed kernels read. MLX 0.32.2's CPU `gather_qmm` is scalar code: one
-    /// decode token through a 4-bit Qwen3-30B-A3B block (8 of 128 experts) took 2068 ms there
-    /// against 16 ms expert by expert, a Mixtral 8x7B block 14.7 s against 161 ms (2-core EPYC,
-    /// `cargo run --release -p models --example moe_cpu_decode 5`).
+    /// Whether this block runs expert by expert with host-read routing: on the CPU, always.
+    /// MLX 0.32.2's CPU `gather_qmm` is scalar code: one decode token through a 4-bit
+    /// Qwen3-30B-A3B block (8 of 128 experts) took 2068 ms there against 16 ms expert by expert
+    /// on our packed matvec, a Mixtral 8x7B block 14.7 s against 161 ms (2-core EPYC,
+    /// `cargo run --release -p models --example moe_cpu_decode 5`). Its CPU `gather_mm` takes
+    /// float32 only (the conformance suite's f16 rows), while per expert any dtype runs BLAS.
     fn on_host_route(&self) -> bool {
-        let Weight::Quant { bits, group, .. } = &self.gate_proj.weight else { return false };
-        let inner = |e: &Experts| e.weight.shape()[2];
         mlx_kv::Backend::current() == mlx_kv::Backend::Cpu
-            && mlx_ext::cpu::enabled()
-            && [&self.gate_proj, &self.down_proj].iter().all(|e| mlx_ext::cpu::supports(*bits as u8, *group as usize, inner(e)))
     }
 
     /// The same result as [`Self::forward`], grouping the token rows by expert on the host so
