@@ -1,15 +1,14 @@
-//! One MoE block's time on the CPU by expert path (issue #21): MLX's `gather_qmm` (our CPU
-//! kernels off) against our packed matvec per selected expert (kernels on, the default), for
+//! One MoE block's time on the CPU by expert path (issue #21): MLX's `gather_qmm` against our
+//! packed matvec per selected expert (the CPU's default), for
 //! TOKENS tokens (default 1: a decode step), at real models' expert shapes with random 4-bit
 //! g64 weights. Prints one CSV row per (shape, path): median ms per block.
 //!
 //! `cargo run --release -p models --example moe_cpu_decode [REPEATS] [TOKENS]`
 
-use mlx_ext::options::{install, EngineOptions, Toggle};
 use mlx_rs::ops::quantize;
 use mlx_rs::{random, Array, Dtype};
 use models::decoder::FeedForward;
-use models::moe::{Routing, SparseMoe};
+use models::moe::{ExpertPath, Routing, SparseMoe};
 use models::weights::{Weight, WeightMap};
 use std::time::Instant;
 
@@ -56,11 +55,11 @@ fn main() {
     let (repeats, tokens) = (arg(1, 10), arg(2, 1) as i32);
     println!("shape,hidden,expert_width,experts,top_k,tokens,path,median_ms,repeats");
     for &(name, h, inter, e, k) in SHAPES {
-        let moe = block(h, inter, e, k);
+        let mut moe = block(h, inter, e, k);
         let x = random::normal::<f32>(&[1, tokens, h as i32], None, None, None).unwrap().as_dtype(Dtype::Float16).unwrap();
         x.eval().unwrap();
-        for (path, kernels) in [("per-expert-matvec", Toggle::On), ("gather_qmm", Toggle::Off)] {
-            install(EngineOptions { cpu_kernels: kernels, ..EngineOptions::default() }).unwrap();
+        for (path, how) in [("per-expert-matvec", ExpertPath::PerExpert), ("gather_qmm", ExpertPath::Gathered)] {
+            moe = moe.with_expert_path(how);
             let ms = median_ms(&moe, &x, repeats);
             println!("{name},{h},{inter},{e},{k},{tokens},{path},{ms:.3},{repeats}");
         }

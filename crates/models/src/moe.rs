@@ -30,6 +30,17 @@ pub enum Routing {
     SoftmaxThenTopK { renormalize: bool },
 }
 
+/// How the selected experts run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertPath {
+    /// Per expert on the CPU, gathered elsewhere ([`SwitchGlu::on_host_route`] says why).
+    Auto,
+    /// MLX's `gather_qmm` / `gather_mm` over the stacked experts.
+    Gathered,
+    /// Router choice read on the host, then each selected expert as a plain linear layer.
+    PerExpert,
+}
+
 /// Token-expert pairs from which mlx-lm sorts the tokens by expert before `gather_qmm`, so
 /// each expert's weights are read in one run; below it sorting costs more than it saves.
 const SORT_FROM_PAIRS: usize = 64;
@@ -71,6 +82,7 @@ struct SwitchGlu {
     gate_proj: Experts,
     up_proj: Experts,
     down_proj: Experts,
+    path: ExpertPath,
 }
 
 impl SwitchGlu {
@@ -115,7 +127,11 @@ impl SwitchGlu {
     /// `cargo run --release -p models --example moe_cpu_decode 5`). Its CPU `gather_mm` takes
     /// float32 only (the conformance suite's f16 rows), while per expert any dtype runs BLAS.
     fn on_host_route(&self) -> bool {
-        mlx_kv::Backend::current() == mlx_kv::Backend::Cpu
+        match self.path {
+            ExpertPath::Auto => mlx_kv::Backend::current() == mlx_kv::Backend::Cpu,
+            ExpertPath::Gathered => false,
+            ExpertPath::PerExpert => true,
+        }
     }
 
     /// The same result as [`Self::forward`], grouping the token rows by expert on the host so
@@ -178,9 +194,16 @@ impl SparseMoe {
             gate_proj: stacked("gate_proj", inter, hidden)?,
             up_proj: stacked("up_proj", inter, hidden)?,
             down_proj: stacked("down_proj", hidden, inter)?,
+            path: ExpertPath::Auto,
         };
         let gate = Linear { weight: w.take_shaped(&format!("{p}.gate.weight"), &[experts, hidden])?, bias: None };
         Ok(SparseMoe { gate, switch_mlp, top_k: top_k as i32, routing })
+    }
+
+    /// The same block with its experts run as `path` says (for timing the paths).
+    pub fn with_expert_path(mut self, path: ExpertPath) -> Self {
+        self.switch_mlp.path = path;
+        self
     }
 
     /// Expert indices and their weights, each `[B, L, k]`, from router logits `[B, L, E]`.
@@ -315,6 +338,7 @@ mod tests {
                 gate_proj: experts(&[e, inter, h], 1, quantized),
                 up_proj: experts(&[e, inter, h], 2, quantized),
                 down_proj: experts(&[e, h, inter], 3, quantized),
+                path: ExpertPath::Auto,
             };
             for tokens in [3, 40] {
                 let x = normal(&[1, tokens, h], 4);
