@@ -20,6 +20,7 @@ use models::engine::Engine;
 use models::generate::CacheSettings;
 use models::gguf::GgufFile;
 use models::load::load_dir;
+use models::mlx_dir::ConvertOptions;
 use models::sample::SamplerSettings;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,14 @@ fn oracle_cases(out: &Path) -> Vec<Value> {
     let text = String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "mlxlm-oracle.sh failed:\n{text}");
     serde_json::from_str::<Vec<Value>>(&std::fs::read_to_string(out.join("cases.json")).unwrap()).unwrap()
+}
+
+/// Logits at every position of `ids` from the directory `dir`, loaded as the test loads it.
+fn all_logits(dir: &Path, quantized: bool, ids: &[u32]) -> Vec<f32> {
+    let loaded = load_dir(dir, if quantized { Dtype::Float16 } else { Dtype::Float32 }).unwrap();
+    let engine = Engine::from_loaded(loaded);
+    let mut seq = engine.sequence(&CacheSettings::default(), SamplerSettings::default(), 256).unwrap();
+    floats(&seq.forward(ids, false).unwrap())
 }
 
 /// `KVSPLIT_ORACLE_CASES=mixtral,qwen3_moe` runs only those cases (for debugging one family).
@@ -108,6 +117,17 @@ fn every_family_matches_mlx_lm_on_its_own_checkpoints() {
                 break;
             }
             last = floats(&seq.forward(&[tok as u32], true).unwrap());
+        }
+        // `convert` writes the MoE layouts (stacked or per-expert, dense or quantized) so that
+        // they reload to the same logits, bit for bit.
+        if ["mixtral", "qwen3_moe"].contains(&c["module"].as_str().unwrap()) {
+            let converted = out.join(format!("{name}-converted"));
+            let opts = ConvertOptions { dtype: None, quantize: None, dequantize: false, max_shard_bytes: 5_000_000_000, force: false };
+            models::mlx_dir::write(models::mlx_dir::source_from_dir(&dir).unwrap(), &converted, &opts, &mut |_| {}).unwrap();
+            let again = all_logits(&converted, quantized, &ids);
+            if again != got {
+                failures.push(format!("{name}: converted directory's logits differ from the original's"));
+            }
         }
         eprintln!("{name}: max |logit diff| {worst:.2e} (bound {tol:.2e}), greedy checked");
     }
