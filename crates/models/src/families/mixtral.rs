@@ -246,3 +246,38 @@ impl LanguageModel for Model {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::families::ArchConfig;
+    use crate::weights::WeightMap;
+    use mlx_rs::Dtype;
+
+    fn config(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = serde_json::json!({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 1,
+            "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2,
+            "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "vocab_size": 16});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    fn build_error(extra: serde_json::Value) -> String {
+        let cfg = ArchConfig::from_json(&config(extra)).unwrap();
+        cfg.build(WeightMap::new("ckpt".into()), Dtype::Float32).err().expect("build must fail").to_string()
+    }
+
+    #[test]
+    fn bad_expert_counts_and_missing_keys_are_named() {
+        let e = build_error(serde_json::json!({"num_experts_per_tok": 3}));
+        assert!(e.contains("num_experts_per_tok 3") && e.contains("num_local_experts 2"), "{e}");
+        let e = build_error(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}));
+        assert!(e.contains("rope_scaling"), "{e}");
+        // A valid config with no tensors: every missing key listed, the stacked names included.
+        let e = build_error(serde_json::json!({}));
+        assert!(e.contains("model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight"), "{e}");
+        let mut v = config(serde_json::json!({}));
+        v.as_object_mut().unwrap().remove("num_local_experts");
+        let e = ArchConfig::from_json(&v).unwrap_err();
+        assert!(e.contains("num_local_experts"), "{e}");
+    }
+}

@@ -276,3 +276,44 @@ impl LanguageModel for Model {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+    use crate::families::ArchConfig;
+    use crate::weights::WeightMap;
+    use mlx_rs::Dtype;
+
+    fn config(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 3,
+            "intermediate_size": 64, "moe_intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "mlp_only_layers": [],
+            "norm_topk_prob": true, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 16,
+            "max_position_embeddings": 64});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    fn build_error(extra: serde_json::Value) -> String {
+        let cfg = ArchConfig::from_json(&config(extra)).unwrap();
+        cfg.build(WeightMap::new("ckpt".into()), Dtype::Float32).err().expect("build must fail").to_string()
+    }
+
+    #[test]
+    fn sparse_layers_follow_the_step_and_the_dense_list() {
+        let c: Config = serde_json::from_value(config(serde_json::json!({"decoder_sparse_step": 1, "mlp_only_layers": [1]}))).unwrap();
+        assert_eq!((0..3).map(|i| c.is_sparse(i)).collect::<Vec<_>>(), [true, false, true]);
+        let c: Config = serde_json::from_value(config(serde_json::json!({}))).unwrap();
+        assert_eq!((0..3).map(|i| c.is_sparse(i)).collect::<Vec<_>>(), [false, true, false]);
+    }
+
+    #[test]
+    fn bad_values_and_missing_keys_are_named() {
+        assert!(build_error(serde_json::json!({"decoder_sparse_step": 0})).contains("decoder_sparse_step"));
+        let e = build_error(serde_json::json!({"num_experts_per_tok": 5}));
+        assert!(e.contains("num_experts_per_tok 5") && e.contains("num_experts 4"), "{e}");
+        assert!(build_error(serde_json::json!({"mlp_only_layers": [7]})).contains("mlp_only_layers"));
+        let e = build_error(serde_json::json!({}));
+        assert!(e.contains("model.layers.1.mlp.switch_mlp.gate_proj.weight") && e.contains("model.layers.0.mlp.gate_proj.weight"), "{e}");
+    }
+}
