@@ -76,7 +76,7 @@ impl Config {
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return bad(format!("config.json: num_experts_per_tok {} must be 1 to num_local_experts {}", self.num_experts_per_tok, self.num_local_experts));
         }
-        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!("config.json: num_key_value_heads {} does not divide num_attention_heads {}", self.num_key_value_heads, self.num_attention_heads));
         }
         if self.hidden_act != "silu" {

@@ -66,7 +66,7 @@ const EXPERT_NAMES: [(&str, &str); 3] = [("gate_proj", "gate_proj"), ("up_proj",
 impl Config {
     /// Whether layer `i` has the sparse MoE block (mlx-lm's and Hugging Face's rule).
     pub fn is_sparse(&self, i: usize) -> bool {
-        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// Values the forward pass cannot run, named by their `config.json` key.
@@ -81,7 +81,7 @@ impl Config {
         if let Some(l) = self.mlp_only_layers.iter().find(|&&l| l >= self.num_hidden_layers) {
             return bad(format!("mlp_only_layers names layer {l}, beyond num_hidden_layers {}", self.num_hidden_layers));
         }
-        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!("num_key_value_heads {} does not divide num_attention_heads {}", self.num_key_value_heads, self.num_attention_heads));
         }
         if self.hidden_act != "silu" {
