@@ -280,4 +280,22 @@ mod tests {
         let e = ArchConfig::from_json(&v).unwrap_err();
         assert!(e.contains("num_local_experts"), "{e}");
     }
+
+    /// Metadata alone decides: Mixtral as llama.cpp writes it, and Qwen3-MoE.
+    #[test]
+    fn moe_gguf_files_are_refused_naming_the_architecture() {
+        use crate::gguf::{GgmlType, GgufFile, GgufWriter};
+        let dir = std::env::temp_dir().join(format!("kvsplit-moe-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (arch, expect) in [("llama", "llama.expert_count = 8"), ("qwen3moe", "'qwen3moe'")] {
+            let path = dir.join(format!("{arch}.gguf"));
+            let mut w = GgufWriter::new();
+            w.add_string("general.architecture", arch).add_u32(&format!("{arch}.expert_count"), 8);
+            w.add_tensor("token_embd.weight", &[4, 2], GgmlType::F32);
+            w.write(&path, |_, _, out| out.write_all(&[0u8; 32])).unwrap();
+            let e = ArchConfig::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(expect) && e.contains("not supported"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
