@@ -46,12 +46,7 @@ fn oracle_cases(out: &Path) -> Vec<Value> {
         std::fs::write(tok.join(name), text).unwrap();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut cmd = Command::new("bash");
-    cmd.arg(root.join("scripts/mlxlm-oracle.sh")).arg(out).arg(&tok);
-    if let Some(only) = only_cases() {
-        cmd.arg(only);
-    }
-    let run = cmd.output().expect("bash runs scripts/mlxlm-oracle.sh");
+    let run = Command::new("bash").arg(root.join("scripts/mlxlm-oracle.sh")).arg(out).arg(&tok).output().expect("bash runs scripts/mlxlm-oracle.sh");
     let text = String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "mlxlm-oracle.sh failed:\n{text}");
     serde_json::from_str::<Vec<Value>>(&std::fs::read_to_string(out.join("cases.json")).unwrap()).unwrap()
@@ -65,17 +60,12 @@ fn all_logits(dir: &Path, quantized: bool, ids: &[u32]) -> Vec<f32> {
     floats(&seq.forward(ids, false).unwrap())
 }
 
-/// `KVSPLIT_ORACLE_CASES=mixtral,qwen3_moe` runs only those cases (for debugging one family).
-fn only_cases() -> Option<String> {
-    std::env::var("KVSPLIT_ORACLE_CASES").ok().filter(|s| !s.is_empty())
-}
-
 #[test]
 fn every_family_matches_mlx_lm_on_its_own_checkpoints() {
     let out: PathBuf = std::env::temp_dir().join(format!("kvsplit-mlxlm-oracle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let cases = oracle_cases(&out);
-    assert!(cases.len() >= 24 || only_cases().is_some(), "{} cases", cases.len());
+    assert!(cases.len() >= 24, "{} cases", cases.len());
     let mut failures = Vec::new();
     for c in &cases {
         let name = c["case"].as_str().unwrap();
