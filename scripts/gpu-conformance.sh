@@ -19,7 +19,7 @@
 #       command="mkdir -p /tmp/mlxcuda && mv .device/p1/* /tmp/mlxcuda/")
 #
 #   run(carry=[".device/p2", ".device/rt"], timeout_s=600,
-#       command="source .device/rt/env.sh && timeout 560 .device/rt/conformance --out $OUT/conformance-cuda --ops quantized_matmul,quantize,sdpa,rope,rms_norm,dequantize 2>&1 | tee $OUT/log")
+#       command="source .device/rt/env.sh && timeout 560 .device/rt/conformance --out $OUT/conformance-cuda --ops quantized_matmul,quantize,gather_qmm,gather_mm,sdpa,rope,rms_norm,dequantize 2>&1 | tee $OUT/log")
 #
 # and copy the fetched files into the repo: cp <files_at>/conformance-cuda.{md,csv} docs/
 #

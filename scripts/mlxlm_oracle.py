@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """mlx-lm as the oracle of our model code (issue #21): for each architecture, a tiny random
 model built with mlx-lm's own model class and the checkpoint's real config keys, saved as an
-mlx-community-style directory twice (dense f32, and f16 quantized by `nn.quantize` with group 64
-and 4 bits as mlx-community does), with mlx-lm's logits at every position of fixed token ids and
+mlx-community-style directory twice (dense f32, and f16 quantized by mlx-lm's `quantize_model`
+with group 64 and 4 bits as mlx-community does), with mlx-lm's logits at every position of fixed token ids and
 its 16 greedy tokens after them. `crates/models/tests/mlxlm_oracle.rs` loads each directory
 with our loader and compares.
 
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import quantize_model
 
 IDS = [1, 17, 254, 999, 3, 4096, 77, 12345, 5, 640]
 GREEDY = 16
@@ -50,13 +50,26 @@ def families(vocab):
     # A Gemma 3 checkpoint that stores its own output head (a fine-tune may): mlx-lm then uses
     # that head instead of the embedding.
     gemma = cases[-1]
+    cases.append(("gemma3-head", gemma[1], dict(gemma[2])))
     # Gemma 2: soft caps small enough to bite at these dims (layer 0's raw scores span about
     # +-12, printed below, so tanh(s / 5) is far from linear; raw logits exceed the final cap
     # of 5 too), and a window of 8 that the 10 ids and 16 greedy tokens slide through (even
     # layers; see hf_sliding_window: windowed and global logits differ by ~3 from position 8).
     gemma2 = cfg("gemma2", head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=64,
                  sliding_window=GEMMA2_WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=5.0)
-    return cases + [("gemma3-head", gemma[1], dict(gemma[2])), ("gemma2", "gemma2", gemma2)]
+    cases.append(("gemma2", "gemma2", gemma2))
+    # Mixtures of experts: 4 experts, top 2. Qwen3-MoE with a dense layer (mlp_only_layers) and
+    # a sparse one, as its real config keys allow. The "-hf" cases are saved with Hugging Face's
+    # per-expert tensors instead of mlx-lm's stacked ones, and route without renormalising.
+    mixtral = cfg("mixtral", num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0,
+                  tie_word_embeddings=False)
+    qwen3_moe = cfg("qwen3_moe", head_dim=64, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                    mlp_only_layers=[0], moe_intermediate_size=128, norm_topk_prob=True, rope_theta=1000000.0,
+                    tie_word_embeddings=False)
+    cases += [("mixtral", "mixtral", mixtral), ("mixtral-hf", "mixtral", dict(mixtral)),
+              ("qwen3_moe", "qwen3_moe", qwen3_moe),
+              ("qwen3_moe-hf", "qwen3_moe", dict(qwen3_moe, norm_topk_prob=False))]
+    return cases
 
 
 GEMMA2_WINDOW = 8
@@ -97,6 +110,26 @@ def raw_score_span(model):
     return float(s.min().item()), float(s.max().item())
 
 
+# Hugging Face's names of the stacked expert projections, per family.
+HF_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+                   "qwen3_moe": {n: n for n in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def per_expert(weights, module):
+    """mlx-lm's stacked `switch_mlp.P.{weight,scales,biases}` split into HF's
+    `experts.E.P'.{...}` tensors (what mlx-lm's `sanitize` stacks again)."""
+    out = {}
+    for k, v in weights.items():
+        if ".switch_mlp." not in k:
+            out[k] = v
+            continue
+        prefix, rest = k.split(".switch_mlp.")
+        proj, suffix = rest.split(".")
+        for e in range(v.shape[0]):
+            out[f"{prefix}.experts.{e}.{HF_EXPERT_NAMES[module][proj]}.{suffix}"] = v[e]
+    return out
+
+
 def randomize(model, seed):
     """Norm weights (1-D parameters) off their init and matrices at a scale that keeps the tiny
     model's logits spread (greedy choices then have margins)."""
@@ -124,11 +157,24 @@ def logits_and_greedy(model):
     return full, out
 
 
+def gather_qmm_without_global_scale():
+    """mlx-lm 0.32.2's quantized experts pass `global_scale=None` to `mx.gather_qmm`, an
+    argument mlx 0.32.2 does not take; without a global scale the call is the plain one."""
+    plain = mx.gather_qmm
+
+    def gather_qmm(*args, global_scale=None, **kwargs):
+        if global_scale is not None:
+            raise ValueError("this mlx has no global_scale for gather_qmm")
+        return plain(*args, **kwargs)
+    mx.gather_qmm = gather_qmm
+
+
 def main():
     # mlx-lm wraps activations in mx.compile, which on the CPU backend builds C++ with the
     # system compiler for every new shape (ten minutes for these cases on 2 cores); the plain
     # ops compute the same values.
     mx.disable_compile()
+    gather_qmm_without_global_scale()
     if len(sys.argv) not in (3, 4) or not (Path(sys.argv[2]) / "tokenizer.json").is_file():
         sys.exit("usage: mlxlm_oracle.py OUT TOKENIZER_DIR [CASES] (TOKENIZER_DIR must hold tokenizer.json)")
     out, tok = Path(sys.argv[1]), Path(sys.argv[2])
@@ -151,8 +197,9 @@ def main():
             cfg = dict(config)
             if quant:
                 model.set_dtype(mx.float16)
-                nn.quantize(model, group_size=64, bits=4)
-                cfg["quantization"] = {"group_size": 64, "bits": 4}
+                # mlx-lm's own quantizer: the model's quant_predicate (Qwen3-MoE keeps its router
+                # at 8 bits) and the config block it writes, as mlx-community checkpoints have.
+                model, cfg = quantize_model(model, cfg, group_size=64, bits=4)
                 cfg["torch_dtype"] = "float16"
             else:
                 model.set_dtype(mx.float32)
@@ -164,6 +211,8 @@ def main():
                 shutil.rmtree(d)
             d.mkdir()
             weights = dict(tree_flatten(model.parameters()))
+            if name.endswith("-hf"):
+                weights = per_expert(weights, module)
             mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "mlx"})
             (d / "config.json").write_text(json.dumps(cfg, indent=1))
             for f in tok.iterdir():

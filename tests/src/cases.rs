@@ -30,6 +30,19 @@ pub enum Case {
         transpose: bool,
         rank: usize,
     },
+    /// gather_qmm of x with stacked experts MLX quantized, each row routed to the expert its
+    /// index names, against x times that expert's f64 dequant. `sorted`: pairs sorted by
+    /// expert, one row each (mlx-lm's prefill layout); otherwise tokens x top-k (decode).
+    GatherQmm {
+        dtype: Dtype,
+        bits: i32,
+        sorted: bool,
+    },
+    /// gather_mm of x with a transposed view of stacked dense experts, as the engine calls it.
+    GatherMm {
+        dtype: Dtype,
+        sorted: bool,
+    },
     Sdpa {
         dtype: Dtype,
         heads: usize,
@@ -86,6 +99,14 @@ pub fn all_cases() -> Vec<Case> {
                     });
                 }
             }
+        }
+    }
+    for dtype in [Dtype::Float32, Dtype::Float16] {
+        for sorted in [false, true] {
+            for bits in QMM_BITS {
+                cases.push(Case::GatherQmm { dtype, bits, sorted });
+            }
+            cases.push(Case::GatherMm { dtype, sorted });
         }
     }
     for dtype in [Dtype::Float32, Dtype::Float16] {
@@ -161,6 +182,20 @@ pub fn qmm_shapes(rank: usize, transpose: bool) -> (Vec<usize>, Vec<usize>) {
     }
 }
 
+/// Stacked experts of the gather cases: `[E, N, K]`, K two groups of 64.
+pub const GATHER_EXPERTS: [usize; 3] = [4, 32, 128];
+
+/// (x shape, index shape) of the gather cases: 3 tokens x top-2 against `x[B, L, 1, 1, K]` as
+/// mlx-lm's SwitchGLU expands it, or 12 pairs sorted by expert, one `[1, K]` row each.
+pub fn gather_shapes(sorted: bool) -> (Vec<usize>, Vec<usize>) {
+    let k = GATHER_EXPERTS[2];
+    if sorted {
+        (vec![12, 1, k], vec![12])
+    } else {
+        (vec![1, 3, 1, 1, k], vec![1, 3, 2])
+    }
+}
+
 /// The op name a case's row carries (for filtering cases before running them).
 pub fn case_op(case: &Case) -> &'static str {
     describe(case).op
@@ -230,6 +265,16 @@ pub(crate) fn describe(case: &Case) -> CaseResult {
                 rank,
             );
             row.shape = format!("x{} w{}", fmt_shape(&x), fmt_shape(&w));
+        }
+        Case::GatherQmm { dtype, sorted, .. } | Case::GatherMm { dtype, sorted } => {
+            let (x, idx) = gather_shapes(sorted);
+            row.shape_class = if sorted { "sorted pairs" } else { "tokens x top-k" }.into();
+            (row.dtype, row.rank, row.transpose) = (dtype_name(dtype), x.len(), Some(true));
+            row.shape = format!("x{} w{} idx{}", fmt_shape(&x), fmt_shape(&GATHER_EXPERTS), fmt_shape(&idx));
+            row.op = "gather_mm";
+            if let Case::GatherQmm { bits, .. } = *case {
+                (row.op, row.bits, row.group) = ("gather_qmm", Some(bits), Some(64));
+            }
         }
         Case::Sdpa {
             dtype,

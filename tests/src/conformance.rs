@@ -8,12 +8,12 @@
 //! plain multiples of the unit roundoff.
 
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
-use mlx_rs::ops::{dequantize, quantize, quantized_matmul};
+use mlx_rs::ops::{dequantize, gather_mm, gather_qmm, quantize, quantized_matmul};
 use mlx_rs::{Array, Dtype};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-pub use crate::cases::{all_cases, case_op, dtype_name, qmm_shapes, Case};
-use crate::cases::{describe, Q_COLS, Q_ROWS, ROPE_BASE, ROPE_SHAPE};
+pub use crate::cases::{all_cases, case_op, dtype_name, gather_shapes, qmm_shapes, Case};
+use crate::cases::{describe, GATHER_EXPERTS, Q_COLS, Q_ROWS, ROPE_BASE, ROPE_SHAPE};
 use crate::reference::{self as r, round_to};
 use crate::report::CaseResult;
 use crate::tolerance::{self, Tolerance};
@@ -319,6 +319,51 @@ fn measure(case: &Case, tamper: Tamper) -> Res<Measured> {
                 want: reference.values,
                 norm: reference.magnitude,
                 tol: tolerance::qmm(dtype, k),
+            })
+        }
+        Case::GatherQmm { dtype, sorted, .. } | Case::GatherMm { dtype, sorted } => {
+            let (x_shape, idx_shape) = gather_shapes(sorted);
+            let ws = GATHER_EXPERTS;
+            let x = normal(&mut rng, x_shape.iter().product(), dtype);
+            let w = normal(&mut rng, ws.iter().product(), dtype);
+            let mut idx: Vec<usize> = (0..idx_shape.iter().product::<usize>())
+                .map(|_| rng.gen_range(0..ws[0]))
+                .collect();
+            if sorted {
+                idx.sort_unstable();
+            }
+            let idx_i32: Vec<i32> = idx.iter().map(|&e| e as i32).collect();
+            let ia = Array::from_slice(&idx_i32, &dims(&idx_shape));
+            let (xa, wa) = (array(&x, &x_shape, dtype)?, array(&w, &ws, dtype)?);
+            let (out, wd, tol) = match *case {
+                Case::GatherQmm { bits, .. } => {
+                    let tr = quantize_read(&wa, w.len(), 64, bits)?;
+                    let out = gather_qmm(
+                        &xa, &tr.packed, &tr.scales, &tr.biases, None, &ia, true, 64, bits,
+                        sorted,
+                    );
+                    let wd = r::dequantize(&tr.codes, &tr.s, &tr.b, 64);
+                    (out, wd, tolerance::qmm(dtype, ws[2]))
+                }
+                _ => {
+                    let wt = wa.swap_axes(-1, -2).map_err(err)?;
+                    (gather_mm(&xa, &wt, None, &ia, sorted), w, tolerance::mm(dtype, ws[2]))
+                }
+            };
+            let out = out.map_err(err)?;
+            let reference = r::gather_matmul(&x, &x_shape, &wd, &ws, &idx, &idx_shape);
+            let got_shape: Vec<usize> = out.shape().iter().map(|&d| d as usize).collect();
+            if got_shape != reference.shape {
+                return Err(format!(
+                    "output shape {got_shape:?}, expected {:?}",
+                    reference.shape
+                ));
+            }
+            Ok(Measured {
+                got: read(&out)?,
+                want: reference.values,
+                norm: reference.magnitude,
+                tol,
             })
         }
         Case::Sdpa {

@@ -138,6 +138,44 @@ pub fn matmul(
     }
 }
 
+/// `gather_mm` / `gather_qmm` with transposed experts: for each position of the broadcast of
+/// x's batch axes with `idx`'s shape, x's `[M, K]` block times expert `idx`'s `[N, K]`
+/// transposed; `w` is `[E, N, K]`. The semantics of both ops on the dequantized experts.
+pub fn gather_matmul(
+    x: &[f64],
+    x_shape: &[usize],
+    w: &[f64],
+    w_shape: &[usize; 3],
+    idx: &[usize],
+    idx_shape: &[usize],
+) -> MatmulRef {
+    let xr = x_shape.len();
+    let (m, k, n) = (x_shape[xr - 2], x_shape[xr - 1], w_shape[1]);
+    let xb = &x_shape[..xr - 2];
+    let batch = broadcast_shapes(xb, idx_shape);
+    let mut shape = batch.clone();
+    shape.extend([m, n]);
+    let (mut values, mut magnitude) = (Vec::new(), Vec::new());
+    for bi in 0..batch.iter().product() {
+        let pos = unravel(bi, &batch);
+        let xo = broadcast_offset(&pos, xb) * m * k;
+        let wo = idx[broadcast_offset(&pos, idx_shape)] * n * k;
+        for mi in 0..m {
+            for ni in 0..n {
+                let terms = (0..k).map(|ki| x[xo + mi * k + ki] * w[wo + ni * k + ki]);
+                let (acc, mag) = terms.fold((0.0, 0.0), |(a, g), t| (a + t, g + t.abs()));
+                values.push(acc);
+                magnitude.push(mag);
+            }
+        }
+    }
+    MatmulRef {
+        shape,
+        values,
+        magnitude,
+    }
+}
+
 /// Attention inputs in MLX layout: q [B, H, L, D], k and v [B, Hkv, T, D].
 pub struct AttnInput<'a> {
     pub q: &'a [f64],

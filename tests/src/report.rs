@@ -6,14 +6,15 @@ use std::fmt::Write as _;
 /// The outcome of one conformance case on the backend in use.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CaseResult {
-    /// "quantize", "dequantize", "quantized_matmul", "sdpa", "rope" or "rms_norm".
+    /// "quantize", "dequantize", "quantized_matmul", "gather_qmm", "gather_mm", "sdpa", "rope"
+    /// or "rms_norm".
     pub op: &'static str,
     /// e.g. "row-major", "transposed input", "3-D", "5-D gqa", "causal offset gqa".
     pub shape_class: String,
     pub dtype: &'static str,
     pub bits: Option<i32>,
     pub group: Option<i32>,
-    /// `quantized_matmul`'s transpose flag.
+    /// The transpose flag of `quantized_matmul` (always true for the gather ops here).
     pub transpose: Option<bool>,
     /// Rank of the main input (x for quantized_matmul).
     pub rank: usize,

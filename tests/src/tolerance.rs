@@ -96,6 +96,16 @@ pub fn qmm(dtype: Dtype, k: usize) -> Tolerance {
     }
 }
 
+/// Dense matmul, one output = K-term dot product: one rounding per product before the sum
+/// (n = K + 1), plus one rounding of the output. Metric: err / sum_k |x_k * w_k|.
+pub fn mm(dtype: Dtype, k: usize) -> Tolerance {
+    let u = unit_roundoff(dtype);
+    Tolerance {
+        name: "MM_PROB_SQRT_K",
+        value: LAMBDA * ((k + 1) as f64).sqrt() * u + u,
+    }
+}
+
 /// Attention o = sum_j p_j v_j, p = softmax(scale * q.k). Metric: err / sum_j p_j |v_j|.
 /// - A logit error d_j changes p_j by a factor exp(d_j - weighted mean of d) <= exp(2 max|d|),
 ///   so the output moves by at most 2 max|d| * sum p|v| (first order). Each logit is a D-term

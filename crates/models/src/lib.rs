@@ -14,6 +14,7 @@ pub mod hub;
 pub mod load;
 pub mod mlx_dir;
 pub mod model;
+pub mod moe;
 pub mod perplexity;
 pub mod projections;
 pub mod random;

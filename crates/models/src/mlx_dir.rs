@@ -108,7 +108,8 @@ impl QuantPlan {
 pub struct ConvertOptions {
     /// Dtype of dense float tensors; `None` keeps each tensor's source precision.
     pub dtype: Option<Dtype>,
-    /// Quantize every 2-D weight as planned (re-quantizing quantized ones that differ).
+    /// Quantize every matrix (and stack of matrices) as planned (re-quantizing quantized ones
+    /// that differ).
     pub quantize: Option<QuantPlan>,
     /// Write every weight dense.
     pub dequantize: bool,
@@ -198,8 +199,10 @@ type Converted = (Vec<(String, Array)>, Option<QuantSpec>);
 fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize) -> Result<Converted> {
     let module = name.strip_suffix(".weight");
     let target = opts.quantize.map(|plan| plan.spec_for(module.unwrap_or(name), n_layers));
+    // Matrices, and stacks of them (MoE experts `[experts, out, in]`, which mlx-lm quantizes
+    // along the last axis as well).
     let quantizable = |shape: &[usize], spec: QuantSpec| {
-        module.is_some() && shape.len() == 2 && shape[1].is_multiple_of(spec.group as usize)
+        module.is_some() && shape.len() >= 2 && shape[shape.len() - 1].is_multiple_of(spec.group as usize)
     };
     let dense_out = |a: Array| -> Result<Array> {
         Ok(match opts.dtype {

@@ -19,16 +19,18 @@ struct Args {
     /// Output path prefix: writes PREFIX.md and PREFIX.csv (e.g. docs/conformance-cpu).
     #[arg(long)]
     out: PathBuf,
-    /// Comma-separated ops to run, in this order (quantize, dequantize, quantized_matmul, sdpa,
-    /// rope, rms_norm). Default: all, in table order.
+    /// Comma-separated ops to run, in this order (quantize, dequantize, quantized_matmul,
+    /// gather_qmm, gather_mm, sdpa, rope, rms_norm). Default: all, in table order.
     #[arg(long, value_delimiter = ',')]
     ops: Vec<String>,
 }
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 8] = [
     "quantize",
     "dequantize",
     "quantized_matmul",
+    "gather_qmm",
+    "gather_mm",
     "sdpa",
     "rope",
     "rms_norm",

@@ -101,6 +101,12 @@ impl Family for Config {
             other => return Err(ModelError::Unsupported { path: path.into(), reason: format!("GGUF architecture '{other}'") }),
         };
         let u = |k: &str| -> Result<usize> { Ok(g.get_u32(&format!("{arch}.{k}"))? as usize) };
+        // llama.cpp writes Mixtral as `llama` with experts; its stacked expert tensors are not
+        // mapped yet, and reading it as a dense Llama would fail later with missing keys.
+        if let Some(n) = g.optional(&format!("{arch}.expert_count"), |g, k| g.get_u32(k))?.filter(|&n| n > 0) {
+            let reason = format!("GGUF architecture '{arch}' with {arch}.expert_count = {n} (Mixtral-style experts) is not supported yet; load its MLX or Hugging Face directory");
+            return Err(ModelError::Unsupported { path: path.into(), reason });
+        }
         let n_heads = u("attention.head_count")?;
         let hidden = u("embedding_length")?;
         let head_dim = g.optional(&format!("{arch}.attention.key_length"), |g, k| g.get_u32(k))?.map(|x| x as usize);
@@ -229,20 +235,21 @@ pub fn expected_keys(cfg: &Config) -> Vec<String> {
     let mut keys = Ends::keys(cfg.tie_word_embeddings);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for name in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            keys.push(format!("{p}.self_attn.{name}.weight"));
-        }
-        if cfg.has_qkv_bias() {
-            for name in ["q_proj", "k_proj", "v_proj"] {
-                keys.push(format!("{p}.self_attn.{name}.bias"));
-            }
-        }
-        if cfg.has_qk_norm() {
-            keys.push(format!("{p}.self_attn.q_norm.weight"));
-            keys.push(format!("{p}.self_attn.k_norm.weight"));
-        }
+        keys.extend(attention_keys(cfg, &p));
         keys.extend(GatedMlp::keys(&p));
         keys.extend(Layer::norm_keys(&p));
+    }
+    keys
+}
+
+/// The attention keys of layer `p` (the MoE families share this attention).
+pub(crate) fn attention_keys(cfg: &Config, p: &str) -> Vec<String> {
+    let mut keys: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|n| format!("{p}.self_attn.{n}.weight")).collect();
+    if cfg.has_qkv_bias() {
+        keys.extend(["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}.bias")));
+    }
+    if cfg.has_qk_norm() {
+        keys.extend(["q_norm", "k_norm"].map(|n| format!("{p}.self_attn.{n}.weight")));
     }
     keys
 }
@@ -292,7 +299,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &Config, w: &mut WeightMap, p: &str, dtype: Dtype) -> Result<Self> {
+    pub(crate) fn new(cfg: &Config, w: &mut WeightMap, p: &str, dtype: Dtype) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim());
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {

@@ -139,4 +139,8 @@ families! {
     Gemma3(gemma3),
     /// `phi3`.
     Phi3(phi3),
+    /// `mixtral`.
+    Mixtral(mixtral),
+    /// `qwen3_moe`.
+    Qwen3Moe(qwen3_moe),
 }
