@@ -88,7 +88,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Speed runs only: instead of `--model`, a model of this architecture's shapes with random
-    /// weights drawn on the device (llama3.1-8b, qwen2.5-7b, tiny); token ids are synthetic.
+    /// weights drawn on the device (llama3.1-8b, qwen2.5-7b, tiny, and the mixtures of experts
+    /// qwen3-30b-a3b and tiny-moe); token ids are synthetic.
     #[arg(long, conflicts_with = "model")]
     pub random_model: Option<String>,
     /// Storage of `--random-model` weights: f16 (the compute dtype), q4 or q8 (group 64).
@@ -359,11 +360,11 @@ fn run_model(a: BenchArgs) -> Result<()> {
     let (engine, model_name, vocab): (Engine, String, usize) = match &a.random_model {
         Some(preset) => {
             let kind: models::random::RandomWeights = a.random_weights.parse()?;
-            let cfg = models::random::preset(preset)?;
+            let vocab = models::random::vocab_size(preset)?;
             let t = Instant::now();
             let m = models::random::model(preset, kind, crate::model_args::compute_dtype(), 0)?;
             eprintln!("built random {preset} ({} weights) in {:.1} s", a.random_weights, t.elapsed().as_secs_f64());
-            (Engine::from_model(Box::new(m)), format!("random-{preset}-{}", a.random_weights), cfg.vocab_size)
+            (Engine::from_model(m), format!("random-{preset}-{}", a.random_weights), vocab)
         }
         None => {
             let named: Vec<(&str, &CacheSettings)> = given.iter().map(|(kv, s)| (kv.as_str(), s)).collect();
