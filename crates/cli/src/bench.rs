@@ -561,6 +561,9 @@ fn run_model(a: BenchArgs) -> Result<()> {
 
     let table = model_table(&rows);
     print!("{table}");
+    if !crate::results::writes_results() {
+        return Ok(());
+    }
     let stem = a.name.clone().unwrap_or_else(|| format!("bench-model-{}", env.date.replace([':', '-'], "").trim_end_matches('Z')));
     let (c, j) = write_rows(&a.out, &stem, &rows)?;
     let md = a.out.join(format!("{stem}.md"));

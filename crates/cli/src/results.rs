@@ -233,12 +233,18 @@ pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
     (median, s[0], s[n - 1])
 }
 
-/// Writes `<dir>/<stem>.csv` and `<dir>/<stem>.json`; returns both paths.
+/// Whether this process writes result files: rank 0 writes a tensor-parallel group's rows (the
+/// other ranks measured the same steps and would race it for the same paths).
+pub fn writes_results() -> bool {
+    !models::shard::current().is_some_and(|s| s.rank() != 0)
+}
+
+/// Writes `<dir>/<stem>.csv` and `<dir>/<stem>.json`; returns both paths. Call it only where
+/// [`writes_results`].
 pub fn write_rows<T: Serialize>(dir: &Path, stem: &str, rows: &[T]) -> Result<(PathBuf, PathBuf)> {
     let csv_path = dir.join(format!("{stem}.csv"));
     let json_path = dir.join(format!("{stem}.json"));
-    if models::shard::current().is_some_and(|s| s.rank() != 0) {
-        // Rank 0 writes the group's rows; the others measured the same steps.
+    if !writes_results() {
         return Ok((csv_path, json_path));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot create the directory", dir.display()))?;
