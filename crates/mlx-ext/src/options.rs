@@ -288,7 +288,8 @@ mod tests {
         let a = EngineOptions::default();
         let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
         let (da, db) = (a.describe(), b.describe());
-        assert_eq!(da.split_whitespace().count(), 14, "{da}");
+        assert_eq!(da.split_whitespace().count(), 15, "{da}");
+        assert!(da.contains(" fuse-projections=on "), "{da}");
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);
         assert_eq!(EngineOptions::differences("a=1", "a=1 b=2"), vec!["b: (absent) vs 2".to_string()]);
