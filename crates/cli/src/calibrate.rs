@@ -349,7 +349,7 @@ pub fn run(a: CalibrateArgs) -> Result<()> {
                 measured.push((cand, r.kld_mean(), kld_se(&r)));
                 bar.inc(1);
                 done += 1;
-                if bar.is_hidden() && done % (total / 20).max(1) == 0 {
+                if bar.is_hidden() && done.is_multiple_of((total / 20).max(1)) {
                     let el = started.elapsed().as_secs_f64();
                     eprintln!("calibrate: {done}/{total} probes, {el:.0} s, about {:.0} s left", el / done as f64 * (total - done) as f64);
                 }

@@ -236,7 +236,7 @@ pub fn stats(samples: &[f64]) -> (f64, f64, f64) {
 /// Whether this process writes result files: rank 0 writes a tensor-parallel group's rows (the
 /// other ranks measured the same steps and would race it for the same paths).
 pub fn writes_results() -> bool {
-    !models::shard::current().is_some_and(|s| s.rank() != 0)
+    models::shard::current().is_none_or(|s| s.rank() == 0)
 }
 
 /// Writes `<dir>/<stem>.csv` and `<dir>/<stem>.json`; returns both paths. Call it only where

@@ -4,7 +4,7 @@
 //! Qwen2.5-Coder-0.5B (2 KV heads, 14 query heads) splits evenly; the default model (3 KV heads)
 //! must be refused with the numbers. Every run is bounded by the launcher's timeout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const PROMPT: &str = "def fibonacci(n):";
@@ -14,7 +14,7 @@ fn root() -> PathBuf {
 }
 
 /// (stdout, stderr, success) of `generate` with `args`, alone or as `ranks` ranks.
-fn generate(ranks: Option<usize>, model: &PathBuf, kv: &str) -> (String, String, bool) {
+fn generate(ranks: Option<usize>, model: &Path, kv: &str) -> (String, String, bool) {
     let bin = env!("CARGO_BIN_EXE_kvsplit-mlx");
     let mut args: Vec<String> = ["generate", "--kv", kv, "--max-tokens", "16", "--prompt", PROMPT, "--model"].iter().map(|s| s.to_string()).collect();
     args.push(model.display().to_string());

@@ -59,7 +59,7 @@ fn correctness(quick: bool) -> bool {
                 // The reference dequantizes with f32 scales and biases: exact codes times
                 // exact 16-bit scales; in the weight dtype each weight would round (2^-9
                 // relative in bf16), which over K=576 exceeds the bound that ours must meet.
-                let wd = host(&dequantize(&w, &s.as_dtype(Dtype::Float32).unwrap(), &b.as_dtype(Dtype::Float32).unwrap(), group, bits).unwrap());
+                let wd = host(&dequantize(&w, s.as_dtype(Dtype::Float32).unwrap(), &b.as_dtype(Dtype::Float32).unwrap(), group, bits).unwrap());
                 for rows in [1, 2, 5, 8] {
                     if quick && rows == 5 {
                         continue;

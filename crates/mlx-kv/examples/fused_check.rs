@@ -315,7 +315,7 @@ fn step_correctness(seed: u64, quick: bool, fold: bool) -> bool {
 /// `x` (rows of `d`) times the Sylvester Hadamard matrix over sqrt(d), in f64: the frame change
 /// the cache's rotations make (its own inverse).
 fn hadamard_rows(x: &[f64], d: usize) -> Vec<f64> {
-    let h = |j: usize, c: usize| if (j & c).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / (d as f64).sqrt();
+    let h = |j: usize, c: usize| if (j & c).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 } / (d as f64).sqrt();
     x.chunks(d).flat_map(|row| (0..d).map(move |c| (0..d).map(|j| row[j] * h(j, c)).sum::<f64>())).collect()
 }
 
@@ -490,8 +490,8 @@ fn channel_correctness(seed: u64, quick: bool, step: bool) -> bool {
                 // (16-token steps: the tail holding a nonzero multiple of 16 before the token; an
                 // emptied tail keeps its buffer).
                 let tail_before = (n - 1 - sinks) % gk;
-                let room = tail_before == 0 || tail_before % 16 != 0;
-                let want_path = if step && tail_before + 1 < gk as usize && room { "fused-step" } else { "fused-gpu" };
+                let room = tail_before == 0 || !tail_before.is_multiple_of(16);
+                let want_path = if step && tail_before + 1 < gk && room { "fused-step" } else { "fused-gpu" };
                 pass &= err < bound(kb, vb, rep, d, &vd) && path == want_path && cache.len() == n;
             }
             ok &= pass;

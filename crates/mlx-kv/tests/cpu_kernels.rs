@@ -216,7 +216,7 @@ fn prefill_attention_is_causal_and_matches_float64() {
         (9, 3, 1, 64, 50, 64, (6, 64), (6, 32), false),
     ];
     let install = |i: usize| {
-        let build = if i % 2 == 0 { CpuBuild::Auto } else { CpuBuild::Generic };
+        let build = if i.is_multiple_of(2) { CpuBuild::Auto } else { CpuBuild::Generic };
         mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
     };
     check_cases(&cases, base, true, install, |q, k, v, len| mlx_ext::cpu::prefill_attention(q, k.as_ref(), v.as_ref(), len, None).unwrap());
@@ -571,7 +571,7 @@ fn the_baseline_build_chosen_by_option_matches_the_dequantized_product_too() {
     let (_, wf) = host_matrix(40, 256, 8);
     let (w, sc, bi) = quantize(&wf, 64, 4).unwrap();
     let wd = f32(&dequantize(&w, &sc, &bi, 64, 4).unwrap());
-    let want: Vec<f64> = to_vec(&mlx_rs::ops::matmul(&x, &wd.t()).unwrap()).into_iter().map(f64::from).collect();
+    let want: Vec<f64> = to_vec(&mlx_rs::ops::matmul(&x, wd.t()).unwrap()).into_iter().map(f64::from).collect();
     // Two f32 dot products of K = 256 terms each: within K eps sum|x||w| of the exact one.
     let row_sum = xh.chunks(256).map(|r| r.iter().map(|v| v.abs()).sum::<f32>()).fold(0.0, f32::max);
     let bound = (2.0 * 256.0 * f32::EPSILON * row_sum * max_abs(&wd)) as f64;

@@ -73,7 +73,7 @@ pub trait Family: Sized + Serialize + DeserializeOwned {
     /// The HF name of GGUF tensor `gguf`; `None` for names the family does not know.
     fn gguf_tensor_name(gguf: &str) -> Option<String>;
     /// Undoes what llama.cpp's converter did to tensor `hf` (already renamed).
-    fn from_gguf_tensor(&self, _hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
+    fn undo_gguf_tensor(&self, _hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
         Ok(w)
     }
     /// Builds the model from `weights` (strictly: every key used, none missing).

@@ -57,7 +57,7 @@ impl Shard {
     /// when `n` does not divide evenly.
     pub fn part(&self, what: &str, n: usize) -> Result<Range<usize>> {
         let size = self.size();
-        if n % size != 0 {
+        if !n.is_multiple_of(size) {
             return Err(ModelError::Invalid {
                 flag: "--distributed",
                 message: format!("tensor parallelism over {size} processes needs {what} divisible by {size}; this model has {n}"),
@@ -89,7 +89,7 @@ pub fn columns(w: Weight, r: Range<usize>, name: &str) -> Result<Weight> {
         Weight::Dense(a) => Weight::Dense(copy(a.index((.., r.start as i32..r.end as i32)))?),
         Weight::Quant { w, scales, biases, bits, group } => {
             let (g, b) = (group as usize, bits as usize);
-            if r.start % g != 0 || r.end % g != 0 || (r.start * b) % 32 != 0 || (r.end * b) % 32 != 0 {
+            if !r.start.is_multiple_of(g) || !r.end.is_multiple_of(g) || !(r.start * b).is_multiple_of(32) || !(r.end * b).is_multiple_of(32) {
                 return Err(ModelError::Invalid {
                     flag: "--distributed",
                     message: format!("{name}: input columns {}..{} do not fall on whole {bits}-bit groups of {group}", r.start, r.end),

@@ -258,7 +258,7 @@ fn a_decode_step_refuses_a_sequence_with_a_prompt_still_waiting() {
     let tok = e.tokenizer().unwrap();
     let mut a = e.sequence(&settings(KvSpec::dense()), SamplerSettings::default(), 16).unwrap();
     a.queue_prompt(&tok.encode("Hello there", true), 4).unwrap();
-    let err = models::engine::decode_batch(&mut [&mut a], &[None]).err().expect("a prompt is waiting");
+    let err = models::engine::decode_batch(&mut [&mut a], &[None]).expect_err("a prompt is waiting");
     assert!(err.to_string().contains("waiting"), "{err}");
 }
 

@@ -144,8 +144,10 @@ fn rows_measured_with_different_engine_options_are_not_drawn_together() {
     let out = std::env::temp_dir().join(format!("kvsplit-plot-engine-{}", std::process::id()));
     let other = mlx_ext::EngineOptions { cpu_kernels: mlx_ext::Toggle::Off, ..Default::default() }.describe();
     let same = mlx_ext::EngineOptions::default().describe();
-    let mut d = Data::default();
-    d.model = vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: other.clone(), ..model_row("k8v4", 0, 25.0) }];
+    let d = Data {
+        model: vec![ModelRow { engine: same.clone(), ..model_row("fp16", 0, 20.0) }, ModelRow { engine: other.clone(), ..model_row("k8v4", 0, 25.0) }],
+        ..Default::default()
+    };
     let err = draw_all(&d, &out, None).unwrap_err().to_string();
     assert!(err.contains("throughput-vs-depth") && err.contains("cpu-kernels: on vs off"), "{err}");
     let mut ppl = ppl_row("k8v4", 10.1, 6240.0);

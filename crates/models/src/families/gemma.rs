@@ -69,7 +69,7 @@ pub(crate) fn gguf_tensor_name(gguf: &str) -> Option<String> {
 }
 
 /// llama.cpp's Gemma converters store RMSNorm weights as `1 + w`; keep HF's `w`.
-pub(crate) fn from_gguf_tensor(hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
+pub(crate) fn undo_gguf_tensor(hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
     if hf.ends_with("norm.weight") {
         if let Weight::Dense(a) = w {
             return Ok(Weight::Dense(a - Array::from_f32(1.0).as_dtype(dtype)?));

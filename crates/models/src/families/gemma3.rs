@@ -190,8 +190,8 @@ impl Family for Config {
         gemma::gguf_tensor_name(gguf)
     }
 
-    fn from_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
-        gemma::from_gguf_tensor(hf, w, dtype)
+    fn undo_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
+        gemma::undo_gguf_tensor(hf, w, dtype)
     }
 
     fn build(self, weights: WeightMap, dtype: Dtype) -> Result<Box<dyn LanguageModel>> {

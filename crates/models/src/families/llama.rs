@@ -168,7 +168,7 @@ impl Family for Config {
         llamacpp::tensor_name(gguf)
     }
 
-    fn from_gguf_tensor(&self, hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
+    fn undo_gguf_tensor(&self, hf: &str, w: Weight, _dtype: Dtype) -> Result<Weight> {
         let permuted = self.model_type == "llama" || self.model_type == "mistral";
         if permuted && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
             let rows = w.shape()[0];

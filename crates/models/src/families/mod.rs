@@ -94,9 +94,9 @@ macro_rules! families {
             }
 
             /// Undoes what llama.cpp's converter did to tensor `hf` of this family.
-            pub fn from_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
+            pub fn undo_gguf_tensor(&self, hf: &str, w: Weight, dtype: Dtype) -> Result<Weight> {
                 match self {
-                    $(ArchConfig::$variant(c) => c.from_gguf_tensor(hf, w, dtype),)*
+                    $(ArchConfig::$variant(c) => c.undo_gguf_tensor(hf, w, dtype),)*
                 }
             }
 

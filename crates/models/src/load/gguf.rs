@@ -97,7 +97,7 @@ fn read_tensors(
 pub fn load(path: &Path, dtype: Dtype) -> Result<(llama::Config, WeightMap, GgufFile)> {
     let g = GgufFile::open(path)?;
     let cfg = llama::Config::from_gguf(&g)?;
-    let map = read_tensors(&g, dtype, Packing::Native, llama::Config::gguf_tensor_name, |hf, w| cfg.from_gguf_tensor(hf, w, dtype))?;
+    let map = read_tensors(&g, dtype, Packing::Native, llama::Config::gguf_tensor_name, |hf, w| cfg.undo_gguf_tensor(hf, w, dtype))?;
     Ok((cfg, map, g))
 }
 
@@ -117,6 +117,6 @@ pub fn load_any_lossless(path: &Path, dtype: Dtype) -> Result<(ArchConfig, Weigh
 fn load_any_with(path: &Path, dtype: Dtype, packing: Packing) -> Result<(ArchConfig, WeightMap, GgufFile)> {
     let g = GgufFile::open(path)?;
     let cfg = ArchConfig::from_gguf(&g)?;
-    let map = read_tensors(&g, dtype, packing, |n| cfg.gguf_tensor_name(n), |hf, w| cfg.from_gguf_tensor(hf, w, dtype))?;
+    let map = read_tensors(&g, dtype, packing, |n| cfg.gguf_tensor_name(n), |hf, w| cfg.undo_gguf_tensor(hf, w, dtype))?;
     Ok((cfg, map, g))
 }

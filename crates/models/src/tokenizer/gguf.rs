@@ -182,7 +182,7 @@ fn byte_level(gguf: &GgufFile, path: &str, vocab: Vocab, pre: &str) -> Result<Pi
         steps.push(split.into());
     }
     let byte_level = ByteLevel::new(false, true, false);
-    steps.push(byte_level.clone().into());
+    steps.push(byte_level.into());
     Ok(Pipeline {
         bpe: BpeBuilder::new().vocab_and_merges(vocab, pairs).ignore_merges(pre_ignores_merges(pre)),
         normalizer: None,
