@@ -110,18 +110,21 @@ mod tests {
     #[test]
     fn periods_follow_the_yarn_formula() {
         let (d, base) = (64, 150_000f32);
-        let plain = |i: usize| base.powf(2.0 * i as f32 / d as f32);
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs();
-        for (truncate, (low, high)) in [(true, (8.0, 18.0)), (false, (8.0928, 17.3980))] {
+        let plain = |i: usize| 150_000f64.powf(2.0 * i as f64 / 64.0);
+        let close = |a: f32, b: f64| (a as f64 - b).abs() <= 1e-4 * b.abs();
+        let dim = |rotations: f64| 64.0 * (4096.0 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * 150_000f64.ln());
+        let (low, high) = (dim(32.0), dim(1.0));
+        assert!((low - 8.0928).abs() < 1e-4 && (high - 17.3980).abs() < 1e-4, "{low} {high}");
+        for (truncate, (low, high)) in [(true, (8.0, 18.0)), (false, (low, high))] {
             let y = gpt_oss(truncate);
             let (l, h) = y.correction_range(d, base);
-            assert!((l - low).abs() < 1e-3 && (h - high).abs() < 1e-3, "truncate {truncate}: range {l}..{h}");
+            assert!((l as f64 - low).abs() < 1e-4 && (h as f64 - high).abs() < 1e-4, "truncate {truncate}: range {l}..{h}");
             let p = y.periods(d, base);
             assert_eq!(p.len(), 32);
-            for i in 0..32 {
-                let k = 1.0 - ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+            for (i, &got) in p.iter().enumerate() {
+                let k = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
                 let want = 32.0 * plain(i) / (32.0 * k + 1.0 - k);
-                assert!(close(p[i], want), "truncate {truncate} dim {i}: {} vs {want}", p[i]);
+                assert!(close(got, want), "truncate {truncate} dim {i}: {got} vs {want}");
             }
             assert!(close(p[3], plain(3)) && close(p[30], 32.0 * plain(30)));
         }
