@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.utils import quantize_model
 
 IDS = [1, 17, 254, 999, 3, 4096, 77, 12345, 5, 640]
@@ -86,6 +86,28 @@ GPT_OSS_WINDOW = 8
 # gpt-oss sink logits: spread so that some heads give the sink most of their weight and others
 # almost none (the init's 1 + 0.1 N would make every head alike).
 SINK_STD = 2.0
+
+
+def gpt_oss_weights(model):
+    """Biases at 0.1 N instead of the norms' 1 + 0.1 N: q and k biases near 1 in every dimension
+    would make every score about 14, against which a sink of a few units weighs nothing
+    (removing the sinks then moved logits by 0.003, under the f32 bound). Sinks at SINK_STD N."""
+    model.update(tree_unflatten([(k, 0.1 * mx.random.normal(v.shape))
+                                 for k, v in tree_flatten(model.parameters()) if k.endswith(".bias")]))
+    for layer in model.layers:
+        layer.self_attn.sinks = SINK_STD * mx.random.normal(layer.self_attn.sinks.shape)
+
+
+def sink_effect(model):
+    """Largest logit change over IDS when every sink logit is -inf, to show that sinks bite."""
+    with_sinks = model(mx.array([IDS]))
+    kept = [layer.self_attn.sinks for layer in model.layers]
+    for layer in model.layers:
+        layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -mx.inf, dtype=layer.self_attn.sinks.dtype)
+    moved = float(mx.abs(model(mx.array([IDS])) - with_sinks).max().item())
+    for layer, s in zip(model.layers, kept):
+        layer.self_attn.sinks = s
+    return moved
 
 
 def hf_fused_experts(weights):
@@ -231,8 +253,7 @@ def main():
                 model.sanitize({})
             randomize(model, seed)
             if module == "gpt_oss":
-                for layer in model.layers:
-                    layer.self_attn.sinks = SINK_STD * mx.random.normal(layer.self_attn.sinks.shape)
+                gpt_oss_weights(model)
             if module == "gemma2":
                 hf_sliding_window(model, config["sliding_window"])
             cfg = dict(config)
@@ -266,6 +287,9 @@ def main():
                 print(f"{case}: layer-0 raw scores span [{lo:.2f}, {hi:.2f}] (attn cap {config['attn_logit_softcapping']}), "
                       f"final logits [{float(full.min().item()):.2f}, {float(full.max().item()):.2f}] "
                       f"(cap {config['final_logit_softcapping']})", flush=True)
+            if module == "gpt_oss":
+                print(f"{case}: sinks at -inf move mlx-lm's logits by up to {sink_effect(model):.3f} "
+                      f"(largest logit {float(mx.abs(full).max().item()):.2f})", flush=True)
             mx.save_safetensors(str(d / "oracle.safetensors"), {"logits": full})
             cases.append({"case": case, "module": module, "quantized": quant, "ids": IDS, "greedy": greedy,
                           "layers": config["num_hidden_layers"]})

@@ -12,7 +12,8 @@ mod common;
 use common::*;
 use mlx_kv::attention::{cpu, mlx_ops, Mask, Scoring, Segment, Tensor};
 use mlx_kv::store::{Packed, TokenAxis};
-use mlx_kv::{CacheOptions, KeyLayout, KvCache, KvSpec};
+use mlx_kv::{CacheOptions, KeyLayout, KvCache, KvPool, KvSpec};
+use std::sync::{Arc, Mutex};
 use mlx_rs::ops::{dequantize, quantize};
 use mlx_rs::{Array, Dtype};
 
@@ -92,8 +93,8 @@ fn every_path_that_takes_sinks_matches_the_definition() {
 }
 
 /// The cache end to end, as a gpt-oss layer drives it: a prompt in chunks, then decode steps,
-/// split-precision (per token, per channel) and dense, global and on a small rotating window
-/// (sliding layers). The sink logit is exact while every score may move by the key bound, so
+/// split-precision (per token, per channel, in pool blocks) and dense, global and on a small
+/// rotating window (sliding layers). Sinks keep every layer off the paged and fused steps. The sink logit is exact while every score may move by the key bound, so
 /// the quantization bound of tests/common (weights within `e^{±2δ}`) holds unchanged.
 #[test]
 fn a_cache_with_sinks_stays_within_the_quantization_bound_in_every_layer_kind() {
@@ -104,18 +105,26 @@ fn a_cache_with_sinks_stays_within_the_quantization_bound_in_every_layer_kind() 
     let sinks = sink_array(hq);
     let mut per_channel = KvSpec::bits(8, 4);
     per_channel.key_layout = KeyLayout::PerChannel;
+    let pool = KvPool::new(mlx_kv::Geometry { layers: 1, kv_heads: hkv, head_dim: D }, None);
+    // (spec, window, in pool blocks)
     let kinds = [
-        (KvSpec::bits(8, 4), None),
-        (KvSpec::bits(8, 4), Some(8)),
-        (KvSpec::bits(8, 8), Some(8)),
-        (per_channel, None),
-        (KvSpec::dense(), None),
-        (KvSpec::dense(), Some(8)),
+        (KvSpec::bits(8, 4), None, false),
+        (KvSpec::bits(8, 4), Some(8), false),
+        (KvSpec::bits(8, 4), None, true),
+        (KvSpec::bits(8, 8), Some(8), false),
+        (per_channel, None, false),
+        (KvSpec::dense(), None, false),
+        (KvSpec::dense(), Some(8), false),
     ];
-    for (spec, window) in kinds {
+    for (spec, window, paged) in kinds {
         let visible = move |qpos: usize, j: usize| j <= qpos && window.is_none_or(|w| j + w > qpos);
         let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), spec.k.bits, spec.v.bits);
-        let mut cache = KvCache::new(spec.clone(), D, CacheOptions { max_size: window, max_chunk: 16 }).unwrap();
+        let mut cache = if paged {
+            let fmt = mlx_kv::BlockFormat::of(&spec, 1).expect("k8v4 lives in pool blocks");
+            KvCache::new_paged(spec.clone(), D, Arc::new(Mutex::new(pool.reserve(&fmt, t).unwrap())), 0).unwrap()
+        } else {
+            KvCache::new(spec.clone(), D, CacheOptions { max_size: window, max_chunk: 16 }).unwrap()
+        };
         let (mut paths, mut at, mut bites) = (Vec::new(), 0, 0.0f64);
         while at < t {
             let z = if at < prompt { (at + 16).min(prompt) } else { at + 1 };
@@ -129,7 +138,7 @@ fn a_cache_with_sinks_stays_within_the_quantization_bound_in_every_layer_kind() 
             at = z;
         }
         paths.dedup();
-        eprintln!("{spec} window {window:?}: paths {paths:?}, bound {bound:.3e}, sink-free reference {bites:.3e} away");
+        eprintln!("{spec} window {window:?} paged {paged}: paths {paths:?}, bound {bound:.3e}, sink-free reference {bites:.3e} away");
         assert!(paths.iter().all(|p| ["cpu-blocks", "mlx-quantized", "sdpa"].contains(p)), "{spec}: sinks reached {paths:?}");
         let margin = if spec.k.is_quantized() { 1.0 } else { 10.0 };
         assert!(bites > margin * bound, "{spec} window {window:?}: the sinks do not bite ({bites:.3e})");
