@@ -261,7 +261,7 @@ fn gpt_oss_config() -> Value {
     json!({
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 64,
         "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+        "head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
         "rope_theta": 150000.0, "vocab_size": PHI3_VOCAB, "sliding_window": 4, "max_position_embeddings": 128,
         "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 7.0, "tie_word_embeddings": false,
         "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -271,7 +271,7 @@ fn gpt_oss_config() -> Value {
 }
 
 fn gpt_oss_tensors() -> Vec<(String, Array)> {
-    let (h, i, e, d, nq, nkv, v) = (64, 64, 4, 32, 4, 2, PHI3_VOCAB as i32);
+    let (h, i, e, d, nq, nkv, v) = (64, 64, 4, 64, 4, 2, PHI3_VOCAB as i32);
     let mut shapes: Vec<(String, Vec<i32>)> = vec![
         ("model.embed_tokens.weight".into(), vec![v, h]),
         ("lm_head.weight".into(), vec![v, h]),
@@ -317,7 +317,7 @@ fn gpt_oss_directory_loads_converts_and_decodes_with_split_caches() {
     let src = root.join("mlx");
     write_phi3_dir(&src, &gpt_oss_config(), gpt_oss_tensors());
     let m = load_dir(&src, Dtype::Float32).unwrap();
-    assert_eq!((m.model.family(), m.model.n_layers(), m.model.head_dim()), ("gpt_oss", 2, 32));
+    assert_eq!((m.model.family(), m.model.n_layers(), m.model.head_dim()), ("gpt_oss", 2, 64));
     assert_eq!((m.model.layer_window(0), m.model.layer_window(1)), (Some(4), None));
     let want = all_logits(&m, &PHI3_IDS).as_slice::<f32>().to_vec();
     assert!(want.iter().all(|x| x.is_finite()));
