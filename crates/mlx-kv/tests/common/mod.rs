@@ -96,14 +96,14 @@ pub fn reference_attention_sinks(q: &Host, k: &Host, v: &Host, scale: f64, sinks
     let rep = hq / hkv;
     let mut out = reference_attention(q, k, v, scale, visible);
     for bi in 0..b {
-        for h in 0..hq {
+        for (h, sink) in sinks.iter().enumerate().take(hq) {
             for i in 0..l {
                 let qpos = t - l + i;
                 let z: f64 = (0..t)
                     .filter(|&j| visible(qpos, j))
                     .map(|j| ((0..d).map(|x| q.at(bi, h, i, x) * k.at(bi, h / rep, j, x)).sum::<f64>() * scale).exp())
                     .sum();
-                let factor = z / (z + sinks[h].exp());
+                let factor = z / (z + sink.exp());
                 let row = ((bi * hq + h) * l + i) * d;
                 out[row..row + d].iter_mut().for_each(|o| *o *= factor);
             }
