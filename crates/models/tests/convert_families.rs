@@ -348,5 +348,13 @@ fn gpt_oss_directory_loads_converts_and_decodes_with_split_caches() {
             assert_eq!(caches[0].offset(), PHI3_IDS.len() + GREEDY_TOKENS, "{name} --kv {kv}");
         }
     }
+
+    // mlx-community's gpt-oss checkpoints are MXFP4: refused naming the key and the mode.
+    let mxfp4 = root.join("mxfp4");
+    let mut cfg = gpt_oss_config();
+    cfg["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "mxfp4"});
+    write_phi3_dir(&mxfp4, &cfg, gpt_oss_tensors());
+    let e = load_dir(&mxfp4, Dtype::Float32).err().expect("mxfp4 must be refused").to_string();
+    assert!(e.contains("quantization 'quantization': mode 'mxfp4' is not supported"), "{e}");
     std::fs::remove_dir_all(&root).ok();
 }

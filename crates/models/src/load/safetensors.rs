@@ -97,10 +97,10 @@ fn spec_from(v: &Value, path: &Path, key: &str) -> Result<QuantSpec> {
 
 /// Parses `quantization` (or HF's `quantization_config`), if present.
 pub fn parse_quantization(cfg: &Value, path: &Path) -> Result<Option<Quantization>> {
-    let Some(q) = cfg.get("quantization").or_else(|| cfg.get("quantization_config")) else {
+    let Some((block, q)) = ["quantization", "quantization_config"].into_iter().find_map(|k| cfg.get(k).map(|q| (k, q))) else {
         return Ok(None);
     };
-    let default = spec_from(q, path, "quantization")?;
+    let default = spec_from(q, path, block)?;
     let mut overrides = BTreeMap::new();
     if let Some(obj) = q.as_object() {
         for (k, v) in obj {
@@ -359,7 +359,7 @@ mod tests {
         assert!(e.contains("mode 'mxfp4'") && e.contains("quantization"), "{e}");
         let v: Value = serde_json::json!({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}});
         let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
-        assert!(e.contains("quant_method 'mxfp4'"), "{e}");
+        assert!(e.contains("quantization 'quantization_config': quant_method 'mxfp4'"), "{e}");
         let v: Value = serde_json::json!({"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "m.x": {"group_size": 64, "bits": 8, "mode": "affine"}}});
         assert!(parse_quantization(&v, Path::new("config.json")).unwrap().is_some());
     }
