@@ -387,7 +387,7 @@ mod tests {
         random::normal::<f32>(shape, None, None, &random::key(key).unwrap()).unwrap()
     }
 
-    fn experts(shape: &[i32], key: u64, quantized: bool) -> Experts {
+    fn experts(shape: &[i32], key: u64, quantized: bool, biased: bool) -> Experts {
         let w = normal(shape, key) * 0.1;
         let weight = if quantized {
             let (w, scales, biases) = quantize(&w, 64, 4).unwrap();
@@ -395,37 +395,46 @@ mod tests {
         } else {
             Weight::Dense(w)
         };
-        Experts { weight, bias: None }
+        let out = shape[shape.len() - 2];
+        let bias = biased.then(|| normal(&[shape[0], out], key + 100) * 0.5);
+        Experts { weight, bias }
     }
 
-    /// Each pair's expert as a plain f32 product of the dequantized weights.
+    /// Each pair's expert as a plain f32 product of the dequantized weights, plus its bias.
     fn reference(glu: &SwitchGlu, x: &Array, picked: &[i32], k: usize) -> Vec<f32> {
-        let dense = |e: &Experts, i: i32| e.weight.to_dense(Dtype::Float32).unwrap().index(i);
+        let lin = |p: &Experts, i: i32, x: &Array| {
+            let y = matmul(x, p.weight.to_dense(Dtype::Float32).unwrap().index(i).t()).unwrap();
+            match &p.bias {
+                Some(b) => y + b.index(i),
+                None => y,
+            }
+        };
         let h = x.shape()[2];
         let rows = x.reshape(&[-1, h]).unwrap();
         let mut out = Vec::new();
         for (pair, &e) in picked.iter().enumerate() {
             let xr = rows.index((pair / k) as i32).reshape(&[1, h]).unwrap();
-            let g = silu(matmul(&xr, dense(&glu.gate_proj, e).t()).unwrap()).unwrap();
-            let u = matmul(&xr, dense(&glu.up_proj, e).t()).unwrap();
-            let y = matmul(&(g * u), dense(&glu.down_proj, e).t()).unwrap();
-            out.extend_from_slice(y.as_slice::<f32>());
+            let act = glu.activation.apply(lin(&glu.gate_proj, e, &xr), lin(&glu.up_proj, e, &xr)).unwrap();
+            out.extend_from_slice(lin(&glu.down_proj, e, &act).as_slice::<f32>());
         }
         out
     }
 
     /// Every path against the reference: unsorted gather (few pairs), sorted gather (64 or
-    /// more), and expert by expert, quantized and dense.
+    /// more), and expert by expert, quantized and dense; Mixtral's experts and gpt-oss's
+    /// (biases, and the clamped SwiGLU at a limit of 1, which these pre-activations of about
+    /// unit size cross often).
     #[test]
     fn gathered_sorted_and_per_expert_paths_agree_with_a_plain_product() {
         let (e, h, inter, k) = (4, 128, 64, 2usize);
-        for quantized in [true, false] {
+        let clamped = GluActivation::ClampedSwiglu { alpha: 1.702, limit: 1.0 };
+        for (quantized, activation, biased) in [(true, GluActivation::Silu, false), (false, GluActivation::Silu, false), (true, clamped, true), (false, clamped, true)] {
             let glu = SwitchGlu {
-                gate_proj: experts(&[e, inter, h], 1, quantized),
-                up_proj: experts(&[e, inter, h], 2, quantized),
-                down_proj: experts(&[e, h, inter], 3, quantized),
+                gate_proj: experts(&[e, inter, h], 1, quantized, biased),
+                up_proj: experts(&[e, inter, h], 2, quantized, biased),
+                down_proj: experts(&[e, h, inter], 3, quantized, biased),
                 path: ExpertPath::Auto,
-                activation: GluActivation::Silu,
+                activation,
             };
             for tokens in [3, 40] {
                 let x = normal(&[1, tokens, h], 4);
@@ -443,7 +452,7 @@ mod tests {
                     let got = got.as_dtype(Dtype::Float32).unwrap();
                     let worst = got.as_slice::<f32>().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     // f32 sums of at most 128 terms: far below 1e-4 of the largest output.
-                    assert!(worst <= 1e-4 * scale, "{name} quantized={quantized} tokens={tokens}: {worst} of {scale}");
+                    assert!(worst <= 1e-4 * scale, "{name} quantized={quantized} {activation:?} tokens={tokens}: {worst} of {scale}");
                 }
             }
         }
