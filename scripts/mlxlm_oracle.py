@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.utils import quantize_model
 
 IDS = [1, 17, 254, 999, 3, 4096, 77, 12345, 5, 640]
@@ -69,7 +69,65 @@ def families(vocab):
     cases += [("mixtral", "mixtral", mixtral), ("mixtral-hf", "mixtral", dict(mixtral)),
               ("qwen3_moe", "qwen3_moe", qwen3_moe),
               ("qwen3_moe-hf", "qwen3_moe", dict(qwen3_moe, norm_topk_prob=False))]
+    # gpt-oss: biased q/k/v/o, a learned sink logit per head (see SINK_STD), YaRN RoPE with
+    # gpt-oss-20b's own block, a sliding layer whose window of 8 the 26 tokens pass, and 4
+    # biased experts (top 2) with the clamped SwiGLU. The "-hf" case (dense only) is saved in
+    # Hugging Face's layout: fused, interleaved `gate_up_proj` [E, hidden, 2 * inter], `x @ W`.
+    gpt_oss = cfg("gpt_oss", head_dim=64, num_local_experts=4, num_experts_per_tok=2, rope_theta=150000.0,
+                  sliding_window=GPT_OSS_WINDOW, layer_types=["sliding_attention", "full_attention"],
+                  rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                    original_max_position_embeddings=4096),
+                  tie_word_embeddings=False)
+    cases += [("gpt_oss", "gpt_oss", gpt_oss), ("gpt_oss-hf", "gpt_oss", dict(gpt_oss))]
     return cases
+
+
+GPT_OSS_WINDOW = 8
+# gpt-oss sink logits: spread so that some heads give the sink most of their weight and others
+# almost none (the init's 1 + 0.1 N would make every head alike).
+SINK_STD = 2.0
+
+
+def gpt_oss_weights(model):
+    """Biases at 0.1 N instead of the norms' 1 + 0.1 N: q and k biases near 1 in every dimension
+    would make every score about 14, against which a sink of a few units weighs nothing
+    (removing the sinks then moved logits by 0.003, under the f32 bound). Sinks at SINK_STD N."""
+    model.update(tree_unflatten([(k, 0.1 * mx.random.normal(v.shape))
+                                 for k, v in tree_flatten(model.parameters()) if k.endswith(".bias")]))
+    for layer in model.layers:
+        layer.self_attn.sinks = SINK_STD * mx.random.normal(layer.self_attn.sinks.shape)
+
+
+def sink_effect(model):
+    """Largest logit change over IDS when every sink logit is -inf, to show that sinks bite."""
+    with_sinks = model(mx.array([IDS]))
+    kept = [layer.self_attn.sinks for layer in model.layers]
+    for layer in model.layers:
+        layer.self_attn.sinks = mx.full(layer.self_attn.sinks.shape, -mx.inf, dtype=layer.self_attn.sinks.dtype)
+    moved = float(mx.abs(model(mx.array([IDS])) - with_sinks).max().item())
+    for layer, s in zip(model.layers, kept):
+        layer.self_attn.sinks = s
+    return moved
+
+
+def hf_fused_experts(weights):
+    """mlx-lm's stacked gpt-oss experts (`experts.P.weight` [E, out, in], `experts.P.bias`) as
+    Hugging Face's transformers stores them: `gate_up_proj` [E, in, 2 * out] with gate and up in
+    alternate columns, `down_proj` [E, in, out], and `*_bias`."""
+    out = {}
+    for k, v in weights.items():
+        if ".mlp.experts." not in k:
+            out[k] = v
+    prefixes = {k.split(".experts.")[0] for k in weights if ".mlp.experts." in k}
+    for p in prefixes:
+        w = lambda n: weights[f"{p}.experts.{n}"]
+        e, i, h = w("gate_proj.weight").shape
+        gate_up = mx.stack([w("gate_proj.weight").transpose(0, 2, 1), w("up_proj.weight").transpose(0, 2, 1)], axis=-1)
+        out[f"{p}.experts.gate_up_proj"] = gate_up.reshape(e, h, 2 * i)
+        out[f"{p}.experts.gate_up_proj_bias"] = mx.stack([w("gate_proj.bias"), w("up_proj.bias")], axis=-1).reshape(e, 2 * i)
+        out[f"{p}.experts.down_proj"] = mx.contiguous(w("down_proj.weight").transpose(0, 2, 1))
+        out[f"{p}.experts.down_proj_bias"] = w("down_proj.bias")
+    return out
 
 
 GEMMA2_WINDOW = 8
@@ -186,12 +244,16 @@ def main():
             continue
         mod = importlib.import_module("mlx_lm.models." + module)
         for quant in (False, True):
+            if quant and name == "gpt_oss-hf":
+                continue  # Hugging Face's quantized gpt-oss is MXFP4, which we refuse
             model = mod.Model(mod.ModelArgs.from_dict(config))
             if module == "gemma3_text" and name != "gemma3-head":
                 # Google's Gemma 3 checkpoints carry no lm_head; mlx-lm's `sanitize` then ties
                 # the head to the embedding, as loading a real one does.
                 model.sanitize({})
             randomize(model, seed)
+            if module == "gpt_oss":
+                gpt_oss_weights(model)
             if module == "gemma2":
                 hf_sliding_window(model, config["sliding_window"])
             cfg = dict(config)
@@ -211,7 +273,9 @@ def main():
                 shutil.rmtree(d)
             d.mkdir()
             weights = dict(tree_flatten(model.parameters()))
-            if name.endswith("-hf"):
+            if name == "gpt_oss-hf":
+                weights = hf_fused_experts(weights)
+            elif name.endswith("-hf"):
                 weights = per_expert(weights, module)
             mx.save_safetensors(str(d / "model.safetensors"), weights, metadata={"format": "mlx"})
             (d / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -223,6 +287,9 @@ def main():
                 print(f"{case}: layer-0 raw scores span [{lo:.2f}, {hi:.2f}] (attn cap {config['attn_logit_softcapping']}), "
                       f"final logits [{float(full.min().item()):.2f}, {float(full.max().item()):.2f}] "
                       f"(cap {config['final_logit_softcapping']})", flush=True)
+            if module == "gpt_oss":
+                print(f"{case}: sinks at -inf move mlx-lm's logits by up to {sink_effect(model):.3f} "
+                      f"(largest logit {float(mx.abs(full).max().item()):.2f})", flush=True)
             mx.save_safetensors(str(d / "oracle.safetensors"), {"logits": full})
             cases.append({"case": case, "module": module, "quantized": quant, "ids": IDS, "greedy": greedy,
                           "layers": config["num_hidden_layers"]})

@@ -23,6 +23,7 @@ pub mod recipe;
 pub mod sample;
 pub mod shard;
 pub mod weights;
+pub mod yarn;
 pub mod gguf;
 pub mod tokenizer;
 pub mod tokenizer_json;

@@ -1,8 +1,9 @@
-//! The mixture-of-experts feed-forward block of Mixtral and Qwen3-MoE: a router (`gate`) scores
+//! The mixture-of-experts feed-forward block of Mixtral, Qwen3-MoE and gpt-oss: a router scores
 //! the layer's experts per token, the `top_k` best run their gated MLPs, and their outputs are
-//! summed with the router's weights.
+//! summed with the router's weights. What differs between families is a [`MoeLayout`]: the
+//! names, whether router and experts carry biases, and the gate's activation.
 //!
-//! Experts are stacked as mlx-lm's `SwitchGLU` holds them: `switch_mlp.{gate,up,down}_proj`
+//! Experts are stacked as mlx-lm's `SwitchGLU` holds them: `{experts}.{gate,up,down}_proj`
 //! with a leading experts axis, dense or quantized (mlx-community checkpoints). Hugging Face
 //! checkpoints store one tensor per expert; [`stack_experts`] joins those at load, as mlx-lm's
 //! `sanitize` does, so the model sees one layout.
@@ -17,8 +18,47 @@ use crate::error::{ModelError, Result};
 use crate::weights::{Linear, Weight, WeightMap};
 use mlx_rs::nn::silu;
 use mlx_rs::ops::indexing::IndexOp;
-use mlx_rs::ops::{argpartition_axis, argsort_axis, concatenate, gather_mm, gather_qmm, softmax_axis, stack};
+use mlx_rs::ops::{argpartition_axis, argsort_axis, concatenate, gather_mm, gather_qmm, maximum, minimum, sigmoid, softmax_axis, stack};
 use mlx_rs::{Array, Dtype};
+
+/// The gate's activation inside each expert, `down(act(gate, up))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GluActivation {
+    /// `silu(gate) * up` (Mixtral, Qwen3-MoE).
+    Silu,
+    /// gpt-oss: the gate clamped above and `up` on both sides at `limit`, then
+    /// `(up + 1) * gate * sigmoid(alpha * gate)` (mlx-lm's `swiglu_oai`).
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+impl GluActivation {
+    pub(crate) fn apply(self, gate: Array, up: Array) -> Result<Array> {
+        Ok(match self {
+            GluActivation::Silu => silu(gate)? * up,
+            GluActivation::ClampedSwiglu { alpha, limit } => {
+                let c = |x: f32| Array::from_f32(x).as_dtype(gate.dtype());
+                let g = minimum(&gate, c(limit)?)?;
+                let u = minimum(maximum(&up, c(-limit)?)?, c(limit)?)?;
+                (u + c(1.0)?) * (&g * sigmoid(&g * c(alpha)?)?)
+            }
+        })
+    }
+}
+
+/// Where a block's tensors live under its prefix and what they carry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeLayout {
+    /// The router linear layer's name (`{p}.{router}.weight`).
+    pub router: &'static str,
+    /// The stacked experts' container (`{p}.{experts}.gate_proj.weight`, ...).
+    pub experts: &'static str,
+    /// Router and experts carry biases (`.bias`, `[experts, out]` for the experts).
+    pub bias: bool,
+    pub activation: GluActivation,
+}
+
+/// mlx-lm's `SwitchGLU` under `switch_mlp`, router `gate`, no biases (Mixtral, Qwen3-MoE).
+pub const SWITCH_MLP: MoeLayout = MoeLayout { router: "gate", experts: "switch_mlp", bias: false, activation: GluActivation::Silu };
 
 /// How router logits become expert weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,19 +85,24 @@ pub enum ExpertPath {
 /// each expert's weights are read in one run; below it sorting costs more than it saves.
 const SORT_FROM_PAIRS: usize = 64;
 
-/// One stacked projection: `[experts, out, in]`.
+/// One stacked projection: `[experts, out, in]`, and its biases `[experts, out]`.
 struct Experts {
     weight: Weight,
+    bias: Option<Array>,
 }
 
 impl Experts {
     /// `x` `[..., 1, in]` through the experts `idx` picks, per MLX's gather semantics.
     fn gather(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
-        Ok(match &self.weight {
+        let y = match &self.weight {
             Weight::Dense(w) => gather_mm(x, w.swap_axes(-1, -2)?, None, idx, sorted)?,
             Weight::Quant { w, scales, biases, bits, group } => {
                 gather_qmm(x, w, scales, biases, None, idx, true, *group, *bits, sorted)?
             }
+        };
+        Ok(match &self.bias {
+            Some(b) => y + b.take_axis(idx, 0)?.expand_dims(-2)?,
+            None => y,
         })
     }
 
@@ -73,16 +118,23 @@ impl Experts {
                 group: *group,
             },
         };
-        Linear { weight, bias: None }
+        Linear { weight, bias: self.bias.as_ref().map(|b| b.index(e)) }
+    }
+
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v = self.weight.arrays();
+        v.extend(self.bias.iter());
+        v
     }
 }
 
-/// The experts' gated MLPs, `down(silu(gate(x)) * up(x))` each.
+/// The experts' gated MLPs, `down(act(gate(x), up(x)))` each.
 struct SwitchGlu {
     gate_proj: Experts,
     up_proj: Experts,
     down_proj: Experts,
     path: ExpertPath,
+    activation: GluActivation,
 }
 
 impl SwitchGlu {
@@ -115,9 +167,8 @@ impl SwitchGlu {
     }
 
     fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
-        let g = silu(self.gate_proj.gather(x, idx, sorted)?)?;
-        let u = self.up_proj.gather(x, idx, sorted)?;
-        self.down_proj.gather(&(g * u), idx, sorted)
+        let h = self.activation.apply(self.gate_proj.gather(x, idx, sorted)?, self.up_proj.gather(x, idx, sorted)?)?;
+        self.down_proj.gather(&h, idx, sorted)
     }
 
     /// Whether this block runs expert by expert with host-read routing: on the CPU, always.
@@ -153,9 +204,8 @@ impl SwitchGlu {
             let tokens: Vec<i32> = pairs.iter().map(|p| p / k).collect();
             let xe = rows.take_axis(Array::from_slice(&tokens, &[tokens.len() as i32]), 0)?;
             let e = e as i32;
-            let g = silu(self.gate_proj.expert(e).forward(&xe)?)?;
-            let u = self.up_proj.expert(e).forward(&xe)?;
-            outs.push(self.down_proj.expert(e).forward(&(g * u))?);
+            let h = self.activation.apply(self.gate_proj.expert(e).forward(&xe)?, self.up_proj.expert(e).forward(&xe)?)?;
+            outs.push(self.down_proj.expert(e).forward(&h)?);
             order.extend_from_slice(pairs);
         }
         // Rows are in expert order; `unsort[pair]` is where each pair's row landed.
@@ -168,7 +218,8 @@ impl SwitchGlu {
     }
 }
 
-/// A sparse MoE feed-forward block under prefix `p` (`{p}.gate`, `{p}.switch_mlp.*`).
+/// A sparse MoE feed-forward block under prefix `p` (router and experts named by its
+/// [`MoeLayout`]).
 pub struct SparseMoe {
     gate: Linear,
     switch_mlp: SwitchGlu,
@@ -177,26 +228,61 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
-    /// The four stacked keys of a block.
+    /// The four stacked keys of a [`SWITCH_MLP`] block.
     pub fn keys(p: &str) -> Vec<String> {
-        let mut keys = vec![format!("{p}.gate.weight")];
-        keys.extend(["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.switch_mlp.{n}.weight")));
+        Self::keys_of(p, &SWITCH_MLP)
+    }
+
+    /// The keys of a block laid out as `layout` says.
+    pub fn keys_of(p: &str, layout: &MoeLayout) -> Vec<String> {
+        let (r, e) = (layout.router, layout.experts);
+        let suffixes: &[&str] = if layout.bias { &["weight", "bias"] } else { &["weight"] };
+        let mut keys = Vec::new();
+        for s in suffixes {
+            keys.push(format!("{p}.{r}.{s}"));
+            keys.extend(["gate_proj", "up_proj", "down_proj"].map(|n| format!("{p}.{e}.{n}.{s}")));
+        }
         keys
     }
 
-    /// Takes the router `[experts, hidden]` and the stacked experts `[experts, inter, hidden]`
-    /// (down: `[experts, hidden, inter]`).
+    /// [`Self::load_as`] a [`SWITCH_MLP`] block.
     pub fn load(w: &mut WeightMap, p: &str, hidden: usize, inter: usize, experts: usize, top_k: usize, routing: Routing) -> Result<Self> {
-        let mut stacked = |name: &str, out: usize, inp: usize| -> Result<Experts> {
-            Ok(Experts { weight: w.take_shaped(&format!("{p}.switch_mlp.{name}.weight"), &[experts, out, inp])? })
+        Self::load_as(w, p, &SWITCH_MLP, hidden, inter, experts, top_k, routing)
+    }
+
+    /// Takes the router `[experts, hidden]` and the stacked experts `[experts, inter, hidden]`
+    /// (down: `[experts, hidden, inter]`), with their biases where `layout` has them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_as(w: &mut WeightMap, p: &str, layout: &MoeLayout, hidden: usize, inter: usize, experts: usize, top_k: usize, routing: Routing) -> Result<Self> {
+        // Biases stay as loaded (the loader casts float tensors to the compute dtype).
+        let mut bias = |name: String, shape: &[usize]| -> Result<Option<Array>> {
+            if !layout.bias {
+                return Ok(None);
+            }
+            match w.take_shaped(&name, shape)? {
+                Weight::Dense(b) => Ok(Some(b)),
+                Weight::Quant { .. } => Err(ModelError::Config { path: w.source.clone(), reason: format!("{name} is quantized; a bias must be a float tensor") }),
+            }
+        };
+        let e = layout.experts;
+        let biases = [
+            bias(format!("{p}.{e}.gate_proj.bias"), &[experts, inter])?,
+            bias(format!("{p}.{e}.up_proj.bias"), &[experts, inter])?,
+            bias(format!("{p}.{e}.down_proj.bias"), &[experts, hidden])?,
+            bias(format!("{p}.{}.bias", layout.router), &[experts])?,
+        ];
+        let [gate_b, up_b, down_b, router_b] = biases;
+        let mut stacked = |name: &str, out: usize, inp: usize, bias: Option<Array>| -> Result<Experts> {
+            Ok(Experts { weight: w.take_shaped(&format!("{p}.{e}.{name}.weight"), &[experts, out, inp])?, bias })
         };
         let switch_mlp = SwitchGlu {
-            gate_proj: stacked("gate_proj", inter, hidden)?,
-            up_proj: stacked("up_proj", inter, hidden)?,
-            down_proj: stacked("down_proj", hidden, inter)?,
+            gate_proj: stacked("gate_proj", inter, hidden, gate_b)?,
+            up_proj: stacked("up_proj", inter, hidden, up_b)?,
+            down_proj: stacked("down_proj", hidden, inter, down_b)?,
             path: ExpertPath::Auto,
+            activation: layout.activation,
         };
-        let gate = Linear { weight: w.take_shaped(&format!("{p}.gate.weight"), &[experts, hidden])?, bias: None };
+        let gate = Linear { weight: w.take_shaped(&format!("{p}.{}.weight", layout.router), &[experts, hidden])?, bias: router_b };
         Ok(SparseMoe { gate, switch_mlp, top_k: top_k as i32, routing })
     }
 
@@ -236,7 +322,7 @@ impl FeedForward for SparseMoe {
     fn arrays(&self) -> Vec<&Array> {
         let s = &self.switch_mlp;
         let mut v = self.gate.arrays();
-        v.extend([&s.gate_proj, &s.up_proj, &s.down_proj].into_iter().flat_map(|e| e.weight.arrays()));
+        v.extend([&s.gate_proj, &s.up_proj, &s.down_proj].into_iter().flat_map(|e| e.arrays()));
         v
     }
 }
@@ -301,7 +387,7 @@ mod tests {
         random::normal::<f32>(shape, None, None, &random::key(key).unwrap()).unwrap()
     }
 
-    fn experts(shape: &[i32], key: u64, quantized: bool) -> Experts {
+    fn experts(shape: &[i32], key: u64, quantized: bool, biased: bool) -> Experts {
         let w = normal(shape, key) * 0.1;
         let weight = if quantized {
             let (w, scales, biases) = quantize(&w, 64, 4).unwrap();
@@ -309,36 +395,46 @@ mod tests {
         } else {
             Weight::Dense(w)
         };
-        Experts { weight }
+        let out = shape[shape.len() - 2];
+        let bias = biased.then(|| normal(&[shape[0], out], key + 100) * 0.5);
+        Experts { weight, bias }
     }
 
-    /// Each pair's expert as a plain f32 product of the dequantized weights.
+    /// Each pair's expert as a plain f32 product of the dequantized weights, plus its bias.
     fn reference(glu: &SwitchGlu, x: &Array, picked: &[i32], k: usize) -> Vec<f32> {
-        let dense = |e: &Experts, i: i32| e.weight.to_dense(Dtype::Float32).unwrap().index(i);
+        let lin = |p: &Experts, i: i32, x: &Array| {
+            let y = matmul(x, p.weight.to_dense(Dtype::Float32).unwrap().index(i).t()).unwrap();
+            match &p.bias {
+                Some(b) => y + b.index(i),
+                None => y,
+            }
+        };
         let h = x.shape()[2];
         let rows = x.reshape(&[-1, h]).unwrap();
         let mut out = Vec::new();
         for (pair, &e) in picked.iter().enumerate() {
             let xr = rows.index((pair / k) as i32).reshape(&[1, h]).unwrap();
-            let g = silu(matmul(&xr, dense(&glu.gate_proj, e).t()).unwrap()).unwrap();
-            let u = matmul(&xr, dense(&glu.up_proj, e).t()).unwrap();
-            let y = matmul(&(g * u), dense(&glu.down_proj, e).t()).unwrap();
-            out.extend_from_slice(y.as_slice::<f32>());
+            let act = glu.activation.apply(lin(&glu.gate_proj, e, &xr), lin(&glu.up_proj, e, &xr)).unwrap();
+            out.extend_from_slice(lin(&glu.down_proj, e, &act).as_slice::<f32>());
         }
         out
     }
 
     /// Every path against the reference: unsorted gather (few pairs), sorted gather (64 or
-    /// more), and expert by expert, quantized and dense.
+    /// more), and expert by expert, quantized and dense; Mixtral's experts and gpt-oss's
+    /// (biases, and the clamped SwiGLU at a limit of 1, which these pre-activations of about
+    /// unit size cross often).
     #[test]
     fn gathered_sorted_and_per_expert_paths_agree_with_a_plain_product() {
         let (e, h, inter, k) = (4, 128, 64, 2usize);
-        for quantized in [true, false] {
+        let clamped = GluActivation::ClampedSwiglu { alpha: 1.702, limit: 1.0 };
+        for (quantized, activation, biased) in [(true, GluActivation::Silu, false), (false, GluActivation::Silu, false), (true, clamped, true), (false, clamped, true)] {
             let glu = SwitchGlu {
-                gate_proj: experts(&[e, inter, h], 1, quantized),
-                up_proj: experts(&[e, inter, h], 2, quantized),
-                down_proj: experts(&[e, h, inter], 3, quantized),
+                gate_proj: experts(&[e, inter, h], 1, quantized, biased),
+                up_proj: experts(&[e, inter, h], 2, quantized, biased),
+                down_proj: experts(&[e, h, inter], 3, quantized, biased),
                 path: ExpertPath::Auto,
+                activation,
             };
             for tokens in [3, 40] {
                 let x = normal(&[1, tokens, h], 4);
@@ -356,7 +452,7 @@ mod tests {
                     let got = got.as_dtype(Dtype::Float32).unwrap();
                     let worst = got.as_slice::<f32>().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     // f32 sums of at most 128 terms: far below 1e-4 of the largest output.
-                    assert!(worst <= 1e-4 * scale, "{name} quantized={quantized} tokens={tokens}: {worst} of {scale}");
+                    assert!(worst <= 1e-4 * scale, "{name} quantized={quantized} {activation:?} tokens={tokens}: {worst} of {scale}");
                 }
             }
         }

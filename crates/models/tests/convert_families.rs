@@ -254,3 +254,107 @@ fn unknown_model_type_is_named() {
     assert!(e.contains("mamba") && e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(dir.parent().unwrap()).ok();
 }
+
+/// gpt-oss has no registry weights either: a tiny random checkpoint in mlx-lm's layout
+/// (stacked, biased experts; learned sinks; a sliding layer of window 4 and a full one).
+fn gpt_oss_config() -> Value {
+    json!({
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 64,
+        "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 150000.0, "vocab_size": PHI3_VOCAB, "sliding_window": 4, "max_position_embeddings": 128,
+        "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 7.0, "tie_word_embeddings": false,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 4096, "truncate": false},
+        "torch_dtype": "float32"
+    })
+}
+
+fn gpt_oss_tensors() -> Vec<(String, Array)> {
+    let (h, i, e, d, nq, nkv, v) = (64, 64, 4, 64, 4, 2, PHI3_VOCAB as i32);
+    let mut shapes: Vec<(String, Vec<i32>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![v, h]),
+        ("lm_head.weight".into(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (n, out, inp) in [("q_proj", nq * d, h), ("k_proj", nkv * d, h), ("v_proj", nkv * d, h), ("o_proj", h, nq * d)] {
+            shapes.push((format!("{p}.self_attn.{n}.weight"), vec![out, inp]));
+            shapes.push((format!("{p}.self_attn.{n}.bias"), vec![out]));
+        }
+        shapes.push((format!("{p}.self_attn.sinks"), vec![nq]));
+        shapes.push((format!("{p}.mlp.router.weight"), vec![e, h]));
+        shapes.push((format!("{p}.mlp.router.bias"), vec![e]));
+        for (n, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            shapes.push((format!("{p}.mlp.experts.{n}.weight"), vec![e, out, inp]));
+            shapes.push((format!("{p}.mlp.experts.{n}.bias"), vec![e, out]));
+        }
+        shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    let mut key = mlx_rs::random::key(5).unwrap();
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let (k1, k2) = mlx_rs::random::split(&key, 2).unwrap();
+            key = k1;
+            let (loc, scale) = match shape.len() {
+                1 if name.ends_with("norm.weight") => (1.0, 0.1),
+                1 | 2 if name.ends_with(".bias") || name.ends_with("sinks") => (0.0, 1.0),
+                _ => (0.0, (shape[shape.len() - 1] as f32).powf(-0.5)),
+            };
+            (name, mlx_rs::random::normal::<f32>(&shape[..], loc, scale, &k2).unwrap())
+        })
+        .collect()
+}
+
+/// Loads, converts (as is, then quantized to 4 bits) and decodes past the window with the
+/// split-precision cache (k8v4) and the 16-bit one.
+#[test]
+fn gpt_oss_directory_loads_converts_and_decodes_with_split_caches() {
+    let root = temp_dir("gpt-oss");
+    let src = root.join("mlx");
+    write_phi3_dir(&src, &gpt_oss_config(), gpt_oss_tensors());
+    let m = load_dir(&src, Dtype::Float32).unwrap();
+    assert_eq!((m.model.family(), m.model.n_layers(), m.model.head_dim()), ("gpt_oss", 2, 64));
+    assert_eq!((m.model.layer_window(0), m.model.layer_window(1)), (Some(4), None));
+    let want = all_logits(&m, &PHI3_IDS).as_slice::<f32>().to_vec();
+    assert!(want.iter().all(|x| x.is_finite()));
+
+    let out = root.join("converted");
+    mlx_dir::write(mlx_dir::source_from_dir(&src).unwrap(), &out, &opts(), &mut |_| {}).unwrap();
+    assert_eq!(config_json(&out)["model_type"].as_str(), Some("gpt_oss"));
+    let got = all_logits(&load_dir(&out, Dtype::Float32).unwrap(), &PHI3_IDS).as_slice::<f32>().to_vec();
+    assert_eq!(max_abs_diff(&want, &got), 0.0);
+
+    let q4 = root.join("q4");
+    let plan = mlx_dir::QuantPlan::uniform(safetensors::QuantSpec { bits: 4, group: 64 });
+    let report = mlx_dir::write(mlx_dir::source_from_dir(&src).unwrap(), &q4, &ConvertOptions { quantize: Some(plan), ..opts() }, &mut |_| {}).unwrap();
+    assert!(report.quantized > 0);
+    let quantized = load_dir(&q4, Dtype::Float32).unwrap();
+
+    for (name, model) in [("f32", &m), ("q4", &quantized)] {
+        for kv in ["8,4", "fp16"] {
+            let settings = CacheSettings { spec: mlx_kv::KvSpec::parse(kv).unwrap(), ..CacheSettings::default() };
+            let mut caches = settings.build(model.model.as_ref(), 256).unwrap();
+            let prompt: Vec<u32> = PHI3_IDS.iter().map(|&x| x as u32).collect();
+            let mut logits = prefill(model.model.as_ref(), &mut caches, &prompt, 256).unwrap();
+            for _ in 0..GREEDY_TOKENS {
+                let v = logits.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>().to_vec();
+                assert!(v.iter().all(|x| x.is_finite()), "{name} --kv {kv}: non-finite logits");
+                logits = prefill(model.model.as_ref(), &mut caches, &[argmax(&v)], 1).unwrap();
+            }
+            assert_eq!(caches[0].offset(), PHI3_IDS.len() + GREEDY_TOKENS, "{name} --kv {kv}");
+        }
+    }
+
+    // mlx-community's gpt-oss checkpoints are MXFP4: refused naming the key and the mode.
+    let mxfp4 = root.join("mxfp4");
+    let mut cfg = gpt_oss_config();
+    cfg["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "mxfp4"});
+    write_phi3_dir(&mxfp4, &cfg, gpt_oss_tensors());
+    let e = load_dir(&mxfp4, Dtype::Float32).err().expect("mxfp4 must be refused").to_string();
+    assert!(e.contains("quantization 'quantization': mode 'mxfp4' is not supported"), "{e}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -105,7 +105,10 @@ fn fused_allowed() -> std::result::Result<(), &'static str> {
 
 /// The path for attention of `q` (`[B, Hq, L, D]`) over `segments`. Every CPU path applies a
 /// soft cap; on CUDA a capped layer runs MLX ops ([`mlx_ops::quantized`], float segments
-/// included): MLX's fused sdpa has no cap, and neither have our fused kernels yet.
+/// included): MLX's fused sdpa has no cap, and neither have our fused kernels yet. Learned sink
+/// logits (`sinks`, `[Hq]`) take the CPU block path on the CPU and MLX ops (or MLX's sdpa, which
+/// takes sinks) elsewhere: the body matchers in [`types`] refuse a layer with sinks, so neither
+/// our primitives nor our fused kernels are chosen for it ([`run`] refuses them too).
 pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array>, scoring: Scoring) -> Choice {
     let qs = q.shape();
     let d = qs[3] as usize;
@@ -173,6 +176,11 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
 /// Runs `choice` (from [`choose`] on the same arguments).
 pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
     let scale = scoring.scale;
+    // Our primitives and fused kernels have no sink logit in their softmax; `choose` never hands
+    // them one, and a dispatch bug must fail rather than attend without it.
+    if sinks.is_some() && matches!(choice.path, Path::CpuPrimitive | Path::CpuPrefill | Path::FusedGpu) {
+        return Err(KvError::PathUnsupported { path: choice.path.name(), what: "learned attention sinks" });
+    }
     match choice.path {
         Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scoring, sinks),
         Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scoring, sinks),
@@ -361,6 +369,18 @@ mod tests {
         let choice = pick(Path::FusedGpu, "test");
         let err = run(choice, &q, &[], &Mask::None, Scoring::capped(0.125, 50.0), None).unwrap_err().to_string();
         assert!(err.contains("fused-gpu") && err.contains("soft-capping"), "{err}");
+    }
+
+    /// Learned sink logits (gpt-oss) join the softmax of the MLX-ops and CPU block paths only:
+    /// handed one, the primitives and fused kernels fail before reading anything.
+    #[test]
+    fn primitives_and_fused_paths_refuse_learned_sinks() {
+        let q = Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap();
+        let sinks = Array::zeros::<f32>(&[2]).unwrap();
+        for path in [Path::FusedGpu, Path::CpuPrimitive, Path::CpuPrefill] {
+            let err = run(pick(path, "test"), &q, &[], &Mask::None, Scoring::from(0.125), Some(&sinks)).unwrap_err().to_string();
+            assert!(err.contains(path.name()) && err.contains("learned attention sinks"), "{err}");
+        }
     }
 
     #[test]

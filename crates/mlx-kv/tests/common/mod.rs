@@ -86,6 +86,32 @@ pub fn reference_attention_capped(q: &Host, k: &Host, v: &Host, scale: f64, soft
     out
 }
 
+/// [`reference_attention`] with a learned sink logit per query head (gpt-oss): `sinks[h]` joins
+/// each softmax denominator of head `h` as `exp(sinks[h] - m)` and contributes no value, so
+/// every output of the row is the sink-free one times `Z / (Z + exp(sinks[h]))`, `Z` being the
+/// sum of the row's exponentiated visible scores.
+pub fn reference_attention_sinks(q: &Host, k: &Host, v: &Host, scale: f64, sinks: &[f64], visible: &dyn Fn(usize, usize) -> bool) -> Vec<f64> {
+    let [b, hq, l, d] = q.shape;
+    let [_, hkv, t, _] = k.shape;
+    let rep = hq / hkv;
+    let mut out = reference_attention(q, k, v, scale, visible);
+    for bi in 0..b {
+        for (h, sink) in sinks.iter().enumerate().take(hq) {
+            for i in 0..l {
+                let qpos = t - l + i;
+                let z: f64 = (0..t)
+                    .filter(|&j| visible(qpos, j))
+                    .map(|j| ((0..d).map(|x| q.at(bi, h, i, x) * k.at(bi, h / rep, j, x)).sum::<f64>() * scale).exp())
+                    .sum();
+                let factor = z / (z + sink.exp());
+                let row = ((bi * hq + h) * l + i) * d;
+                out[row..row + d].iter_mut().for_each(|o| *o *= factor);
+            }
+        }
+    }
+    out
+}
+
 /// Worst per-element error of MLX affine `bits` quantization of data bounded by `max_abs`.
 ///
 /// MLX makes the larger-magnitude edge `e` of each group exact: with `n = 2^b - 1` and ideal step

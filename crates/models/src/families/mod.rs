@@ -143,4 +143,6 @@ families! {
     Mixtral(mixtral),
     /// `qwen3_moe`.
     Qwen3Moe(qwen3_moe),
+    /// `gpt_oss`.
+    GptOss(gpt_oss),
 }

@@ -65,7 +65,23 @@ fn cfg_err(path: &Path, reason: impl Into<String>) -> ModelError {
     ModelError::Config { path: path.to_path_buf(), reason: reason.into() }
 }
 
+/// mlx-lm's `mode` (or HF's `quant_method`) beyond affine, e.g. mlx-community's gpt-oss in
+/// `mxfp4`: refused by name, since mlx-rs 0.33's quantized ops take no mode and our weights are
+/// affine triplets.
+fn check_mode(v: &Value, path: &Path, key: &str) -> Result<()> {
+    for name in ["mode", "quant_method"] {
+        if let Some(mode) = v.get(name).and_then(Value::as_str).filter(|m| *m != "affine") {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("quantization '{key}': {name} '{mode}' is not supported (affine quantization only)"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn spec_from(v: &Value, path: &Path, key: &str) -> Result<QuantSpec> {
+    check_mode(v, path, key)?;
     let int = |name: &str| -> Result<i32> {
         v.get(name)
             .and_then(Value::as_i64)
@@ -81,10 +97,10 @@ fn spec_from(v: &Value, path: &Path, key: &str) -> Result<QuantSpec> {
 
 /// Parses `quantization` (or HF's `quantization_config`), if present.
 pub fn parse_quantization(cfg: &Value, path: &Path) -> Result<Option<Quantization>> {
-    let Some(q) = cfg.get("quantization").or_else(|| cfg.get("quantization_config")) else {
+    let Some((block, q)) = ["quantization", "quantization_config"].into_iter().find_map(|k| cfg.get(k).map(|q| (k, q))) else {
         return Ok(None);
     };
-    let default = spec_from(q, path, "quantization")?;
+    let default = spec_from(q, path, block)?;
     let mut overrides = BTreeMap::new();
     if let Some(obj) = q.as_object() {
         for (k, v) in obj {
@@ -334,6 +350,18 @@ mod tests {
         assert_eq!(q.for_module("lm_head"), None);
         let back = parse_quantization(&serde_json::json!({ "quantization": q.to_json() }), Path::new("c")).unwrap();
         assert_eq!(back, Some(q));
+    }
+
+    #[test]
+    fn non_affine_modes_are_refused_naming_the_key_and_mode() {
+        let v: Value = serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}});
+        let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("mode 'mxfp4'") && e.contains("quantization"), "{e}");
+        let v: Value = serde_json::json!({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}});
+        let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("quantization 'quantization_config': quant_method 'mxfp4'"), "{e}");
+        let v: Value = serde_json::json!({"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "m.x": {"group_size": 64, "bits": 8, "mode": "affine"}}});
+        assert!(parse_quantization(&v, Path::new("config.json")).unwrap().is_some());
     }
 
     #[test]
