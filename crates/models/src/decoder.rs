@@ -140,6 +140,27 @@ impl<A: Mixer, M: FeedForward> PreNormLayer<A, M> {
     }
 }
 
+/// A whole pre-norm decoder: embed `ids`, run each layer over its own cache, then the final
+/// norm and head (`last_only` keeps the last position).
+pub fn forward_stack<A: Mixer, M: FeedForward>(ends: &Ends, layers: &[PreNormLayer<A, M>], eps: f32, dtype: Dtype, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
+    let mut x = ends.embed_tokens.forward(ids, dtype)?;
+    for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
+        x = layer.forward(&x, cache)?;
+    }
+    ends.logits(x, eps, last_only)
+}
+
+/// [`forward_stack`] for one decode token of each of `B` sequences; `caches[b]` holds
+/// sequence b's layers.
+pub fn forward_stack_batch<A: Mixer, M: FeedForward>(ends: &Ends, layers: &[PreNormLayer<A, M>], eps: f32, dtype: Dtype, ids: &Array, caches: &mut [&mut [KvCache]]) -> Result<Array> {
+    let mut x = ends.embed_tokens.forward(ids, dtype)?;
+    for (i, layer) in layers.iter().enumerate() {
+        let mut layer_caches: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
+        x = layer.forward_batch(&x, &mut layer_caches)?;
+    }
+    ends.logits(x, eps, true)
+}
+
 /// The ends of a decoder stack: `model.embed_tokens`, `model.norm` and `lm_head` (absent when
 /// the embedding is tied and doubles as the output head).
 pub struct Ends {

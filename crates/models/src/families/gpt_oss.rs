@@ -15,7 +15,7 @@
 //! `mode: mxfp4` quantization are refused by name: our quantized weights are affine only. GGUF
 //! (`gpt-oss`) is refused by name too.
 
-use crate::decoder::{Ends, Mixer, PreNormLayer};
+use crate::decoder::{Ends, Mixer, PreNormLayer, forward_stack, forward_stack_batch};
 use crate::error::{ModelError, Result};
 use crate::fast::rope;
 use crate::gguf::GgufFile;
@@ -315,22 +315,13 @@ impl Model {
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            x = layer.forward(&x, cache)?;
-        }
-        self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
+        forward_stack(&self.ends, &self.layers, self.cfg.rms_norm_eps, self.dtype, ids, caches, last_only)
     }
 
     /// Projections and experts over the batch's rows at once; attention per sequence (the
     /// batched decode step has no sink logits).
     fn forward_batch(&self, ids: &Array, caches: &mut [&mut [KvCache]]) -> Result<Array> {
-        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut layer_caches: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
-            x = layer.forward_batch(&x, &mut layer_caches)?;
-        }
-        self.ends.logits(x, self.cfg.rms_norm_eps, true)
+        forward_stack_batch(&self.ends, &self.layers, self.cfg.rms_norm_eps, self.dtype, ids, caches)
     }
 
     fn n_layers(&self) -> usize {

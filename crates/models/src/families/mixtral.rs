@@ -7,7 +7,7 @@
 //! stores Mixtral as architecture `llama` with `llama.expert_count`; the Llama family refuses
 //! those files by name (not supported yet).
 
-use crate::decoder::{Ends, PreNormLayer};
+use crate::decoder::{Ends, PreNormLayer, forward_stack, forward_stack_batch};
 use crate::error::{ModelError, Result};
 use crate::families::llama::{self, attention_keys, Attention};
 use crate::gguf::GgufFile;
@@ -200,20 +200,11 @@ impl Model {
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            x = layer.forward(&x, cache)?;
-        }
-        self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
+        forward_stack(&self.ends, &self.layers, self.cfg.rms_norm_eps, self.dtype, ids, caches, last_only)
     }
 
     fn forward_batch(&self, ids: &Array, caches: &mut [&mut [KvCache]]) -> Result<Array> {
-        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut layer_caches: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
-            x = layer.forward_batch(&x, &mut layer_caches)?;
-        }
-        self.ends.logits(x, self.cfg.rms_norm_eps, true)
+        forward_stack_batch(&self.ends, &self.layers, self.cfg.rms_norm_eps, self.dtype, ids, caches)
     }
 
     fn n_layers(&self) -> usize {

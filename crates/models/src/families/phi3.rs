@@ -7,7 +7,7 @@
 //! rather than run with the wrong positions. Phi-3's `sliding_window` is ignored, as llama.cpp
 //! does: the released models were trained with it wider than their 4k context.
 
-use crate::decoder::{Ends, FeedForward, Mixer, PreNormLayer};
+use crate::decoder::{Ends, FeedForward, Mixer, PreNormLayer, forward_stack};
 use crate::error::{ModelError, Result};
 use crate::families::llamacpp::{self, arch_opt_f32, arch_opt_u32, arch_u32, cfg_err};
 use crate::fast::rope;
@@ -263,11 +263,7 @@ impl Model {
 
 impl LanguageModel for Model {
     fn forward(&self, ids: &Array, caches: &mut [KvCache], last_only: bool) -> Result<Array> {
-        let mut x = self.ends.embed_tokens.forward(ids, self.dtype)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            x = layer.forward(&x, cache)?;
-        }
-        self.ends.logits(x, self.cfg.rms_norm_eps, last_only)
+        forward_stack(&self.ends, &self.layers, self.cfg.rms_norm_eps, self.dtype, ids, caches, last_only)
     }
 
     fn n_layers(&self) -> usize {
