@@ -470,9 +470,18 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
                            scratch.data(), p.softcap);
         break;
       case AttnItem::Half:
-        scratch.resize(size_t(half_scratch(rows, d, n)));
+        scratch.resize(size_t(half_scratch(rows, d, n)) + d);
         attend_half_block(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.hk + it.t0 * it.tk_stride, it.tk_stride,
                           it.hv + it.t0 * it.tv_stride, it.tv_stride, int(n), m, l, out, scratch.data(), p.softcap);
+        // f16 rows beside packed values (a per-channel cache's tail): their output joins the
+        // packed items' merge in the values' permuted order. A dense cache has no packed values.
+        if (!p.dense) {
+          float* nat = scratch.data() + half_scratch(rows, d, n);
+          for (int r = 0; r < rows; ++r) {
+            std::copy(out + int64_t(r) * d, out + int64_t(r + 1) * d, nat);
+            permute(nat, d, p.v_bits, out + int64_t(r) * d);
+          }
+        }
         break;
     }
   }, parallel);
@@ -779,6 +788,138 @@ class QuantizedDecodeStep : public CpuPrimitive {
 
  private:
   AttnParams p_;
+};
+
+// x <- x H / sqrt(d) for `rows` rows of d floats (d a power of two): H is the Sylvester
+// Hadamard matrix (H[i][j] = (-1)^popcount(i & j), symmetric), as mlx-kv's `rotation::hadamard`,
+// by the fast transform: d log d adds instead of a d x d product.
+void hadamard_rows(float* x, int rows, int d) {
+  const float s = 1.0f / std::sqrt(float(d));
+  for (int r = 0; r < rows; ++r) {
+    float* v = x + int64_t(r) * d;
+    for (int h = 1; h < d; h <<= 1)
+      for (int i = 0; i < d; i += 2 * h)
+        for (int j = i; j < i + h; ++j) {
+          const float a = v[j], b = v[j + h];
+          v[j] = a + b, v[j + h] = a - b;
+        }
+    for (int e = 0; e < d; ++e) v[e] *= s;
+  }
+}
+
+// Rows of a float run (a tail or sink buffer), f32 or f16.
+struct FloatRows {
+  const array* a = nullptr;
+  bool f16 = false;
+};
+
+// The decode step of a cache with per-channel keys: the new token's K and V (`[B, Hkv, 1, D]`
+// f32, unrotated) enter the stored frame (Hadamard-rotated where `rot` says: bit 0 keys, bit 1
+// values) and are written into row `row` of the float tail buffers (f32 or f16, rounded as
+// `astype` rounds), in place; then every query (f32, scaled, unrotated: rotated here when keys
+// are) attends over the sink rows, the packed body's `len` tokens and tail rows 0..=row, and the
+// output leaves the values' frame. One op where MLX ops took four rotation products, two tail
+// writes with their casts, two tail reads with theirs and two joins of sinks and tail per layer.
+class ChannelDecodeStep : public CpuPrimitive {
+ public:
+  ChannelDecodeStep(Stream s, AttnParams p, int row, int sinks, int rot) : CpuPrimitive(s), p_(p), row_(row), sinks_(sinks), rot_(rot) {}
+
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const array &q = in[0], &kn = in[1], &vn = in[2], &tk = in[9], &tv = in[10];
+    std::vector<int64_t> qrows = row_offsets(q);
+    const int64_t qlast = q.strides()[3];
+    for (size_t i = 1; i < in.size(); ++i) check_last_dense("kvsplit channel decode step: cache", in[i]);
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    const int hkv = in[3].shape(1), rows = hq / hkv, bh = b * hkv;
+    int64_t block = token_block(std::max<int64_t>(p_.len, 1), bh);
+    block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
+    const bool tail16 = tk.dtype() == mlx::core::float16;
+    const bool sink16 = sinks_ > 0 && in[11].dtype() == mlx::core::float16;
+    std::vector<AttnItem> items;
+    struct Write {
+      void* dst;
+      const float* x;
+      bool value;
+    };
+    std::vector<Write> writes;
+    for (int bi = 0; bi < b; ++bi) {
+      for (int h = 0; h < hkv; ++h) {
+        auto off = [&](const array& a) { return int64_t(bi) * a.strides()[0] + int64_t(h) * a.strides()[1]; };
+        PackedRows k = packed_rows(in[3], in[4], in[5], p_.k_group, p_.k_bits, off(in[3]), off(in[4]), 2);
+        PackedRows v = packed_rows(in[6], in[7], in[8], p_.v_group, p_.v_bits, off(in[6]), off(in[7]), 2);
+        const int head = bi * hkv + h;
+        for (int64_t t0 = 0; t0 < p_.len; t0 += block) {
+          AttnItem it{head, k, v, t0, std::min<int64_t>(p_.len, t0 + block)};
+          it.kind = AttnItem::Channels;
+          items.push_back(it);
+        }
+        // Float runs: the sinks, then the tail with the new row.
+        for (int run = sinks_ > 0 ? 0 : 1; run < 2; ++run) {
+          const array &rk = run == 0 ? in[11] : tk, &rv = run == 0 ? in[12] : tv;
+          const bool half = run == 0 ? sink16 : tail16;
+          AttnItem it{head, k, v, 0, run == 0 ? sinks_ : row_ + 1};
+          it.kind = half ? AttnItem::Half : AttnItem::Float;
+          if (half) {
+            it.hk = reinterpret_cast<const uint16_t*>(rk.data<mlx::core::float16_t>()) + off(rk);
+            it.hv = reinterpret_cast<const uint16_t*>(rv.data<mlx::core::float16_t>()) + off(rv);
+          } else {
+            it.tk = rk.data<float>() + off(rk);
+            it.tv = rv.data<float>() + off(rv);
+          }
+          it.tk_stride = rk.strides()[2];
+          it.tv_stride = rv.strides()[2];
+          items.push_back(it);
+        }
+        for (int kv = 0; kv < 2; ++kv) {
+          const array &buf = kv == 0 ? tk : tv, &x = kv == 0 ? kn : vn;
+          const int64_t at = off(buf) + int64_t(row_) * buf.strides()[2];
+          void* dst = tail16 ? static_cast<void*>(const_cast<mlx::core::float16_t*>(buf.data<mlx::core::float16_t>()) + at)
+                             : static_cast<void*>(const_cast<float*>(buf.data<float>()) + at);
+          writes.push_back(Write{dst, x.data<float>() + off(x), kv == 1});
+        }
+      }
+    }
+    auto& enc = mlx::core::cpu::get_command_encoder(stream());
+    for (const array& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([qd = q.data<float>(), o = out.data<float>(), items = std::move(items), writes = std::move(writes),
+                  p = p_, rows, d, qrows = std::move(qrows), qlast, bh, tail16, rot = rot_]() {
+      std::vector<float> x(d);
+      for (const Write& w : writes) {
+        std::copy(w.x, w.x + d, x.data());
+        if (rot & (w.value ? 2 : 1)) hadamard_rows(x.data(), 1, d);
+        if (tail16) {
+          auto* dst = static_cast<mlx::core::float16_t*>(w.dst);
+          for (int e = 0; e < d; ++e) dst[e] = static_cast<mlx::core::float16_t>(x[e]);
+        } else {
+          std::copy(x.begin(), x.end(), static_cast<float*>(w.dst));
+        }
+      }
+      // The queries in the keys' frame, as contiguous rows.
+      const int n = bh * rows;
+      std::vector<float> qn(size_t(n) * d);
+      std::vector<int64_t> offs(n);
+      for (int r = 0; r < n; ++r) {
+        for (int e = 0; e < d; ++e) qn[int64_t(r) * d + e] = qd[qrows[r] + e * qlast];
+        offs[r] = int64_t(r) * d;
+      }
+      if (rot & 1) hadamard_rows(qn.data(), n, d);
+      const Queries qs = permute_queries(qn.data(), offs, 1, n, d, p);
+      const int64_t bytes = (p.len * int64_t(p.k_bits + p.v_bits) / 8 + int64_t(p.tail) * 8) * bh * d;
+      attend_items(qs, items, bh, rows, d, p, o, bytes >= kParallelBytes);
+      if (rot & 2) hadamard_rows(o, n, d);
+    });
+  }
+
+  const char* name() const override { return "KvsplitChannelDecodeStep"; }
+
+  // Never merged with another step: each writes a token.
+  bool is_equivalent(const Primitive&) const override { return false; }
+
+ private:
+  AttnParams p_;
+  int row_, sinks_, rot_;
 };
 
 // Decode attention over a 16-bit dense cache (`[B, Hkv, cap, D]` f16 K and V, the first `len`
@@ -1149,6 +1290,74 @@ extern "C" int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array
     p.softcap = checked_softcap(what, softcap);
     array out(q.shape(), mlx::core::float32, std::make_shared<QuantizedDecodeStep>(mlx_stream_get_(s_), p),
               {q, kw, ks, kb, vw, vs, vb, kn, vn});
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_channel_decode_step(mlx_array* res, const mlx_array q_, const mlx_array k_new_,
+                                               const mlx_array v_new_, const mlx_array kw_, const mlx_array ks_,
+                                               const mlx_array kb_, const mlx_array vw_, const mlx_array vs_,
+                                               const mlx_array vb_, const mlx_array tail_k_, const mlx_array tail_v_,
+                                               const mlx_array sink_k_, const mlx_array sink_v_, int len, int row,
+                                               int k_group, int k_bits, int v_group, int v_bits, int rot, float softcap,
+                                               const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit channel decode step";
+    const array& q = mlx_array_get_(q_);
+    const array &kn = mlx_array_get_(k_new_), &vn = mlx_array_get_(v_new_);
+    const array &kw = mlx_array_get_(kw_), &ks = mlx_array_get_(ks_), &kb = mlx_array_get_(kb_);
+    const array &vw = mlx_array_get_(vw_), &vs = mlx_array_get_(vs_), &vb = mlx_array_get_(vb_);
+    const array &tk = mlx_array_get_(tail_k_), &tv = mlx_array_get_(tail_v_);
+    require(q.ndim() == 4 && q.dtype() == mlx::core::float32 && q.shape(2) == 1,
+            std::string(what) + ": q must be float32 [B, Hq, 1, D]");
+    const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
+    require(d > 0 && (d & (d - 1)) == 0 && d % 8 == 0, std::string(what) + ": head_dim must be a power of two, at least 8");
+    check_bits_group("kvsplit channel decode step (values)", v_bits, v_group, d);
+    for (const array* w : {&kw, &vw})
+      require(w->ndim() == 4 && w->dtype() == mlx::core::uint32 && w->shape(0) == b && w->shape(1) == kw.shape(1),
+              std::string(what) + ": packed cache buffers must be uint32 [B, Hkv, ...]");
+    const int hkv = kw.shape(1), cap = vw.shape(2);
+    require(hkv > 0 && hq % hkv == 0, std::string(what) + ": query heads must be a multiple of KV heads");
+    const int64_t kcap = int64_t(kw.shape(3)) * 32 / k_bits;
+    check_bits_group("kvsplit channel decode step (per-channel keys)", k_bits, k_group, int(kcap));
+    require(kw.shape(2) == d && kcap * k_bits == int64_t(kw.shape(3)) * 32 && kcap >= len && len >= 0 &&
+                len % k_group == 0,
+            std::string(what) + ": per-channel keys must be uint32 [B, Hkv, D, capacity*bits/32] holding whole groups");
+    require(ks.shape() == kb.shape() && ks.ndim() == 4 && ks.shape(0) == b && ks.shape(1) == hkv && ks.shape(2) == d &&
+                ks.shape(3) == kcap / k_group,
+            std::string(what) + ": per-channel key scales and biases must be [B, Hkv, D, capacity/group]");
+    check_scale_dtype(what, ks, kb);
+    require(int64_t(vw.shape(3)) * 32 == int64_t(d) * v_bits && vs.shape() == vb.shape() && vs.ndim() == 4 &&
+                vs.shape(0) == b && vs.shape(1) == hkv && vs.shape(2) == cap && vs.shape(3) == d / v_group && cap >= len,
+            std::string(what) + ": values must be [B, Hkv, capacity, D*bits/32], scales [B, Hkv, capacity, D/group]");
+    check_scale_dtype(what, vs, vb);
+    for (const array* x : {&kn, &vn})
+      require(x->ndim() == 4 && x->dtype() == mlx::core::float32 && x->shape(0) == b && x->shape(1) == hkv &&
+                  x->shape(2) == 1 && x->shape(3) == d,
+              std::string(what) + ": the new key and value must be float32 [B, Hkv, 1, D]");
+    auto float_run = [&](const array& k, const array& v, const char* name) {
+      require(k.ndim() == 4 && k.shape() == v.shape() && k.dtype() == v.dtype() &&
+                  (k.dtype() == mlx::core::float32 || k.dtype() == mlx::core::float16) && k.shape(0) == b &&
+                  k.shape(1) == hkv && k.shape(3) == d,
+              std::string(what) + ": " + name + " must be float32 or float16 K and V [B, Hkv, n, D]");
+    };
+    float_run(tk, tv, "the tail buffers");
+    require(row >= 0 && row < tk.shape(2),
+            std::string(what) + ": tail row " + std::to_string(row) + " outside 0.." + std::to_string(tk.shape(2) - 1));
+    require(rot >= 0 && rot <= 3, std::string(what) + ": rot must be 0..3 (bit 0 keys, bit 1 values)");
+    std::vector<array> inputs{q, kn, vn, kw, ks, kb, vw, vs, vb, tk, tv};
+    int sinks = 0;
+    if (sink_k_.ctx != nullptr || sink_v_.ctx != nullptr) {
+      require(sink_k_.ctx != nullptr && sink_v_.ctx != nullptr, std::string(what) + ": sinks need both K and V");
+      const array &sk = mlx_array_get_(sink_k_), &sv = mlx_array_get_(sink_v_);
+      float_run(sk, sv, "the sink rows");
+      sinks = sk.shape(2);
+      if (sinks > 0) inputs.push_back(sk), inputs.push_back(sv);
+    }
+    AttnParams p{len, k_group, k_bits, v_group, v_bits, true, row + 1 + sinks};
+    p.softcap = checked_softcap(what, softcap);
+    array out(q.shape(), mlx::core::float32,
+              std::make_shared<ChannelDecodeStep>(mlx_stream_get_(s_), p, row, sinks, rot), std::move(inputs));
     mlx_array_set_(*res, out);
   });
 }

@@ -68,6 +68,22 @@ int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const m
                                       int k_group, int k_bits, int v_group, int v_bits, float softcap,
                                       const mlx_stream s);
 
+/* The decode step of a cache with per-channel keys in one op: the new token's `k_new`/`v_new`
+ * (float32 [B, Hkv, 1, D], unrotated) are Hadamard-rotated where `rot` says (bit 0 keys, bit 1
+ * values) and written into row `row` of the whole float tail buffers `tail_k`/`tail_v`
+ * (float32 or float16 [B, Hkv, cap, D], in place, rounded as astype rounds); then `q` (float32
+ * [B, Hq, 1, D], already scaled, unrotated) attends over the sink rows `sink_k`/`sink_v`
+ * (optional, float32 or float16 [B, Hkv, NS, D], already in the stored frame), the first `len`
+ * tokens of the packed body (per-channel keys and per-token values, shapes as in
+ * kvsplit_cpu_quantized_decode_attention) and tail rows 0..row, in the keys' frame; the output
+ * leaves the values' frame. Returns [B, Hq, 1, D] float32. */
+int kvsplit_cpu_channel_decode_step(mlx_array* res, const mlx_array q, const mlx_array k_new, const mlx_array v_new,
+                                    const mlx_array k_w, const mlx_array k_scales, const mlx_array k_biases,
+                                    const mlx_array v_w, const mlx_array v_scales, const mlx_array v_biases,
+                                    const mlx_array tail_k, const mlx_array tail_v, const mlx_array sink_k,
+                                    const mlx_array sink_v, int len, int row, int k_group, int k_bits, int v_group,
+                                    int v_bits, int rot, float softcap, const mlx_stream s);
+
 /* Decode attention over a 16-bit dense cache: `q` [B, Hq, L, D] float32 (already multiplied by
  * the softmax scale), `k`/`v` whole float16 cache buffers [B, Hkv, cap, D] (any strides but the
  * last), of which the first `len` tokens are read, each widened once per step (no mask; Hq a

@@ -125,6 +125,58 @@ pub fn decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: Pac
     })
 }
 
+/// The float runs a per-channel decode step reads beside its packed body: the whole tail
+/// buffers (`[B, Hkv, cap, D]`, f32 or f16) and the row the new token goes to, and the sink rows
+/// (`[B, Hkv, NS, D]`, in the stored frame), if any.
+pub struct ChannelFloats<'a> {
+    pub tail: (&'a Array, &'a Array),
+    pub row: usize,
+    pub sinks: Option<(&'a Array, &'a Array)>,
+}
+
+/// A per-channel cache's decode step as one op: `k_new`/`v_new` (`[B, Hkv, 1, D]`, unrotated)
+/// enter the stored frame (`rot` bit 0: keys Hadamard-rotated, bit 1: values) and are written
+/// into row `floats.row` of the tail buffers in place (rounded to their dtype), then `q`
+/// (`[B, Hq, 1, D]`, already multiplied by the softmax scale, unrotated) attends over the sinks,
+/// the body's first `len` tokens (whole key groups) and tail rows `0..=row`; the output comes
+/// back in the values' natural frame. Returns `[B, Hq, 1, D]` f32. The caller owns the tail
+/// buffers and must count the row as written.
+#[allow(clippy::too_many_arguments)]
+pub fn channel_decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, len: usize, floats: ChannelFloats, rot: u8, softcap: Option<f32>) -> Result<Array> {
+    let q = q.as_dtype(Dtype::Float32)?;
+    let cap = softcap_arg(softcap)?;
+    let (kn, vn) = (k_new.as_dtype(Dtype::Float32)?, v_new.as_dtype(Dtype::Float32)?);
+    let (tk, tv) = floats.tail;
+    let (sk, sv) = floats.sinks.map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
+    call(|out, s| unsafe {
+        ffi::kvsplit_cpu_channel_decode_step(
+            out,
+            q.as_ptr(),
+            kn.as_ptr(),
+            vn.as_ptr(),
+            k.w.as_ptr(),
+            k.scales.as_ptr(),
+            k.biases.as_ptr(),
+            v.w.as_ptr(),
+            v.scales.as_ptr(),
+            v.biases.as_ptr(),
+            tk.as_ptr(),
+            tv.as_ptr(),
+            sk,
+            sv,
+            len as i32,
+            floats.row as i32,
+            k.group as i32,
+            k.bits as i32,
+            v.group as i32,
+            v.bits as i32,
+            rot as i32,
+            cap,
+            s,
+        )
+    })
+}
+
 /// Attention of `q` (`[B, Hq, L, D]`, already multiplied by the softmax scale) over the first
 /// `len` tokens of a 16-bit dense cache (`k`, `v` float16 `[B, Hkv, cap, D]`, the whole buffers),
 /// every query seeing every token; each token is widened to f32 once, inside the op. Returns

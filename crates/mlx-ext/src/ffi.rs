@@ -56,6 +56,31 @@ extern "C" {
         softcap: f32,
         s: mlx_stream,
     ) -> c_int;
+    pub fn kvsplit_cpu_channel_decode_step(
+        res: *mut mlx_array,
+        q: mlx_array,
+        k_new: mlx_array,
+        v_new: mlx_array,
+        k_w: mlx_array,
+        k_scales: mlx_array,
+        k_biases: mlx_array,
+        v_w: mlx_array,
+        v_scales: mlx_array,
+        v_biases: mlx_array,
+        tail_k: mlx_array,
+        tail_v: mlx_array,
+        sink_k: mlx_array,
+        sink_v: mlx_array,
+        len: c_int,
+        row: c_int,
+        k_group: c_int,
+        k_bits: c_int,
+        v_group: c_int,
+        v_bits: c_int,
+        rot: c_int,
+        softcap: f32,
+        s: mlx_stream,
+    ) -> c_int;
     pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, causal: bool, softcap: f32, s: mlx_stream) -> c_int;
     pub fn kvsplit_cpu_quantized_decode_attention(
         res: *mut mlx_array,

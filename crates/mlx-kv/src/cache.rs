@@ -869,13 +869,36 @@ impl KvCache {
         }
         let hkv = ks[1];
         let rows = (qs[1] % hkv == 0).then_some((qs[1] / hkv) as usize);
-        let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, self.head_dim, rows, scoring.softcap.is_some()) else { return Ok(None) };
+        let Some(choice) = attention::choose_channel_step(true, bk.bits, bk.group, bv.bits, bv.group, self.head_dim, rows, scoring.softcap.is_some()) else { return Ok(None) };
         let group_end = spec.residual + block;
         self.tail_k.reserve(group_end, k)?;
         self.tail_v.reserve(group_end, v)?;
         let (Some(tk), Some(tv)) = (self.tail_k.room_for_one(k.dtype()), self.tail_v.room_for_one(v.dtype())) else { return Ok(None) };
         let (Some((kf, _)), Some((vf, _))) = (bk.full(), bv.full()) else { return Ok(None) };
         let (row, body) = (self.tail_k.len(), self.body_pos.len());
+        if choice.path == attention::Path::CpuStep {
+            let (tk, tv) = (tk.clone(), tv.clone());
+            let r = self.spec.rotation;
+            let rot = r.keys() as u8 | (r.values() as u8) << 1;
+            let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
+            let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
+            let sinks = self.sink_k.view().zip(self.sink_v.view());
+            let floats = mlx_ext::cpu::ChannelFloats { tail: (&tk, &tv), row, sinks: sinks.as_ref().map(|(k, v)| (k, v)) };
+            let qs = attention::cpu::scaled(q, scoring)?;
+            let out = mlx_ext::cpu::channel_decode_step(&qs, k, v, kop.as_ref(), vop.as_ref(), body, floats, rot, scoring.softcap)?;
+            // The op wrote row `row` of the tail in place: whatever reads or writes the tail
+            // next (the group's flush, the next step) must come after it in the graph.
+            let bufs = mlx_ext::graph::depends(&[&tk, &tv], &[&out])?;
+            let [nk, nv]: [Array; 2] = bufs.try_into().map_err(|_| KvError::Shape("depends gave back a wrong count".into()))?;
+            self.tail_k.share_data(nk);
+            self.tail_v.share_data(nv);
+            self.tail_k.wrote_one();
+            self.tail_v.wrote_one();
+            self.chan_pos = None;
+            self.last_path.set(Some(choice));
+            self.offset += 1;
+            return Ok(Some(out.as_dtype(q.dtype())?));
+        }
         let pos = match self.chan_pos.take() {
             Some((p, r, b)) if (r, b) == (row, body) => p,
             // On the device (an add of a host array), as `fused_step`'s counter.

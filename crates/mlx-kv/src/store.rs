@@ -166,6 +166,14 @@ impl FloatStore {
         (self.head == 0 && self.end < d.shape()[2] as usize && same).then_some(d)
     }
 
+    /// Swaps in a buffer that shares the current one's memory (same shape), such as
+    /// [`mlx_ext::graph::depends`] gives after an op wrote into it in place, so that later
+    /// readers and writers of this store come after that op in the graph.
+    pub(crate) fn share_data(&mut self, d: Array) {
+        debug_assert!(self.data.as_ref().is_some_and(|o| o.shape() == d.shape() && o.dtype() == d.dtype()));
+        self.data = Some(d);
+    }
+
     /// Counts the token a kernel wrote at slot `end` (after [`Self::room_for_one`]).
     pub(crate) fn wrote_one(&mut self) {
         self.end += 1;

@@ -58,6 +58,11 @@ fn rotate(x: &Host) -> Host {
     Host { data: to_vec(&r), shape: x.shape }
 }
 
+/// The largest magnitude of `x` in the rotated frame, where a rotated cache quantizes it.
+fn rotated_max_abs(x: &Host) -> f64 {
+    rotate(x).max_abs()
+}
+
 fn causal(q: usize, k: usize) -> bool {
     k <= q
 }
@@ -325,25 +330,41 @@ fn per_channel_keys_with_many_blocks() {
 }
 
 
-/// Per-channel caches decode through our CPU primitive (whole key groups in the body, the
-/// newer tokens in the float tail, both in one softmax), within the same f64 bound as every
-/// path; the path check makes sure the primitive, not the block path, produced the numbers.
+/// Per-channel caches decode through our CPU primitive or its one-op step (whole key groups in
+/// the body, the newer tokens in the float tail, both in one softmax; the step also writes the
+/// token and enters the rotated frame), within the same f64 bound as every path; the path
+/// check makes sure our ops, not the block path, produced the numbers, and that the step ran.
+/// Rotated cases: the bound takes the rotated keys' and values' range (quantization happens
+/// in that frame; the rotation itself is exact up to f32 rounding).
 #[test]
 fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
     use mlx_kv::attention::Path;
     let on_cpu = mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && mlx_ext::options::current().cpu_kernels.on();
     let (hq, hkv, prompt, steps) = (9, 3, 150, 70);
     let t = prompt + steps;
-    for (i, &(kb, vb, group, residual)) in [(4u8, 4u8, 64usize, 0usize), (2, 8, 32, 32), (3, 6, 64, 0), (8, 3, 128, 0), (6, 2, 32, 64)].iter().enumerate() {
+    let cases = [
+        (4u8, 4u8, 64usize, 0usize, 0usize, Rotation::None),
+        (2, 8, 32, 32, 0, Rotation::None),
+        (3, 6, 64, 0, 1, Rotation::None),
+        (8, 3, 128, 0, 0, Rotation::None),
+        (6, 2, 32, 64, 0, Rotation::None),
+        (6, 6, 64, 0, 1, Rotation::KeysAndValues),
+        (4, 4, 64, 0, 2, Rotation::Values),
+    ];
+    for (i, &(kb, vb, group, residual, sinks, rotation)) in cases.iter().enumerate() {
         let seed = 50 + 10 * i as u64;
         let mut spec = KvSpec::bits(kb, vb);
         spec.key_layout = KeyLayout::PerChannel;
         spec.k.group = group;
         spec.residual = residual;
+        spec.sinks = sinks;
+        spec.rotation = rotation;
+        let mut steps_taken = 0;
         let q = Host::random([1, hq, t, D], seed);
         let k = Host::random([1, hkv, t, D], seed + 1);
         let v = Host::random([1, hkv, t, D], seed + 2);
-        let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), kb, vb);
+        let range = |x: &Host, on: bool| if on { rotated_max_abs(x) } else { x.max_abs() };
+        let bound = attention_bound(q_l1_max(&q), SCALE, range(&k, rotation.keys()), range(&v, rotation.values()), kb, vb);
         let mut cache = KvCache::new(spec.clone(), D, CacheOptions::default()).unwrap();
         let mut tails = std::collections::BTreeSet::new();
         cache.update(&k.tokens(0, prompt).array(), &v.tokens(0, prompt).array()).unwrap();
@@ -357,10 +378,13 @@ fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
             assert!(err <= bound, "{spec} token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
             if on_cpu {
                 let path = cache.last_path().expect("attention ran");
-                assert_eq!(path.path, Path::CpuPrimitive, "{spec} token {a}: {path}");
+                assert!(matches!(path.path, Path::CpuPrimitive | Path::CpuStep), "{spec} token {a}: {path}");
+                steps_taken += (path.path == Path::CpuStep) as usize;
             }
             tails.insert(z % group);
         }
+        // Every token but a group's last (its flush) and those before the first whole group.
+        assert!(!on_cpu || steps_taken >= steps - steps.div_ceil(group) - 1, "{spec}: {steps_taken} of {steps} steps took the one-op step");
         // The steps cover tails from none (or just the residual) to a whole group less one.
         assert!(group > steps || (tails.contains(&0) && tails.contains(&(group - 1))), "{spec}: tails {tails:?}");
     }

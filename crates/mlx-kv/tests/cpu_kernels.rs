@@ -412,6 +412,126 @@ fn decode_step_writes_mlx_codes_in_place_and_attends_like_the_primitive() {
     assert!(err.contains("slot 8 outside 0..7"), "{err}");
 }
 
+/// `x H / sqrt(n)` for each row of `n` values, H the Sylvester Hadamard matrix (entry i, j is
+/// -1 to the popcount of i & j), in f64: the frame `--kv-rotate` stores.
+fn hadamard_rows(x: &[f64], n: usize) -> Vec<f64> {
+    let s = 1.0 / (n as f64).sqrt();
+    x.chunks(n).flat_map(|r| (0..n).map(move |j| (0..n).map(|i| if (i & j).count_ones() % 2 == 0 { r[i] } else { -r[i] }).sum::<f64>() * s)).collect()
+}
+
+fn host_f64(h: &Host) -> Vec<f64> {
+    h.data.iter().map(|&x| x as f64).collect()
+}
+
+/// The per-channel decode step writes the new token (rotated into the stored frame where `rot`
+/// says) into row `row` of the tail buffers, rounded to their dtype, leaves every other row
+/// alone, and attends over sinks, packed body and tail rows `0..=row` as float64 attention over
+/// the same stored values does in the keys' frame, its output rotated back from the values'
+/// frame. Rounding of the written row: one f16 rounding (2^-11 relative) where the tail is 16-bit,
+/// plus f32 sums of D terms.
+#[test]
+fn channel_step_writes_the_tail_row_and_attends_in_the_stored_frame() {
+    let _options = options_lock();
+    use mlx_ext::cpu::{channel_decode_step, ChannelFloats};
+    let base = seed();
+    // (hq, hkv, d, len, cap, key bits/group (tokens), value bits/group, row, tail cap, f16 tail, sinks, f16 sinks, rot)
+    let cases = [
+        (9, 3, 64, 4096, 4352, (6u8, 64usize), (6u8, 64usize), 17, 64, true, 1, false, 3u8),
+        (9, 3, 64, 128, 256, (6, 128), (6, 64), 0, 128, true, 1, true, 2),
+        (4, 2, 128, 256, 256, (8, 64), (4, 32), 63, 64, false, 0, false, 1),
+        (6, 1, 64, 0, 256, (4, 64), (8, 64), 5, 16, true, 4, false, 0),
+        (4, 4, 128, 512, 768, (3, 64), (2, 32), 31, 64, false, 2, true, 3),
+    ];
+    for (i, &(hq, hkv, d, len, cap, (kb, kg), (vb, vg), row, tcap, t16, ns, s16, rot)) in cases.iter().enumerate() {
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (kp, kd) = poisoned_channels(&Host::random([1, hkv, len, d], s + 1), cap, kg, kb, false);
+        let (vp, vd) = poisoned_cache(&Host::random([1, hkv, len, d], s + 2), cap, vg, vb, true);
+        let tdt = if t16 { Dtype::Float16 } else { Dtype::Float32 };
+        // Tail rows past `row` are poisoned: the step must not read them.
+        let poison = |h: Host| {
+            let mut h = h;
+            let [_, hh, tt, dd] = h.shape;
+            for x in 0..hh {
+                for t in row + 1..tt {
+                    h.data[(x * tt + t) * dd..(x * tt + t + 1) * dd].fill(1.0e4);
+                }
+            }
+            h
+        };
+        let (tk0, tv0) = (poison(Host::random([1, hkv, tcap, d], s + 3)), poison(Host::random([1, hkv, tcap, d], s + 4)));
+        let (tk, tv) = (tk0.array().as_dtype(tdt).unwrap(), tv0.array().as_dtype(tdt).unwrap());
+        tk.eval().unwrap();
+        tv.eval().unwrap();
+        let (tk_before, tv_before) = (to_vec(&tk), to_vec(&tv));
+        let sdt = if s16 { Dtype::Float16 } else { Dtype::Float32 };
+        let (sk, sv) = (Host::random([1, hkv, ns.max(1), d], s + 5), Host::random([1, hkv, ns.max(1), d], s + 6));
+        let (ska, sva) = (sk.array().as_dtype(sdt).unwrap(), sv.array().as_dtype(sdt).unwrap());
+        let (kn, vn, q) = (Host::random([1, hkv, 1, d], s + 7), Host::random([1, hkv, 1, d], s + 8), Host::random([1, hq, 1, d], s + 9));
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let floats = ChannelFloats { tail: (&tk, &tv), row, sinks: (ns > 0).then_some((&ska, &sva)) };
+        let kop = PackedOperand { full: &kp, bits: kb, group: kg };
+        let vop = PackedOperand { full: &vp, bits: vb, group: vg };
+        let got = channel_decode_step(&qs, &kn.array(), &vn.array(), kop.as_ref(), vop.as_ref(), len, floats, rot, None).unwrap();
+        got.eval().unwrap();
+        let (tk_after, tv_after) = (to_vec(&tk), to_vec(&tv));
+        // The written rows: the new token in the stored frame, one rounding to the tail's dtype.
+        let frame = |x: &Host, on: bool| if on { hadamard_rows(&host_f64(x), d) } else { host_f64(x) };
+        let (kf, vf) = (frame(&kn, rot & 1 != 0), frame(&vn, rot & 2 != 0));
+        for (after, before, want, name) in [(&tk_after, &tk_before, &kf, "key"), (&tv_after, &tv_before, &vf, "value")] {
+            for h in 0..hkv {
+                for t in 0..tcap {
+                    let at = (h * tcap + t) * d;
+                    if t == row {
+                        for e in 0..d {
+                            let (g, w) = (after[at + e] as f64, want[h * d + e]);
+                            let bound = if t16 { w.abs() * 2f64.powi(-11) } else { 0.0 } + 1e-6 * (1.0 + w.abs());
+                            assert!((g - w).abs() <= bound, "case {i}: {name} row {row} head {h} elem {e}: {g} vs {w}");
+                        }
+                    } else {
+                        assert_eq!(after[at..at + d], before[at..at + d], "case {i}: {name} tail row {t} of head {h} changed");
+                    }
+                }
+            }
+        }
+        // Attention in the stored frame over what the cache holds: sinks, body, tail 0..=row.
+        let stored = |data: Vec<f32>, n: usize| Host { data, shape: [1, hkv, n, d] };
+        let tail_k = stored(tk_after.clone(), tcap).tokens(0, row + 1);
+        let tail_v = stored(tv_after.clone(), tcap).tokens(0, row + 1);
+        let (sk_s, sv_s) = (stored(to_vec(&ska), ns.max(1)).tokens(0, ns), stored(to_vec(&sva), ns.max(1)).tokens(0, ns));
+        let join = |parts: [&Host; 3]| {
+            let mut data = Vec::new();
+            for h in 0..hkv {
+                for p in parts {
+                    let n = p.shape[2];
+                    data.extend_from_slice(&p.data[h * n * d..(h + 1) * n * d]);
+                }
+            }
+            Host { data, shape: [1, hkv, parts.iter().map(|p| p.shape[2]).sum(), d] }
+        };
+        let (kr, vr) = (join([&sk_s, &kd, &tail_k]), join([&sv_s, &vd, &tail_v]));
+        let qr = if rot & 1 != 0 { Host { data: hadamard_rows(&host_f64(&q), d).iter().map(|&x| x as f32).collect(), shape: q.shape } } else { Host { data: q.data.clone(), shape: q.shape } };
+        let mut want = reference_attention(&qr, &kr, &vr, scale, &|_, _| true);
+        if rot & 2 != 0 {
+            want = hadamard_rows(&want, d);
+        }
+        let err = max_abs_diff(&to_vec(&got), &want);
+        // The rotated query enters the reference rounded to f32 (a few ulps of |q|, times the
+        // scores' sum over |k|), on top of the f32 sums every primitive's bound allows.
+        let bound = 2e-5 * vr.max_abs().max(1.0) * if rot != 0 { 4.0 } else { 1.0 };
+        assert!(err <= bound, "case {i} (k{kb}/g{kg} v{vb}/g{vg}, len {len}, row {row}, sinks {ns}, rot {rot}): max error {err} > {bound}");
+    }
+    // A row past the tail's capacity is an error naming it.
+    let (kp, _) = poisoned_channels(&Host::random([1, 1, 64, 64], 5), 256, 64, 4, true);
+    let (vp, _) = poisoned_cache(&Host::random([1, 1, 64, 64], 6), 256, 64, 4, true);
+    let x = Array::zeros::<f32>(&[1, 1, 1, 64]).unwrap();
+    let t = Array::zeros::<f32>(&[1, 1, 16, 64]).unwrap();
+    let op = |p| PackedOperand { full: p, bits: 4, group: 64 };
+    let floats = ChannelFloats { tail: (&t, &t), row: 16, sinks: None };
+    let err = channel_decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op(&kp).as_ref(), op(&vp).as_ref(), 64, floats, 0, None).unwrap_err().to_string();
+    assert!(err.contains("tail row 16 outside 0..15"), "{err}");
+}
+
 fn to_u32(a: &Array) -> Vec<u32> {
     a.as_slice::<u32>().to_vec()
 }

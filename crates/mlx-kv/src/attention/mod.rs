@@ -257,11 +257,27 @@ pub fn choose_step(case: &StepCase) -> Option<Choice> {
 
 /// `Some(FusedStep)` when a per-channel cache should hand its decode token to the fused
 /// per-channel step ([`fused::step_channels`]: the token written into the float tail and
-/// attention over body and tail in one launch); `None` when it writes the token with MLX ops
-/// and then calls [`choose`]. `direct` as in [`StepCase`], for a per-channel cache whose tail
-/// has room for the token without a group flush; never for soft-capped scores (`softcap`).
-pub fn choose_channel_step(direct: bool, k_bits: u8, k_group: usize, v_bits: u8, head_dim: usize, rows: Option<usize>, softcap: bool) -> Option<Choice> {
-    if !direct || softcap || !mlx_ext::options::current().gpu_fused_step.on() {
+/// attention over body and tail in one launch), `Some(CpuStep)` for the CPU's op of the same
+/// job ([`mlx_ext::cpu::channel_decode_step`], rotations and soft cap included); `None` when it
+/// writes the token with MLX ops and then calls [`choose`]. `direct` as in [`StepCase`], for a
+/// per-channel cache whose tail has room for the token without a group flush; on CUDA never
+/// for soft-capped scores (`softcap`).
+#[allow(clippy::too_many_arguments)]
+pub fn choose_channel_step(direct: bool, k_bits: u8, k_group: usize, v_bits: u8, v_group: usize, head_dim: usize, rows: Option<usize>, softcap: bool) -> Option<Choice> {
+    if !direct {
+        return None;
+    }
+    if Backend::current() == Backend::Cpu {
+        // Key groups run along tokens and must tile the buffers (grown STEP tokens at a time);
+        // the op rotates by the fast transform, which needs a power-of-two head_dim.
+        let ok = mlx_ext::options::current().cpu_kernels.on()
+            && rows.is_some()
+            && mlx_ext::cpu::supports(k_bits, k_group, crate::store::STEP)
+            && mlx_ext::cpu::supports(v_bits, v_group, head_dim)
+            && head_dim.is_power_of_two();
+        return ok.then(|| pick(Path::CpuStep, "one new token into a per-channel cache's float tail"));
+    }
+    if softcap || !mlx_ext::options::current().gpu_fused_step.on() {
         return None;
     }
     fused_allowed().ok()?;
