@@ -83,6 +83,12 @@ __shared__ float sm_o[WARPS][REP][D];
 // uses only its own slice, qk_s inside its tile loop and sm_o after it (static shared memory
 // is capped at 48 KB, which D = 256 with 8 rows would pass with both).
 float (*const qk_s)[D] = sm_o[warp];
+// Staged key words per warp (one tile: BK words for each of D channels), where they fit beside
+// the other shared arrays under the 48 KB static cap and in KSL registers a lane; else
+// the chunked walk reads them straight from memory.
+constexpr int KSL = D * BK / 32;
+constexpr bool KSTAGE = KSL <= 24 && (WARPS * D * BK + REP * D + WARPS * REP * (34 + D)) * 4 <= 44 * 1024;
+__shared__ uint32_t k_st[KSTAGE ? WARPS : 1][KSTAGE ? D * BK : 1];
 
 #if KV_CSTEP
 if (split == (T - 1) / PER && warp < 2) {
@@ -149,9 +155,22 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     unsigned vwv[NV][VBW];
     float vsc[NV], vbi[NV];
     kv_load_value_tile<D, BV, GV, VD, VBW>(vw, vs, vb, row0, nt, sub, d0, vwv, vsc, vbi);
+    const int g = base / GK;
+    const uint32_t* kt = kw + (size_t)bh * D * KWR + (size_t)base * BK / 32;
+    // Staged: the tile's key words of every channel (BK per channel) are loaded into registers
+    // now, beside the value loads and before the scale loads, so the tile waits on one memory
+    // round trip instead of three (scales, then two chunks of channels); a 4K-token decode over
+    // few KV heads gives each warp one tile, so that chain was the launch's critical path.
+    uint32_t kst[KSTAGE ? KSL : 1];
+    if constexpr (KSTAGE) {
+#pragma unroll
+      for (int j = 0; j < KSL; ++j) {
+        const int i = lane + 32 * j;
+        kst[j] = kt[(size_t)(i / BK) * KWR + i % BK];
+      }
+    }
     // The tile's key group folded into the query: qk_s[r][d] = q[r][d] * scale[d], and
     // s starts from sum_d q[r][d] * bias[d] (lanes own every 32nd channel).
-    const int g = base / GK;
 #pragma unroll
     for (int r = 0; r < REP; ++r) s[r] = 0.f;
     for (int d = lane; d < D; d += 32) {
@@ -165,8 +184,22 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
     }
 #pragma unroll
     for (int r = 0; r < REP; ++r) s[r] = kv_warp_sum(s[r]);
+    if constexpr (KSTAGE) {
+#pragma unroll
+      for (int j = 0; j < KSL; ++j) k_st[warp][lane + 32 * j] = kst[j];
+      __syncwarp();
+#pragma unroll 8
+      for (int c = 0; c < D; ++c) {
+        const uint32_t* w = &k_st[warp][c * BK];
+        const unsigned lo = w[kwi];
+        const unsigned hi = !KPOW2 && ksh + BK > 32 ? w[kwi + 1] : 0u;
+        const float code = KPOW2 ? kv_code<BK>(lo, ksh / BK)
+                                 : __uint_as_float((__funnelshift_r(lo, hi, ksh) & ((1u << BK) - 1u)) | 0x4b000000u) - 8388608.f;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) s[r] = fmaf(qk_s[r][c], code, s[r]);
+      }
+    } else {
     __syncwarp();
-    const uint32_t* kt = kw + (size_t)bh * D * KWR + (size_t)base * BK / 32;
 #pragma unroll 1
     for (int c0 = 0; c0 < D; c0 += CH) {
       unsigned lo[CH], hi[CH];
@@ -184,6 +217,7 @@ for (int base = t0 + warp * 32; base < t1; base += WARPS * 32) {
 #pragma unroll
         for (int r = 0; r < REP; ++r) s[r] = fmaf(qk_s[r][c0 + c], code, s[r]);
       }
+    }
     }
 #pragma unroll
     for (int r = 0; r < REP; ++r) s[r] = valid ? s[r] : -KV_INF;
