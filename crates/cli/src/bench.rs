@@ -193,7 +193,7 @@ fn measure(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: usize,
     let model = engine.model();
     let mut seq = engine.sequence(settings, SamplerSettings::default(), step)?;
     if depth > 0 && random_fill {
-        fill_random(model, seq.caches_mut(), depth, step, settings.max_kv_size.is_some())?;
+        fill_random(model, seq.caches_mut(), depth)?;
     } else if depth > 0 {
         seq.prefill(&ids[..depth])?;
     }
@@ -255,7 +255,7 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
         let tokens = depth + n_prompt + n_gen + 1;
         let mut seq = engine.pooled_sequence(settings, SamplerSettings::default(), step, tokens)?.context("the KV pool has no room")?;
         if depth > 0 && random_fill {
-            fill_random(model, seq.caches_mut(), depth, step, settings.max_kv_size.is_some())?;
+            fill_random(model, seq.caches_mut(), depth)?;
             seq.assume_cached(&ids[..depth])?;
         } else if depth > 0 {
             seq.prefill(&ids[..depth])?;
@@ -305,9 +305,11 @@ fn measure_batch(engine: &Engine, settings: &CacheSettings, ids: &[u32], depth: 
 
 /// Writes `depth` tokens of random keys and values into every layer's cache (`--fill random`).
 /// One random chunk is reused for every write: only the cache's shape matters for speed.
-fn fill_random(model: &dyn LanguageModel, caches: &mut [KvCache], depth: usize, step: usize, ring: bool) -> Result<()> {
-    // Large writes keep this fast; a rotating cache accepts at most `step` tokens at once.
-    let chunk = if ring { step } else { 4096 }.min(depth) as i32;
+fn fill_random(model: &dyn LanguageModel, caches: &mut [KvCache], depth: usize) -> Result<()> {
+    // Large writes keep this fast; a rotating cache (`--max-kv-size`, or a model's sliding-window
+    // layers) accepts a bounded number of tokens at once.
+    let most = caches.iter().filter_map(|c| c.max_update()).min().unwrap_or(4096);
+    let chunk = 4096.min(most).min(depth) as i32;
     let shape = [1, model.n_kv_heads() as i32, chunk, model.head_dim() as i32];
     let k = mlx_rs::random::normal::<f32>(&shape, None, None, None)?.as_dtype(model.dtype())?;
     let v = mlx_rs::random::normal::<f32>(&shape, None, None, None)?.as_dtype(model.dtype())?;
@@ -387,7 +389,7 @@ fn run_model(a: BenchArgs) -> Result<()> {
         let step = a.prefill_step;
         let fill = |seq: &mut models::engine::Sequence<'_>, depth: usize| -> Result<()> {
             if depth > 0 {
-                fill_random(seq.model(), seq.caches_mut(), depth, step, false)?;
+                fill_random(seq.model(), seq.caches_mut(), depth)?;
                 seq.assume_cached(&ids[..depth])?;
             }
             Ok(())

@@ -395,6 +395,9 @@ struct AttnParams {
   int lead = 0;
   // 0: plain scores; else Gemma 2's soft-capping of every scaled score (kernels.h).
   float softcap = 0.0f;
+  // Per-channel keys: the body slot ranges [a, b) read instead of [0, len) (a ring's visible
+  // window: b a multiple of k_group, a anywhere), empty for [0, len).
+  std::vector<std::pair<int64_t, int64_t>> ranges;
 };
 
 // A run of tokens [t0, t1) of one head (`bh`, a (sequence, KV head) pair) in contiguous rows,
@@ -410,6 +413,47 @@ struct AttnItem {
   int64_t tk_stride = 0, tv_stride = 0;
   const uint16_t *hk = nullptr, *hv = nullptr;
 };
+
+// Per-channel work items of one head over the body's ranges: blocks of `block` tokens (a
+// multiple of the key group) cut at group edges, so only a range's first item can start inside
+// a group.
+void channel_items(std::vector<AttnItem>& items, int head, const PackedRows& k, const PackedRows& v, const AttnParams& p,
+                   int64_t block) {
+  auto add = [&](int64_t a, int64_t b) {
+    for (int64_t t0 = a; t0 < b;) {
+      const int64_t t1 = std::min(b, t0 / p.k_group * p.k_group + block);
+      AttnItem it{head, k, v, t0, t1};
+      it.kind = AttnItem::Channels;
+      items.push_back(it);
+      t0 = t1;
+    }
+  };
+  if (p.ranges.empty()) return add(0, p.len);
+  for (auto [a, b] : p.ranges) add(a, b);
+}
+
+// Tokens the body's ranges hold.
+int64_t range_tokens(const AttnParams& p) {
+  if (p.ranges.empty()) return p.len;
+  int64_t n = 0;
+  for (auto [a, b] : p.ranges) n += b - a;
+  return n;
+}
+
+// Reads `n` ranges [a, b) from `flat` (2n ints) after checking them against a per-channel body
+// of `cap` slots in groups of `group` tokens.
+std::vector<std::pair<int64_t, int64_t>> checked_ranges(const char* what, const int* flat, int n, int64_t cap, int group) {
+  std::vector<std::pair<int64_t, int64_t>> r;
+  require(n >= 0 && (n == 0 || flat != nullptr), std::string(what) + ": body ranges missing");
+  for (int i = 0; i < n; ++i) {
+    const int64_t a = flat[2 * i], b = flat[2 * i + 1];
+    require(0 <= a && a < b && b <= cap && b % group == 0,
+            std::string(what) + ": body range " + std::to_string(a) + ".." + std::to_string(b) +
+                " must lie in 0.." + std::to_string(cap) + " and end on a key group of " + std::to_string(group));
+    r.emplace_back(a, b);
+  }
+  return r;
+}
 
 // The query rows of every head: permuted for per-token keys' bits with per-group sums, and in
 // natural order where per-channel keys or float tokens read them.
@@ -459,7 +503,8 @@ void attend_items(const Queries& q, const std::vector<AttnItem>& items, int head
                      it.k, it.v, it.t0, it.t1, m, l, out, scratch.data(), p.softcap);
         break;
       case AttnItem::Channels:
-        scratch.resize(size_t(channel_scratch(rows, d, n)));
+        // A first item may start inside its key group, which is scored whole.
+        scratch.resize(size_t(channel_scratch(rows, d, n + it.t0 % it.k.group)));
         attend_block_channels(q.qn.data() + int64_t(it.bh) * rows * d, rows, d, it.k, it.v, it.t0, it.t1, m, l, out,
                               scratch.data(), p.softcap);
         break;
@@ -615,7 +660,7 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     const int hkv = in[1].shape(1), rep = hq / hkv, rows = rep * l;
     const int bh = b * hkv;
     const int64_t t = p_.len;
-    int64_t block = token_block(t, bh);
+    int64_t block = token_block(std::max<int64_t>(range_tokens(p_), 1), bh);
     // Per-channel codes can only be cut between token groups (len is a whole number of them).
     if (p_.k_channels) block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
     std::vector<AttnItem> items;
@@ -625,10 +670,10 @@ class QuantizedDecodeAttention : public CpuPrimitive {
         // Axis 2 holds tokens in the per-token layout and channels (K^T rows) per channel.
         PackedRows k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
         PackedRows v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
-        for (int64_t t0 = 0; t0 < t; t0 += block) {
-          AttnItem it{bi * hkv + h, k, v, t0, std::min(t, t0 + block)};
-          it.kind = p_.k_channels ? AttnItem::Channels : AttnItem::Tokens;
-          items.push_back(it);
+        if (p_.k_channels) {
+          channel_items(items, bi * hkv + h, k, v, p_, block);
+        } else {
+          for (int64_t t0 = 0; t0 < t; t0 += block) items.push_back(AttnItem{bi * hkv + h, k, v, t0, std::min(t, t0 + block)});
         }
         if (p_.tail > 0) {
           const array &tk = in[7], &tv = in[8];
@@ -832,7 +877,7 @@ class ChannelDecodeStep : public CpuPrimitive {
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int b = q.shape(0), hq = q.shape(1), d = q.shape(3);
     const int hkv = in[3].shape(1), rows = hq / hkv, bh = b * hkv;
-    int64_t block = token_block(std::max<int64_t>(p_.len, 1), bh);
+    int64_t block = token_block(std::max<int64_t>(range_tokens(p_), 1), bh);
     block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
     const bool tail16 = tk.dtype() == mlx::core::float16;
     const bool sink16 = sinks_ > 0 && in[11].dtype() == mlx::core::float16;
@@ -849,11 +894,7 @@ class ChannelDecodeStep : public CpuPrimitive {
         PackedRows k = packed_rows(in[3], in[4], in[5], p_.k_group, p_.k_bits, off(in[3]), off(in[4]), 2);
         PackedRows v = packed_rows(in[6], in[7], in[8], p_.v_group, p_.v_bits, off(in[6]), off(in[7]), 2);
         const int head = bi * hkv + h;
-        for (int64_t t0 = 0; t0 < p_.len; t0 += block) {
-          AttnItem it{head, k, v, t0, std::min<int64_t>(p_.len, t0 + block)};
-          it.kind = AttnItem::Channels;
-          items.push_back(it);
-        }
+        channel_items(items, head, k, v, p_, block);
         // Float runs: the sinks, then the tail with the new row.
         for (int run = sinks_ > 0 ? 0 : 1; run < 2; ++run) {
           const array &rk = run == 0 ? in[11] : tk, &rv = run == 0 ? in[12] : tv;
@@ -1183,7 +1224,8 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
                                                       const mlx_array vs_, const mlx_array vb_, int len, int k_group,
                                                       int k_bits, int v_group, int v_bits, bool k_per_channel,
                                                       const mlx_array tail_k_, const mlx_array tail_v_, bool causal,
-                                                      float softcap, const mlx_stream s_) {
+                                                      float softcap, const int* ranges, int n_ranges,
+                                                      const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit decode attention";
     const array& q = mlx_array_get_(q_);
@@ -1238,6 +1280,10 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
     p.softcap = checked_softcap(what, softcap);
+    if (n_ranges > 0) {
+      require(k_per_channel && !causal, std::string(what) + ": body ranges go with per-channel keys in decode");
+      p.ranges = checked_ranges(what, ranges, n_ranges, len, k_group);
+    }
     if (causal) {
       require(!k_per_channel && tail == 0,
               std::string(what) + ": a causal (prefill) call reads per-token keys and no float tail");
@@ -1300,7 +1346,7 @@ extern "C" int kvsplit_cpu_channel_decode_step(mlx_array* res, const mlx_array q
                                                const mlx_array vb_, const mlx_array tail_k_, const mlx_array tail_v_,
                                                const mlx_array sink_k_, const mlx_array sink_v_, int len, int row,
                                                int k_group, int k_bits, int v_group, int v_bits, int rot, float softcap,
-                                               const mlx_stream s_) {
+                                               const int* ranges, int n_ranges, const mlx_stream s_) {
   return guarded([&] {
     const char* what = "kvsplit channel decode step";
     const array& q = mlx_array_get_(q_);
@@ -1356,6 +1402,7 @@ extern "C" int kvsplit_cpu_channel_decode_step(mlx_array* res, const mlx_array q
     }
     AttnParams p{len, k_group, k_bits, v_group, v_bits, true, row + 1 + sinks};
     p.softcap = checked_softcap(what, softcap);
+    p.ranges = checked_ranges(what, ranges, n_ranges, len, k_group);
     array out(q.shape(), mlx::core::float32,
               std::make_shared<ChannelDecodeStep>(mlx_stream_get_(s_), p, row, sinks, rot), std::move(inputs));
     mlx_array_set_(*res, out);

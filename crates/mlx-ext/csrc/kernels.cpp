@@ -426,15 +426,20 @@ void attend_tile(const float* qp, int rows, int rep, int d, const TileSource& sr
 
 void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt, const PackedRows& v, int64_t t0,
                            int64_t t1, float* m, float* l, float* out, float* scratch, float softcap) {
-  const int n = int(t1 - t0);
+  // A window's oldest visible token may sit inside its key group (a ring): the whole group is
+  // scored, since its codes share one scale per channel, and the tokens before t0 are masked.
+  const int64_t a0 = t0 / kt.group * kt.group;
+  const int skip = int(t0 - a0);
+  const int n = int(t1 - a0);
   float* s = scratch;
   float* wt = scratch + rows * int64_t(n);
   // After attend_block's own scratch (rows * (2n + d) + 2n), so both fit one allocation.
   float* cs = wt + int64_t(rows) * (n + d) + 2 * int64_t(n);
-  const int64_t g0 = t0 / kt.group, g1 = t1 / kt.group;
+  const int64_t g0 = a0 / kt.group, g1 = t1 / kt.group;
   with_bits(kt.bits, [&](auto b) { channel_scores<decltype(b)::value>(q, rows, d, kt, g0, g1, s, n, cs); });
+  for (int r = 0; r < rows && skip > 0; ++r) std::fill(s + int64_t(r) * n, s + int64_t(r) * n + skip, -INFINITY);
   softmax_rows(s, rows, n, m, l, softcap);
-  weighted_values(s, rows, d, v, t0, n, out, wt);
+  weighted_values(s, rows, d, v, a0, n, out, wt);
 }
 
 void attend_float_block(const float* q, int rows, int d, const float* k, int64_t k_stride, const float* v,

@@ -77,7 +77,8 @@ inline int64_t half_scratch(int rows, int d, int64_t n) { return int64_t(rows) *
                    int64_t t0, int64_t t1, int64_t first_pos, float* m, float* l, float* out,   \
                    float* scratch, float softcap);                                                             \
   /* attend_block for per-channel keys: kt's row e is channel e of K^T (groups of kt.group  */ \
-  /* tokens along the row; t0, t1 multiples of it), q the query rows in natural order. */     \
+  /* tokens along the row; t1 a multiple of it, t0 anywhere: the tokens of t0's group before */ \
+  /* it are masked), q the query rows in natural order. */                                    \
   /* scratch: channel_scratch floats. */                                                      \
   void attend_block_channels(const float* q, int rows, int d, const PackedRows& kt,           \
                              const PackedRows& v, int64_t t0, int64_t t1, float* m, float* l, \

@@ -75,14 +75,16 @@ int kvsplit_cpu_quantized_decode_step(mlx_array* res, const mlx_array q, const m
  * [B, Hq, 1, D], already scaled, unrotated) attends over the sink rows `sink_k`/`sink_v`
  * (optional, float32 or float16 [B, Hkv, NS, D], already in the stored frame), the first `len`
  * tokens of the packed body (per-channel keys and per-token values, shapes as in
- * kvsplit_cpu_quantized_decode_attention) and tail rows 0..row, in the keys' frame; the output
- * leaves the values' frame. Returns [B, Hq, 1, D] float32. */
+ * kvsplit_cpu_quantized_decode_attention; `ranges` as there, empty for [0, len)) and tail rows
+ * 0..row, in the keys' frame; the output leaves the values' frame. Returns [B, Hq, 1, D]
+ * float32. */
 int kvsplit_cpu_channel_decode_step(mlx_array* res, const mlx_array q, const mlx_array k_new, const mlx_array v_new,
                                     const mlx_array k_w, const mlx_array k_scales, const mlx_array k_biases,
                                     const mlx_array v_w, const mlx_array v_scales, const mlx_array v_biases,
                                     const mlx_array tail_k, const mlx_array tail_v, const mlx_array sink_k,
                                     const mlx_array sink_v, int len, int row, int k_group, int k_bits, int v_group,
-                                    int v_bits, int rot, float softcap, const mlx_stream s);
+                                    int v_bits, int rot, float softcap, const int* ranges, int n_ranges,
+                                    const mlx_stream s);
 
 /* Decode attention over a 16-bit dense cache: `q` [B, Hq, L, D] float32 (already multiplied by
  * the softmax scale), `k`/`v` whole float16 cache buffers [B, Hkv, cap, D] (any strides but the
@@ -103,6 +105,9 @@ int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q, const 
  * float tokens every query also sees, after the packed ones.
  * `causal` (per-token keys, no tail, L <= len): a prefill chunk whose own tokens are the last
  * L of the `len`; query i sees tokens 0..=len - L + i.
+ * `ranges` (per-channel keys only; n_ranges pairs a, b, or NULL and 0): the body slots [a, b)
+ * read instead of [0, len) (a rotating cache's visible window: b a multiple of k_group, a
+ * anywhere, the rest of a's group masked).
  * Returns [B, Hq, L, D] float32. Bits 2, 3, 4, 6 or 8 for each of K and V. */
 int kvsplit_cpu_quantized_decode_attention(
     mlx_array* res,
@@ -123,6 +128,8 @@ int kvsplit_cpu_quantized_decode_attention(
     const mlx_array tail_v,
     bool causal,
     float softcap,
+    const int* ranges,
+    int n_ranges,
     const mlx_stream s);
 
 /* Decode attention of S sequences (q [S, Hq, 1, D] float32, scaled) over a block pool: packed

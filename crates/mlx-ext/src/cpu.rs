@@ -134,16 +134,25 @@ pub struct ChannelFloats<'a> {
     pub sinks: Option<(&'a Array, &'a Array)>,
 }
 
+/// The packed body slots a per-channel decode step reads: `len` slots filled, all of them
+/// (`ranges` empty) or the runs `[a, b)` of a rotating cache's visible window
+/// ([`decode_attention_ranges`]).
+pub struct ChannelBody<'a> {
+    pub len: usize,
+    pub ranges: &'a [(usize, usize)],
+}
+
 /// A per-channel cache's decode step as one op: `k_new`/`v_new` (`[B, Hkv, 1, D]`, unrotated)
 /// enter the stored frame (`rot` bit 0: keys Hadamard-rotated, bit 1: values) and are written
 /// into row `floats.row` of the tail buffers in place (rounded to their dtype), then `q`
 /// (`[B, Hq, 1, D]`, already multiplied by the softmax scale, unrotated) attends over the sinks,
-/// the body's first `len` tokens (whole key groups) and tail rows `0..=row`; the output comes
-/// back in the values' natural frame. Returns `[B, Hq, 1, D]` f32. The caller owns the tail
-/// buffers and must count the row as written.
+/// the body's slots (`body`: its first `len`, whole key groups, or a ring's visible runs) and
+/// tail rows `0..=row`; the output comes back in the values' natural frame. Returns
+/// `[B, Hq, 1, D]` f32. The caller owns the tail buffers and must count the row as written.
 #[allow(clippy::too_many_arguments)]
-pub fn channel_decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, len: usize, floats: ChannelFloats, rot: u8, softcap: Option<f32>) -> Result<Array> {
+pub fn channel_decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef, v: PackedRef, body: ChannelBody, floats: ChannelFloats, rot: u8, softcap: Option<f32>) -> Result<Array> {
     let q = q.as_dtype(Dtype::Float32)?;
+    let flat = flat_ranges(body.ranges);
     let cap = softcap_arg(softcap)?;
     let (kn, vn) = (k_new.as_dtype(Dtype::Float32)?, v_new.as_dtype(Dtype::Float32)?);
     let (tk, tv) = floats.tail;
@@ -164,7 +173,7 @@ pub fn channel_decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef
             tv.as_ptr(),
             sk,
             sv,
-            len as i32,
+            body.len as i32,
             floats.row as i32,
             k.group as i32,
             k.bits as i32,
@@ -172,6 +181,8 @@ pub fn channel_decode_step(q: &Array, k_new: &Array, v_new: &Array, k: PackedRef
             v.bits as i32,
             rot as i32,
             cap,
+            flat.as_ptr(),
+            body.ranges.len() as i32,
             s,
         )
     })
@@ -206,7 +217,19 @@ pub enum KeyAxis {
 /// [`decode_attention`] with keys in either layout, and float tokens (`tail`: K and V
 /// `[B, Hkv, n, D]`) that every query also sees, folded into the same softmax.
 pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, softcap: Option<f32>) -> Result<Array> {
-    attention_call(q, k, v, len, keys, tail, false, softcap)
+    attention_call(q, k, v, len, keys, tail, false, softcap, &[])
+}
+
+/// [`decode_attention_with`] for per-channel keys over body slot ranges `[a, b)` instead of
+/// `[0, len)` (`len`: the body's slots): a rotating cache's visible window, at most two runs
+/// of its ring, each ending on a key group; a run may start inside a group, whose older tokens
+/// are masked.
+pub fn decode_attention_ranges(q: &Array, k: PackedRef, v: PackedRef, len: usize, ranges: &[(usize, usize)], tail: Option<(&Array, &Array)>, softcap: Option<f32>) -> Result<Array> {
+    attention_call(q, k, v, len, KeyAxis::Channels, tail, false, softcap, ranges)
+}
+
+fn flat_ranges(ranges: &[(usize, usize)]) -> Vec<i32> {
+    ranges.iter().flat_map(|&(a, b)| [a as i32, b as i32]).collect()
 }
 
 /// Causal attention of a prefill chunk `q` (`[B, Hq, L, D]`, already multiplied by the softmax
@@ -215,11 +238,12 @@ pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, 
 /// the window is streamed once per tile, never widened beyond a block. Returns `[B, Hq, L, D]`
 /// f32.
 pub fn prefill_attention(q: &Array, k: PackedRef, v: PackedRef, len: usize, softcap: Option<f32>) -> Result<Array> {
-    attention_call(q, k, v, len, KeyAxis::Tokens, None, true, softcap)
+    attention_call(q, k, v, len, KeyAxis::Tokens, None, true, softcap, &[])
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, causal: bool, softcap: Option<f32>) -> Result<Array> {
+fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, tail: Option<(&Array, &Array)>, causal: bool, softcap: Option<f32>, ranges: &[(usize, usize)]) -> Result<Array> {
+    let flat = flat_ranges(ranges);
     let (q, cap) = (q.as_dtype(Dtype::Float32)?, softcap_arg(softcap)?);
     let tail = tail.map(|(k, v)| Ok::<_, ExtError>((k.as_dtype(Dtype::Float32)?, v.as_dtype(Dtype::Float32)?))).transpose()?;
     let (tk, tv) = tail.as_ref().map_or((none(), none()), |(k, v)| (k.as_ptr(), v.as_ptr()));
@@ -243,6 +267,8 @@ fn attention_call(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAx
             tv,
             causal,
             cap,
+            flat.as_ptr(),
+            ranges.len() as i32,
             s,
         )
     })

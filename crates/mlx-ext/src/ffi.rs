@@ -79,6 +79,8 @@ extern "C" {
         v_bits: c_int,
         rot: c_int,
         softcap: f32,
+        ranges: *const c_int,
+        n_ranges: c_int,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_dense_decode_attention(res: *mut mlx_array, q: mlx_array, k: mlx_array, v: mlx_array, len: c_int, causal: bool, softcap: f32, s: mlx_stream) -> c_int;
@@ -101,6 +103,8 @@ extern "C" {
         tail_v: mlx_array,
         causal: bool,
         softcap: f32,
+        ranges: *const c_int,
+        n_ranges: c_int,
         s: mlx_stream,
     ) -> c_int;
     pub fn kvsplit_cpu_paged_decode_attention(

@@ -390,42 +390,55 @@ fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
     }
 }
 
-/// A per-channel ring (`--max-kv-size`, no sinks): steps whose window still covers every cached
-/// token need no mask and take the primitive; once the ring holds older tokens (it keeps a
-/// chunk's slack beyond the window) they are masked and take the block path. Both within the
-/// bound, across the switch.
+/// A per-channel ring (`--max-kv-size`, or a model's sliding-window layers): the ring keeps a
+/// chunk's slack beyond the window, so the window's oldest token falls inside a key group and
+/// the ring wraps. On the CPU every decode step still takes our ops (the one-op step, or the
+/// primitive for a group's flush), reading the ring's visible runs with the older tokens of the
+/// first group masked, never the block path; within the f64 bound throughout, with sinks and
+/// rotation too (the bound then takes the rotated range, as the per-channel case above).
 #[test]
 fn per_channel_ring_decodes_within_bound_on_either_path() {
     use mlx_kv::attention::Path;
     let on_cpu = mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && mlx_ext::options::current().cpu_kernels.on();
-    let (w, group) = (128usize, 32usize);
-    let visible = move |q: usize, k: usize| k <= q && k + w > q;
-    let mut spec = KvSpec::bits(4, 4);
-    spec.key_layout = KeyLayout::PerChannel;
-    spec.k.group = group;
-    let (hq, hkv, prompt, t) = (4, 2, 100, 300);
-    let q = Host::random([1, hq, t, D], 70);
-    let k = Host::random([1, hkv, t, D], 71);
-    let v = Host::random([1, hkv, t, D], 72);
-    let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), 4, 4);
-    let mut cache = KvCache::new(spec.clone(), D, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
-    for a in (0..prompt).step_by(16) {
-        let z = (a + 16).min(prompt);
-        cache.update(&k.tokens(a, z).array(), &v.tokens(a, z).array()).unwrap();
+    let group = 32usize;
+    for (sinks, rotation) in [(0usize, Rotation::None), (1, Rotation::KeysAndValues)] {
+        let w = 128 + sinks;
+        let window = w - sinks;
+        let visible = move |q: usize, k: usize| k <= q && (k < sinks || k + window > q);
+        let mut spec = KvSpec::bits(4, 4);
+        spec.key_layout = KeyLayout::PerChannel;
+        spec.k.group = group;
+        spec.sinks = sinks;
+        spec.rotation = rotation;
+        let (hq, hkv, prompt, t) = (4, 2, 100, 300);
+        let q = Host::random([1, hq, t, D], 70);
+        let k = Host::random([1, hkv, t, D], 71);
+        let v = Host::random([1, hkv, t, D], 72);
+        let range = |x: &Host, on: bool| if on { rotated_max_abs(x) } else { x.max_abs() };
+        let bound = attention_bound(q_l1_max(&q), SCALE, range(&k, rotation.keys()), range(&v, rotation.values()), 4, 4);
+        let mut cache = KvCache::new(spec.clone(), D, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
+        for a in (0..prompt).step_by(16) {
+            let z = (a + 16).min(prompt);
+            cache.update(&k.tokens(a, z).array(), &v.tokens(a, z).array()).unwrap();
+        }
+        let mut steps = 0;
+        for z in prompt + 1..=t {
+            let a = z - 1;
+            let out = cache
+                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+                .unwrap();
+            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
+            let err = max_abs_diff(&to_vec(&out), &want);
+            assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+            if on_cpu {
+                let path = cache.last_path().expect("attention ran");
+                assert!(matches!(path.path, Path::CpuPrimitive | Path::CpuStep), "{spec} ring token {a}: {path}");
+                steps += usize::from(path.path == Path::CpuStep);
+            }
+        }
+        // Every token but a group's last (its flush) takes the one-op step.
+        assert!(!on_cpu || steps >= (t - prompt) - (t - prompt).div_ceil(group) - 1, "{spec}: {steps} ring steps took the one-op step");
     }
-    let mut primitive_steps = 0;
-    for z in prompt + 1..=t {
-        let a = z - 1;
-        let out = cache
-            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
-            .unwrap();
-        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
-        let err = max_abs_diff(&to_vec(&out), &want);
-        assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
-        primitive_steps += usize::from(cache.last_path().is_some_and(|c| c.path == Path::CpuPrimitive));
-    }
-    assert!(!on_cpu || primitive_steps > 0, "no ring step took the primitive");
-    eprintln!("{primitive_steps} of {} ring steps on the primitive", t - prompt);
 }
 
 /// Decode steps that write the cache in place (the CPU step, the fused GPU step) must stay in

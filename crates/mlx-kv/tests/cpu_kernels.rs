@@ -356,6 +356,68 @@ fn decode_attention_reads_per_channel_keys_and_a_float_tail() {
     assert!(err.contains("whole groups of 64 tokens"), "{err}");
 }
 
+/// Per-channel keys over body slot ranges (a rotating cache's visible ring runs): a range may
+/// start inside a key group, whose older tokens are masked; slots outside every range are never
+/// read. Their values are poisoned (1e4; values are quantized per token, so the poison does not
+/// touch the visible tokens' codes), so reading one would dominate the output.
+#[test]
+fn decode_attention_reads_ring_runs_and_masks_a_partial_first_group() {
+    let _options = options_lock();
+    use mlx_ext::cpu::decode_attention_ranges;
+    let base = seed();
+    // (hq, hkv, d, slots, k bits/group, v bits/group, ranges, tail)
+    let cases: [(usize, usize, usize, usize, (u8, usize), (u8, usize), &[(usize, usize)], usize); 4] = [
+        (9, 3, 64, 1024, (6, 64), (6, 64), &[(837, 1024), (0, 320)], 17),
+        (4, 2, 128, 256, (4, 32), (8, 64), &[(5, 96)], 0),
+        (4, 1, 64, 512, (3, 64), (4, 32), &[(448, 512), (1, 64)], 3),
+        (8, 8, 64, 256, (8, 128), (2, 32), &[(0, 256)], 1),
+    ];
+    for (i, &(hq, hkv, d, slots, (kb, kg), (vb, vg), ranges, n_tail)) in cases.iter().enumerate() {
+        let s = base + 100 * i as u64;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = Host::random([1, hq, 1, d], s);
+        let (kp, kd) = poisoned_channels(&Host::random([1, hkv, slots, d], s + 1), slots, kg, kb, true);
+        let mut vh = Host::random([1, hkv, slots, d], s + 2);
+        let read = |t: usize| ranges.iter().any(|&(a, b)| (a..b).contains(&t));
+        for h in 0..hkv {
+            for t in (0..slots).filter(|&t| !read(t)) {
+                vh.data[(h * slots + t) * d..(h * slots + t + 1) * d].fill(1.0e4);
+            }
+        }
+        let (vp, vd) = poisoned_cache(&vh, slots, vg, vb, true);
+        let tk = Host::random([1, hkv, n_tail.max(1), d], s + 3).tokens(0, n_tail);
+        let tv = Host::random([1, hkv, n_tail.max(1), d], s + 4).tokens(0, n_tail);
+        let (tka, tva) = (tk.array(), tv.array());
+        let qs = q.array() * Array::from_f32(scale as f32);
+        let kop = PackedOperand { full: &kp, bits: kb, group: kg };
+        let vop = PackedOperand { full: &vp, bits: vb, group: vg };
+        let got = decode_attention_ranges(&qs, kop.as_ref(), vop.as_ref(), slots, ranges, (n_tail > 0).then_some((&tka, &tva)), None).unwrap();
+        // The reference sees only the ranges' tokens, then the tail.
+        let pick = |h: &Host| {
+            let mut data = Vec::new();
+            for x in 0..hkv {
+                for &(a, b) in ranges {
+                    data.extend_from_slice(&h.data[(x * slots + a) * d..(x * slots + b) * d]);
+                }
+            }
+            Host { data, shape: [1, hkv, ranges.iter().map(|(a, b)| b - a).sum(), d] }
+        };
+        let (kr, vr) = (pick(&kd), pick(&vd));
+        let (kr, vr) = if n_tail > 0 { (concat_tokens(&kr, &tk), concat_tokens(&vr, &tv)) } else { (kr, vr) };
+        let want = reference_attention(&q, &kr, &vr, scale, &|_, _| true);
+        let err = max_abs_diff(&to_vec(&got), &want);
+        let bound = 2e-5 * vr.max_abs().max(1.0);
+        assert!(err <= bound, "case {i} (ranges {ranges:?}): max error {err} > {bound}");
+    }
+    // A range that does not end on a key group is refused by name.
+    let (kp, _) = poisoned_channels(&Host::random([1, 1, 128, 64], 5), 128, 64, 4, true);
+    let (vp, _) = poisoned_cache(&Host::random([1, 1, 128, 64], 6), 128, 64, 4, true);
+    let op = |p| PackedOperand { full: p, bits: 4, group: 64 };
+    let q = Array::ones::<f32>(&[1, 2, 1, 64]).unwrap();
+    let err = decode_attention_ranges(&q, op(&kp).as_ref(), op(&vp).as_ref(), 128, &[(10, 100)], None, None).unwrap_err().to_string();
+    assert!(err.contains("body range 10..100") && err.contains("key group of 64"), "{err}");
+}
+
 /// The CPU decode step writes the new token's codes, scales and biases into row `slot` exactly
 /// as MLX's `quantize` (then f16) gives them, leaves every other row alone, and attends exactly
 /// as the decode primitive does over the first `slot + 1` rows afterwards.
@@ -432,7 +494,7 @@ fn host_f64(h: &Host) -> Vec<f64> {
 #[test]
 fn channel_step_writes_the_tail_row_and_attends_in_the_stored_frame() {
     let _options = options_lock();
-    use mlx_ext::cpu::{channel_decode_step, ChannelFloats};
+    use mlx_ext::cpu::{channel_decode_step, ChannelBody, ChannelFloats};
     let base = seed();
     // (hq, hkv, d, len, cap, key bits/group (tokens), value bits/group, row, tail cap, f16 tail, sinks, f16 sinks, rot)
     let cases = [
@@ -472,7 +534,7 @@ fn channel_step_writes_the_tail_row_and_attends_in_the_stored_frame() {
         let floats = ChannelFloats { tail: (&tk, &tv), row, sinks: (ns > 0).then_some((&ska, &sva)) };
         let kop = PackedOperand { full: &kp, bits: kb, group: kg };
         let vop = PackedOperand { full: &vp, bits: vb, group: vg };
-        let got = channel_decode_step(&qs, &kn.array(), &vn.array(), kop.as_ref(), vop.as_ref(), len, floats, rot, None).unwrap();
+        let got = channel_decode_step(&qs, &kn.array(), &vn.array(), kop.as_ref(), vop.as_ref(), ChannelBody { len, ranges: &[] }, floats, rot, None).unwrap();
         got.eval().unwrap();
         let (tk_after, tv_after) = (to_vec(&tk), to_vec(&tv));
         // The written rows: the new token in the stored frame, one rounding to the tail's dtype.
@@ -528,7 +590,7 @@ fn channel_step_writes_the_tail_row_and_attends_in_the_stored_frame() {
     let t = Array::zeros::<f32>(&[1, 1, 16, 64]).unwrap();
     let op = |p| PackedOperand { full: p, bits: 4, group: 64 };
     let floats = ChannelFloats { tail: (&t, &t), row: 16, sinks: None };
-    let err = channel_decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op(&kp).as_ref(), op(&vp).as_ref(), 64, floats, 0, None).unwrap_err().to_string();
+    let err = channel_decode_step(&Array::zeros::<f32>(&[1, 2, 1, 64]).unwrap(), &x, &x, op(&kp).as_ref(), op(&vp).as_ref(), ChannelBody { len: 64, ranges: &[] }, floats, 0, None).unwrap_err().to_string();
     assert!(err.contains("tail row 16 outside 0..15"), "{err}");
 }
 

@@ -363,6 +363,15 @@ pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool
     mlx_ext::cpu::supports(b.k.bits, b.k.group, b.cap) && mlx_ext::cpu::supports(b.v.bits, b.v.group, head_dim)
 }
 
+/// [`primitive_channels`] over body slot ranges (a rotating cache's visible ring runs; see
+/// [`mlx_ext::cpu::decode_attention_ranges`]) instead of every slot.
+pub(crate) fn primitive_channels_ranges(q: &Array, b: &ChannelBody, ranges: &[(usize, usize)], scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
+    let floats = join_float_runs(b.sink, b.tail)?;
+    let out = mlx_ext::cpu::decode_attention_ranges(&qs, b.k.as_ref(), b.v.as_ref(), b.len, ranges, floats.as_ref().map(|(k, v)| (k, v)), scoring.softcap)?;
+    Ok(out.as_dtype(q.dtype())?)
+}
+
 /// Our CPU primitive over a per-channel body and its float tail, in one softmax.
 pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scoring: Scoring) -> Result<Array> {
     let qs = scaled(q, scoring)?;
