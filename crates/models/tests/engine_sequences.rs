@@ -262,6 +262,22 @@ fn a_decode_step_refuses_a_sequence_with_a_prompt_still_waiting() {
     assert!(err.to_string().contains("waiting"), "{err}");
 }
 
+/// A model whose context is shorter than the warm-up's usual prompt (a tiny test checkpoint's
+/// 512 tokens against a 512-token prefill step plus its decode steps) is warmed up within it,
+/// not refused.
+#[test]
+fn warm_up_stays_inside_a_short_context() {
+    let mut cfg = models::random::preset("tiny").unwrap();
+    cfg.max_position_embeddings = 128;
+    let w = models::random::weights(&cfg, models::random::RandomWeights::Quant(4), Dtype::Float32, 3).unwrap();
+    let e = Engine::from_model(Box::new(models::families::llama::Model::new(cfg, w, Dtype::Float32).unwrap()));
+    let mut spec = KvSpec::bits(4, 4);
+    spec.key_layout = mlx_kv::KeyLayout::PerChannel;
+    spec.k.group = 32;
+    let steps = e.warm_up(&settings(spec.clone()), 512).unwrap();
+    assert_eq!(steps, spec.first_use_tokens());
+}
+
 /// The warm-up decodes past a per-channel key group (so its completion path runs once) and, in a
 /// pooled engine, gives every block it took back: warming up must not shrink the budget that
 /// requests are admitted by.

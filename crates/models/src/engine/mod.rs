@@ -144,9 +144,13 @@ impl Engine {
     /// requests are. Returns the steps decoded by the first sequence.
     pub fn warm_up(&self, cache: &CacheSettings, prefill_step: usize) -> Result<usize> {
         let m = self.model.as_ref();
-        let steps = cache.first_use_tokens(m.n_layers());
+        // Within the model's context (a small checkpoint's 512 tokens were an error here): the
+        // decode steps first, then as much of the prompt as fits beside them.
+        let room = m.max_context().saturating_sub(2);
+        let steps = cache.first_use_tokens(m.n_layers()).min(room.saturating_sub(1));
+        let len = (prefill_step.min(2048) + 8).min(room - steps).max(1);
         // Ids every vocabulary has; what they say does not matter, only the shapes they take.
-        let prompt: Vec<u32> = (0..prefill_step.min(2048) + 8).map(|i| 1 + (i % 64) as u32).collect();
+        let prompt: Vec<u32> = (0..len).map(|i| 1 + (i % 64) as u32).collect();
         let throwaway = |tokens: usize| -> Result<Sequence<'_>> {
             match self.pooled_sequence(cache, SamplerSettings::default(), prefill_step, tokens)? {
                 Some(seq) => Ok(seq),
@@ -158,7 +162,7 @@ impl Engine {
         // steps, with no stop token.
         seq.generate(&prompt, steps + 1, &[], |_| true)?;
         let mut other = throwaway(prompt.len() + 2)?;
-        other.generate(&prompt[..8], 1, &[], |_| true)?;
+        other.generate(&prompt[..len.min(8)], 1, &[], |_| true)?;
         batch::decode_batch(&mut [&mut seq, &mut other], &[None, None])?;
         Ok(steps)
     }
