@@ -414,16 +414,16 @@ struct AttnItem {
   const uint16_t *hk = nullptr, *hv = nullptr;
 };
 
-// Per-channel work items of one head over the body's ranges: blocks of `block` tokens (a
-// multiple of the key group) cut at group edges, so only a range's first item can start inside
-// a group.
-void channel_items(std::vector<AttnItem>& items, int head, const PackedRows& k, const PackedRows& v, const AttnParams& p,
-                   int64_t block) {
+// Work items of one head over the body's ranges: blocks of `block` tokens; with per-channel
+// keys (`block` a multiple of the key group) cut at group edges, so only a range's first item
+// can start inside a group.
+void body_items(std::vector<AttnItem>& items, int head, const PackedRows& k, const PackedRows& v, const AttnParams& p,
+                int64_t block) {
   auto add = [&](int64_t a, int64_t b) {
     for (int64_t t0 = a; t0 < b;) {
-      const int64_t t1 = std::min(b, t0 / p.k_group * p.k_group + block);
+      const int64_t t1 = std::min(b, p.k_channels ? t0 / p.k_group * p.k_group + block : t0 + block);
       AttnItem it{head, k, v, t0, t1};
-      it.kind = AttnItem::Channels;
+      it.kind = p.k_channels ? AttnItem::Channels : AttnItem::Tokens;
       items.push_back(it);
       t0 = t1;
     }
@@ -659,7 +659,6 @@ class QuantizedDecodeAttention : public CpuPrimitive {
     const int b = q.shape(0), hq = q.shape(1), l = q.shape(2), d = q.shape(3);
     const int hkv = in[1].shape(1), rep = hq / hkv, rows = rep * l;
     const int bh = b * hkv;
-    const int64_t t = p_.len;
     int64_t block = token_block(std::max<int64_t>(range_tokens(p_), 1), bh);
     // Per-channel codes can only be cut between token groups (len is a whole number of them).
     if (p_.k_channels) block = (block + p_.k_group - 1) / p_.k_group * p_.k_group;
@@ -670,11 +669,7 @@ class QuantizedDecodeAttention : public CpuPrimitive {
         // Axis 2 holds tokens in the per-token layout and channels (K^T rows) per channel.
         PackedRows k = packed_rows(in[1], in[2], in[3], p_.k_group, p_.k_bits, off(in[1]), off(in[2]), 2);
         PackedRows v = packed_rows(in[4], in[5], in[6], p_.v_group, p_.v_bits, off(in[4]), off(in[5]), 2);
-        if (p_.k_channels) {
-          channel_items(items, bi * hkv + h, k, v, p_, block);
-        } else {
-          for (int64_t t0 = 0; t0 < t; t0 += block) items.push_back(AttnItem{bi * hkv + h, k, v, t0, std::min(t, t0 + block)});
-        }
+        body_items(items, bi * hkv + h, k, v, p_, block);
         if (p_.tail > 0) {
           const array &tk = in[7], &tv = in[8];
           AttnItem it{bi * hkv + h, k, v, 0, p_.tail};
@@ -894,7 +889,7 @@ class ChannelDecodeStep : public CpuPrimitive {
         PackedRows k = packed_rows(in[3], in[4], in[5], p_.k_group, p_.k_bits, off(in[3]), off(in[4]), 2);
         PackedRows v = packed_rows(in[6], in[7], in[8], p_.v_group, p_.v_bits, off(in[6]), off(in[7]), 2);
         const int head = bi * hkv + h;
-        channel_items(items, head, k, v, p_, block);
+        body_items(items, head, k, v, p_, block);
         // Float runs: the sinks, then the tail with the new row.
         for (int run = sinks_ > 0 ? 0 : 1; run < 2; ++run) {
           const array &rk = run == 0 ? in[11] : tk, &rv = run == 0 ? in[12] : tv;
@@ -1281,8 +1276,8 @@ extern "C" int kvsplit_cpu_quantized_decode_attention(mlx_array* res, const mlx_
     AttnParams p{len, k_group, k_bits, v_group, v_bits, k_per_channel, tail};
     p.softcap = checked_softcap(what, softcap);
     if (n_ranges > 0) {
-      require(k_per_channel && !causal, std::string(what) + ": body ranges go with per-channel keys in decode");
-      p.ranges = checked_ranges(what, ranges, n_ranges, len, k_group);
+      require(!causal, std::string(what) + ": body ranges are for decode, not a causal chunk");
+      p.ranges = checked_ranges(what, ranges, n_ranges, len, k_per_channel ? k_group : 1);
     }
     if (causal) {
       require(!k_per_channel && tail == 0,

@@ -105,9 +105,9 @@ int kvsplit_cpu_dense_decode_attention(mlx_array* res, const mlx_array q, const 
  * float tokens every query also sees, after the packed ones.
  * `causal` (per-token keys, no tail, L <= len): a prefill chunk whose own tokens are the last
  * L of the `len`; query i sees tokens 0..=len - L + i.
- * `ranges` (per-channel keys only; n_ranges pairs a, b, or NULL and 0): the body slots [a, b)
- * read instead of [0, len) (a rotating cache's visible window: b a multiple of k_group, a
- * anywhere, the rest of a's group masked).
+ * `ranges` (not causal; n_ranges pairs a, b, or NULL and 0): the body slots [a, b) read
+ * instead of [0, len) (a rotating cache's visible window; with per-channel keys b a multiple
+ * of k_group, a anywhere, the rest of a's group masked).
  * Returns [B, Hq, L, D] float32. Bits 2, 3, 4, 6 or 8 for each of K and V. */
 int kvsplit_cpu_quantized_decode_attention(
     mlx_array* res,

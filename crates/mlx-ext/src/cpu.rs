@@ -220,12 +220,12 @@ pub fn decode_attention_with(q: &Array, k: PackedRef, v: PackedRef, len: usize, 
     attention_call(q, k, v, len, keys, tail, false, softcap, &[])
 }
 
-/// [`decode_attention_with`] for per-channel keys over body slot ranges `[a, b)` instead of
-/// `[0, len)` (`len`: the body's slots): a rotating cache's visible window, at most two runs
-/// of its ring, each ending on a key group; a run may start inside a group, whose older tokens
-/// are masked.
-pub fn decode_attention_ranges(q: &Array, k: PackedRef, v: PackedRef, len: usize, ranges: &[(usize, usize)], tail: Option<(&Array, &Array)>, softcap: Option<f32>) -> Result<Array> {
-    attention_call(q, k, v, len, KeyAxis::Channels, tail, false, softcap, ranges)
+/// [`decode_attention_with`] over body slot ranges `[a, b)` instead of `[0, len)` (`len`: the
+/// body's slots): a rotating cache's visible window, the runs of its ring. With per-channel
+/// keys each run ends on a key group and may start inside one, whose older tokens are masked.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_ranges(q: &Array, k: PackedRef, v: PackedRef, len: usize, keys: KeyAxis, ranges: &[(usize, usize)], tail: Option<(&Array, &Array)>, softcap: Option<f32>) -> Result<Array> {
+    attention_call(q, k, v, len, keys, tail, false, softcap, ranges)
 }
 
 fn flat_ranges(ranges: &[(usize, usize)]) -> Vec<i32> {

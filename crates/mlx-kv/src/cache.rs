@@ -656,21 +656,29 @@ impl KvCache {
         }
     }
 
-    /// One decode query of a rotating per-channel cache on the CPU primitive, over the ring runs
-    /// inside its window ([`Self::visible_body`]) instead of a mask, which would send it to the
-    /// block path (Gemma 3's sliding layers decoded at a third of plain speed there); `None`
-    /// where that does not apply.
+    /// One decode query of a rotating cache (packed per-token, or per-channel with its sinks and
+    /// tail) on the CPU primitive, over the ring runs inside its window ([`Self::visible_body`])
+    /// instead of a mask, which would send it to the block path (Gemma 3's sliding layers
+    /// decoded at a third of the speed there); `None` where that does not apply.
     fn attend_ring_channels(&self, q: &Array, segments: &[Segment], scoring: Scoring, sinks: Option<&Array>) -> Result<Option<Array>> {
         if self.opts.max_size.is_none() || q.shape()[2] != 1 || sinks.is_some() || crate::Backend::current() != crate::Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
             return Ok(None);
         }
-        let Some(b) = attention::types::channel_packed_body(segments, &Mask::None, None) else { return Ok(None) };
-        if !attention::cpu::channel_primitive_covers(&b, self.head_dim) {
-            return Ok(None);
-        }
-        let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
-        let out = attention::cpu::primitive_channels_ranges(q, &b, &ranges, scoring)?;
-        self.last_path.set(Some(attention::Choice { path: attention::Path::CpuPrimitive, why: "a rotating per-channel cache's window, read as ring runs" }));
+        let out = if let Some((k, v, len, _)) = attention::types::single_packed_body(segments, &Mask::None, None) {
+            if !attention::cpu::primitive_covers(&k, &v, self.head_dim) {
+                return Ok(None);
+            }
+            let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
+            attention::cpu::primitive_ranges(q, k, v, len, &ranges, scoring)?
+        } else {
+            let Some(b) = attention::types::channel_packed_body(segments, &Mask::None, None) else { return Ok(None) };
+            if !attention::cpu::channel_primitive_covers(&b, self.head_dim) {
+                return Ok(None);
+            }
+            let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
+            attention::cpu::primitive_channels_ranges(q, &b, &ranges, scoring)?
+        };
+        self.last_path.set(Some(attention::Choice { path: attention::Path::CpuPrimitive, why: "a rotating cache's window, read as ring runs" }));
         Ok(Some(out))
     }
 
@@ -1273,25 +1281,28 @@ mod tests {
     /// exactly the window's tokens beside the float tail, none older, across the ring's wrap.
     #[test]
     fn a_rings_visible_runs_hold_exactly_the_window() {
-        let (w, group, d) = (128usize, 32usize, 64usize);
-        let mut spec = KvSpec::bits(4, 4);
-        spec.key_layout = KeyLayout::PerChannel;
-        spec.k.group = group;
-        let mut cache = KvCache::new(spec, d, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
-        let x = Array::zeros::<f32>(&[1, 1, 1, d as i32]).unwrap();
-        let (mut checked, mut wrapped) = (0, false);
-        for _ in 0..400 {
-            cache.update(&x, &x).unwrap();
-            let qpos = cache.offset - 1;
-            let Some(runs) = cache.visible_body(qpos) else { continue };
-            let body: usize = runs.iter().map(|(a, b)| b - a).sum();
-            assert_eq!(body + cache.tail_k.len(), w.min(cache.offset), "query at {qpos}: runs {runs:?}");
-            for &(a, b) in &runs {
-                assert!((a..b).all(|s| cache.body_pos[s] as usize + w > qpos), "query at {qpos}: run {a}..{b} holds a token outside the window");
+        let (w, d) = (128usize, 64usize);
+        let mut channels = KvSpec::bits(4, 4);
+        channels.key_layout = KeyLayout::PerChannel;
+        channels.k.group = 32;
+        for spec in [channels, KvSpec::bits(8, 4)] {
+            let name = spec.to_string();
+            let mut cache = KvCache::new(spec, d, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
+            let x = Array::zeros::<f32>(&[1, 1, 1, d as i32]).unwrap();
+            let (mut checked, mut wrapped) = (0, false);
+            for _ in 0..400 {
+                cache.update(&x, &x).unwrap();
+                let qpos = cache.offset - 1;
+                let Some(runs) = cache.visible_body(qpos) else { continue };
+                let body: usize = runs.iter().map(|(a, b)| b - a).sum();
+                assert_eq!(body + cache.tail_k.len(), w.min(cache.offset), "{name} query at {qpos}: runs {runs:?}");
+                for &(a, b) in &runs {
+                    assert!((a..b).all(|s| cache.body_pos[s] as usize + w > qpos), "{name} query at {qpos}: run {a}..{b} holds a token outside the window");
+                }
+                checked += 1;
+                wrapped |= runs.len() == 2;
             }
-            checked += 1;
-            wrapped |= runs.len() == 2;
+            assert!(checked > 300 && wrapped, "{name}: {checked} queries checked, wrapped: {wrapped}");
         }
-        assert!(checked > 300 && wrapped, "{checked} queries checked, wrapped: {wrapped}");
     }
 }

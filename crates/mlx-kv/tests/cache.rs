@@ -441,6 +441,39 @@ fn per_channel_ring_decodes_within_bound_on_either_path() {
     }
 }
 
+/// A packed per-token ring (Gemma's sliding layers under a plain preset) decodes on the CPU
+/// primitive over its ring's visible runs once it wraps, not the block path, within the bound.
+#[test]
+fn per_token_ring_decodes_on_the_primitive_within_bound() {
+    use mlx_kv::attention::Path;
+    let on_cpu = mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && mlx_ext::options::current().cpu_kernels.on();
+    let w = 100usize;
+    let visible = move |q: usize, k: usize| k <= q && k + w > q;
+    let spec = KvSpec::bits(8, 4);
+    let (hq, hkv, prompt, t) = (4, 2, 64, 300);
+    let q = Host::random([1, hq, t, D], 80);
+    let k = Host::random([1, hkv, t, D], 81);
+    let v = Host::random([1, hkv, t, D], 82);
+    let bound = attention_bound(q_l1_max(&q), SCALE, k.max_abs(), v.max_abs(), 8, 4);
+    let mut cache = KvCache::new(spec.clone(), D, CacheOptions { max_size: Some(w), max_chunk: 16 }).unwrap();
+    for a in (0..prompt).step_by(16) {
+        cache.update(&k.tokens(a, a + 16).array(), &v.tokens(a, a + 16).array()).unwrap();
+    }
+    for z in prompt + 1..=t {
+        let a = z - 1;
+        let out = cache
+            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+            .unwrap();
+        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
+        let err = max_abs_diff(&to_vec(&out), &want);
+        assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+        if on_cpu {
+            let path = cache.last_path().expect("attention ran");
+            assert_eq!(path.path, Path::CpuPrimitive, "{spec} ring token {a}: {path}");
+        }
+    }
+}
+
 /// Decode steps that write the cache in place (the CPU step, the fused GPU step) must stay in
 /// order when nothing is evaluated between them: a prompt fed token by token builds every
 /// step's graph before any runs, and the steps' queries and keys do not depend on each other.

@@ -391,7 +391,7 @@ fn decode_attention_reads_ring_runs_and_masks_a_partial_first_group() {
         let qs = q.array() * Array::from_f32(scale as f32);
         let kop = PackedOperand { full: &kp, bits: kb, group: kg };
         let vop = PackedOperand { full: &vp, bits: vb, group: vg };
-        let got = decode_attention_ranges(&qs, kop.as_ref(), vop.as_ref(), slots, ranges, (n_tail > 0).then_some((&tka, &tva)), None).unwrap();
+        let got = decode_attention_ranges(&qs, kop.as_ref(), vop.as_ref(), slots, mlx_ext::cpu::KeyAxis::Channels, ranges, (n_tail > 0).then_some((&tka, &tva)), None).unwrap();
         // The reference sees only the ranges' tokens, then the tail.
         let pick = |h: &Host| {
             let mut data = Vec::new();
@@ -414,7 +414,7 @@ fn decode_attention_reads_ring_runs_and_masks_a_partial_first_group() {
     let (vp, _) = poisoned_cache(&Host::random([1, 1, 128, 64], 6), 128, 64, 4, true);
     let op = |p| PackedOperand { full: p, bits: 4, group: 64 };
     let q = Array::ones::<f32>(&[1, 2, 1, 64]).unwrap();
-    let err = decode_attention_ranges(&q, op(&kp).as_ref(), op(&vp).as_ref(), 128, &[(10, 100)], None, None).unwrap_err().to_string();
+    let err = decode_attention_ranges(&q, op(&kp).as_ref(), op(&vp).as_ref(), 128, mlx_ext::cpu::KeyAxis::Channels, &[(10, 100)], None, None).unwrap_err().to_string();
     assert!(err.contains("body range 10..100") && err.contains("key group of 64"), "{err}");
 }
 

@@ -368,7 +368,16 @@ pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool
 pub(crate) fn primitive_channels_ranges(q: &Array, b: &ChannelBody, ranges: &[(usize, usize)], scoring: Scoring) -> Result<Array> {
     let qs = scaled(q, scoring)?;
     let floats = join_float_runs(b.sink, b.tail)?;
-    let out = mlx_ext::cpu::decode_attention_ranges(&qs, b.k.as_ref(), b.v.as_ref(), b.len, ranges, floats.as_ref().map(|(k, v)| (k, v)), scoring.softcap)?;
+    let keys = mlx_ext::cpu::KeyAxis::Channels;
+    let out = mlx_ext::cpu::decode_attention_ranges(&qs, b.k.as_ref(), b.v.as_ref(), b.len, keys, ranges, floats.as_ref().map(|(k, v)| (k, v)), scoring.softcap)?;
+    Ok(out.as_dtype(q.dtype())?)
+}
+
+/// [`primitive`] over body slot ranges of a per-token body (a rotating cache's visible ring
+/// runs) instead of its first `len` slots.
+pub(crate) fn primitive_ranges(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, ranges: &[(usize, usize)], scoring: Scoring) -> Result<Array> {
+    let qs = scaled(q, scoring)?;
+    let out = mlx_ext::cpu::decode_attention_ranges(&qs, k.as_ref(), v.as_ref(), len, mlx_ext::cpu::KeyAxis::Tokens, ranges, None, scoring.softcap)?;
     Ok(out.as_dtype(q.dtype())?)
 }
 
