@@ -366,7 +366,8 @@ fn decode_attention_reads_ring_runs_and_masks_a_partial_first_group() {
     use mlx_ext::cpu::decode_attention_ranges;
     let base = seed();
     // (hq, hkv, d, slots, k bits/group, v bits/group, ranges, tail)
-    let cases: [(usize, usize, usize, usize, (u8, usize), (u8, usize), &[(usize, usize)], usize); 4] = [
+    type RingCase = (usize, usize, usize, usize, (u8, usize), (u8, usize), &'static [(usize, usize)], usize);
+    let cases: [RingCase; 4] = [
         (9, 3, 64, 1024, (6, 64), (6, 64), &[(837, 1024), (0, 320)], 17),
         (4, 2, 128, 256, (4, 32), (8, 64), &[(5, 96)], 0),
         (4, 1, 64, 512, (3, 64), (4, 32), &[(448, 512), (1, 64)], 3),
