@@ -330,6 +330,25 @@ fn per_channel_keys_with_many_blocks() {
 }
 
 
+/// Decodes tokens `from..t` of `q`, `k`, `v` one at a time through `cache`, each output within
+/// `bound` of the f64 reference over the tokens `visible(query, key)` allows; returns each
+/// step's attention path.
+fn decode_checked(cache: &mut KvCache, (q, k, v): (&Host, &Host, &Host), from: usize, bound: f64, visible: &dyn Fn(usize, usize) -> bool, label: &str) -> Vec<mlx_kv::attention::Path> {
+    let t = q.shape[2];
+    (from + 1..=t)
+        .map(|z| {
+            let a = z - 1;
+            let out = cache
+                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+                .unwrap();
+            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, visible);
+            let err = max_abs_diff(&to_vec(&out), &want);
+            assert!(err <= bound, "{label} token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+            cache.last_path().expect("attention ran").path
+        })
+        .collect()
+}
+
 /// Per-channel caches decode through our CPU primitive or its one-op step (whole key groups in
 /// the body, the newer tokens in the float tail, both in one softmax; the step also writes the
 /// token and enters the rotated frame), within the same f64 bound as every path; the path
@@ -366,23 +385,13 @@ fn per_channel_decode_takes_the_cpu_primitive_within_bound() {
         let range = |x: &Host, on: bool| if on { rotated_max_abs(x) } else { x.max_abs() };
         let bound = attention_bound(q_l1_max(&q), SCALE, range(&k, rotation.keys()), range(&v, rotation.values()), kb, vb);
         let mut cache = KvCache::new(spec.clone(), D, CacheOptions::default()).unwrap();
-        let mut tails = std::collections::BTreeSet::new();
         cache.update(&k.tokens(0, prompt).array(), &v.tokens(0, prompt).array()).unwrap();
-        for z in prompt + 1..=t {
-            let a = z - 1;
-            let out = cache
-                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
-                .unwrap();
-            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &causal);
-            let err = max_abs_diff(&to_vec(&out), &want);
-            assert!(err <= bound, "{spec} token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
-            if on_cpu {
-                let path = cache.last_path().expect("attention ran");
-                assert!(matches!(path.path, Path::CpuPrimitive | Path::CpuStep), "{spec} token {a}: {path}");
-                steps_taken += (path.path == Path::CpuStep) as usize;
-            }
-            tails.insert(z % group);
+        let paths = decode_checked(&mut cache, (&q, &k, &v), prompt, bound, &causal, &spec.to_string());
+        if on_cpu {
+            assert!(paths.iter().all(|p| matches!(p, Path::CpuPrimitive | Path::CpuStep)), "{spec}: paths {paths:?}");
+            steps_taken = paths.iter().filter(|&&p| p == Path::CpuStep).count();
         }
+        let tails: std::collections::BTreeSet<usize> = (prompt + 1..=t).map(|z| z % group).collect();
         // Every token but a group's last (its flush) and those before the first whole group.
         assert!(!on_cpu || steps_taken >= steps - steps.div_ceil(group) - 1, "{spec}: {steps_taken} of {steps} steps took the one-op step");
         // The steps cover tails from none (or just the residual) to a whole group less one.
@@ -421,21 +430,9 @@ fn per_channel_ring_decodes_within_bound_on_either_path() {
             let z = (a + 16).min(prompt);
             cache.update(&k.tokens(a, z).array(), &v.tokens(a, z).array()).unwrap();
         }
-        let mut steps = 0;
-        for z in prompt + 1..=t {
-            let a = z - 1;
-            let out = cache
-                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
-                .unwrap();
-            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
-            let err = max_abs_diff(&to_vec(&out), &want);
-            assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
-            if on_cpu {
-                let path = cache.last_path().expect("attention ran");
-                assert!(matches!(path.path, Path::CpuPrimitive | Path::CpuStep), "{spec} ring token {a}: {path}");
-                steps += usize::from(path.path == Path::CpuStep);
-            }
-        }
+        let paths = decode_checked(&mut cache, (&q, &k, &v), prompt, bound, &visible, &format!("{spec} ring"));
+        let steps = paths.iter().filter(|&&p| p == Path::CpuStep).count();
+        assert!(!on_cpu || paths.iter().all(|p| matches!(p, Path::CpuPrimitive | Path::CpuStep)), "{spec}: ring paths {paths:?}");
         // Every token but a group's last (its flush) takes the one-op step.
         assert!(!on_cpu || steps >= (t - prompt) - (t - prompt).div_ceil(group) - 1, "{spec}: {steps} ring steps took the one-op step");
     }
@@ -459,19 +456,8 @@ fn per_token_ring_decodes_on_the_primitive_within_bound() {
     for a in (0..prompt).step_by(16) {
         cache.update(&k.tokens(a, a + 16).array(), &v.tokens(a, a + 16).array()).unwrap();
     }
-    for z in prompt + 1..=t {
-        let a = z - 1;
-        let out = cache
-            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
-            .unwrap();
-        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, &visible);
-        let err = max_abs_diff(&to_vec(&out), &want);
-        assert!(err <= bound, "{spec} ring token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
-        if on_cpu {
-            let path = cache.last_path().expect("attention ran");
-            assert_eq!(path.path, Path::CpuPrimitive, "{spec} ring token {a}: {path}");
-        }
-    }
+    let paths = decode_checked(&mut cache, (&q, &k, &v), prompt, bound, &visible, &format!("{spec} ring"));
+    assert!(!on_cpu || paths.iter().all(|&p| p == Path::CpuPrimitive), "{spec}: ring paths {paths:?}");
 }
 
 /// Decode steps that write the cache in place (the CPU step, the fused GPU step) must stay in
