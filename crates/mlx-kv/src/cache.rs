@@ -642,7 +642,7 @@ impl KvCache {
         }
         let q = self.rotate_query(q)?;
         let segments = self.segments();
-        if let Some(out) = self.attend_ring_channels(&q, &segments, scoring, sinks)? {
+        if let Some(out) = self.attend_ring(&q, &segments, scoring, sinks)? {
             return self.rotate_output(out);
         }
         let mask = self.mask(l)?;
@@ -660,22 +660,21 @@ impl KvCache {
     /// tail) on the CPU primitive, over the ring runs inside its window ([`Self::visible_body`])
     /// instead of a mask, which would send it to the block path (Gemma 3's sliding layers
     /// decoded at a third of the speed there); `None` where that does not apply.
-    fn attend_ring_channels(&self, q: &Array, segments: &[Segment], scoring: Scoring, sinks: Option<&Array>) -> Result<Option<Array>> {
+    fn attend_ring(&self, q: &Array, segments: &[Segment], scoring: Scoring, sinks: Option<&Array>) -> Result<Option<Array>> {
         if self.opts.max_size.is_none() || q.shape()[2] != 1 || sinks.is_some() || crate::Backend::current() != crate::Backend::Cpu || !mlx_ext::options::current().cpu_kernels.on() {
             return Ok(None);
         }
+        let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
         let out = if let Some((k, v, len, _)) = attention::types::single_packed_body(segments, &Mask::None, None) {
             if !attention::cpu::primitive_covers(&k, &v, self.head_dim) {
                 return Ok(None);
             }
-            let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
             attention::cpu::primitive_ranges(q, k, v, len, &ranges, scoring)?
         } else {
             let Some(b) = attention::types::channel_packed_body(segments, &Mask::None, None) else { return Ok(None) };
             if !attention::cpu::channel_primitive_covers(&b, self.head_dim) {
                 return Ok(None);
             }
-            let Some(ranges) = self.visible_body(self.offset - 1) else { return Ok(None) };
             attention::cpu::primitive_channels_ranges(q, &b, &ranges, scoring)?
         };
         self.last_path.set(Some(attention::Choice { path: attention::Path::CpuPrimitive, why: "a rotating cache's window, read as ring runs" }));
@@ -861,7 +860,7 @@ impl KvCache {
         let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
         let mut out = match &outside {
             None => {
-                let frame = attention::fused::StoredFrame { rot: r.keys() as u8 | (r.values() as u8) << 1, center: if centered { self.key_center.as_ref() } else { None } };
+                let frame = attention::fused::StoredFrame { rot: r.bits(), center: if centered { self.key_center.as_ref() } else { None } };
                 attention::fused::decode_step(q, k, v, kop, vop, &pos, slot + 1, cap, scale, Some(frame))?
             }
             Some((rq, rk, rv)) => attention::fused::decode_step(rq, rk, rv, kop, vop, &pos, slot + 1, cap, scale, None)?,
@@ -949,8 +948,7 @@ impl KvCache {
         let (row, body) = (self.tail_k.len(), self.body_pos.len());
         if choice.path == attention::Path::CpuStep {
             let (tk, tv) = (tk.clone(), tv.clone());
-            let r = self.spec.rotation;
-            let rot = r.keys() as u8 | (r.values() as u8) << 1;
+            let rot = self.spec.rotation.bits();
             let kop = attention::PackedOperand { full: &kf, bits: bk.bits, group: bk.group };
             let vop = attention::PackedOperand { full: &vf, bits: bv.bits, group: bv.group };
             let sinks = self.sink_k.view().zip(self.sink_v.view());
@@ -992,7 +990,7 @@ impl KvCache {
         let sinks = self.sink_k.view().zip(self.sink_v.view());
         let sinks = sinks.as_ref().map(|(k, v)| (k, v));
         let out = if inside {
-            let rot = r.keys() as u8 | (r.values() as u8) << 1;
+            let rot = r.bits();
             attention::fused::step_channels(q, k, v, kop, vop, (&tk, &tv), sinks, &pos, t, scoring.scale, rot)?
         } else {
             let (rq, rk, rv) = self.rotate_inputs(q, k, v)?;

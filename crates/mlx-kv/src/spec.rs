@@ -87,6 +87,10 @@ impl Rotation {
     pub fn values(self) -> bool {
         matches!(self, Rotation::Values | Rotation::KeysAndValues)
     }
+    /// The two parts as the kernels that rotate inside take them: bit 0 keys, bit 1 values.
+    pub fn bits(self) -> u8 {
+        self.keys() as u8 | (self.values() as u8) << 1
+    }
     /// The rotation with these two parts.
     pub fn of(keys: bool, values: bool) -> Rotation {
         match (keys, values) {

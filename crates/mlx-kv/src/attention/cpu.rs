@@ -322,8 +322,7 @@ pub fn primitive_covers(k: &PackedOperand, v: &PackedOperand, head_dim: usize) -
 /// token. It streams the codes once, so it beats the block path whenever there are few query
 /// rows; causal prefill chunks take [`primitive_prefill`].
 pub fn primitive(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, scoring: Scoring) -> Result<Array> {
-    let qs = scaled(q, scoring)?;
-    Ok(mlx_ext::cpu::decode_attention(&qs, k.as_ref(), v.as_ref(), len, scoring.softcap)?.as_dtype(q.dtype())?)
+    primitive_ranges(q, k, v, len, &[], scoring)
 }
 
 /// Our causal CPU primitive for a prefill chunk `q` (`[B, Hq, L, D]`) whose tokens are the last
@@ -364,7 +363,7 @@ pub(crate) fn channel_primitive_covers(b: &ChannelBody, head_dim: usize) -> bool
 }
 
 /// [`primitive_channels`] over body slot ranges (a rotating cache's visible ring runs; see
-/// [`mlx_ext::cpu::decode_attention_ranges`]) instead of every slot.
+/// [`mlx_ext::cpu::decode_attention_ranges`]; empty for every slot).
 pub(crate) fn primitive_channels_ranges(q: &Array, b: &ChannelBody, ranges: &[(usize, usize)], scoring: Scoring) -> Result<Array> {
     let qs = scaled(q, scoring)?;
     let floats = join_float_runs(b.sink, b.tail)?;
@@ -374,7 +373,7 @@ pub(crate) fn primitive_channels_ranges(q: &Array, b: &ChannelBody, ranges: &[(u
 }
 
 /// [`primitive`] over body slot ranges of a per-token body (a rotating cache's visible ring
-/// runs) instead of its first `len` slots.
+/// runs; empty for its first `len` slots).
 pub(crate) fn primitive_ranges(q: &Array, k: PackedOperand, v: PackedOperand, len: usize, ranges: &[(usize, usize)], scoring: Scoring) -> Result<Array> {
     let qs = scaled(q, scoring)?;
     let out = mlx_ext::cpu::decode_attention_ranges(&qs, k.as_ref(), v.as_ref(), len, mlx_ext::cpu::KeyAxis::Tokens, ranges, None, scoring.softcap)?;
@@ -383,9 +382,5 @@ pub(crate) fn primitive_ranges(q: &Array, k: PackedOperand, v: PackedOperand, le
 
 /// Our CPU primitive over a per-channel body and its float tail, in one softmax.
 pub(crate) fn primitive_channels(q: &Array, b: &ChannelBody, scoring: Scoring) -> Result<Array> {
-    let qs = scaled(q, scoring)?;
-    let floats = join_float_runs(b.sink, b.tail)?;
-    let keys = mlx_ext::cpu::KeyAxis::Channels;
-    let out = mlx_ext::cpu::decode_attention_with(&qs, b.k.as_ref(), b.v.as_ref(), b.len, keys, floats.as_ref().map(|(k, v)| (k, v)), scoring.softcap)?;
-    Ok(out.as_dtype(q.dtype())?)
+    primitive_channels_ranges(q, b, &[], scoring)
 }
