@@ -14,8 +14,12 @@ bit width for K and V, so the rows are fp16, k8v8 and k4v4. Three parts:
    weights, group 64, as our `bench --random-model llama3.1-8b --random-weights q4`), the cache
    filled with random keys/values to each depth (as our `--fill random`).
 
-Usage: mlxlm-decode-bench.py [--quick | --tiny]   (--quick: 32K only, one correctness depth)   (CSV lines start with `csv:`)
+Usage: mlxlm-decode-bench.py [--quick | --tiny] [--prefill N,N,...]   (CSV lines start with `csv:`)
+  --quick  32K only, one correctness depth
   --tiny   a 2-layer model and short depths: checks the script itself (on CPU too)
+  --prefill N,...  only whole-model prefill of prompts of N random tokens into an empty cache, as
+           mlx-lm's generate runs it (chunks of 2048 tokens, each evaluated with the cache state),
+           fp16 and 8-bit caches, tok/s and peak memory (the model's weights included), two repeats
 mlx_lm's package __init__ imports transformers and its tokenizer stack, which a speed run does
 not need; the model and cache modules are imported without it.
 """
@@ -125,7 +129,7 @@ def attention_speed():
             mx.clear_cache()
 
 
-def model_speed():
+def random_model():
     layers, hidden, inter, vocab = (2, 512, 1024, 1000) if TINY else (32, 4096, 14336, 128256)
     args = llama.ModelArgs(
         model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
@@ -140,6 +144,41 @@ def model_speed():
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     print(f"\nrandom {'tiny' if TINY else 'Llama-3.1-8B'} shapes, 4-bit weights, built in {time.perf_counter() - t0:.1f} s")
+    return model, args
+
+
+def prefill_speed(lengths, step=2048):
+    model, args = random_model()
+    vocab = args.vocab_size
+    print("csv: prefill,prompt,config,prefill_tok_per_s,peak_bytes,repeat")
+    for n in lengths:
+        for bits in (16, 8):
+            label = "fp16" if bits == 16 else f"k{bits}v{bits}"
+            for rep in range(2):
+                tokens = mx.random.randint(0, vocab, (1, n))
+                mx.eval(tokens)
+                caches = [make_cache(bits) for _ in range(args.num_hidden_layers)]
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                try:
+                    t0 = time.perf_counter()
+                    done = 0
+                    while done < n:
+                        m = min(step, n - done)
+                        logits = model(tokens[:, done:done + m], cache=caches)
+                        mx.eval(logits[:, -1, :], [c.state for c in caches])
+                        done += m
+                    tps = n / (time.perf_counter() - t0)
+                except (RuntimeError, ValueError) as e:
+                    print(f"csv: prefill,{n},{label},failed,{str(e)[:80]!r},{rep}")
+                    break
+                print(f"csv: prefill,{n},{label},{tps:.1f},{mx.get_peak_memory()},{rep}")
+                del caches, logits
+                mx.clear_cache()
+
+
+def model_speed():
+    model, args = random_model()
     print("csv: model,depth,config,n_gen,decode_tok_per_s")
     depths = [256] if TINY else [32768] if QUICK else [4096, 16384, 32768]
     n_gen = 4 if TINY else 32
@@ -163,6 +202,9 @@ def model_speed():
             mx.clear_cache()
 
 
+if "--prefill" in sys.argv:
+    prefill_speed([int(x) for x in sys.argv[sys.argv.index("--prefill") + 1].split(",")])
+    sys.exit(0)
 correctness()
 attention_speed()
 try:

@@ -127,6 +127,11 @@ pub struct EngineOptions {
     /// weights; `auto`: for weights of 4 MiB and more; `off`: MLX's quantized_matmul)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = GpuMatvec::Auto))]
     pub gpu_matvec: GpuMatvec,
+    /// GPU: a prefill chunk over a packed cache widens this layer's packed runs to the compute
+    /// dtype and attends with MLX's sdpa (`off`: blocks of dequantize + matmul merged by an
+    /// online softmax)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub gpu_prefill: Toggle,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
@@ -161,9 +166,10 @@ pub struct EngineOptions {
 /// ran (not necessarily today's default): `gpu-fused-rotate` came in off and is on now; prefill
 /// chunks took the block path before `cpu-prefill` existed; GPU decode used MLX's
 /// quantized_matmul before `gpu-matvec`; every projection was its own product before
-/// `fuse-projections`; every row ran in one process before `tensor-parallel` (which result
+/// `fuse-projections`; GPU prefill chunks over a packed cache took the block path before
+/// `gpu-prefill`; every row ran in one process before `tensor-parallel` (which result
 /// rows append to this list).
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off"), ("tensor-parallel", "1")];
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off"), ("gpu-prefill", "off"), ("tensor-parallel", "1")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
@@ -174,6 +180,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_mma: Toggle::On,
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     gpu_matvec: GpuMatvec::Auto,
+    gpu_prefill: Toggle::On,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
@@ -196,7 +203,7 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} fuse-projections={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} gpu-prefill={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} fuse-projections={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
@@ -208,6 +215,7 @@ impl EngineOptions {
                 GpuMatvec::On => "on",
                 GpuMatvec::Off => "off",
             },
+            self.gpu_prefill.name(),
             self.cpu_kernels.name(),
             self.cpu_prefill.name(),
             self.cpu_threads,
@@ -288,7 +296,7 @@ mod tests {
         let a = EngineOptions::default();
         let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
         let (da, db) = (a.describe(), b.describe());
-        assert_eq!(da.split_whitespace().count(), 15, "{da}");
+        assert_eq!(da.split_whitespace().count(), 16, "{da}");
         assert!(da.contains(" fuse-projections=on "), "{da}");
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);

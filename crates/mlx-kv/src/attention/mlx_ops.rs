@@ -1,7 +1,12 @@
 //! The MLX-ops paths (what runs on the GPU where the fused kernel does not apply, and on Metal):
 //! - [`sdpa`]: every segment in float → MLX's fused `scaled_dot_product_attention`;
 //! - [`quantized`]: scores come from `quantized_matmul` on the packed keys (key bits) and
-//!   outputs from `quantized_matmul` on the packed values (value bits). Nothing is dequantized.
+//!   outputs from `quantized_matmul` on the packed values (value bits). Nothing is dequantized
+//!   where the backend's kernels take the row count (decode);
+//! - [`widened`]: a prefill chunk on the GPU. This layer's packed runs are dequantized into the
+//!   query's dtype, then MLX's sdpa runs as over a float cache. The widened window lives only
+//!   while this layer's attention runs: at most one layer's K and V in 16 bits, less than the
+//!   16-bit cache of the same context holds for every layer.
 //!
 //! GQA is folded to 3-D (`[B*Hkv, rep*L, D]`) because MLX 0.32.2's CUDA `quantized_matmul` is
 //! wrong for 4-D/5-D inputs ([`crate::Backend::max_qmm_rank`]). Long prefill chunks walk the
@@ -170,6 +175,38 @@ pub fn quantized(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring,
     Ok(out3.reshape(&[b, hkv, rep, l, d])?.reshape(&[b, hq, l, d])?)
 }
 
+/// One run of K or V as `[B, Hkv, T, D]` in `dtype`: float runs as they are, packed runs
+/// dequantized (per-channel keys, stored `[B, Hkv, D, T]`, transposed back).
+fn widen(t: &Tensor, dtype: Dtype) -> Result<Array> {
+    Ok(match t {
+        Tensor::Float(x) => x.as_dtype(dtype)?,
+        Tensor::Quant { p, bits, group, axis, .. } => {
+            // A sliced run is a strided view; MLX 0.32.2's CUDA dequantize, like its
+            // quantized_matmul (see `fold_packed`), is given row-contiguous codes.
+            let c = |a: &Array| -> Result<Array> { Ok(a.contiguous()?) };
+            let x = mlx_rs::ops::dequantize(&c(&p.w)?, &c(&p.scales)?, &c(&p.biases)?, *group as i32, *bits as i32)?.as_dtype(dtype)?;
+            match axis {
+                TokenAxis::Rows => x,
+                TokenAxis::Cols => x.swap_axes(2, 3)?,
+            }
+        }
+    })
+}
+
+/// Attention of `q` over `segments` (packed or float) through MLX's sdpa over the widened runs:
+/// [`widen`] each run, join them, then [`sdpa`]. For prefill chunks on the GPU, where the
+/// quantized kernels do not take the chunk's rows and [`quantized`] would dequantize block by
+/// block anyway (one synchronising merge per block and layer). Not for soft-capped scores
+/// (sdpa has no cap) and not for decode, which must not widen the window.
+pub fn widened(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
+    let dtype = q.dtype();
+    let wide: Vec<Segment> = segments
+        .iter()
+        .map(|s| Ok(Segment { k: Tensor::Float(widen(&s.k, dtype)?), v: Tensor::Float(widen(&s.v, dtype)?), len: s.len }))
+        .collect::<Result<_>>()?;
+    sdpa(q, &wide, mask, scoring, sinks)
+}
+
 /// All-float caches: MLX's fused attention on the concatenated segments. It has no soft cap, so
 /// capped scores take [`quantized`]'s ops instead.
 pub fn sdpa(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sinks: Option<&Array>) -> Result<Array> {
@@ -202,6 +239,53 @@ pub fn sdpa(q: &Array, segments: &[Segment], mask: &Mask, scoring: Scoring, sink
 mod tests {
     use super::*;
     use mlx_rs::random;
+
+    fn packed(x: &Array, bits: i32, group: i32) -> Packed {
+        let (w, scales, biases) = mlx_rs::ops::quantize(x, group, bits).unwrap();
+        Packed { w, scales, biases }
+    }
+
+    /// The widened route attends over exactly the values the packed runs hold: against f32
+    /// attention over the dequantized runs computed here, it may differ only by the f16 rounding
+    /// of each widened value and of the output (relative 2^-11 each, a few ulps through the
+    /// softmax), on per-token and per-channel runs, beside a float tail, under a causal mask and
+    /// with learned sinks. Checked in f32 too (no rounding but the sums': 1e-5).
+    #[test]
+    fn widened_route_attends_over_the_dequantized_runs() {
+        let (b, hkv, rep, d, t0, t1, l) = (1, 2, 3, 64, 128, 24, 24);
+        let keys = random::normal::<f32>(&[b, hkv, t0, d], None, None, None).unwrap();
+        let vals = random::normal::<f32>(&[b, hkv, t0, d], None, None, None).unwrap();
+        let (tk, tv) = (random::normal::<f32>(&[b, hkv, t1, d], None, None, None).unwrap(), random::normal::<f32>(&[b, hkv, t1, d], None, None, None).unwrap());
+        let q = random::normal::<f32>(&[b, hkv * rep, l, d], None, None, None).unwrap();
+        let sinks = random::normal::<f32>(&[hkv * rep], None, None, None).unwrap();
+        for per_channel in [false, true] {
+            // Per-channel keys are stored [B, Hkv, D, T] and grouped along tokens.
+            let kp = if per_channel { packed(&keys.swap_axes(2, 3).unwrap().contiguous().unwrap(), 4, 64) } else { packed(&keys, 8, 64) };
+            let (kbits, axis) = if per_channel { (4u8, TokenAxis::Cols) } else { (8u8, TokenAxis::Rows) };
+            let vp = packed(&vals, 4, 32);
+            let kd = mlx_rs::ops::dequantize(&kp.w, &kp.scales, &kp.biases, 64, kbits as i32).unwrap();
+            let kd = if per_channel { kd.swap_axes(2, 3).unwrap() } else { kd };
+            let vd = mlx_rs::ops::dequantize(&vp.w, &vp.scales, &vp.biases, 32, 4).unwrap();
+            let dense_k = concatenate(&[&kd, &tk], 2).unwrap();
+            let dense_v = concatenate(&[&vd, &tv], 2).unwrap();
+            for dtype in [Dtype::Float32, Dtype::Float16] {
+                for with_sinks in [false, true] {
+                    let s = with_sinks.then_some(&sinks);
+                    let segs = vec![
+                        Segment { k: Tensor::Quant { p: kp.clone(), bits: kbits, group: 64, axis, full: None }, v: Tensor::Quant { p: vp.clone(), bits: 4, group: 32, axis: TokenAxis::Rows, full: None }, len: t0 as usize },
+                        Segment { k: Tensor::Float(tk.as_dtype(dtype).unwrap()), v: Tensor::Float(tv.as_dtype(dtype).unwrap()), len: t1 as usize },
+                    ];
+                    let got = widened(&q.as_dtype(dtype).unwrap(), &segs, &Mask::Causal, Scoring::from(0.125), s).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let want = sdpa(&q, &[Segment { k: Tensor::Float(dense_k.clone()), v: Tensor::Float(dense_v.clone()), len: (t0 + t1) as usize }], &Mask::Causal, Scoring::from(0.125), s).unwrap();
+                    let err = (got.as_dtype(Dtype::Float32).unwrap() - &want).abs().unwrap().max(None).unwrap().item_exact::<f32>();
+                    let scale = want.abs().unwrap().max(None).unwrap().item_exact::<f32>();
+                    let bound = if dtype == Dtype::Float32 { 1e-5 } else { 8.0 * 2f32.powi(-11) } * scale.max(1.0);
+                    assert!(err <= bound, "per_channel={per_channel} {dtype:?} sinks={with_sinks}: {err} > {bound}");
+                }
+            }
+        }
+    }
 
     /// The dequantize + matmul route (taken on CUDA for prefill chunks) computes the same product
     /// as `quantized_matmul` over the same packed values: both are f32 sums of the same terms, so

@@ -36,6 +36,8 @@ pub enum Path {
     Sdpa,
     /// MLX's `quantized_matmul` over packed segments.
     MlxQuantized,
+    /// A GPU prefill chunk: this layer's packed runs widened, then MLX's sdpa.
+    WidenedSdpa,
     /// Our fused CUDA decode kernel over the packed buffers.
     FusedGpu,
     /// Our fused CUDA decode step: quantizes and writes the new token, then attends, in one launch.
@@ -60,6 +62,7 @@ impl Path {
         match self {
             Path::Sdpa => "sdpa",
             Path::MlxQuantized => "mlx-quantized",
+            Path::WidenedSdpa => "widened-sdpa",
             Path::FusedGpu => "fused-gpu",
             Path::FusedStep => "fused-step",
             Path::CpuPrimitive => "cpu-primitive",
@@ -152,6 +155,12 @@ pub fn choose(q: &Array, segments: &[Segment], mask: &Mask, sinks: Option<&Array
         return pick(Path::Sdpa, "every segment in float");
     }
     let rows = (qs[1] / types::kv_heads(segments) * qs[2]) as usize;
+    // A chunk of query tokens with more rows than the quantized kernels take is a prefill chunk:
+    // MLX ops would dequantize it block by block, our kernels read decode rows only. A decode
+    // token never widens the window, whatever its GQA rows.
+    if qs[2] > 1 && !Backend::current().qmm_rows_ok(rows) && mlx_ext::options::current().gpu_prefill.on() {
+        return pick(Path::WidenedSdpa, "a prefill chunk: this layer's packed runs widened, then MLX's sdpa");
+    }
     let Some((k, v, _, _)) = body else {
         let Some(b) = channel_packed_body(segments, mask, sinks).filter(|b| b.sink.is_none_or(|(k, _)| k.shape()[2] as usize <= fused::MAX_SINKS)) else {
             return pick(Path::MlxQuantized, "several segments (or more sink tokens than the kernel's tile), a mask, or learned sinks");
@@ -184,6 +193,7 @@ pub fn run(choice: Choice, q: &Array, segments: &[Segment], mask: &Mask, scoring
     match choice.path {
         Path::Sdpa => mlx_ops::sdpa(q, segments, mask, scoring, sinks),
         Path::MlxQuantized => mlx_ops::quantized(q, segments, mask, scoring, sinks),
+        Path::WidenedSdpa => mlx_ops::widened(q, segments, mask, scoring, sinks),
         Path::CpuBlocks => cpu::blocks(q, segments, mask, scoring, sinks),
         Path::CpuPrimitive => match (single_packed_body(segments, mask, sinks), types::dense_body(segments, mask, sinks)) {
             (Some((k, v, len, _)), _) => cpu::primitive(q, k, v, len, scoring),
