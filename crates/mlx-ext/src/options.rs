@@ -132,6 +132,11 @@ pub struct EngineOptions {
     /// online softmax)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub gpu_prefill: Toggle,
+    /// Prefill chunks of 256 tokens or more are queued for the device layer by layer, so each
+    /// layer's temporaries can be freed while later layers are built (`off`: one evaluation per
+    /// chunk)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    pub layer_eval: Toggle,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
     #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
@@ -167,9 +172,9 @@ pub struct EngineOptions {
 /// chunks took the block path before `cpu-prefill` existed; GPU decode used MLX's
 /// quantized_matmul before `gpu-matvec`; every projection was its own product before
 /// `fuse-projections`; GPU prefill chunks over a packed cache took the block path before
-/// `gpu-prefill`; every row ran in one process before `tensor-parallel` (which result
+/// `gpu-prefill`, and each chunk was one evaluation before `layer-eval`; every row ran in one process before `tensor-parallel` (which result
 /// rows append to this list).
-pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off"), ("gpu-prefill", "off"), ("tensor-parallel", "1")];
+pub const BEFORE_OPTION: &[(&str, &str)] = &[("gpu-fused-rotate", "off"), ("cpu-prefill", "off"), ("gpu-matvec", "off"), ("fuse-projections", "off"), ("gpu-prefill", "off"), ("layer-eval", "off"), ("tensor-parallel", "1")];
 
 /// The defaults: the fastest measured paths.
 pub const DEFAULTS: EngineOptions = EngineOptions {
@@ -181,6 +186,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     gpu_matvec: GpuMatvec::Auto,
     gpu_prefill: Toggle::On,
+    layer_eval: Toggle::On,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
@@ -203,7 +209,7 @@ impl EngineOptions {
     /// differ only in their core count.
     pub fn describe(&self) -> String {
         format!(
-            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} gpu-prefill={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} fuse-projections={} host-profile={}",
+            "gpu-fused={} gpu-fused-step={} gpu-fused-fold={} gpu-fused-rotate={} gpu-fused-mma={} gpu-fused-blocks={} gpu-matvec={} gpu-prefill={} layer-eval={} cpu-kernels={} cpu-prefill={} cpu-threads={} cpu-build={} cpu-matvec-rows={} weights={} fuse-projections={} host-profile={}",
             self.gpu_fused.name(),
             self.gpu_fused_step.name(),
             self.gpu_fused_fold.name(),
@@ -216,6 +222,7 @@ impl EngineOptions {
                 GpuMatvec::Off => "off",
             },
             self.gpu_prefill.name(),
+            self.layer_eval.name(),
             self.cpu_kernels.name(),
             self.cpu_prefill.name(),
             self.cpu_threads,
@@ -296,7 +303,7 @@ mod tests {
         let a = EngineOptions::default();
         let b = EngineOptions { gpu_fused_step: Toggle::Off, weights: WeightMode::Dense, ..a };
         let (da, db) = (a.describe(), b.describe());
-        assert_eq!(da.split_whitespace().count(), 16, "{da}");
+        assert_eq!(da.split_whitespace().count(), 17, "{da}");
         assert!(da.contains(" fuse-projections=on "), "{da}");
         assert!(EngineOptions::differences(&da, &da).is_empty());
         assert_eq!(EngineOptions::differences(&da, &db), vec!["gpu-fused-step: on vs off".to_string(), "weights: quantized vs dense".to_string()]);

@@ -146,8 +146,25 @@ pub fn forward_stack<A: Mixer, M: FeedForward>(ends: &Ends, layers: &[PreNormLay
     let mut x = ends.embed_tokens.forward(ids, dtype)?;
     for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
         x = layer.forward(&x, cache)?;
+        settle_chunk(&x)?;
     }
     ends.logits(x, eps, last_only)
+}
+
+/// Prefill chunks of at least this many tokens are queued for the device layer by layer.
+pub const SETTLE_TOKENS: i32 = 256;
+
+/// Queues a long prefill chunk's hidden state `x` (`[B, L, hidden]`) for evaluation after each
+/// layer, without waiting for it. Left as one lazy graph, a chunk's whole stack runs as one
+/// evaluation, and the device frees no layer's temporaries (MLP activations, attention scores,
+/// widened cache runs) before the last layer is queued: peak memory grows with the layer count.
+/// Decode steps stay one graph (their temporaries are small, and one evaluation is cheapest).
+/// `--layer-eval off` leaves chunks whole too.
+pub fn settle_chunk(x: &Array) -> Result<()> {
+    if mlx_ext::options::current().layer_eval.on() && x.shape().get(1).is_some_and(|&l| l >= SETTLE_TOKENS) {
+        mlx_rs::transforms::async_eval([x])?;
+    }
+    Ok(())
 }
 
 /// [`forward_stack`] for one decode token of each of `B` sequences; `caches[b]` holds

@@ -265,6 +265,7 @@ impl LanguageModel for Model {
         let mut x = self.ends.embed_tokens.forward(ids, self.dtype)? * Array::from_f32(self.embed_scale).as_dtype(self.dtype)?;
         for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
             x = layer.forward(&x, cache)?;
+            crate::decoder::settle_chunk(&x)?;
         }
         let logits = self.ends.logits(x, self.cfg.rms_norm_eps, last_only)?;
         gemma::soft_cap(logits, self.cfg.final_logit_softcapping)
