@@ -2,30 +2,18 @@
 with llama.cpp's extra weight buffer types turned off (`use_extra_bufts = false`, what
 llama.cpp's own `llama-server --no-repack` sets). Used by scripts/serve-peers-bench.sh.
 
-Why: on this project's Intel Xeon (AMX), llama-cpp-python 0.3.36 built from source repacks the
-Q4_1 weights into its AMX buffer at load and then crashes with SIGSEGV on the first evaluation
-(docs/cpu-side-by-side.md). Without the extra buffer types the weights stay in the plain CPU
-buffer and run on the AVX-512 kernels. The server's settings have no switch for it, so the
+Why: see scripts/llamacpp_no_repack.py (the AMX repack crashes on this project's Xeon); the
 default model parameters are patched before the server builds its model.
 
     PYTHON_OF_THE_LLAMACPP_VENV scripts/llamacpp_server.py --model X.gguf --port N ...
 """
-import llama_cpp
-import llama_cpp.llama_cpp as lib
+import os
+import sys
 
-_default = lib.llama_model_default_params
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llamacpp_no_repack  # noqa: E402
 
-
-def _no_extra_bufts():
-    params = _default()
-    params.use_extra_bufts = False
-    return params
-
-
-# llama_cpp.llama reads it as llama_cpp.llama_cpp.llama_model_default_params; the package
-# re-exports the same name.
-lib.llama_model_default_params = _no_extra_bufts
-llama_cpp.llama_model_default_params = _no_extra_bufts
+llamacpp_no_repack.install()
 
 from llama_cpp.server.__main__ import main  # noqa: E402
 

@@ -59,6 +59,12 @@ def run_llamacpp(a):
     import llama_cpp
     import numpy as np
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llamacpp_no_repack
+
+    # llama.cpp's AMX weight repack crashes on this project's Xeon: plain CPU buffers, as
+    # `llama-server --no-repack` (the CPU kernels are AVX-512 either way).
+    llamacpp_no_repack.install()
     threads = os.cpu_count()
     settings = [("f16", llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
                 ("q8_0/q4_0", llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0)]
@@ -108,7 +114,7 @@ def run_llamacpp(a):
                      "perf_decode_tps": median([s["perf_decode_tps"] for s in samples if s["perf_decode_tps"]]),
                      "samples": samples,
                      "settings": f"n_ctx={llm.n_ctx()} n_batch={llm.n_batch} n_ubatch={llm.context_params.n_ubatch} "
-                                 f"n_threads={threads} flash_attn=True type_k/type_v={name}"})
+                                 f"n_threads={threads} flash_attn=True use_extra_bufts=False type_k/type_v={name}"})
         del llm
     info = {"llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode().strip(),
