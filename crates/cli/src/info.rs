@@ -30,6 +30,8 @@ pub fn run() -> Result<()> {
     println!("backend:       {} (device {:?})", backend.name(), device);
     println!("compute dtype: {:?}", backend.compute_dtype());
     println!("libmlx:        {}", libmlx_path());
+    let blas = mlx_ext::options::blas_kernels();
+    println!("CPU BLAS:      {}", if blas.is_empty() { "not OpenBLAS (MLX's own BLAS)" } else { &blas });
     println!("active memory: {:.1} MiB", mib(mlx_rs::memory::active_memory()?));
     println!("peak memory:   {:.1} MiB", mib(mlx_rs::memory::peak_memory()?));
     println!("memory limit:  {:.1} MiB", mib(mlx_rs::memory::memory_limit()?));

@@ -26,6 +26,10 @@ int kvsplit_ext_cpu_threads(void);
  * force the baseline build of the kernels instead of the AVX2 one. The thread count is fixed
  * when the pool starts (first kernel call); asking for another count afterwards fails. */
 int kvsplit_ext_configure(int threads, bool force_generic);
+// Puts OpenBLAS on its kernels for this CPU where its own detection fell back to Prescott
+// (csrc/blas.cpp); once per process. Returns which kernels MLX's CPU matmuls use ("" if the
+// BLAS is not OpenBLAS).
+const char* kvsplit_blas_select(void);
 
 /* y = x W^T for an MLX affine-quantized W: `x` [..., K] float32, `w` [N, K*bits/32] uint32,
  * `scales`/`biases` [N, K/group] float32 or float16; y [..., N] float32. bits 2, 3, 4, 6 or 8. Meant

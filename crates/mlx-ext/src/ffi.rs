@@ -18,6 +18,7 @@ extern "C" {
     pub fn kvsplit_dist_recv_like(res: *mut mlx_array, like: mlx_array, src: c_int, group: *const c_void) -> c_int;
     pub fn kvsplit_ext_cpu_threads() -> c_int;
     pub fn kvsplit_ext_configure(threads: c_int, force_generic: bool) -> c_int;
+    pub fn kvsplit_blas_select() -> *const c_char;
     pub fn kvsplit_cpu_quantized_matvec(
         res: *mut mlx_array,
         x: mlx_array,

@@ -281,12 +281,26 @@ static OPTIONS: RwLock<EngineOptions> = RwLock::new(DEFAULTS);
 /// Makes `opts` the process's options. Fails, naming `--cpu-threads`, when the CPU kernels'
 /// pool already runs another thread count.
 pub fn install(opts: EngineOptions) -> Result<()> {
+    blas_kernels();
     let rc = unsafe { crate::ffi::kvsplit_ext_configure(opts.cpu_threads as i32, opts.cpu_build == CpuBuild::Generic) };
     if rc != 0 {
         return Err(ExtError::Option { flag: "--cpu-threads", message: crate::ffi::last_error() });
     }
     *OPTIONS.write().unwrap_or_else(|e| e.into_inner()) = opts;
     Ok(())
+}
+
+/// Which BLAS kernels MLX's CPU matmuls run on, e.g. `OpenBLAS SkylakeX kernels (its detection
+/// fell back to Prescott)`; empty when MLX's BLAS is not OpenBLAS. The first call (made by
+/// [`install`], before any matmul) moves OpenBLAS off its SSE3 Prescott fallback onto the AVX-512
+/// or AVX2 kernels where this CPU has them and OpenBLAS did not recognise it (csrc/blas.cpp); a
+/// user's own `OPENBLAS_CORETYPE` is left alone.
+pub fn blas_kernels() -> String {
+    let p = unsafe { crate::ffi::kvsplit_blas_select() };
+    if p.is_null() {
+        return String::new();
+    }
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 
 /// The options in force (the defaults until [`install`]).
@@ -297,6 +311,20 @@ pub fn current() -> EngineOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a CPU with AVX2, MLX's OpenBLAS must not run its SSE3 Prescott kernels after
+    /// `install` (unless the user forced them): they made prefill 0.66x slower on the project's
+    /// AVX-512 Xeon, whose model OpenBLAS 0.3.21 does not know.
+    #[test]
+    fn openblas_leaves_its_prescott_fallback_where_the_cpu_has_avx2() {
+        install(EngineOptions::default()).unwrap();
+        let blas = blas_kernels();
+        #[cfg(target_arch = "x86_64")]
+        if blas.starts_with("OpenBLAS") && std::is_x86_feature_detected!("avx2") && std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+            assert!(!blas.starts_with("OpenBLAS Prescott"), "{blas}");
+        }
+        assert_eq!(blas, blas_kernels(), "chosen once per process");
+    }
 
     #[test]
     fn describe_lists_every_option_and_differences_name_them() {
