@@ -134,8 +134,8 @@ pub struct EngineOptions {
     pub gpu_prefill: Toggle,
     /// Prefill chunks of 256 tokens or more are queued for the device layer by layer, so each
     /// layer's temporaries can be freed while later layers are built (`off`: one evaluation per
-    /// chunk)
-    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
+    /// chunk; off by default until its effect on GPU peak memory and speed is measured)
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::Off))]
     pub layer_eval: Toggle,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
@@ -186,7 +186,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     gpu_matvec: GpuMatvec::Auto,
     gpu_prefill: Toggle::On,
-    layer_eval: Toggle::On,
+    layer_eval: Toggle::Off,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
