@@ -59,7 +59,7 @@ blas_of() {
     *) echo "reference BLAS bundled with the mlx-cpu wheel" ;;
   esac
 }
-OUR_BLAS="$(blas_of "$BIN")"
+OUR_BLAS="$(blas_of "$BIN"); $("$BIN" info 2>/dev/null | sed -n 's/^CPU BLAS: *//p')"
 
 # --- llama.cpp -----------------------------------------------------------------------------
 [ "$SKIP_LLAMA" = 1 ] || peers_llamacpp_venv
@@ -73,6 +73,14 @@ if [ "$SKIP_MLXLM" = 0 ]; then
   "$BIN" convert --from "$GGUF" --out "$MLX_DIR" --dequantize --dtype f32 --force >&2
 fi
 
+# mlx-lm's MLX loads the same OpenBLAS, which may not recognise this CPU and fall back to its
+# SSE3 Prescott kernels; our engine moves itself onto the CPU's kernels at start
+# (mlx_ext::options::blas_kernels). Both MLX users get the kernels ours reports.
+core="$("$BIN" info 2>/dev/null | sed -n 's/^CPU BLAS: *OpenBLAS \([A-Za-z0-9]*\) kernels.*/\1/p')"
+if [ -n "$core" ] && [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+  export OPENBLAS_CORETYPE="$core"
+  say "OpenBLAS kernels for both MLX users: $core"
+fi
 say "load average before: $(cat /proc/loadavg)"
 args=(report --text "$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")" --prompt-tokens "$PROMPT" --gen "$GEN"
       --repeats "$REPEATS" --gguf "$GGUF" --mlx-dir "$MLX_DIR" --bin "$BIN" --our-blas "$OUR_BLAS"

@@ -131,7 +131,9 @@ def loaded_blas():
     libs_dir = os.path.join(os.path.dirname(os.path.dirname(mx.__file__)), "mlx_cpu.libs")
     libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if libs_dir in line and "blas" in line})
     kind = "OpenBLAS" if any("openblas" in p for p in libs) else "reference BLAS (bundled with the mlx-cpu wheel)"
-    return f"{kind} ({', '.join(os.path.basename(p) for p in libs)})"
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    kernels = f", OPENBLAS_CORETYPE={core}" if core and kind == "OpenBLAS" else ""
+    return f"{kind} ({', '.join(os.path.basename(p) for p in libs)}{kernels})"
 
 
 def run_mlxlm(a):
