@@ -38,17 +38,7 @@ fn check_heads(
         // Rotating the output back sums D terms of the per-element error, each weighted 1/sqrt(D).
         * if spec.rotation.values() { (d as f64).sqrt() } else { 1.0 };
     let mut cache = KvCache::new(spec.clone(), d, opts).unwrap();
-    let mut at = 0;
-    for &n in chunks {
-        let (a, z) = (at, at + n);
-        let out = cache
-            .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), scale as f32, None)
-            .unwrap();
-        let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), scale, visible);
-        let err = max_abs_diff(&to_vec(&out), &want);
-        assert!(err <= bound, "{spec} chunk {a}..{z}: max error {err:.3e} exceeds bound {bound:.3e}");
-        at = z;
-    }
+    attend_chunks_checked(&mut cache, (&q, &k, &v), 0, chunks.iter().copied(), scale, bound, visible, &spec.to_string());
     assert_eq!(cache.offset(), t);
 }
 
@@ -330,23 +320,32 @@ fn per_channel_keys_with_many_blocks() {
 }
 
 
-/// Decodes tokens `from..t` of `q`, `k`, `v` one at a time through `cache`, each output within
-/// `bound` of the f64 reference over the tokens `visible(query, key)` allows; returns each
-/// step's attention path.
-fn decode_checked(cache: &mut KvCache, (q, k, v): (&Host, &Host, &Host), from: usize, bound: f64, visible: &dyn Fn(usize, usize) -> bool, label: &str) -> Vec<mlx_kv::attention::Path> {
-    let t = q.shape[2];
-    (from + 1..=t)
-        .map(|z| {
-            let a = z - 1;
+/// Feeds `q`, `k`, `v` through `cache` in `chunks` of tokens starting at token `start`, each
+/// chunk's output within `bound` of the f64 reference over the tokens `visible(query, key)`
+/// allows; returns each chunk's attention path.
+#[allow(clippy::too_many_arguments)]
+fn attend_chunks_checked(cache: &mut KvCache, (q, k, v): (&Host, &Host, &Host), start: usize, chunks: impl IntoIterator<Item = usize>, scale: f64, bound: f64, visible: &dyn Fn(usize, usize) -> bool, label: &str) -> Vec<mlx_kv::attention::Path> {
+    let mut at = start;
+    chunks
+        .into_iter()
+        .map(|n| {
+            let (a, z) = (at, at + n);
             let out = cache
-                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), SCALE as f32, None)
+                .update_and_attend(&q.tokens(a, z).array(), &k.tokens(a, z).array(), &v.tokens(a, z).array(), scale as f32, None)
                 .unwrap();
-            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), SCALE, visible);
+            let want = reference_attention(&q.tokens(a, z), &k.tokens(0, z), &v.tokens(0, z), scale, visible);
             let err = max_abs_diff(&to_vec(&out), &want);
-            assert!(err <= bound, "{label} token {a}: max error {err:.3e} exceeds bound {bound:.3e}");
+            assert!(err <= bound, "{label} chunk {a}..{z}: max error {err:.3e} exceeds bound {bound:.3e}");
+            at = z;
             cache.last_path().expect("attention ran").path
         })
         .collect()
+}
+
+/// Decodes tokens `from..t` one at a time (see [`attend_chunks_checked`]).
+fn decode_checked(cache: &mut KvCache, qkv: (&Host, &Host, &Host), from: usize, bound: f64, visible: &dyn Fn(usize, usize) -> bool, label: &str) -> Vec<mlx_kv::attention::Path> {
+    let t = qkv.0.shape[2];
+    attend_chunks_checked(cache, qkv, from, std::iter::repeat_n(1, t - from), SCALE, bound, visible, label)
 }
 
 /// Per-channel caches decode through our CPU primitive or its one-op step (whole key groups in
