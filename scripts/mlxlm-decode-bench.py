@@ -203,7 +203,10 @@ def model_speed():
 
 
 if "--prefill" in sys.argv:
-    prefill_speed([int(x) for x in sys.argv[sys.argv.index("--prefill") + 1].split(",")])
+    arg = sys.argv[sys.argv.index("--prefill") + 1] if sys.argv.index("--prefill") + 1 < len(sys.argv) else ""
+    if not all(x.isdigit() and int(x) > 0 for x in arg.split(",")):
+        sys.exit(f"--prefill takes comma-separated positive token counts (e.g. 2048,8192), got {arg!r}")
+    prefill_speed([int(x) for x in arg.split(",")])
     sys.exit(0)
 correctness()
 attention_speed()

@@ -161,7 +161,8 @@ pub const SETTLE_TOKENS: i32 = 256;
 /// Decode steps stay one graph (their temporaries are small, and one evaluation is cheapest).
 /// `--layer-eval off` leaves chunks whole too.
 pub fn settle_chunk(x: &Array) -> Result<()> {
-    if mlx_ext::options::current().layer_eval.on() && x.shape().get(1).is_some_and(|&l| l >= SETTLE_TOKENS) {
+    // The shape first: a decode step (one token) then never reads the options' lock.
+    if x.shape().get(1).is_some_and(|&l| l >= SETTLE_TOKENS) && mlx_ext::options::current().layer_eval.on() {
         mlx_rs::transforms::async_eval([x])?;
     }
     Ok(())
