@@ -7,14 +7,20 @@
 #
 # Runs on the GPU machine after scripts/gpu-run.sh's call B (`source /tmp/kvrt/gpu-env.sh`).
 # Usage: scripts/gpu-prefill.sh OUTDIR [LENGTHS (default 2048,8192,32768)] [OFF_LENGTHS (default 2048,8192; "" for none)]
+#          [VARIANT (bench flags, e.g. "--layer-eval on": extra ours rows at every length, named prefill-variant-P)]
+#          [MLXLM_LENGTHS (default LENGTHS; "" skips mlx-lm)]
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 OUTDIR [LENGTHS] [OFF_LENGTHS]" >&2; exit 2; }
 out=$1
 lens=${2:-2048,8192,32768}
 off=${3-2048,8192}
+variant=${4:-}
+mlxlm=${5-$lens}
 [ -n "${KVRT:-}" ] || { echo "gpu-prefill: KVRT is not set: source gpu-env.sh first" >&2; exit 2; }
 [[ $lens =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "gpu-prefill: LENGTHS must be comma-separated token counts, got '$lens'" >&2; exit 2; }
 [[ -z $off || $off =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "gpu-prefill: OFF_LENGTHS must be comma-separated token counts, got '$off'" >&2; exit 2; }
+[[ -z $mlxlm || $mlxlm =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "gpu-prefill: MLXLM_LENGTHS must be comma-separated token counts, got '$mlxlm'" >&2; exit 2; }
+[[ -z $variant || $variant =~ ^--[a-z-]+\ [a-z0-9,]+(\ --[a-z-]+\ [a-z0-9,]+)*$ ]] || { echo "gpu-prefill: VARIANT must be bench flags with values ('--layer-eval on'), got '$variant'" >&2; exit 2; }
 mkdir -p "$out"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 bench() {
@@ -24,10 +30,17 @@ bench() {
 for p in ${lens//,/ }; do
   echo "== ours, prompt $p" | tee -a "$out/prefill.log"
   bench --kv fp16,k8v4 -p "$p" --name "prefill-$p" 2>&1 | tee -a "$out/prefill.log"
+  if [ -n "$variant" ]; then
+    echo "== ours, prompt $p, $variant" | tee -a "$out/prefill.log"
+    # shellcheck disable=SC2086 # the variant is a list of flags
+    bench --kv fp16,k8v4 -p "$p" $variant --name "prefill-variant-$p" 2>&1 | tee -a "$out/prefill.log"
+  fi
 done
 for p in ${off//,/ }; do
   echo "== ours, prompt $p, --gpu-prefill off" | tee -a "$out/prefill.log"
   bench --kv k8v4 -p "$p" --gpu-prefill off --name "prefill-off-$p" 2>&1 | tee -a "$out/prefill.log"
 done
-echo "== mlx-lm" | tee -a "$out/prefill.log"
-python3 "$here/mlxlm-decode-bench.py" --prefill "$lens" 2>&1 | tee "$out/mlxlm-prefill.log"
+if [ -n "$mlxlm" ]; then
+  echo "== mlx-lm" | tee -a "$out/prefill.log"
+  python3 "$here/mlxlm-decode-bench.py" --prefill "$mlxlm" 2>&1 | tee "$out/mlxlm-prefill.log"
+fi
