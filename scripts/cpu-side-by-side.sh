@@ -5,6 +5,12 @@
 #
 #   scripts/cpu-side-by-side.sh [--prompt-tokens 4000] [--gen 64] [--repeats 1]
 #                               [--skip-llamacpp] [--skip-mlxlm] [--out docs]
+#                               [--model default|qwen] [--llamacpp-caches f16,q8_0/q4_0]
+#                               [--f16-decode-factor 1.0]
+#
+# --model qwen runs Qwen2.5-Coder-0.5B Q4_K_M (ASSETS.md; 32K context, for #20's 16K and 32K
+# rows, where SmolLM2's 8K maximum stops) without mlx-lm (its f32 conversion would be 2 GB and
+# no target compares with it there); its doc is docs/cpu-side-by-side-qwen-<prompt>.md.
 #
 # The peers are development tools, installed into venvs under $KVSPLIT_PEERS (default
 # ~/.cache/kvsplit-mlx-peers) by scripts/peers-env.sh, never project dependencies:
@@ -23,7 +29,7 @@ say() { printf '[side-by-side] %s\n' "$*" >&2; }
 # PEERS, the pinned versions, LLAMA_VENV, MLXLM_VENV, peers_llamacpp_venv, peers_mlxlm_venv
 . "$ROOT/scripts/peers-env.sh"
 
-PROMPT=4000 GEN=64 REPEATS=1 OUT="$ROOT/docs" SKIP_LLAMA=0 SKIP_MLXLM=0
+PROMPT=4000 GEN=64 REPEATS=1 OUT="$ROOT/docs" SKIP_LLAMA=0 SKIP_MLXLM=0 MODEL=default CACHES="f16,q8_0/q4_0" FACTOR=1.0
 COMMAND_LINE="scripts/cpu-side-by-side.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,13 +39,22 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     --skip-llamacpp) SKIP_LLAMA=1; shift ;;
     --skip-mlxlm) SKIP_MLXLM=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --model) MODEL="${2:?--model needs default or qwen}"; shift 2 ;;
+    --llamacpp-caches) CACHES="${2:?--llamacpp-caches needs a list}"; shift 2 ;;
+    --f16-decode-factor) FACTOR="${2:?--f16-decode-factor needs a value}"; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "cpu-side-by-side: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
 for v in "--prompt-tokens:$PROMPT" "--gen:$GEN" "--repeats:$REPEATS"; do
   [[ "${v#*:}" =~ ^[1-9][0-9]*$ ]] || { echo "cpu-side-by-side: ${v%%:*} must be a positive whole number, got '${v#*:}'" >&2; exit 2; }
 done
+[[ "$FACTOR" =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "cpu-side-by-side: --f16-decode-factor must be a number, got '$FACTOR'" >&2; exit 2; }
+case "$MODEL" in
+  default) GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf STEM=cpu-side-by-side ;;
+  qwen) GGUF_NAME=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf STEM="cpu-side-by-side-qwen-$PROMPT" SKIP_MLXLM=1 ;;
+  *) echo "cpu-side-by-side: --model must be default or qwen, got '$MODEL'" >&2; exit 2 ;;
+esac
 [ -f "$TEXT" ] || { echo "cpu-side-by-side: WikiText-2 not found at $TEXT" >&2; exit 2; }
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 
@@ -48,7 +63,10 @@ mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 say "building kvsplit-mlx (release) in $TARGET"
 (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --release -q -p kvsplit-mlx)
 BIN="$TARGET/release/kvsplit-mlx"
-GGUF="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF="$CACHE/models/$GGUF_NAME"
+# The Qwen model is one of fetch-models.sh's extra models, not setup's.
+[ -f "$GGUF" ] || "$ROOT/scripts/fetch-models.sh"
+[ -f "$GGUF" ] || { echo "cpu-side-by-side: $GGUF is missing after scripts/fetch-models.sh" >&2; exit 2; }
 # Which BLAS libmlx.so resolves to: setup.sh swaps OpenBLAS in under the wheel's file names,
 # so look for libopenblas among the resolved libraries. ldd's output is kept in a variable:
 # `ldd | grep -q` fails under pipefail when grep exits first and ldd gets SIGPIPE.
@@ -85,7 +103,7 @@ say "load average before: $(cat /proc/loadavg)"
 args=(report --text "$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")" --prompt-tokens "$PROMPT" --gen "$GEN"
       --repeats "$REPEATS" --gguf "$GGUF" --mlx-dir "$MLX_DIR" --bin "$BIN" --our-blas "$OUR_BLAS"
       --llamacpp-python "$LLAMA_VENV/bin/python" --mlxlm-python "$MLXLM_VENV/bin/python" --out "$OUT"
-      --command-line "$COMMAND_LINE")
+      --command-line "$COMMAND_LINE" --stem "$STEM" --llamacpp-caches "$CACHES" --f16-decode-factor "$FACTOR")
 [ "$SKIP_LLAMA" = 1 ] && args+=(--skip-llamacpp)
 [ "$SKIP_MLXLM" = 1 ] && args+=(--skip-mlxlm)
 # mlx-lm's tokenizer stack (transformers) warns about missing torch etc.; keep its stderr
