@@ -130,6 +130,37 @@ def hf_fused_experts(weights):
     return out
 
 
+def mxfp4_experts(rest):
+    """quantize_model's predicate: experts in mxfp4 (group 32, 4 bits), everything else at the
+    call's affine default when `rest`, else left in floats (OpenAI's checkpoints)."""
+    def predicate(path, _):
+        if ".experts." in path or path.endswith(".experts"):
+            return {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        return rest
+    return predicate
+
+
+def hf_mxfp4_experts(weights):
+    """mlx-lm's mxfp4 experts (`experts.P.weight` u32 [E, out, in/8], `.scales` u8 [E, out,
+    in/32]) as OpenAI's checkpoint stores them: `gate_up_proj_blocks` u8 [E, 2 out, in/32, 16]
+    with gate and up on alternate rows, `_scales` likewise, `down_proj_blocks`, and the biases
+    as `hf_fused_experts` writes them."""
+    out = {k: v for k, v in weights.items() if ".mlp.experts." not in k}
+    prefixes = {k.split(".experts.")[0] for k in weights if ".mlp.experts." in k}
+    for p in prefixes:
+        w = lambda n: weights[f"{p}.experts.{n}"]
+        e, o, words = w("gate_proj.weight").shape
+        blocks = lambda a: a.view(mx.uint8).reshape(a.shape[0], a.shape[1], -1, 16)
+        inter = lambda a, b: mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
+        out[f"{p}.experts.gate_up_proj_blocks"] = inter(blocks(w("gate_proj.weight")), blocks(w("up_proj.weight")))
+        out[f"{p}.experts.gate_up_proj_scales"] = inter(w("gate_proj.scales"), w("up_proj.scales"))
+        out[f"{p}.experts.gate_up_proj_bias"] = mx.stack([w("gate_proj.bias"), w("up_proj.bias")], axis=-1).reshape(e, 2 * o)
+        out[f"{p}.experts.down_proj_blocks"] = blocks(w("down_proj.weight"))
+        out[f"{p}.experts.down_proj_scales"] = w("down_proj.scales")
+        out[f"{p}.experts.down_proj_bias"] = w("down_proj.bias")
+    return out
+
+
 GEMMA2_WINDOW = 8
 
 
@@ -243,9 +274,12 @@ def main():
         if len(sys.argv) > 3 and name not in sys.argv[3].split(","):
             continue
         mod = importlib.import_module("mlx_lm.models." + module)
-        for quant in (False, True):
-            if quant and name == "gpt_oss-hf":
-                continue  # Hugging Face's quantized gpt-oss is MXFP4, which we refuse
+        # gpt-oss also as it ships: experts in MXFP4, the rest 8-bit affine in mlx-community's
+        # layout (its "MXFP4-Q8" checkpoints), the rest 16-bit floats in OpenAI's own.
+        variants = [False, True] + (["mxfp4"] if module == "gpt_oss" else [])
+        for quant in variants:
+            if quant is True and name == "gpt_oss-hf":
+                continue  # OpenAI's quantized layout is the mxfp4 variant
             model = mod.Model(mod.ModelArgs.from_dict(config))
             if module == "gemma3_text" and name != "gemma3-head":
                 # Google's Gemma 3 checkpoints carry no lm_head; mlx-lm's `sanitize` then ties
@@ -257,7 +291,12 @@ def main():
             if module == "gemma2":
                 hf_sliding_window(model, config["sliding_window"])
             cfg = dict(config)
-            if quant:
+            if quant == "mxfp4":
+                model.set_dtype(mx.float16)
+                model, cfg = quantize_model(model, cfg, group_size=64, bits=8,
+                                            quant_predicate=mxfp4_experts(rest=name != "gpt_oss-hf"))
+                cfg["torch_dtype"] = "float16"
+            elif quant:
                 model.set_dtype(mx.float16)
                 # mlx-lm's own quantizer: the model's quant_predicate (Qwen3-MoE keeps its router
                 # at 8 bits) and the config block it writes, as mlx-community checkpoints have.
@@ -267,13 +306,17 @@ def main():
                 model.set_dtype(mx.float32)
                 cfg["torch_dtype"] = "float32"
             mx.eval(model.parameters())
-            case = f"{name}-{'q4' if quant else 'f32'}"
+            case = f"{name}-{'mxfp4' if quant == 'mxfp4' else 'q4' if quant else 'f32'}"
             d = out / case
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir()
             weights = dict(tree_flatten(model.parameters()))
-            if name == "gpt_oss-hf":
+            if name == "gpt_oss-hf" and quant == "mxfp4":
+                weights = hf_mxfp4_experts(weights)
+                cfg.pop("quantization")
+                cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+            elif name == "gpt_oss-hf":
                 weights = hf_fused_experts(weights)
             elif name.endswith("-hf"):
                 weights = per_expert(weights, module)
@@ -291,7 +334,7 @@ def main():
                 print(f"{case}: sinks at -inf move mlx-lm's logits by up to {sink_effect(model):.3f} "
                       f"(largest logit {float(mx.abs(full).max().item()):.2f})", flush=True)
             mx.save_safetensors(str(d / "oracle.safetensors"), {"logits": full})
-            cases.append({"case": case, "module": module, "quantized": quant, "ids": IDS, "greedy": greedy,
+            cases.append({"case": case, "module": module, "quantized": bool(quant), "ids": IDS, "greedy": greedy,
                           "layers": config["num_hidden_layers"]})
             print(f"{case}: {len(weights)} tensors, greedy {greedy}", flush=True)
     (out / "cases.json").write_text(json.dumps(cases, indent=1))

@@ -16,7 +16,7 @@ fn main() {
     };
     let compat = dep("COMPAT");
     let csrc = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("csrc");
-    for f in ["kvsplit_ext.h", "ext_common.h", "ext.cpp", "norm_rope.cpp", "kernels.cpp", "kernels.h", "simd8.h", "distributed.cpp", "blas.cpp"] {
+    for f in ["kvsplit_ext.h", "ext_common.h", "ext.cpp", "norm_rope.cpp", "kernels.cpp", "kernels.h", "simd8.h", "distributed.cpp", "blas.cpp", "microscaled.cpp"] {
         println!("cargo:rerun-if-changed={}", csrc.join(f).display());
     }
     let x86 = env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
@@ -29,7 +29,7 @@ fn main() {
         b
     };
     let mut main = base();
-    main.file(csrc.join("ext.cpp")).file(csrc.join("norm_rope.cpp")).file(csrc.join("kernels.cpp")).file(csrc.join("distributed.cpp")).file(csrc.join("blas.cpp")).define("KV_NS", "generic");
+    main.file(csrc.join("ext.cpp")).file(csrc.join("norm_rope.cpp")).file(csrc.join("kernels.cpp")).file(csrc.join("distributed.cpp")).file(csrc.join("blas.cpp")).file(csrc.join("microscaled.cpp")).define("KV_NS", "generic");
     if x86 {
         main.define("KVSPLIT_HAVE_AVX2", None);
     }

@@ -16,6 +16,41 @@ extern "C" {
     pub fn kvsplit_dist_all_gather(res: *mut mlx_array, x: mlx_array, group: *const c_void) -> c_int;
     pub fn kvsplit_dist_send(res: *mut mlx_array, x: mlx_array, dst: c_int, group: *const c_void) -> c_int;
     pub fn kvsplit_dist_recv_like(res: *mut mlx_array, like: mlx_array, src: c_int, group: *const c_void) -> c_int;
+    pub fn kvsplit_mode_quantized_matmul(
+        res: *mut mlx_array,
+        x: mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        transpose: bool,
+        group: c_int,
+        bits: c_int,
+        mode: *const c_char,
+    ) -> c_int;
+    pub fn kvsplit_mode_gather_qmm(
+        res: *mut mlx_array,
+        x: mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        lhs_indices: mlx_array,
+        rhs_indices: mlx_array,
+        transpose: bool,
+        group: c_int,
+        bits: c_int,
+        mode: *const c_char,
+        sorted: bool,
+    ) -> c_int;
+    pub fn kvsplit_mode_dequantize(
+        res: *mut mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        group: c_int,
+        bits: c_int,
+        mode: *const c_char,
+    ) -> c_int;
+    pub fn kvsplit_mode_quantize(codes: *mut mlx_array, scales: *mut mlx_array, w: mlx_array, group: c_int, bits: c_int, mode: *const c_char) -> c_int;
     pub fn kvsplit_ext_cpu_threads() -> c_int;
     pub fn kvsplit_ext_configure(threads: c_int, force_generic: bool) -> c_int;
     pub fn kvsplit_blas_select() -> *const c_char;

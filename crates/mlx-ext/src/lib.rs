@@ -22,6 +22,7 @@ pub mod cuda_kernel;
 pub mod distributed;
 mod ffi;
 pub mod graph;
+pub mod microscaled;
 pub mod host_profile;
 pub mod options;
 pub mod qmv;

@@ -12,6 +12,7 @@ use crate::gguf::GgmlType;
 use crate::load::safetensors::{load_dir_as, QuantSpec, Quantization, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::weights::Weight;
 use mlx_rs::ops::{dequantize, quantize};
+use mlx_ext::microscaled::{self, MxFormat};
 use mlx_ext::tensor_bytes::{BytesError, TensorBytes};
 use mlx_rs::{Array, Dtype};
 use serde_json::Value;
@@ -194,7 +195,9 @@ fn exact_half(a: &Array) -> Result<Array> {
 }
 
 /// Output tensors of one source weight, with its quantization if it has one.
-type Converted = (Vec<(String, Array)>, Option<QuantSpec>);
+/// Output tensors of one source weight, with its quantization if it has one (and its
+/// microscaled mode when it is not affine).
+type Converted = (Vec<(String, Array)>, Option<(QuantSpec, Option<MxFormat>)>);
 
 fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize) -> Result<Converted> {
     let module = name.strip_suffix(".weight");
@@ -211,7 +214,7 @@ fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize)
         })
     };
     let triplet = |m: &str, w: Array, s: Array, b: Array, spec: QuantSpec| {
-        (vec![(format!("{m}.weight"), w), (format!("{m}.scales"), s), (format!("{m}.biases"), b)], Some(spec))
+        (vec![(format!("{m}.weight"), w), (format!("{m}.scales"), s), (format!("{m}.biases"), b)], Some((spec, None)))
     };
     let shape = w.shape();
     match w {
@@ -229,6 +232,17 @@ fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize)
             };
             convert_weight(name, Weight::Dense(dense), opts, n_layers)
         }
+        // Microscaled codes are kept as they are unless the output is dense or a plan
+        // re-quantizes (then they leave as floats: e2m1/e4m3 times a power of two fit bf16).
+        Weight::Mx { w, scales, format } => {
+            if !opts.dequantize && target.is_none() {
+                let m = module.ok_or_else(|| cfg_err(Path::new(name), "quantized tensor not named *.weight"))?;
+                let spec = QuantSpec { bits: format.bits(), group: MxFormat::GROUP };
+                return Ok((vec![(format!("{m}.weight"), w), (format!("{m}.scales"), scales)], Some((spec, Some(format)))));
+            }
+            let dense = microscaled::dequantize(&w, &scales, format)?.as_dtype(opts.dtype.unwrap_or(Dtype::Bfloat16))?;
+            convert_weight(name, Weight::Dense(dense), opts, n_layers)
+        }
         Weight::Dense(a) => {
             let a = dense_out(a)?;
             match (target, module) {
@@ -243,15 +257,18 @@ fn convert_weight(name: &str, w: Weight, opts: &ConvertOptions, n_layers: usize)
 }
 
 /// The config's `quantization` block: the most common setting, with per-module overrides.
-fn quantization_block(specs: &BTreeMap<String, QuantSpec>) -> Option<Quantization> {
-    let mut counts: BTreeMap<(i32, i32), usize> = BTreeMap::new();
+fn quantization_block(specs: &BTreeMap<String, (QuantSpec, Option<MxFormat>)>) -> Option<Quantization> {
+    let key = |(s, f): &(QuantSpec, Option<MxFormat>)| (s.bits, s.group, f.map(MxFormat::mode));
+    let mut counts: BTreeMap<(i32, i32, Option<&str>), usize> = BTreeMap::new();
     for s in specs.values() {
-        *counts.entry((s.bits, s.group)).or_default() += 1;
+        *counts.entry(key(s)).or_default() += 1;
     }
-    let (&(bits, group), _) = counts.iter().max_by_key(|(_, &c)| c)?;
-    let default = QuantSpec { bits, group };
-    let overrides = specs.iter().filter(|(_, s)| **s != default).map(|(m, s)| (m.clone(), Some(*s))).collect();
-    Some(Quantization { default, overrides })
+    let (&top, _) = counts.iter().max_by_key(|(_, &c)| c)?;
+    let (default, default_format) = *specs.values().find(|s| key(s) == top).expect("counted from specs");
+    let differs: Vec<(&String, &(QuantSpec, Option<MxFormat>))> = specs.iter().filter(|(_, s)| key(s) != top).collect();
+    let overrides = differs.iter().map(|(m, (s, _))| ((*m).clone(), Some(*s))).collect();
+    let formats = differs.iter().filter_map(|(m, (_, f))| f.map(|f| ((*m).clone(), f))).collect();
+    Some(Quantization { default, default_format, overrides, formats })
 }
 
 /// Views an evaluated, row-contiguous array as safetensors data, borrowed from MLX's buffer: the
@@ -310,7 +327,7 @@ pub fn check_output(out: &Path, force: bool) -> Result<()> {
 pub fn write(src: Source, out: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     check_output(out, opts.force)?;
     let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
-    let mut specs: BTreeMap<String, QuantSpec> = BTreeMap::new();
+    let mut specs: BTreeMap<String, (QuantSpec, Option<MxFormat>)> = BTreeMap::new();
     let n_layers = src.config.get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0) as usize;
     for (name, w) in src.weights {
         let (arrays, spec) = convert_weight(&name, w, opts, n_layers)?;
@@ -463,11 +480,14 @@ mod tests {
     fn block_takes_the_most_common_setting() {
         let q4 = QuantSpec { bits: 4, group: 32 };
         let q8 = QuantSpec { bits: 8, group: 32 };
-        let specs: BTreeMap<String, QuantSpec> =
-            [("a".into(), q4), ("b".into(), q4), ("c".into(), q8)].into_iter().collect();
+        let mx = (QuantSpec { bits: 4, group: 32 }, Some(MxFormat::Mxfp4));
+        let specs: BTreeMap<String, (QuantSpec, Option<MxFormat>)> =
+            [("a".into(), (q4, None)), ("b".into(), (q4, None)), ("c".into(), (q8, None)), ("d".into(), mx)].into_iter().collect();
         let q = quantization_block(&specs).unwrap();
-        assert_eq!(q.default, q4);
+        assert_eq!((q.default, q.default_format), (q4, None));
         assert_eq!(q.for_module("c"), Some(q8));
-        assert_eq!(q.overrides.len(), 1);
+        // Same widths as the default, another mode: an override of its own.
+        assert_eq!((q.for_module("d"), q.format_for("d"), q.format_for("a")), (Some(q4), Some(MxFormat::Mxfp4), None));
+        assert_eq!(q.overrides.len(), 2);
     }
 }

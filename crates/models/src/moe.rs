@@ -16,6 +16,7 @@
 use crate::decoder::FeedForward;
 use crate::error::{ModelError, Result};
 use crate::weights::{Linear, Weight, WeightMap};
+use mlx_ext::microscaled;
 use mlx_rs::nn::silu;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{argpartition_axis, argsort_axis, concatenate, gather_mm, gather_qmm, maximum, minimum, sigmoid, softmax_axis, stack};
@@ -99,6 +100,7 @@ impl Experts {
             Weight::Quant { w, scales, biases, bits, group } => {
                 gather_qmm(x, w, scales, biases, None, idx, true, *group, *bits, sorted)?
             }
+            Weight::Mx { w, scales, format } => microscaled::gather_qmm(x, w, scales, idx, *format, true, sorted)?,
         };
         Ok(match &self.bias {
             Some(b) => y + b.take_axis(idx, 0)?.expand_dims(-2)?,
@@ -117,6 +119,7 @@ impl Experts {
                 bits: *bits,
                 group: *group,
             },
+            Weight::Mx { w, scales, format } => Weight::Mx { w: w.index(e), scales: scales.index(e), format: *format },
         };
         Linear { weight, bias: self.bias.as_ref().map(|b| b.index(e)) }
     }
@@ -261,7 +264,7 @@ impl SparseMoe {
             }
             match w.take_shaped(&name, shape)? {
                 Weight::Dense(b) => Ok(Some(b)),
-                Weight::Quant { .. } => Err(ModelError::Config { path: w.source.clone(), reason: format!("{name} is quantized; a bias must be a float tensor") }),
+                _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{name} is quantized; a bias must be a float tensor") }),
             }
         };
         let e = layout.experts;
@@ -349,9 +352,12 @@ pub fn stack_experts(w: &mut WeightMap, p: &str, experts: usize, names: &[(&str,
 }
 
 fn stack_weights(parts: Vec<Weight>) -> std::result::Result<Weight, String> {
+    if parts.iter().any(|p| matches!(p, Weight::Mx { .. })) {
+        return Err("per-expert tensors in a microscaled mode cannot be stacked (only stacked checkpoints carry them)".into());
+    }
     let quant = |w: &Weight| match w {
         Weight::Quant { bits, group, .. } => Some((*bits, *group)),
-        Weight::Dense(_) => None,
+        _ => None,
     };
     let first = quant(&parts[0]);
     if let Some(bad) = parts.iter().position(|p| quant(p) != first || p.shape() != parts[0].shape()) {
@@ -363,13 +369,13 @@ fn stack_weights(parts: Vec<Weight>) -> std::result::Result<Weight, String> {
     Ok(match first {
         None => Weight::Dense(pick(&|p| match p {
             Weight::Dense(a) => a.clone(),
-            Weight::Quant { .. } => unreachable!("checked dense above"),
+            _ => unreachable!("checked dense above"),
         })?),
         Some((bits, group)) => {
             let part = |i: usize| {
                 move |p: &Weight| match p {
                     Weight::Quant { w, scales, biases, .. } => [w, scales, biases][i].clone(),
-                    Weight::Dense(_) => unreachable!("checked quantized above"),
+                    _ => unreachable!("checked quantized above"),
                 }
             };
             Weight::Quant { w: pick(&part(0))?, scales: pick(&part(1))?, biases: pick(&part(2))?, bits, group }

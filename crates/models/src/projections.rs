@@ -43,6 +43,7 @@ impl Projections {
                 bits: *bits,
                 group: *group,
             },
+            Weight::Mx { .. } => unreachable!("microscaled parts are never joined"),
         };
         let bias = match parts[0].bias {
             Some(_) => Some(cat(&|p| p.bias.as_ref().expect("joinable parts all have biases"))?),
@@ -122,6 +123,7 @@ fn rows_of(linear: &Linear, start: i32, width: i32) -> Linear {
             bits: *bits,
             group: *group,
         },
+        Weight::Mx { w, scales, format } => Weight::Mx { w: w.index(r.clone()), scales: scales.index(r.clone()), format: *format },
     };
     Linear { weight, bias: linear.bias.as_ref().map(|b| b.index(r)) }
 }
@@ -129,14 +131,14 @@ fn rows_of(linear: &Linear, start: i32, width: i32) -> Linear {
 fn dense(w: &Weight) -> &Array {
     match w {
         Weight::Dense(a) => a,
-        Weight::Quant { .. } => unreachable!("joinable parts share one storage kind"),
+        _ => unreachable!("joinable parts share one storage kind"),
     }
 }
 
 fn quant(w: &Weight) -> (&Array, &Array, &Array) {
     match w {
         Weight::Quant { w, scales, biases, .. } => (w, scales, biases),
-        Weight::Dense(_) => unreachable!("joinable parts share one storage kind"),
+        _ => unreachable!("joinable parts share one storage kind"),
     }
 }
 

@@ -11,6 +11,7 @@
 use crate::error::{ModelError, Result};
 use crate::weights::Weight;
 use mlx_ext::distributed::Group;
+use mlx_ext::microscaled::MxFormat;
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::Array;
 use std::ops::Range;
@@ -77,6 +78,7 @@ pub fn rows(w: Weight, r: Range<usize>) -> Result<Weight> {
     Ok(match w {
         Weight::Dense(a) => Weight::Dense(take(&a)?),
         Weight::Quant { w, scales, biases, bits, group } => Weight::Quant { w: take(&w)?, scales: take(&scales)?, biases: take(&biases)?, bits, group },
+        Weight::Mx { w, scales, format } => Weight::Mx { w: take(&w)?, scales: take(&scales)?, format },
     })
 }
 
@@ -104,6 +106,18 @@ pub fn columns(w: Weight, r: Range<usize>, name: &str) -> Result<Weight> {
                 bits,
                 group,
             }
+        }
+        Weight::Mx { w, scales, format } => {
+            let (g, b) = (MxFormat::GROUP as usize, format.bits() as usize);
+            if !r.start.is_multiple_of(g) || !r.end.is_multiple_of(g) {
+                return Err(ModelError::Invalid {
+                    flag: "--distributed",
+                    message: format!("{name}: input columns {}..{} do not fall on whole {} groups of {g}", r.start, r.end, format.mode()),
+                });
+            }
+            let words = (r.start * b / 32) as i32..(r.end * b / 32) as i32;
+            let groups = (r.start / g) as i32..(r.end / g) as i32;
+            Weight::Mx { w: copy(w.index((.., words)))?, scales: copy(scales.index((.., groups)))?, format }
         }
     })
 }

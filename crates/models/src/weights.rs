@@ -6,6 +6,7 @@
 use crate::error::{ModelError, Result};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::ops::{dequantize, matmul, quantized_matmul};
+use mlx_ext::microscaled::{self, MxFormat};
 use mlx_rs::{Array, Dtype};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,10 +27,12 @@ fn cpu_matvec_max_rows() -> i32 {
     mlx_ext::options::current().cpu_matvec_rows as i32
 }
 
-/// One checkpoint tensor: plain, or an MLX affine triplet (`w` packed `u32`).
+/// One checkpoint tensor: plain, an MLX affine triplet (`w` packed `u32`), or microscaled codes
+/// with their e8m0 scales (`mode: mxfp4|mxfp8`; gpt-oss's experts).
 pub enum Weight {
     Dense(Array),
     Quant { w: Array, scales: Array, biases: Array, bits: i32, group: i32 },
+    Mx { w: Array, scales: Array, format: MxFormat },
 }
 
 impl Weight {
@@ -37,12 +40,8 @@ impl Weight {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             Weight::Dense(a) => a.shape().iter().map(|&d| d as usize).collect(),
-            Weight::Quant { w, bits, .. } => {
-                let mut s: Vec<usize> = w.shape().iter().map(|&d| d as usize).collect();
-                let last = s.len() - 1;
-                s[last] = s[last] * 32 / *bits as usize;
-                s
-            }
+            Weight::Quant { w, bits, .. } => unpacked_shape(w, *bits),
+            Weight::Mx { w, format, .. } => unpacked_shape(w, format.bits()),
         }
     }
 
@@ -52,6 +51,7 @@ impl Weight {
             Weight::Quant { w, scales, biases, bits, group } => {
                 dequantize(w, scales, biases, *group, *bits)?.as_dtype(dtype)?
             }
+            Weight::Mx { w, scales, format } => microscaled::dequantize(w, scales, *format)?.as_dtype(dtype)?,
         })
     }
 
@@ -59,8 +59,21 @@ impl Weight {
         match self {
             Weight::Dense(a) => vec![a],
             Weight::Quant { w, scales, biases, .. } => vec![w, scales, biases],
+            Weight::Mx { w, scales, .. } => vec![w, scales],
         }
     }
+
+    /// Whether the codes stay packed (affine or microscaled).
+    pub fn is_packed(&self) -> bool {
+        !matches!(self, Weight::Dense(_))
+    }
+}
+
+fn unpacked_shape(w: &Array, bits: i32) -> Vec<usize> {
+    let mut s: Vec<usize> = w.shape().iter().map(|&d| d as usize).collect();
+    let last = s.len() - 1;
+    s[last] = s[last] * 32 / bits as usize;
+    s
 }
 
 /// All tensors of a checkpoint, by name.
@@ -127,7 +140,7 @@ impl WeightMap {
     /// Replaces every quantized tensor by its dequantized values in `dtype`.
     pub fn dequantize_all(&mut self, dtype: Dtype) -> Result<()> {
         for w in self.tensors.values_mut() {
-            if matches!(w, Weight::Quant { .. }) {
+            if w.is_packed() {
                 *w = Weight::Dense(w.to_dense(dtype)?);
             }
         }
@@ -173,6 +186,9 @@ impl Linear {
                     gpu_quantized(x, w, scales, biases, *bits, *group)?
                 }
             }
+            // MLX's own kernels on every backend (its CPU one included): no packed matvec of
+            // ours reads e2m1/e4m3 codes yet.
+            Weight::Mx { w, scales, format } => microscaled::quantized_matmul(x, w, scales, *format, true)?,
         };
         Ok(match &self.bias {
             Some(b) => y + b,
@@ -247,6 +263,9 @@ impl Embedding {
                 *bits,
             )?
             .as_dtype(dtype)?,
+            Weight::Mx { w, scales, format } => {
+                microscaled::dequantize(&w.index(&flat), &scales.index(&flat), *format)?.as_dtype(dtype)?
+            }
         };
         let h = rows.shape()[1];
         Ok(rows.reshape(&[sh[0], sh[1], h])?)
@@ -268,6 +287,7 @@ fn clone_weight(w: &Weight) -> Weight {
             bits: *bits,
             group: *group,
         },
+        Weight::Mx { w, scales, format } => Weight::Mx { w: w.clone(), scales: scales.clone(), format: *format },
     }
 }
 

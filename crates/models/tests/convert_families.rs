@@ -349,12 +349,13 @@ fn gpt_oss_directory_loads_converts_and_decodes_with_split_caches() {
         }
     }
 
-    // mlx-community's gpt-oss checkpoints are MXFP4: refused naming the key and the mode.
-    let mxfp4 = root.join("mxfp4");
+    // NVIDIA's nvfp4 (a global scale per tensor) is refused naming the key and the mode; the
+    // mlx-lm oracle test loads mxfp4 checkpoints.
+    let mxfp4 = root.join("nvfp4");
     let mut cfg = gpt_oss_config();
-    cfg["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "mxfp4"});
+    cfg["quantization"] = json!({"group_size": 16, "bits": 4, "mode": "nvfp4"});
     write_phi3_dir(&mxfp4, &cfg, gpt_oss_tensors());
-    let e = load_dir(&mxfp4, Dtype::Float32).err().expect("mxfp4 must be refused").to_string();
-    assert!(e.contains("quantization 'quantization': mode 'mxfp4' is not supported"), "{e}");
+    let e = load_dir(&mxfp4, Dtype::Float32).err().expect("nvfp4 must be refused").to_string();
+    assert!(e.contains("quantization 'quantization': mode 'nvfp4' is not supported"), "{e}");
     std::fs::remove_dir_all(&root).ok();
 }

@@ -7,7 +7,9 @@
 //! that bite, and slides a window of 8 over its even layers (mlx-lm's gemma2 has no window; the
 //! script adds Hugging Face's with mlx-lm's own mask and rotating cache). gpt-oss runs learned
 //! sink logits, YaRN RoPE, biased experts with its clamped SwiGLU, and a sliding layer whose
-//! window (8) is shorter than the sequence, in mlx-lm's layout and (f32) in Hugging Face's. Our directory loader
+//! window (8) is shorter than the sequence, in mlx-lm's layout and (f32) in Hugging Face's; and as
+//! it ships, experts in MXFP4: mlx-community's layout (the rest 8-bit affine, `"mode": "mxfp4"` per
+//! expert module) and OpenAI's (`*_blocks`/`*_scales`, `quant_method: mxfp4`, the rest f16). Our directory loader
 //! loads the same directories and must agree, with the 16-bit (here: model dtype) cache.
 //!
 //! Tolerances follow from the dtypes. Our 16-bit cache stores K and V in f16 whatever the model

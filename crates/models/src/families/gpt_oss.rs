@@ -11,9 +11,10 @@
 //! Directories hold mlx-lm's stacked experts (`mlp.experts.{gate,up,down}_proj.{weight,bias}`,
 //! as mlx-community writes them) or Hugging Face's (`mlp.experts.gate_up_proj` `[E, hidden,
 //! 2 inter]` with gate and up interleaved, `down_proj` `[E, inter, hidden]`, `*_bias`), which
-//! load splits into the former. OpenAI's MXFP4 blocks (`*_blocks`, `*_scales`) and mlx-community's
-//! `mode: mxfp4` quantization are refused by name: our quantized weights are affine only. GGUF
-//! (`gpt-oss`) is refused by name too.
+//! load splits into the former. OpenAI's MXFP4 experts (`*_blocks`, `*_scales`, with
+//! `quantization_config.quant_method: mxfp4`) load as microscaled weights
+//! ([`crate::weights::Weight::Mx`]), as do mlx-community's (`"mode": "mxfp4"` per module in
+//! `quantization`); MLX's own mxfp4 kernels run them. GGUF (`gpt-oss`) is refused by name.
 
 use crate::decoder::{Ends, Mixer, PreNormLayer, forward_stack, forward_stack_batch};
 use crate::error::{ModelError, Result};
@@ -187,8 +188,8 @@ impl Family for Config {
 /// (`[E, in, out]`) and interleaves gate and up along `out`.
 fn split_hf_experts(w: &mut WeightMap, p: &str) -> Result<()> {
     let key = |n: &str| format!("{p}.experts.{n}");
-    if let Some(k) = ["gate_up_proj_blocks", "down_proj_blocks"].map(key).into_iter().find(|k| w.contains(k)) {
-        return Err(ModelError::Unsupported { path: w.source.clone(), reason: format!("{k}: MXFP4 expert blocks are not supported (affine quantization only)") });
+    if w.contains(&key("gate_up_proj_blocks")) {
+        return split_hf_mxfp4_experts(w, p);
     }
     if !w.contains(&key("gate_up_proj")) {
         return Ok(());
@@ -196,7 +197,7 @@ fn split_hf_experts(w: &mut WeightMap, p: &str) -> Result<()> {
     let mut dense = |n: &str| -> Result<Array> {
         match w.take(&key(n))? {
             Weight::Dense(a) => Ok(a),
-            Weight::Quant { .. } => Err(ModelError::Config { path: w.source.clone(), reason: format!("{} is quantized in Hugging Face's layout", key(n)) }),
+            _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{} is quantized in Hugging Face's layout", key(n)) }),
         }
     };
     let (gate_up, gate_up_bias, down, down_bias) = (dense("gate_up_proj")?, dense("gate_up_proj_bias")?, dense("down_proj")?, dense("down_proj_bias")?);
@@ -214,6 +215,59 @@ fn split_hf_experts(w: &mut WeightMap, p: &str) -> Result<()> {
     put("gate_proj", pairs.index((.., .., .., 0)).swap_axes(1, 2)?.contiguous()?, bias_pairs.index((.., .., 0)).contiguous()?);
     put("up_proj", pairs.index((.., .., .., 1)).swap_axes(1, 2)?.contiguous()?, bias_pairs.index((.., .., 1)).contiguous()?);
     put("down_proj", down.swap_axes(1, 2)?.contiguous()?, down_bias);
+    Ok(())
+}
+
+/// OpenAI's MXFP4 experts (`{p}.experts.gate_up_proj_blocks` u8 `[E, 2 inter, hidden/32, 16]`
+/// with `_scales` u8 `[E, 2 inter, hidden/32]`, `down_proj_blocks` `[E, hidden, inter/32, 16]`)
+/// as stacked microscaled weights: the blocks are MLX's mxfp4 codes byte for byte (two e2m1
+/// codes a byte, low nibble first), so four bytes read as one little-endian u32; gate and up
+/// interleave along the output rows here, as in the float layout.
+fn split_hf_mxfp4_experts(w: &mut WeightMap, p: &str) -> Result<()> {
+    let key = |n: &str| format!("{p}.experts.{n}");
+    let source = w.source.clone();
+    let mut bytes = |n: &str, dims: usize| -> Result<Array> {
+        match w.take(&key(n))? {
+            Weight::Dense(a) if a.dtype() == Dtype::Uint8 && a.ndim() == dims => Ok(a),
+            other => Err(ModelError::Config {
+                path: source.clone(),
+                reason: format!("{} must be a u8 tensor of {dims} axes, got shape {:?}", key(n), other.shape()),
+            }),
+        }
+    };
+    let codes = |blocks: Array| -> Result<Array> {
+        let s = blocks.shape().to_vec();
+        if s[3] != 16 {
+            return Err(ModelError::Config { path: source.clone(), reason: format!("MXFP4 blocks of {p} have {} bytes per block, expected 16 (32 codes)", s[3]) });
+        }
+        Ok(blocks.reshape(&[s[0], s[1], s[2] * 16])?.view_dtype(Dtype::Uint32)?)
+    };
+    let (gate_up, gate_up_scales) = (bytes("gate_up_proj_blocks", 4)?, bytes("gate_up_proj_scales", 3)?);
+    let (down, down_scales) = (bytes("down_proj_blocks", 4)?, bytes("down_proj_scales", 3)?);
+    let (gate_up, down) = (codes(gate_up)?, codes(down)?);
+    let f = mlx_ext::microscaled::MxFormat::Mxfp4;
+    let rows = |a: &Array, first: i32| -> Result<Array> {
+        let n = a.shape()[1];
+        let idx = Array::from_iter((first..n).step_by(2), &[n / 2]);
+        Ok(a.take_axis(&idx, 1)?)
+    };
+    let mut put = |n: &str, weight: Weight| w.insert(key(&format!("{n}.weight")), weight);
+    put("gate_proj", Weight::Mx { w: rows(&gate_up, 0)?, scales: rows(&gate_up_scales, 0)?, format: f });
+    put("up_proj", Weight::Mx { w: rows(&gate_up, 1)?, scales: rows(&gate_up_scales, 1)?, format: f });
+    put("down_proj", Weight::Mx { w: down, scales: down_scales, format: f });
+    let mut dense = |n: &str| -> Result<Array> {
+        match w.take(&key(n))? {
+            Weight::Dense(a) => Ok(a),
+            _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{} must be a float tensor", key(n)) }),
+        }
+    };
+    let (gate_up_bias, down_bias) = (dense("gate_up_proj_bias")?, dense("down_proj_bias")?);
+    let e = gate_up_bias.shape()[0];
+    let i = gate_up_bias.shape()[1] / 2;
+    let bias_pairs = gate_up_bias.reshape(&[e, i, 2])?;
+    w.insert(key("gate_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 0)).contiguous()?));
+    w.insert(key("up_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 1)).contiguous()?));
+    w.insert(key("down_proj.bias"), Weight::Dense(down_bias));
     Ok(())
 }
 
@@ -404,12 +458,52 @@ mod tests {
         }
     }
 
+    /// OpenAI's MXFP4 blocks decode as the OCP e2m1 table (two codes a byte, low nibble first)
+    /// times 2^(scale - 127), with gate and up on alternate rows of `gate_up_proj_blocks`.
     #[test]
-    fn mxfp4_expert_blocks_are_refused_by_name() {
+    fn hf_mxfp4_blocks_split_into_microscaled_experts() {
+        const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+        let (e, i, h) = (2usize, 2usize, 32usize);
+        let byte = |ex: usize, row: usize, j: usize| ((ex * 7 + row * 3 + j * 5) % 256) as u8;
+        let blocks: Vec<u8> = (0..e * 2 * i * 16).map(|n| byte(n / (2 * i * 16), n / 16 % (2 * i), n % 16)).collect();
+        // One scale per expert row: 2^(row - 1) for rows 0..4.
+        let scales: Vec<u8> = (0..e * 2 * i).map(|n| (126 + n % (2 * i)) as u8).collect();
+        let p = "m";
         let mut w = WeightMap::new("ckpt".into());
-        w.insert("model.layers.0.mlp.experts.gate_up_proj_blocks".into(), Weight::Dense(Array::zeros::<u8>(&[4, 8, 2, 16]).unwrap()));
-        let e = split_hf_experts(&mut w, "model.layers.0.mlp").unwrap_err().to_string();
-        assert!(e.contains("gate_up_proj_blocks") && e.contains("MXFP4"), "{e}");
+        w.insert(format!("{p}.experts.gate_up_proj_blocks"), Weight::Dense(Array::from_slice(&blocks, &[e as i32, 2 * i as i32, 1, 16])));
+        w.insert(format!("{p}.experts.gate_up_proj_scales"), Weight::Dense(Array::from_slice(&scales, &[e as i32, 2 * i as i32, 1])));
+        w.insert(format!("{p}.experts.down_proj_blocks"), Weight::Dense(Array::zeros::<u8>(&[e as i32, h as i32, 1, 16]).unwrap()));
+        w.insert(format!("{p}.experts.down_proj_scales"), Weight::Dense(Array::from_slice(&vec![127u8; e * h], &[e as i32, h as i32, 1])));
+        w.insert(format!("{p}.experts.gate_up_proj_bias"), Weight::Dense(Array::zeros::<f32>(&[e as i32, 2 * i as i32]).unwrap()));
+        w.insert(format!("{p}.experts.down_proj_bias"), Weight::Dense(Array::zeros::<f32>(&[e as i32, h as i32]).unwrap()));
+        split_hf_experts(&mut w, p).unwrap();
+        for (name, first) in [("gate_proj", 0), ("up_proj", 1)] {
+            let weight = w.take(&format!("{p}.experts.{name}.weight")).unwrap();
+            assert!(matches!(weight, Weight::Mx { .. }), "{name} stays packed");
+            assert_eq!(weight.shape(), vec![e, i, h]);
+            let got = weight.to_dense(Dtype::Float32).unwrap();
+            let got = got.as_slice::<f32>();
+            for ex in 0..e {
+                for j in 0..i {
+                    let row = 2 * j + first;
+                    let scale = 2f32.powi(row as i32 - 1);
+                    for c in 0..h {
+                        let b = byte(ex, row, c / 2);
+                        let code = if c % 2 == 0 { b & 15 } else { b >> 4 };
+                        assert_eq!(got[(ex * i + j) * h + c], E2M1[code as usize] * scale, "{name} expert {ex} row {j} col {c}");
+                    }
+                }
+            }
+        }
+        assert_eq!(w.take(&format!("{p}.experts.down_proj.weight")).unwrap().shape(), vec![e, h, 32]);
+        // Blocks of another width are refused naming the tensor's block.
+        let mut w = WeightMap::new("ckpt".into());
+        w.insert(format!("{p}.experts.gate_up_proj_blocks"), Weight::Dense(Array::zeros::<u8>(&[e as i32, 4, 1, 8]).unwrap()));
+        w.insert(format!("{p}.experts.gate_up_proj_scales"), Weight::Dense(Array::zeros::<u8>(&[e as i32, 4, 1]).unwrap()));
+        w.insert(format!("{p}.experts.down_proj_blocks"), Weight::Dense(Array::zeros::<u8>(&[e as i32, 4, 1, 8]).unwrap()));
+        w.insert(format!("{p}.experts.down_proj_scales"), Weight::Dense(Array::zeros::<u8>(&[e as i32, 4, 1]).unwrap()));
+        let err = split_hf_experts(&mut w, p).unwrap_err().to_string();
+        assert!(err.contains("MXFP4 blocks of m have 8 bytes per block"), "{err}");
     }
 
     /// Hugging Face's `x @ W` layout with gate and up interleaved along the output becomes the

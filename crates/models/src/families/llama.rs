@@ -227,6 +227,7 @@ fn take_rows(w: Weight, idx: &Array) -> Result<Weight> {
             bits,
             group,
         },
+        Weight::Mx { w, scales, format } => Weight::Mx { w: w.take_axis(idx, 0)?, scales: scales.take_axis(idx, 0)?, format },
     })
 }
 

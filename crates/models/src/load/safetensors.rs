@@ -11,6 +11,7 @@
 use crate::families::ArchConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::{Weight, WeightMap};
+use mlx_ext::microscaled::MxFormat;
 use mlx_rs::{Array, Dtype};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
@@ -32,11 +33,21 @@ pub struct QuantSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantization {
     pub default: QuantSpec,
+    /// The default's microscaled `mode`; `None`: affine.
+    pub default_format: Option<MxFormat>,
     /// Per-module settings keyed by module path; `None` means the module is left unquantized.
     pub overrides: BTreeMap<String, Option<QuantSpec>>,
+    /// The overrides whose `mode` is microscaled (mlx-community's gpt-oss: experts in `mxfp4`,
+    /// the rest affine).
+    pub formats: BTreeMap<String, MxFormat>,
 }
 
 impl Quantization {
+    /// An affine block without overrides.
+    pub fn affine(default: QuantSpec, overrides: BTreeMap<String, Option<QuantSpec>>) -> Self {
+        Quantization { default, default_format: None, overrides, formats: BTreeMap::new() }
+    }
+
     /// The setting for module `path` (a weight name without `.weight`).
     pub fn for_module(&self, path: &str) -> Option<QuantSpec> {
         match self.overrides.get(path) {
@@ -45,15 +56,27 @@ impl Quantization {
         }
     }
 
+    /// The microscaled format of module `path`; `None` for affine (or unquantized) modules.
+    pub fn format_for(&self, path: &str) -> Option<MxFormat> {
+        match self.overrides.get(path) {
+            Some(_) => self.formats.get(path).copied(),
+            None => self.default_format,
+        }
+    }
+
     /// The block as mlx-lm writes it.
     pub fn to_json(&self) -> Value {
         let mut m = serde_json::Map::new();
         m.insert("group_size".into(), self.default.group.into());
         m.insert("bits".into(), self.default.bits.into());
+        if let Some(f) = self.default_format {
+            m.insert("mode".into(), f.mode().into());
+        }
         for (k, o) in &self.overrides {
-            let v = match o {
-                Some(q) => serde_json::json!({ "group_size": q.group, "bits": q.bits }),
-                None => Value::Bool(false),
+            let v = match (o, self.formats.get(k)) {
+                (Some(q), Some(f)) => serde_json::json!({ "group_size": q.group, "bits": q.bits, "mode": f.mode() }),
+                (Some(q), None) => serde_json::json!({ "group_size": q.group, "bits": q.bits }),
+                (None, _) => Value::Bool(false),
             };
             m.insert(k.clone(), v);
         }
@@ -65,23 +88,37 @@ fn cfg_err(path: &Path, reason: impl Into<String>) -> ModelError {
     ModelError::Config { path: path.to_path_buf(), reason: reason.into() }
 }
 
-/// mlx-lm's `mode` (or HF's `quant_method`) beyond affine, e.g. mlx-community's gpt-oss in
-/// `mxfp4`: refused by name, since mlx-rs 0.33's quantized ops take no mode and our weights are
-/// affine triplets.
-fn check_mode(v: &Value, path: &Path, key: &str) -> Result<()> {
-    for name in ["mode", "quant_method"] {
-        if let Some(mode) = v.get(name).and_then(Value::as_str).filter(|m| *m != "affine") {
-            return Err(ModelError::Unsupported {
-                path: path.to_path_buf(),
-                reason: format!("quantization '{key}': {name} '{mode}' is not supported (affine quantization only)"),
-            });
-        }
-    }
-    Ok(())
+/// mlx-lm's `mode`: `affine` (or absent) gives `None`, `mxfp4`/`mxfp8` their format, anything
+/// else (`nvfp4`, which needs a global scale per tensor) is refused by name.
+fn mode_from(v: &Value, path: &Path, key: &str) -> Result<Option<MxFormat>> {
+    let Some(mode) = v.get("mode").and_then(Value::as_str).filter(|m| *m != "affine") else {
+        return Ok(None);
+    };
+    MxFormat::from_mode(mode).map(Some).ok_or_else(|| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        reason: format!("quantization '{key}': mode '{mode}' is not supported (affine, mxfp4 and mxfp8 are)"),
+    })
 }
 
-fn spec_from(v: &Value, path: &Path, key: &str) -> Result<QuantSpec> {
-    check_mode(v, path, key)?;
+/// Hugging Face's `quant_method`: only OpenAI's `mxfp4` (gpt-oss), which is mlx-lm's `mxfp4`
+/// with group 32 and 4 bits; other methods (`bitnet`, `fp8`, `compressed-tensors`...) are refused
+/// by name.
+fn hf_method(v: &Value, path: &Path, key: &str) -> Result<Option<MxFormat>> {
+    match v.get("quant_method").and_then(Value::as_str) {
+        None => Ok(None),
+        Some("mxfp4") => Ok(Some(MxFormat::Mxfp4)),
+        Some(m) => Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!("quantization '{key}': quant_method '{m}' is not supported (mxfp4 is)"),
+        }),
+    }
+}
+
+fn spec_from(v: &Value, path: &Path, key: &str) -> Result<(QuantSpec, Option<MxFormat>)> {
+    if let Some(f) = hf_method(v, path, key)? {
+        return Ok((QuantSpec { bits: f.bits(), group: MxFormat::GROUP }, Some(f)));
+    }
+    let format = mode_from(v, path, key)?;
     let int = |name: &str| -> Result<i32> {
         v.get(name)
             .and_then(Value::as_i64)
@@ -92,7 +129,11 @@ fn spec_from(v: &Value, path: &Path, key: &str) -> Result<QuantSpec> {
     if !(1..=8).contains(&spec.bits) || spec.group <= 0 {
         return Err(cfg_err(path, format!("quantization '{key}': bits {} / group_size {} are invalid", spec.bits, spec.group)));
     }
-    Ok(spec)
+    if let Some(f) = format.filter(|f| spec.bits != f.bits() || spec.group != MxFormat::GROUP) {
+        let (bits, group) = (f.bits(), MxFormat::GROUP);
+        return Err(cfg_err(path, format!("quantization '{key}': mode '{}' takes bits {bits} and group_size {group}, got {} / {}", f.mode(), spec.bits, spec.group)));
+    }
+    Ok((spec, format))
 }
 
 /// Parses `quantization` (or HF's `quantization_config`), if present.
@@ -100,13 +141,17 @@ pub fn parse_quantization(cfg: &Value, path: &Path) -> Result<Option<Quantizatio
     let Some((block, q)) = ["quantization", "quantization_config"].into_iter().find_map(|k| cfg.get(k).map(|q| (k, q))) else {
         return Ok(None);
     };
-    let default = spec_from(q, path, block)?;
-    let mut overrides = BTreeMap::new();
+    let (default, default_format) = spec_from(q, path, block)?;
+    let (mut overrides, mut formats) = (BTreeMap::new(), BTreeMap::new());
     if let Some(obj) = q.as_object() {
         for (k, v) in obj {
             match v {
                 Value::Object(_) => {
-                    overrides.insert(k.clone(), Some(spec_from(v, path, k)?));
+                    let (spec, format) = spec_from(v, path, k)?;
+                    overrides.insert(k.clone(), Some(spec));
+                    if let Some(f) = format {
+                        formats.insert(k.clone(), f);
+                    }
                 }
                 Value::Bool(false) => {
                     overrides.insert(k.clone(), None);
@@ -116,7 +161,7 @@ pub fn parse_quantization(cfg: &Value, path: &Path) -> Result<Option<Quantizatio
             }
         }
     }
-    Ok(Some(Quantization { default, overrides }))
+    Ok(Some(Quantization { default, default_format, overrides, formats }))
 }
 
 /// A directory's `config.json`: the family config, the quantization block and the JSON itself.
@@ -246,6 +291,11 @@ fn build_map(
         .collect();
     for m in modules {
         let (wk, sk, bk) = (format!("{m}.weight"), format!("{m}.scales"), format!("{m}.biases"));
+        if let Some(format) = quant.and_then(|q| q.format_for(&m)) {
+            let (w, scales) = (tensors.remove(&wk).expect("filtered above"), tensors.remove(&sk).expect("key from map"));
+            map.insert(wk.clone(), microscaled_weight(dir, &wk, w, scales, tensors.contains_key(&bk), format)?);
+            continue;
+        }
         let Some(biases) = tensors.remove(&bk) else {
             return Err(cfg_err(dir, format!("tensor '{sk}' has no '{bk}': only affine quantization is supported")));
         };
@@ -285,6 +335,30 @@ fn build_map(
         map.insert(k, Weight::Dense(if is_float { cast(a)? } else { a }));
     }
     Ok(map)
+}
+
+/// A module in a microscaled mode: u32 codes, one u8 (e8m0) scale per 32 elements, no biases.
+fn microscaled_weight(dir: &Path, wk: &str, w: Array, scales: Array, has_biases: bool, format: MxFormat) -> Result<Weight> {
+    let (ws, ss) = (w.shape().to_vec(), scales.shape().to_vec());
+    let consistent = !has_biases
+        && w.dtype() == Dtype::Uint32
+        && scales.dtype() == Dtype::Uint8
+        && ws.len() == ss.len()
+        && ws[..ws.len() - 1] == ss[..ss.len() - 1]
+        && ws[ws.len() - 1] as i64 * 32 == ss[ss.len() - 1] as i64 * MxFormat::GROUP as i64 * format.bits() as i64;
+    if !consistent {
+        return Err(cfg_err(
+            dir,
+            format!(
+                "'{wk}' ({:?} {ws:?}) with {:?} scales {ss:?}{} does not match mode '{}' (u32 codes, u8 scales per 32 elements, no biases)",
+                w.dtype(),
+                scales.dtype(),
+                if has_biases { " and biases" } else { "" },
+                format.mode()
+            ),
+        ));
+    }
+    Ok(Weight::Mx { w, scales, format })
 }
 
 /// Reads every tensor of the directory's checkpoint, checking the index against the files.
@@ -353,15 +427,34 @@ mod tests {
     }
 
     #[test]
-    fn non_affine_modes_are_refused_naming_the_key_and_mode() {
-        let v: Value = serde_json::json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}});
-        let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
-        assert!(e.contains("mode 'mxfp4'") && e.contains("quantization"), "{e}");
+    fn microscaled_modes_parse_per_module_and_others_are_refused_by_name() {
+        // mlx-community's gpt-oss: affine 8-bit default, experts in mxfp4.
+        let experts = "model.layers.0.mlp.experts.gate_proj";
+        let v: Value = serde_json::json!({"quantization": {"group_size": 64, "bits": 8, "mode": "affine",
+            experts: {"group_size": 32, "bits": 4, "mode": "mxfp4"}, "m.x": {"group_size": 64, "bits": 4}}});
+        let q = parse_quantization(&v, Path::new("config.json")).unwrap().unwrap();
+        assert_eq!(q.format_for(experts), Some(MxFormat::Mxfp4));
+        assert_eq!(q.for_module(experts), Some(QuantSpec { bits: 4, group: 32 }));
+        assert_eq!((q.format_for("m.x"), q.format_for("other")), (None, None));
+        let back = parse_quantization(&serde_json::json!({ "quantization": q.to_json() }), Path::new("c")).unwrap();
+        assert_eq!(back, Some(q));
+        // A whole-model mode, and OpenAI's Hugging Face block.
+        let v: Value = serde_json::json!({"quantization": {"group_size": 32, "bits": 8, "mode": "mxfp8", "m.x": {"group_size": 64, "bits": 4}}});
+        let q = parse_quantization(&v, Path::new("config.json")).unwrap().unwrap();
+        assert_eq!((q.format_for("a.b"), q.format_for("m.x")), (Some(MxFormat::Mxfp8), None));
         let v: Value = serde_json::json!({"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": []}});
+        let q = parse_quantization(&v, Path::new("config.json")).unwrap().unwrap();
+        assert_eq!((q.default, q.default_format), (QuantSpec { bits: 4, group: 32 }, Some(MxFormat::Mxfp4)));
+        // Refused by name: a mode we do not run, a method we do not run, a mode's wrong widths.
+        let v: Value = serde_json::json!({"quantization": {"group_size": 16, "bits": 4, "mode": "nvfp4"}});
         let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
-        assert!(e.contains("quantization 'quantization_config': quant_method 'mxfp4'"), "{e}");
-        let v: Value = serde_json::json!({"quantization": {"group_size": 64, "bits": 4, "mode": "affine", "m.x": {"group_size": 64, "bits": 8, "mode": "affine"}}});
-        assert!(parse_quantization(&v, Path::new("config.json")).unwrap().is_some());
+        assert!(e.contains("quantization 'quantization': mode 'nvfp4' is not supported"), "{e}");
+        let v: Value = serde_json::json!({"quantization_config": {"quant_method": "bitnet"}});
+        let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains("quantization 'quantization_config': quant_method 'bitnet' is not supported"), "{e}");
+        let v: Value = serde_json::json!({"quantization": {"group_size": 64, "bits": 4, experts: {"group_size": 64, "bits": 4, "mode": "mxfp4"}}});
+        let e = parse_quantization(&v, Path::new("config.json")).unwrap_err().to_string();
+        assert!(e.contains(experts) && e.contains("mode 'mxfp4' takes bits 4 and group_size 32, got 4 / 64"), "{e}");
     }
 
     #[test]
