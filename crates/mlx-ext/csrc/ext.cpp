@@ -278,19 +278,44 @@ PackedRows packed_rows(const array& w, const array& s, const array& b, int group
   return p;
 }
 
-// ---- primitives over one packed matrix: a group size and a bit width ----
+// An MXFP4 matrix: u32 codes as MLX's 4-bit packing, u8 (e8m0) scales per group of 32.
+PackedRows mxfp4_rows(const array& w, const array& s) {
+  PackedRows p;
+  p.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+  p.row_bytes = int64_t(w.strides()[0]) * 4;
+  p.scales = s.data<uint8_t>();
+  p.biases = nullptr;
+  p.sb_stride = s.strides()[0];
+  p.f16 = false;
+  p.group = 32;
+  p.bits = 4;
+  p.mxfp4 = true;
+  return p;
+}
+
+// ---- primitives over one packed matrix: a group size and a bit width (affine: inputs w,
+// scales, biases; MXFP4: w, scales) ----
 
 class PackedMatrixPrimitive : public CpuPrimitive {
  public:
-  PackedMatrixPrimitive(Stream s, int group, int bits) : CpuPrimitive(s), group_(group), bits_(bits) {}
+  PackedMatrixPrimitive(Stream s, int group, int bits, bool mxfp4 = false)
+      : CpuPrimitive(s), group_(group), bits_(bits), mxfp4_(mxfp4) {}
 
   bool is_equivalent(const Primitive& other) const override {
     auto* o = dynamic_cast<const PackedMatrixPrimitive*>(&other);
-    return o != nullptr && std::string(name()) == o->name() && group_ == o->group_ && bits_ == o->bits_;
+    return o != nullptr && std::string(name()) == o->name() && group_ == o->group_ && bits_ == o->bits_ &&
+           mxfp4_ == o->mxfp4_;
   }
 
  protected:
+  // The weight's inputs from `first` on as the kernels read them.
+  PackedRows rows_of(const std::vector<array>& in, size_t first) const {
+    return mxfp4_ ? mxfp4_rows(in[first], in[first + 1])
+                  : packed_rows(in[first], in[first + 1], in[first + 2], group_, bits_, 0, 0, 0);
+  }
+
   int group_, bits_;
+  bool mxfp4_;
 };
 
 // ---- y = x W^T ----
@@ -300,16 +325,16 @@ class QuantizedMatVec : public PackedMatrixPrimitive {
   using PackedMatrixPrimitive::PackedMatrixPrimitive;
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    const array &x = in[0], &w = in[1], &s = in[2], &b = in[3];
-    for (const array* a : {&w, &s, &b})
-      if (!a->flags().row_contiguous) throw std::invalid_argument("kvsplit quantized_matvec: weights must be row-contiguous");
+    const array &x = in[0], &w = in[1];
+    for (size_t i = 1; i < in.size(); ++i)
+      if (!in[i].flags().row_contiguous) throw std::invalid_argument("kvsplit quantized_matvec: weights must be row-contiguous");
     // x may be any view: its few rows are gathered into the permuted copy anyway.
     std::vector<int64_t> xrows = row_offsets(x);
     const int64_t xlast = x.strides()[x.ndim() - 1];
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int k = x.shape(-1), n = w.shape(0);
     const int rows = int(x.size() / k);
-    PackedRows pw = packed_rows(w, s, b, group_, bits_, 0, 0, 0);
+    PackedRows pw = rows_of(in, 1);
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
     enc.set_output_array(out);
@@ -349,12 +374,11 @@ class Dequantize : public PackedMatrixPrimitive {
   using PackedMatrixPrimitive::PackedMatrixPrimitive;
 
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    const array &w = in[0], &s = in[1], &b = in[2];
-    for (const array* a : {&w, &s, &b})
-      if (!a->flags().row_contiguous) throw std::invalid_argument("kvsplit dequantize: inputs must be row-contiguous");
+    for (const array& a : in)
+      if (!a.flags().row_contiguous) throw std::invalid_argument("kvsplit dequantize: inputs must be row-contiguous");
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
     const int n = out.shape(0), k = out.shape(1);
-    PackedRows pw = packed_rows(w, s, b, group_, bits_, 0, 0, 0);
+    PackedRows pw = rows_of(in, 0);
     auto& enc = mlx::core::cpu::get_command_encoder(stream());
     enc.set_output_array(out);
     // One thread: the work is a few instructions per 8 elements, and woken pool workers would
@@ -1188,6 +1212,45 @@ extern "C" int kvsplit_cpu_quantized_matvec(mlx_array* res, const mlx_array x_, 
     auto shape = x.shape();
     shape.back() = n;
     array out(shape, mlx::core::float32, std::make_shared<QuantizedMatVec>(st, group_size, bits), {x, w, s, b});
+    mlx_array_set_(*res, out);
+  });
+}
+
+// MXFP4 `w` (uint32 [N, K/8]) with e8m0 `scales` (uint8 [N, K/32]): the packed matvec and the
+// f32 dequantization, as for affine weights.
+namespace {
+void check_mxfp4(const char* what, const array& w, const array& s, int k) {
+  const int n = w.shape(0);
+  require(w.ndim() == 2 && w.dtype() == mlx::core::uint32 && k % 32 == 0 && int64_t(w.shape(1)) * 8 == k,
+          std::string(what) + ": w must be uint32 [N, K/8] with K a multiple of 32, K = " + std::to_string(k));
+  require(s.ndim() == 2 && s.dtype() == mlx::core::uint8 && s.shape(0) == n && s.shape(1) == k / 32,
+          std::string(what) + ": scales must be uint8 [N, K/32]");
+}
+}  // namespace
+
+extern "C" int kvsplit_cpu_mxfp4_matvec(mlx_array* res, const mlx_array x_, const mlx_array w_,
+                                        const mlx_array scales_, const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit mxfp4 matvec";
+    const array &x = mlx_array_get_(x_), &w = mlx_array_get_(w_), &s = mlx_array_get_(scales_);
+    require(x.ndim() >= 1 && x.dtype() == mlx::core::float32, std::string(what) + ": x must be float32 [..., K]");
+    check_mxfp4(what, w, s, x.shape(-1));
+    auto shape = x.shape();
+    shape.back() = w.shape(0);
+    array out(shape, mlx::core::float32, std::make_shared<QuantizedMatVec>(mlx_stream_get_(s_), 32, 4, true), {x, w, s});
+    mlx_array_set_(*res, out);
+  });
+}
+
+extern "C" int kvsplit_cpu_mxfp4_dequantize(mlx_array* res, const mlx_array w_, const mlx_array scales_,
+                                            const mlx_stream s_) {
+  return guarded([&] {
+    const char* what = "kvsplit mxfp4 dequantize";
+    const array &w = mlx_array_get_(w_), &s = mlx_array_get_(scales_);
+    require(w.ndim() == 2, std::string(what) + ": w must be uint32 [N, K/8]");
+    const int k = w.shape(1) * 8;
+    check_mxfp4(what, w, s, k);
+    array out({w.shape(0), k}, mlx::core::float32, std::make_shared<Dequantize>(mlx_stream_get_(s_), 32, 4, true), {w, s});
     mlx_array_set_(*res, out);
   });
 }

@@ -37,11 +37,14 @@ inline void with_bits(int bits, F&& f) {
   }
 }
 
-// Phase j of the unit at p: one code per lane.
-template <int B>
+// Phase j of the unit at p: one code per lane (MX: its e2m1 value).
+template <int B, bool MX = false>
 inline F8 unit_codes(const uint8_t* p, int j) {
   constexpr int mask = (1 << B) - 1;
-  if constexpr (unit_bytes_of(B) == 24) {
+  if constexpr (MX) {
+    static_assert(B == 4, "MXFP4 codes are 4-bit");
+    return F8::e2m1(p, j * 4);
+  } else if constexpr (unit_bytes_of(B) == 24) {
     return F8::codes24(p, j * B, mask);
   } else {
     return F8::codes(p, j * B, mask);
@@ -50,16 +53,18 @@ inline F8 unit_codes(const uint8_t* p, int j) {
 
 inline float scale_at(const PackedRows& w, int64_t r, int g) {
   int64_t i = r * w.sb_stride + g;
+  if (w.mxfp4) return e8m0_to_float(static_cast<const uint8_t*>(w.scales)[i]);
   return w.f16 ? half_to_float(static_cast<const uint16_t*>(w.scales)[i]) : static_cast<const float*>(w.scales)[i];
 }
 
 inline float bias_at(const PackedRows& w, int64_t r, int g) {
   int64_t i = r * w.sb_stride + g;
+  if (w.mxfp4) return 0.0f;
   return w.f16 ? half_to_float(static_cast<const uint16_t*>(w.biases)[i]) : static_cast<const float*>(w.biases)[i];
 }
 
 // Dot products of R permuted input rows with packed rows [r0, r1); y[m*ldy + (r - r0)].
-template <int B, int R>
+template <int B, int R, bool MX = false>
 void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
   constexpr int per = phases_of(B), unit = 8 * per, ub = unit_bytes_of(B);
@@ -81,7 +86,7 @@ void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, in
         const uint8_t* p = row + unit_idx * ub;
         const float* xu = xp + unit_idx * unit;
         for (int j = 0; j < per; ++j) {
-          F8 c = unit_codes<B>(p, j);
+          F8 c = unit_codes<B, MX>(p, j);
           for (int m = 0; m < R; ++m) ga[m][(u * per + j) & 1] = fma(c, F8::load(xu + m * k + j * 8), ga[m][(u * per + j) & 1]);
         }
       }
@@ -96,7 +101,7 @@ void dot_rows(const float* xp, const float* xsum, int k, const PackedRows& w, in
   }
 }
 
-template <int B>
+template <int B, bool MX = false>
 void dot_rows_any(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int64_t r0, int64_t r1,
                   float* y, int64_t ldy) {
   const int ng = k / w.group;
@@ -105,16 +110,17 @@ void dot_rows_any(const float* xp, const float* xsum, int rows, int k, const Pac
     const float* xs = xsum + int64_t(m0) * ng;
     float* out = y + m0 * ldy;
     switch (std::min(4, rows - m0)) {
-      case 1: dot_rows<B, 1>(x, xs, k, w, r0, r1, out, ldy); break;
-      case 2: dot_rows<B, 2>(x, xs, k, w, r0, r1, out, ldy); break;
-      case 3: dot_rows<B, 3>(x, xs, k, w, r0, r1, out, ldy); break;
-      default: dot_rows<B, 4>(x, xs, k, w, r0, r1, out, ldy); break;
+      case 1: dot_rows<B, 1, MX>(x, xs, k, w, r0, r1, out, ldy); break;
+      case 2: dot_rows<B, 2, MX>(x, xs, k, w, r0, r1, out, ldy); break;
+      case 3: dot_rows<B, 3, MX>(x, xs, k, w, r0, r1, out, ldy); break;
+      default: dot_rows<B, 4, MX>(x, xs, k, w, r0, r1, out, ldy); break;
     }
   }
 }
 
 void dot_rows_bits(const float* xp, const float* xsum, int rows, int k, const PackedRows& w, int64_t r0, int64_t r1,
                    float* y, int64_t ldy) {
+  if (w.mxfp4) return dot_rows_any<4, true>(xp, xsum, rows, k, w, r0, r1, y, ldy);
   with_bits(w.bits, [&](auto b) { dot_rows_any<decltype(b)::value>(xp, xsum, rows, k, w, r0, r1, y, ldy); });
 }
 
@@ -160,7 +166,7 @@ void weighted_codes_any(const float* wt, int rows, int n, int d, const PackedRow
 // Rows [r0, r1) as f32 from `out` on (row r at out + (r - r0) * k), each row's K elements in the
 // packed unit order (`permute`'s order):
 // one shift+mask, convert and FMA per 8 elements, 8-lane stores.
-template <int B>
+template <int B, bool MX = false>
 void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
   constexpr int per = phases_of(B), unit = 8 * per, ub = unit_bytes_of(B);
   const int ng = k / w.group, upg = w.group / unit;
@@ -172,7 +178,7 @@ void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float
       for (int u = 0; u < upg; ++u) {
         const int unit_idx = g * upg + u;
         const uint8_t* p = row + unit_idx * ub;
-        for (int j = 0; j < per; ++j) fma(unit_codes<B>(p, j), s, b).store(o + unit_idx * unit + j * 8);
+        for (int j = 0; j < per; ++j) fma(unit_codes<B, MX>(p, j), s, b).store(o + unit_idx * unit + j * 8);
       }
     }
   }
@@ -181,6 +187,7 @@ void dequantize_rows_b(const PackedRows& w, int k, int64_t r0, int64_t r1, float
 }  // namespace
 
 void dequantize_rows(const PackedRows& w, int k, int64_t r0, int64_t r1, float* out) {
+  if (w.mxfp4) return dequantize_rows_b<4, true>(w, k, r0, r1, out);
   with_bits(w.bits, [&](auto b) { dequantize_rows_b<decltype(b)::value>(w, k, r0, r1, out); });
 }
 

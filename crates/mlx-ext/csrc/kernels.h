@@ -17,6 +17,9 @@ struct PackedRows {
   bool f16;
   int group;
   int bits;
+  // MXFP4 (OCP MX): 4-bit e2m1 codes in MLX's 4-bit packing, one e8m0 byte of scale per group
+  // of 32 in `scales` (u8), no biases.
+  bool mxfp4 = false;
 };
 
 // One head's keys and values as a prefill tile reads them: packed rows, or (hk and hv set) f16

@@ -16,6 +16,14 @@
 
 namespace kvsplit {
 
+// An e8m0 scale byte as the float 2^(e - 127); 0 is 2^-127 (a subnormal), as MLX decodes it.
+inline float e8m0_to_float(uint8_t e) {
+  const uint32_t bits = e == 0 ? 0x00400000u : uint32_t(e) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
@@ -68,6 +76,16 @@ struct F8 {
     __m256i w = _mm256_shuffle_epi8(x, idx);
     w = _mm256_and_si256(_mm256_srl_epi32(w, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
     return {_mm256_cvtepi32_ps(w)};
+  }
+  // Lane i = the e2m1 value of code (p[i] >> shift) & 15 (MXFP4): magnitudes 0, .5, 1, 1.5,
+  // 2, 3, 4, 6 by the low three bits, the sign by the fourth.
+  static F8 e2m1(const uint8_t* p, int shift) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(15));
+    const __m256i c = _mm256_cvtepu8_epi32(b);
+    const __m256 mag = _mm256_permutevar8x32_ps(_mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), c);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(8)), 28);
+    return {_mm256_xor_ps(mag, _mm256_castsi256_ps(sign))};
   }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -152,6 +170,13 @@ struct F8 {
       const uint32_t x = uint32_t(p[3 * i]) | uint32_t(p[3 * i + 1]) << 8 | uint32_t(p[3 * i + 2]) << 16;
       r.v[i] = float((x >> shift) & uint32_t(mask));
     }
+    return r;
+  }
+  static F8 e2m1(const uint8_t* p, int shift) {
+    static constexpr float lut[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    F8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = lut[(p[i] >> shift) & 15];
     return r;
   }
   float sum() const {

@@ -64,6 +64,8 @@ extern "C" {
         bits: c_int,
         s: mlx_stream,
     ) -> c_int;
+    pub fn kvsplit_cpu_mxfp4_matvec(res: *mut mlx_array, x: mlx_array, w: mlx_array, scales: mlx_array, s: mlx_stream) -> c_int;
+    pub fn kvsplit_cpu_mxfp4_dequantize(res: *mut mlx_array, w: mlx_array, scales: mlx_array, s: mlx_stream) -> c_int;
     pub fn kvsplit_cpu_dequantize(
         res: *mut mlx_array,
         w: mlx_array,

@@ -765,3 +765,35 @@ fn the_baseline_build_chosen_by_option_matches_the_dequantized_product_too() {
         assert!(err <= bound, "{build:?}: {err} > {bound}");
     }
 }
+
+/// MXFP4 weights on both builds: our dequantization gives MLX's values exactly (e2m1 codes times
+/// powers of two are exact in f32), and the matvec (one row and a few, K = 320: ten groups of 32)
+/// stays within K eps sum |x||w| of the product of those values.
+#[test]
+fn mxfp4_matvec_and_dequantize_match_mlx() {
+    let _options = options_lock();
+    use mlx_ext::microscaled::{self, MxFormat};
+    use mlx_ext::{CpuBuild, EngineOptions};
+    let (_, wf) = host_matrix(24, 320, 11);
+    let (w, sc) = microscaled::quantize(&(wf * 3.0f32), MxFormat::Mxfp4).unwrap();
+    let wd = f32(&microscaled::dequantize(&w, &sc, MxFormat::Mxfp4).unwrap());
+    for build in [CpuBuild::Generic, CpuBuild::Auto] {
+        mlx_ext::options::install(EngineOptions { cpu_build: build, ..EngineOptions::default() }).unwrap();
+        let (ours, want) = (to_vec(&mlx_ext::cpu::mxfp4_dequantize(&w, &sc).unwrap()), to_vec(&wd));
+        let first_bad = ours.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(first_bad.is_none(), "{build:?}: dequantized value {first_bad:?} differs: {:?} vs {:?}", first_bad.map(|i| ours[i]), first_bad.map(|i| want[i]));
+        for rows in [1, 3] {
+            let (xh, x) = host_matrix(rows, 320, 12 + rows as u64);
+            let want: Vec<f64> = to_vec(&mlx_rs::ops::matmul(&x, wd.t()).unwrap()).into_iter().map(f64::from).collect();
+            let row_sum = xh.chunks(320).map(|r| r.iter().map(|v| v.abs()).sum::<f32>()).fold(0.0, f32::max);
+            let bound = (2.0 * 320.0 * f32::EPSILON * row_sum * max_abs(&wd)) as f64;
+            let got = to_vec(&mlx_ext::cpu::mxfp4_matvec(&x, &w, &sc).unwrap());
+            let err = max_abs_diff(&got, &want);
+            assert!(err <= bound, "{build:?}, {rows} rows: {err} > {bound}");
+        }
+    }
+    mlx_ext::options::install(EngineOptions::default()).unwrap();
+    // Shapes that are not MXFP4 are errors naming the primitive.
+    let e = mlx_ext::cpu::mxfp4_matvec(&Array::ones::<f32>(&[1, 64]).unwrap(), &w, &sc).unwrap_err().to_string();
+    assert!(e.contains("kvsplit mxfp4 matvec"), "{e}");
+}

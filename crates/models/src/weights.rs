@@ -186,9 +186,13 @@ impl Linear {
                     gpu_quantized(x, w, scales, biases, *bits, *group)?
                 }
             }
-            // MLX's own kernels on every backend (its CPU one included): no packed matvec of
-            // ours reads e2m1/e4m3 codes yet.
-            Weight::Mx { w, scales, format } => microscaled::quantized_matmul(x, w, scales, *format, true)?,
+            Weight::Mx { w, scales, format } => {
+                if mlx_kv::Backend::current() == mlx_kv::Backend::Cpu && *format == MxFormat::Mxfp4 && mlx_ext::cpu::enabled() && w.ndim() == 2 {
+                    cpu_mxfp4(x, w, scales)?
+                } else {
+                    microscaled::quantized_matmul(x, w, scales, *format, true)?
+                }
+            }
         };
         Ok(match &self.bias {
             Some(b) => y + b,
@@ -240,6 +244,18 @@ fn cpu_quantized(x: &Array, w: &Array, scales: &Array, biases: &Array, bits: i32
         return Ok(matmul(x, dense.t())?);
     }
     let dense = dequantize(w, &scales.as_dtype(x.dtype())?, &biases.as_dtype(x.dtype())?, group, bits)?;
+    Ok(matmul(x, dense.t())?)
+}
+
+/// MXFP4 on the CPU through our primitives, as [`cpu_quantized`] does for affine weights: MLX's
+/// CPU kernel for the mode is scalar code (see `mlx_ext::cpu::mxfp4_matvec`).
+fn cpu_mxfp4(x: &Array, w: &Array, scales: &Array) -> Result<Array> {
+    let k = *x.shape().last().expect("linear input has a feature axis");
+    let rows = x.size() as i32 / k.max(1);
+    if rows <= cpu_matvec_max_rows() {
+        return Ok(mlx_ext::cpu::mxfp4_matvec(x, w, scales)?.as_dtype(x.dtype())?);
+    }
+    let dense = mlx_ext::cpu::mxfp4_dequantize(w, scales)?.as_dtype(x.dtype())?;
     Ok(matmul(x, dense.t())?)
 }
 
