@@ -134,8 +134,9 @@ pub struct EngineOptions {
     pub gpu_prefill: Toggle,
     /// Prefill chunks of 256 tokens or more are queued for the device layer by layer, so each
     /// layer's temporaries can be freed while later layers are built (`off`: one evaluation per
-    /// chunk; off by default until its effect on GPU peak memory and speed is measured)
-    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::Off))]
+    /// chunk). H100, random Llama-3.1-8B q4, k8v4: peak 16.26 -> 4.73 GiB at a 2K prompt (12.95 at
+    /// 8K, 16.67 at 32K) for 0.90 / 0.98 / 1.03x the prefill speed; CPU: no slower.
+    #[cfg_attr(feature = "clap", arg(long, global = true, value_enum, default_value_t = Toggle::On))]
     pub layer_eval: Toggle,
     /// CPU: our primitives (packed matvec, decode attention, RMSNorm, RoPE) instead of MLX's
     /// CPU ops (`off`: MLX ops only)
@@ -186,7 +187,7 @@ pub const DEFAULTS: EngineOptions = EngineOptions {
     gpu_fused_blocks: DEFAULT_FUSED_BLOCKS,
     gpu_matvec: GpuMatvec::Auto,
     gpu_prefill: Toggle::On,
-    layer_eval: Toggle::Off,
+    layer_eval: Toggle::On,
     cpu_kernels: Toggle::On,
     cpu_prefill: Toggle::On,
     cpu_threads: 0,
