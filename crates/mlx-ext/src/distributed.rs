@@ -119,13 +119,6 @@ impl Group {
     }
 
     fn op(&self, what: &str, f: impl FnOnce(&mut mlx_sys::mlx_array) -> i32) -> Result<Array> {
-        unsafe {
-            let mut out = mlx_sys::mlx_array_new();
-            if f(&mut out) != 0 {
-                mlx_sys::mlx_array_free(out);
-                return Err(ExtError::Primitive(format!("distributed {what}: {}", ffi::last_error())));
-            }
-            Ok(Array::from_ptr(out))
-        }
+        ffi::array_from(&format!("distributed {what}"), f)
     }
 }

@@ -184,3 +184,16 @@ extern "C" {
 pub fn last_error() -> String {
     unsafe { std::ffi::CStr::from_ptr(kvsplit_ext_last_error()).to_string_lossy().into_owned() }
 }
+
+/// The array an entry point `f` writes through its first argument; on failure, our message
+/// after `what: `.
+pub fn array_from(what: &str, f: impl FnOnce(&mut mlx_array) -> c_int) -> crate::Result<mlx_rs::Array> {
+    unsafe {
+        let mut out = mlx_sys::mlx_array_new();
+        if f(&mut out) != 0 {
+            mlx_sys::mlx_array_free(out);
+            return Err(crate::ExtError::Primitive(format!("{what}: {}", last_error())));
+        }
+        Ok(mlx_rs::Array::from_ptr(out))
+    }
+}

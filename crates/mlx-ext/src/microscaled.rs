@@ -58,14 +58,7 @@ fn none() -> mlx_sys::mlx_array {
 }
 
 fn call(what: &str, f: impl FnOnce(&mut mlx_sys::mlx_array) -> i32) -> Result<Array> {
-    unsafe {
-        let mut out = mlx_sys::mlx_array_new();
-        if f(&mut out) != 0 {
-            mlx_sys::mlx_array_free(out);
-            return Err(ExtError::Primitive(format!("{what}: {}", ffi::last_error())));
-        }
-        Ok(Array::from_ptr(out))
-    }
+    ffi::array_from(what, f)
 }
 
 /// `x W^T` (`transpose`) or `x W` for `W` packed in `format` (`w` u32 `[N, K*bits/32]`, `scales`
