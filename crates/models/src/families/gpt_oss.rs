@@ -194,27 +194,39 @@ fn split_hf_experts(w: &mut WeightMap, p: &str) -> Result<()> {
     if !w.contains(&key("gate_up_proj")) {
         return Ok(());
     }
-    let mut dense = |n: &str| -> Result<Array> {
-        match w.take(&key(n))? {
-            Weight::Dense(a) => Ok(a),
-            _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{} is quantized in Hugging Face's layout", key(n)) }),
-        }
-    };
-    let (gate_up, gate_up_bias, down, down_bias) = (dense("gate_up_proj")?, dense("gate_up_proj_bias")?, dense("down_proj")?, dense("down_proj_bias")?);
+    let (gate_up, down) = (take_float(w, &key("gate_up_proj"))?, take_float(w, &key("down_proj"))?);
     let s = gate_up.shape().to_vec();
     if s.len() != 3 || s[2] % 2 != 0 {
         return Err(ModelError::Config { path: w.source.clone(), reason: format!("{} has shape {s:?}, expected [experts, hidden, 2 * intermediate]", key("gate_up_proj")) });
     }
     let (e, h, i) = (s[0], s[1], s[2] / 2);
     let pairs = gate_up.reshape(&[e, h, i, 2])?;
+    let mut put = |n: &str, weight: Array| w.insert(key(&format!("{n}.weight")), Weight::Dense(weight));
+    put("gate_proj", pairs.index((.., .., .., 0)).swap_axes(1, 2)?.contiguous()?);
+    put("up_proj", pairs.index((.., .., .., 1)).swap_axes(1, 2)?.contiguous()?);
+    put("down_proj", down.swap_axes(1, 2)?.contiguous()?);
+    split_hf_biases(w, p)
+}
+
+/// A float tensor of Hugging Face's expert layout (a quantized one there is an error naming it).
+fn take_float(w: &mut WeightMap, key: &str) -> Result<Array> {
+    match w.take(key)? {
+        Weight::Dense(a) => Ok(a),
+        _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{key} is quantized in Hugging Face's layout") }),
+    }
+}
+
+/// Hugging Face's expert biases of block `p` as mlx-lm's: `gate_up_proj_bias` `[E, 2 inter]`
+/// (gate and up interleaved, as the weights' outputs are) and `down_proj_bias`, the same in
+/// both the float and the MXFP4 layout.
+fn split_hf_biases(w: &mut WeightMap, p: &str) -> Result<()> {
+    let key = |n: &str| format!("{p}.experts.{n}");
+    let (gate_up_bias, down_bias) = (take_float(w, &key("gate_up_proj_bias"))?, take_float(w, &key("down_proj_bias"))?);
+    let (e, i) = (gate_up_bias.shape()[0], gate_up_bias.shape()[1] / 2);
     let bias_pairs = gate_up_bias.reshape(&[e, i, 2])?;
-    let mut put = |n: &str, weight: Array, bias: Array| {
-        w.insert(key(&format!("{n}.weight")), Weight::Dense(weight));
-        w.insert(key(&format!("{n}.bias")), Weight::Dense(bias));
-    };
-    put("gate_proj", pairs.index((.., .., .., 0)).swap_axes(1, 2)?.contiguous()?, bias_pairs.index((.., .., 0)).contiguous()?);
-    put("up_proj", pairs.index((.., .., .., 1)).swap_axes(1, 2)?.contiguous()?, bias_pairs.index((.., .., 1)).contiguous()?);
-    put("down_proj", down.swap_axes(1, 2)?.contiguous()?, down_bias);
+    w.insert(key("gate_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 0)).contiguous()?));
+    w.insert(key("up_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 1)).contiguous()?));
+    w.insert(key("down_proj.bias"), Weight::Dense(down_bias));
     Ok(())
 }
 
@@ -255,20 +267,7 @@ fn split_hf_mxfp4_experts(w: &mut WeightMap, p: &str) -> Result<()> {
     put("gate_proj", Weight::Mx { w: rows(&gate_up, 0)?, scales: rows(&gate_up_scales, 0)?, format: f });
     put("up_proj", Weight::Mx { w: rows(&gate_up, 1)?, scales: rows(&gate_up_scales, 1)?, format: f });
     put("down_proj", Weight::Mx { w: down, scales: down_scales, format: f });
-    let mut dense = |n: &str| -> Result<Array> {
-        match w.take(&key(n))? {
-            Weight::Dense(a) => Ok(a),
-            _ => Err(ModelError::Config { path: w.source.clone(), reason: format!("{} must be a float tensor", key(n)) }),
-        }
-    };
-    let (gate_up_bias, down_bias) = (dense("gate_up_proj_bias")?, dense("down_proj_bias")?);
-    let e = gate_up_bias.shape()[0];
-    let i = gate_up_bias.shape()[1] / 2;
-    let bias_pairs = gate_up_bias.reshape(&[e, i, 2])?;
-    w.insert(key("gate_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 0)).contiguous()?));
-    w.insert(key("up_proj.bias"), Weight::Dense(bias_pairs.index((.., .., 1)).contiguous()?));
-    w.insert(key("down_proj.bias"), Weight::Dense(down_bias));
-    Ok(())
+    split_hf_biases(w, p)
 }
 
 pub struct Attention {
